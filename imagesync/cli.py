@@ -1,0 +1,239 @@
+"""Command line: parses arguments, calls the engine, prints. No logic of its own.
+
+Exit codes: 0 ok; 1 something failed (or, for ``check``, missing/stale); 2 usage or
+configuration error; 3 ``check`` cannot tell (site unreachable); 130 interrupted.
+Heavy modules are imported inside the commands so that ``check`` starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from imagesync.errors import ConfigError, ImageSyncError, UsageError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"imagesync: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="imagesync", description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("-c", "--config", type=Path, help="config file (else $IMAGESYNC_CONFIG, "
+                   "else /etc/imagesync/imagesync.yaml)")
+    p.add_argument("--log-format", choices=["auto", "json", "console"], default=None,
+                   help="log format (default: console on a terminal, JSON otherwise)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    cfg = sub.add_parser("config", help="validate or show the configuration")
+    cfgsub = cfg.add_subparsers(dest="config_command", metavar="ACTION", parser_class=_Parser)
+    cfgsub.required = True
+    chk = cfgsub.add_parser("check", help="validate the configuration")
+    chk.add_argument("--connect", action="store_true", help="also authenticate to every cloud")
+    chk.set_defaults(func=cmd_config_check)
+    show = cfgsub.add_parser("show", help="print the effective configuration (secrets masked)")
+    show.set_defaults(func=cmd_config_show)
+
+    lab = sub.add_parser("lab", help="run real Keystone + Glance clouds on loopback")
+    labsub = lab.add_subparsers(dest="lab_command", metavar="ACTION", parser_class=_Parser)
+    labsub.required = True
+    up = labsub.add_parser("up", help="start the lab (idempotent)")
+    up.add_argument("--clouds", type=int, default=2, help="number of clouds (default 2)")
+    up.add_argument("--dir", type=Path, default=None, help="lab directory")
+    up.add_argument("--token-expiration", type=int, default=None, metavar="SECONDS",
+                    help="Keystone token lifetime (to test re-authentication)")
+    up.set_defaults(func=cmd_lab_up)
+    st = labsub.add_parser("status", help="show the lab's services")
+    st.add_argument("--dir", type=Path, default=None, help="lab directory")
+    st.set_defaults(func=cmd_lab_status)
+    down = labsub.add_parser("down", help="stop every lab process")
+    down.add_argument("--dir", type=Path, default=None, help="lab directory")
+    down.set_defaults(func=cmd_lab_down)
+
+    demo = sub.add_parser("demo", help="start a 2-cloud lab and show one sync pass end to end")
+    demo.add_argument("--keep", action="store_true", help="leave the lab running afterwards")
+    demo.add_argument("--dir", type=Path, default=None, help="lab directory")
+    demo.set_defaults(func=cmd_demo)
+
+    push = sub.add_parser("push", help="copy the newest version of NAME where it is needed")
+    push.add_argument("name")
+    push.add_argument("--to", action="append", default=[], metavar="SITE",
+                      help="target site (repeatable; default: the sites its rule names)")
+    push.add_argument("--from", dest="source", metavar="SITE", help="read from this site")
+    push.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    push.add_argument("--json", action="store_true", help="machine-readable output")
+    push.set_defaults(func=cmd_push)
+
+    status = sub.add_parser("status", help="image names x sites: current, stale, missing, ...")
+    status.add_argument("name", nargs="?")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+
+    check = sub.add_parser("check", help="pre-flight: is the newest NAME on CLOUD? prints its id")
+    check.add_argument("name")
+    check.add_argument("--cloud", required=True, metavar="SITE")
+    check.add_argument("--json", action="store_true")
+    check.add_argument("--ensure", action="store_true", help="push it there first and wait")
+    check.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                       help="with --ensure: give up after this long (exit 1)")
+    check.add_argument("--fresh", action="store_true",
+                       help="always ask the sites; never answer from recorded state")
+    check.set_defaults(func=cmd_check)
+
+    sync = sub.add_parser("sync", help="one reconcile pass over every rule")
+    sync.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    sync.add_argument("--json", action="store_true")
+    sync.set_defaults(func=cmd_sync)
+
+    daemon = sub.add_parser("daemon", help="run the reconcile loop until stopped")
+    daemon.set_defaults(func=cmd_daemon)
+
+    hist = sub.add_parser("history", help="transfers imagesync made")
+    hist.add_argument("name", nargs="?")
+    hist.add_argument("--json", action="store_true")
+    hist.add_argument("--limit", type=int, default=50)
+    hist.set_defaults(func=cmd_history)
+    return p
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from imagesync.config import load_config
+
+    return load_config(args.config)
+
+
+def _setup_logging(args: argparse.Namespace, config: Any = None) -> None:
+    from imagesync.logs import setup_logging
+
+    fmt = args.log_format or (config.log_format if config is not None else "auto")
+    level = "debug" if args.verbose else (config.log_level if config is not None else "info")
+    setup_logging(fmt=fmt, level=level)
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from imagesync.config import check_connections
+
+    config = _config(args)
+    print(f"{config.path}: ok ({len(config.clouds)} clouds, {len(config.stores)} stores, "
+          f"{len(config.images)} image rules)")
+    if not args.connect:
+        return 0
+    failed = 0
+    for name, ok, detail in check_connections(config):
+        print(f"  {name}: {'ok' if ok else 'FAILED'}{' - ' + detail if detail else ''}")
+        failed += not ok
+    return 1 if failed else 0
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from imagesync.config import render_config
+
+    print(render_config(_config(args)), end="")
+    return 0
+
+
+def cmd_lab_up(args: argparse.Namespace) -> int:
+    from imagesync import lab
+
+    info = lab.up(clouds=args.clouds, directory=args.dir, token_expiration=args.token_expiration)
+    print(lab.describe(info))
+    return 0
+
+
+def cmd_lab_status(args: argparse.Namespace) -> int:
+    from imagesync import lab
+
+    text, running = lab.status(directory=args.dir)
+    print(text)
+    return 0 if running else 1
+
+
+def cmd_lab_down(args: argparse.Namespace) -> int:
+    from imagesync import lab
+
+    print(lab.down(directory=args.dir))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from imagesync.demo import run_demo
+
+    return run_demo(directory=args.dir, keep=args.keep)
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from imagesync.commands import push
+
+    config = _config(args)
+    _setup_logging(args, config)
+    return push(config, args.name, targets=args.to, source=args.source,
+                dry_run=args.dry_run, as_json=args.json)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from imagesync.commands import status
+
+    config = _config(args)
+    _setup_logging(args, config)
+    return status(config, args.name, as_json=args.json)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from imagesync.check import check
+
+    config = _config(args)
+    return check(config, args.name, args.cloud, as_json=args.json, ensure=args.ensure,
+                 timeout=args.timeout, fresh=args.fresh)
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from imagesync.commands import sync
+
+    config = _config(args)
+    _setup_logging(args, config)
+    return sync(config, dry_run=args.dry_run, as_json=args.json)
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from imagesync.daemon import run_daemon
+
+    config = _config(args)
+    _setup_logging(args, config)
+    return run_daemon(config, config_path=args.config)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from imagesync.commands import history
+
+    config = _config(args)
+    return history(config, args.name, as_json=args.json, limit=args.limit)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Handler = args.func
+    try:
+        return func(args)
+    except (ConfigError, UsageError) as exc:
+        print(f"imagesync: error: {exc}", file=sys.stderr)
+        return 2
+    except ImageSyncError as exc:
+        print(f"imagesync: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("imagesync: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sites: the places images live (Glance clouds, directory stores, VOSpace), behind one protocol."""
