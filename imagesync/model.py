@@ -195,6 +195,8 @@ class SiteInventory:
     images: tuple[ImageRecord, ...] = ()
     error: str | None = None
     listed_at: datetime | None = None
+    #: ids of images a server still uses; None when the site cannot tell
+    in_use: frozenset[str] | None = None
 
     @property
     def ok(self) -> bool:

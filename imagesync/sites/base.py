@@ -15,7 +15,7 @@ Writing is push-style and two-phase, so nothing half-made is ever visible:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -81,8 +81,8 @@ class Site(Protocol):
     def create(self, new: NewImage) -> Writer:
         """Start an invisible upload of a new image."""
 
-    def publish(self, image_id: str) -> ImageRecord:
-        """Make a finished, verified upload visible under its name."""
+    def publish(self, image_id: str, properties: Mapping[str, str] | None = None) -> ImageRecord:
+        """Make a finished, verified upload visible under its name, setting final properties."""
 
     def delete(self, image_id: str) -> None:
         """Delete an image. Missing images are not an error."""

@@ -1,0 +1,244 @@
+"""What ``push``, ``status``, ``sync`` and ``history`` do, in terms of the engine and the planner.
+
+Each function returns the process exit code and prints its result (a table, or JSON with
+``--json``); it holds no logic of its own beyond choosing what to plan and how to show it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from imagesync.config import Config
+from imagesync.errors import UsageError
+from imagesync.execute import ActionResult, Engine, summarize
+from imagesync.model import format_time
+from imagesync.plan import Action, Assessment, Copy, Plan, Retire, Rule, Skip, plan, plan_name
+from imagesync.progress import ProgressBar, wants_progress
+
+
+def _check_sites(config: Config, names: Sequence[str], what: str) -> None:
+    for n in names:
+        if n not in config.site_names:
+            known = ", ".join(config.site_names) or "none"
+            raise UsageError(f"{what}: no cloud or store called {n!r} (known: {known})")
+
+
+def _progress_factory() -> Callable[[str, int | None], Callable[[int], None] | None] | None:
+    if not wants_progress():
+        return None
+    return lambda label, total: ProgressBar(label, total)
+
+
+def action_dict(a: Action) -> dict[str, Any]:
+    d: dict[str, Any] = {"kind": a.kind, "name": a.name}
+    if isinstance(a, Copy):
+        d.update(source=f"{a.source_site}:{a.source_id}", targets=list(a.targets),
+                 version=format_time(a.version.time), sha512=a.version.sha512, reason=a.reason)
+    elif isinstance(a, Retire):
+        d.update(site=a.site, image_id=a.image_id, mode=a.mode, reason=a.reason)
+    elif isinstance(a, Skip):
+        d.update(site=a.site, reason=a.reason)
+    return d
+
+
+def action_line(a: Action) -> str:
+    if isinstance(a, Copy):
+        return (f"copy   {a.name} {a.version.short()} from {a.source_site}:{a.source_id[:8]} "
+                f"to {', '.join(a.targets)}")
+    if isinstance(a, Retire):
+        return f"retire {a.name} {a.image_id[:8]} on {a.site} ({a.mode}): {a.reason}"
+    return f"skip   {a.name} on {a.site}: {a.reason}"
+
+
+def result_dict(r: ActionResult) -> dict[str, Any]:
+    d = action_dict(r.action)
+    d["ok"] = r.ok
+    if r.detail:
+        d["detail"] = r.detail
+    if r.copy is not None:
+        d["bytes"] = r.copy.bytes_read
+        d["seconds"] = round(r.copy.seconds, 3)
+        d["sha512"] = r.copy.sha512
+    if r.targets:
+        d["results"] = [{"site": t.site, "ok": t.ok, "image_id": t.image.id if t.image else None,
+                         "error": t.error, "kind": t.error_kind} for t in r.targets]
+    return d
+
+
+def _print_results(results: Sequence[ActionResult]) -> None:
+    for r in results:
+        if isinstance(r.action, Copy):
+            if not r.targets:
+                print(f"ok     {r.action.name}: {r.detail}")
+            for t in r.targets:
+                if t.ok and t.image is not None:
+                    secs = r.copy.seconds if r.copy else 0.0
+                    size = r.copy.bytes_read if r.copy else 0
+                    rate = size / secs / 1e6 if secs else 0.0
+                    print(f"copied {r.action.name} to {t.site}: {t.image.id} "
+                          f"({size} bytes, {secs:.1f}s, {rate:.0f} MB/s)")
+                else:
+                    print(f"FAILED {r.action.name} to {t.site}: {t.error}")
+        elif isinstance(r.action, Retire):
+            print(f"{'retired' if r.ok else 'FAILED retire'} {r.action.name} "
+                  f"{r.action.image_id[:8]} on {r.action.site}: {r.detail}")
+
+
+def push(config: Config, name: str, *, targets: Sequence[str] = (), source: str | None = None,
+         dry_run: bool = False, as_json: bool = False) -> int:
+    """Copy the newest version of ``name`` to every site its rule names (or ``targets``)."""
+    _check_sites(config, targets, "--to")
+    if source:
+        _check_sites(config, [source], "--from")
+    from imagesync.execute import to_rule
+
+    cfg_rule = config.rule_for(name)
+    if cfg_rule is None and not targets:
+        raise UsageError(f"no image rule in {config.path} matches {name!r}: add one under "
+                         "'images:' or name the targets with --to SITE")
+    rule = to_rule(cfg_rule) if cfg_rule else Rule(pattern=name, sites=tuple(targets))
+    engine = Engine(config)
+    try:
+        inventories = engine.inventories(name=name)
+        assessment, actions = plan_name(name, rule, inventories, config.site_names,
+                                        targets=targets or None, prefer_source=source)
+        p = Plan(actions=actions, assessments=[assessment])
+        if dry_run:
+            _emit_plan(p, as_json)
+            return 0
+        results = engine.execute(p, progress=None if as_json else _progress_factory())
+    finally:
+        engine.close()
+    if as_json:
+        print(json.dumps({"name": name, "results": [result_dict(r) for r in results],
+                          "skipped": [action_dict(a) for a in p.skips]}, indent=2))
+    else:
+        _print_results(results)
+        for s in p.skips:
+            print(action_line(s))
+        if not results and not p.skips:
+            print(f"{name}: already current on {', '.join(rule.sites if not targets else targets)}")
+    ok, failed = summarize(results)
+    blocking = [s for s in p.skips if s.site == "*" or s.reason.startswith(("not copyable",
+                                                                            "site unreachable"))]
+    return 1 if failed or blocking else 0
+
+
+def _emit_plan(p: Plan, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"actions": [action_dict(a) for a in p.actions]}, indent=2))
+        return
+    if not p.actions:
+        print("nothing to do")
+    for a in p.actions:
+        print(action_line(a))
+
+
+def sync(config: Config, *, dry_run: bool = False, as_json: bool = False) -> int:
+    """One reconcile pass over every rule."""
+    engine = Engine(config)
+    try:
+        inventories = engine.inventories()
+        p = plan(engine.rules, inventories, config.site_names)
+        if dry_run:
+            _emit_plan(p, as_json)
+            return 0
+        results = engine.execute(p, progress=None if as_json else _progress_factory())
+    finally:
+        engine.close()
+    if as_json:
+        print(json.dumps({"results": [result_dict(r) for r in results],
+                          "skipped": [action_dict(a) for a in p.skips]}, indent=2))
+    else:
+        _print_results(results)
+        for s in p.skips:
+            print(action_line(s))
+    _, failed = summarize(results)
+    return 1 if failed else 0
+
+
+def _cell_text(a: Assessment, site: str) -> str:
+    c = a.cells[site]
+    if c.state == "current" and c.image is not None:
+        dup = f" (+{len(c.duplicates)} dup)" if c.duplicates else ""
+        return f"current {c.image.short_id}{dup}"
+    if c.state in ("stale", "mismatch") and c.have is not None:
+        return f"{c.state} {format_time(c.have.time)}"
+    return c.state
+
+
+def status(config: Config, name: str | None = None, *, as_json: bool = False) -> int:
+    """Names x sites: current, stale (which version), missing, not copyable, in flight."""
+    engine = Engine(config)
+    try:
+        inventories = engine.inventories(name=name)
+    finally:
+        engine.close()
+    rules = engine.rules
+    if name is not None:
+        from imagesync.plan import assess, rule_for
+
+        rule = rule_for(rules, name)
+        required = rule.sites if rule else ()
+        assessments = [assess(name, inventories, config.site_names, required=required)]
+    else:
+        assessments = plan(rules, inventories, config.site_names).assessments
+    if as_json:
+        out = []
+        for a in assessments:
+            out.append({
+                "name": a.name,
+                "newest": {"version": format_time(a.newest.time), "sha512": a.newest.sha512,
+                           "origin": a.newest.origin} if a.newest else None,
+                "not_copyable": a.not_copyable,
+                "sites": {s: {"state": c.state, "required": c.required,
+                              "image_id": c.image.id if c.image else None,
+                              "duplicates": list(c.duplicates),
+                              "have": format_time(c.have.time) if c.have else None}
+                          for s, c in a.cells.items()},
+            })
+        errors = {s: inv.error for s, inv in inventories.items() if not inv.ok}
+        print(json.dumps({"images": out, "unreachable": errors}, indent=2))
+        return 0
+    sites = list(config.site_names)
+    if not assessments:
+        print("no managed images found" + (f" named {name!r}" if name else ""))
+    widths = [max([len("NAME")] + [len(a.name) for a in assessments])]
+    rows = [[a.name] + [_cell_text(a, s) for s in sites] for a in assessments]
+    for i, s in enumerate(sites, start=1):
+        widths.append(max([len(s)] + [len(r[i]) for r in rows]))
+    header = ["NAME", *sites]
+    if assessments:
+        print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+        for r in rows:
+            print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+        for a in assessments:
+            if a.newest:
+                print(f"  {a.name}: newest {a.newest.short()} from {a.newest.origin}"
+                      + (f" — NOT COPYABLE: {a.not_copyable}" if a.not_copyable else ""))
+    for s, inv in inventories.items():
+        if not inv.ok:
+            print(f"  {s}: unreachable: {inv.error}", file=sys.stderr)
+    return 0
+
+
+def history(config: Config, name: str | None = None, *, as_json: bool = False,
+            limit: int = 50) -> int:
+    from imagesync.state import State
+
+    rows = State(config.state_dir).history(name, limit)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no transfers recorded")
+    for r in rows:
+        when = datetime.fromtimestamp(r["started"], UTC).strftime("%Y-%m-%d %H:%M:%S")
+        size = f"{r['bytes']} B in {r['seconds']}s" if r.get("bytes") is not None else ""
+        err = f" — {r['error']}" if r.get("error") else ""
+        print(f"{when}  {r['name']}  {r['source']} → {r['target']}  {r['result']}  {size}{err}")
+    return 0

@@ -1,0 +1,246 @@
+"""What a lab is: its persisted state (DIRECTORY/lab.json), its public description, its files.
+
+``lab.json`` holds ports, passwords, pids and pgids, so that ``status`` and ``down`` work from
+any process. ``clouds.yaml`` and ``imagesync.yaml`` are written for clients: the OpenStack CLI,
+openstacksdk and imagesync itself. Files holding secrets are written mode 0600.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imagesync.errors import LabError
+
+STATE_FILE = "lab.json"
+STATE_VERSION = 1
+REGION = "RegionOne"
+PROJECT = "imagesync"
+USERNAME = "imagesync"
+ADMIN = "admin"
+
+
+@dataclass(frozen=True)
+class LabCloud:
+    """One lab cloud as a client sees it. ``keystone_url`` is the auth URL (ends in /v3)."""
+
+    name: str
+    keystone_url: str
+    glance_url: str
+    region: str
+    project: str
+    username: str
+    password: str
+    admin_password: str
+
+
+@dataclass(frozen=True)
+class LabInfo:
+    """A running lab. ``start_kind``: "cold" (built), "warm" (restarted) or "running"."""
+
+    directory: Path
+    clouds: list[LabCloud]
+    clouds_yaml: Path
+    config_file: Path
+    store_dir: Path
+    start_seconds: float
+    start_kind: str
+
+    def cloud(self, name: str) -> LabCloud:
+        for c in self.clouds:
+            if c.name == name:
+                return c
+        raise KeyError(f"no cloud {name!r} in the lab (it has {', '.join(self.names)})")
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.clouds]
+
+
+@dataclass
+class ServiceState:
+    """One uwsgi service: its port and, while it runs, its master's pid (= its pgid)."""
+
+    port: int
+    pid: int | None = None
+    pgid: int | None = None
+
+
+@dataclass
+class CloudState:
+    """One cloud of the lab, as persisted."""
+
+    name: str
+    keystone: ServiceState
+    glance: ServiceState
+    admin_password: str
+    glance_password: str
+    password: str
+    #: set once db_sync, bootstrap and the catalog are done; until then a start is cold
+    built: bool = False
+
+    @property
+    def keystone_root(self) -> str:
+        return f"http://127.0.0.1:{self.keystone.port}"
+
+    @property
+    def keystone_url(self) -> str:
+        return f"{self.keystone_root}/v3"
+
+    @property
+    def glance_url(self) -> str:
+        return f"http://127.0.0.1:{self.glance.port}"
+
+    def public(self) -> LabCloud:
+        return LabCloud(name=self.name, keystone_url=self.keystone_url,
+                        glance_url=self.glance_url, region=REGION, project=PROJECT,
+                        username=USERNAME, password=self.password,
+                        admin_password=self.admin_password)
+
+
+@dataclass
+class LabState:
+    """The whole lab, as persisted in DIRECTORY/lab.json."""
+
+    directory: Path
+    clouds: list[CloudState] = field(default_factory=list)
+    #: Keystone token lifetime in seconds; None = Keystone's default (3600)
+    token_expiration: int | None = None
+
+    @property
+    def clouds_yaml(self) -> Path:
+        return self.directory / "clouds.yaml"
+
+    @property
+    def config_file(self) -> Path:
+        return self.directory / "imagesync.yaml"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.directory / "store"
+
+    def info(self, start_seconds: float, start_kind: str) -> LabInfo:
+        return LabInfo(directory=self.directory, clouds=[c.public() for c in self.clouds],
+                       clouds_yaml=self.clouds_yaml, config_file=self.config_file,
+                       store_dir=self.store_dir, start_seconds=start_seconds,
+                       start_kind=start_kind)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write atomically, readable by the owner only."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def load_state(directory: Path) -> LabState | None:
+    path = directory / STATE_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise LabError(f"{path}: unreadable lab state ({exc}); remove the directory to "
+                       "start afresh") from None
+    try:
+        if raw.get("version") != STATE_VERSION:
+            raise ValueError(f"version {raw.get('version')!r}, expected {STATE_VERSION}")
+        clouds = [
+            CloudState(name=c["name"], keystone=ServiceState(**c["keystone"]),
+                       glance=ServiceState(**c["glance"]), admin_password=c["admin_password"],
+                       glance_password=c["glance_password"], password=c["password"],
+                       built=bool(c["built"]))
+            for c in raw["clouds"]
+        ]
+        return LabState(directory=directory, clouds=clouds,
+                        token_expiration=raw.get("token_expiration"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise LabError(f"{path}: unexpected lab state ({exc}); stop its processes with "
+                       "`imagesync lab down` and remove the directory to start afresh") from None
+
+
+def save_state(state: LabState) -> None:
+    def service(s: ServiceState) -> dict[str, Any]:
+        return {"port": s.port, "pid": s.pid, "pgid": s.pgid}
+
+    raw = {
+        "version": STATE_VERSION,
+        "token_expiration": state.token_expiration,
+        "clouds": [
+            {"name": c.name, "keystone": service(c.keystone), "glance": service(c.glance),
+             "admin_password": c.admin_password, "glance_password": c.glance_password,
+             "password": c.password, "built": c.built}
+            for c in state.clouds
+        ],
+    }
+    write_private(state.directory / STATE_FILE, json.dumps(raw, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def locked(directory: Path) -> Iterator[None]:
+    """Hold DIRECTORY/.lock: one ``up``/``down`` at a time per lab."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / ".lock").open("w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _q(value: object) -> str:
+    """A YAML scalar (JSON strings are valid YAML)."""
+    return json.dumps(str(value))
+
+
+def write_client_files(state: LabState) -> None:
+    """DIRECTORY/clouds.yaml (0600), DIRECTORY/imagesync.yaml, DIRECTORY/store and state/."""
+    lines = ["# Written by `imagesync lab up`. labN: the imagesync member user; labN-admin: admin.",
+             "clouds:"]
+    for c in state.clouds:
+        for entry, user, project, password in (
+            (c.name, USERNAME, PROJECT, c.password),
+            (f"{c.name}-admin", ADMIN, ADMIN, c.admin_password),
+        ):
+            lines += [
+                f"  {entry}:",
+                "    auth:",
+                f"      auth_url: {_q(c.keystone_url)}",
+                f"      username: {_q(user)}",
+                f"      password: {_q(password)}",
+                f"      project_name: {_q(project)}",
+                "      user_domain_name: Default",
+                "      project_domain_name: Default",
+                f"    region_name: {REGION}",
+                "    interface: public",
+                "    identity_api_version: 3",
+            ]
+    write_private(state.clouds_yaml, "\n".join(lines) + "\n")
+
+    d = state.directory
+    config = [
+        "# A ready imagesync configuration for the lab (written by `imagesync lab up`).",
+        f"clouds_yaml: {_q(state.clouds_yaml)}",
+        f"state_dir: {_q(d / 'state')}",
+        "poll_interval: 30s",
+        "clouds:",
+        *[f"  {c.name}: {{cloud: {c.name}}}" for c in state.clouds],
+        "stores:",
+        f"  archive: {{type: directory, path: {_q(state.store_dir)}}}",
+        "images:",
+        '  - name: "*"',
+        "    clouds: all",
+        "    store: archive",
+    ]
+    write_private(state.config_file, "\n".join(config) + "\n")
+    state.store_dir.mkdir(exist_ok=True)
+    (d / "state").mkdir(exist_ok=True)

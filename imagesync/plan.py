@@ -1,0 +1,336 @@
+"""PURE planning: (rules, inventories) → an assessment per name and a list of typed actions.
+
+No I/O, no clock, no clients: everything this module needs is in its arguments, so it is
+tested with plain data (kopf's ``detect_changing_cause`` lesson). ``--dry-run`` prints what
+``plan`` returns; the executor is the only place that acts on it.
+
+Vocabulary
+- a *version* of a name is identified by its provenance (origin, version time, sha512);
+- the *newest* version is the one with the latest version time (ties: sha512, then origin);
+- a site's *cell* for a name says whether it holds the newest version (current), an older
+  one (stale), a conflicting one with the same version time (mismatch), nothing (missing),
+  or why we cannot say (unreachable, in-flight, not-copyable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Literal
+
+from imagesync.model import PROP_ORIGIN, ImageRecord, SiteInventory, Version
+
+CellState = Literal[
+    "current", "stale", "missing", "mismatch", "unreachable", "in-flight", "not-copyable"
+]
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The planner's view of an image rule (config.ImageRule satisfies it)."""
+
+    pattern: str
+    sites: tuple[str, ...]
+    visibility: str = "private"
+    min_copies: int = 0
+    keep: int | None = None
+    retire: str = "hide"
+    on_mismatch: str = "report"
+
+
+@dataclass(frozen=True)
+class Cell:
+    site: str
+    state: CellState
+    image: ImageRecord | None = None  # the image holding the newest version (current)
+    have: Version | None = None  # the newest version this site holds (stale/mismatch)
+    duplicates: tuple[str, ...] = ()  # other ids holding the same newest version
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class Assessment:
+    name: str
+    newest: Version | None
+    source: ImageRecord | None  # a copyable record of the newest version
+    not_copyable: str | None  # why the newest version cannot be copied
+    cells: Mapping[str, Cell]
+    versions: tuple[Version, ...] = ()
+
+
+@dataclass(frozen=True)
+class Copy:
+    name: str
+    version: Version
+    source_site: str
+    source_id: str
+    targets: tuple[str, ...]
+    visibility: str
+    reason: str
+    kind: Literal["copy"] = "copy"
+
+
+@dataclass(frozen=True)
+class Retire:
+    name: str
+    site: str
+    image_id: str
+    mode: str  # "hide" | "delete"
+    version: Version
+    reason: str
+    kind: Literal["retire"] = "retire"
+
+
+@dataclass(frozen=True)
+class Skip:
+    name: str
+    site: str
+    reason: str
+    kind: Literal["skip"] = "skip"
+
+
+Action = Copy | Retire | Skip
+
+
+@dataclass
+class Plan:
+    actions: list[Action] = field(default_factory=list)
+    assessments: list[Assessment] = field(default_factory=list)
+
+    @property
+    def copies(self) -> list[Copy]:
+        return [a for a in self.actions if isinstance(a, Copy)]
+
+    @property
+    def retires(self) -> list[Retire]:
+        return [a for a in self.actions if isinstance(a, Retire)]
+
+    @property
+    def skips(self) -> list[Skip]:
+        return [a for a in self.actions if isinstance(a, Skip)]
+
+
+def rule_for(rules: Sequence[Rule], name: str) -> Rule | None:
+    """Exact names win over globs; otherwise the first matching rule."""
+    for r in rules:
+        if r.pattern == name:
+            return r
+    for r in rules:
+        if fnmatchcase(name, r.pattern):
+            return r
+    return None
+
+
+def _visible_versions(records: Iterable[ImageRecord]) -> list[ImageRecord]:
+    return [r for r in records if r.counts and not r.hidden]
+
+
+def group_versions(records: Iterable[ImageRecord]) -> list[tuple[Version, list[ImageRecord]]]:
+    """Group records that hold the same version; newest first, deterministic."""
+    groups: list[tuple[Version, list[ImageRecord]]] = []
+    ordered = sorted(records, key=lambda r: (r.version.key(), r.site, r.id), reverse=True)
+    for rec in ordered:
+        v = rec.version
+        for i, (gv, members) in enumerate(groups):
+            if any(m.version.same_as(v) for m in members):
+                members.append(rec)
+                if v.sha512 and not gv.sha512:  # learn the digest from a verified copy
+                    groups[i] = (Version(gv.origin, gv.time, v.sha512), members)
+                break
+        else:
+            groups.append((v, [rec]))
+    groups.sort(key=lambda g: g[0].key(), reverse=True)
+    return groups
+
+
+def _pick(records: Sequence[ImageRecord]) -> ImageRecord:
+    """Deterministic choice among duplicates: oldest upload first, then id."""
+    return sorted(records, key=lambda r: (r.created_at, r.id))[0]
+
+
+def assess(
+    name: str,
+    inventories: Mapping[str, SiteInventory],
+    sites: Sequence[str],
+    *,
+    required: Sequence[str] = (),
+    prefer_source: str | None = None,
+) -> Assessment:
+    """Where the newest version of ``name`` is, site by site (``sites`` in display order)."""
+    records = [r for inv in inventories.values() if inv.ok for r in inv.named(name)]
+    groups = group_versions(_visible_versions(records))
+    newest: Version | None = groups[0][0] if groups else None
+    holders = groups[0][1] if groups else []
+    source: ImageRecord | None = None
+    not_copyable: str | None = None
+    if holders:
+        copyable = [r for r in holders if r.not_copyable_reason is None]
+        if prefer_source is not None:
+            copyable = [r for r in copyable if r.site == prefer_source]
+        if copyable:
+            origin_site = newest.origin.split(":", 1)[0] if newest else ""
+            order = {s: i for i, s in enumerate(sites)}
+            source = sorted(copyable, key=lambda r: (r.site != origin_site,
+                                                     order.get(r.site, len(order)),
+                                                     r.created_at, r.id))[0]
+        else:
+            reasons = {r.not_copyable_reason for r in holders if r.not_copyable_reason}
+            not_copyable = "; ".join(sorted(reasons)) or (
+                f"not on {prefer_source}" if prefer_source else "no copyable image")
+
+    cells: dict[str, Cell] = {}
+    for site in sites:
+        inv = inventories.get(site)
+        req = site in required
+        if inv is None or not inv.ok:
+            cells[site] = Cell(site, "unreachable", required=req)
+            continue
+        mine = inv.named(name)
+        visible = _visible_versions(mine)
+        same = [r for r in visible if newest is not None and r.version.same_as(newest)]
+        if same:
+            best = _pick(same)
+            cells[site] = Cell(site, "current", image=best, have=newest, required=req,
+                               duplicates=tuple(r.id for r in same if r.id != best.id))
+            continue
+        if any(r.in_progress for r in mine):
+            cells[site] = Cell(site, "in-flight", required=req)
+            continue
+        have = group_versions(visible)[0][0] if visible else None
+        if have is not None and newest is not None and have.time == newest.time:
+            cells[site] = Cell(site, "mismatch", have=have, required=req)
+        elif not_copyable is not None and newest is not None:
+            cells[site] = Cell(site, "not-copyable", have=have, required=req)
+        elif have is not None:
+            cells[site] = Cell(site, "stale", have=have, required=req)
+        else:
+            cells[site] = Cell(site, "missing", required=req)
+    return Assessment(name=name, newest=newest, source=source, not_copyable=not_copyable,
+                      cells=cells, versions=tuple(g[0] for g in groups))
+
+
+def names_in(inventories: Mapping[str, SiteInventory], rules: Sequence[Rule]) -> list[str]:
+    """Every name present on any site that some rule manages, sorted."""
+    names = {r.name for inv in inventories.values() if inv.ok for r in inv.images}
+    return sorted(n for n in names if rule_for(rules, n) is not None)
+
+
+def plan_name(
+    name: str,
+    rule: Rule,
+    inventories: Mapping[str, SiteInventory],
+    all_sites: Sequence[str],
+    *,
+    targets: Sequence[str] | None = None,
+    prefer_source: str | None = None,
+) -> tuple[Assessment, list[Action]]:
+    """Actions that bring the newest version of ``name`` where ``rule`` (or ``targets``) wants it."""
+    required = tuple(targets) if targets else rule.sites
+    shown = list(dict.fromkeys([*required, *all_sites]))
+    a = assess(name, inventories, shown, required=required, prefer_source=prefer_source)
+    actions: list[Action] = []
+    if a.newest is None:
+        return a, [Skip(name, "*", "no active version on any reachable site")]
+
+    wanted: list[str] = []
+    for site in required:
+        cell = a.cells[site]
+        if cell.state in ("stale", "missing"):
+            wanted.append(site)
+        elif cell.state == "mismatch":
+            if rule.on_mismatch == "replace":
+                wanted.append(site)
+            else:
+                actions.append(Skip(name, site, f"mismatch: {site} holds different bytes with "
+                                    f"the same version time {a.newest.short()}; "
+                                    "left alone (on_mismatch: report)"))
+        elif cell.state == "unreachable":
+            actions.append(Skip(name, site, "site unreachable"))
+        elif cell.state == "in-flight":
+            actions.append(Skip(name, site, "a copy is in flight"))
+        elif cell.state == "not-copyable":
+            actions.append(Skip(name, site, f"not copyable: {a.not_copyable}"))
+
+    # Redundancy: keep at least min_copies of the newest version across reachable sites.
+    current = [s for s, c in a.cells.items() if c.state == "current"]
+    if rule.min_copies and not targets:
+        short = rule.min_copies - len(current) - len(wanted)
+        for site in all_sites:
+            if short <= 0:
+                break
+            if site in wanted or site in current:
+                continue
+            if a.cells[site].state in ("missing", "stale"):
+                wanted.append(site)
+                short -= 1
+        if short > 0:
+            actions.append(Skip(name, "*", f"min_copies {rule.min_copies}: only "
+                                f"{rule.min_copies - short} sites can hold a copy now"))
+
+    if wanted:
+        if a.source is None:
+            for site in wanted:
+                actions.append(Skip(name, site, f"not copyable: {a.not_copyable}"))
+        else:
+            actions.append(Copy(name=name, version=a.newest, source_site=a.source.site,
+                                source_id=a.source.id, targets=tuple(wanted),
+                                visibility=rule.visibility,
+                                reason="missing or stale on " + ", ".join(wanted)))
+    actions.extend(_retention(name, rule, a, inventories))
+    return a, actions
+
+
+def _retention(
+    name: str, rule: Rule, a: Assessment, inventories: Mapping[str, SiteInventory]
+) -> list[Action]:
+    """Versions beyond the newest ``keep`` on a site that is current: retire them, safely."""
+    out: list[Action] = []
+    for site, cell in a.cells.items():
+        inv = inventories.get(site)
+        if inv is None or not inv.ok:
+            continue
+        if rule.on_mismatch == "replace" and cell.state == "current":
+            for rec in _visible_versions(inv.named(name)):
+                v = rec.version
+                if a.newest and v.time == a.newest.time and not v.same_as(a.newest):
+                    out.extend(_retire_one(name, site, rec, rule, inv, "replaced: mismatch"))
+        if rule.keep is None or cell.state != "current":
+            continue
+        groups = group_versions(_visible_versions(inv.named(name)))
+        for version, members in groups[rule.keep:]:
+            for rec in members:
+                out.extend(_retire_one(name, site, rec, rule, inv,
+                                       f"beyond keep={rule.keep}: {version.short()}"))
+    return out
+
+
+def _retire_one(
+    name: str, site: str, rec: ImageRecord, rule: Rule, inv: SiteInventory, why: str
+) -> list[Action]:
+    if PROP_ORIGIN not in rec.properties:
+        return [Skip(name, site, f"{rec.short_id} {why}, but not made by imagesync: kept")]
+    if rec.protected:
+        return [Skip(name, site, f"{rec.short_id} {why}, but protected: kept")]
+    if inv.in_use is not None and rec.id in inv.in_use:
+        return [Skip(name, site, f"{rec.short_id} {why}, but a server uses it: kept")]
+    return [Retire(name, site, rec.id, rule.retire, rec.version, why)]
+
+
+def plan(
+    rules: Sequence[Rule],
+    inventories: Mapping[str, SiteInventory],
+    all_sites: Sequence[str],
+    *,
+    names: Sequence[str] | None = None,
+) -> Plan:
+    """The whole reconcile plan: every managed name, every rule."""
+    result = Plan()
+    for name in (names if names is not None else names_in(inventories, rules)):
+        rule = rule_for(rules, name)
+        if rule is None:
+            continue
+        a, actions = plan_name(name, rule, inventories, all_sites)
+        result.assessments.append(a)
+        result.actions.extend(actions)
+    return result

@@ -1,0 +1,383 @@
+"""A Glance v2 cloud as a Site: keystoneauth1 session + python-glanceclient.
+
+Errors from keystoneauth, glanceclient and requests are classified here, at the boundary,
+into imagesync's hierarchy (TransientError, AuthError, NotFound, Conflict); the engine never
+sees a client library's exception. Listing uses the session directly (one JSON page of up to
+1000 images per call, no per-image schema validation) because an idle pass over thousands of
+images must be fast; mutations and uploads go through glanceclient.
+
+Uploads are invisible until published: the image is created with ``os_hidden=true`` and the
+``imagesync.state=uploading`` mark, so a scheduler listing by name never sees a half-made image.
+A keystoneauth session re-authenticates by itself when its token is about to expire (and once
+on a 401), so a token expiring during a long transfer does not fail it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import requests
+import structlog
+from glanceclient import exc as gexc
+from glanceclient.v2 import client as glance_v2
+from keystoneauth1 import adapter as ks_adapter
+from keystoneauth1 import exceptions as ksexc
+from keystoneauth1 import loading as ks_loading
+from keystoneauth1 import session as ks_session
+
+from imagesync.config import CloudConfig
+from imagesync.errors import AuthError, Conflict, NotFound, SiteError, TransientError
+from imagesync.model import PROP_STATE, STATE_UPLOADING, ImageRecord, NewImage, parse_time
+from imagesync.sites.base import Capabilities
+
+log = structlog.get_logger("imagesync.glance")
+T = TypeVar("T")
+
+#: Glance's own attributes: never copied as "the image's properties"
+RESERVED = frozenset({
+    "id", "name", "status", "checksum", "os_hash_algo", "os_hash_value", "size",
+    "virtual_size", "created_at", "updated_at", "owner", "visibility", "protected",
+    "os_hidden", "tags", "file", "schema", "self", "locations", "direct_url",
+    "disk_format", "container_format", "min_disk", "min_ram", "stores",
+})
+RESERVED_PREFIXES = ("os_glance",)
+_UPLOAD_QUEUE_CHUNKS = 8  # 8 x 1 MiB buffered per target: bounded memory
+_ABORT = object()
+
+
+def is_reserved(key: str) -> bool:
+    return key in RESERVED or key.startswith(RESERVED_PREFIXES)
+
+
+def _retry_after(response: Any) -> float | None:
+    try:
+        value = response.headers.get("Retry-After")
+        return float(value) if value is not None else None
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
+def classify(exc: BaseException, site: str, what: str) -> SiteError:
+    """Turn a client library's exception into imagesync's hierarchy."""
+    if isinstance(exc, SiteError):
+        return exc
+    status: int | None = None
+    response: Any = None
+    if isinstance(exc, ksexc.HttpError):
+        status, response = exc.http_status, exc.response
+    elif isinstance(exc, gexc.HTTPException):
+        code = getattr(exc, "code", None)
+        status = code if isinstance(code, int) else None
+    text = f"{what}: {type(exc).__name__}"
+    detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    if detail:
+        text += f": {detail}"
+    if isinstance(exc, ksexc.EndpointNotFound):
+        return SiteError(f"{what}: no image endpoint in the service catalog", site=site)
+    if isinstance(exc, (ksexc.MissingAuthPlugin, ksexc.AuthPluginException)) and status is None:
+        return AuthError(f"{what}: authentication is not configured: {detail}", site=site)
+    if status is not None:
+        if status in (401, 403):
+            return AuthError(f"{what}: refused ({status}): check the credentials and roles",
+                             site=site)
+        if status == 404:
+            return NotFound(f"{what}: not found", site=site)
+        if status == 409:
+            return Conflict(f"{what}: conflict (409): {detail}", site=site)
+        if status == 413:
+            return SiteError(f"{what}: too large for the cloud's quota (413)", site=site)
+        if status >= 500 or status in (408, 429):
+            return TransientError(f"{what}: server error {status}", site=site,
+                                  retry_after=_retry_after(response))
+        return SiteError(text, site=site)
+    if isinstance(exc, (ksexc.ConnectionError, gexc.CommunicationError, gexc.InvalidEndpoint,
+                        requests.ConnectionError, requests.Timeout,
+                        requests.exceptions.ChunkedEncodingError, ConnectionError, TimeoutError)):
+        return TransientError(f"{what}: connection failed: {type(exc).__name__}", site=site)
+    if isinstance(exc, ksexc.ClientException):
+        return SiteError(text, site=site)
+    return SiteError(text, site=site)
+
+
+def make_session(cfg: CloudConfig) -> ks_session.Session:
+    """A keystoneauth1 session for a cloud's resolved auth options."""
+    try:
+        loader: Any = ks_loading.get_plugin_loader(cfg.auth_type)
+        auth = loader.load_from_options(**dict(cfg.auth))
+    except ksexc.ClientException as exc:
+        raise AuthError(f"auth options: {type(exc).__name__}: {exc}", site=cfg.name) from exc
+    return ks_session.Session(auth=auth, verify=cfg.verify, timeout=cfg.timeout)
+
+
+class _Pipe:
+    """A file-like object fed chunk by chunk from another thread, read by glanceclient."""
+
+    def __init__(self) -> None:
+        self.q: queue.Queue[object] = queue.Queue(maxsize=_UPLOAD_QUEUE_CHUNKS)
+        self.rest = memoryview(b"")
+        self.eof = False
+
+    def read(self, n: int = -1) -> bytes:
+        if not self.rest:
+            if self.eof:
+                return b""
+            item = self.q.get()
+            if item is None:
+                self.eof = True
+                return b""
+            if item is _ABORT:
+                raise OSError("upload aborted by imagesync")
+            assert isinstance(item, bytes)
+            self.rest = memoryview(item)
+        if n < 0 or n >= len(self.rest):
+            out, self.rest = bytes(self.rest), memoryview(b"")
+        else:
+            out, self.rest = bytes(self.rest[:n]), self.rest[n:]
+        return out
+
+
+class GlanceWriter:
+    """One upload to Glance, fed by ``write`` while a thread runs ``images.upload``."""
+
+    def __init__(self, site: GlanceSite, image_id: str, size: int | None) -> None:
+        self.site = site
+        self._id = image_id
+        self.pipe = _Pipe()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(size,), daemon=True,
+                                       name=f"upload-{site.name}-{image_id[:8]}")
+        self.thread.start()
+
+    @property
+    def image_id(self) -> str:
+        return self._id
+
+    def _run(self, size: int | None) -> None:
+        try:
+            self.site.client.images.upload(self._id, self.pipe, image_size=size)
+        except BaseException as exc:  # noqa: BLE001 - handed to the writing thread
+            self.error = exc
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise classify(self.error, self.site.name, f"upload {self._id}")
+
+    def write(self, chunk: bytes) -> None:
+        while True:
+            self._raise_if_failed()
+            if not self.thread.is_alive():
+                self._raise_if_failed()
+                raise TransientError(f"upload {self._id}: connection closed by the server",
+                                     site=self.site.name)
+            try:
+                self.pipe.q.put(chunk, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def finish(self) -> ImageRecord:
+        while self.thread.is_alive():
+            try:
+                self.pipe.q.put(None, timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        self.thread.join()
+        self._raise_if_failed()
+        return self.site.wait_active(self._id)
+
+    def abort(self) -> None:
+        # Wake the upload thread with an error so that its request fails, then delete.
+        while self.thread.is_alive():
+            try:
+                self.pipe.q.put(_ABORT, timeout=0.2)
+                break
+            except queue.Full:
+                try:
+                    self.pipe.q.get_nowait()
+                except queue.Empty:
+                    pass
+        self.thread.join(timeout=max(self.site.cfg.timeout, 5.0))
+        self.site.delete_quietly(self._id)
+
+
+class GlanceSite:
+    """A Site over one cloud's Glance v2 API."""
+
+    kind = "glance"
+
+    def __init__(self, cfg: CloudConfig, session: ks_session.Session | None = None) -> None:
+        self.name = cfg.name
+        self.cfg = cfg
+        self.session = session or make_session(cfg)
+        self.adapter = ks_adapter.Adapter(
+            self.session, service_type="image", interface=cfg.interface,
+            region_name=cfg.region_name)
+        self.client = glance_v2.Client(session=self.session, interface=cfg.interface,
+                                       region_name=cfg.region_name)
+        self._caps: Capabilities | None = None
+
+    # -- helpers ------------------------------------------------------------------------
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except (SiteError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise classify(exc, self.name, what) from exc
+
+    def _record(self, raw: Mapping[str, Any]) -> ImageRecord:
+        hashes: dict[str, str] = {}
+        if raw.get("checksum"):
+            hashes["md5"] = str(raw["checksum"])
+        if raw.get("os_hash_algo") and raw.get("os_hash_value"):
+            hashes[str(raw["os_hash_algo"]).lower()] = str(raw["os_hash_value"])
+        props = {k: str(v) for k, v in raw.items()
+                 if not is_reserved(k) and isinstance(v, (str, int, float, bool))}
+        created = parse_time(raw.get("created_at")) or datetime.now(UTC)
+        return ImageRecord(
+            site=self.name,
+            id=str(raw["id"]),
+            name=str(raw.get("name") or ""),
+            status=str(raw.get("status") or "unknown"),
+            created_at=created,
+            updated_at=parse_time(raw.get("updated_at")),
+            size=int(raw["size"]) if raw.get("size") is not None else None,
+            hashes=hashes,
+            disk_format=raw.get("disk_format"),
+            container_format=raw.get("container_format"),
+            min_disk=int(raw.get("min_disk") or 0),
+            min_ram=int(raw.get("min_ram") or 0),
+            properties=props,
+            visibility=str(raw.get("visibility") or "private"),
+            protected=bool(raw.get("protected")),
+            hidden=bool(raw.get("os_hidden")),
+        )
+
+    # -- Site protocol --------------------------------------------------------------------
+    @property
+    def capabilities(self) -> Capabilities:
+        if self._caps is None:
+            methods: frozenset[str] = frozenset()
+            try:
+                info = self._call("import info",
+                                  lambda: self.adapter.get("/v2/info/import").json())
+                methods = frozenset(info.get("import-methods", {}).get("value", []))
+            except SiteError:
+                pass
+            self._caps = Capabilities(hashes=frozenset({"md5", "sha512"}), hide=True,
+                                      import_methods=methods, visibility=True, protected=True)
+        return self._caps
+
+    def check_connection(self) -> None:
+        self._call("authenticate", lambda: self.session.get_token())
+        self._call("image endpoint", lambda: self.adapter.get("/v2/images", params={"limit": 1}))
+
+    def _list(self, params: dict[str, str]) -> list[ImageRecord]:
+        out: list[ImageRecord] = []
+        url: str | None = "/v2/images"
+        query: dict[str, str] | None = {"limit": "1000", **params}
+        while url:
+            page = self._call("list images", lambda u=url, q=query: self.adapter.get(
+                u, params=q).json())  # type: ignore[misc]
+            out.extend(self._record(raw) for raw in page.get("images", []))
+            url, query = page.get("next"), None
+        return out
+
+    def list_images(self, name: str | None = None) -> list[ImageRecord]:
+        base = {"visibility": "all"}
+        if name is not None:
+            base["name"] = name
+        # Glance lists hidden images only when asked for them alone.
+        return self._list(base) + self._list({**base, "os_hidden": "true"})
+
+    def get_image(self, image_id: str) -> ImageRecord:
+        raw = self._call(f"get image {image_id}",
+                         lambda: self.adapter.get(f"/v2/images/{image_id}").json())
+        return self._record(raw)
+
+    def wait_active(self, image_id: str, timeout: float = 300.0) -> ImageRecord:
+        deadline = time.monotonic() + timeout
+        while True:
+            rec = self.get_image(image_id)
+            if rec.status == "active":
+                return rec
+            if rec.status in ("killed", "deleted", "pending_delete", "deactivated"):
+                raise SiteError(f"image {image_id} became {rec.status}", site=self.name)
+            if time.monotonic() > deadline:
+                raise TransientError(f"image {image_id} still {rec.status} after {timeout:.0f}s",
+                                     site=self.name)
+            time.sleep(0.5)
+
+    def open(self, image: ImageRecord, offset: int = 0) -> Iterator[bytes]:
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        resp = self._call(f"download {image.id}", lambda: self.adapter.get(
+            f"/v2/images/{image.id}/file", headers=headers, stream=True))
+        if resp.status_code == 204:
+            resp.close()
+            raise NotFound(f"image {image.id} has no data", site=self.name)
+        return self._iter(resp, image.id)
+
+    def _iter(self, resp: requests.Response, image_id: str) -> Iterator[bytes]:
+        try:
+            yield from resp.iter_content(chunk_size=1 << 20)
+        except Exception as exc:
+            raise classify(exc, self.name, f"download {image_id}") from exc
+        finally:
+            resp.close()
+
+    def create(self, new: NewImage) -> GlanceWriter:
+        fields: dict[str, Any] = {
+            "name": new.name,
+            "disk_format": new.disk_format or "raw",
+            "container_format": new.container_format or "bare",
+            "min_disk": new.min_disk,
+            "min_ram": new.min_ram,
+            "visibility": new.visibility,
+            "os_hidden": True,
+        }
+        props = {k: str(v) for k, v in new.properties.items() if not is_reserved(k)}
+        props[PROP_STATE] = STATE_UPLOADING
+        fields.update(props)
+        raw = self._call(f"create image {new.name}", lambda: self.client.images.create(**fields))
+        image_id = str(raw["id"])
+        log.debug("image.created", site=self.name, image_id=image_id, name=new.name)
+        return GlanceWriter(self, image_id, new.size)
+
+    def publish(self, image_id: str, properties: Mapping[str, str] | None = None) -> ImageRecord:
+        extra = {k: v for k, v in (properties or {}).items() if not is_reserved(k)}
+        self._call(f"publish {image_id}", lambda: self.client.images.update(
+            image_id, remove_props=[PROP_STATE], os_hidden=False, **extra))
+        return self.get_image(image_id)
+
+    def delete(self, image_id: str) -> None:
+        try:
+            self._call(f"delete {image_id}", lambda: self.client.images.delete(image_id))
+        except NotFound:
+            return
+
+    def delete_quietly(self, image_id: str) -> None:
+        """Delete during clean-up: try a few times, log and swallow failures."""
+        for attempt in range(3):
+            try:
+                self.delete(image_id)
+                return
+            except SiteError as exc:
+                log.warning("cleanup.delete_failed", site=self.name, image_id=image_id,
+                            attempt=attempt + 1, error=str(exc))
+                time.sleep(0.5 * (attempt + 1))
+
+    def hide(self, image_id: str) -> None:
+        self._call(f"hide {image_id}",
+                   lambda: self.client.images.update(image_id, os_hidden=True))
+
+    def images_in_use(self) -> set[str] | None:
+        return None
+
+    def close(self) -> None:
+        pass

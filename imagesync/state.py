@@ -1,0 +1,159 @@
+"""Persistent state under ``state_dir``: per-(image, site) locks, leases, history, answers.
+
+- Locks are ``flock`` files (``locks/``): the kernel releases them when a process dies, so a
+  crash never leaves a stale lock. Two ``push`` runs for one image and site cannot both copy.
+- Leases (sqlite ``leases``) record what is being written where, so that a restarted daemon
+  can remove what a crash left half-made.
+- History (``transfers``) and the last known answer per (name, site) (``cells``), which
+  ``check`` serves quickly without asking the sites.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imagesync.errors import LockBusy
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS transfers (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  started REAL NOT NULL, finished REAL, name TEXT NOT NULL, source TEXT NOT NULL,
+  target TEXT NOT NULL, version TEXT, sha512 TEXT, bytes INTEGER, seconds REAL,
+  result TEXT NOT NULL, image_id TEXT, error TEXT
+);
+CREATE INDEX IF NOT EXISTS transfers_name ON transfers(name, started);
+CREATE TABLE IF NOT EXISTS cells (
+  name TEXT NOT NULL, site TEXT NOT NULL, state TEXT NOT NULL, image_id TEXT,
+  version TEXT, newest TEXT, sha512 TEXT, recorded REAL NOT NULL,
+  PRIMARY KEY (name, site)
+);
+CREATE TABLE IF NOT EXISTS leases (
+  site TEXT NOT NULL, image_id TEXT NOT NULL, name TEXT NOT NULL, pid INTEGER NOT NULL,
+  started REAL NOT NULL, PRIMARY KEY (site, image_id)
+);
+"""
+
+
+@dataclass(frozen=True)
+class RecordedCell:
+    name: str
+    site: str
+    state: str
+    image_id: str | None
+    version: str | None
+    newest: str | None
+    sha512: str | None
+    recorded: float
+
+
+@dataclass(frozen=True)
+class Lease:
+    site: str
+    image_id: str
+    name: str
+    pid: int
+    started: float
+
+
+def _key(name: str, site: str) -> str:
+    digest = hashlib.sha256(f"{name}\0{site}".encode()).hexdigest()[:24]
+    return f"{digest}.lock"
+
+
+class State:
+    """The sqlite database and lock directory under ``state_dir``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "locks").mkdir(exist_ok=True)
+        self.db_path = self.dir / "imagesync.sqlite"
+        self._db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- locks -----------------------------------------------------------------------------
+    @contextmanager
+    def lock(self, name: str, site: str, *, wait: float = 0.0) -> Iterator[None]:
+        """Hold the (name, site) lock; raise LockBusy if another process holds it."""
+        path = self.dir / "locks" / _key(name, site)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + wait
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise LockBusy(f"{name} on {site}: another imagesync is copying it "
+                                       "now") from None
+                    time.sleep(0.2)
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "name": name, "site": site}).encode())
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    # -- leases ----------------------------------------------------------------------------
+    def add_lease(self, site: str, image_id: str, name: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO leases VALUES (?,?,?,?,?)",
+                         (site, image_id, name, os.getpid(), time.time()))
+
+    def drop_lease(self, site: str, image_id: str) -> None:
+        self._db.execute("DELETE FROM leases WHERE site=? AND image_id=?", (site, image_id))
+
+    def leases(self) -> list[Lease]:
+        rows = self._db.execute("SELECT site, image_id, name, pid, started FROM leases")
+        return [Lease(*r) for r in rows.fetchall()]
+
+    # -- history -----------------------------------------------------------------------------
+    def record_transfer(self, **row: Any) -> None:
+        cols = ("started", "finished", "name", "source", "target", "version", "sha512",
+                "bytes", "seconds", "result", "image_id", "error")
+        self._db.execute(f"INSERT INTO transfers ({','.join(cols)}) VALUES "
+                         f"({','.join('?' * len(cols))})", tuple(row.get(c) for c in cols))
+
+    def history(self, name: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        q = "SELECT * FROM transfers"
+        args: tuple[Any, ...] = ()
+        if name:
+            q += " WHERE name=?"
+            args = (name,)
+        q += " ORDER BY id DESC LIMIT ?"
+        cur = self._db.execute(q, (*args, limit))
+        cols = [d[0] for d in cur.description]
+        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+    # -- recorded answers ----------------------------------------------------------------------
+    def record_cell(self, cell: RecordedCell) -> None:
+        self._db.execute("INSERT OR REPLACE INTO cells VALUES (?,?,?,?,?,?,?,?)",
+                         (cell.name, cell.site, cell.state, cell.image_id, cell.version,
+                          cell.newest, cell.sha512, cell.recorded))
+
+    def cell(self, name: str, site: str) -> RecordedCell | None:
+        row = self._db.execute("SELECT * FROM cells WHERE name=? AND site=?",
+                               (name, site)).fetchone()
+        return RecordedCell(*row) if row else None
+
+    def cells(self, name: str | None = None) -> list[RecordedCell]:
+        if name:
+            rows = self._db.execute("SELECT * FROM cells WHERE name=?", (name,))
+        else:
+            rows = self._db.execute("SELECT * FROM cells")
+        return [RecordedCell(*r) for r in rows.fetchall()]
