@@ -70,7 +70,7 @@ def _ask(config: Config, name: str, cloud: str, base: dict[str, Any], as_json: b
          ensure: bool, deadline: float | None) -> int:
     from imagesync.execute import Engine, to_rule
     from imagesync.model import format_time
-    from imagesync.plan import Copy, Plan, Rule, plan_name
+    from imagesync.plan import Action, Copy, Plan, Rule, plan_name
 
     engine = Engine(config)
     try:
@@ -95,7 +95,7 @@ def _ask(config: Config, name: str, cloud: str, base: dict[str, Any], as_json: b
                 if ensure:
                     reason += " (gave up: --timeout reached)"
                 return _emit(as_json, {**payload, "reason": reason}, code)
-            copies = [x for x in actions if isinstance(x, Copy)]
+            copies: list[Action] = [x for x in actions if isinstance(x, Copy)]
             if not copies and cell.state not in ("in-flight",):
                 return _emit(as_json, {**payload, "reason": reason}, MISSING)
             results = engine.execute(Plan(actions=copies, assessments=[a]))

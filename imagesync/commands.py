@@ -103,7 +103,7 @@ def push(config: Config, name: str, *, targets: Sequence[str] = (), source: str 
     rule = to_rule(cfg_rule) if cfg_rule else Rule(pattern=name, sites=tuple(targets))
     engine = Engine(config)
     try:
-        inventories = engine.inventories(name=name)
+        inventories = engine.inventories(name=name, recover=not dry_run)
         assessment, actions = plan_name(name, rule, inventories, config.site_names,
                                         targets=targets or None, prefer_source=source)
         p = Plan(actions=actions, assessments=[assessment])
@@ -142,7 +142,7 @@ def sync(config: Config, *, dry_run: bool = False, as_json: bool = False) -> int
     """One reconcile pass over every rule."""
     engine = Engine(config)
     try:
-        inventories = engine.inventories()
+        inventories = engine.inventories(recover=not dry_run)
         p = plan(engine.rules, inventories, config.site_names)
         if dry_run:
             _emit_plan(p, as_json)
@@ -175,7 +175,7 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
     """Names x sites: current, stale (which version), missing, not copyable, in flight."""
     engine = Engine(config)
     try:
-        inventories = engine.inventories(name=name)
+        inventories = engine.inventories(name=name, recover=False)
     finally:
         engine.close()
     rules = engine.rules

@@ -9,6 +9,7 @@ sites that are current). Every copy and retirement is one structlog event and on
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -83,15 +84,52 @@ class Engine:
             log.warning("inventory.failed", site=site_name, error=str(exc))
             return SiteInventory(site_name, error=str(exc))
 
-    def inventories(self, sites: Sequence[str] | None = None,
-                    name: str | None = None) -> dict[str, SiteInventory]:
-        """List every site concurrently; one slow or dead site never stalls the others."""
+    def inventories(self, sites: Sequence[str] | None = None, name: str | None = None,
+                    *, recover: bool = True) -> dict[str, SiteInventory]:
+        """List every site concurrently; one slow or dead site never stalls the others.
+
+        With ``recover`` (not for read-only commands) crash leftovers are removed first.
+        """
         names = list(sites) if sites is not None else list(self.config.site_names)
         if not names:
             return {}
         with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
             results = pool.map(lambda s: self.inventory(s, name), names)
-            return {inv.site: inv for inv in results}
+            found = {inv.site: inv for inv in results}
+        return self.recover(found) if recover else found
+
+    def recover(self, inventories: Mapping[str, SiteInventory]) -> dict[str, SiteInventory]:
+        """Remove uploads a crashed run left half-made; return the inventories without them.
+
+        An image still marked ``imagesync.state=uploading`` whose (name, site) lock nobody
+        holds is a leftover: no live imagesync is writing it (the kernel frees a dead
+        process's locks). One whose lock is held is a copy in flight and stays.
+        """
+        out: dict[str, SiteInventory] = {}
+        for site_name, inv in inventories.items():
+            if not inv.ok or not any(r.in_progress for r in inv.images):
+                out[site_name] = inv
+                continue
+            kept = []
+            for rec in inv.images:
+                if rec.in_progress and self._remove_leftover(site_name, rec):
+                    continue
+                kept.append(rec)
+            out[site_name] = dataclasses.replace(inv, images=tuple(kept))
+        return out
+
+    def _remove_leftover(self, site_name: str, rec: ImageRecord) -> bool:
+        try:
+            with self.state.lock(rec.name, site_name):
+                self.site(site_name).delete(rec.id)
+        except LockBusy:
+            return False
+        except SiteError as exc:
+            log.warning("cleanup.failed", site=site_name, image_id=rec.id, error=str(exc))
+            return False
+        log.warning("cleanup.leftover", site=site_name, image=rec.name, image_id=rec.id,
+                    status=rec.status)
+        return True
 
     # -- execution -----------------------------------------------------------------------------
     def execute(self, plan: Plan, progress: ProgressFactory | None = None) -> list[ActionResult]:

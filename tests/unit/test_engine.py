@@ -1,0 +1,104 @@
+"""Planner + executor + state together, over injected in-memory sites."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from imagesync.config import Config, ImageRule
+from imagesync.execute import Engine
+from imagesync.plan import plan
+from imagesync.state import State
+from tests.memsite import Faults, MemSite
+
+
+def make(tmp_path: Path, n: int = 3, **rule: object) -> tuple[Engine, dict[str, MemSite]]:
+    sites = {f"c{i}": MemSite(f"c{i}") for i in range(1, n + 1)}
+    config = Config(path=tmp_path / "imagesync.yaml", state_dir=tmp_path / "state",
+                    poll_interval=60, clouds={}, stores={},
+                    images=(ImageRule(pattern="img*", clouds=tuple(sites), **rule),),  # type: ignore[arg-type]
+                    transfer_retries=1)
+    engine = Engine(config, sites=sites)
+    engine.config = config
+    return engine, sites
+
+
+def one_pass(engine: Engine, names: list[str]):  # type: ignore[no-untyped-def]
+    inventories = engine.inventories(list(engine._sites))
+    p = plan(engine.rules, inventories, list(engine._sites))
+    return p, engine.execute(p)
+
+
+def test_second_pass_transfers_nothing_and_history_is_kept(tmp_path: Path) -> None:
+    engine, sites = make(tmp_path)
+    sites["c1"].add("img-a", os.urandom(5000))
+    p, results = one_pass(engine, ["img-a"])
+    assert len(p.copies) == 1 and all(r.ok for r in results)
+    assert all(len(s.images) == 1 for s in sites.values())
+    p2, results2 = one_pass(engine, ["img-a"])
+    assert p2.copies == [] and results2 == []
+    hist = engine.state.history("img-a")
+    assert {h["target"] for h in hist} == {"c2", "c3"} and all(h["result"] == "ok" for h in hist)
+    cell = engine.state.cell("img-a", "c2")
+    assert cell is not None and cell.state == "current"
+
+
+def test_a_held_lock_prevents_a_second_copy(tmp_path: Path) -> None:
+    engine, sites = make(tmp_path, n=2)
+    sites["c1"].add("img-a", b"x" * 100)
+    other = State(tmp_path / "state")  # another process's view of the same state dir
+    with other.lock("img-a", "c2"):
+        _, results = one_pass(engine, ["img-a"])
+    assert sites["c2"].images == {}
+    assert results[0].targets[0].error_kind == "busy"
+
+
+def test_copy_found_current_under_the_lock_is_not_repeated(tmp_path: Path) -> None:
+    engine, sites = make(tmp_path, n=2)
+    sites["c1"].add("img-a", b"x" * 100)
+    inventories = engine.inventories(["c1", "c2"])
+    p = plan(engine.rules, inventories, ["c1", "c2"])
+    one_pass(engine, ["img-a"])  # someone else completes the copy after we planned
+    results = engine.execute(p)
+    assert len(sites["c2"].images) == 1
+    assert results[0].ok and results[0].detail == "nothing to transfer"
+
+
+def test_crash_leftovers_are_removed_under_the_lock(tmp_path: Path) -> None:
+    engine, sites = make(tmp_path, n=2)
+    src = sites["c1"].add("img-a", b"y" * 100)
+    from imagesync.transfer import new_image_for
+
+    w = sites["c2"].create(new_image_for(src, src.version, "private"))
+    w.write(b"y" * 10)  # a crashed run left this queued upload behind
+    one_pass(engine, ["img-a"])
+    (only,) = sites["c2"].images.values()
+    assert only.rec.counts and bytes(only.data) == b"y" * 100
+
+
+def test_failed_target_is_reported_and_others_succeed(tmp_path: Path) -> None:
+    engine, sites = make(tmp_path)
+    sites["c3"].faults = Faults(flip_byte_on_store=True)
+    sites["c1"].add("img-a", os.urandom(3000))
+    _, results = one_pass(engine, ["img-a"])
+    by_site = {t.site: t for t in results[0].targets}
+    assert by_site["c2"].ok and not by_site["c3"].ok
+    assert sites["c3"].images == {}
+    hist = {h["target"]: h["result"] for h in engine.state.history("img-a")}
+    assert hist == {"c2": "ok", "c3": "integrity"}
+
+
+def test_retention_hides_old_versions_after_the_new_one_lands(tmp_path: Path) -> None:
+    engine, sites = make(tmp_path, n=2, keep=1)
+    sites["c1"].add("img-a", b"old")
+    one_pass(engine, ["img-a"])
+    import time
+
+    time.sleep(0.01)
+    sites["c1"].add("img-a", b"new")
+    one_pass(engine, ["img-a"])  # copies the new version to c2
+    one_pass(engine, ["img-a"])  # c2 is current: retire its old copy (made by imagesync)
+    hidden = [s.rec for s in sites["c2"].images.values() if s.rec.hidden]
+    assert len(hidden) == 1 and bytes(sites["c2"].images[hidden[0].id].data) == b"old"
+    # c1's old version was uploaded by a person: kept visible
+    assert not any(s.rec.hidden for s in sites["c1"].images.values())

@@ -1,0 +1,103 @@
+"""The streaming copy engine against injected in-memory sites with fault injection."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from imagesync.model import PROP_ORIGIN, PROP_SHA512, PROP_STATE, PROP_VERSION
+from imagesync.retry import RetryPolicy
+from imagesync.transfer import copy_image, new_image_for
+from tests.memsite import Faults, MemSite
+
+DATA = os.urandom(250_000)
+FAST = RetryPolicy(attempts=3, base=0.0, cap=0.0)
+
+
+def _copy(src: MemSite, targets: list[MemSite]):  # type: ignore[no-untyped-def]
+    rec = src.add("img", DATA)
+    new = new_image_for(rec, rec.version, "private")
+    return rec, copy_image(src, rec, [(t, new) for t in targets], policy=FAST,
+                           sleep=lambda s: None)
+
+
+def test_fan_out_reads_the_source_once_and_sets_provenance() -> None:
+    src, targets = MemSite("src"), [MemSite(f"t{i}") for i in range(3)]
+    rec, result = _copy(src, targets)
+    assert result.ok and src.reads == 1
+    assert result.sha512 == hashlib.sha512(DATA).hexdigest()
+    for t in targets:
+        (stored,) = t.images.values()
+        assert bytes(stored.data) == DATA
+        props = stored.rec.properties
+        assert props[PROP_ORIGIN] == rec.ref
+        assert props[PROP_SHA512] == result.sha512
+        assert PROP_VERSION in props and PROP_STATE not in props
+        assert not stored.rec.hidden
+
+
+def test_a_target_storing_wrong_bytes_is_removed_and_others_keep_theirs() -> None:
+    src, good, bad = MemSite("src"), MemSite("good"), MemSite("bad", Faults(flip_byte_on_store=True))
+    _, result = _copy(src, [good, bad])
+    by_site = {t.site: t for t in result.targets}
+    assert by_site["good"].ok
+    assert not by_site["bad"].ok and by_site["bad"].error_kind == "integrity"
+    assert bad.images == {}
+    assert len(good.images) == 1
+
+
+def test_source_delivering_wrong_bytes_leaves_nothing_anywhere() -> None:
+    src = MemSite("src", Faults(corrupt_read=True))
+    targets = [MemSite("t1"), MemSite("t2")]
+    _, result = _copy(src, targets)
+    assert not result.ok
+    assert all(t.error_kind == "integrity" for t in result.targets)
+    assert all(t.images == {} for t in targets)
+
+
+def test_transient_write_failure_is_retried_for_that_target_only() -> None:
+    src = MemSite("src")
+    flaky = MemSite("flaky", Faults(fail_write_after=100_000, fail_write_times=1))
+    steady = MemSite("steady")
+    _, result = _copy(src, [flaky, steady])
+    assert result.ok
+    by_site = {t.site: t for t in result.targets}
+    assert by_site["flaky"].attempts == 2
+    assert src.reads == 2  # the retry re-reads the source for the failed target alone
+    assert len(flaky.images) == 1 and len(steady.images) == 1
+
+
+def test_persistent_failure_gives_up_cleanly() -> None:
+    src = MemSite("src")
+    dead = MemSite("dead", Faults(fail_write_after=1000, fail_write_times=99))
+    _, result = _copy(src, [dead])
+    (t,) = result.targets
+    assert not t.ok and t.attempts == 3 and t.error_kind == "transient"
+    assert dead.images == {}
+
+
+def test_non_transient_failure_is_not_retried() -> None:
+    src = MemSite("src")
+    full = MemSite("full", Faults(fail_write_after=1000, fail_write_times=99,
+                                  fail_write_transient=False))
+    _, result = _copy(src, [full])
+    assert result.targets[0].attempts == 1 and full.images == {}
+
+
+def test_source_without_sha512_gets_it_computed_on_first_copy() -> None:
+    src, dst = MemSite("src"), MemSite("dst")
+    rec = src.add("img", DATA, hashes={"md5": hashlib.md5(DATA).hexdigest()})
+    assert rec.version.sha512 is None
+    result = copy_image(src, rec, [(dst, new_image_for(rec, rec.version, "private"))],
+                        policy=FAST)
+    assert result.ok
+    (stored,) = dst.images.values()
+    assert stored.rec.properties[PROP_SHA512] == hashlib.sha512(DATA).hexdigest()
+
+
+def test_source_md5_mismatch_is_an_integrity_error() -> None:
+    src, dst = MemSite("src"), MemSite("dst")
+    rec = src.add("img", DATA, hashes={"md5": "0" * 32})
+    result = copy_image(src, rec, [(dst, new_image_for(rec, rec.version, "private"))],
+                        policy=FAST)
+    assert result.targets[0].error_kind == "integrity" and dst.images == {}
