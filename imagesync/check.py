@@ -75,7 +75,7 @@ def _ask(config: Config, name: str, cloud: str, base: dict[str, Any], as_json: b
     engine = Engine(config)
     try:
         while True:
-            inventories = engine.inventories(name=name)
+            inventories = engine.inventories(name=name, recover=ensure)
             cfg_rule = config.rule_for(name)
             rule = to_rule(cfg_rule) if cfg_rule else Rule(pattern=name, sites=(cloud,))
             a, actions = plan_name(name, rule, inventories, config.site_names, targets=[cloud])

@@ -121,7 +121,7 @@ def push(config: Config, name: str, *, targets: Sequence[str] = (), source: str 
         for s in p.skips:
             print(action_line(s))
         if not results and not p.skips:
-            print(f"{name}: already current on {', '.join(rule.sites if not targets else targets)}")
+            print(f"{name}: already current on {', '.join(targets if targets else rule.sites)}")
     ok, failed = summarize(results)
     blocking = [s for s in p.skips if s.site == "*" or s.reason.startswith(("not copyable",
                                                                             "site unreachable"))]

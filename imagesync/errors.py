@@ -1,7 +1,7 @@
 """The exception hierarchy of imagesync, and what each error asks the caller to do.
 
     ImageSyncError                 base; str(e) is a message fit for a human, never a secret
-    ├── ConfigError                the configuration is wrong: fix file/key as the message says (exit 2)
+    ├── ConfigError                the configuration is wrong: fix it as the message says (exit 2)
     ├── UsageError                 the command line is wrong (exit 2)
     ├── LabError                   the local lab could not be started or is not installed
     ├── SiteError                  a site (cloud or store) failed; carries the site name

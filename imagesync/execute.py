@@ -227,8 +227,8 @@ class Engine:
                  mode=mode, reason=retire.reason)
         self.state.record_transfer(started=time.time(), finished=time.time(), name=retire.name,
                                    source=f"{retire.site}:{retire.image_id}", target=retire.site,
-                                   version=format_time(retire.version.time), result=f"retired:{mode}",
-                                   image_id=retire.image_id)
+                                   version=format_time(retire.version.time),
+                                   result=f"retired:{mode}", image_id=retire.image_id)
         return ActionResult(retire, True, mode)
 
     # -- recorded answers ------------------------------------------------------------------------

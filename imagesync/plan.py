@@ -225,7 +225,7 @@ def plan_name(
     targets: Sequence[str] | None = None,
     prefer_source: str | None = None,
 ) -> tuple[Assessment, list[Action]]:
-    """Actions that bring the newest version of ``name`` where ``rule`` (or ``targets``) wants it."""
+    """Actions bringing the newest version of ``name`` where ``rule`` (or ``targets``) wants it."""
     required = tuple(targets) if targets else rule.sites
     shown = list(dict.fromkeys([*required, *all_sites]))
     a = assess(name, inventories, shown, required=required, prefer_source=prefer_source)

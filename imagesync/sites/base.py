@@ -53,7 +53,7 @@ class Writer(Protocol):
         """Send the next chunk. May block (back-pressure). Raises SiteError on failure."""
 
     def finish(self) -> ImageRecord:
-        """All bytes sent: wait for the site to store them; return the stored, unpublished record."""
+        """All bytes sent: wait until the site stored them; return the unpublished record."""
 
     def abort(self) -> None:
         """Give up: remove everything this upload made. Never raises."""

@@ -8,6 +8,7 @@ sees half a file. Names that could escape the folder are rejected.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -282,7 +283,5 @@ class DirectorySite:
         pass
 
     def _prune(self, folder: Path) -> None:
-        try:
+        with contextlib.suppress(OSError):
             folder.rmdir()  # only succeeds when empty
-        except OSError:
-            pass

@@ -14,6 +14,7 @@ on a 401), so a token expiring during a long transfer does not fail it.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -198,10 +199,8 @@ class GlanceWriter:
                 self.pipe.q.put(_ABORT, timeout=0.2)
                 break
             except queue.Full:
-                try:
+                with contextlib.suppress(queue.Empty):
                     self.pipe.q.get_nowait()
-                except queue.Empty:
-                    pass
         self.thread.join(timeout=max(self.site.cfg.timeout, 5.0))
         self.site.delete_quietly(self._id)
 

@@ -26,8 +26,9 @@ def sha(ch: str) -> str:
 _n = 0
 
 
-def img(site: str, name: str = "img", *, t: datetime = T0, digest: str = "1", copy_of: str | None = None,
-        version: datetime | None = None, status: str = "active", **kw: object) -> ImageRecord:
+def img(site: str, name: str = "img", *, t: datetime = T0, digest: str = "1",
+        copy_of: str | None = None, version: datetime | None = None, status: str = "active",
+        **kw: object) -> ImageRecord:
     global _n
     _n += 1
     props: dict[str, str] = dict(kw.pop("props", {}) or {})  # type: ignore[call-overload]

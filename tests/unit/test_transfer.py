@@ -37,7 +37,8 @@ def test_fan_out_reads_the_source_once_and_sets_provenance() -> None:
 
 
 def test_a_target_storing_wrong_bytes_is_removed_and_others_keep_theirs() -> None:
-    src, good, bad = MemSite("src"), MemSite("good"), MemSite("bad", Faults(flip_byte_on_store=True))
+    src, good = MemSite("src"), MemSite("good")
+    bad = MemSite("bad", Faults(flip_byte_on_store=True))
     _, result = _copy(src, [good, bad])
     by_site = {t.site: t for t in result.targets}
     assert by_site["good"].ok

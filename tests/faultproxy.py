@@ -1,0 +1,177 @@
+"""A small fault-injecting HTTP/1.1 proxy put in front of a real Glance in the tests.
+
+It forwards bytes unchanged except when told to: flip one byte of an image upload body
+(``PUT …/file``) or download body (``GET …/file``), or cut the connection part-way through an
+upload. It understands Content-Length and chunked framing, so a flipped byte always lands
+in image data, never in HTTP framing. Bounded: it serves loopback only and stops on close().
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import threading
+from dataclasses import dataclass
+
+_FILE = re.compile(rb"^(PUT|GET) /v2/images/[0-9a-f-]+/file ")
+
+
+@dataclass
+class FaultPlan:
+    flip_upload_at: int | None = None  # data offset of the byte to flip in an upload
+    flip_download_at: int | None = None
+    cut_upload_after: int | None = None  # close both sides after this many upload bytes
+    cut_times: int = 1
+    flips: int = 0  # how many flips happened
+    cuts: int = 0
+
+
+class _Conn:
+    def __init__(self, proxy: FaultProxy, client: socket.socket) -> None:
+        self.proxy = proxy
+        self.client = client
+        self.upstream = socket.create_connection(("127.0.0.1", proxy.upstream_port))
+        self.requests: list[bytes] = []  # request lines awaiting their response
+        self.lock = threading.Lock()
+
+    def run(self) -> None:
+        t = threading.Thread(target=self._pump, args=(False,), daemon=True)
+        t.start()
+        self._pump(True)
+        t.join(timeout=5)
+
+    def close(self) -> None:
+        for s in (self.client, self.upstream):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    # framing ---------------------------------------------------------------------------------
+    def _pump(self, to_server: bool) -> None:
+        src, dst = (self.client, self.upstream) if to_server else (self.upstream, self.client)
+        reader = src.makefile("rb", buffering=1 << 16)
+        try:
+            while True:
+                head = self._read_head(reader)
+                if head is None:
+                    break
+                first = head.split(b"\r\n", 1)[0]
+                if to_server:
+                    with self.lock:
+                        self.requests.append(first)
+                    match = _FILE.match(first)
+                    kind = (match.group(1).decode() + "-up") if match else ""
+                else:
+                    with self.lock:
+                        req = self.requests.pop(0) if self.requests else b""
+                    match = _FILE.match(req)
+                    kind = "GET-down" if match and match.group(1) == b"GET" else ""
+                dst.sendall(head)
+                if not self._body(reader, dst, head, kind, to_server):
+                    break
+        except OSError:
+            pass
+        finally:
+            self.close()
+
+    @staticmethod
+    def _read_head(reader: object) -> bytes | None:
+        lines = []
+        while True:
+            line = reader.readline(65537)  # type: ignore[attr-defined]
+            if not line:
+                return None
+            lines.append(line)
+            if line in (b"\r\n", b"\n"):
+                return b"".join(lines)
+
+    def _body(self, reader: object, dst: socket.socket, head: bytes, kind: str,
+              to_server: bool) -> bool:
+        lower = head.lower()
+        status = head.split(b" ", 2)[1] if not to_server and b" " in head else b""
+        if not to_server and (status in (b"204", b"304") or status.startswith(b"1")):
+            return True
+        m = re.search(rb"\r\ncontent-length:\s*(\d+)", lower)
+        offset = [0]
+        if b"transfer-encoding: chunked" in lower:
+            while True:
+                size_line = reader.readline()  # type: ignore[attr-defined]
+                if not size_line:
+                    return False
+                dst.sendall(size_line)
+                size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    trailer = reader.readline()  # type: ignore[attr-defined]
+                    dst.sendall(trailer)
+                    return True
+                if not self._data(reader, dst, size, kind, offset):
+                    return False
+                dst.sendall(reader.read(2))  # type: ignore[attr-defined]
+        elif m:
+            return self._data(reader, dst, int(m.group(1)), kind, offset)
+        elif not to_server:  # body until close
+            return self._data(reader, dst, 1 << 62, kind, offset)
+        return True
+
+    def _data(self, reader: object, dst: socket.socket, size: int, kind: str,
+              offset: list[int]) -> bool:
+        plan = self.proxy.plan
+        left = size
+        while left > 0:
+            data = reader.read1(min(left, 1 << 16))  # type: ignore[attr-defined]
+            if not data:
+                return False
+            start, end = offset[0], offset[0] + len(data)
+            flip_at = {"PUT-up": plan.flip_upload_at, "GET-down": plan.flip_download_at}.get(kind)
+            if flip_at is not None and start <= flip_at < end:
+                buf = bytearray(data)
+                buf[flip_at - start] ^= 0x01
+                data = bytes(buf)
+                plan.flips += 1
+            if (kind == "PUT-up" and plan.cut_upload_after is not None and plan.cut_times > 0
+                    and end > plan.cut_upload_after):
+                plan.cut_times -= 1
+                plan.cuts += 1
+                return False  # drop the connection mid-body
+            dst.sendall(data)
+            offset[0] = end
+            left -= len(data)
+        return True
+
+
+class FaultProxy:
+    """Listen on a free loopback port; forward to ``upstream_port`` with ``plan``'s faults."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.plan = FaultPlan()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(32)
+        self.port = self.sock.getsockname()[1]
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                conn = _Conn(self, client)
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=conn.run, daemon=True).start()
+
+    def close(self) -> None:
+        self._stop = True
+        self.sock.close()
