@@ -12,6 +12,7 @@ import contextlib
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass
 
 _FILE = re.compile(rb"^(PUT|GET) /v2/images/[0-9a-f-]+/file ")
@@ -23,6 +24,7 @@ class FaultPlan:
     flip_download_at: int | None = None
     cut_upload_after: int | None = None  # close both sides after this many upload bytes
     cut_times: int = 1
+    throttle_upload: float = 0.0  # seconds to sleep per 64 KiB of upload data
     flips: int = 0  # how many flips happened
     cuts: int = 0
 
@@ -134,6 +136,8 @@ class _Conn:
                 plan.cut_times -= 1
                 plan.cuts += 1
                 return False  # drop the connection mid-body
+            if kind == "PUT-up" and plan.throttle_upload:
+                time.sleep(plan.throttle_upload * len(data) / 65536)
             dst.sendall(data)
             offset[0] = end
             left -= len(data)

@@ -1,0 +1,72 @@
+"""Build imagesync configurations pointing at the test lab's real clouds (and proxies)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+from imagesync.config import CloudConfig, Config, ImageRule, StoreConfig
+from imagesync.lab import LabInfo, glance_client
+
+
+def cloud_config(lab: LabInfo, name: str, *, endpoint_override: str | None = None,
+                 auth_url: str | None = None, site_name: str | None = None) -> CloudConfig:
+    c = lab.cloud(name)
+    return CloudConfig(
+        name=site_name or name,
+        auth={"auth_url": auth_url or c.keystone_url, "username": c.username,
+              "password": c.password, "project_name": c.project,
+              "user_domain_name": "Default", "project_domain_name": "Default"},
+        auth_type="password", region_name=c.region, interface="public",
+        endpoint_override=endpoint_override, timeout=30.0)
+
+
+def make_config(lab: LabInfo, tmp_path: Path, pattern: str, *, clouds: list[str] | None = None,
+                overrides: dict[str, CloudConfig] | None = None, store: bool = True,
+                **rule: Any) -> Config:
+    names = clouds or [c.name for c in lab.clouds]
+    cc = {n: (overrides or {}).get(n) or cloud_config(lab, n) for n in names}
+    stores = {}
+    if store:
+        (tmp_path / "store").mkdir(exist_ok=True)
+        stores["archive"] = StoreConfig(name="archive", type="directory", path=tmp_path / "store")
+    return Config(path=tmp_path / "imagesync.yaml", state_dir=tmp_path / "state",
+                  poll_interval=60, clouds=cc, stores=stores,
+                  images=(ImageRule(pattern=pattern, clouds=tuple(names),
+                                    stores=tuple(stores), **rule),),
+                  transfer_retries=2)
+
+
+def upload(lab: LabInfo, cloud: str, name: str, data: bytes, **props: str) -> dict[str, Any]:
+    """Upload an image as a person would, with an independent client."""
+    gc = glance_client(lab, cloud)
+    img = gc.images.create(name=name, disk_format="raw", container_format="bare", **props)
+    import io
+
+    gc.images.upload(img["id"], io.BytesIO(data), image_size=len(data))
+    return dict(gc.images.get(img["id"]))
+
+
+def images_named(lab: LabInfo, cloud: str, name: str) -> list[dict[str, Any]]:
+    """Every image of that name on the cloud, hidden ones and every status included (admin)."""
+    gc = glance_client(lab, cloud, admin=True)
+    out = []
+    for hidden in ("false", "true"):
+        filters = {"name": name, "visibility": "all", "os_hidden": hidden}
+        out.extend(dict(i) for i in gc.images.list(filters=filters))
+    return out
+
+
+def random_bytes(n: int) -> bytes:
+    return os.urandom(n)
+
+
+def sha512(data: bytes) -> str:
+    return hashlib.sha512(data).hexdigest()
+
+
+def uid(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"

@@ -1,0 +1,185 @@
+"""Core sync against the lab's real Keystone and Glance: push, provenance, faults, check."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+
+from imagesync.commands import push
+from imagesync.lab import LabInfo, glance_client
+from imagesync.model import PROP_ORIGIN, PROP_SHA512, PROP_STATE, PROP_VERSION
+from imagesync.state import State
+from tests.faultproxy import FaultProxy
+from tests.integration.labcfg import (
+    cloud_config,
+    images_named,
+    make_config,
+    random_bytes,
+    sha512,
+    uid,
+    upload,
+)
+
+pytestmark = pytest.mark.integration
+MB = 1 << 20
+
+
+def _port(url: str) -> int:
+    port = urlparse(url).port
+    assert port is not None
+    return port
+
+
+def test_push_across_two_clouds_with_provenance_and_idempotence(
+        lab: LabInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    name = uid("push")
+    data = random_bytes(3 * MB + 123)
+    orig = upload(lab, "lab1", name, data, os_distro="ubuntu", hw_disk_bus="virtio")
+    config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"])
+    assert push(config, name) == 0
+    copies = images_named(lab, "lab2", name)
+    assert len(copies) == 1
+    copy = copies[0]
+    assert copy["status"] == "active" and not copy.get("os_hidden")
+    assert copy["os_hash_algo"] == "sha512" and copy["os_hash_value"] == sha512(data)
+    assert copy[PROP_ORIGIN] == f"lab1:{orig['id']}"
+    assert copy[PROP_SHA512] == sha512(data)
+    assert copy[PROP_VERSION].startswith(orig["created_at"].rstrip("Z"))
+    assert PROP_STATE not in copy
+    assert copy["os_distro"] == "ubuntu" and copy["hw_disk_bus"] == "virtio"
+    assert copy["visibility"] == "private"
+    assert copy["disk_format"] == "raw" and copy["container_format"] == "bare"
+    # the directory store has it too, byte for byte
+    (stored,) = (tmp_path / "store" / name).glob("*.img")
+    assert sha512(stored.read_bytes()) == sha512(data)
+
+    history = len(State(config.state_dir).history(name))
+    capsys.readouterr()
+    assert push(config, name) == 0  # idempotent: a second run transfers nothing
+    assert len(State(config.state_dir).history(name)) == history
+    assert len(images_named(lab, "lab2", name)) == 1
+    assert "already current" in capsys.readouterr().out
+
+
+def test_newer_version_on_b_reaches_a(lab: LabInfo, tmp_path: Path) -> None:
+    name = uid("newer")
+    v1, v2 = random_bytes(MB), random_bytes(MB + 7)
+    upload(lab, "lab1", name, v1)
+    config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False)
+    assert push(config, name) == 0
+    time.sleep(1.1)  # Glance's created_at has one-second resolution
+    new = upload(lab, "lab2", name, v2)
+    assert push(config, name) == 0
+    on_a = [i for i in images_named(lab, "lab1", name) if i.get(PROP_ORIGIN)]
+    assert [i["os_hash_value"] for i in on_a] == [sha512(v2)]
+    assert on_a[0][PROP_ORIGIN] == f"lab2:{new['id']}"
+
+
+def test_byte_flipped_on_upload_is_caught_and_removed(lab: LabInfo, tmp_path: Path) -> None:
+    name = uid("flipup")
+    data = random_bytes(2 * MB)
+    upload(lab, "lab1", name, data)
+    proxy = FaultProxy(_port(lab.cloud("lab2").glance_url))
+    proxy.plan.flip_upload_at = 1_234_567
+    try:
+        lab2 = cloud_config(lab, "lab2", endpoint_override=proxy.url)
+        config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False,
+                             overrides={"lab2": lab2})
+        assert push(config, name, as_json=True) == 1
+    finally:
+        proxy.close()
+    assert proxy.plan.flips >= 1
+    assert images_named(lab, "lab2", name) == []  # nothing left, not even queued/hidden
+    hist = State(config.state_dir).history(name)
+    assert hist and hist[0]["result"] == "integrity"
+
+
+def test_byte_flipped_on_download_is_caught_and_nothing_is_left(
+        lab: LabInfo, tmp_path: Path) -> None:
+    name = uid("flipdown")
+    data = random_bytes(2 * MB)
+    upload(lab, "lab1", name, data)
+    proxy = FaultProxy(_port(lab.cloud("lab1").glance_url))
+    proxy.plan.flip_download_at = 777_777
+    try:
+        lab1 = cloud_config(lab, "lab1", endpoint_override=proxy.url)
+        config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"],
+                             overrides={"lab1": lab1})
+        assert push(config, name) == 1
+    finally:
+        proxy.close()
+    assert proxy.plan.flips >= 1
+    assert images_named(lab, "lab2", name) == []
+    assert not list((tmp_path / "store").rglob("*.img")) and not list(
+        (tmp_path / "store").rglob(".*"))
+
+
+def test_connection_cut_mid_upload_is_retried(lab: LabInfo, tmp_path: Path) -> None:
+    name = uid("cut")
+    data = random_bytes(3 * MB)
+    upload(lab, "lab1", name, data)
+    proxy = FaultProxy(_port(lab.cloud("lab2").glance_url))
+    proxy.plan.cut_upload_after = MB
+    proxy.plan.cut_times = 1
+    try:
+        lab2 = cloud_config(lab, "lab2", endpoint_override=proxy.url)
+        config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False,
+                             overrides={"lab2": lab2})
+        assert push(config, name) == 0
+    finally:
+        proxy.close()
+    assert proxy.plan.cuts == 1
+    images = images_named(lab, "lab2", name)
+    assert [i["status"] for i in images] == ["active"]
+    assert images[0]["os_hash_value"] == sha512(data)
+
+
+def test_connection_cut_every_time_fails_cleanly(lab: LabInfo, tmp_path: Path) -> None:
+    name = uid("cutall")
+    upload(lab, "lab1", name, random_bytes(2 * MB))
+    proxy = FaultProxy(_port(lab.cloud("lab2").glance_url))
+    proxy.plan.cut_upload_after = 100_000
+    proxy.plan.cut_times = 99
+    try:
+        lab2 = cloud_config(lab, "lab2", endpoint_override=proxy.url)
+        config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False,
+                             overrides={"lab2": lab2})
+        assert push(config, name) == 1
+    finally:
+        proxy.close()
+    assert proxy.plan.cuts >= 2
+    assert images_named(lab, "lab2", name) == []
+
+
+def test_dry_run_changes_nothing(lab: LabInfo, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    name = uid("dry")
+    upload(lab, "lab1", name, random_bytes(1000))
+    config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"])
+    assert push(config, name, dry_run=True, as_json=True) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [a["kind"] for a in plan["actions"]] == ["copy"]
+    assert plan["actions"][0]["targets"] == ["lab2", "archive"]
+    assert images_named(lab, "lab2", name) == []
+
+
+def test_glance_lists_hidden_images_and_all_pages(lab: LabInfo, tmp_path: Path) -> None:
+    from imagesync.sites.glance import GlanceSite
+
+    name = uid("page")
+    gc = glance_client(lab, "lab3")
+    ids = set()
+    for i in range(7):
+        img = gc.images.create(name=name, disk_format="raw", container_format="bare",
+                               os_hidden=(i % 3 == 0))
+        ids.add(img["id"])
+    site = GlanceSite(cloud_config(lab, "lab3"))
+    found = {r.id for r in site.list_images(name)}
+    assert found == ids
+    # force tiny pages to prove `next` links are followed
+    pages = site._list({"name": name, "limit": "2", "visibility": "all"})
+    assert len({r.id for r in pages}) == len([i for i in range(7) if i % 3 != 0])

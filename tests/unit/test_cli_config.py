@@ -1,0 +1,323 @@
+"""`imagesync config check|show` through the real CLI entry: bad configurations, masked secrets.
+
+Every bad configuration must end with exit code 2 and ONE line on stderr that names the file,
+the key path and the fix, with no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from imagesync.cli import main
+
+GOOD_CLOUD = ("{auth: {auth_url: 'https://k.example.org:5000/v3', username: u, password: pw-1234, "
+              "project_name: p}}")
+CLOUDS_YAML = """\
+clouds:
+  cybera:
+    auth:
+      auth_url: https://keystone.cybera.example:5000/v3
+      username: alice
+      password: clouds-yaml-Secret-42
+      project_name: canfar
+"""
+
+# (id, config text, key path the message must name, a fragment of the fix)
+# {clouds_yaml} is replaced by the path of a valid clouds.yaml defining the entry `cybera`.
+BAD = [
+    ("unknown-top-key", f"poll_intervall: 5m\nclouds: {{a: {GOOD_CLOUD}}}\n",
+     "poll_intervall", "did you mean 'poll_interval'"),
+    ("duration-words", f"poll_interval: 5 minutes\nclouds: {{a: {GOOD_CLOUD}}}\n",
+     "poll_interval", "write a duration like 30s, 5m, 1h"),
+    ("duration-negative", f"poll_interval: -5m\nclouds: {{a: {GOOD_CLOUD}}}\n",
+     "poll_interval", "negative"),
+    ("duration-zero", f"poll_interval: 0\nclouds: {{a: {GOOD_CLOUD}}}\n",
+     "poll_interval", "zero"),
+    ("check-max-age-type", f"check_max_age: [1]\nclouds: {{a: {GOOD_CLOUD}}}\n",
+     "check_max_age", "write a duration"),
+    ("top-level-list", "- clouds\n- stores\n", "", "must be a mapping"),
+    ("no-sites", "clouds: {}\nstores: {}\n", "clouds", "add at least one cloud"),
+    ("clouds-a-list", "clouds: [cybera, uvic]\n", "clouds", "must be a mapping"),
+    ("auth-no-auth-url", "clouds:\n  uvic:\n    auth: {username: u, password: p, "
+     "project_name: p}\n", "clouds.uvic.auth.auth_url", "add it"),
+    ("auth-no-credentials", "clouds:\n  uvic:\n    auth: {auth_url: 'https://k/v3'}\n",
+     "clouds.uvic.auth", "application_credential_secret"),
+    ("auth-no-password", "clouds:\n  uvic:\n    auth: {auth_url: 'https://k/v3', username: u, "
+     "project_name: p}\n", "clouds.uvic.auth.password", "add it"),
+    ("appcred-no-secret", "clouds:\n  uvic:\n    auth: {auth_url: 'https://k/v3', "
+     "application_credential_id: abc}\n",
+     "clouds.uvic.auth.application_credential_secret", "add it"),
+    ("auth-unknown-option", "clouds:\n  uvic:\n    auth: {auth_url: 'https://k/v3', username: u,"
+     " password: p, project_nme: p}\n", "clouds.uvic.auth.project_nme",
+     "did you mean 'project_name'"),
+    ("auth-type-unknown", "clouds:\n  uvic:\n    auth_type: passwrd\n    auth: {auth_url: "
+     "'https://k/v3', username: u, password: p, project_name: p}\n", "clouds.uvic.auth_type",
+     "did you mean 'password'"),
+    ("auth-url-not-url", "clouds:\n  uvic:\n    auth: {auth_url: 'keystone:5000', username: u, "
+     "password: p, project_name: p}\n", "clouds.uvic.auth.auth_url", "https://"),
+    ("cloud-neither", "clouds:\n  uvic:\n    region_name: RegionOne\n", "clouds.uvic",
+     "neither `cloud:` nor `auth:`"),
+    ("cloud-both", "clouds:\n  uvic:\n    cloud: uvic\n    auth: {auth_url: 'https://k/v3'}\n",
+     "clouds.uvic", "keep one"),
+    ("cloud-unknown-key", "clouds:\n  uvic:\n    cloud: uvic\n    regoin_name: x\n",
+     "clouds.uvic.regoin_name", "did you mean 'region_name'"),
+    ("cloud-interface", "clouds:\n  uvic: {cloud: cybera, interface: private}\n",
+     "clouds.uvic.interface", "use one of: public, internal, admin"),
+    ("clouds-yaml-entry-missing", "clouds_yaml: {clouds_yaml}\nclouds:\n  cy: {cloud: cybra}\n",
+     "clouds.cy.cloud", "entries there: cybera"),
+    ("clouds-yaml-file-missing", "clouds_yaml: /nonexistent/clouds.yaml\nclouds:\n"
+     "  cy: {cloud: cybera}\n", "clouds_yaml", "fix the path"),
+    ("store-unknown-type", "stores:\n  archive: {type: s3, path: /srv}\n",
+     "stores.archive.type", "use one of: directory, vospace"),
+    ("store-no-type", "stores:\n  archive: {path: /srv}\n", "stores.archive.type", "add it"),
+    ("directory-no-path", "stores:\n  archive: {type: directory}\n", "stores.archive.path",
+     "add it"),
+    ("directory-relative", "stores:\n  archive: {type: directory, path: srv/images}\n",
+     "stores.archive.path", "absolute path"),
+    ("vospace-no-url", "stores:\n  vault: {type: vospace}\n", "stores.vault.url", "add it"),
+    ("duplicate-site-name", f"clouds:\n  archive: {GOOD_CLOUD}\nstores:\n"
+     "  archive: {type: directory, path: /srv}\n", "stores.archive", "unique"),
+    ("site-name-all", f"clouds:\n  all: {GOOD_CLOUD}\n", "clouds.all", "reserved"),
+    ("duplicate-yaml-key", "stores:\n  archive: {type: directory, path: /a}\n"
+     "  archive: {type: directory, path: /b}\n", "stores.archive", "duplicate key"),
+    ("rule-undefined-cloud", f"clouds:\n  uvic: {GOOD_CLOUD}\n  cybera: {GOOD_CLOUD}\n"
+     "images:\n  - name: x\n    clouds: [cybera, uvc]\n", "images[0].clouds[1]",
+     "did you mean 'uvic'"),
+    ("rule-undefined-store", f"clouds:\n  uvic: {GOOD_CLOUD}\nimages:\n  - name: x\n"
+     "    store: archiv\n", "images[0].store", "no store named 'archiv'"),
+    ("rule-no-name", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+     "  - store: archive\n", "images[0].name", "add it"),
+    ("rule-empty-name", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+     "  - name: ''\n    store: archive\n", "images[0].name", "empty"),
+    ("rule-bad-glob", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+     "  - name: 'canfar-[abc'\n    store: archive\n", "images[0].name", "never closed"),
+    ("rule-duplicate-pattern", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+     "  - {name: x, store: archive}\n  - {name: x, store: archive}\n", "images[1].name",
+     "merge the two rules"),
+    ("min-copies-text", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+     "  - {name: x, store: archive, min_copies: two}\n", "images[0].min_copies",
+     "whole number"),
+    ("min-copies-too-many", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+     "  - {name: x, store: archive, min_copies: 3}\n", "images[0].min_copies", "lower it"),
+    ("keep-zero", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+     "  - {name: x, store: archive, keep: 0}\n", "images[0].keep", "positive"),
+    ("keep-float", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+     "  - {name: x, store: archive, keep: 1.5}\n", "images[0].keep", "positive whole number"),
+    ("visibility", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+     "  - {name: x, store: archive, visibility: secret}\n", "images[0].visibility",
+     "use one of: private, shared, community, public"),
+    ("retire", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+     "  - {name: x, store: archive, retire: purge}\n", "images[0].retire",
+     "use one of: hide, delete"),
+    ("on-mismatch", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+     "  - {name: x, store: archive, on_mismatch: ignore}\n", "images[0].on_mismatch",
+     "use one of: report, replace"),
+    ("rule-unknown-key", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+     "  - {name: x, store: archive, keep_versions: 2}\n", "images[0].keep_versions",
+     "unknown key"),
+    ("rule-store-and-stores", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+     "  - {name: x, store: archive, stores: [archive]}\n", "images[0].stores", "keep one"),
+    ("images-not-list", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+     "  name: x\n", "images", "list of rules"),
+    ("metrics-listen", "stores:\n  archive: {type: directory, path: /srv}\n"
+     "metrics_listen: 9780\n", "metrics_listen", "host:port"),
+    ("metrics-port-range", "stores:\n  archive: {type: directory, path: /srv}\n"
+     "metrics_listen: 'localhost:99999'\n", "metrics_listen", "1-65535"),
+    ("max-transfers-text", "stores:\n  archive: {type: directory, path: /srv}\n"
+     "max_transfers: four\n", "max_transfers", "whole number"),
+    ("log-format", "stores:\n  archive: {type: directory, path: /srv}\nlog_format: yaml\n",
+     "log_format", "use one of: auto, json, console"),
+    ("misplaced-rule-key", "stores:\n  archive: {type: directory, path: /srv}\n"
+     "visibility: public\n", "visibility", "move it under images:"),
+]
+
+
+@pytest.fixture()
+def clouds_yaml(tmp_path: Path) -> Path:
+    p = tmp_path / "clouds.yaml"
+    p.write_text(CLOUDS_YAML)
+    return p
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for var in ("IMAGESYNC_CONFIG", "OS_CLIENT_CONFIG_FILE", "OS_CLIENT_SECURE_FILE", "OS_CLOUD"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def _write(tmp_path: Path, text: str, clouds_yaml: Path) -> Path:
+    path = tmp_path / "imagesync.yaml"
+    path.write_text(text.replace("{clouds_yaml}", str(clouds_yaml)))
+    return path
+
+
+def _assert_one_error(err: str, path: Path, key: str, fix: str) -> None:
+    assert "Traceback" not in err
+    assert err.startswith("imagesync: error: "), err
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert str(path) in err, err
+    if key:
+        assert f": {key}: " in err, err
+    assert fix in err, err
+
+
+@pytest.mark.parametrize(("text", "key", "fix"), [c[1:] for c in BAD], ids=[c[0] for c in BAD])
+def test_bad_config_is_one_clear_error(tmp_path: Path, clouds_yaml: Path,
+                                       capsys: pytest.CaptureFixture[str],
+                                       text: str, key: str, fix: str) -> None:
+    path = _write(tmp_path, text, clouds_yaml)
+    assert main(["-c", str(path), "config", "check"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    _assert_one_error(err, path, key, fix)
+
+
+def test_there_are_enough_distinct_bad_configurations() -> None:
+    assert len({c[0] for c in BAD}) == len(BAD) >= 18
+
+
+@pytest.mark.parametrize(("setup", "fix"), [
+    ("missing", "file not found"),
+    ("directory", "is a directory"),
+    ("empty", "the file is empty"),
+    ("not-utf8", "UTF-8"),
+    ("bad-yaml", "invalid YAML at line 3, column"),
+])
+def test_unusable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], setup: str,
+                       fix: str) -> None:
+    path = tmp_path / "imagesync.yaml"
+    if setup == "directory":
+        path.mkdir()
+    elif setup == "empty":
+        path.write_text("")
+    elif setup == "not-utf8":
+        path.write_bytes(b"clouds: {}\nstores: {a: {type: directory, path: /\xff}}\n")
+    elif setup == "bad-yaml":
+        path.write_text("clouds:\n  a:\n    auth: x: y\n")
+    assert main(["-c", str(path), "config", "check"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    _assert_one_error(err, path, "", fix)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="root reads files whatever their mode")
+def test_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "imagesync.yaml"
+    path.write_text("stores: {}\n")
+    path.chmod(0)
+    assert main(["-c", str(path), "config", "check"]) == 2
+    _assert_one_error(capsys.readouterr().err, path, "", "permission denied")
+
+
+def test_error_names_the_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "imagesync.yaml"
+    path.write_text("stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+                    "  - name: a\n    store: archive\n  - name: b\n    retire: purge\n"
+                    "    store: archive\n")
+    assert main(["-c", str(path), "config", "check"]) == 2
+    assert f"{path}:7: images[1].retire: " in capsys.readouterr().err
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("IMAGESYNC_CONFIG", "OS_CLIENT_CONFIG_FILE", "OS_CLOUD")}
+    return subprocess.run([sys.executable, "-m", "imagesync.cli", *args], capture_output=True,
+                          text=True, env={**base, **(env or {})}, timeout=120, check=False)
+
+
+@pytest.mark.parametrize("case", ["duration-words", "auth-no-auth-url", "rule-undefined-cloud",
+                                  "clouds-yaml-entry-missing", "directory-relative"])
+def test_bad_config_in_a_real_process(tmp_path: Path, clouds_yaml: Path, case: str) -> None:
+    _, text, key, fix = next(c for c in BAD if c[0] == case)
+    path = _write(tmp_path, text, clouds_yaml)
+    proc = _run("-c", str(path), "config", "check")
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    _assert_one_error(proc.stderr, path, key, fix)
+
+
+def test_config_path_from_environment_in_a_real_process(tmp_path: Path) -> None:
+    path = tmp_path / "from-env.yaml"
+    path.write_text("stores:\n  archive: {type: directory, path: /srv}\n")
+    proc = _run("config", "check", env={"IMAGESYNC_CONFIG": str(path)})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"{path}: ok (0 clouds, 1 stores, 0 image rules)")
+    assert proc.stderr == ""
+
+
+SECRETS = ("inline-Password-9876", "AppCred-Secret-5432", "clouds-yaml-Secret-42",
+           "VOSpace-Token-1111")
+
+
+def _secret_config(tmp_path: Path, clouds_yaml: Path, auth_url: str) -> Path:
+    path = tmp_path / "imagesync.yaml"
+    path.write_text(f"""\
+clouds_yaml: {clouds_yaml}
+clouds:
+  cybera:
+    cloud: cybera
+  pw:
+    auth:
+      auth_url: {auth_url}
+      username: someone
+      password: {SECRETS[0]}
+      project_name: proj
+  appcred:
+    auth:
+      auth_url: {auth_url}
+      application_credential_id: 0123abcd
+      application_credential_secret: {SECRETS[1]}
+stores:
+  archive: {{type: directory, path: {tmp_path}}}
+  vault: {{type: vospace, url: 'https://vospace.example.org/vault', token: {SECRETS[3]}}}
+images:
+  - name: canfar-batch-*
+    store: archive
+""")
+    return path
+
+
+def test_config_show_masks_every_secret(tmp_path: Path, clouds_yaml: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    path = _secret_config(tmp_path, clouds_yaml, "http://127.0.0.1:1/v3")
+    assert main(["-c", str(path), "config", "show"]) == 0
+    out, err = capsys.readouterr()
+    for secret in SECRETS:
+        assert secret not in out + err
+    assert out.count(": '********'") == 4
+    assert "application_credential_id: 0123abcd" in out  # ids are not secrets
+    assert "clouds: [cybera, pw, appcred]" in out  # `clouds: all` by default, expanded
+
+
+def test_config_check_connect_fails_cleanly_without_secrets(
+        tmp_path: Path, clouds_yaml: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    clouds_yaml.write_text(CLOUDS_YAML.replace("https://keystone.cybera.example:5000/v3",
+                                               "http://127.0.0.1:1/v3"))
+    path = _secret_config(tmp_path, clouds_yaml, "http://127.0.0.1:1/v3")
+    assert main(["-c", str(path), "config", "check", "--connect"]) == 1
+    out, err = capsys.readouterr()
+    for secret in SECRETS:
+        assert secret not in out + err
+    assert "Traceback" not in out + err
+    assert err == ""
+    lines = out.splitlines()
+    assert lines[0] == f"{path}: ok (3 clouds, 2 stores, 1 image rules)"
+    for cloud in ("cybera", "pw", "appcred"):
+        assert f"  {cloud}: FAILED - cannot connect to http://127.0.0.1:1/v3" in lines
+    assert f"  archive: ok - writable directory {tmp_path}" in lines
+
+
+def test_config_check_connect_in_a_real_process(tmp_path: Path, clouds_yaml: Path) -> None:
+    path = _secret_config(tmp_path, clouds_yaml, "http://127.0.0.1:1/v3")
+    proc = _run("-c", str(path), "config", "check", "--connect")
+    assert proc.returncode == 1
+    for secret in SECRETS:
+        assert secret not in proc.stdout + proc.stderr
+    assert "pw: FAILED - cannot connect to http://127.0.0.1:1/v3" in proc.stdout
+    assert proc.stderr == ""
