@@ -55,6 +55,8 @@ class CloudConfig:
     cloud: str | None = None  # the clouds.yaml entry it came from, if any
     timeout: float = 60.0  # seconds, per HTTP request (not per transfer)
     max_transfers: int = 2  # concurrent transfers touching this cloud
+    #: use this Glance URL instead of the catalog's (clouds.yaml: image_endpoint_override)
+    endpoint_override: str | None = None
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,8 @@ class Config:
 TOP_KEYS = ("state_dir", "poll_interval", "clouds_yaml", "clouds", "stores", "images",
             "metrics_listen", "max_transfers", "transfer_retries", "check_max_age",
             "log_format", "log_level")
-CLOUD_COMMON_KEYS = ("region_name", "interface", "verify", "timeout", "max_transfers")
+CLOUD_COMMON_KEYS = ("region_name", "interface", "verify", "timeout", "max_transfers",
+                     "endpoint_override")
 CLOUD_KEYS = ("cloud", "auth", "auth_type", *CLOUD_COMMON_KEYS)
 STORE_TYPES = ("directory", "vospace")
 DIRECTORY_KEYS = ("type", "path", "max_transfers")
@@ -152,6 +155,8 @@ _MISPLACED = {
     "type": "type belongs to a store: move it under stores: NAME:",
     "path": "path belongs to a directory store: move it under stores: NAME:",
 }
+#: what openstacksdk's config loader logs through; kept out of the output while it runs
+_SDK_LOGGERS = ("openstack", "stevedore", "keystoneauth")
 _PASSWORD_PLUGINS = ("password", "v3password", "v2password")
 _APPCRED_PLUGINS = ("v3applicationcredential",)
 _TOKEN_PLUGINS = ("token", "v3token", "v2token")
@@ -249,6 +254,11 @@ def _describe(value: object) -> str:
     if isinstance(value, list):
         return "a list"
     return type(value).__name__
+
+
+def _oneline(text: object) -> str:
+    """A library's message as one secret-free line, without a closing period."""
+    return redact(" ".join(str(text).split())).rstrip(".")
 
 
 def _suggest(word: str, choices: Iterable[str]) -> str:
@@ -376,15 +386,10 @@ class _Doc:
             self.fail(key, f"is zero: {DURATION_HINT}")
         return seconds
 
-    def boolean(self, value: object, key: str) -> bool:
-        if not isinstance(value, bool):
-            self.fail(key, f"is {_describe(value)}; write true or false")
-        return value
-
     def path(self, value: object, key: str) -> Path:
         """A path; relative paths are relative to the config file's directory."""
         p = Path(self.string(value, key, "a path")).expanduser()
-        return p if p.is_absolute() else self.base / p
+        return Path(os.path.normpath(p if p.is_absolute() else self.base / p))
 
     def site_name(self, name: str, key: str) -> None:
         if name == "all":
@@ -455,6 +460,7 @@ class _CloudSpec:
     verify: bool | str | None = None
     timeout: float | None = None
     max_transfers: int = 2
+    endpoint_override: str | None = None
 
 
 def _parse_cloud(doc: _Doc, name: str, raw: object, key: str) -> _CloudSpec:
@@ -477,6 +483,9 @@ def _parse_cloud(doc: _Doc, name: str, raw: object, key: str) -> _CloudSpec:
         spec.timeout = doc.duration(body["timeout"], _join(key, "timeout"))
     if "max_transfers" in body:
         spec.max_transfers = doc.integer(body["max_transfers"], _join(key, "max_transfers"), 1)
+    if body.get("endpoint_override") is not None:
+        spec.endpoint_override = _url(doc, body["endpoint_override"],
+                                      _join(key, "endpoint_override"), "https://glance.example:9292")
     if "cloud" in body:
         spec.entry = doc.string(body["cloud"], _join(key, "cloud"),
                                 "the name of a clouds.yaml entry")
@@ -486,6 +495,14 @@ def _parse_cloud(doc: _Doc, name: str, raw: object, key: str) -> _CloudSpec:
         return spec
     spec.auth_type, spec.auth = _inline_auth(doc, body.get("auth"), body.get("auth_type"), key)
     return spec
+
+
+def _url(doc: _Doc, value: object, key: str, example: str) -> str:
+    url = doc.string(value, key, "a URL")
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        doc.fail(key, f"{url!r} is not an http(s) URL: write it like {example}")
+    return url
 
 
 def _verify(doc: _Doc, value: object, key: str) -> bool | str:
@@ -502,6 +519,10 @@ def _inline_auth(doc: _Doc, raw: object, raw_type: object, key: str
     akey = _join(key, "auth")
     auth: dict[str, str] = {}
     for k, v in doc.mapping(raw, akey, "write auth_url and the credentials under it").items():
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            # YAML reads 0123 as 83 and 1e3 as 1000.0: credentials must stay exactly as written
+            doc.fail(_join(akey, k), "is a number: put the value in quotes so that it is "
+                     "kept exactly as written")
         auth[k] = doc.string(v, _join(akey, k))
     has_appcred = any(k.startswith("application_credential") for k in auth)
     if raw_type is not None:
@@ -515,8 +536,10 @@ def _inline_auth(doc: _Doc, raw: object, raw_type: object, key: str
     else:
         auth_type = "password"
 
-    from keystoneauth1 import exceptions as ks_exc
-    from keystoneauth1 import loading
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # from optional deps it imports
+        from keystoneauth1 import exceptions as ks_exc
+        from keystoneauth1 import loading
 
     try:
         loader: Any = loading.get_plugin_loader(auth_type)
@@ -529,10 +552,7 @@ def _inline_auth(doc: _Doc, raw: object, raw_type: object, key: str
     if "auth_url" not in auth:
         doc.fail(_join(akey, "auth_url"), "missing: add it (the Keystone URL, like "
                  "https://keystone.example.org:5000/v3)")
-    url = urlparse(auth["auth_url"])
-    if url.scheme not in ("http", "https") or not url.netloc:
-        doc.fail(_join(akey, "auth_url"), f"{auth['auth_url']!r} is not an http(s) URL: write "
-                 "it like https://keystone.example.org:5000/v3")
+    _url(doc, auth["auth_url"], _join(akey, "auth_url"), "https://keystone.example.org:5000/v3")
     problem = _credential_problem(auth_type, auth, [o.dest for o in options if o.required])
     if problem:
         sub, message = problem
@@ -617,21 +637,24 @@ def _resolve_clouds(doc: _Doc, specs: list[_CloudSpec], clouds_yaml: Path | None
     out: dict[str, CloudConfig] = {}
     entries = [s for s in specs if s.entry is not None]
     osc: Any = None
-    skipped = ""
+    skipped = searched = ""
     if entries:
-        files, secure, searched = _clouds_yaml_files(clouds_yaml, doc.env)
-        from openstack.config import loader as os_loader
-
-        with warnings.catch_warnings(), captured_library_logs() as records:
+        with warnings.catch_warnings(), captured_library_logs(_SDK_LOGGERS) as records:
             warnings.simplefilter("ignore")
+            from openstack.config import loader as os_loader
+
+            files, secure, searched = _clouds_yaml_files(clouds_yaml, doc.env)
             try:
                 osc = os_loader.OpenStackConfig(config_files=files, secure_files=secure,
                                                 load_envvars=False)
             except Exception as exc:  # openstacksdk raises several kinds; all mean "bad file"
                 doc.fail("clouds_yaml" if clouds_yaml else _join(entries[0].key, "cloud"),
-                         f"cannot read clouds.yaml: {redact(str(exc))}: fix that file")
-        skipped = "; ".join(redact(r.getMessage()) for r in records
-                            if r.getMessage().startswith("Skipping"))
+                         f"cannot read clouds.yaml: {_oneline(exc)}: fix that file")
+        # openstacksdk skips a clouds.yaml it cannot parse and only logs it: say so
+        skipped = "; ".join(
+            f"{r.args[0]} is not valid YAML or JSON ({_oneline(r.args[1])})"
+            if isinstance(r.args, tuple) and len(r.args) == 2 else _oneline(r.getMessage())
+            for r in records if r.msg.startswith("Skipping config file"))
     for spec in specs:
         if spec.entry is None:
             assert spec.auth is not None and spec.auth_type is not None
@@ -639,7 +662,8 @@ def _resolve_clouds(doc: _Doc, specs: list[_CloudSpec], clouds_yaml: Path | None
                 name=spec.name, auth=spec.auth, auth_type=spec.auth_type,
                 region_name=spec.region_name, interface=spec.interface or "public",
                 verify=True if spec.verify is None else spec.verify,
-                timeout=spec.timeout or 60.0, max_transfers=spec.max_transfers)
+                timeout=spec.timeout or 60.0, max_transfers=spec.max_transfers,
+                endpoint_override=spec.endpoint_override)
         else:
             out[spec.name] = _from_clouds_yaml(doc, spec, osc, searched, skipped)
     for cloud in out.values():
@@ -654,8 +678,9 @@ def _from_clouds_yaml(doc: _Doc, spec: _CloudSpec, osc: Any, searched: str, skip
     key = _join(spec.key, "cloud")
     entry = cast(str, spec.entry)
     found = osc.config_filename
-    names = [n for n in osc.cloud_config.get("clouds", {}) if found]
-    note = f" (skipped: {skipped})" if skipped else ""
+    # with no file found, openstacksdk invents a "defaults" entry: not one of the user's
+    names = list(osc.cloud_config.get("clouds", {})) if found else []
+    note = f" (skipped {skipped})" if skipped else ""
     if not found:
         doc.fail(key, f"no clouds.yaml found{note}; searched {searched}: create one with an "
                  f"entry {entry!r}, set clouds_yaml:, or set $OS_CLIENT_CONFIG_FILE")
@@ -664,13 +689,13 @@ def _from_clouds_yaml(doc: _Doc, spec: _CloudSpec, osc: Any, searched: str, skip
                  f"entries there: {', '.join(names) or 'none'}; searched {searched}: "
                  "add the entry or fix the name")
     kwargs = {"region_name": spec.region_name} if spec.region_name else {}
-    with warnings.catch_warnings(), captured_library_logs():
+    with warnings.catch_warnings(), captured_library_logs(_SDK_LOGGERS):
         warnings.simplefilter("ignore")
         try:
             region = osc.get_one(cloud=entry, **kwargs)
         except Exception as exc:  # keystoneauth and openstacksdk errors: the entry is wrong
             doc.fail(key, f"clouds.yaml entry {entry!r} in {found} is not usable: "
-                     f"{redact(str(exc))}: fix the entry")
+                     f"{_oneline(exc)}: fix the entry")
     cfg = region.config
     auth = {k: v for k, v in dict(cfg.get("auth") or {}).items() if v not in (None, "")}
     auth_type = str(cfg.get("auth_type") or "password")
@@ -695,7 +720,8 @@ def _from_clouds_yaml(doc: _Doc, spec: _CloudSpec, osc: Any, searched: str, skip
         name=spec.name, auth=auth, auth_type=auth_type,
         region_name=region.region_name or None,
         interface=spec.interface or str(cfg.get("interface") or "public"),
-        verify=verify, cloud=entry, timeout=timeout, max_transfers=spec.max_transfers)
+        verify=verify, cloud=entry, timeout=timeout, max_transfers=spec.max_transfers,
+        endpoint_override=spec.endpoint_override or region.get_endpoint("image") or None)
 
 
 # --------------------------------------------------------------------------- stores, rules
@@ -723,10 +749,7 @@ def _parse_store(doc: _Doc, name: str, raw: object, key: str) -> StoreConfig:
     if "url" not in body:
         doc.fail(ukey, "missing: add it (the service's base URL, like "
                  "https://ws-cadc.canfar.net/vault)")
-    url = doc.string(body["url"], ukey, "a URL")
-    if urlparse(url).scheme not in ("http", "https") or not urlparse(url).netloc:
-        doc.fail(ukey, f"{url!r} is not an http(s) URL: write it like "
-                 "https://ws-cadc.canfar.net/vault")
+    url = _url(doc, body["url"], ukey, "https://ws-cadc.canfar.net/vault")
     options: dict[str, Any] = {}
     for opt in ("container", "token"):
         if opt in body:
@@ -784,9 +807,9 @@ def _site_list(doc: _Doc, value: object, key: str, kind: str, known: Mapping[str
             doc.fail(ikey, f"is {_describe(item)}; write a {kind} name")
         if item not in known:
             if item in other:
-                doc.fail(ikey, f"{item!r} is not a {kind} but a {other_key[:-1]}: list it under "
-                         f"{other_key}:" if other_key == "clouds" else
-                         f"{item!r} is not a {kind} but a {other_key[:-1]}: use store:/stores:")
+                where = ("list it under clouds:" if other_key == "clouds"
+                         else "use store: or stores:")
+                doc.fail(ikey, f"{item!r} is not a {kind} but a {other_key[:-1]}: {where}")
             choices = list(known)
             doc.fail(ikey, f"no {kind} named {item!r}: {_suggest(item, choices)}"
                      f"use one of: {', '.join(choices) or f'(no {kind}s are configured)'}")
@@ -876,7 +899,8 @@ def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ) -
     if not isinstance(data, Mapping):
         doc.fail(None, f"the top level is {_describe(data)}; it must be a mapping of keys like "
                  "clouds:, stores:, images:")
-    top = doc.mapping(data, "", "")
+    # top-level keys starting with "x-" are the writer's own (YAML anchors to merge with <<)
+    top = {k: v for k, v in doc.mapping(data, "", "").items() if not k.startswith("x-")}
     doc.known_keys(top, "", TOP_KEYS, _MISPLACED)
 
     state_dir = doc.path(top["state_dir"], "state_dir") if "state_dir" in top \
@@ -967,6 +991,8 @@ def render_config(config: Config) -> str:
         entry.update(auth_type=c.auth_type, auth=dict(c.auth), region_name=c.region_name,
                      interface=c.interface, verify=c.verify,
                      timeout=format_duration(c.timeout), max_transfers=c.max_transfers)
+        if c.endpoint_override:
+            entry["endpoint_override"] = c.endpoint_override
         clouds[c.name] = entry
     stores: dict[str, Any] = {}
     for s in config.stores.values():
@@ -1040,9 +1066,8 @@ def _explain(exc: BaseException, cloud: CloudConfig) -> str:
     if isinstance(exc, ks.HttpError):
         return f"HTTP {exc.http_status} from {url}"
     if isinstance(exc, ks.MissingRequiredOptions | ks.OptionError):
-        return f"incomplete credentials: {redact(str(exc))}"
-    text = redact(str(exc)).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}"[:300]
+        return f"incomplete credentials: {_oneline(exc)}"
+    return f"{type(exc).__name__}: {_oneline(exc)}"[:300]
 
 
 def _check_cloud(cloud: CloudConfig) -> tuple[str, bool, str]:
@@ -1052,8 +1077,8 @@ def _check_cloud(cloud: CloudConfig) -> tuple[str, bool, str]:
         plugin = _cloud_auth(cloud)
         sess = ks_session.Session(auth=plugin, verify=cloud.verify, timeout=cloud.timeout)
         sess.get_token()
-        endpoint = sess.get_endpoint(service_type="image", interface=cloud.interface,
-                                     region_name=cloud.region_name)
+        endpoint = cloud.endpoint_override or sess.get_endpoint(
+            service_type="image", interface=cloud.interface, region_name=cloud.region_name)
     except Exception as exc:  # every failure becomes one line of the report
         return cloud.name, False, _explain(exc, cloud)
     if not endpoint:

@@ -101,12 +101,14 @@ class _Conn:
                 size_line = reader.readline()  # type: ignore[attr-defined]
                 if not size_line:
                     return False
-                dst.sendall(size_line)
                 size = int(size_line.split(b";")[0].strip() or b"0", 16)
                 if size == 0:
+                    # Send the last chunk and the final CRLF together, as clients do: uwsgi
+                    # leaves a late CRLF to be parsed as the start of the next request.
                     trailer = reader.readline()  # type: ignore[attr-defined]
-                    dst.sendall(trailer)
+                    dst.sendall(size_line + trailer)
                     return True
+                dst.sendall(size_line)
                 if not self._data(reader, dst, size, kind, offset):
                     return False
                 dst.sendall(reader.read(2))  # type: ignore[attr-defined]

@@ -30,34 +30,35 @@ TOKEN_SECONDS = 4
 @pytest.fixture(scope="module")
 def short_token_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabInfo]:
     directory = tmp_path_factory.mktemp("shortlab")
-    info = lab_mod.up(clouds=2, directory=directory, token_expiration=TOKEN_SECONDS)
+    info = lab_mod.up(clouds=1, directory=directory, token_expiration=TOKEN_SECONDS)
     try:
         yield info
     finally:
         lab_mod.down(directory)
 
 
-def test_token_expires_mid_transfer_and_the_copy_succeeds(short_token_lab: LabInfo,
-                                                          tmp_path: Path) -> None:
-    lab = short_token_lab
+def test_token_expires_mid_transfer_and_the_copy_succeeds(
+        lab: LabInfo, short_token_lab: LabInfo, tmp_path: Path) -> None:
+    """Source: the session lab's lab1; target: a cloud whose tokens live 4 seconds."""
     name = uid("tok")
     data = random_bytes(2 << 20)
     upload(lab, "lab1", name, data)
-    port = urlparse(lab.cloud("lab2").glance_url).port
+    port = urlparse(short_token_lab.cloud("lab1").glance_url).port
     assert port is not None
     proxy = FaultProxy(port)
     # 2 MiB at 0.15 s per 64 KiB: the upload lasts ~5 s, longer than a token lives.
     proxy.plan.throttle_upload = 0.15
     try:
-        lab2 = cloud_config(lab, "lab2", endpoint_override=proxy.url)
-        config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False,
-                             overrides={"lab2": lab2})
+        short = cloud_config(short_token_lab, "lab1", endpoint_override=proxy.url,
+                             site_name="short")
+        config = make_config(lab, tmp_path, name, clouds=["lab1", "short"], store=False,
+                             overrides={"short": short})
         started = time.monotonic()
         assert push(config, name) == 0
         assert time.monotonic() - started > TOKEN_SECONDS
     finally:
         proxy.close()
-    (copy,) = images_named(lab, "lab2", name)
+    (copy,) = images_named(short_token_lab, "lab1", name)
     assert copy["status"] == "active" and copy["os_hash_value"] == sha512(data)
 
 

@@ -58,8 +58,12 @@ BAD = [
     ("auth-type-unknown", "clouds:\n  uvic:\n    auth_type: passwrd\n    auth: {auth_url: "
      "'https://k/v3', username: u, password: p, project_name: p}\n", "clouds.uvic.auth_type",
      "did you mean 'password'"),
+    ("auth-number", "clouds:\n  uvic:\n    auth: {auth_url: 'https://k/v3', username: u, "
+     "password: 0123, project_name: p}\n", "clouds.uvic.auth.password", "quotes"),
     ("auth-url-not-url", "clouds:\n  uvic:\n    auth: {auth_url: 'keystone:5000', username: u, "
      "password: p, project_name: p}\n", "clouds.uvic.auth.auth_url", "https://"),
+    ("endpoint-override-not-url", "clouds:\n  uvic: {cloud: cybera, endpoint_override: "
+     "glance}\n", "clouds.uvic.endpoint_override", "not an http(s) URL"),
     ("cloud-neither", "clouds:\n  uvic:\n    region_name: RegionOne\n", "clouds.uvic",
      "neither `cloud:` nor `auth:`"),
     ("cloud-both", "clouds:\n  uvic:\n    cloud: uvic\n    auth: {auth_url: 'https://k/v3'}\n",
@@ -88,6 +92,10 @@ BAD = [
     ("rule-undefined-cloud", f"clouds:\n  uvic: {GOOD_CLOUD}\n  cybera: {GOOD_CLOUD}\n"
      "images:\n  - name: x\n    clouds: [cybera, uvc]\n", "images[0].clouds[1]",
      "did you mean 'uvic'"),
+    ("rule-store-as-cloud", f"clouds:\n  uvic: {GOOD_CLOUD}\nstores:\n"
+     "  archive: {type: directory, path: /srv}\nimages:\n  - name: x\n"
+     "    clouds: [uvic, archive]\n", "images[0].clouds[1]",
+     "'archive' is not a cloud but a store: use store: or stores:"),
     ("rule-undefined-store", f"clouds:\n  uvic: {GOOD_CLOUD}\nimages:\n  - name: x\n"
      "    store: archiv\n", "images[0].store", "no store named 'archiv'"),
     ("rule-no-name", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
