@@ -106,9 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(args: argparse.Namespace) -> Any:
+    """Load the configuration and set up logging from it (and the command line)."""
     from imagesync.config import load_config
 
-    return load_config(args.config)
+    config = load_config(args.config)
+    _setup_logging(args, config)
+    return config
 
 
 def _setup_logging(args: argparse.Namespace, config: Any = None) -> None:
@@ -120,7 +123,7 @@ def _setup_logging(args: argparse.Namespace, config: Any = None) -> None:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from imagesync.config import check_connections
+    from imagesync.sites.probe import check_connections
 
     config = _config(args)
     print(f"{config.path}: ok ({len(config.clouds)} clouds, {len(config.stores)} stores, "
@@ -174,7 +177,6 @@ def cmd_push(args: argparse.Namespace) -> int:
     from imagesync.commands import push
 
     config = _config(args)
-    _setup_logging(args, config)
     return push(config, args.name, targets=args.to, source=args.source,
                 dry_run=args.dry_run, as_json=args.json)
 
@@ -183,7 +185,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     from imagesync.commands import status
 
     config = _config(args)
-    _setup_logging(args, config)
     return status(config, args.name, as_json=args.json)
 
 
@@ -199,7 +200,6 @@ def cmd_sync(args: argparse.Namespace) -> int:
     from imagesync.commands import sync
 
     config = _config(args)
-    _setup_logging(args, config)
     return sync(config, dry_run=args.dry_run, as_json=args.json)
 
 
@@ -207,8 +207,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     from imagesync.daemon import run_daemon
 
     config = _config(args)
-    _setup_logging(args, config)
-    return run_daemon(config, config_path=args.config)
+    code: int = run_daemon(config, config_path=args.config)
+    return code
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -222,13 +222,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Handler = args.func
+    from imagesync.logs import redact
+
     try:
         return func(args)
     except (ConfigError, UsageError) as exc:
-        print(f"imagesync: error: {exc}", file=sys.stderr)
+        print(f"imagesync: error: {redact(str(exc))}", file=sys.stderr)
         return 2
     except ImageSyncError as exc:
-        print(f"imagesync: error: {exc}", file=sys.stderr)
+        print(f"imagesync: error: {redact(str(exc))}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("imagesync: interrupted", file=sys.stderr)

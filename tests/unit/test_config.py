@@ -15,7 +15,6 @@ from imagesync.config import (
     Config,
     ImageRule,
     StoreConfig,
-    check_connections,
     format_duration,
     load_config,
     parse_duration,
@@ -23,6 +22,7 @@ from imagesync.config import (
     resolve_config_path,
 )
 from imagesync.errors import ConfigError
+from imagesync.sites.probe import check_connections
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "imagesync.yaml.example"
 CLOUDS_YAML = """\
