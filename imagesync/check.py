@@ -32,19 +32,32 @@ def _emit(as_json: bool, payload: dict[str, Any], code: int) -> int:
     return code
 
 
-def check(config: Config, name: str, cloud: str, *, as_json: bool = False,
-          ensure: bool = False, timeout: float | None = None, fresh: bool = False) -> int:
+def _validate(config: Config, cloud: str, ensure: bool, timeout: float | None) -> None:
     if cloud not in config.site_names:
         known = ", ".join(config.site_names) or "none"
         raise UsageError(f"--cloud {cloud!r} is not a cloud or store in {config.path} "
                          f"(known: {known})")
     if timeout is not None and not ensure:
         raise UsageError("--timeout goes with --ensure")
+
+
+def check_recorded(config: Config, name: str, cloud: str, *, as_json: bool = False) -> int | None:
+    """Answer from recorded state alone (exit 0), or None when the sites must be asked."""
+    _validate(config, cloud, False, None)
+    recorded = _recorded(config, name, cloud)
+    if recorded is None:
+        return None
+    return _emit(as_json, {"name": name, "cloud": cloud, **recorded}, OK)
+
+
+def check(config: Config, name: str, cloud: str, *, as_json: bool = False,
+          ensure: bool = False, timeout: float | None = None, fresh: bool = False) -> int:
+    _validate(config, cloud, ensure, timeout)
     base: dict[str, Any] = {"name": name, "cloud": cloud}
     if not fresh and not ensure:
-        recorded = _recorded(config, name, cloud)
-        if recorded is not None:
-            return _emit(as_json, {**base, **recorded}, OK)
+        code = check_recorded(config, name, cloud, as_json=as_json)
+        if code is not None:
+            return code
     deadline = time.monotonic() + timeout if timeout is not None else None
     return _ask(config, name, cloud, base, as_json, ensure, deadline)
 

@@ -189,11 +189,19 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from imagesync.check import check
+    # Called before every boot: answer from recorded state without importing OpenStack
+    # clients or reading clouds.yaml when that is enough.
+    from imagesync.check import check, check_recorded
+    from imagesync.config import load_config
 
+    light = load_config(args.config, resolve_clouds=False)
+    if not (args.fresh or args.ensure):
+        code = check_recorded(light, args.name, args.cloud, as_json=args.json)
+        if code is not None:
+            return code
     config = _config(args)
     return check(config, args.name, args.cloud, as_json=args.json, ensure=args.ensure,
-                 timeout=args.timeout, fresh=args.fresh)
+                 timeout=args.timeout, fresh=True)
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
@@ -222,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Handler = args.func
-    from imagesync.logs import redact
+    from imagesync.secrets import redact
 
     try:
         return func(args)

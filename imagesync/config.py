@@ -31,7 +31,7 @@ from urllib.parse import urlparse
 import yaml
 
 from imagesync.errors import ConfigError
-from imagesync.logs import captured_library_logs, is_secret_key, mask, redact, register_secret
+from imagesync.secrets import is_secret_key, mask, redact, register_secret
 
 DEFAULT_CONFIG_PATH = Path("/etc/imagesync/imagesync.yaml")
 CONFIG_ENV = "IMAGESYNC_CONFIG"
@@ -638,6 +638,8 @@ def _resolve_clouds(doc: _Doc, specs: list[_CloudSpec], clouds_yaml: Path | None
     osc: Any = None
     skipped = searched = ""
     if entries:
+        from imagesync.logs import captured_library_logs
+
         with warnings.catch_warnings(), captured_library_logs(_SDK_LOGGERS) as records:
             warnings.simplefilter("ignore")
             from openstack.config import loader as os_loader
@@ -688,6 +690,8 @@ def _from_clouds_yaml(doc: _Doc, spec: _CloudSpec, osc: Any, searched: str, skip
                  f"entries there: {', '.join(names) or 'none'}; searched {searched}: "
                  "add the entry or fix the name")
     kwargs = {"region_name": spec.region_name} if spec.region_name else {}
+    from imagesync.logs import captured_library_logs
+
     with warnings.catch_warnings(), captured_library_logs(_SDK_LOGGERS):
         warnings.simplefilter("ignore")
         try:
@@ -888,8 +892,14 @@ def _listen(doc: _Doc, value: object, key: str) -> str:
 
 # --------------------------------------------------------------------------- load
 
-def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ) -> Config:
-    """Read, validate and resolve the configuration; raise ConfigError on the first mistake."""
+def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ, *,
+                resolve_clouds: bool = True) -> Config:
+    """Read, validate and resolve the configuration; raise ConfigError on the first mistake.
+
+    ``resolve_clouds=False`` skips reading clouds.yaml (and importing openstacksdk, ~0.5 s):
+    clouds named by ``cloud:`` then have empty ``auth``. Only for callers that will not talk
+    to a cloud, such as ``check`` answering from recorded state; they reload to go further.
+    """
     file = resolve_config_path(path, env)
     data, doc = _read_document(file, env)
     if data is None:
@@ -959,7 +969,11 @@ def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ) -
         seen[rule.pattern] = i
         rules.append(rule)
 
-    clouds = _resolve_clouds(doc, specs, clouds_yaml)
+    if resolve_clouds:
+        clouds = _resolve_clouds(doc, specs, clouds_yaml)
+    else:
+        clouds = {sp.name: CloudConfig(name=sp.name, auth={}, auth_type="unresolved",
+                                       cloud=sp.entry) for sp in specs}
     return Config(
         path=file.absolute(), state_dir=state_dir, poll_interval=poll, clouds=clouds,
         stores=stores, images=tuple(rules), metrics_listen=metrics,

@@ -21,18 +21,12 @@ default (masked, WARNING and above, to stderr) so that nothing unmasked reaches 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import re
 import sys
-import threading
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any, TextIO
-from urllib.parse import quote
 
 import structlog
-
-MASK = "********"
 
 #: the loggers of the libraries imagesync drives; kept at WARNING even when imagesync debugs,
 #: because their debug output carries request bodies and headers
@@ -56,101 +50,18 @@ LEVELS: Mapping[str, int] = {
 }
 FORMATS = ("auto", "json", "console")
 
-# Shorter values would mask ordinary words all over the output; such values are still masked
-# wherever they appear under a secret-named key.
-_MIN_SECRET_LENGTH = 4
-_secrets: set[str] = set()
-_secrets_sorted: tuple[str, ...] = ()
-_secrets_lock = threading.Lock()
-
-_SECRET_KEY_WORDS = ("password", "passwd", "passphrase", "secret", "token", "authorization",
-                     "cookie")
-_SECRET_KEY_NAMES = frozenset({"api_key", "apikey", "private_key", "access_key", "secret_key",
-                               "x_auth_key", "auth_key", "pw", "pwd"})
-
-_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
-    # HTTP headers, as keystoneauth and requests print them
-    (re.compile(r"(?i)(x-(?:auth|subject|service)-token['\"]?\s*[:=]\s*['\"]?)[^\s'\",]+"),
-     r"\g<1>" + MASK),
-    (re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?(?:bearer|basic|token)\s+)[^\s'\",}]+"),
-     r"\g<1>" + MASK),
-    # JSON bodies: "password": "…", "secret": "…", "id"s are left alone
-    (re.compile(r"(?i)(\"[a-z_]*(?:password|secret|token)\"\s*:\s*\")(?:[^\"\\]|\\.)*(\")"),
-     r"\g<1>" + MASK + r"\g<2>"),
-    # key=value in query strings and repr()s
-    (re.compile(r"(?i)\b([a-z_]*(?:password|secret|token)=['\"]?)(?!\*{8})[^\s&'\",)]+"),
-     r"\g<1>" + MASK),
-    # credentials in URLs
-    (re.compile(r"(://[^/\s:@]+:)[^/\s@]+(@)"), r"\g<1>" + MASK + r"\g<2>"),
+from imagesync.secrets import (  # noqa: E402 - re-exported: logs is where callers look
+    MASK,
+    _masked_secret,
+    forget_secrets,
+    is_secret_key,
+    mask,
+    redact,
+    register_secret,
 )
 
-
-def is_secret_key(key: object) -> bool:
-    """Whether a mapping key or header name names a credential (its value must never be shown).
-
-    ``application_credential_id`` and ``…_name`` are not secret; ``…_secret`` is.
-    """
-    if not isinstance(key, str):
-        return False
-    k = key.lower().replace("-", "_")
-    return k in _SECRET_KEY_NAMES or any(word in k for word in _SECRET_KEY_WORDS)
-
-
-def register_secret(value: object) -> None:
-    """Remember a secret value so that it is masked wherever it appears in logs and errors.
-
-    Also registers its URL- and JSON-escaped forms. Empty and very short values are ignored
-    (they would mask ordinary text); keys named like secrets are masked whatever their value.
-    """
-    if not isinstance(value, str) or len(value) < _MIN_SECRET_LENGTH:
-        return
-    forms = {value, quote(value, safe=""), json.dumps(value)[1:-1]}
-    global _secrets_sorted
-    with _secrets_lock:
-        if forms <= _secrets:
-            return
-        _secrets.update(forms)
-        _secrets_sorted = tuple(sorted(_secrets, key=len, reverse=True))
-
-
-def forget_secrets() -> None:
-    """Forget every registered secret (for tests)."""
-    global _secrets_sorted
-    with _secrets_lock:
-        _secrets.clear()
-        _secrets_sorted = ()
-
-
-def redact(text: str) -> str:
-    """``text`` with every registered secret and every recognisable credential masked."""
-    for secret in _secrets_sorted:
-        if secret in text:
-            text = text.replace(secret, MASK)
-    for pattern, replacement in _PATTERNS:
-        text = pattern.sub(replacement, text)
-    return text
-
-
-def mask(value: Any) -> Any:
-    """A copy of ``value`` (mappings, sequences, scalars) with secrets masked.
-
-    Values under secret-named keys become ``********``; strings are redacted; numbers, booleans
-    and None pass through; other objects become their redacted ``str``.
-    """
-    if isinstance(value, str):
-        return redact(value)
-    if value is None or isinstance(value, bool | int | float):
-        return value
-    if isinstance(value, Mapping):
-        return {k: (_masked_secret(v) if is_secret_key(k) else mask(v)) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | frozenset):
-        return [mask(v) for v in value]
-    return redact(str(value))
-
-
-def _masked_secret(value: Any) -> Any:
-    # An absent secret stays visibly absent: "password: null" tells the reader something.
-    return value if value is None or value == "" else MASK
+__all__ = ["MASK", "forget_secrets", "is_secret_key", "mask", "redact", "register_secret",
+           "setup_logging", "get_logger", "captured_library_logs", "mask_secrets"]
 
 
 def mask_secrets(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
