@@ -70,3 +70,24 @@ def sha512(data: bytes) -> str:
 
 def uid(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def write_yaml(lab: LabInfo, tmp_path: Path, pattern: str, clouds: list[str],
+               **extra: Any) -> Path:
+    """An imagesync.yaml for the CLI, with the lab's clouds given inline."""
+    import yaml
+
+    doc: dict[str, Any] = {
+        "state_dir": str(tmp_path / "state"), "poll_interval": "1m",
+        "clouds": {}, "images": [{"name": pattern, "clouds": "all"}]}
+    for n in clouds:
+        c = lab.cloud(n)
+        doc["clouds"][n] = {"auth": {"auth_url": c.keystone_url, "username": c.username,
+                                     "password": c.password, "project_name": c.project,
+                                     "user_domain_name": "Default",
+                                     "project_domain_name": "Default"},
+                            "region_name": c.region}
+    doc.update(extra)
+    path = tmp_path / "imagesync.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
