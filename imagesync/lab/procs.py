@@ -21,7 +21,7 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,11 +257,11 @@ def is_running(pid: int | None, marker: str) -> bool:
     return st is not None and st[0] != "Z" and marker in cmdline(pid)
 
 
-def lab_processes(directory: Path) -> dict[int, list[int]]:
-    """Every process, by pgid, started with a ``--pidfile`` inside ``directory``."""
+def lab_processes(directory: Path) -> dict[int, str]:
+    """Every process group started with a ``--pidfile`` inside ``directory``: pgid -> pidfile."""
     _reap()
     prefix = str(directory.resolve()) + os.sep
-    groups: dict[int, list[int]] = {}
+    groups: dict[int, str] = {}
     for pid in _all_pids():
         if pid == os.getpid():
             continue
@@ -270,7 +270,7 @@ def lab_processes(directory: Path) -> dict[int, list[int]]:
             if flag == "--pidfile" and value.startswith(prefix):
                 st = _stat(pid)
                 if st is not None and st[0] != "Z":
-                    groups.setdefault(st[1], []).append(pid)
+                    groups.setdefault(st[1], value)
                 break
     return groups
 
@@ -318,11 +318,11 @@ def stop_groups(groups: Mapping[int, str], *, grace: float = 10.0) -> int:
 
 
 def wait_http(url: str, *, pid: int, marker: str, log: Path, what: str,
-              timeout: float = 60.0) -> float:
+              timeout: float = 60.0, abort: Callable[[], None] | None = None) -> float:
     """Poll ``url`` until it answers 200 or 300; returns the seconds it took.
 
     Fails fast if the service exits, else after ``timeout`` seconds; the error carries the
-    tail of the service's log.
+    tail of the service's log. ``abort`` is called at every round: it may raise to give up.
     """
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     start = time.monotonic()
@@ -336,6 +336,8 @@ def wait_http(url: str, *, pid: int, marker: str, log: Path, what: str,
             code = 0
         if code in (200, 300):
             return time.monotonic() - start
+        if abort is not None:
+            abort()
         if not is_running(pid, marker):
             raise failure(f"{what} exited while starting", log)
         if time.monotonic() - start > timeout:

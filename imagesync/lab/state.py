@@ -42,7 +42,8 @@ class LabCloud:
 
 @dataclass(frozen=True)
 class LabInfo:
-    """A running lab. ``start_kind``: "cold" (built), "warm" (restarted) or "running"."""
+    """A lab. ``start_kind``: how ``up`` found it: "cold" (built), "warm" (restarted) or
+    "running" (left alone); ``info()`` says "running" or "stopped"."""
 
     directory: Path
     clouds: list[LabCloud]

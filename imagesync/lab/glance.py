@@ -1,0 +1,143 @@
+"""One lab cloud's Glance: its configuration, schema, and uwsgi service.
+
+Glance 33 runs only under a WSGI server: uwsgi with ``--http11-socket`` (keep-alive that
+python-glanceclient relies on) and the chunked-input flags (glanceclient uploads chunked).
+It authenticates through keystonemiddleware (paste flavor ``keystone``) against the cloud's own
+Keystone, and stores images in files under DIRECTORY/<cloud>/glance.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from imagesync.errors import LabError
+from imagesync.lab import procs
+from imagesync.lab.state import CloudState, write_private
+
+DB_FILE = "glance.sqlite"
+IMAGE_SIZE_CAP = 20 * 1024**3  # 20 GiB
+
+
+def home(cloud_dir: Path) -> Path:
+    return cloud_dir / "glance"
+
+
+def etc(cloud_dir: Path) -> Path:
+    return home(cloud_dir) / "etc"
+
+
+def conf_file(cloud_dir: Path) -> Path:
+    return etc(cloud_dir) / "glance-api.conf"
+
+
+def db_file(cloud_dir: Path) -> Path:
+    return home(cloud_dir) / DB_FILE
+
+
+def images_dir(cloud_dir: Path) -> Path:
+    return home(cloud_dir) / "images"
+
+
+def log_file(cloud_dir: Path) -> Path:
+    return cloud_dir / "logs" / "glance.log"
+
+
+def pid_file(cloud_dir: Path) -> Path:
+    return cloud_dir / "run" / "glance.pid"
+
+
+def write_config(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> None:
+    """glance-api.conf (0600: it holds the glance user's password) and the paste file."""
+    g = home(cloud_dir)
+    for sub in ("etc", "images", "staging", "tasks", "locks"):
+        (g / sub).mkdir(parents=True, exist_ok=True)
+    (cloud_dir / "logs").mkdir(exist_ok=True)
+    (cloud_dir / "run").mkdir(exist_ok=True)
+    paste = etc(cloud_dir) / "glance-api-paste.ini"
+    shutil.copyfile(tools.glance_paste, paste)
+    write_private(conf_file(cloud_dir), f"""\
+# Written by `imagesync lab up`; rewritten at every start.
+[DEFAULT]
+enabled_backends = file1:file
+enabled_import_methods = [glance-direct,web-download,copy-image]
+show_multiple_locations = False
+image_size_cap = {IMAGE_SIZE_CAP}
+# 0: no per-project storage quota
+user_storage_quota = 0
+hashing_algorithm = sha512
+
+[database]
+connection = sqlite:///{db_file(cloud_dir)}
+
+[glance_store]
+default_backend = file1
+
+[file1]
+filesystem_store_datadir = {images_dir(cloud_dir)}/
+
+[os_glance_staging_store]
+filesystem_store_datadir = {g / "staging"}
+
+[os_glance_tasks_store]
+filesystem_store_datadir = {g / "tasks"}
+
+[import_filtering_opts]
+# web-download refuses loopback hosts unless allowed by address (so: use 127.0.0.1 in URLs),
+# and ports other than 80/443 unless the list is empty: lab sources are on 127.0.0.1:<any>.
+allowed_hosts = [127.0.0.1]
+allowed_ports = []
+
+[paste_deploy]
+flavor = keystone
+config_file = {paste}
+
+[keystone_authtoken]
+www_authenticate_uri = {cloud.keystone_root}
+auth_url = {cloud.keystone_root}
+auth_type = password
+# without it: "internal endpoint for identity service not found"
+interface = public
+project_domain_name = Default
+user_domain_name = Default
+project_name = service
+username = glance
+password = {cloud.glance_password}
+
+[oslo_concurrency]
+lock_path = {g / "locks"}
+""")
+
+
+def db_sync(tools: procs.Tools, cloud_dir: Path) -> None:
+    procs.run_step([tools.glance_manage, "--config-file", conf_file(cloud_dir), "db_sync"],
+                   cloud_dir / "logs" / "glance-manage-db_sync.log",
+                   f"{cloud_dir.name}: glance-manage db_sync")
+
+
+def start(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> int:
+    argv: list[str | Path] = [
+        tools.uwsgi, "--http11-socket", f"{procs.LOOPBACK}:{cloud.glance.port}",
+        "--wsgi-file", tools.glance_wsgi,
+        "--master", "--processes", "1", "--threads", "4", "--lazy-apps", "--die-on-term",
+        "--http-chunked-input", "--http-auto-chunked", "--http-raw-body",
+        "--chunked-input-limit", "10000000",
+        "--need-app", "--buffer-size", "65535",
+        "--virtualenv", tools.venv, "--pidfile", pid_file(cloud_dir),
+    ]
+    return procs.start_service(argv, log_file(cloud_dir),
+                               {"OS_GLANCE_CONFIG_DIR": str(etc(cloud_dir))})
+
+
+def wait_ready(cloud_dir: Path, cloud: CloudState, pid: int, timeout: float = 60.0,
+               abort: Callable[[], None] | None = None) -> None:
+    procs.wait_http(f"{cloud.glance_url}/versions", pid=pid, marker=str(pid_file(cloud_dir)),
+                    log=log_file(cloud_dir), what=f"{cloud.name}: glance", timeout=timeout,
+                    abort=abort)
+
+
+def check_port(cloud: CloudState) -> None:
+    if not procs.port_is_free(cloud.glance.port):
+        raise LabError(f"{cloud.name}: glance's port {cloud.glance.port} is taken by "
+                       "another program; stop it, or remove the lab directory for a fresh lab")
