@@ -226,14 +226,33 @@ def cmd_history(args: argparse.Namespace) -> int:
     return history(config, args.name, as_json=args.json, limit=args.limit)
 
 
+def _sigterm_as_interrupt() -> None:
+    """Let SIGTERM unwind like Ctrl-C, so `finally:` blocks clean up (the daemon has its own)."""
+    import signal
+
+    def _raise(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Handler = args.func
     from imagesync.secrets import redact
 
+    if args.command != "daemon" and argv is None:
+        _sigterm_as_interrupt()
     try:
         return func(args)
+    except BrokenPipeError:
+        # the reader went away (`imagesync lab up | head -1`): not an error worth a traceback
+        import os
+
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     except (ConfigError, UsageError) as exc:
         print(f"imagesync: error: {redact(str(exc))}", file=sys.stderr)
         return 2

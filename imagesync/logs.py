@@ -216,6 +216,16 @@ def _configure_default() -> None:
     )
 
 
+def reset_logging() -> None:
+    """Undo setup_logging: back to the quiet, masked stderr default (between tests)."""
+    global _handler
+    if _handler is not None:
+        logging.getLogger().removeHandler(_handler)
+        _handler = None
+    structlog.reset_defaults()
+    _configure_default()
+
+
 def _stderr_logger(*args: Any) -> structlog.PrintLogger:
     # sys.stderr looked up on each use: it may have been replaced since import (tests, daemons)
     return structlog.PrintLogger(sys.stderr)

@@ -73,3 +73,13 @@ def glance_client() -> Callable[..., Any]:
 def unique_name() -> str:
     """A name no other test uses: tests share the lab's clouds and keep apart by names."""
     return f"t-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_logging() -> Iterator[None]:
+    """Every test starts from the same logging: all levels, JSON, to stderr (never stdout,
+    where commands print their answers). A test that configures logging cannot leak it."""
+    from imagesync.logs import setup_logging
+
+    setup_logging(fmt="json", level="debug")
+    yield
