@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from imagesync.config import Config
 from imagesync.errors import UsageError
-from imagesync.execute import ActionResult, Engine, summarize
-from imagesync.model import format_time
+from imagesync.execute import ActionResult, Engine, summarize, to_rule
+from imagesync.model import SiteInventory, format_time
 from imagesync.plan import Action, Assessment, Copy, Plan, Retire, Rule, Skip, plan, plan_name
 from imagesync.progress import ProgressBar, wants_progress
 
@@ -94,38 +94,54 @@ def push(config: Config, name: str, *, targets: Sequence[str] = (), source: str 
     _check_sites(config, targets, "--to")
     if source:
         _check_sites(config, [source], "--from")
-    from imagesync.execute import to_rule
-
     cfg_rule = config.rule_for(name)
     if cfg_rule is None and not targets:
         raise UsageError(f"no image rule in {config.path} matches {name!r}: add one under "
                          "'images:' or name the targets with --to SITE")
     rule = to_rule(cfg_rule) if cfg_rule else Rule(pattern=name, sites=tuple(targets))
-    engine = Engine(config)
-    try:
-        inventories = engine.inventories(name=name, recover=not dry_run)
+
+    def make_plan(inventories: Mapping[str, SiteInventory]) -> Plan:
         assessment, actions = plan_name(name, rule, inventories, config.site_names,
                                         targets=targets or None, prefer_source=source)
-        p = Plan(actions=actions, assessments=[assessment])
+        return Plan(actions=actions, assessments=[assessment])
+
+    done = _plan_and_run(config, make_plan, name=name, dry_run=dry_run, as_json=as_json)
+    if done is None:
+        return 0
+    p, results = done
+    if not as_json and not results and not p.skips:
+        print(f"{name}: already current on {', '.join(targets if targets else rule.sites)}")
+    _, failed = summarize(results)
+    blocking = [s for s in p.skips if s.site == "*" or s.reason.startswith(("not copyable",
+                                                                            "site unreachable"))]
+    return 1 if failed or blocking else 0
+
+
+def _plan_and_run(config: Config, make_plan: Callable[[Mapping[str, SiteInventory]], Plan], *,
+                  name: str | None, dry_run: bool, as_json: bool
+                  ) -> tuple[Plan, list[ActionResult]] | None:
+    """Inventory, plan, and either print the plan (dry run: returns None) or run and report it.
+
+    A dry run changes nothing: not even crash leftovers are removed.
+    """
+    engine = Engine(config)
+    try:
+        p = make_plan(engine.inventories(name=name, recover=not dry_run))
         if dry_run:
             _emit_plan(p, as_json)
-            return 0
+            return None
         results = engine.execute(p, progress=None if as_json else _progress_factory())
     finally:
         engine.close()
     if as_json:
-        print(json.dumps({"name": name, "results": [result_dict(r) for r in results],
+        print(json.dumps({**({"name": name} if name else {}),
+                          "results": [result_dict(r) for r in results],
                           "skipped": [action_dict(a) for a in p.skips]}, indent=2))
     else:
         _print_results(results)
         for s in p.skips:
             print(action_line(s))
-        if not results and not p.skips:
-            print(f"{name}: already current on {', '.join(targets if targets else rule.sites)}")
-    ok, failed = summarize(results)
-    blocking = [s for s in p.skips if s.site == "*" or s.reason.startswith(("not copyable",
-                                                                            "site unreachable"))]
-    return 1 if failed or blocking else 0
+    return p, results
 
 
 def _emit_plan(p: Plan, as_json: bool) -> None:
@@ -140,24 +156,12 @@ def _emit_plan(p: Plan, as_json: bool) -> None:
 
 def sync(config: Config, *, dry_run: bool = False, as_json: bool = False) -> int:
     """One reconcile pass over every rule."""
-    engine = Engine(config)
-    try:
-        inventories = engine.inventories(recover=not dry_run)
-        p = plan(engine.rules, inventories, config.site_names)
-        if dry_run:
-            _emit_plan(p, as_json)
-            return 0
-        results = engine.execute(p, progress=None if as_json else _progress_factory())
-    finally:
-        engine.close()
-    if as_json:
-        print(json.dumps({"results": [result_dict(r) for r in results],
-                          "skipped": [action_dict(a) for a in p.skips]}, indent=2))
-    else:
-        _print_results(results)
-        for s in p.skips:
-            print(action_line(s))
-    _, failed = summarize(results)
+    rules = [to_rule(r) for r in config.images]
+    done = _plan_and_run(config, lambda inv: plan(rules, inv, config.site_names), name=None,
+                         dry_run=dry_run, as_json=as_json)
+    if done is None:
+        return 0
+    _, failed = summarize(done[1])
     return 1 if failed else 0
 
 

@@ -5,11 +5,15 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 from imagesync.config import CloudConfig, Config, ImageRule, StoreConfig
 from imagesync.lab import LabInfo, glance_client
+from tests.faultproxy import FaultProxy
 
 
 def cloud_config(lab: LabInfo, name: str, *, endpoint_override: str | None = None,
@@ -91,3 +95,15 @@ def write_yaml(lab: LabInfo, tmp_path: Path, pattern: str, clouds: list[str],
     path = tmp_path / "imagesync.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
+
+
+@contextmanager
+def proxied(lab: LabInfo, cloud: str) -> Iterator[tuple[FaultProxy, CloudConfig]]:
+    """A fault-injecting proxy in front of ``cloud``'s Glance, and a CloudConfig using it."""
+    port = urlparse(lab.cloud(cloud).glance_url).port
+    assert port is not None
+    proxy = FaultProxy(port)
+    try:
+        yield proxy, cloud_config(lab, cloud, endpoint_override=proxy.url)
+    finally:
+        proxy.close()

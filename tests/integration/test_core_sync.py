@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 
@@ -13,11 +12,11 @@ from imagesync.commands import push
 from imagesync.lab import LabInfo, glance_client
 from imagesync.model import PROP_ORIGIN, PROP_SHA512, PROP_STATE, PROP_VERSION
 from imagesync.state import State
-from tests.faultproxy import FaultProxy
 from tests.integration.labcfg import (
     cloud_config,
     images_named,
     make_config,
+    proxied,
     random_bytes,
     sha512,
     uid,
@@ -26,12 +25,6 @@ from tests.integration.labcfg import (
 
 pytestmark = pytest.mark.integration
 MB = 1 << 20
-
-
-def _port(url: str) -> int:
-    port = urlparse(url).port
-    assert port is not None
-    return port
 
 
 def test_push_across_two_clouds_with_provenance_and_idempotence(
@@ -83,15 +76,11 @@ def test_byte_flipped_on_upload_is_caught_and_removed(lab: LabInfo, tmp_path: Pa
     name = uid("flipup")
     data = random_bytes(2 * MB)
     upload(lab, "lab1", name, data)
-    proxy = FaultProxy(_port(lab.cloud("lab2").glance_url))
-    proxy.plan.flip_upload_at = 1_234_567
-    try:
-        lab2 = cloud_config(lab, "lab2", endpoint_override=proxy.url)
+    with proxied(lab, "lab2") as (proxy, lab2):
+        proxy.plan.flip_upload_at = 1_234_567
         config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False,
                              overrides={"lab2": lab2})
         assert push(config, name, as_json=True) == 1
-    finally:
-        proxy.close()
     assert proxy.plan.flips >= 1
     assert images_named(lab, "lab2", name) == []  # nothing left, not even queued/hidden
     hist = State(config.state_dir).history(name)
@@ -103,15 +92,11 @@ def test_byte_flipped_on_download_is_caught_and_nothing_is_left(
     name = uid("flipdown")
     data = random_bytes(2 * MB)
     upload(lab, "lab1", name, data)
-    proxy = FaultProxy(_port(lab.cloud("lab1").glance_url))
-    proxy.plan.flip_download_at = 777_777
-    try:
-        lab1 = cloud_config(lab, "lab1", endpoint_override=proxy.url)
+    with proxied(lab, "lab1") as (proxy, lab1):
+        proxy.plan.flip_download_at = 777_777
         config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"],
                              overrides={"lab1": lab1})
         assert push(config, name) == 1
-    finally:
-        proxy.close()
     assert proxy.plan.flips >= 1
     assert images_named(lab, "lab2", name) == []
     assert not list((tmp_path / "store").rglob("*.img")) and not list(
@@ -122,16 +107,12 @@ def test_connection_cut_mid_upload_is_retried(lab: LabInfo, tmp_path: Path) -> N
     name = uid("cut")
     data = random_bytes(3 * MB)
     upload(lab, "lab1", name, data)
-    proxy = FaultProxy(_port(lab.cloud("lab2").glance_url))
-    proxy.plan.cut_upload_after = MB
-    proxy.plan.cut_times = 1
-    try:
-        lab2 = cloud_config(lab, "lab2", endpoint_override=proxy.url)
+    with proxied(lab, "lab2") as (proxy, lab2):
+        proxy.plan.cut_upload_after = MB
+        proxy.plan.cut_times = 1
         config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False,
                              overrides={"lab2": lab2})
         assert push(config, name) == 0
-    finally:
-        proxy.close()
     assert proxy.plan.cuts == 1
     images = images_named(lab, "lab2", name)
     assert [i["status"] for i in images] == ["active"]
@@ -141,16 +122,12 @@ def test_connection_cut_mid_upload_is_retried(lab: LabInfo, tmp_path: Path) -> N
 def test_connection_cut_every_time_fails_cleanly(lab: LabInfo, tmp_path: Path) -> None:
     name = uid("cutall")
     upload(lab, "lab1", name, random_bytes(2 * MB))
-    proxy = FaultProxy(_port(lab.cloud("lab2").glance_url))
-    proxy.plan.cut_upload_after = 100_000
-    proxy.plan.cut_times = 99
-    try:
-        lab2 = cloud_config(lab, "lab2", endpoint_override=proxy.url)
+    with proxied(lab, "lab2") as (proxy, lab2):
+        proxy.plan.cut_upload_after = 100_000
+        proxy.plan.cut_times = 99
         config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False,
                              overrides={"lab2": lab2})
         assert push(config, name) == 1
-    finally:
-        proxy.close()
     assert proxy.plan.cuts >= 2
     assert images_named(lab, "lab2", name) == []
 

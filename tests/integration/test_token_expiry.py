@@ -5,18 +5,17 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 
 from imagesync import lab as lab_mod
 from imagesync.commands import push
 from imagesync.lab import LabInfo
-from tests.faultproxy import FaultProxy
 from tests.integration.labcfg import (
     cloud_config,
     images_named,
     make_config,
+    proxied,
     random_bytes,
     sha512,
     uid,
@@ -43,12 +42,9 @@ def test_token_expires_mid_transfer_and_the_copy_succeeds(
     name = uid("tok")
     data = random_bytes(2 << 20)
     upload(lab, "lab1", name, data)
-    port = urlparse(short_token_lab.cloud("lab1").glance_url).port
-    assert port is not None
-    proxy = FaultProxy(port)
-    # 2 MiB at 0.15 s per 64 KiB: the upload lasts ~5 s, longer than a token lives.
-    proxy.plan.throttle_upload = 0.15
-    try:
+    with proxied(short_token_lab, "lab1") as (proxy, _):
+        # 2 MiB at 0.15 s per 64 KiB: the upload lasts ~5 s, longer than a token lives.
+        proxy.plan.throttle_upload = 0.15
         short = cloud_config(short_token_lab, "lab1", endpoint_override=proxy.url,
                              site_name="short")
         config = make_config(lab, tmp_path, name, clouds=["lab1", "short"], store=False,
@@ -56,8 +52,6 @@ def test_token_expires_mid_transfer_and_the_copy_succeeds(
         started = time.monotonic()
         assert push(config, name) == 0
         assert time.monotonic() - started > TOKEN_SECONDS
-    finally:
-        proxy.close()
     (copy,) = images_named(short_token_lab, "lab1", name)
     assert copy["status"] == "active" and copy["os_hash_value"] == sha512(data)
 
