@@ -14,7 +14,8 @@ Vocabulary
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Literal
@@ -210,6 +211,30 @@ def assess(
                       cells=cells, versions=tuple(g[0] for g in groups))
 
 
+def by_name(
+    inventories: Mapping[str, SiteInventory],
+) -> Callable[[str], Mapping[str, SiteInventory]]:
+    """``f(name)``: the inventories cut down to the images called ``name``.
+
+    Planning looks up each name on each site several times; over thousands of names a scan of
+    every image per lookup makes an idle pass quadratic, so the images are grouped once.
+    """
+    groups: dict[str, dict[str, list[ImageRecord]]] = {}
+    for site, inv in inventories.items():
+        if inv.ok:
+            for rec in inv.images:
+                groups.setdefault(rec.name, {}).setdefault(site, []).append(rec)
+    empty: dict[str, list[ImageRecord]] = {}
+
+    def sliced(name: str) -> dict[str, SiteInventory]:
+        mine = groups.get(name, empty)
+        return {site: inv if not inv.ok else dataclasses.replace(
+                    inv, images=tuple(mine.get(site, ())))
+                for site, inv in inventories.items()}
+
+    return sliced
+
+
 def names_in(inventories: Mapping[str, SiteInventory], rules: Sequence[Rule]) -> list[str]:
     """Every name present on any site that some rule manages, sorted."""
     names = {r.name for inv in inventories.values() if inv.ok for r in inv.images}
@@ -302,6 +327,31 @@ def _retention(
             for rec in members:
                 out.extend(_retire_one(name, site, rec, rule, inv,
                                        f"beyond keep={rule.keep}: {version.short()}"))
+        if rule.retire == "delete":
+            out.extend(_delete_hidden(name, site, rule, inv, groups[:rule.keep]))
+    return out
+
+
+def _delete_hidden(name: str, site: str, rule: Rule, inv: SiteInventory,
+                   kept: Sequence[tuple[Version, list[ImageRecord]]]) -> list[Action]:
+    """With ``retire: delete``, old versions hidden earlier (``retire: hide`` before, or a
+    previous pass) are deleted too: otherwise switching a rule to delete would leave them.
+
+    Only imagesync's own, unprotected, unused copies older than every kept version; others
+    are not reported each pass (they are hidden already, nobody sees them)."""
+    if not kept:
+        return []
+    oldest_kept = min(v.time for v, _ in kept)
+    out: list[Action] = []
+    for rec in inv.named(name):
+        if not (rec.hidden and rec.counts) or PROP_ORIGIN not in rec.properties:
+            continue
+        if rec.protected or (inv.in_use is not None and rec.id in inv.in_use):
+            continue
+        v = rec.version
+        if v.time < oldest_kept and not any(v.same_as(k) for k, _ in kept):
+            out.append(Retire(name, site, rec.id, "delete", v,
+                              f"hidden earlier, beyond keep={rule.keep}: {v.short()}"))
     return out
 
 
@@ -326,11 +376,12 @@ def plan(
 ) -> Plan:
     """The whole reconcile plan: every managed name, every rule."""
     result = Plan()
+    sliced = by_name(inventories)
     for name in (names if names is not None else names_in(inventories, rules)):
         rule = rule_for(rules, name)
         if rule is None:
             continue
-        a, actions = plan_name(name, rule, inventories, all_sites)
+        a, actions = plan_name(name, rule, sliced(name), all_sites)
         result.assessments.append(a)
         result.actions.extend(actions)
     return result

@@ -3,9 +3,14 @@
 - Locks are ``flock`` files (``locks/``): the kernel releases them when a process dies, so a
   crash never leaves a stale lock. Two ``push`` runs for one image and site cannot both copy.
 - Leases (sqlite ``leases``) record what is being written where, so that a restarted daemon
-  can remove what a crash left half-made.
+  can remove what a crash left half-made (a lease whose (name, site) lock nobody holds belongs
+  to a dead process), and so that "in flight" can be answered without asking the sites.
 - History (``transfers``) and the last known answer per (name, site) (``cells``), which
   ``check`` serves quickly without asking the sites.
+
+One connection is shared by the daemon's transfer threads; a lock serialises its use. The
+cells of a whole pass are written in one transaction: an idle pass over thousands of names
+must not pay one commit per (name, site).
 """
 
 from __future__ import annotations
@@ -15,8 +20,9 @@ import hashlib
 import json
 import os
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,12 +86,21 @@ class State:
         self.db_path = self.dir / "imagesync.sqlite"
         self._db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None,
                                    check_same_thread=False)
+        self._mutex = threading.RLock()
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=30000")
+        # With WAL, NORMAL never corrupts the database; a power cut may lose the last commits,
+        # which the next pass recomputes.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
 
     def close(self) -> None:
-        self._db.close()
+        with self._mutex:
+            self._db.close()
+
+    def _exec(self, sql: str, args: Iterable[Any] = ()) -> list[Any]:
+        with self._mutex:
+            return self._db.execute(sql, tuple(args)).fetchall()
 
     # -- locks -----------------------------------------------------------------------------
     @contextmanager
@@ -112,22 +127,25 @@ class State:
 
     # -- leases ----------------------------------------------------------------------------
     def add_lease(self, site: str, image_id: str, name: str) -> None:
-        self._db.execute("INSERT OR REPLACE INTO leases VALUES (?,?,?,?,?)",
-                         (site, image_id, name, os.getpid(), time.time()))
+        self._exec("INSERT OR REPLACE INTO leases VALUES (?,?,?,?,?)",
+                   (site, image_id, name, os.getpid(), time.time()))
 
     def drop_lease(self, site: str, image_id: str) -> None:
-        self._db.execute("DELETE FROM leases WHERE site=? AND image_id=?", (site, image_id))
+        self._exec("DELETE FROM leases WHERE site=? AND image_id=?", (site, image_id))
 
-    def leases(self) -> list[Lease]:
-        rows = self._db.execute("SELECT site, image_id, name, pid, started FROM leases")
-        return [Lease(*r) for r in rows.fetchall()]
+    def leases(self, pid: int | None = None) -> list[Lease]:
+        """Every lease, or those of process ``pid``."""
+        q = "SELECT site, image_id, name, pid, started FROM leases"
+        if pid is not None:
+            return [Lease(*r) for r in self._exec(q + " WHERE pid=?", (pid,))]
+        return [Lease(*r) for r in self._exec(q)]
 
     # -- history -----------------------------------------------------------------------------
     def record_transfer(self, **row: Any) -> None:
         cols = ("started", "finished", "name", "source", "target", "version", "sha512",
                 "bytes", "seconds", "result", "image_id", "error")
-        self._db.execute(f"INSERT INTO transfers ({','.join(cols)}) VALUES "
-                         f"({','.join('?' * len(cols))})", tuple(row.get(c) for c in cols))
+        self._exec(f"INSERT INTO transfers ({','.join(cols)}) VALUES "
+                   f"({','.join('?' * len(cols))})", tuple(row.get(c) for c in cols))
 
     def history(self, name: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         q = "SELECT * FROM transfers"
@@ -136,24 +154,38 @@ class State:
             q += " WHERE name=?"
             args = (name,)
         q += " ORDER BY id DESC LIMIT ?"
-        cur = self._db.execute(q, (*args, limit))
-        cols = [d[0] for d in cur.description]
-        return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+        with self._mutex:
+            cur = self._db.execute(q, (*args, limit))
+            cols = [d[0] for d in cur.description]
+            return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
     # -- recorded answers ----------------------------------------------------------------------
     def record_cell(self, cell: RecordedCell) -> None:
-        self._db.execute("INSERT OR REPLACE INTO cells VALUES (?,?,?,?,?,?,?,?)",
-                         (cell.name, cell.site, cell.state, cell.image_id, cell.version,
-                          cell.newest, cell.sha512, cell.recorded))
+        self.record_cells([cell])
+
+    def record_cells(self, cells: Iterable[RecordedCell]) -> None:
+        """Write many answers in one transaction."""
+        rows = [(c.name, c.site, c.state, c.image_id, c.version, c.newest, c.sha512,
+                 c.recorded) for c in cells]
+        if not rows:
+            return
+        with self._mutex:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany("INSERT OR REPLACE INTO cells VALUES (?,?,?,?,?,?,?,?)",
+                                     rows)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def cell(self, name: str, site: str) -> RecordedCell | None:
-        row = self._db.execute("SELECT * FROM cells WHERE name=? AND site=?",
-                               (name, site)).fetchone()
-        return RecordedCell(*row) if row else None
+        rows = self._exec("SELECT * FROM cells WHERE name=? AND site=?", (name, site))
+        return RecordedCell(*rows[0]) if rows else None
 
     def cells(self, name: str | None = None) -> list[RecordedCell]:
         if name:
-            rows = self._db.execute("SELECT * FROM cells WHERE name=?", (name,))
+            rows = self._exec("SELECT * FROM cells WHERE name=?", (name,))
         else:
-            rows = self._db.execute("SELECT * FROM cells")
-        return [RecordedCell(*r) for r in rows.fetchall()]
+            rows = self._exec("SELECT * FROM cells")
+        return [RecordedCell(*r) for r in rows]

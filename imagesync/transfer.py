@@ -9,18 +9,25 @@ with the provenance marks (``imagesync.origin``, ``.version``, ``.sha512``).
 
 Transient failures are retried with the shared policy (``retry.py``): a failed target alone
 is re-sent from a fresh read of the source; a failed source read retries every target.
+
+A copy can be cancelled (the daemon on SIGTERM): ``cancel`` is checked between chunks, and
+every target still being written is aborted, so a cancelled copy leaves nothing behind.
+An :class:`UploadWatcher` hears of each upload from its creation until it is published or
+removed; the engine records these as leases (what this process has half-made, where).
 """
 
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 
-from imagesync.errors import IntegrityError, SiteError, TransientError
+from imagesync.errors import ImageSyncError, IntegrityError, SiteError, TransientError
 from imagesync.model import (
     PROP_ORIGIN,
     PROP_SHA512,
@@ -37,6 +44,27 @@ from imagesync.sites.base import Site, Writer
 log = structlog.get_logger("imagesync.transfer")
 
 Progress = Callable[[int], None]
+CANCELLED = "cancelled"
+
+
+class Cancelled(ImageSyncError):
+    """The copy was cancelled (shutdown); every upload it had started was removed."""
+
+
+class UploadWatcher(Protocol):
+    """Told when an upload starts on a site and when it is published or removed."""
+
+    def started(self, site: str, image_id: str) -> None: ...
+
+    def ended(self, site: str, image_id: str) -> None: ...
+
+
+class _NoWatcher:
+    def started(self, site: str, image_id: str) -> None:
+        pass
+
+    def ended(self, site: str, image_id: str) -> None:
+        pass
 
 
 @dataclass
@@ -47,7 +75,7 @@ class TargetResult:
     ok: bool = False
     image: ImageRecord | None = None
     error: str | None = None
-    error_kind: str | None = None  # "integrity", "transient", "site"
+    error_kind: str | None = None  # "integrity", "transient", "site", "source", "cancelled"
     attempts: int = 0
 
 
@@ -65,6 +93,10 @@ class CopyResult:
     @property
     def ok(self) -> bool:
         return all(t.ok for t in self.targets)
+
+    @property
+    def cancelled(self) -> bool:
+        return any(t.error_kind == CANCELLED for t in self.targets)
 
 
 def new_image_for(source: ImageRecord, version: Version, visibility: str) -> NewImage:
@@ -96,18 +128,41 @@ def _expected(source: ImageRecord, version: Version) -> dict[str, str]:
 
 
 class _Live:
-    def __init__(self, site: Site, writer: Writer, result: TargetResult) -> None:
+    def __init__(self, site: Site, writer: Writer, result: TargetResult,
+                 watcher: UploadWatcher) -> None:
         self.site = site
         self.writer = writer
         self.result = result
+        self.watcher = watcher
+        watcher.started(site.name, writer.image_id)
+
+    def abort(self) -> None:
+        self.writer.abort()
+        self.watcher.ended(self.site.name, self.writer.image_id)
+
+    def remove(self, image_id: str) -> None:
+        """Delete a finished but unpublished upload (it failed verification, or we stop)."""
+        try:
+            self.site.delete(image_id)
+        except SiteError as exc:
+            # Still marked as uploading and hidden: the next run's recovery removes it.
+            log.warning("cleanup.delete_failed", site=self.site.name, image_id=image_id,
+                        error=str(exc))
+            return
+        self.watcher.ended(self.site.name, image_id)
 
 
 def _fail(live: _Live, exc: BaseException, kind: str) -> None:
     live.result.ok = False
     live.result.error = str(exc)
     live.result.error_kind = kind
-    live.writer.abort()
+    live.abort()
     log.warning("copy.target_failed", site=live.site.name, error=str(exc), kind=kind)
+
+
+def _check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled")
 
 
 def _attempt(
@@ -117,16 +172,26 @@ def _attempt(
     targets: Sequence[tuple[Site, NewImage]],
     progress: Progress | None,
     result: CopyResult,
+    cancel: threading.Event | None = None,
+    watcher: UploadWatcher | None = None,
 ) -> list[TargetResult]:
-    """One pass: stream once to every target. Raises TransientError when the source failed."""
+    """One pass: stream once to every target. Raises TransientError when the source failed,
+    Cancelled (after removing every upload it started) when ``cancel`` was set."""
+    watcher = watcher or _NoWatcher()
     results = [TargetResult(site=site.name) for site, _ in targets]
     live: list[_Live] = []
-    for (site, new), res in zip(targets, results, strict=True):
-        res.attempts += 1
-        try:
-            live.append(_Live(site, site.create(new), res))
-        except SiteError as exc:
-            res.error, res.error_kind = str(exc), _kind(exc)
+    try:
+        for (site, new), res in zip(targets, results, strict=True):
+            _check(cancel)
+            res.attempts += 1
+            try:
+                live.append(_Live(site, site.create(new), res, watcher))
+            except SiteError as exc:
+                res.error, res.error_kind = str(exc), _kind(exc)
+    except Cancelled:
+        for lv in live:
+            lv.abort()
+        raise
     if not live:
         return results
 
@@ -137,6 +202,7 @@ def _attempt(
     try:
         stream = source.open(image)
         for chunk in stream:
+            _check(cancel)
             sha512.update(chunk)
             md5.update(chunk)
             nbytes += len(chunk)
@@ -150,9 +216,10 @@ def _attempt(
                 progress(len(chunk))
             if not live:
                 break
+        _check(cancel)
     except BaseException as exc:
         for lv in live:
-            lv.writer.abort()
+            lv.abort()
         if isinstance(exc, SiteError):
             for lv in live:
                 lv.result.error, lv.result.error_kind = str(exc), "source"
@@ -185,7 +252,12 @@ def _attempt(
 
     # 2. Did each target store exactly these bytes? Then publish it.
     final_props = {PROP_SHA512: got["sha512"]}
-    for lv in live:
+    for i, lv in enumerate(live):
+        if cancel is not None and cancel.is_set():
+            # Not finished yet: abort rather than wait for the site to settle the upload.
+            # Targets already published stay published (and are reported so).
+            _cancel_rest(live[i:])
+            break
         try:
             stored = lv.writer.finish()
         except SiteError as exc:
@@ -194,12 +266,22 @@ def _attempt(
         agree = hashes_agree(got, stored.hashes)
         if stored.size is not None and stored.size != nbytes:
             agree = False
-        if agree is None:
-            agree = _read_back(lv.site, stored, got["sha512"])
+        try:
+            if agree is None:
+                agree = _read_back(lv.site, stored, got["sha512"], cancel)
+        except Cancelled:
+            lv.remove(stored.id)
+            lv.result.error, lv.result.error_kind = "cancelled", CANCELLED
+            _cancel_rest(live[i + 1:])
+            break
+        except SiteError as exc:
+            lv.remove(stored.id)
+            lv.result.error, lv.result.error_kind = f"reading back: {exc}", _kind(exc)
+            continue
         if not agree:
             err = IntegrityError(f"{lv.site.name}: stored image {stored.id} does not match the "
                                  f"bytes sent (sha512 {got['sha512'][:16]}…): removed")
-            lv.site.delete(stored.id)
+            lv.remove(stored.id)
             lv.result.error, lv.result.error_kind = str(err), "integrity"
             log.warning("copy.target_failed", site=lv.site.name, error=str(err),
                         kind="integrity")
@@ -207,17 +289,32 @@ def _attempt(
         try:
             lv.result.image = lv.site.publish(stored.id, final_props)
             lv.result.ok = True
+            lv.watcher.ended(lv.site.name, stored.id)
         except SiteError as exc:
-            lv.site.delete(stored.id)
+            lv.remove(stored.id)
             lv.result.error, lv.result.error_kind = str(exc), _kind(exc)
     return results
 
 
-def _read_back(site: Site, stored: ImageRecord, sha512: str) -> bool:
+def _cancel_rest(live: Sequence[_Live]) -> None:
+    for lv in live:
+        lv.result.error, lv.result.error_kind = "cancelled", CANCELLED
+        lv.abort()
+
+
+def _read_back(site: Site, stored: ImageRecord, sha512: str,
+               cancel: threading.Event | None = None) -> bool:
     """The target reports no hash we share: read the copy back and hash it ourselves."""
     h = hashlib.sha512()
-    for chunk in site.open(stored):
-        h.update(chunk)
+    stream = site.open(stored)
+    try:
+        for chunk in stream:
+            _check(cancel)
+            h.update(chunk)
+    finally:
+        close = getattr(stream, "close", None)
+        if close is not None:
+            close()
     return h.hexdigest() == sha512
 
 
@@ -237,8 +334,14 @@ def copy_image(
     policy: RetryPolicy | None = None,
     progress: Progress | None = None,
     sleep: Callable[[float], None] = time.sleep,
+    cancel: threading.Event | None = None,
+    watcher: UploadWatcher | None = None,
 ) -> CopyResult:
-    """Copy ``image`` from ``source`` to every target, reading the source once per attempt."""
+    """Copy ``image`` from ``source`` to every target, reading the source once per attempt.
+
+    When ``cancel`` is set the copy stops at the next chunk, removes every upload it made and
+    returns with the unfinished targets marked ``cancelled`` (targets already published stay).
+    """
     policy = policy or RetryPolicy()
     version = image.version
     result = CopyResult(source=image, version=version)
@@ -249,9 +352,13 @@ def copy_image(
     while pending:
         attempt += 1
         try:
-            outcome = _attempt(source, image, version, pending, progress, result)
+            outcome = _attempt(source, image, version, pending, progress, result, cancel,
+                               watcher)
         except TransientError as exc:
             outcome = [TargetResult(site=s.name, error=str(exc), error_kind="transient",
+                                    attempts=1) for s, _ in pending]
+        except Cancelled:
+            outcome = [TargetResult(site=s.name, error="cancelled", error_kind=CANCELLED,
                                     attempts=1) for s, _ in pending]
         retry = []
         for (site, new), res in zip(pending, outcome, strict=True):
@@ -264,7 +371,14 @@ def copy_image(
         wait = policy.delay(attempt)
         log.info("copy.retrying", image=image.ref, targets=[s.name for s, _ in retry],
                  attempt=attempt, wait=round(wait, 2))
-        sleep(wait)
+        if cancel is not None:
+            if cancel.wait(wait):
+                for site, _ in retry:
+                    final[site.name] = TargetResult(site=site.name, error="cancelled",
+                                                    error_kind=CANCELLED, attempts=attempt)
+                break
+        else:
+            sleep(wait)
         pending = retry
     result.targets = [final[s.name] for s, _ in targets]
     result.seconds = time.monotonic() - started

@@ -1,0 +1,558 @@
+"""Transfer benchmark: ``imagesync push`` against what one machine allows, side by side.
+
+Usage::
+
+    .venv/bin/python bench/bench_transfer.py [--lab-dir DIR] [--size-gb 1] [--big-gb 4]
+                                             [--repeat 3] [--quick]
+
+Starts a lab of 4 real clouds (Keystone + Glance on loopback; or reuses the lab running in
+``--lab-dir`` and leaves it running), puts a generated raw image of ``--size-gb`` on lab1 and
+runs, in one process, each contender of each scenario in turn (alternating the order from one
+round to the next, the median of ``--repeat`` rounds is reported):
+
+``copy``
+    lab1 → lab2: ``imagesync push`` vs a ``curl | curl`` relay between the same two Glance
+    servers (the limit on one machine) vs ``openstack image save`` + ``openstack image
+    create`` (what operators do today; includes writing the image to a temporary file).
+``fanout``
+    lab1 → lab2, lab3, lab4: one ``imagesync push`` vs three ``curl | curl`` relays run in
+    parallel from the same source. The source Glance's request log shows how often the
+    source was read.
+``big``
+    (not with ``--quick``) ``--big-gb`` lab1 → lab2: imagesync's peak RSS must not grow with
+    the image size; one curl relay alongside for the throughput ratio.
+``check``
+    ``imagesync check`` answering from what the last push recorded, ``imagesync check
+    --fresh`` (asks the cloud) and ``openstack image show``: wall time of the whole process.
+
+Every imagesync run is the real CLI in a subprocess with its own configuration (inline auth,
+one rule) and state directory, on a name used once (the source image is renamed before each
+run), so idempotence never skips a copy; copies are deleted after each run. Peak RSS is the
+kernel's ``ru_maxrss`` from ``/usr/bin/time``. Results: a table on stdout, the goals with
+PASS/FAIL, and ``bench/results/latest.json``. "MB" is 10^6 bytes; "GB" of image size is GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+from _common import (  # the script's own directory is on sys.path
+    GB,
+    Glance,
+    MiB,
+    ServerCPU,
+    Timed,
+    UwsgiLog,
+    ensure_source,
+    imagesync_config,
+    median,
+    run_timed,
+)
+
+from imagesync import lab
+from imagesync.lab import LabInfo
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "latest.json"
+VENV_BIN = Path(sys.executable).parent
+IMAGESYNC = str(VENV_BIN / "imagesync")
+OPENSTACK = str(VENV_BIN / "openstack")
+CLOUDS = 4
+TARGETS = ("lab2", "lab3", "lab4")
+
+# The goals from the issue
+COPY_RATIO_MIN = 0.9       # imagesync throughput / curl relay throughput
+FANOUT_TIME_MAX = 1.1      # imagesync fan-out time / three parallel relays' time
+RSS_MAX_MB = 100.0
+RSS_GROWTH_MAX_MB = 10.0   # "not growing with size": 4 GB peak within 10 MB of the 1 GB peak
+CHECK_RECORDED_MAX = 0.25
+CHECK_FRESH_MAX = 1.0
+
+_T0 = time.monotonic()
+
+
+def say(text: str) -> None:
+    print(f"[{time.monotonic() - _T0:6.0f}s] {text}", flush=True)
+
+
+@dataclass
+class Run:
+    """One run of one contender."""
+
+    seconds: float
+    rss_mb: float | None
+    cpu_seconds: float | None = None       # the contender's processes, user + system
+    server_cpu_seconds: float | None = None  # the source and target Glance servers
+    transfer_seconds: float | None = None  # imagesync's own copy time (from --json)
+    source_reads: int | None = None        # data requests the source Glance served
+    source_bytes: int | None = None
+
+
+@dataclass
+class Row:
+    """One contender in one scenario: its runs and their medians."""
+
+    scenario: str
+    contender: str
+    nbytes: int
+    runs: list[Run] = field(default_factory=list)
+    baseline: bool = False
+
+    @property
+    def seconds(self) -> float:
+        return median([r.seconds for r in self.runs])
+
+    @property
+    def rss_mb(self) -> float | None:
+        values = [r.rss_mb for r in self.runs if r.rss_mb is not None]
+        return max(values) if values else None
+
+    @property
+    def mb_s(self) -> float | None:
+        return self.nbytes / self.seconds / 1e6 if self.nbytes else None
+
+
+class Bench:
+    """The lab, the source image and the contenders."""
+
+    def __init__(self, info: LabInfo, work: Path,
+                 also: Sequence[tuple[str, Path]] = ()) -> None:
+        self.info = info
+        self.work = work
+        self.also = list(also)  # (label, source tree): more imagesync versions to compare
+        self.glance = {c.name: Glance(info, c.name) for c in info.clouds}
+        self.source_log = UwsgiLog(info.directory, "lab1")
+        self.servers = ServerCPU(info.directory, [c.name for c in info.clouds])
+        self.env = {"OS_CLIENT_CONFIG_FILE": str(info.clouds_yaml), "PYTHONUNBUFFERED": "1"}
+
+    # -- helpers --------------------------------------------------------------------------------
+    def rename_source(self, image: dict[str, Any], prefix: str) -> str:
+        """Give the source a name never used before (a metadata call: the bytes stay)."""
+        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+        g = self.glance["lab1"]
+        r = g.http.patch(f"{g.url}/v2/images/{image['id']}", timeout=60,
+                         json=[{"op": "replace", "path": "/name", "value": name}],
+                         headers={"X-Auth-Token": g.token(), "Content-Type":
+                                  "application/openstack-images-v2.1-json-patch"})
+        r.raise_for_status()
+        image["name"] = name
+        return name
+
+    def clean(self, name: str, clouds: Sequence[str]) -> None:
+        for c in clouds:
+            self.glance[c].delete_named(name)
+
+    def _header_file(self, cloud: str, upload: bool) -> Path:
+        path = self.work / f"h-{cloud}-{'up' if upload else 'down'}"
+        lines = [f"X-Auth-Token: {self.glance[cloud].token()}"]
+        if upload:
+            lines.append("Content-Type: application/octet-stream")
+        path.write_text("\n".join(lines) + "\n")
+        path.chmod(0o600)
+        return path
+
+    def _relay_cmd(self, src: dict[str, Any], target: str, target_id: str) -> str:
+        g1, g2 = self.glance["lab1"], self.glance[target]
+        down, up = self._header_file("lab1", False), self._header_file(target, True)
+        return (f"curl -sfS -H @{down} {g1.url}/v2/images/{src['id']}/file"
+                f" | curl -sfS -T - -H @{up} -X PUT {g2.url}/v2/images/{target_id}/file"
+                " -o /dev/null")
+
+    # -- contenders -----------------------------------------------------------------------------
+    def imagesync_push(self, src: dict[str, Any], targets: Sequence[str],
+                       tree: Path | None = None) -> Run:
+        """``imagesync push`` (the installed one, or the one in source ``tree``)."""
+        name = self.rename_source(src, "bench-is")
+        run_dir = self.work / name
+        run_dir.mkdir()
+        cfg = imagesync_config(self.info, run_dir / "imagesync.yaml", name,
+                               ["lab1", *targets], run_dir / "state")
+        cmd, env = self._imagesync(tree)
+        cmd += ["-c", str(cfg), "push", name, "--json"]
+        for target in targets:
+            cmd += ["--to", target]
+        self.source_log.mark()
+        t = run_timed(cmd, env, cwd=tree).check("imagesync push")
+        reads, nbytes = self.source_log.served_since_mark(str(src["id"]))
+        out = json.loads(t.stdout)
+        copies = [r for r in out["results"] if r["kind"] == "copy"]
+        ok = [x for r in copies for x in r.get("results", []) if x["ok"]]
+        if len(ok) != len(targets) or copies[0]["bytes"] != src["size"]:
+            raise RuntimeError(f"imagesync push did not copy to every target: {t.stdout}")
+        self.clean(name, targets)
+        return Run(t.seconds, _mb(t), t.cpu, transfer_seconds=float(copies[0]["seconds"]),
+                   source_reads=reads, source_bytes=nbytes)
+
+    def curl_relays(self, src: dict[str, Any], targets: Sequence[str]) -> Run:
+        """One ``curl | curl`` per target, all in parallel; timed from creating the images."""
+        name = f"bench-curl-{uuid.uuid4().hex[:8]}"
+        cmds: list[str] = []
+        self.source_log.mark()
+        started = time.monotonic()
+        for target in targets:
+            new = self.glance[target].create(name)
+            cmds.append(self._relay_cmd(src, target, str(new["id"])))
+        created = time.monotonic() - started
+        if len(cmds) == 1:
+            script = cmds[0]
+        else:
+            script = " ".join(f"( {c} ) & p{i}=$!;" for i, c in enumerate(cmds))
+            script += " " + " && ".join(f"wait $p{i}" for i in range(len(cmds)))
+        t = run_timed(script).check("curl relay")
+        reads, nbytes = self.source_log.served_since_mark(str(src["id"]))
+        for target in targets:
+            images = self.glance[target].named(name)
+            if [i.get("status") for i in images] != ["active"] or \
+                    images[0].get("size") != src["size"]:
+                raise RuntimeError(f"curl relay to {target}: {images}")
+        self.clean(name, targets)
+        return Run(created + t.seconds, _mb(t), t.cpu, source_reads=reads,
+                   source_bytes=nbytes)
+
+    def openstack_cli(self, src: dict[str, Any], target: str) -> Run:
+        """``openstack image save`` then ``openstack image create --file``, defaults as given."""
+        name = f"bench-osc-{uuid.uuid4().hex[:8]}"
+        with tempfile.TemporaryDirectory(dir=self.work) as tmp:
+            path = Path(tmp) / "image.raw"
+            save = run_timed([OPENSTACK, "--os-cloud", "lab1", "image", "save", "--file",
+                              str(path), str(src["id"])], self.env).check("openstack image save")
+            create = run_timed([OPENSTACK, "--os-cloud", target, "image", "create",
+                                "--disk-format", "raw", "--container-format", "bare",
+                                "--file", str(path), name], self.env
+                               ).check("openstack image create")
+        images = self.glance[target].named(name)
+        if [i.get("status") for i in images] != ["active"] or \
+                images[0].get("size") != src["size"]:
+            raise RuntimeError(f"openstack image create: {images}")
+        self.clean(name, [target])
+        rss = [x for x in (_mb(save), _mb(create)) if x is not None]
+        return Run(save.seconds + create.seconds, max(rss) if rss else None,
+                   (save.cpu or 0.0) + (create.cpu or 0.0))
+
+    # -- scenarios ------------------------------------------------------------------------------
+    def rounds(self, scenario: str, nbytes: int, repeat: int,
+               contenders: Sequence[tuple[str, Callable[[], Run], bool]]) -> list[Row]:
+        rows = [Row(scenario, label, nbytes, baseline=base) for label, _, base in contenders]
+        for i in range(repeat):
+            order = list(range(len(contenders)))
+            if i % 2:
+                order.reverse()
+            for k in order:
+                label, fn, _ = contenders[k]
+                before = self.servers.seconds()
+                run = fn()
+                run.server_cpu_seconds = round(self.servers.seconds() - before, 2)
+                rows[k].runs.append(run)
+                extra = (f", imagesync's copy {run.transfer_seconds:.1f}s"
+                         if run.transfer_seconds is not None else "")
+                rate = f" ({nbytes / run.seconds / 1e6:.0f} MB/s)" if nbytes else ""
+                say(f"  {scenario} round {i + 1}/{repeat}: {label}: {run.seconds:.2f}s{rate}, "
+                    f"peak RSS {run.rss_mb or 0:.0f} MB, CPU {run.cpu_seconds or 0:.1f}s, "
+                    f"Glance servers' CPU {run.server_cpu_seconds:.1f}s{extra}")
+        return rows
+
+    def _imagesync(self, tree: Path | None) -> tuple[list[str], dict[str, str]]:
+        """The command line and environment that run imagesync (from ``tree``, run in it)."""
+        env = dict(self.env)
+        if tree is None:
+            return [IMAGESYNC], env
+        env["PYTHONPATH"] = str(tree)
+        return [sys.executable, "-m", "imagesync.cli"], env
+
+    def check_trees(self) -> None:
+        """Make sure each ``--also`` tree really runs its own imagesync, not the installed one."""
+        for label, tree in self.also:
+            _, env = self._imagesync(tree)
+            t = run_timed([sys.executable, "-c", "import imagesync; print(imagesync.__file__)"],
+                          env, cwd=tree).check(f"import imagesync from {tree}")
+            if not Path(t.stdout.strip()).resolve().is_relative_to(tree):
+                raise RuntimeError(f"--also {label}={tree}: imagesync comes from "
+                                   f"{t.stdout.strip()}, not from the tree")
+
+    def _pushes(self, src: dict[str, Any], targets: Sequence[str]
+                ) -> list[tuple[str, Callable[[], Run], bool]]:
+        out: list[tuple[str, Callable[[], Run], bool]] = [
+            ("imagesync push", lambda: self.imagesync_push(src, targets), False)]
+        for label, tree in self.also:
+            out.append((f"imagesync push [{label}]",
+                        functools.partial(self.imagesync_push, src, targets, tree), False))
+        return out
+
+    def copy(self, src: dict[str, Any], repeat: int) -> list[Row]:
+        return self.rounds("copy 1→1", int(src["size"]), repeat, [
+            *self._pushes(src, ["lab2"]),
+            ("curl relay", lambda: self.curl_relays(src, ["lab2"]), True),
+            ("openstack save + create", lambda: self.openstack_cli(src, "lab2"), False),
+        ])
+
+    def fanout(self, src: dict[str, Any], repeat: int) -> list[Row]:
+        return self.rounds("fan-out 1→3", int(src["size"]), repeat, [
+            *self._pushes(src, TARGETS),
+            ("3 parallel curl relays", lambda: self.curl_relays(src, TARGETS), True),
+        ])
+
+    def big(self, src: dict[str, Any]) -> list[Row]:
+        return self.rounds("big 1→1", int(src["size"]), 1, [
+            *self._pushes(src, ["lab2"]),
+            ("curl relay", lambda: self.curl_relays(src, ["lab2"]), True),
+        ])
+
+    def check(self, repeat: int) -> list[Row]:
+        """A small image pushed to lab2; then the three ways of asking whether it is there."""
+        g1 = self.glance["lab1"]
+        name = f"bench-check-{uuid.uuid4().hex[:8]}"
+        img = g1.create(name)
+        g1.upload_generated(str(img["id"]), 8 * MiB)
+        run_dir = self.work / name
+        run_dir.mkdir()
+        cfg = imagesync_config(self.info, run_dir / "imagesync.yaml", name, ["lab1", "lab2"],
+                               run_dir / "state")
+        base = [IMAGESYNC, "-c", str(cfg), "check", name, "--cloud", "lab2"]
+        run_timed([IMAGESYNC, "-c", str(cfg), "push", name], self.env).check("push")
+        copy_id = self.glance["lab2"].named(name)[0]["id"]
+        for extra, want in (([], "recorded"), (["--fresh"], "sites")):
+            t = run_timed([*base, *extra, "--json"], self.env).check("check")
+            got = json.loads(t.stdout)
+            if got.get("answered_from") != want or got.get("image_id") != copy_id:
+                raise RuntimeError(f"imagesync check {extra}: {got}")
+        contenders: list[tuple[str, list[str]]] = [
+            ("imagesync check (recorded)", base),
+            ("imagesync check --fresh", [*base, "--fresh"]),
+            ("openstack image show", [OPENSTACK, "--os-cloud", "lab2", "image", "show",
+                                      str(copy_id)]),
+        ]
+
+        def timed(cmd: list[str]) -> Callable[[], Run]:
+            def run() -> Run:
+                t = run_timed(cmd, self.env).check(shlex.join(cmd[:4]))
+                return Run(t.seconds, _mb(t), t.cpu)
+            return run
+
+        rows = self.rounds("check", 0, repeat, [(label, timed(cmd), False)
+                                                for label, cmd in contenders])
+        self.clean(name, ["lab1", "lab2"])
+        return rows
+
+
+def _med(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return round(median(known), 2) if known else None
+
+
+def _mb(t: Timed) -> float | None:
+    return t.rss_kb / 1024 if t.rss_kb is not None else None
+
+
+# -- report ----------------------------------------------------------------------------------------
+def _baseline(rows: Sequence[Row], row: Row) -> Row | None:
+    return next((b for b in rows if b.scenario == row.scenario and b.baseline), None)
+
+
+def paired(row: Row, base: Row) -> float:
+    """Median over rounds of (baseline time / row time) within the same round: the machine's
+    background load drifts between rounds, much less between two neighbouring runs."""
+    return median([b.seconds / r.seconds for r, b in zip(row.runs, base.runs, strict=False)])
+
+
+def table(rows: Sequence[Row]) -> list[dict[str, Any]]:
+    """Rows with their ratio to the scenario's baseline (the curl relay): the ratio of the
+    median times, and the median of the ratios within each round."""
+    out = []
+    for r in rows:
+        base = _baseline(rows, r)
+        ratio = base.seconds / r.seconds if base is not None else None
+        pair = paired(r, base) if base is not None else None
+        out.append({"scenario": r.scenario, "contender": r.contender,
+                    "seconds": round(r.seconds, 3), "runs": len(r.runs),
+                    "mb_s": round(r.mb_s, 1) if r.mb_s else None,
+                    "ratio_vs_curl": round(ratio, 3) if ratio is not None else None,
+                    "paired_ratio_vs_curl": round(pair, 3) if pair is not None else None,
+                    "peak_rss_mb": round(r.rss_mb, 1) if r.rss_mb is not None else None,
+                    "cpu_seconds": _med([x.cpu_seconds for x in r.runs]),
+                    "server_cpu_seconds": _med([x.server_cpu_seconds for x in r.runs]),
+                    "all_seconds": [round(x.seconds, 3) for x in r.runs],
+                    "transfer_seconds": [x.transfer_seconds for x in r.runs
+                                         if x.transfer_seconds is not None] or None,
+                    "source_reads": [(x.source_reads, x.source_bytes) for x in r.runs
+                                     if x.source_reads is not None] or None})
+    return out
+
+
+def goals(rows: Sequence[Row], size: int) -> list[dict[str, Any]]:
+    def find(scenario: str, contender: str) -> Row | None:
+        return next((r for r in rows if r.scenario == scenario and r.contender == contender),
+                    None)
+
+    out: list[dict[str, Any]] = []
+
+    def goal(text: str, measured: str, ok: bool) -> None:
+        out.append({"goal": text, "measured": measured, "pass": ok})
+
+    # Judged on the paired ratio (see ``paired``); the ratio of the medians is shown too.
+    push, relay = find("copy 1→1", "imagesync push"), find("copy 1→1", "curl relay")
+    if push and relay:
+        ratio, pair = relay.seconds / push.seconds, paired(push, relay)
+        goal(f"copy {size / GB:g} GB: ≥ {COPY_RATIO_MIN}× the curl relay's throughput",
+             f"{pair:.2f}× paired, {ratio:.2f}× of medians ({push.mb_s:.0f} vs "
+             f"{relay.mb_s:.0f} MB/s)", pair >= COPY_RATIO_MIN)
+    fan, relays = find("fan-out 1→3", "imagesync push"), find("fan-out 1→3",
+                                                              "3 parallel curl relays")
+    if fan and relays:
+        ratio, pair = fan.seconds / relays.seconds, 1 / paired(fan, relays)
+        goal(f"fan-out 1→3: ≤ {FANOUT_TIME_MAX}× the time of 3 parallel curl relays",
+             f"{pair:.2f}× paired, {ratio:.2f}× of medians ({fan.seconds:.1f} vs "
+             f"{relays.seconds:.1f} s)", pair <= FANOUT_TIME_MAX)
+        reads = [(x.source_reads, x.source_bytes) for x in fan.runs]
+        once = all(n == 1 and b == size for n, b in reads)
+        goal("fan-out 1→3: the source is read once",
+             f"source requests/bytes per push: {reads}", once)
+    pushes = [r for r in rows if r.contender == "imagesync push" and r.rss_mb is not None]
+    if pushes:
+        peak = max(r.rss_mb or 0.0 for r in pushes)
+        goal(f"push peak RSS ≤ {RSS_MAX_MB:.0f} MB",
+             ", ".join(f"{r.scenario} {r.nbytes / GB:g} GB: {r.rss_mb:.0f} MB" for r in pushes),
+             peak <= RSS_MAX_MB)
+    small, large = find("copy 1→1", "imagesync push"), find("big 1→1", "imagesync push")
+    if small and large and small.rss_mb and large.rss_mb:
+        growth = large.rss_mb - small.rss_mb
+        goal(f"push peak RSS does not grow with size (≤ +{RSS_GROWTH_MAX_MB:.0f} MB)",
+             f"{small.nbytes / GB:g} GB: {small.rss_mb:.1f} MB, {large.nbytes / GB:g} GB: "
+             f"{large.rss_mb:.1f} MB ({growth:+.1f} MB)", growth <= RSS_GROWTH_MAX_MB)
+    rec, fresh = find("check", "imagesync check (recorded)"), find("check",
+                                                                   "imagesync check --fresh")
+    show = find("check", "openstack image show")
+    vs = f" (openstack image show {show.seconds:.2f} s)" if show else ""
+    if rec:
+        goal(f"check from the recorded answer ≤ {CHECK_RECORDED_MAX} s",
+             f"{rec.seconds:.3f} s{vs}", rec.seconds <= CHECK_RECORDED_MAX)
+    if fresh:
+        goal(f"check --fresh (asks the cloud) ≤ {CHECK_FRESH_MAX} s",
+             f"{fresh.seconds:.3f} s{vs}", fresh.seconds <= CHECK_FRESH_MAX)
+    return out
+
+
+def render(table_rows: Sequence[dict[str, Any]], goal_rows: Sequence[dict[str, Any]]) -> str:
+    head = ["scenario", "contender", "runs", "seconds (median)", "MB/s", "× curl relay",
+            "× curl, paired", "peak RSS MB", "CPU s", "Glance CPU s"]
+    cells = [[r["scenario"], r["contender"], str(r["runs"]), f"{r['seconds']:.2f}",
+              f"{r['mb_s']:.0f}" if r["mb_s"] else "",
+              f"{r['ratio_vs_curl']:.2f}" if r["ratio_vs_curl"] is not None else "",
+              f"{r['paired_ratio_vs_curl']:.2f}" if r["paired_ratio_vs_curl"] is not None
+              else "",
+              f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "",
+              f"{r['cpu_seconds']:.1f}" if r["cpu_seconds"] is not None else "",
+              f"{r['server_cpu_seconds']:.1f}" if r["server_cpu_seconds"] is not None else ""]
+             for r in table_rows]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(c) + " |" for c in cells]
+    lines += ["", "| goal | measured | result |", "|---|---|---|"]
+    lines += [f"| {g['goal']} | {g['measured']} | {'PASS' if g['pass'] else 'FAIL'} |"
+              for g in goal_rows]
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
+            "kernel": platform.release(),
+            "requests": requests.__version__}
+
+
+# -- main ------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--lab-dir", type=Path, default=None,
+                   help="lab directory (a running lab there is reused and left running)")
+    p.add_argument("--size-gb", type=float, default=1.0, help="image size, GiB (default 1)")
+    p.add_argument("--big-gb", type=float, default=4.0, help="big image size, GiB (default 4)")
+    p.add_argument("--repeat", type=int, default=3, help="rounds per scenario (default 3)")
+    p.add_argument("--quick", action="store_true", help="skip the big image")
+    p.add_argument("--only", action="append", choices=["copy", "fanout", "big", "check"],
+                   help="run only these scenarios (repeatable)")
+    p.add_argument("--results", type=Path, default=RESULTS, help="JSON results file")
+    p.add_argument("--also", action="append", default=[], metavar="LABEL=TREE",
+                   help="also run imagesync from this source tree (a checkout with a candidate "
+                        "change) as another contender, side by side (repeatable)")
+    args = p.parse_args(argv)
+    scenarios = set(args.only or ["copy", "fanout", "big", "check"])
+    if args.quick:
+        scenarios.discard("big")
+
+    lab_dir = (args.lab_dir or Path(tempfile.mkdtemp(prefix="imagesync-bench-lab-"))).resolve()
+    current = lab.info(lab_dir)
+    reuse = current is not None and current.start_kind == "running"
+    say(f"lab in {lab_dir} ({'reusing the running lab' if reuse else 'starting'})")
+    info = lab.up(clouds=max(CLOUDS, len(current.clouds) if current else 0), directory=lab_dir)
+    say(f"lab up ({info.start_kind}, {info.start_seconds:.0f}s)")
+    rows: list[Row] = []
+    size = int(args.size_gb * GB)
+    try:
+        with tempfile.TemporaryDirectory(prefix="imagesync-bench-") as tmp:
+            also = [(label, Path(tree).resolve()) for label, _, tree in
+                    (a.partition("=") for a in args.also)]
+            bench = Bench(info, Path(tmp), also)
+            bench.check_trees()
+            if scenarios & {"copy", "fanout"}:
+                src = ensure_source(bench.glance["lab1"], size, say)
+                if "copy" in scenarios:
+                    say(f"copy {args.size_gb:g} GB lab1 → lab2, {args.repeat} rounds")
+                    rows += bench.copy(src, args.repeat)
+                if "fanout" in scenarios:
+                    say(f"fan-out {args.size_gb:g} GB lab1 → lab2, lab3, lab4, "
+                        f"{args.repeat} rounds")
+                    rows += bench.fanout(src, args.repeat)
+            if "big" in scenarios:
+                big = ensure_source(bench.glance["lab1"], int(args.big_gb * GB), say)
+                say(f"big: {args.big_gb:g} GB lab1 → lab2")
+                rows += bench.big(big)
+            if "check" in scenarios:
+                say("check: recorded, --fresh, openstack image show")
+                rows += bench.check(max(5, args.repeat))
+    finally:
+        if not reuse:
+            say("stopping the lab")
+            lab.down(lab_dir)
+            if args.lab_dir is None:
+                shutil.rmtree(lab_dir, ignore_errors=True)
+    total = time.monotonic() - _T0
+    table_rows, goal_rows = table(rows), goals(rows, size)
+    text = render(table_rows, goal_rows)
+    print()
+    print(text)
+    print(f"\nwhole run: {total:.0f}s")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": shlex.join(["bench/bench_transfer.py", *(argv or sys.argv[1:])]),
+        "size_bytes": size, "big_bytes": int(args.big_gb * GB) if "big" in scenarios else None,
+        "repeat": args.repeat, "machine": machine(), "total_seconds": round(total, 1),
+        "rows": table_rows, "goals": goal_rows, "runs": [asdict(r) for r in rows],
+    }, indent=2, ensure_ascii=False) + "\n")
+    print(f"results: {args.results}")
+    return 0 if all(g["pass"] for g in goal_rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,538 @@
+"""`imagesync daemon` as a process against the lab's real Keystone and Glance clouds.
+
+Cold start convergence, a new version spreading, kill -9 mid-copy then restart, SIGTERM
+mid-copy, a site down (a black hole: every request times out) then back, retention
+(hide, delete, protected). Copies are made slow where a test needs them in flight by putting
+a throttling TCP proxy in front of the source's Glance (``endpoint_override``); the daemon runs
+with its own sd_notify socket and a metrics port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+import yaml
+
+from imagesync.lab import LabInfo, glance_client
+from imagesync.model import PROP_ORIGIN, PROP_STATE
+from tests.integration.labcfg import images_named, random_bytes, uid, upload
+
+pytestmark = pytest.mark.integration
+MB = 1 << 20
+POLL = 2.0
+
+
+# -- a TCP proxy: forward, throttle image downloads, or swallow every request -----------------
+
+_REQUEST = re.compile(rb"^(GET|PUT|POST|PATCH|DELETE|HEAD) (\S+) HTTP/1")
+
+
+class TcpProxy:
+    """Loopback proxy to ``upstream_port``. ``download_rate`` (bytes/s) slows responses to
+    ``GET …/file``; ``blackhole`` accepts connections and never answers; ``stop()`` closes
+    the port and every connection, ``start()`` opens the same port again."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.download_rate = 0.0
+        self.blackhole = False
+        self.port = 0
+        self._sock: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(64)
+        self.port = sock.getsockname()[1]
+        self._sock = sock
+        threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
+
+    def stop(self) -> None:
+        if self._sock is not None:
+            # shutdown first: on Linux, close() alone leaves a thread blocked in accept()
+            # holding the port open
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+            self._sock = None
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+
+    def _track(self, s: socket.socket) -> None:
+        with self._lock:
+            self._conns.append(s)
+
+    def _accept(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = sock.accept()
+            except OSError:
+                return
+            self._track(client)
+            if self.blackhole:
+                continue  # held open, never answered, until stop()
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                client.close()
+                continue
+            self._track(upstream)
+            state = {"throttle": False}
+            threading.Thread(target=self._up, args=(client, upstream, state),
+                             daemon=True).start()
+            threading.Thread(target=self._down, args=(upstream, client, state),
+                             daemon=True).start()
+
+    def _up(self, src: socket.socket, dst: socket.socket, state: dict[str, bool]) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                m = _REQUEST.match(data)
+                if m:  # a new request on this connection: is it an image download?
+                    state["throttle"] = m.group(1) == b"GET" and m.group(2).endswith(b"/file")
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def _down(self, src: socket.socket, dst: socket.socket, state: dict[str, bool]) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                if state["throttle"] and self.download_rate:
+                    time.sleep(len(data) / self.download_rate)
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+def _port(url: str) -> int:
+    port = urlparse(url).port
+    assert port is not None
+    return port
+
+
+@pytest.fixture()
+def proxies(lab: LabInfo) -> Iterator[Callable[[str], TcpProxy]]:
+    made: list[TcpProxy] = []
+
+    def make(cloud: str) -> TcpProxy:
+        p = TcpProxy(_port(lab.cloud(cloud).glance_url))
+        made.append(p)
+        return p
+
+    try:
+        yield make
+    finally:
+        for p in made:
+            p.stop()
+
+
+# -- the daemon process ----------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(lab: LabInfo, tmp_path: Path, rules: list[dict[str, Any]], *,
+                 clouds: list[str] | None = None,
+                 overrides: dict[str, dict[str, Any]] | None = None,
+                 store: bool = True, metrics_port: int | None = None) -> Path:
+    entries = {}
+    for name in clouds or lab.names:
+        c = lab.cloud(name)
+        entry: dict[str, Any] = {
+            "auth": {"auth_url": c.keystone_url, "username": c.username,
+                     "password": c.password, "project_name": c.project,
+                     "user_domain_name": "Default", "project_domain_name": "Default"},
+            "region_name": c.region, "timeout": "5s", "max_transfers": 2}
+        entry.update((overrides or {}).get(name, {}))
+        entries[name] = entry
+    doc: dict[str, Any] = {"state_dir": str(tmp_path / "state"), "poll_interval": f"{POLL}s",
+                           "max_transfers": 6, "transfer_retries": 1, "clouds": entries,
+                           "images": rules}
+    if store:
+        (tmp_path / "store").mkdir(exist_ok=True)
+        doc["stores"] = {"archive": {"type": "directory", "path": str(tmp_path / "store")}}
+    if metrics_port is not None:
+        doc["metrics_listen"] = f"127.0.0.1:{metrics_port}"
+    path = tmp_path / "imagesync.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+class DaemonProcess:
+    """`imagesync -c CONFIG daemon` with a notify socket of its own; its JSON log lines and
+    notifications are collected as they come."""
+
+    def __init__(self, config: Path) -> None:
+        self.sock_name = f"imagesync-test-{uuid.uuid4().hex}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(b"\0" + self.sock_name.encode())  # abstract namespace
+        self.sock.settimeout(0.2)
+        self.notes: list[tuple[float, str]] = []
+        self.lines: list[dict[str, Any]] = []
+        self.started = time.monotonic()
+        env = {**os.environ, "NOTIFY_SOCKET": "@" + self.sock_name, "WATCHDOG_USEC": "2000000"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "imagesync.cli", "-c", str(config), "daemon"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self._done = False
+        threading.Thread(target=self._recv, daemon=True).start()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _recv(self) -> None:
+        while not self._done:
+            try:
+                note = self.sock.recv(4096).decode()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.notes.append((time.monotonic(), note))
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with contextlib.suppress(ValueError):
+                self.lines.append(json.loads(line))
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [x for x in list(self.lines) if x.get("event") == name]
+
+    def wait_note(self, what: str, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for _, note in list(self.notes):
+                if what in note:
+                    return note
+            time.sleep(0.05)
+        raise AssertionError(f"no {what!r} notification: {self.notes}")
+
+    def terminate(self, timeout: float = 30.0) -> tuple[int, float]:
+        """SIGTERM; (exit code, seconds it took to exit)."""
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=timeout)
+        return code, time.monotonic() - t0
+
+    def stderr(self) -> str:
+        assert self.proc.stderr is not None
+        return self.proc.stderr.read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._done = True
+        self.sock.close()
+
+
+@pytest.fixture()
+def daemons() -> Iterator[Callable[[Path], DaemonProcess]]:
+    made: list[DaemonProcess] = []
+
+    def start(config: Path) -> DaemonProcess:
+        d = DaemonProcess(config)
+        made.append(d)
+        return d
+
+    try:
+        yield start
+    finally:
+        for d in made:
+            d.close()
+
+
+# -- what the clouds and the store hold --------------------------------------------------------
+
+def sha512(data: bytes) -> str:
+    return hashlib.sha512(data).hexdigest()
+
+
+def published(lab: LabInfo, cloud: str, name: str) -> list[dict[str, Any]]:
+    """Active, visible, finished images of that name (what a scheduler would boot)."""
+    return [i for i in images_named(lab, cloud, name)
+            if i["status"] == "active" and not i.get("os_hidden") and PROP_STATE not in i]
+
+
+def half_made(lab: LabInfo, cloud: str, name: str) -> list[dict[str, Any]]:
+    """Images of that name that are not finished: queued, saving, or marked uploading."""
+    return [i for i in images_named(lab, cloud, name)
+            if i["status"] != "active" or i.get(PROP_STATE)]
+
+
+def store_files(tmp_path: Path, name: str) -> list[Path]:
+    folder = tmp_path / "store" / name
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
+def store_sha(tmp_path: Path, name: str) -> set[str]:
+    return {sha512(p.read_bytes()) for p in store_files(tmp_path, name)
+            if p.suffix == ".img" and not p.name.startswith(".")}
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll ``check`` until true; return the seconds it took."""
+    t0 = time.monotonic()
+    while not check():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting until {what}")
+        time.sleep(0.25)
+    return time.monotonic() - t0
+
+
+def everywhere(lab: LabInfo, tmp_path: Path, name: str, data: bytes,
+               clouds: tuple[str, ...] = ("lab1", "lab2", "lab3"), store: bool = True) -> bool:
+    want = sha512(data)
+    for c in clouds:
+        if want not in {i.get("os_hash_value") for i in published(lab, c, name)}:
+            return False
+    return not store or want in store_sha(tmp_path, name)
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return str(resp.read().decode())
+
+
+# -- the tests ---------------------------------------------------------------------------------
+
+def test_cold_start_converges_and_a_new_version_spreads_within_a_poll(
+        lab: LabInfo, tmp_path: Path, daemons: Callable[[Path], DaemonProcess]) -> None:
+    prefix = uid("conv")
+    data = {f"{prefix}-a": random_bytes(2 * MB), f"{prefix}-b": random_bytes(MB + 1),
+            f"{prefix}-c": random_bytes(3 * MB // 2)}
+    for (name, blob), cloud in zip(data.items(), ("lab1", "lab2", "lab3"), strict=True):
+        upload(lab, cloud, name, blob)
+    metrics_port = _free_port()
+    config = write_config(lab, tmp_path, [{"name": f"{prefix}-*", "clouds": "all",
+                                           "store": "archive"}], metrics_port=metrics_port)
+    d = daemons(config)
+    d.wait_note("READY=1")
+    converged = wait_until(lambda: all(everywhere(lab, tmp_path, n, b) for n, b in data.items()),
+                           90, "3 images are on 3 clouds and the store")
+    print(f"\ncold start: 3 images on 3 clouds + store converged in {converged:.1f}s "
+          f"(daemon start included)")
+    assert d.wait_note("WATCHDOG=1") == "WATCHDOG=1"
+    assert "STATUS=last pass" in d.wait_note("STATUS=last pass")
+    done = d.events("copy.done")
+    assert len(done) == 9 and {e["target"] for e in done} == {"lab1", "lab2", "lab3", "archive"}
+    for e in done:  # one key-value event per action, with what happened
+        assert e["bytes"] > 0 and e["seconds"] >= 0 and e["image_id"]
+
+    # A new version on lab3 reaches every required site within one poll plus the copy time.
+    name = f"{prefix}-a"
+    time.sleep(1.1)  # Glance's created_at has one-second resolution
+    new = random_bytes(2 * MB + 5)
+    upload(lab, "lab3", name, new)
+    spread = wait_until(lambda: everywhere(lab, tmp_path, name, new), 60,
+                        "the new version is everywhere")
+    copies = [e for e in d.events("copy.done") if e["image"] == name
+              and e["source"].startswith("lab3:")]
+    copy_time = max(e["seconds"] for e in copies)
+    print(f"new version on lab3 reached lab1, lab2, archive in {spread:.1f}s "
+          f"(poll {POLL}s, slowest copy {copy_time:.2f}s)")
+    # observed by polling every 0.25 s; allow one poll, the copies, one listing, and slack
+    assert spread <= POLL + copy_time * len(copies) + 5.0
+    for cloud in ("lab1", "lab2"):
+        newest = [i for i in published(lab, cloud, name) if i["os_hash_value"] == sha512(new)]
+        assert newest and newest[0][PROP_ORIGIN].startswith("lab3:")
+
+    text = scrape(metrics_port)
+    ok = float(re.search(r'imagesync_copies_total\{result="ok"\} (\S+)', text).group(1))  # type: ignore[union-attr]
+    assert ok >= 12
+    assert f'imagesync_sync_lag_seconds{{image="{name}",site="lab1"}} 0.0' in text
+    assert 'imagesync_last_successful_poll_timestamp_seconds{site="lab2"}' in text
+    assert "imagesync_bytes_copied_total" in text and "imagesync_transfers_in_flight 0.0" in text
+
+    r = subprocess.run([sys.executable, "-m", "imagesync.cli", "-c", str(config), "history",
+                        name, "--json"], capture_output=True, text=True, timeout=60)
+    rows = json.loads(r.stdout)
+    # v1 from lab1 to lab2, lab3, archive; v2 from lab3 to lab1, lab2, archive
+    assert {row["target"] for row in rows if row["result"] == "ok"} == {
+        "lab1", "lab2", "lab3", "archive"}
+    assert all(row["bytes"] and row["seconds"] is not None for row in rows)
+
+    code, seconds = d.terminate()
+    assert code == 0 and seconds < 30
+    assert "Traceback" not in d.stderr()
+
+
+def _slow_copy_setup(lab: LabInfo, tmp_path: Path, proxies: Callable[[str], TcpProxy],
+                     size: int = 24 * MB, rate: float = 1.5 * MB) -> tuple[str, bytes, Path,
+                                                                            TcpProxy]:
+    name = uid("slow")
+    data = random_bytes(size)
+    upload(lab, "lab1", name, data)
+    proxy = proxies("lab1")
+    proxy.download_rate = rate  # every read of the source takes size/rate seconds
+    config = write_config(lab, tmp_path, [{"name": name, "clouds": ["lab1", "lab2"],
+                                           "store": "archive"}],
+                          overrides={"lab1": {"endpoint_override": proxy.url}})
+    return name, data, config, proxy
+
+
+def _in_flight(lab: LabInfo, tmp_path: Path, name: str) -> bool:
+    partial = [p for p in store_files(tmp_path, name) if p.name.endswith(".img.partial")]
+    uploading = [i for i in images_named(lab, "lab2", name) if i.get(PROP_STATE)]
+    return bool(partial and partial[0].stat().st_size > 0 and uploading)
+
+
+def test_kill_9_during_a_copy_then_restart_cleans_up_and_completes(
+        lab: LabInfo, tmp_path: Path, proxies: Callable[[str], TcpProxy],
+        daemons: Callable[[Path], DaemonProcess]) -> None:
+    name, data, config, proxy = _slow_copy_setup(lab, tmp_path, proxies)
+    first = daemons(config)
+    wait_until(lambda: _in_flight(lab, tmp_path, name), 60,
+               "the copies to lab2 and the store are under way")
+    first.proc.kill()  # kill -9: no chance to clean up
+    first.proc.wait(timeout=10)
+    # what a crash leaves: a hidden upload on lab2, a partial file in the store
+    assert half_made(lab, "lab2", name)
+    assert any(p.name.endswith(".img.partial") for p in store_files(tmp_path, name))
+
+    proxy.download_rate = 0  # fast again, so that the restarted copy is quick
+    second = daemons(config)
+    took = wait_until(lambda: everywhere(lab, tmp_path, name, data, ("lab2",)), 60,
+                      "the restarted daemon completed the copy")
+    print(f"\nafter kill -9: restarted daemon cleaned up and completed in {took:.1f}s")
+    cleaned = second.events("cleanup.leftover")
+    assert {e["site"] for e in cleaned} == {"lab2", "archive"}
+    images = images_named(lab, "lab2", name)
+    assert len(images) == 1 and not half_made(lab, "lab2", name)
+    assert [p.name for p in store_files(tmp_path, name)
+            if p.name.startswith(".")] == []  # no .partial, no unpublished metadata
+    assert len([p for p in store_files(tmp_path, name) if p.suffix == ".img"]) == 1
+    code, _ = second.terminate()
+    assert code == 0
+
+
+def test_sigterm_during_a_copy_exits_quickly_and_leaves_nothing(
+        lab: LabInfo, tmp_path: Path, proxies: Callable[[str], TcpProxy],
+        daemons: Callable[[Path], DaemonProcess]) -> None:
+    name, _, config, _ = _slow_copy_setup(lab, tmp_path, proxies)
+    d = daemons(config)
+    wait_until(lambda: _in_flight(lab, tmp_path, name), 60, "the copies are under way")
+    code, seconds = d.terminate()
+    print(f"\nSIGTERM during a copy: exited {code} in {seconds:.2f}s")
+    assert code == 0 and seconds < 30
+    d.wait_note("STOPPING=1")
+    assert images_named(lab, "lab2", name) == []
+    assert store_files(tmp_path, name) == []
+    assert {e["target"] for e in d.events("copy.cancelled")} == {"lab2", "archive"}
+    assert d.events("daemon.stopped") and not d.events("daemon.abandoned")
+    assert "Traceback" not in d.stderr()
+
+
+def test_a_site_down_during_a_pass_does_not_stop_the_others_and_is_repaired(
+        lab: LabInfo, tmp_path: Path, proxies: Callable[[str], TcpProxy],
+        daemons: Callable[[Path], DaemonProcess]) -> None:
+    name = uid("down")
+    data = random_bytes(MB)
+    upload(lab, "lab1", name, data)
+    proxy = proxies("lab2")
+    proxy.stop()
+    proxy.blackhole = True  # lab2's Glance accepts connections and never answers
+    proxy.start()
+    config = write_config(lab, tmp_path, [{"name": name, "clouds": "all", "store": "archive"}],
+                          overrides={"lab2": {"endpoint_override": proxy.url}})
+    d = daemons(config)
+    took = wait_until(lambda: everywhere(lab, tmp_path, name, data, ("lab1", "lab3")), 60,
+                      "lab3 and the store have it while lab2 is down")
+    print(f"\nlab2 down (requests time out after 5s): lab3 + store synced in {took:.1f}s")
+    wait_until(lambda: any("lab2" in e["unreachable"] for e in d.events("pass.done")), 30,
+               "a pass reports lab2 unreachable")
+    assert "unreachable: lab2" in d.wait_note("unreachable: lab2")
+    assert published(lab, "lab2", name) == []
+
+    proxy.stop()
+    proxy.blackhole = False
+    proxy.start()  # back, on the same address
+    repaired = wait_until(lambda: everywhere(lab, tmp_path, name, data), 60,
+                          "lab2 is repaired")
+    print(f"lab2 back: repaired in {repaired:.1f}s")
+    assert len(images_named(lab, "lab2", name)) == 1
+    code, _ = d.terminate()
+    assert code == 0
+
+
+def test_retention_keep_2_hides_or_deletes_the_oldest_and_spares_protected(
+        lab: LabInfo, tmp_path: Path, daemons: Callable[[Path], DaemonProcess]) -> None:
+    prefix = uid("keep")
+    hide, delete, guarded = f"{prefix}-hide", f"{prefix}-delete", f"{prefix}-protected"
+    rules = [{"name": hide, "clouds": ["lab1", "lab2"], "keep": 2},
+             {"name": delete, "clouds": ["lab1", "lab2"], "keep": 2, "retire": "delete"},
+             {"name": guarded, "clouds": ["lab1", "lab2"], "keep": 2, "retire": "delete"}]
+    config = write_config(lab, tmp_path, rules, store=False)
+    names = (hide, delete, guarded)
+    versions: list[bytes] = []
+    admin = glance_client(lab, "lab2", admin=True)
+    d = daemons(config)
+    copies_v1: dict[str, str] = {}
+    for v in range(3):
+        blob = random_bytes(100_000 + v)
+        versions.append(blob)
+        if v:
+            time.sleep(1.1)  # distinct version times
+        for n in names:
+            upload(lab, "lab1", n, blob)
+        wait_until(lambda b=blob: all(everywhere(lab, tmp_path, n, b, ("lab2",), store=False)
+                                      for n in names), 60, f"version {v + 1} is on lab2")
+        if v == 0:
+            for n in names:
+                (copy,) = published(lab, "lab2", n)
+                copies_v1[n] = copy["id"]
+            admin.images.update(copies_v1[guarded], protected=True)
+
+    def retired() -> bool:
+        hidden_v1 = {i["id"]: i for i in images_named(lab, "lab2", hide)}
+        return (hidden_v1.get(copies_v1[hide], {}).get("os_hidden") is True
+                and all(i["id"] != copies_v1[delete] for i in images_named(lab, "lab2", delete)))
+
+    wait_until(retired, 30, "the oldest copies are hidden / deleted")
+    try:
+        for n in names:  # the two newest versions stay visible everywhere
+            shas = {i["os_hash_value"] for i in published(lab, "lab2", n)}
+            assert shas == {sha512(versions[1]), sha512(versions[2])} | (
+                {sha512(versions[0])} if n == guarded else set())
+            # the originals on lab1 were uploaded by a person: never retired
+            assert len(published(lab, "lab1", n)) == 3
+        kept = admin.images.get(copies_v1[guarded])
+        assert kept["protected"] and not kept["os_hidden"] and kept["status"] == "active"
+        assert any("protected" in e["reason"] for e in d.events("skip")
+                   if e.get("image") == guarded)
+        modes = {e["image"]: e["mode"] for e in d.events("retire.done")}
+        assert modes == {hide: "hide", delete: "delete"}
+    finally:
+        admin.images.update(copies_v1[guarded], protected=False)
+    code, _ = d.terminate()
+    assert code == 0
