@@ -119,7 +119,9 @@ def _setup_logging(args: argparse.Namespace, config: Any = None) -> None:
 
     fmt = args.log_format or (config.log_format if config is not None else "auto")
     level = "debug" if args.verbose else (config.log_level if config is not None else "info")
-    setup_logging(fmt=fmt, level=level)
+    # The daemon's log is its output (journald); other commands keep stdout for results.
+    setup_logging(fmt=fmt, level=level,
+                  stream=sys.stdout if args.command == "daemon" else sys.stderr)
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:

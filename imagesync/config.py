@@ -53,7 +53,7 @@ class CloudConfig:
     verify: bool | str = True  # TLS verify, or a CA bundle path
     cloud: str | None = None  # the clouds.yaml entry it came from, if any
     timeout: float = 60.0  # seconds, per HTTP request (not per transfer)
-    max_transfers: int = 2  # concurrent transfers touching this cloud
+    max_transfers: int = 2  # concurrent uploads to this cloud
     #: use this Glance URL instead of the catalog's (clouds.yaml: image_endpoint_override)
     endpoint_override: str | None = None
 

@@ -192,9 +192,12 @@ class Daemon:
 
     def run_pass(self) -> PassReport | None:
         """Inventory every site, plan, execute. Never raises: a failed pass is reported."""
-        if self.cancel.is_set():
-            return None
+        # Busy first, then look at cancel: shutdown sets cancel, then waits until idle, so
+        # either it waits for this pass or this pass sees the cancel and does nothing.
         self._idle.clear()
+        if self.cancel.is_set():
+            self._idle.set()
+            return None
         self.beat()
         started = datetime.now(UTC)
         t0 = time.monotonic()
@@ -374,18 +377,10 @@ class Daemon:
         return 0
 
 
-def _log_to_stdout() -> None:
-    """Send the log lines on stdout, where journald and container runtimes read them.
-
-    ``setup_logging`` writes to stderr (right for one-shot commands, whose results go to
-    stdout); the daemon prints no results, so its log is its output.
-    """
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stderr:
-            handler.setStream(sys.stdout)
-
-
 def run_daemon(config: Config, config_path: Path | None = None) -> int:
-    """``imagesync daemon``: run the reconcile loop until SIGTERM/SIGINT; the exit code."""
-    _log_to_stdout()
+    """``imagesync daemon``: run the reconcile loop until SIGTERM/SIGINT; the exit code.
+
+    The CLI sends the daemon's log lines to stdout (journald reads them; it prints nothing
+    else), where one-shot commands log to stderr and print their results on stdout.
+    """
     return Daemon(config, config_path).run()

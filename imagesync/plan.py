@@ -15,7 +15,9 @@ Vocabulary
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Literal
@@ -112,6 +114,38 @@ class Plan:
         return [a for a in self.actions if isinstance(a, Skip)]
 
 
+#: one planning call's versions, by record: ``ImageRecord.version`` parses times and checks
+#: digests each time, and planning asks a record for it a dozen times (a tenth of an idle pass
+#: over thousands of names). Records are immutable and the cache lives for one call only.
+_versions: ContextVar[dict[int, tuple[ImageRecord, Version]] | None] = ContextVar(
+    "imagesync_plan_versions", default=None)
+
+
+def version_of(rec: ImageRecord) -> Version:
+    """``rec.version``, computed once per planning call."""
+    cache = _versions.get()
+    if cache is None:
+        return rec.version
+    hit = cache.get(id(rec))
+    if hit is not None and hit[0] is rec:  # the record is held: its id cannot be reused
+        return hit[1]
+    v = rec.version
+    cache[id(rec)] = (rec, v)
+    return v
+
+
+@contextmanager
+def _version_cache() -> Iterator[None]:
+    if _versions.get() is not None:  # an outer call already caches
+        yield
+        return
+    token = _versions.set({})
+    try:
+        yield
+    finally:
+        _versions.reset(token)
+
+
 def rule_for(rules: Sequence[Rule], name: str) -> Rule | None:
     """Exact names win over globs; otherwise the first matching rule."""
     for r in rules:
@@ -130,11 +164,11 @@ def _visible_versions(records: Iterable[ImageRecord]) -> list[ImageRecord]:
 def group_versions(records: Iterable[ImageRecord]) -> list[tuple[Version, list[ImageRecord]]]:
     """Group records that hold the same version; newest first, deterministic."""
     groups: list[tuple[Version, list[ImageRecord]]] = []
-    ordered = sorted(records, key=lambda r: (r.version.key(), r.site, r.id), reverse=True)
+    ordered = sorted(records, key=lambda r: (version_of(r).key(), r.site, r.id), reverse=True)
     for rec in ordered:
-        v = rec.version
+        v = version_of(rec)
         for i, (gv, members) in enumerate(groups):
-            if any(m.version.same_as(v) for m in members):
+            if any(version_of(m).same_as(v) for m in members):
                 members.append(rec)
                 if v.sha512 and not gv.sha512:  # learn the digest from a verified copy
                     groups[i] = (Version(gv.origin, gv.time, v.sha512), members)
@@ -189,7 +223,7 @@ def assess(
             continue
         mine = inv.named(name)
         visible = _visible_versions(mine)
-        same = [r for r in visible if newest is not None and r.version.same_as(newest)]
+        same = [r for r in visible if newest is not None and version_of(r).same_as(newest)]
         if same:
             best = _pick(same)
             cells[site] = Cell(site, "current", image=best, have=newest, required=req,
@@ -251,6 +285,20 @@ def plan_name(
     prefer_source: str | None = None,
 ) -> tuple[Assessment, list[Action]]:
     """Actions bringing the newest version of ``name`` where ``rule`` (or ``targets``) wants it."""
+    with _version_cache():
+        return _plan_name(name, rule, inventories, all_sites, targets=targets,
+                          prefer_source=prefer_source)
+
+
+def _plan_name(
+    name: str,
+    rule: Rule,
+    inventories: Mapping[str, SiteInventory],
+    all_sites: Sequence[str],
+    *,
+    targets: Sequence[str] | None,
+    prefer_source: str | None,
+) -> tuple[Assessment, list[Action]]:
     required = tuple(targets) if targets else rule.sites
     shown = list(dict.fromkeys([*required, *all_sites]))
     a = assess(name, inventories, shown, required=required, prefer_source=prefer_source)
@@ -317,7 +365,7 @@ def _retention(
             continue
         if rule.on_mismatch == "replace" and cell.state == "current":
             for rec in _visible_versions(inv.named(name)):
-                v = rec.version
+                v = version_of(rec)
                 if a.newest and v.time == a.newest.time and not v.same_as(a.newest):
                     out.extend(_retire_one(name, site, rec, rule, inv, "replaced: mismatch"))
         if rule.keep is None or cell.state != "current":
@@ -348,7 +396,7 @@ def _delete_hidden(name: str, site: str, rule: Rule, inv: SiteInventory,
             continue
         if rec.protected or (inv.in_use is not None and rec.id in inv.in_use):
             continue
-        v = rec.version
+        v = version_of(rec)
         if v.time < oldest_kept and not any(v.same_as(k) for k, _ in kept):
             out.append(Retire(name, site, rec.id, "delete", v,
                               f"hidden earlier, beyond keep={rule.keep}: {v.short()}"))
@@ -364,7 +412,7 @@ def _retire_one(
         return [Skip(name, site, f"{rec.short_id} {why}, but protected: kept")]
     if inv.in_use is not None and rec.id in inv.in_use:
         return [Skip(name, site, f"{rec.short_id} {why}, but a server uses it: kept")]
-    return [Retire(name, site, rec.id, rule.retire, rec.version, why)]
+    return [Retire(name, site, rec.id, rule.retire, version_of(rec), why)]
 
 
 def plan(
@@ -377,11 +425,12 @@ def plan(
     """The whole reconcile plan: every managed name, every rule."""
     result = Plan()
     sliced = by_name(inventories)
-    for name in (names if names is not None else names_in(inventories, rules)):
-        rule = rule_for(rules, name)
-        if rule is None:
-            continue
-        a, actions = plan_name(name, rule, sliced(name), all_sites)
-        result.assessments.append(a)
-        result.actions.extend(actions)
+    with _version_cache():
+        for name in (names if names is not None else names_in(inventories, rules)):
+            rule = rule_for(rules, name)
+            if rule is None:
+                continue
+            a, actions = plan_name(name, rule, sliced(name), all_sites)
+            result.assessments.append(a)
+            result.actions.extend(actions)
     return result

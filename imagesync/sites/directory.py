@@ -141,7 +141,7 @@ class DirectorySite:
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(hashes=frozenset({"sha512", "md5"}))
+        return Capabilities(hashes=frozenset({"sha512", "md5"}), hide=True)
 
     def _record(self, meta: dict[str, Any]) -> ImageRecord:
         created = parse_time(meta.get("created_at")) or datetime.now(UTC)

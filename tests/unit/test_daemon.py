@@ -274,10 +274,11 @@ def test_a_stuck_transfer_at_shutdown_has_its_uploads_removed(tmp_path: Path) ->
     d.scheduler = None
     t = threading.Thread(target=d.run_pass, daemon=True)
     t.start()
+    state = State(tmp_path / "state")
     deadline = time.monotonic() + 10
-    while not stuck.images and time.monotonic() < deadline:
+    while not state.leases() and time.monotonic() < deadline:  # leased once created
         time.sleep(0.01)
-    assert State(tmp_path / "state").leases(), "the upload was not leased"
+    assert stuck.images and state.leases(), "the upload was not leased"
     d.request_stop()
     with capture_logs() as logs:
         d._shutdown()
