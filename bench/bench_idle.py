@@ -49,7 +49,7 @@ from urllib.parse import parse_qs, urlparse
 
 from imagesync import lab as labmod
 from imagesync.config import CloudConfig, Config, ImageRule
-from imagesync.execute import Engine
+from imagesync.execute import FULL_LIST_EVERY, Engine
 from imagesync.lab import LabInfo, glance_client
 from imagesync.model import PROP_ORIGIN, PROP_SHA512, PROP_VERSION, format_time, parse_time
 from imagesync.plan import plan
@@ -211,9 +211,10 @@ def bench_config(lab: LabInfo, state_dir: Path) -> Config:
                   images=(ImageRule(pattern=f"{PREFIX}*", clouds=CLOUDS),))
 
 
-def one_pass(engine: Engine) -> dict[str, Any]:
+def one_pass(engine: Engine, incremental: bool = True) -> dict[str, Any]:
+    """One daemon pass: inventory (incremental, as the daemon lists), plan, execute."""
     t0 = time.perf_counter()
-    inventories = engine.inventories()
+    inventories = engine.inventories(incremental=incremental)
     t1 = time.perf_counter()
     p = plan(engine.rules, inventories, engine.site_names)
     t2 = time.perf_counter()
@@ -270,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(args.runs):
                 warm.append(one_pass(engine))
                 warm_calls = counter.take()
+            full = []  # side by side: the same pass with a full listing of every site
+            full_calls = Counter[str]()
+            for _ in range(args.runs):
+                full.append(one_pass(engine, incremental=False))
+                full_calls = counter.take()
             alone = {}
             for cloud in CLOUDS:  # each cloud listed with nothing else running
                 t = time.perf_counter()
@@ -293,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         last = warm[len(warm) // 2]
         print(f"    of which inventory {last['inventory']:.2f}s, plan {last['plan']:.2f}s, "
               f"execute+record {last['execute']:.2f}s")
+        fmed = statistics.median(r["seconds"] for r in full)
+        print(f"  full-listing passes ({args.runs}): median {fmed:.2f}s, "
+              f"{sum(full_calls.values())} API calls each (the daemon lists fully every "
+              f"{FULL_LIST_EVERY:.0f}s); incremental/full = {med / fmed:.2f}x")
         print(f"  goal {GOAL_SECONDS:.1f}s: median is {med / GOAL_SECONDS:.0%} of the goal "
               f"-> {'MET' if med <= GOAL_SECONDS else 'NOT MET'}")
         ours = last["plan"] + last["execute"]

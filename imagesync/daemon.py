@@ -203,7 +203,7 @@ class Daemon:
         t0 = time.monotonic()
         try:
             engine = self._current_engine()
-            inventories = engine.inventories()
+            inventories = engine.inventories(incremental=True)
             self.beat()
             self.metrics.observe_inventories(inventories)
             unreachable = tuple(s for s, inv in inventories.items() if not inv.ok)

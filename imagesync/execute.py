@@ -68,6 +68,19 @@ class ActionResult:
     targets: list[TargetResult] = field(default_factory=list)
 
 
+#: seconds between full listings of a site that can list changes (deletions by others are
+#: noticed then); in between, an idle pass reads only what changed
+FULL_LIST_EVERY = 600.0
+GONE = frozenset({"deleted", "pending_delete", "killed"})
+
+
+@dataclass
+class _Cached:
+    records: dict[str, ImageRecord]
+    watermark: str
+    full_at: float
+
+
 class Engine:
     """Sites, state and policy for one process; opens sites lazily and reuses them."""
 
@@ -77,6 +90,7 @@ class Engine:
         self.state = state or State(config.state_dir)
         self._sites: dict[str, Site] = dict(sites or {})
         self._sites_lock = threading.Lock()
+        self._cache: dict[str, _Cached] = {}
         self.policy = RetryPolicy(attempts=max(1, config.transfer_retries + 1))
 
     @property
@@ -107,28 +121,62 @@ class Engine:
             s.close()
 
     # -- inventory ---------------------------------------------------------------------------
-    def inventory(self, site_name: str, name: str | None = None) -> SiteInventory:
+    def _list(self, site: Site, site_name: str, name: str | None,
+              incremental: bool) -> list[ImageRecord]:
+        """A site's images: incrementally from the cache when the site can, fully otherwise."""
+        if name is not None or not site.capabilities.list_changes:
+            return site.list_images(name)
+        now = time.monotonic()
+        cached = self._cache.get(site_name)
+        if incremental and cached is not None and now - cached.full_at < FULL_LIST_EVERY:
+            changed, watermark = site.list_changed(cached.watermark)
+            records = dict(cached.records)
+            for rec in changed:
+                if rec.status in GONE:
+                    records.pop(rec.id, None)
+                else:
+                    records[rec.id] = rec
+            self._cache[site_name] = _Cached(records, watermark, cached.full_at)
+            return list(records.values())
+        # A full listing (also the only way to notice images deleted by someone else),
+        # then the watermark from which the next pass lists only changes.
+        images = site.list_images(None)
+        stamps = [r.updated_at or r.created_at for r in images]
+        watermark = format_time(max(stamps)) if stamps else ""
+        self._cache[site_name] = _Cached({r.id: r for r in images}, watermark, now)
+        return images
+
+    def forget(self, site_name: str) -> None:
+        """Drop a site's cached listing (after imagesync changed it): the next one is full."""
+        self._cache.pop(site_name, None)
+
+    def inventory(self, site_name: str, name: str | None = None,
+                  incremental: bool = False) -> SiteInventory:
         try:
             site = self.site(site_name)
-            images = site.list_images(name)
+            images = self._list(site, site_name, name, incremental)
             in_use = site.images_in_use() if site.capabilities.in_use_check else None
             return SiteInventory(site_name, tuple(images), listed_at=datetime.now(UTC),
                                  in_use=frozenset(in_use) if in_use is not None else None)
         except SiteError as exc:
             log.warning("inventory.failed", site=site_name, error=str(exc))
+            self.forget(site_name)
             return SiteInventory(site_name, error=str(exc))
 
     def inventories(self, sites: Sequence[str] | None = None, name: str | None = None,
-                    *, recover: bool = True) -> dict[str, SiteInventory]:
+                    *, recover: bool = True, incremental: bool = False
+                    ) -> dict[str, SiteInventory]:
         """List every site concurrently; one slow or dead site never stalls the others.
 
         With ``recover`` (not for read-only commands) crash leftovers are removed first.
+        With ``incremental`` (the daemon's passes) a site that can list changes since the
+        previous pass does so, with a full listing every ``FULL_LIST_EVERY`` seconds.
         """
         names = list(sites) if sites is not None else self.site_names
         if not names:
             return {}
         with ThreadPoolExecutor(max_workers=min(8, len(names))) as pool:
-            results = pool.map(lambda s: self.inventory(s, name), names)
+            results = pool.map(lambda s: self.inventory(s, name, incremental), names)
             found = {inv.site: inv for inv in results}
         return self.recover(found) if recover else found
 
@@ -174,6 +222,7 @@ class Engine:
         try:
             with self.state.lock(name, site_name):
                 self.site(site_name).delete(image_id)
+            self.forget(site_name)
         except LockBusy:
             return False
         except SiteError as exc:
@@ -195,6 +244,7 @@ class Engine:
                             error=str(exc))
                 continue
             self.state.drop_lease(lease.site, lease.image_id)
+            self.forget(lease.site)
             log.warning("cleanup.own_upload", site=lease.site, image=lease.name,
                         image_id=lease.image_id)
             count += 1
@@ -358,6 +408,8 @@ class Engine:
             observer.copy_started(dataclasses.replace(copy, targets=tuple(targets)))
             result = copy_image(source, image, pairs, policy=self.policy, progress=count,
                                 cancel=cancel, watcher=_Leases(self.state, copy.name))
+            for t in targets:  # imagesync changed these sites: list them fully next time
+                self.forget(t)
             close = getattr(bar, "close", None)
             if close is not None:
                 close()
@@ -392,6 +444,7 @@ class Engine:
             if rec.in_progress:  # we hold the lock, so nobody is writing it: a crash leftover
                 log.warning("cleanup.leftover", site=target, image_id=rec.id, image=copy.name)
                 site.delete(rec.id)
+                self.forget(target)
         return any(r.counts and not r.hidden and r.version.same_as(copy.version)
                    for r in records)
 
@@ -410,6 +463,7 @@ class Engine:
                     site.hide(retire.image_id)
                 else:
                     site.delete(retire.image_id)
+            self.forget(retire.site)
         except (SiteError, LockBusy) as exc:
             log.error("retire.failed", image=retire.name, site=retire.site,
                       image_id=retire.image_id, error=str(exc))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from imagesync.errors import NotFound, SiteError, TransientError
-from imagesync.model import PROP_STATE, STATE_UPLOADING, ImageRecord, NewImage
+from imagesync.model import PROP_STATE, STATE_UPLOADING, ImageRecord, NewImage, format_time
 from imagesync.sites.base import Capabilities
 
 
@@ -26,6 +26,7 @@ class Faults:
     fail_write_transient: bool = True
     corrupt_read: bool = False
     fail_list: bool = False
+    list_changes: bool = False  # offer incremental listing
 
 
 @dataclass
@@ -75,10 +76,12 @@ class MemSite:
         self.images: dict[str, _Stored] = {}
         self.reads = 0
         self.hidden_ids: set[str] = set()
+        self.changed_calls = 0
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(hashes=frozenset({"sha512", "md5"}), hide=True)
+        return Capabilities(hashes=frozenset({"sha512", "md5"}), hide=True,
+                            list_changes=self.faults.list_changes)
 
     def add(self, name: str, data: bytes, *, created: datetime | None = None,
             props: Mapping[str, str] | None = None, status: str = "active",
@@ -102,6 +105,15 @@ class MemSite:
         if self.faults.fail_list:
             raise TransientError("connection refused", site=self.name)
         return [s.rec for s in self.images.values() if name is None or s.rec.name == name]
+
+    def list_changed(self, since: str) -> tuple[list[ImageRecord], str]:
+        self.changed_calls += 1
+        if self.faults.fail_list:
+            raise TransientError("connection refused", site=self.name)
+        recs = [s.rec for s in self.images.values()]
+        stamp = [format_time(r.updated_at or r.created_at) for r in recs]
+        out = [r for r, t in zip(recs, stamp, strict=True) if t >= since]
+        return out, max(stamp + [since])
 
     def get_image(self, image_id: str) -> ImageRecord:
         if image_id not in self.images:

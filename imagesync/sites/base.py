@@ -40,6 +40,9 @@ class Capabilities:
     visibility: bool = False
     #: honours the protected flag
     protected: bool = False
+    #: can list only the images changed since a watermark (``list_changed``), so an idle
+    #: pass does not re-read thousands of unchanged images
+    list_changes: bool = False
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -71,6 +74,11 @@ class Site(Protocol):
 
     def list_images(self, name: str | None = None) -> list[ImageRecord]:
         """Every image (all visibilities, hidden ones included), or only those named ``name``."""
+
+    def list_changed(self, since: str) -> tuple[list[ImageRecord], str]:
+        """Images created or updated at or after ``since`` (the site's own clock, as returned
+        by the previous call; "" for everything), and the watermark for the next call. Only
+        when ``capabilities.list_changes``; deletions show up only in a full ``list_images``."""
 
     def get_image(self, image_id: str) -> ImageRecord:
         """One image by id. Raises NotFound."""

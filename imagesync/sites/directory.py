@@ -197,6 +197,10 @@ class DirectorySite:
                     out.append(rec)
         return out
 
+    def list_changed(self, since: str) -> tuple[list[ImageRecord], str]:
+        """Not incremental (``capabilities.list_changes`` is False): everything, every time."""
+        return self.list_images(), since
+
     def _find(self, image_id: str) -> tuple[Path, bool]:
         """The folder holding ``image_id`` and whether it is published."""
         _check_id(image_id)

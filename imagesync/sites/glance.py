@@ -36,7 +36,14 @@ from keystoneauth1 import session as ks_session
 
 from imagesync.config import CloudConfig
 from imagesync.errors import AuthError, Conflict, NotFound, SiteError, TransientError
-from imagesync.model import PROP_STATE, STATE_UPLOADING, ImageRecord, NewImage, parse_time
+from imagesync.model import (
+    PROP_STATE,
+    STATE_UPLOADING,
+    ImageRecord,
+    NewImage,
+    format_time,
+    parse_time,
+)
 from imagesync.sites.base import Capabilities
 
 log = structlog.get_logger("imagesync.glance")
@@ -299,7 +306,8 @@ class GlanceSite:
             except SiteError:
                 pass
             self._caps = Capabilities(hashes=frozenset({"md5", "sha512"}), hide=True,
-                                      import_methods=methods, visibility=True, protected=True)
+                                      import_methods=methods, visibility=True, protected=True,
+                                      list_changes=True)
         return self._caps
 
     def check_connection(self) -> None:
@@ -325,6 +333,17 @@ class GlanceSite:
         # the same time, both requests would have Keystone validate the new token (measured
         # slower: 0.35 s against 0.24 s).
         return self._list(base) + self._list({**base, "os_hidden": "true"})
+
+    def list_changed(self, since: str) -> tuple[list[ImageRecord], str]:
+        """Images created or updated at or after ``since``: Glance's ``updated_at=gte:``
+        filter, in Glance's own clock, so the control host's clock does not matter. An idle
+        pass over thousands of images then reads a few records instead of all of them."""
+        base = {"visibility": "all"}
+        if since:
+            base["updated_at"] = f"gte:{since}"
+        records = self._list(base) + self._list({**base, "os_hidden": "true"})
+        stamps = [format_time(r.updated_at or r.created_at) for r in records]
+        return records, max([*stamps, since])
 
     def get_image(self, image_id: str) -> ImageRecord:
         raw = self._call(f"get image {image_id}",

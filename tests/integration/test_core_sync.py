@@ -160,3 +160,24 @@ def test_glance_lists_hidden_images_and_all_pages(lab: LabInfo, tmp_path: Path) 
     # force tiny pages to prove `next` links are followed
     pages = site._list({"name": name, "limit": "2", "visibility": "all"})
     assert len({r.id for r in pages}) == len([i for i in range(7) if i % 3 != 0])
+
+
+def test_glance_lists_only_what_changed_since_a_watermark(lab: LabInfo) -> None:
+    from imagesync.sites.glance import GlanceSite
+
+    site = GlanceSite(cloud_config(lab, "lab3"))
+    gc = glance_client(lab, "lab3")
+    old = gc.images.create(name=uid("old"), disk_format="raw", container_format="bare")
+    everything, watermark = site.list_changed("")
+    assert old["id"] in {r.id for r in everything}
+    time.sleep(1.1)  # Glance's timestamps have one-second resolution
+    new = gc.images.create(name=uid("new"), disk_format="raw", container_format="bare",
+                           os_hidden=True)
+    gc.images.update(old["id"], os_distro="changed")  # an update counts as a change too
+    changed, next_mark = site.list_changed(watermark)
+    ids = {r.id for r in changed}
+    assert new["id"] in ids and old["id"] in ids
+    assert len(ids) < len(everything) + 1  # not a full listing
+    time.sleep(1.1)
+    idle, _ = site.list_changed(next_mark)
+    assert {r.id for r in idle} <= ids  # nothing new: at most the boundary records again

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from imagesync.config import Config, ImageRule
 from imagesync.execute import Engine
 from imagesync.plan import plan
@@ -102,3 +104,42 @@ def test_retention_hides_old_versions_after_the_new_one_lands(tmp_path: Path) ->
     assert len(hidden) == 1 and bytes(sites["c2"].images[hidden[0].id].data) == b"old"
     # c1's old version was uploaded by a person: kept visible
     assert not any(s.rec.hidden for s in sites["c1"].images.values())
+
+
+def test_incremental_listing_reads_only_changes_and_lists_fully_now_and_then(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    import imagesync.execute as execute
+
+    engine, sites = make(tmp_path, n=2)
+    for s in sites.values():
+        s.faults.list_changes = True
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    sites["c1"].add("img-a", b"a" * 10, created=t0)
+    first = engine.inventories(incremental=True)  # full listing, sets the watermark
+    assert [r.name for r in first["c1"].images] == ["img-a"]
+    assert sites["c1"].changed_calls == 0
+    sites["c1"].add("img-b", b"b" * 10, created=t0 + timedelta(hours=1))
+    second = engine.inventories(incremental=True)
+    assert sites["c1"].changed_calls == 1
+    assert sorted(r.name for r in second["c1"].images) == ["img-a", "img-b"]
+    # a deletion by someone else is not a change a site can list: seen at the next full one
+    gone = next(i for i, st in sites["c1"].images.items() if st.rec.name == "img-a")
+    sites["c1"].delete(gone)
+    assert len(engine.inventories(incremental=True)["c1"].images) == 2
+    monkeypatch.setattr(execute, "FULL_LIST_EVERY", 0.0)
+    assert [r.name for r in engine.inventories(incremental=True)["c1"].images] == ["img-b"]
+
+
+def test_a_site_imagesync_changed_is_listed_fully_next_time(tmp_path: Path) -> None:
+    engine, sites = make(tmp_path, n=2)
+    for s in sites.values():
+        s.faults.list_changes = True
+    sites["c1"].add("img-a", b"a" * 10)
+    p = plan(engine.rules, engine.inventories(incremental=True), ["c1", "c2"])
+    engine.execute(p)  # copies to c2
+    calls = sites["c2"].changed_calls
+    inv = engine.inventories(incremental=True)
+    assert sites["c2"].changed_calls == calls  # full listing for c2, not incremental
+    assert [r.name for r in inv["c2"].images] == ["img-a"]
