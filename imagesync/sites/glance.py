@@ -1,14 +1,17 @@
-"""A Glance v2 cloud as a Site: plain Glance v2 requests through a keystoneauth1 session.
+"""A Glance v2 cloud as a Site: a keystoneauth1 session + python-glanceclient.
 
-Errors from keystoneauth and requests are classified here, at the boundary, into imagesync's
-hierarchy (TransientError, AuthError, NotFound, Conflict); the engine never sees a client
-library's exception. Listing asks for JSON pages of up to 1000 images, with no per-image
-schema validation, because an idle pass over thousands of images must be fast. An upload of
-known size is sent with a Content-Length, which costs Glance far less than a chunked body
-(see ``_Body``). An update is one JSON patch, made the way glanceclient's ``images.update``
-makes it. python-glanceclient itself is not used: importing it took 0.4-0.7 s of every run
-(pyOpenSSL, jsonschema, warlock), and its update costs three requests and a schema fetch where
-two requests do (measurements: bench/README.md).
+Errors from keystoneauth, glanceclient and requests are classified here, at the boundary,
+into imagesync's hierarchy (TransientError, AuthError, NotFound, Conflict); the engine never
+sees a client library's exception.
+
+What goes through which client, and why (measurements: bench/README.md):
+- metadata changes (create, publish, hide, delete) through python-glanceclient, imported on
+  the first change only, so that ``check`` and listings do not pay its 0.4-0.7 s import;
+- listing as JSON pages of up to 1000 images straight through the session (no per-image
+  schema validation: an idle pass over thousands of images must be fast);
+- image data through the session: downloads stream with Range support, and an upload of known
+  size is sent with a Content-Length (see ``_Body``), which costs Glance under uwsgi far less
+  CPU than glanceclient's always-chunked body (1 GB copy: 0.88 → 1.07 of a curl relay).
 
 Uploads are invisible until published: the image is created with ``os_hidden=true`` and the
 ``imagesync.state=uploading`` mark, so a scheduler listing by name never sees a half-made image.
@@ -63,16 +66,10 @@ RESERVED_PREFIXES = ("os_glance",)
 # (measured in a 1→3 fan-out: 0.82 → 0.88 of the curl relays' speed, peak RSS 78 → 85 MB).
 _UPLOAD_QUEUE_CHUNKS = 16
 _ABORT = object()
-_PATCH_HEADERS = {"Content-Type": "application/openstack-images-v2.1-json-patch"}
 
 
 def is_reserved(key: str) -> bool:
     return key in RESERVED or key.startswith(RESERVED_PREFIXES)
-
-
-def _pointer(key: str) -> str:
-    """The JSON pointer (RFC 6901) of a top-level key."""
-    return "/" + key.replace("~", "~0").replace("/", "~1")
 
 
 def _retry_after(response: Any) -> float | None:
@@ -91,6 +88,13 @@ def classify(exc: BaseException, site: str, what: str) -> SiteError:
     response: Any = None
     if isinstance(exc, ksexc.HttpError):
         status, response = exc.http_status, exc.response
+    elif type(exc).__module__.startswith("glanceclient"):
+        # glanceclient.exc, matched by module so that it need not be imported to classify
+        code = getattr(exc, "code", None)
+        status = code if isinstance(code, int) else None
+        if type(exc).__name__ in ("CommunicationError", "InvalidEndpoint"):
+            return TransientError(f"{what}: connection failed: {type(exc).__name__}",
+                                  site=site)
     text = f"{what}: {type(exc).__name__}"
     detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
     if detail:
@@ -256,6 +260,21 @@ class GlanceSite:
             self.session, service_type="image", interface=cfg.interface,
             region_name=cfg.region_name, endpoint_override=cfg.endpoint_override)
         self._caps: Capabilities | None = None
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        """python-glanceclient's v2 Client on this session, made on first use."""
+        with self._client_lock:
+            if self._client is None:
+                from glanceclient.v2 import client as glance_v2
+
+                self._client = glance_v2.Client(
+                    session=self.session, interface=self.cfg.interface,
+                    region_name=self.cfg.region_name,
+                    endpoint_override=self.cfg.endpoint_override)
+            return self._client
 
     # -- helpers ------------------------------------------------------------------------
     def _call(self, what: str, fn: Callable[[], T]) -> T:
@@ -393,41 +412,21 @@ class GlanceSite:
         props = {k: str(v) for k, v in new.properties.items() if not is_reserved(k)}
         props[PROP_STATE] = STATE_UPLOADING
         fields.update(props)
-        raw = self._call(f"create image {new.name}", lambda: self.adapter.post(
-            "/v2/images", json=fields).json())
+        raw = self._call(f"create image {new.name}",
+                         lambda: self.client.images.create(**fields))
         image_id = str(raw["id"])
         log.debug("image.created", site=self.name, image_id=image_id, name=new.name)
         return GlanceWriter(self, image_id, new.size)
 
-    def _update(self, what: str, image_id: str, changes: Mapping[str, Any],
-                remove: tuple[str, ...] = ()) -> ImageRecord:
-        """One JSON patch, made as glanceclient's ``images.update`` makes it: against the image
-        as it is now, "replace" what it holds, "add" what it lacks, "remove" only what it
-        holds. Glance answers with the updated image."""
-        current = self._call(what, lambda: self.adapter.get(f"/v2/images/{image_id}").json())
-        ops: list[dict[str, Any]] = []
-        for key, value in changes.items():
-            if key not in current:
-                ops.append({"op": "add", "path": _pointer(key), "value": value})
-            elif current[key] != value:
-                ops.append({"op": "replace", "path": _pointer(key), "value": value})
-        ops += [{"op": "remove", "path": _pointer(key)} for key in remove
-                if key in current and key not in changes]
-        if not ops:
-            return self._record(current)
-        raw = self._call(what, lambda: self.adapter.patch(
-            f"/v2/images/{image_id}", json=ops, headers=_PATCH_HEADERS).json())
-        return self._record(raw)
-
     def publish(self, image_id: str, properties: Mapping[str, str] | None = None) -> ImageRecord:
         extra = {k: v for k, v in (properties or {}).items() if not is_reserved(k)}
-        return self._update(f"publish {image_id}", image_id, {"os_hidden": False, **extra},
-                            remove=(PROP_STATE,))
+        self._call(f"publish {image_id}", lambda: self.client.images.update(
+            image_id, remove_props=[PROP_STATE], os_hidden=False, **extra))
+        return self.get_image(image_id)
 
     def delete(self, image_id: str) -> None:
         try:
-            self._call(f"delete {image_id}",
-                       lambda: self.adapter.delete(f"/v2/images/{image_id}"))
+            self._call(f"delete {image_id}", lambda: self.client.images.delete(image_id))
         except NotFound:
             return
 
@@ -443,7 +442,8 @@ class GlanceSite:
                 time.sleep(0.5 * (attempt + 1))
 
     def hide(self, image_id: str) -> None:
-        self._update(f"hide {image_id}", image_id, {"os_hidden": True})
+        self._call(f"hide {image_id}",
+                   lambda: self.client.images.update(image_id, os_hidden=True))
 
     def images_in_use(self) -> set[str] | None:
         return None
