@@ -535,6 +535,49 @@ def _inline_auth(doc: _Doc, raw: object, raw_type: object, key: str
     else:
         auth_type = "password"
 
+    option_names, required = _auth_options(doc, auth_type, key)
+    doc.known_keys(auth, akey, option_names)
+    if "auth_url" not in auth:
+        doc.fail(_join(akey, "auth_url"), "missing: add it (the Keystone URL, like "
+                 "https://keystone.example.org:5000/v3)")
+    _url(doc, auth["auth_url"], _join(akey, "auth_url"), "https://keystone.example.org:5000/v3")
+    problem = _credential_problem(auth_type, auth, required)
+    if problem:
+        sub, message = problem
+        doc.fail(_join(akey, sub) if sub else akey, message)
+    if auth_type != "v2password":
+        # Keystone v3 needs a domain for names; "Default" is what every single-domain cloud uses.
+        if "username" in auth and not ({"user_domain_name", "user_domain_id"} & auth.keys()):
+            auth["user_domain_name"] = "Default"
+        if "project_name" in auth and not ({"project_domain_name", "project_domain_id"}
+                                           & auth.keys()):
+            auth["project_domain_name"] = "Default"
+    return auth_type, dict(auth)
+
+
+_SCOPE = ("auth_url", "system_scope", "domain_id", "domain_name", "project_id", "project_name",
+          "project_domain_id", "project_domain_name", "trust_id")
+_USER = ("user_id", "username", "user_domain_id", "user_domain_name")
+#: keystoneauth's options for the common auth types, so that loading a configuration does not
+#: import keystoneauth (0.1-0.2 s, which `imagesync check` pays on every boot). A unit test
+#: holds this table to keystoneauth's own ``get_options()``.
+KNOWN_AUTH_OPTIONS: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "password": ((*_SCOPE, "default_domain_id", "default_domain_name", *_USER, "password"),
+                 ("auth_url",)),
+    "v3password": ((*_SCOPE, *_USER, "password"), ("auth_url",)),
+    "v3applicationcredential": ((*_SCOPE, *_USER, "application_credential_secret",
+                                 "application_credential_id", "application_credential_name"),
+                                ("auth_url", "application_credential_secret")),
+    "token": ((*_SCOPE, "default_domain_id", "default_domain_name", "token"), ("auth_url",)),
+    "v3token": ((*_SCOPE, "token"), ("auth_url",)),
+}
+
+
+def _auth_options(doc: _Doc, auth_type: str, key: str) -> tuple[list[str], list[str]]:
+    """(option names, required ones) of a keystoneauth plugin."""
+    if auth_type in KNOWN_AUTH_OPTIONS:
+        names, required = KNOWN_AUTH_OPTIONS[auth_type]
+        return list(names), list(required)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # from optional deps it imports
         from keystoneauth1 import exceptions as ks_exc
@@ -547,23 +590,7 @@ def _inline_auth(doc: _Doc, raw: object, raw_type: object, key: str
         doc.fail(_join(key, "auth_type"), f"unknown auth type {auth_type!r}: "
                  f"{_suggest(auth_type, known)}use one of: {', '.join(known)}")
     options = loader.get_options()
-    doc.known_keys(auth, akey, [o.dest for o in options])
-    if "auth_url" not in auth:
-        doc.fail(_join(akey, "auth_url"), "missing: add it (the Keystone URL, like "
-                 "https://keystone.example.org:5000/v3)")
-    _url(doc, auth["auth_url"], _join(akey, "auth_url"), "https://keystone.example.org:5000/v3")
-    problem = _credential_problem(auth_type, auth, [o.dest for o in options if o.required])
-    if problem:
-        sub, message = problem
-        doc.fail(_join(akey, sub) if sub else akey, message)
-    if auth_type != "v2password":
-        # Keystone v3 needs a domain for names; "Default" is what every single-domain cloud uses.
-        if "username" in auth and not ({"user_domain_name", "user_domain_id"} & auth.keys()):
-            auth["user_domain_name"] = "Default"
-        if "project_name" in auth and not ({"project_domain_name", "project_domain_id"}
-                                           & auth.keys()):
-            auth["project_domain_name"] = "Default"
-    return auth_type, dict(auth)
+    return [o.dest for o in options], [o.dest for o in options if o.required]
 
 
 _NO_CREDENTIALS = ("no credentials: add username, password and project_name (a password login), "

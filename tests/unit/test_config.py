@@ -505,3 +505,14 @@ def test_check_connections_unreachable_cloud(tmp_path: Path) -> None:
     [(name, ok, detail)] = check_connections(config)
     assert (name, ok) == ("c", False)
     assert detail == "cannot connect to http://127.0.0.1:1/v3"
+
+
+def test_the_static_auth_option_table_matches_keystoneauth() -> None:
+    from keystoneauth1 import loading
+
+    from imagesync.config import KNOWN_AUTH_OPTIONS
+
+    for auth_type, (names, required) in KNOWN_AUTH_OPTIONS.items():
+        options = loading.get_plugin_loader(auth_type).get_options()
+        assert sorted(names) == sorted(o.dest for o in options), auth_type
+        assert sorted(required) == sorted(o.dest for o in options if o.required), auth_type
