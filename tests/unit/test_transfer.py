@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 
+import pytest
+
 from imagesync.model import PROP_ORIGIN, PROP_SHA512, PROP_STATE, PROP_VERSION
 from imagesync.retry import RetryPolicy
 from imagesync.transfer import copy_image, new_image_for
@@ -102,3 +104,27 @@ def test_source_md5_mismatch_is_an_integrity_error() -> None:
     result = copy_image(src, rec, [(dst, new_image_for(rec, rec.version, "private"))],
                         policy=FAST)
     assert result.targets[0].error_kind == "integrity" and dst.images == {}
+
+
+def test_md5_is_computed_only_when_it_can_decide(monkeypatch: pytest.MonkeyPatch) -> None:
+    import imagesync.transfer as transfer
+
+    made = []
+    real = hashlib.md5
+
+    def counting_md5(*a: object, **kw: object) -> object:
+        made.append(1)
+        return real(*a, **kw)  # type: ignore[arg-type]
+
+    import types
+
+    # a stand-in hashlib for transfer.py alone (the sites hash with the real one)
+    fake = types.SimpleNamespace(sha512=hashlib.sha512, md5=counting_md5)
+    monkeypatch.setattr(transfer, "hashlib", fake)
+    _copy(MemSite("src"), [MemSite("t1")])  # both sides report sha512: md5 decides nothing
+    assert made == []
+    src, dst = MemSite("src"), MemSite("dst")
+    rec = src.add("img", DATA, hashes={"md5": real(DATA).hexdigest()})  # md5-only source
+    result = copy_image(src, rec, [(dst, new_image_for(rec, rec.version, "private"))],
+                        policy=FAST)
+    assert result.ok and made == [1]
