@@ -3,7 +3,8 @@
 Usage::
 
     .venv/bin/python bench/bench_transfer.py [--lab-dir DIR] [--size-gb 1] [--big-gb 4]
-                                             [--repeat 3] [--quick]
+                                             [--repeat 3] [--quick] [--only SCENARIO]
+                                             [--also LABEL=TREE] [--results FILE]
 
 Starts a lab of 4 real clouds (Keystone + Glance on loopback; or reuses the lab running in
 ``--lab-dir`` and leaves it running), puts a generated raw image of ``--size-gb`` on lab1 and
@@ -28,8 +29,15 @@ round to the next, the median of ``--repeat`` rounds is reported):
 Every imagesync run is the real CLI in a subprocess with its own configuration (inline auth,
 one rule) and state directory, on a name used once (the source image is renamed before each
 run), so idempotence never skips a copy; copies are deleted after each run. Peak RSS is the
-kernel's ``ru_maxrss`` from ``/usr/bin/time``. Results: a table on stdout, the goals with
-PASS/FAIL, and ``bench/results/latest.json``. "MB" is 10^6 bytes; "GB" of image size is GiB.
+kernel's ``ru_maxrss`` from ``/usr/bin/time``; CPU seconds are the contender's (user +
+system) and, separately, the lab's Glance servers'. ``--also LABEL=TREE`` adds imagesync run
+from another source tree (a checkout with a candidate change) to the transfer scenarios, side
+by side. Results: a table on stdout, the goals with PASS/FAIL, and
+``bench/results/latest.json``. "MB" is 10^6 bytes; "GB" of image size is GiB.
+
+The machine's background load drifts while the benchmark runs, so the ratio to the curl relay
+is also given paired (the median of the ratios within each round), and the goals are judged
+on it. Not part of the test suite: see bench/README.md for results and findings.
 """
 
 from __future__ import annotations
@@ -497,6 +505,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "change) as another contender, side by side (repeatable)")
     args = p.parse_args(argv)
     scenarios = set(args.only or ["copy", "fanout", "big", "check"])
+    if not shutil.which("curl"):
+        p.error("the curl relay needs curl: apt-get install curl")
+    if not Path(OPENSTACK).exists() or not Path(IMAGESYNC).exists():
+        p.error(f"run with the project's venv, which has imagesync and python-openstackclient "
+                f"(not found: {OPENSTACK} or {IMAGESYNC})")
     if args.quick:
         scenarios.discard("big")
 
