@@ -2,8 +2,8 @@
 
 The source is read once; each chunk is hashed (sha512; md5 too when a side lacks sha512) and
 handed to every live target writer (bounded queues, so memory does not grow with image size).
-When the stream ends the digests are compared with everything the source claimed (its own hashes, size, provenance)
-and with what each target reports it stored. A target that fails or mismatches is deleted
+When the stream ends the digests are compared with everything the source claimed (its own
+hashes, size, provenance) and with what each target reports it stored. A target that fails or mismatches is deleted
 (nothing half-made is left) while the others carry on; only verified copies are published,
 with the provenance marks (``imagesync.origin``, ``.version``, ``.sha512``).
 
