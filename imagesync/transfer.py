@@ -1,11 +1,12 @@
 """Streaming copy: one reader, N writers, hashing on the fly, verify, publish or clean up.
 
-The source is read once; each chunk is hashed (sha512; md5 too when a side lacks sha512) and
-handed to every live target writer (bounded queues, so memory does not grow with image size).
-When the stream ends the digests are compared with everything the source claimed (its own
-hashes, size, provenance) and with what each target reports it stored. A target that fails or mismatches is deleted
-(nothing half-made is left) while the others carry on; only verified copies are published,
-with the provenance marks (``imagesync.origin``, ``.version``, ``.sha512``).
+The source is read once; each chunk is hashed (sha512; md5 too when a side lacks sha512)
+and handed to every live target writer (bounded queues, so memory does not grow with image
+size). When the stream ends the digests are compared with everything the source claimed (its
+own hashes, size, provenance) and with what each target reports it stored. A target that
+fails or mismatches is deleted (nothing half-made is left) while the others carry on; only
+verified copies are published, with the provenance marks (``imagesync.origin``,
+``.version``, ``.sha512``).
 
 Transient failures are retried with the shared policy (``retry.py``): a failed target alone
 is re-sent from a fresh read of the source; a failed source read retries every target.
