@@ -321,18 +321,11 @@ def test_a_lease_whose_lock_is_held_is_left_alone(tmp_path: Path) -> None:
 
 
 def _write_config(path: Path, tmp_path: Path, poll: str = "1m") -> None:
+    from tests.unit.test_daemon_process import _config
+
     for d in ("a", "b"):
         (tmp_path / d).mkdir(exist_ok=True)
-    path.write_text(f"""\
-state_dir: {tmp_path / 'state'}
-poll_interval: {poll}
-stores:
-  a: {{type: directory, path: {tmp_path / 'a'}}}
-  b: {{type: directory, path: {tmp_path / 'b'}}}
-images:
-  - name: "img-*"
-    stores: [a, b]
-""")
+    path.write_text(_config(tmp_path, poll=poll))
 
 
 def test_reload_with_an_invalid_config_keeps_the_running_one(tmp_path: Path) -> None:
