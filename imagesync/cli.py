@@ -24,6 +24,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"imagesync: error: {message}\n")
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (argparse turns the error into exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="imagesync", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("-c", "--config", type=Path, help="config file (else $IMAGESYNC_CONFIG, "
@@ -47,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     labsub = lab.add_subparsers(dest="lab_command", metavar="ACTION", parser_class=_Parser)
     labsub.required = True
     up = labsub.add_parser("up", help="start the lab (idempotent)")
-    up.add_argument("--clouds", type=int, default=2, help="number of clouds (default 2)")
+    up.add_argument("--clouds", type=_positive_int, default=2, help="number of clouds (default 2)")
     up.add_argument("--dir", type=Path, default=None, help="lab directory")
     up.add_argument("--token-expiration", type=int, default=None, metavar="SECONDS",
                     help="Keystone token lifetime (to test re-authentication)")
@@ -100,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     hist = sub.add_parser("history", help="transfers imagesync made")
     hist.add_argument("name", nargs="?")
     hist.add_argument("--json", action="store_true")
-    hist.add_argument("--limit", type=int, default=50)
+    hist.add_argument("--limit", type=_positive_int, default=50)
     hist.set_defaults(func=cmd_history)
     return p
 

@@ -329,3 +329,13 @@ def test_config_check_connect_in_a_real_process(tmp_path: Path, clouds_yaml: Pat
         assert secret not in proc.stdout + proc.stderr
     assert "pw: FAILED - cannot connect to http://127.0.0.1:1/v3" in proc.stdout
     assert proc.stderr == ""
+
+
+@pytest.mark.parametrize("argv", [["lab", "up", "--clouds", "0"], ["lab", "up", "--clouds", "x"],
+                                  ["history", "--limit", "-1"]])
+def test_bad_counts_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and ("at least 1" in err or "whole number" in err)
