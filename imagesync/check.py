@@ -81,16 +81,19 @@ def _recorded(config: Config, name: str, cloud: str) -> dict[str, Any] | None:
 
 def _ask(config: Config, name: str, cloud: str, base: dict[str, Any], as_json: bool,
          ensure: bool, deadline: float | None) -> int:
-    from imagesync.execute import Engine, to_rule
+    from imagesync.engine import Engine
     from imagesync.model import format_time
-    from imagesync.plan import Action, Copy, Plan, Rule, plan_name
+    from imagesync.plan import Action, Copy, Plan, Rule, TargetRule, plan_name, rule_for
+    from imagesync.transfer import ErrorKind
 
     engine = Engine(config)
     try:
         while True:
-            inventories = engine.inventories(name=name, recover=ensure)
-            cfg_rule = config.rule_for(name)
-            rule = to_rule(cfg_rule) if cfg_rule else Rule(pattern=name, sites=(cloud,))
+            inventories = engine.inventories(name=name)
+            if ensure:  # only a check that may copy cleans up after crashed runs
+                inventories = engine.recover(inventories)
+            cfg_rule = rule_for(config.images, name)
+            rule: Rule = cfg_rule if cfg_rule else TargetRule(pattern=name, sites=(cloud,))
             a, actions = plan_name(name, rule, inventories, config.site_names, targets=[cloud])
             engine.record([a], [])
             cell = a.cells[cloud]
@@ -112,10 +115,11 @@ def _ask(config: Config, name: str, cloud: str, base: dict[str, Any], as_json: b
             if not copies and cell.state not in ("in-flight",):
                 return _emit(as_json, {**payload, "reason": reason}, MISSING)
             results = engine.execute(Plan(actions=copies, assessments=[a]))
-            if any(t.error_kind not in (None, "busy") for r in results for t in r.targets):
+            if any(t.error_kind not in (None, ErrorKind.BUSY) for r in results for t in r.targets):
                 failed = "; ".join(t.error or "" for r in results for t in r.targets if t.error)
                 return _emit(as_json, {**payload, "reason": f"copy failed: {failed}"}, MISSING)
-            if any(t.error_kind == "busy" for r in results for t in r.targets) or not copies:
+            busy = any(t.error_kind is ErrorKind.BUSY for r in results for t in r.targets)
+            if busy or not copies:
                 time.sleep(1.0)
     finally:
         engine.close()

@@ -13,10 +13,22 @@ from datetime import UTC, datetime
 from typing import Any
 
 from imagesync.config import Config
+from imagesync.engine import ActionResult, Engine, summarize
 from imagesync.errors import UsageError
-from imagesync.execute import ActionResult, Engine, summarize, to_rule
 from imagesync.model import SiteInventory, format_time
-from imagesync.plan import Action, Assessment, Copy, Plan, Retire, Rule, Skip, plan, plan_name
+from imagesync.plan import (
+    Action,
+    Assessment,
+    Copy,
+    Plan,
+    Retire,
+    Rule,
+    Skip,
+    TargetRule,
+    plan,
+    plan_name,
+    rule_for,
+)
 from imagesync.progress import ProgressBar, wants_progress
 
 
@@ -94,11 +106,11 @@ def push(config: Config, name: str, *, targets: Sequence[str] = (), source: str 
     _check_sites(config, targets, "--to")
     if source:
         _check_sites(config, [source], "--from")
-    cfg_rule = config.rule_for(name)
+    cfg_rule = rule_for(config.images, name)
     if cfg_rule is None and not targets:
         raise UsageError(f"no image rule in {config.path} matches {name!r}: add one under "
                          "'images:' or name the targets with --to SITE")
-    rule = to_rule(cfg_rule) if cfg_rule else Rule(pattern=name, sites=tuple(targets))
+    rule: Rule = cfg_rule if cfg_rule else TargetRule(pattern=name, sites=tuple(targets))
 
     def make_plan(inventories: Mapping[str, SiteInventory]) -> Plan:
         assessment, actions = plan_name(name, rule, inventories, config.site_names,
@@ -112,8 +124,7 @@ def push(config: Config, name: str, *, targets: Sequence[str] = (), source: str 
     if not as_json and not results and not p.skips:
         print(f"{name}: already current on {', '.join(targets if targets else rule.sites)}")
     _, failed = summarize(results)
-    blocking = [s for s in p.skips if s.site == "*" or s.reason.startswith(("not copyable",
-                                                                            "site unreachable"))]
+    blocking = [s for s in p.skips if s.site == "*" or s.why.blocks]
     return 1 if failed or blocking else 0
 
 
@@ -126,7 +137,9 @@ def _plan_and_run(config: Config, make_plan: Callable[[Mapping[str, SiteInventor
     """
     engine = Engine(config)
     try:
-        p = make_plan(engine.inventories(name=name, recover=not dry_run))
+        inventories = engine.inventories(name=name)
+        # a dry run changes nothing: not even crash leftovers are removed
+        p = make_plan(inventories if dry_run else engine.recover(inventories))
         if dry_run:
             _emit_plan(p, as_json)
             return None
@@ -156,8 +169,7 @@ def _emit_plan(p: Plan, as_json: bool) -> None:
 
 def sync(config: Config, *, dry_run: bool = False, as_json: bool = False) -> int:
     """One reconcile pass over every rule."""
-    rules = [to_rule(r) for r in config.images]
-    done = _plan_and_run(config, lambda inv: plan(rules, inv, config.site_names), name=None,
+    done = _plan_and_run(config, lambda inv: plan(config.images, inv, config.site_names), name=None,
                          dry_run=dry_run, as_json=as_json)
     if done is None:
         return 0
@@ -179,7 +191,7 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
     """Names x sites: current, stale (which version), missing, not copyable, in flight."""
     engine = Engine(config)
     try:
-        inventories = engine.inventories(name=name, recover=False)
+        inventories = engine.inventories(name=name)
     finally:
         engine.close()
     rules = engine.rules

@@ -38,12 +38,12 @@ from apscheduler.executors.pool import ThreadPoolExecutor as JobPool
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from imagesync.config import Config, load_config
+from imagesync.engine import ActionResult, Engine, Observer, Outcome
 from imagesync.errors import ImageSyncError
-from imagesync.execute import ActionResult, Engine, Observer
 from imagesync.metrics import Metrics
 from imagesync.notify import Notifier, watchdog_interval
 from imagesync.plan import Copy, Retire, plan
-from imagesync.transfer import CANCELLED
+from imagesync.transfer import ErrorKind
 
 log = structlog.get_logger("imagesync.daemon")
 
@@ -95,19 +95,19 @@ def summarize_pass(started: datetime, seconds: float, results: list[ActionResult
             for t in r.targets:
                 if t.ok:
                     copied += 1
-                elif t.error_kind == CANCELLED:
+                elif t.error_kind is ErrorKind.CANCELLED:
                     cancelled = True
-                elif t.error_kind != "busy":
+                elif t.error_kind is not ErrorKind.BUSY:
                     failed += 1
             if not r.targets and not r.ok:
-                if r.detail == CANCELLED:
+                if r.outcome is Outcome.CANCELLED:
                     cancelled = True
                 else:
                     failed += 1
         elif isinstance(r.action, Retire):
             if not r.ok:
                 retire_failed += 1
-            elif not r.detail.startswith("kept"):
+            elif r.outcome is not Outcome.KEPT:
                 retired += 1
     return PassReport(started=started, seconds=seconds, copied=copied, failed=failed,
                       retired=retired, retire_failed=retire_failed, skipped=skipped,
@@ -203,7 +203,7 @@ class Daemon:
         t0 = time.monotonic()
         try:
             engine = self._current_engine()
-            inventories = engine.inventories(incremental=True)
+            inventories = engine.recover(engine.inventories(incremental=True))
             self.beat()
             self.metrics.observe_inventories(inventories)
             unreachable = tuple(s for s, inv in inventories.items() if not inv.ok)

@@ -10,7 +10,8 @@
     │   ├── NotFound               the image or node is not there
     │   └── Conflict               the site refused because of its state (e.g. image not queued)
     ├── IntegrityError             bytes did not match their hashes; the bad copy was removed
-    └── LockBusy                   another imagesync holds the lock for this image and site
+    ├── LockBusy                   another imagesync holds the lock for this image and site
+    └── Cancelled                  cancelled (shutdown); what it had started was removed
 
 Sites map their client library's exceptions to these at the boundary (``sites/*``); the engine
 only looks at these classes. One shared retry policy (``retry.py``) decides what to retry.
@@ -80,3 +81,7 @@ class IntegrityError(ImageSyncError):
 
 class LockBusy(ImageSyncError):
     """Another imagesync process holds the lock for this image and site."""
+
+
+class Cancelled(ImageSyncError):
+    """The work was cancelled (the daemon is stopping); every upload it had started was removed."""

@@ -26,10 +26,9 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.exposition import start_http_server
 
-from imagesync.execute import ActionResult, Observer
+from imagesync.engine import ActionResult, Observer
 from imagesync.model import SiteInventory
 from imagesync.plan import Assessment, Copy, Retire
-from imagesync.transfer import CANCELLED
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -83,7 +82,7 @@ class Metrics(Observer):
                 self.copies.labels(result="ok").inc()
                 if result.copy is not None:
                     self.bytes_copied.inc(result.copy.bytes_read)
-            elif t.error_kind not in ("busy", CANCELLED):
+            elif t.error_kind is None or t.error_kind.counts_as_failure:
                 # busy: another imagesync is copying it; cancelled: we are stopping
                 self.copies.labels(result="failed").inc()
 

@@ -8,11 +8,11 @@ otherwise from the record itself, so that a copy never looks newer than its orig
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Literal
 
 PROP_ORIGIN = "imagesync.origin"
 PROP_VERSION = "imagesync.version"
@@ -24,24 +24,6 @@ STATE_UPLOADING = "uploading"
 PROVENANCE_KEYS = frozenset({PROP_ORIGIN, PROP_VERSION, PROP_SHA512, PROP_STATE})
 
 _HEX = re.compile(r"^[0-9a-f]+$")
-HASH_LENGTHS = {"md5": 32, "sha1": 40, "sha256": 64, "sha384": 96, "sha512": 128}
-
-
-@dataclass(frozen=True, order=True)
-class Hash:
-    """A digest as algorithm + lower-case hex value (rclone's ``hash.Set`` lesson)."""
-
-    algo: str
-    value: str
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "algo", self.algo.lower())
-        object.__setattr__(self, "value", self.value.lower())
-
-    def __str__(self) -> str:
-        return f"{self.algo}:{self.value}"
-
-
 def hashes_agree(a: Mapping[str, str], b: Mapping[str, str]) -> bool | None:
     """Compare two algo→hex maps honestly: True/False on a shared algorithm, None if none is shared.
 
@@ -152,8 +134,8 @@ class ImageRecord:
         """Only complete, active images with data are versions of their name."""
         return self.status == "active" and not self.in_progress
 
-    @property
-    def version(self) -> Version:
+    @functools.cached_property
+    def version(self) -> Version:  # cached: planning asks for it many times per record
         props = self.properties
         origin = props.get(PROP_ORIGIN) or self.ref
         vtime = parse_time(props.get(PROP_VERSION)) or self.created_at
@@ -205,5 +187,3 @@ class SiteInventory:
     def named(self, name: str) -> list[ImageRecord]:
         return [i for i in self.images if i.name == name]
 
-
-SiteKind = Literal["glance", "directory", "vospace"]

@@ -15,12 +15,11 @@ Vocabulary
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from fnmatch import fnmatchcase
-from typing import Literal
+from typing import Literal, Protocol, TypeVar
 
 from imagesync.model import PROP_ORIGIN, ImageRecord, SiteInventory, Version
 
@@ -29,9 +28,28 @@ CellState = Literal[
 ]
 
 
+class Rule(Protocol):
+    """What the planner needs of an image rule. ``config.ImageRule`` satisfies it."""
+
+    @property
+    def pattern(self) -> str: ...
+    @property
+    def sites(self) -> tuple[str, ...]: ...
+    @property
+    def visibility(self) -> str: ...
+    @property
+    def min_copies(self) -> int: ...
+    @property
+    def keep(self) -> int | None: ...
+    @property
+    def retire(self) -> str: ...
+    @property
+    def on_mismatch(self) -> str: ...
+
+
 @dataclass(frozen=True)
-class Rule:
-    """The planner's view of an image rule (config.ImageRule satisfies it)."""
+class TargetRule:
+    """A rule made on the spot: ``push NAME --to SITE`` for a name no configured rule matches."""
 
     pattern: str
     sites: tuple[str, ...]
@@ -40,6 +58,26 @@ class Rule:
     keep: int | None = None
     retire: str = "hide"
     on_mismatch: str = "report"
+
+
+class SkipReason(StrEnum):
+    """Why the planner leaves a (name, site) alone. Typed, so nothing parses a message."""
+
+    NO_VERSION = "no version"  # no active version on any reachable site
+    UNREACHABLE = "site unreachable"
+    IN_FLIGHT = "in flight"
+    NOT_COPYABLE = "not copyable"
+    MISMATCH = "mismatch"
+    MIN_COPIES = "min_copies"  # not enough sites can hold a copy now
+    NOT_OURS = "not made by imagesync"  # beyond retention, but kept: imagesync did not make it
+    PROTECTED = "protected"
+    IN_USE = "in use"
+
+    @property
+    def blocks(self) -> bool:
+        """Does this skip mean the name could not be brought where it is wanted?"""
+        return self in (SkipReason.NO_VERSION, SkipReason.UNREACHABLE, SkipReason.NOT_COPYABLE,
+                        SkipReason.MIN_COPIES)
 
 
 @dataclass(frozen=True)
@@ -89,7 +127,8 @@ class Retire:
 class Skip:
     name: str
     site: str
-    reason: str
+    why: SkipReason
+    reason: str  # for people: the sentence shown by status, --dry-run and the log
     kind: Literal["skip"] = "skip"
 
 
@@ -114,39 +153,10 @@ class Plan:
         return [a for a in self.actions if isinstance(a, Skip)]
 
 
-#: one planning call's versions, by record: ``ImageRecord.version`` parses times and checks
-#: digests each time, and planning asks a record for it a dozen times (a tenth of an idle pass
-#: over thousands of names). Records are immutable and the cache lives for one call only.
-_versions: ContextVar[dict[int, tuple[ImageRecord, Version]] | None] = ContextVar(
-    "imagesync_plan_versions", default=None)
+R = TypeVar("R", bound=Rule)
 
 
-def version_of(rec: ImageRecord) -> Version:
-    """``rec.version``, computed once per planning call."""
-    cache = _versions.get()
-    if cache is None:
-        return rec.version
-    hit = cache.get(id(rec))
-    if hit is not None and hit[0] is rec:  # the record is held: its id cannot be reused
-        return hit[1]
-    v = rec.version
-    cache[id(rec)] = (rec, v)
-    return v
-
-
-@contextmanager
-def _version_cache() -> Iterator[None]:
-    if _versions.get() is not None:  # an outer call already caches
-        yield
-        return
-    token = _versions.set({})
-    try:
-        yield
-    finally:
-        _versions.reset(token)
-
-
-def rule_for(rules: Sequence[Rule], name: str) -> Rule | None:
+def rule_for(rules: Sequence[R], name: str) -> R | None:
     """Exact names win over globs; otherwise the first matching rule."""
     for r in rules:
         if r.pattern == name:
@@ -164,11 +174,11 @@ def _visible_versions(records: Iterable[ImageRecord]) -> list[ImageRecord]:
 def group_versions(records: Iterable[ImageRecord]) -> list[tuple[Version, list[ImageRecord]]]:
     """Group records that hold the same version; newest first, deterministic."""
     groups: list[tuple[Version, list[ImageRecord]]] = []
-    ordered = sorted(records, key=lambda r: (version_of(r).key(), r.site, r.id), reverse=True)
+    ordered = sorted(records, key=lambda r: (r.version.key(), r.site, r.id), reverse=True)
     for rec in ordered:
-        v = version_of(rec)
+        v = rec.version
         for i, (gv, members) in enumerate(groups):
-            if any(version_of(m).same_as(v) for m in members):
+            if any(m.version.same_as(v) for m in members):
                 members.append(rec)
                 if v.sha512 and not gv.sha512:  # learn the digest from a verified copy
                     groups[i] = (Version(gv.origin, gv.time, v.sha512), members)
@@ -223,7 +233,7 @@ def assess(
             continue
         mine = inv.named(name)
         visible = _visible_versions(mine)
-        same = [r for r in visible if newest is not None and version_of(r).same_as(newest)]
+        same = [r for r in visible if newest is not None and r.version.same_as(newest)]
         if same:
             best = _pick(same)
             cells[site] = Cell(site, "current", image=best, have=newest, required=req,
@@ -285,9 +295,8 @@ def plan_name(
     prefer_source: str | None = None,
 ) -> tuple[Assessment, list[Action]]:
     """Actions bringing the newest version of ``name`` where ``rule`` (or ``targets``) wants it."""
-    with _version_cache():
-        return _plan_name(name, rule, inventories, all_sites, targets=targets,
-                          prefer_source=prefer_source)
+    return _plan_name(name, rule, inventories, all_sites, targets=targets,
+                      prefer_source=prefer_source)
 
 
 def _plan_name(
@@ -304,7 +313,8 @@ def _plan_name(
     a = assess(name, inventories, shown, required=required, prefer_source=prefer_source)
     actions: list[Action] = []
     if a.newest is None:
-        return a, [Skip(name, "*", "no active version on any reachable site")]
+        return a, [Skip(name, "*", SkipReason.NO_VERSION,
+                        "no active version on any reachable site")]
 
     wanted: list[str] = []
     for site in required:
@@ -315,15 +325,17 @@ def _plan_name(
             if rule.on_mismatch == "replace":
                 wanted.append(site)
             else:
-                actions.append(Skip(name, site, f"mismatch: {site} holds different bytes with "
-                                    f"the same version time {a.newest.short()}; "
-                                    "left alone (on_mismatch: report)"))
+                actions.append(Skip(name, site, SkipReason.MISMATCH,
+                                    f"mismatch: {site} holds different bytes with the same "
+                                    f"version time {a.newest.short()}; left alone "
+                                    "(on_mismatch: report)"))
         elif cell.state == "unreachable":
-            actions.append(Skip(name, site, "site unreachable"))
+            actions.append(Skip(name, site, SkipReason.UNREACHABLE, "site unreachable"))
         elif cell.state == "in-flight":
-            actions.append(Skip(name, site, "a copy is in flight"))
+            actions.append(Skip(name, site, SkipReason.IN_FLIGHT, "a copy is in flight"))
         elif cell.state == "not-copyable":
-            actions.append(Skip(name, site, f"not copyable: {a.not_copyable}"))
+            actions.append(Skip(name, site, SkipReason.NOT_COPYABLE,
+                                f"not copyable: {a.not_copyable}"))
 
     # Redundancy: keep at least min_copies of the newest version across reachable sites.
     current = [s for s, c in a.cells.items() if c.state == "current"]
@@ -338,13 +350,15 @@ def _plan_name(
                 wanted.append(site)
                 short -= 1
         if short > 0:
-            actions.append(Skip(name, "*", f"min_copies {rule.min_copies}: only "
+            actions.append(Skip(name, "*", SkipReason.MIN_COPIES,
+                                f"min_copies {rule.min_copies}: only "
                                 f"{rule.min_copies - short} sites can hold a copy now"))
 
     if wanted:
         if a.source is None:
             for site in wanted:
-                actions.append(Skip(name, site, f"not copyable: {a.not_copyable}"))
+                actions.append(Skip(name, site, SkipReason.NOT_COPYABLE,
+                                f"not copyable: {a.not_copyable}"))
         else:
             actions.append(Copy(name=name, version=a.newest, source_site=a.source.site,
                                 source_id=a.source.id, targets=tuple(wanted),
@@ -365,7 +379,7 @@ def _retention(
             continue
         if rule.on_mismatch == "replace" and cell.state == "current":
             for rec in _visible_versions(inv.named(name)):
-                v = version_of(rec)
+                v = rec.version
                 if a.newest and v.time == a.newest.time and not v.same_as(a.newest):
                     out.extend(_retire_one(name, site, rec, rule, inv, "replaced: mismatch"))
         if rule.keep is None or cell.state != "current":
@@ -396,7 +410,7 @@ def _delete_hidden(name: str, site: str, rule: Rule, inv: SiteInventory,
             continue
         if rec.protected or (inv.in_use is not None and rec.id in inv.in_use):
             continue
-        v = version_of(rec)
+        v = rec.version
         if v.time < oldest_kept and not any(v.same_as(k) for k, _ in kept):
             out.append(Retire(name, site, rec.id, "delete", v,
                               f"hidden earlier, beyond keep={rule.keep}: {v.short()}"))
@@ -407,12 +421,15 @@ def _retire_one(
     name: str, site: str, rec: ImageRecord, rule: Rule, inv: SiteInventory, why: str
 ) -> list[Action]:
     if PROP_ORIGIN not in rec.properties:
-        return [Skip(name, site, f"{rec.short_id} {why}, but not made by imagesync: kept")]
+        return [Skip(name, site, SkipReason.NOT_OURS,
+                     f"{rec.short_id} {why}, but not made by imagesync: kept")]
     if rec.protected:
-        return [Skip(name, site, f"{rec.short_id} {why}, but protected: kept")]
+        return [Skip(name, site, SkipReason.PROTECTED,
+                     f"{rec.short_id} {why}, but protected: kept")]
     if inv.in_use is not None and rec.id in inv.in_use:
-        return [Skip(name, site, f"{rec.short_id} {why}, but a server uses it: kept")]
-    return [Retire(name, site, rec.id, rule.retire, version_of(rec), why)]
+        return [Skip(name, site, SkipReason.IN_USE,
+                     f"{rec.short_id} {why}, but a server uses it: kept")]
+    return [Retire(name, site, rec.id, rule.retire, rec.version, why)]
 
 
 def plan(
@@ -425,12 +442,11 @@ def plan(
     """The whole reconcile plan: every managed name, every rule."""
     result = Plan()
     sliced = by_name(inventories)
-    with _version_cache():
-        for name in (names if names is not None else names_in(inventories, rules)):
-            rule = rule_for(rules, name)
-            if rule is None:
-                continue
-            a, actions = plan_name(name, rule, sliced(name), all_sites)
-            result.assessments.append(a)
-            result.actions.extend(actions)
+    for name in (names if names is not None else names_in(inventories, rules)):
+        rule = rule_for(rules, name)
+        if rule is None:
+            continue
+        a, actions = plan_name(name, rule, sliced(name), all_sites)
+        result.assessments.append(a)
+        result.actions.extend(actions)
     return result

@@ -1,12 +1,15 @@
 """The one retry policy: exponential backoff with full jitter, honouring Retry-After.
 
 Sites only classify failures (``TransientError`` vs the rest); this module alone decides
-whether and when to try again.
+whether and when to try again, and how long to wait: ``call_with_retry`` for one call, and
+``RetryPolicy.pause`` for loops that retry more than one thing at once (a copy re-sends only
+the targets that failed, from a fresh read of the source).
 """
 
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +36,17 @@ class RetryPolicy:
             return min(max(retry_after, 0.0), self.max_retry_after)
         return random.uniform(0, min(self.cap, self.base * 2 ** (attempt - 1)))
 
+    def pause(self, attempt: int, retry_after: float | None = None, *, what: str,
+              sleep: Callable[[float], None] = time.sleep,
+              cancel: threading.Event | None = None, **context: object) -> bool:
+        """Wait before try ``attempt + 1``; False when ``cancel`` was set meanwhile."""
+        wait = self.delay(attempt, retry_after)
+        log.warning("retrying", what=what, attempt=attempt, wait=round(wait, 2), **context)
+        if cancel is not None:
+            return not cancel.wait(wait)
+        sleep(wait)
+        return True
+
 
 def call_with_retry(
     fn: Callable[[], T],
@@ -52,10 +66,7 @@ def call_with_retry(
                 raise TransientError(
                     f"{what}: gave up after {attempt} tries: {exc}", retry_after=None
                 ) from exc
-            wait = policy.delay(attempt, exc.retry_after)
-            log.warning("retrying", what=what, attempt=attempt, wait=round(wait, 2),
-                        error=str(exc))
             if on_retry is not None:
                 on_retry(exc)
-            sleep(wait)
+            policy.pause(attempt, exc.retry_after, what=what, sleep=sleep, error=str(exc))
             attempt += 1

@@ -24,11 +24,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Protocol
 
 import structlog
 
-from imagesync.errors import ImageSyncError, IntegrityError, SiteError, TransientError
+from imagesync.errors import Cancelled, IntegrityError, SiteError, TransientError
 from imagesync.model import (
     PROP_ORIGIN,
     PROP_SHA512,
@@ -45,11 +46,27 @@ from imagesync.sites.base import Site, Writer
 log = structlog.get_logger("imagesync.transfer")
 
 Progress = Callable[[int], None]
-CANCELLED = "cancelled"
 
 
-class Cancelled(ImageSyncError):
-    """The copy was cancelled (shutdown); every upload it had started was removed."""
+class ErrorKind(StrEnum):
+    """Why a target did not get its copy. The values are what history records."""
+
+    INTEGRITY = "integrity"  # bytes did not match: the copy was removed
+    TRANSIENT = "transient"  # worth retrying (network, 5xx)
+    SITE = "site"  # the target refused (auth, quota, bad request)
+    SOURCE = "source"  # reading the source failed
+    CANCELLED = "cancelled"  # the daemon is stopping: the upload was removed
+    BUSY = "busy"  # another imagesync holds the (name, site) lock
+    UNEXPECTED = "unexpected"  # a bug: logged with its traceback
+
+    @property
+    def counts_as_failure(self) -> bool:
+        """Busy (someone else is on it) and cancelled (we are stopping) are not failures."""
+        return self not in (ErrorKind.BUSY, ErrorKind.CANCELLED)
+
+    @property
+    def retryable(self) -> bool:
+        return self in (ErrorKind.TRANSIENT, ErrorKind.SOURCE)
 
 
 class UploadWatcher(Protocol):
@@ -76,8 +93,9 @@ class TargetResult:
     ok: bool = False
     image: ImageRecord | None = None
     error: str | None = None
-    error_kind: str | None = None  # "integrity", "transient", "site", "source", "cancelled"
+    error_kind: ErrorKind | None = None
     attempts: int = 0
+    retry_after: float | None = None  # the site's hint, when it gave one
 
 
 @dataclass
@@ -97,7 +115,7 @@ class CopyResult:
 
     @property
     def cancelled(self) -> bool:
-        return any(t.error_kind == CANCELLED for t in self.targets)
+        return any(t.error_kind is ErrorKind.CANCELLED for t in self.targets)
 
 
 def new_image_for(source: ImageRecord, version: Version, visibility: str) -> NewImage:
@@ -153,9 +171,9 @@ class _Live:
         self.watcher.ended(self.site.name, image_id)
 
 
-def _fail(live: _Live, exc: BaseException, kind: str) -> None:
+def _fail(live: _Live, exc: BaseException, kind: ErrorKind) -> None:
     live.result.ok = False
-    live.result.error = str(exc)
+    _set_error(live.result, exc)
     live.result.error_kind = kind
     live.abort()
     log.warning("copy.target_failed", site=live.site.name, error=str(exc), kind=kind)
@@ -188,7 +206,7 @@ def _attempt(
             try:
                 live.append(_Live(site, site.create(new), res, watcher))
             except SiteError as exc:
-                res.error, res.error_kind = str(exc), _kind(exc)
+                _set_error(res, exc)
     except Cancelled:
         for lv in live:
             lv.abort()
@@ -229,7 +247,7 @@ def _attempt(
             lv.abort()
         if isinstance(exc, SiteError):
             for lv in live:
-                lv.result.error, lv.result.error_kind = str(exc), "source"
+                lv.result.error, lv.result.error_kind = str(exc), ErrorKind.SOURCE
             raise TransientError(f"reading {image.ref}: {exc}", site=source.name) from exc
         raise
     finally:
@@ -256,7 +274,7 @@ def _attempt(
     if problems:
         err = IntegrityError(f"{image.ref}: " + "; ".join(problems))
         for lv in live:
-            _fail(lv, err, "integrity")
+            _fail(lv, err, ErrorKind.INTEGRITY)
         return results
 
     # 2. Did each target store exactly these bytes? Then publish it.
@@ -280,20 +298,20 @@ def _attempt(
                 agree = _read_back(lv.site, stored, got["sha512"], cancel)
         except Cancelled:
             lv.remove(stored.id)
-            lv.result.error, lv.result.error_kind = "cancelled", CANCELLED
+            lv.result.error, lv.result.error_kind = "cancelled", ErrorKind.CANCELLED
             _cancel_rest(live[i + 1:])
             break
         except SiteError as exc:
             lv.remove(stored.id)
-            lv.result.error, lv.result.error_kind = f"reading back: {exc}", _kind(exc)
+            _set_error(lv.result, exc, prefix="reading back: ")
             continue
         if not agree:
             err = IntegrityError(f"{lv.site.name}: stored image {stored.id} does not match the "
                                  f"bytes sent (sha512 {got['sha512'][:16]}…): removed")
             lv.remove(stored.id)
-            lv.result.error, lv.result.error_kind = str(err), "integrity"
+            lv.result.error, lv.result.error_kind = str(err), ErrorKind.INTEGRITY
             log.warning("copy.target_failed", site=lv.site.name, error=str(err),
-                        kind="integrity")
+                        kind=ErrorKind.INTEGRITY.value)
             continue
         try:
             lv.result.image = lv.site.publish(stored.id, final_props)
@@ -301,13 +319,13 @@ def _attempt(
             lv.watcher.ended(lv.site.name, stored.id)
         except SiteError as exc:
             lv.remove(stored.id)
-            lv.result.error, lv.result.error_kind = str(exc), _kind(exc)
+            _set_error(lv.result, exc)
     return results
 
 
 def _cancel_rest(live: Sequence[_Live]) -> None:
     for lv in live:
-        lv.result.error, lv.result.error_kind = "cancelled", CANCELLED
+        lv.result.error, lv.result.error_kind = "cancelled", ErrorKind.CANCELLED
         lv.abort()
 
 
@@ -327,12 +345,18 @@ def _read_back(site: Site, stored: ImageRecord, sha512: str,
     return h.hexdigest() == sha512
 
 
-def _kind(exc: BaseException) -> str:
+def _kind(exc: BaseException) -> ErrorKind:
     if isinstance(exc, IntegrityError):
-        return "integrity"
+        return ErrorKind.INTEGRITY
     if isinstance(exc, TransientError):
-        return "transient"
-    return "site"
+        return ErrorKind.TRANSIENT
+    return ErrorKind.SITE
+
+
+def _set_error(res: TargetResult, exc: BaseException, prefix: str = "") -> None:
+    res.error, res.error_kind = f"{prefix}{exc}", _kind(exc)
+    if isinstance(exc, TransientError):
+        res.retry_after = exc.retry_after
 
 
 def copy_image(
@@ -364,30 +388,27 @@ def copy_image(
             outcome = _attempt(source, image, version, pending, progress, result, cancel,
                                watcher)
         except TransientError as exc:
-            outcome = [TargetResult(site=s.name, error=str(exc), error_kind="transient",
-                                    attempts=1) for s, _ in pending]
+            outcome = [TargetResult(site=s.name, error=str(exc), error_kind=ErrorKind.TRANSIENT,
+                                    retry_after=exc.retry_after) for s, _ in pending]
         except Cancelled:
-            outcome = [TargetResult(site=s.name, error="cancelled", error_kind=CANCELLED,
-                                    attempts=1) for s, _ in pending]
+            outcome = [TargetResult(site=s.name, error="cancelled",
+                                    error_kind=ErrorKind.CANCELLED) for s, _ in pending]
         retry = []
         for (site, new), res in zip(pending, outcome, strict=True):
             res.attempts = attempt
             final[site.name] = res
-            if not res.ok and res.error_kind in ("transient", "source"):
+            if not res.ok and res.error_kind is not None and res.error_kind.retryable:
                 retry.append((site, new))
         if not retry or attempt >= policy.attempts:
             break
-        wait = policy.delay(attempt)
-        log.info("copy.retrying", image=image.ref, targets=[s.name for s, _ in retry],
-                 attempt=attempt, wait=round(wait, 2))
-        if cancel is not None:
-            if cancel.wait(wait):
-                for site, _ in retry:
-                    final[site.name] = TargetResult(site=site.name, error="cancelled",
-                                                    error_kind=CANCELLED, attempts=attempt)
-                break
-        else:
-            sleep(wait)
+        hints = [final[s.name].retry_after for s, _ in retry]
+        hint = max((h for h in hints if h is not None), default=None)
+        if not policy.pause(attempt, hint, what=f"copy {image.ref}", sleep=sleep, cancel=cancel,
+                            targets=[s.name for s, _ in retry]):
+            for site, _ in retry:
+                final[site.name] = TargetResult(site=site.name, error="cancelled",
+                                                error_kind=ErrorKind.CANCELLED, attempts=attempt)
+            break
         pending = retry
     result.targets = [final[s.name] for s, _ in targets]
     result.seconds = time.monotonic() - started

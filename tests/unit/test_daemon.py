@@ -17,13 +17,13 @@ from structlog.testing import capture_logs
 
 from imagesync.config import Config, ImageRule, load_config
 from imagesync.daemon import Daemon, PassReport
-from imagesync.execute import Engine
+from imagesync.engine import Engine
 from imagesync.metrics import Metrics
 from imagesync.model import NewImage
 from imagesync.plan import plan
 from imagesync.sites.directory import DirectorySite
 from imagesync.state import State
-from imagesync.transfer import CANCELLED, copy_image, new_image_for
+from imagesync.transfer import ErrorKind, copy_image, new_image_for
 from tests.memsite import MemSite, MemWriter
 
 KB = 1000
@@ -176,7 +176,7 @@ def test_overall_limit_is_respected(tmp_path: Path) -> None:
 
 
 def engine_observer() -> type:
-    from imagesync.execute import Observer
+    from imagesync.engine import Observer
 
     return Observer
 
@@ -222,7 +222,7 @@ def test_cancel_mid_copy_leaves_nothing_on_any_target(tmp_path: Path) -> None:
                         sleep=lambda s: None)
     assert result.cancelled and not result.ok
     assert result.bytes_read <= 6 * KB  # stopped at the next chunk, not at the end
-    assert [t.error_kind for t in result.targets] == [CANCELLED, CANCELLED]
+    assert [t.error_kind for t in result.targets] == [ErrorKind.CANCELLED, ErrorKind.CANCELLED]
     assert all(t.attempts == 1 for t in result.targets)  # a cancel is never retried
     assert mem.images == {}
     assert list((tmp_path / "store").rglob("*")) == []  # no .partial, no .json, no folder
@@ -261,7 +261,7 @@ def test_stopping_during_a_pass_cancels_it_cleanly(tmp_path: Path) -> None:
     assert slow.images == {}
     state = State(tmp_path / "state")
     assert state.leases() == []
-    assert state.history("img-big")[0]["result"] == CANCELLED
+    assert state.history("img-big")[0]["result"] == ErrorKind.CANCELLED
 
 
 def test_a_stuck_transfer_at_shutdown_has_its_uploads_removed(tmp_path: Path) -> None:
@@ -289,7 +289,7 @@ def test_a_stuck_transfer_at_shutdown_has_its_uploads_removed(tmp_path: Path) ->
     t.join(timeout=5)
 
 
-def test_leases_of_a_dead_run_are_removed_at_the_next_inventory(tmp_path: Path) -> None:
+def test_leases_of_a_dead_run_are_removed_by_recovery_not_by_reading(tmp_path: Path) -> None:
     sites = {n: MemSite(n) for n in ("c1", "c2")}
     src = sites["c1"].add("img-a", os.urandom(KB))
     # A crashed run's upload that lost its mark (say it was written before marking)
@@ -300,8 +300,11 @@ def test_leases_of_a_dead_run_are_removed_at_the_next_inventory(tmp_path: Path) 
     engine = Engine(config_for(tmp_path, list(sites)), sites=sites)
     engine.state._exec("INSERT INTO leases VALUES (?,?,?,?,?)",
                        ("c2", w.image_id, "img-a", 999999, time.time()))
+    listed = engine.inventories()
+    assert w.image_id in sites["c2"].images  # reading never deletes
+    assert len(engine.state.leases()) == 1
     with capture_logs() as logs:
-        inventories = engine.inventories()
+        inventories = engine.recover(listed)
     assert w.image_id not in sites["c2"].images
     assert all(r.id != w.image_id for r in inventories["c2"].images)
     assert engine.state.leases() == []
@@ -316,7 +319,7 @@ def test_a_lease_whose_lock_is_held_is_left_alone(tmp_path: Path) -> None:
     engine.state.add_lease("c2", w.image_id, "img-a")
     other = State(tmp_path / "state")  # another live imagesync is writing it
     with other.lock("img-a", "c2"):
-        engine.inventories()
+        engine.recover(engine.inventories())
     assert w.image_id in sites["c2"].images and len(engine.state.leases()) == 1
 
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from imagesync.config import Config, ImageRule
-from imagesync.execute import Engine
+from imagesync.engine import Engine
 from imagesync.model import (
     PROP_ORIGIN,
     PROP_SHA512,
@@ -17,7 +17,7 @@ from imagesync.model import (
     SiteInventory,
     format_time,
 )
-from imagesync.plan import Retire, Rule, Skip, plan, plan_name
+from imagesync.plan import Retire, Skip, TargetRule, plan, plan_name
 from imagesync.sites.base import Capabilities
 from tests.memsite import MemSite
 
@@ -39,7 +39,7 @@ def inv(*recs: ImageRecord) -> dict[str, SiteInventory]:
 
 
 def test_retire_delete_also_deletes_versions_hidden_earlier() -> None:
-    rule = Rule(pattern="img", sites=("a",), keep=2, retire="delete")
+    rule = TargetRule(pattern="img", sites=("a",), keep=2, retire="delete")
     old_hidden = copy_rec("a", 0, hidden=True)
     v1, v2, v3 = (copy_rec("a", i) for i in (1, 2, 3))
     _, actions = plan_name("img", rule, inv(old_hidden, v1, v2, v3), ["a"])
@@ -48,7 +48,7 @@ def test_retire_delete_also_deletes_versions_hidden_earlier() -> None:
 
 
 def test_retire_hide_leaves_hidden_versions_alone() -> None:
-    rule = Rule(pattern="img", sites=("a",), keep=2)
+    rule = TargetRule(pattern="img", sites=("a",), keep=2)
     old_hidden = copy_rec("a", 0, hidden=True)
     v1, v2, v3 = (copy_rec("a", i) for i in (1, 2, 3))
     _, actions = plan_name("img", rule, inv(old_hidden, v1, v2, v3), ["a"])
@@ -56,7 +56,7 @@ def test_retire_hide_leaves_hidden_versions_alone() -> None:
 
 
 def test_hidden_protected_or_foreign_versions_are_never_deleted() -> None:
-    rule = Rule(pattern="img", sites=("a",), keep=1, retire="delete")
+    rule = TargetRule(pattern="img", sites=("a",), keep=1, retire="delete")
     hidden_protected = copy_rec("a", 0, hidden=True, protected=True)
     hidden_foreign = copy_rec("a", 1, hidden=True, origin=False)
     newest = copy_rec("a", 5)
@@ -65,7 +65,7 @@ def test_hidden_protected_or_foreign_versions_are_never_deleted() -> None:
 
 
 def test_a_hidden_copy_of_a_kept_version_is_not_deleted() -> None:
-    rule = Rule(pattern="img", sites=("a",), keep=1, retire="delete")
+    rule = TargetRule(pattern="img", sites=("a",), keep=1, retire="delete")
     newest = copy_rec("a", 5)
     dup = copy_rec("a", 5, hidden=True).with_(id="a-dup")
     _, actions = plan_name("img", rule, inv(newest, dup), ["a"])
@@ -117,7 +117,7 @@ def test_planning_and_recording_thousands_of_names_is_fast(tmp_path: Path) -> No
                     properties={PROP_ORIGIN: o.ref, PROP_VERSION: format_time(T0),
                                 PROP_SHA512: "e" * 128})
             for i, o in enumerate(originals)))
-    rule = Rule(pattern="img-*", sites=sites, keep=2)
+    rule = TargetRule(pattern="img-*", sites=sites, keep=2)
     t0 = time.perf_counter()
     p = plan([rule], inventories, sites)
     planned = time.perf_counter() - t0
@@ -137,7 +137,7 @@ def test_the_index_gives_the_same_plan_as_a_scan() -> None:
 
     recs = [copy_rec("a", i, name=f"img-{i % 3}") for i in range(9)]
     inventories = inv(*recs) | {"b": SiteInventory("b", error="down")}
-    rule = Rule(pattern="img-*", sites=("a", "b"), keep=1)
+    rule = TargetRule(pattern="img-*", sites=("a", "b"), keep=1)
     p = plan([rule], inventories, ["a", "b"])
     expected = []
     for name in ("img-0", "img-1", "img-2"):

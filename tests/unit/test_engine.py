@@ -5,10 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-
 from imagesync.config import Config, ImageRule
-from imagesync.execute import Engine
+from imagesync.engine import Engine
 from imagesync.plan import plan
 from imagesync.state import State
 from tests.memsite import Faults, MemSite
@@ -26,8 +24,8 @@ def make(tmp_path: Path, n: int = 3, **rule: object) -> tuple[Engine, dict[str, 
 
 
 def one_pass(engine: Engine, names: list[str]):  # type: ignore[no-untyped-def]
-    inventories = engine.inventories(list(engine._sites))
-    p = plan(engine.rules, inventories, list(engine._sites))
+    inventories = engine.recover(engine.inventories(engine.site_names))
+    p = plan(engine.rules, inventories, engine.site_names)
     return p, engine.execute(p)
 
 
@@ -71,9 +69,11 @@ def test_crash_leftovers_are_removed_under_the_lock(tmp_path: Path) -> None:
     src = sites["c1"].add("img-a", b"y" * 100)
     from imagesync.transfer import new_image_for
 
+    p = plan(engine.rules, engine.inventories(), engine.site_names)
+    # after planning, a run crashes and leaves this queued upload behind
     w = sites["c2"].create(new_image_for(src, src.version, "private"))
-    w.write(b"y" * 10)  # a crashed run left this queued upload behind
-    one_pass(engine, ["img-a"])
+    w.write(b"y" * 10)
+    engine.execute(p)
     (only,) = sites["c2"].images.values()
     assert only.rec.counts and bytes(only.data) == b"y" * 100
 
@@ -107,10 +107,8 @@ def test_retention_hides_old_versions_after_the_new_one_lands(tmp_path: Path) ->
 
 
 def test_incremental_listing_reads_only_changes_and_lists_fully_now_and_then(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path) -> None:
     from datetime import UTC, datetime, timedelta
-
-    import imagesync.execute as execute
 
     engine, sites = make(tmp_path, n=2)
     for s in sites.values():
@@ -128,7 +126,7 @@ def test_incremental_listing_reads_only_changes_and_lists_fully_now_and_then(
     gone = next(i for i, st in sites["c1"].images.items() if st.rec.name == "img-a")
     sites["c1"].delete(gone)
     assert len(engine.inventories(incremental=True)["c1"].images) == 2
-    monkeypatch.setattr(execute, "FULL_LIST_EVERY", 0.0)
+    engine.inventory_room.full_list_every = 0.0
     assert [r.name for r in engine.inventories(incremental=True)["c1"].images] == ["img-b"]
 
 
@@ -143,3 +141,16 @@ def test_a_site_imagesync_changed_is_listed_fully_next_time(tmp_path: Path) -> N
     inv = engine.inventories(incremental=True)
     assert sites["c2"].changed_calls == calls  # full listing for c2, not incremental
     assert [r.name for r in inv["c2"].images] == ["img-a"]
+
+
+def test_reading_never_deletes_a_crash_leftover_recovery_does(tmp_path: Path) -> None:
+    engine, sites = make(tmp_path, n=2)
+    src = sites["c1"].add("img-a", b"y" * 100)
+    from imagesync.transfer import new_image_for
+
+    w = sites["c2"].create(new_image_for(src, src.version, "private"))  # a crashed upload
+    listed = engine.inventories()
+    assert w.image_id in sites["c2"].images
+    assert [r.in_progress for r in listed["c2"].images] == [True]
+    recovered = engine.recover(listed)
+    assert w.image_id not in sites["c2"].images and recovered["c2"].images == ()

@@ -13,7 +13,7 @@ from imagesync.model import (
     SiteInventory,
     format_time,
 )
-from imagesync.plan import Copy, Retire, Rule, Skip, assess, plan, plan_name
+from imagesync.plan import Copy, Retire, Skip, SkipReason, TargetRule, assess, plan, plan_name
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 SITES = ("a", "b", "c", "store")
@@ -47,7 +47,7 @@ def inv(*records: ImageRecord, down: tuple[str, ...] = ()) -> dict[str, SiteInve
     return out
 
 
-RULE = Rule(pattern="img*", sites=("a", "b", "c", "store"))
+RULE = TargetRule(pattern="img*", sites=("a", "b", "c", "store"))
 
 
 def test_newest_version_is_copied_everywhere_it_is_missing() -> None:
@@ -118,14 +118,14 @@ def test_unreachable_site_is_skipped_not_failed() -> None:
     orig = img("a")
     p = plan([RULE], inv(orig, down=("b",)), SITES)
     assert p.copies[0].targets == ("c", "store")
-    assert Skip("img", "b", "site unreachable") in p.actions
+    assert Skip("img", "b", SkipReason.UNREACHABLE, "site unreachable") in p.actions
 
 
 def test_volume_backed_newest_is_reported_not_copyable() -> None:
     vb = img("a", t=T0, props={"block_device_mapping": "[{}]"}).with_(size=0)
     p = plan([RULE], inv(vb), SITES)
     assert not p.copies
-    assert any("not copyable" in s.reason for s in p.skips)
+    assert any(s.why is SkipReason.NOT_COPYABLE for s in p.skips)
     assert p.assessments[0].cells["b"].state == "not-copyable"
 
 
@@ -139,11 +139,11 @@ def test_mismatch_is_reported_and_left_alone_by_default() -> None:
     assert a.cells[loser].state == "mismatch"
     p = plan([RULE], inv(orig, other), SITES)
     assert loser not in p.copies[0].targets
-    assert any(s.site == loser and s.reason.startswith("mismatch") for s in p.skips)
+    assert any(s.site == loser and s.why is SkipReason.MISMATCH for s in p.skips)
 
 
 def test_mismatch_replace_copies_over_it() -> None:
-    rule = Rule(pattern="img*", sites=SITES, on_mismatch="replace")
+    rule = TargetRule(pattern="img*", sites=SITES, on_mismatch="replace")
     orig = img("a", t=T0, digest="1")
     other = img("b", t=T0, digest="2")
     _, actions = plan_name("img", rule, inv(orig, other), SITES)
@@ -153,7 +153,7 @@ def test_mismatch_replace_copies_over_it() -> None:
 
 
 def test_min_copies_places_extra_copies_when_a_required_site_is_down() -> None:
-    rule = Rule(pattern="img", sites=("a", "b"), min_copies=3)
+    rule = TargetRule(pattern="img", sites=("a", "b"), min_copies=3)
     orig = img("a")
     _, actions = plan_name("img", rule, inv(orig, down=("b",)), SITES)
     copy = next(a for a in actions if isinstance(a, Copy))
@@ -161,7 +161,7 @@ def test_min_copies_places_extra_copies_when_a_required_site_is_down() -> None:
 
 
 def test_min_copies_satisfied_needs_nothing_more() -> None:
-    rule = Rule(pattern="img", sites=("a",), min_copies=2)
+    rule = TargetRule(pattern="img", sites=("a",), min_copies=2)
     orig = img("a")
     copy_b = img("b", copy_of=orig.ref, version=T0)
     _, actions = plan_name("img", rule, inv(orig, copy_b), SITES)
@@ -169,7 +169,7 @@ def test_min_copies_satisfied_needs_nothing_more() -> None:
 
 
 def test_lost_copy_is_copied_again() -> None:
-    rule = Rule(pattern="img", sites=("a", "b"))
+    rule = TargetRule(pattern="img", sites=("a", "b"))
     orig = img("a")
     _, actions = plan_name("img", rule, inv(orig), SITES)
     assert next(a for a in actions if isinstance(a, Copy)).targets == ("b",)
@@ -181,7 +181,7 @@ def _versions(site: str, n: int, **kw: object) -> list[ImageRecord]:
 
 
 def test_keep_two_retires_the_oldest_of_three() -> None:
-    rule = Rule(pattern="img", sites=("a",), keep=2)
+    rule = TargetRule(pattern="img", sites=("a",), keep=2)
     vs = _versions("a", 3)
     _, actions = plan_name("img", rule, inv(*vs), SITES)
     retires = [a for a in actions if isinstance(a, Retire)]
@@ -190,7 +190,7 @@ def test_keep_two_retires_the_oldest_of_three() -> None:
 
 
 def test_retention_never_touches_protected_or_foreign_or_in_use_images() -> None:
-    rule = Rule(pattern="img", sites=("a",), keep=1, retire="delete")
+    rule = TargetRule(pattern="img", sites=("a",), keep=1, retire="delete")
     protected = img("a", t=T0, digest="1", copy_of="x:1", protected=True)
     foreign = img("a", t=T0 + timedelta(days=1), digest="2")  # uploaded by a person
     used = img("a", t=T0 + timedelta(days=2), digest="3", copy_of="x:3",
@@ -207,7 +207,7 @@ def test_retention_never_touches_protected_or_foreign_or_in_use_images() -> None
 
 
 def test_retention_waits_until_the_site_is_current() -> None:
-    rule = Rule(pattern="img", sites=("a", "b"), keep=1)
+    rule = TargetRule(pattern="img", sites=("a", "b"), keep=1)
     old_b = _versions("b", 2)
     newest = img("a", t=T0 + timedelta(days=9), digest="9")
     _, actions = plan_name("img", rule, inv(newest, *old_b), SITES)
@@ -229,5 +229,5 @@ def test_prefer_source_site() -> None:
 
 
 def test_names_without_a_rule_are_ignored() -> None:
-    p = plan([Rule(pattern="other", sites=SITES)], inv(img("a")), SITES)
+    p = plan([TargetRule(pattern="other", sites=SITES)], inv(img("a")), SITES)
     assert p.actions == [] and p.assessments == []

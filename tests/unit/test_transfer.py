@@ -128,3 +128,31 @@ def test_md5_is_computed_only_when_it_can_decide(monkeypatch: pytest.MonkeyPatch
     result = copy_image(src, rec, [(dst, new_image_for(rec, rec.version, "private"))],
                         policy=FAST)
     assert result.ok and made == [1]
+
+
+def test_a_copy_retry_waits_as_long_as_the_site_asked() -> None:
+    """503 + Retry-After on an upload: the copy's retry honours the hint (one retry path)."""
+    from imagesync.errors import TransientError
+
+    class Throttled(MemSite):
+        refused = 0
+
+        def create(self, new):  # type: ignore[no-untyped-def]
+            writer = super().create(new)
+            if Throttled.refused == 0:
+                Throttled.refused += 1
+
+                def refuse(chunk: bytes) -> None:
+                    raise TransientError("503 Service Unavailable", site=self.name,
+                                         retry_after=7.0)
+
+                writer.write = refuse  # type: ignore[method-assign]
+            return writer
+
+    src, target = MemSite("src"), Throttled("throttled")
+    rec = src.add("img", DATA)
+    waits: list[float] = []
+    result = copy_image(src, rec, [(target, new_image_for(rec, rec.version, "private"))],
+                        policy=RetryPolicy(attempts=3, base=0.0, cap=0.0), sleep=waits.append)
+    assert result.ok and result.targets[0].attempts == 2
+    assert waits == [7.0]

@@ -1,0 +1,303 @@
+"""The executor: runs a plan's copies within limits, then its retirements. The only room that
+changes sites (besides recovery).
+
+Copies run under per-(image, site) locks; once a lock is held the target is listed again
+(another run may just have finished the same copy, so a second push transfers nothing) and
+the uploads of that name a crashed run left there are removed (``Recovery.clean_locked``).
+Retirement runs only after the newest version is verified on that site (the planner only
+retires on sites that are current). Every copy and retirement is one structlog event and one
+history row.
+
+One scheduler serves every caller. ``push`` and ``sync`` run a plan's copies one after
+another in the calling thread (so Ctrl-C unwinds through them and their cleanup), each
+fanning out to all its targets from one read of the source. The daemon splits each copy
+into one task per target and runs them concurrently: a task starts only when it can take a
+slot overall (``max_transfers``) and on every site it writes to (that site's
+``max_transfers``), and it never waits holding a slot, so tasks for a busy site wait while
+others pass them. The source is not charged a slot (a read stalled by a slow target would
+otherwise hold the source's slots too), and no site may take every overall slot.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+
+import structlog
+
+from imagesync.engine.inventory import Inventory
+from imagesync.engine.pool import SitePool
+from imagesync.engine.recovery import Recovery
+from imagesync.engine.results import ActionResult, Observer, Outcome
+from imagesync.errors import LockBusy, SiteError
+from imagesync.model import ImageRecord, format_time
+from imagesync.plan import Copy, Plan, Retire, SkipReason
+from imagesync.retry import RetryPolicy
+from imagesync.state import State
+from imagesync.transfer import CopyResult, ErrorKind, TargetResult, copy_image, new_image_for
+
+log = structlog.get_logger("imagesync.execute")
+
+ProgressFactory = Callable[[str, int | None], Callable[[int], None] | None]
+
+
+class Executor:
+    """Runs plans against the pool's sites, recording history and leases in ``state``."""
+
+    def __init__(self, pool: SitePool, inventory: Inventory, recovery: Recovery, state: State,
+                 policy: RetryPolicy) -> None:
+        self.pool = pool
+        self.inventory = inventory
+        self.recovery = recovery
+        self.state = state
+        self.policy = policy
+
+    def run(self, plan: Plan, *, concurrency: int = 1, split_targets: bool = False,
+            progress: ProgressFactory | None = None, cancel: threading.Event | None = None,
+            observer: Observer | None = None) -> list[ActionResult]:
+        """Run the copies (``concurrency`` at a time), then, unless cancelled, retirements."""
+        observer = observer or Observer()
+        copies = plan.copies
+        if split_targets:
+            copies = [dataclasses.replace(c, targets=(t,)) for c in copies for t in c.targets]
+        if concurrency <= 1:
+            results = [self.run_copy(c, progress, cancel=cancel, observer=observer)
+                       for c in copies]
+        else:
+            results = self._run_concurrently(copies, concurrency, cancel, observer)
+        return results + self._retire_and_report(plan, cancel, observer)
+
+    def _run_concurrently(self, tasks: Sequence[Copy], overall: int,
+                          cancel: threading.Event | None, observer: Observer
+                          ) -> list[ActionResult]:
+        cond = threading.Condition()
+        busy: Counter[str] = Counter()
+        running = 0
+        done: list[tuple[int, ActionResult]] = []
+        pending = list(enumerate(tasks))
+
+        def limit(site: str) -> int:
+            # leave one overall slot to the other sites, whatever a site's own limit says
+            return max(1, min(self.pool.limit(site), overall - 1))
+
+        def work(index: int, task: Copy) -> None:
+            nonlocal running
+            try:
+                result = self.run_copy(task, cancel=cancel, observer=observer)
+            except Exception as exc:  # a bug must not take the other transfers down
+                log.exception("copy.crashed", image=task.name, targets=list(task.targets))
+                result = ActionResult(task, False, f"unexpected error: {exc}",
+                                      outcome=Outcome.FAILED)
+            with cond:
+                running -= 1
+                busy.subtract(task.targets)
+                done.append((index, result))
+                cond.notify_all()
+
+        with cond:
+            while pending or running:
+                if cancel is not None and cancel.is_set():
+                    pending.clear()
+                for index, task in list(pending):
+                    if running >= overall:
+                        break
+                    if all(busy[s] < limit(s) for s in task.targets):
+                        pending.remove((index, task))
+                        running += 1
+                        busy.update(task.targets)
+                        # daemon threads: a transfer stuck in a dead connection must not keep
+                        # the process alive after shutdown has cleaned up after it
+                        threading.Thread(target=work, args=(index, task), daemon=True,
+                                         name=f"copy-{task.name[:20]}-{task.targets[0]}").start()
+                cond.wait(timeout=0.5)
+        return [r for _, r in sorted(done, key=lambda x: x[0])]
+
+    def _retire_and_report(self, plan: Plan, cancel: threading.Event | None,
+                           observer: Observer) -> list[ActionResult]:
+        results: list[ActionResult] = []
+        if not (cancel is not None and cancel.is_set()):
+            for retire in plan.retires:
+                if cancel is not None and cancel.is_set():
+                    break
+                r = self.run_retire(retire)
+                observer.retire_finished(r)
+                results.append(r)
+        unreachable: Counter[str] = Counter()
+        for skip in plan.skips:
+            if skip.why is SkipReason.UNREACHABLE:
+                unreachable[skip.site] += 1  # one line per site, not one per image
+            else:
+                log.info("skip", image=skip.name, site=skip.site, reason=skip.reason)
+        for site, count in unreachable.items():
+            log.warning("skip", site=site, images=count, reason=SkipReason.UNREACHABLE.value)
+        return results
+
+    # -- one copy ------------------------------------------------------------------------------
+    def run_copy(self, copy: Copy, progress: ProgressFactory | None = None, *,
+                 cancel: threading.Event | None = None,
+                 observer: Observer | None = None) -> ActionResult:
+        """Copy the newest version to ``copy.targets`` (those not current already)."""
+        if cancel is not None and cancel.is_set():
+            return ActionResult(copy, False, "cancelled", outcome=Outcome.CANCELLED)
+        inner = observer or Observer()
+        announced: list[Copy] = []
+
+        class _Once(Observer):
+            # copy_finished exactly once for each copy_started, even when the copy raised
+            def copy_started(self, c: Copy) -> None:
+                announced.append(c)
+                inner.copy_started(c)
+
+            def copy_progress(self, nbytes: int) -> None:
+                inner.copy_progress(nbytes)
+
+        result = ActionResult(copy, False, "unexpected error", outcome=Outcome.FAILED)
+        try:
+            with ExitStack() as locks:
+                targets, busy = self._lock_targets(copy, locks)
+                if not targets:
+                    ok = not busy
+                    result = ActionResult(
+                        copy, ok, "nothing to transfer" if ok else "busy", targets=busy,
+                        outcome=Outcome.NOTHING_TO_DO if ok else Outcome.BUSY)
+                    return result
+                result = self._copy_locked(copy, targets, busy, progress, cancel, _Once())
+            return result
+        finally:
+            if announced:
+                inner.copy_finished(result)
+
+    def _lock_targets(self, copy: Copy, locks: ExitStack
+                      ) -> tuple[list[str], list[TargetResult]]:
+        """Take each target's lock; keep the targets that still lack the version."""
+        targets: list[str] = []
+        busy: list[TargetResult] = []
+        for t in copy.targets:
+            try:
+                locks.enter_context(self.state.lock(copy.name, t))
+            except LockBusy as exc:
+                busy.append(TargetResult(site=t, error=str(exc), error_kind=ErrorKind.BUSY))
+                continue
+            if self._current_on(copy, t):
+                log.info("copy.already_current", image=copy.name, site=t)
+                continue
+            targets.append(t)
+        return targets, busy
+
+    def _current_on(self, copy: Copy, target: str) -> bool:
+        """Under the lock: is the version there now? Its crash leftovers are removed first."""
+        try:
+            records = self.pool.get(target).list_images(copy.name)
+            records = self.recovery.clean_locked(target, copy.name, records)
+        except SiteError:
+            return False  # the copy will fail and say why
+        return any(r.counts and not r.hidden and r.version.same_as(copy.version)
+                   for r in records)
+
+    def _copy_locked(self, copy: Copy, targets: list[str], busy: list[TargetResult],
+                     progress: ProgressFactory | None, cancel: threading.Event | None,
+                     observer: Observer) -> ActionResult:
+        started = time.time()
+        try:
+            source = self.pool.get(copy.source_site)
+            image = source.get_image(copy.source_id)
+        except SiteError as exc:
+            log.error("copy.failed", image=copy.name, source=copy.source_site, error=str(exc))
+            return ActionResult(copy, False, str(exc), outcome=Outcome.FAILED, targets=[
+                TargetResult(site=t, error=str(exc), error_kind=ErrorKind.SOURCE)
+                for t in targets] + busy)
+        new = new_image_for(image, copy.version, copy.visibility)
+        bar = progress(f"{copy.name} → {','.join(targets)}", image.size) if progress else None
+
+        def count(n: int) -> None:
+            observer.copy_progress(n)
+            if bar is not None:
+                bar(n)
+
+        log.info("copy.start", image=copy.name, version=format_time(copy.version.time),
+                 source=image.ref, targets=targets, bytes=image.size)
+        observer.copy_started(dataclasses.replace(copy, targets=tuple(targets)))
+        try:
+            result = copy_image(source, image, [(self.pool.get(t), new) for t in targets],
+                                policy=self.policy, progress=count, cancel=cancel,
+                                watcher=_Leases(self.state, copy.name))
+        finally:
+            for t in targets:  # imagesync changed these sites: list them fully next time
+                self.inventory.forget(t)
+            close = getattr(bar, "close", None)
+            if close is not None:
+                close()
+        self._report(copy, image, result, started)
+        outcome = (Outcome.CANCELLED if result.cancelled else
+                   Outcome.DONE if result.ok and not busy else
+                   Outcome.BUSY if result.ok else Outcome.FAILED)
+        return ActionResult(copy, result.ok and not busy,
+                            "cancelled" if result.cancelled else "", copy=result,
+                            targets=result.targets + busy, outcome=outcome)
+
+    def _report(self, copy: Copy, image: ImageRecord, result: CopyResult,
+                started: float) -> None:
+        for tr in result.targets:
+            self.state.record_transfer(
+                started=started, finished=time.time(), name=copy.name, source=image.ref,
+                target=tr.site, version=format_time(copy.version.time), sha512=result.sha512,
+                bytes=result.bytes_read, seconds=round(result.seconds, 3),
+                result="ok" if tr.ok else (tr.error_kind.value if tr.error_kind else "failed"),
+                image_id=tr.image.id if tr.image else None, error=tr.error)
+            if tr.error_kind is ErrorKind.CANCELLED:
+                log.warning("copy.cancelled", image=copy.name, source=image.ref,
+                            target=tr.site, bytes=result.bytes_read)
+                continue
+            event = log.info if tr.ok else log.error
+            event("copy.done" if tr.ok else "copy.failed", image=copy.name, source=image.ref,
+                  target=tr.site, image_id=tr.image.id if tr.image else None,
+                  bytes=result.bytes_read, seconds=round(result.seconds, 3),
+                  error=tr.error, kind=tr.error_kind.value if tr.error_kind else None,
+                  attempts=tr.attempts)
+
+    # -- one retirement ------------------------------------------------------------------------
+    def run_retire(self, retire: Retire) -> ActionResult:
+        site = self.pool.get(retire.site)
+        mode = retire.mode
+        if mode == "hide" and not site.capabilities.hide:
+            # Deleting is opt-in: a site that cannot hide keeps its old versions.
+            log.info("retire.kept", image=retire.name, site=retire.site,
+                     image_id=retire.image_id, reason=f"{retire.reason}, but the site cannot "
+                     "hide images: set retire: delete on the rule to delete them")
+            return ActionResult(retire, True, "kept: the site cannot hide", outcome=Outcome.KEPT)
+        try:
+            with self.state.lock(retire.name, retire.site):
+                if mode == "hide":
+                    site.hide(retire.image_id)
+                else:
+                    site.delete(retire.image_id)
+            self.inventory.forget(retire.site)
+        except (SiteError, LockBusy) as exc:
+            log.error("retire.failed", image=retire.name, site=retire.site,
+                      image_id=retire.image_id, error=str(exc))
+            return ActionResult(retire, False, str(exc), outcome=Outcome.FAILED)
+        log.info("retire.done", image=retire.name, site=retire.site, image_id=retire.image_id,
+                 mode=mode, reason=retire.reason)
+        self.state.record_transfer(started=time.time(), finished=time.time(), name=retire.name,
+                                   source=f"{retire.site}:{retire.image_id}", target=retire.site,
+                                   version=format_time(retire.version.time),
+                                   result=f"retired:{mode}", image_id=retire.image_id)
+        return ActionResult(retire, True, mode)
+
+
+class _Leases:
+    """Records each upload of one image name as a lease while it is half-made."""
+
+    def __init__(self, state: State, name: str) -> None:
+        self.state = state
+        self.name = name
+
+    def started(self, site: str, image_id: str) -> None:
+        self.state.add_lease(site, image_id, self.name)
+
+    def ended(self, site: str, image_id: str) -> None:
+        self.state.drop_lease(site, image_id)

@@ -1,0 +1,104 @@
+"""The engine: the rooms of execution wired together for one process.
+
+``Engine`` owns a site pool, the inventory (listing cache), recovery, the executor and the
+state database, and offers the few calls the commands and the daemon make: list, recover,
+run a plan, record what ``check`` answers from. Each room can be used (and tested) alone.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+
+from imagesync.config import Config, ImageRule
+from imagesync.engine.executor import Executor, ProgressFactory
+from imagesync.engine.inventory import Inventory
+from imagesync.engine.pool import SitePool
+from imagesync.engine.recording import recorded_cells
+from imagesync.engine.recovery import Recovery
+from imagesync.engine.results import ActionResult, Observer
+from imagesync.model import SiteInventory
+from imagesync.plan import Assessment, Copy, Plan, Retire
+from imagesync.retry import RetryPolicy
+from imagesync.sites.base import Site
+from imagesync.state import State
+
+
+class Engine:
+    """Sites, state and policy for one process; opens sites lazily and reuses them."""
+
+    def __init__(self, config: Config, state: State | None = None,
+                 sites: Mapping[str, Site] | None = None) -> None:
+        self.config = config
+        self.state = state or State(config.state_dir)
+        self.pool = SitePool(config, sites)
+        self.inventory_room = Inventory(self.pool)
+        self.recovery = Recovery(self.pool, self.state, self.inventory_room)
+        self.policy = RetryPolicy(attempts=max(1, config.transfer_retries + 1))
+        self.executor = Executor(self.pool, self.inventory_room, self.recovery, self.state,
+                                 self.policy)
+
+    @property
+    def rules(self) -> Sequence[ImageRule]:
+        return self.config.images
+
+    @property
+    def site_names(self) -> list[str]:
+        return self.pool.names
+
+    def site(self, name: str) -> Site:
+        return self.pool.get(name)
+
+    def close(self) -> None:
+        self.pool.close()
+
+    # -- reading -------------------------------------------------------------------------------
+    def inventory(self, site_name: str, name: str | None = None,
+                  incremental: bool = False) -> SiteInventory:
+        return self.inventory_room.site(site_name, name, incremental)
+
+    def inventories(self, sites: Sequence[str] | None = None, name: str | None = None, *,
+                    incremental: bool = False) -> dict[str, SiteInventory]:
+        """List every site concurrently. Never changes anything (see ``recover``)."""
+        return self.inventory_room.all(sites, name, incremental=incremental)
+
+    def forget(self, site_name: str) -> None:
+        self.inventory_room.forget(site_name)
+
+    # -- recovery ------------------------------------------------------------------------------
+    def recover(self, inventories: Mapping[str, SiteInventory]) -> dict[str, SiteInventory]:
+        """Remove crash leftovers (see ``engine.recovery``); the inventories without them."""
+        return self.recovery.recover(inventories)
+
+    def remove_own_uploads(self) -> int:
+        return self.recovery.remove_own_uploads()
+
+    # -- execution -----------------------------------------------------------------------------
+    def execute(self, plan: Plan, progress: ProgressFactory | None = None) -> list[ActionResult]:
+        """``push``/``sync``: copies one after another, each read once for all its targets."""
+        results = self.executor.run(plan, progress=progress)
+        self.record(plan.assessments, results)
+        return results
+
+    def execute_concurrently(self, plan: Plan, *, cancel: threading.Event | None = None,
+                             observer: Observer | None = None) -> list[ActionResult]:
+        """The daemon's: one task per (image, target), in parallel within the limits. Once
+        ``cancel`` is set no task starts, running ones abort (removing their uploads) and
+        retirements are not run."""
+        results = self.executor.run(plan, concurrency=max(1, self.config.max_transfers),
+                                    split_targets=True, cancel=cancel, observer=observer)
+        self.record(plan.assessments, results)
+        return results
+
+    def run_copy(self, copy: Copy, progress: ProgressFactory | None = None, *,
+                 cancel: threading.Event | None = None,
+                 observer: Observer | None = None) -> ActionResult:
+        return self.executor.run_copy(copy, progress, cancel=cancel, observer=observer)
+
+    def run_retire(self, retire: Retire) -> ActionResult:
+        return self.executor.run_retire(retire)
+
+    # -- recorded answers ----------------------------------------------------------------------
+    def record(self, assessments: Sequence[Assessment], results: Sequence[ActionResult]) -> None:
+        self.state.record_cells(recorded_cells(assessments, results, time.time()))
