@@ -160,9 +160,6 @@ class State:
             return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
 
     # -- recorded answers ----------------------------------------------------------------------
-    def record_cell(self, cell: RecordedCell) -> None:
-        self.record_cells([cell])
-
     def record_cells(self, cells: Iterable[RecordedCell]) -> None:
         """Write many answers in one transaction."""
         rows = [(c.name, c.site, c.state, c.image_id, c.version, c.newest, c.sha512,
