@@ -42,7 +42,7 @@ class HookWriter(MemWriter):
 class HookSite(MemSite):
     """A MemSite whose uploads can be slowed down or held, and which counts them."""
 
-    def __init__(self, name: str, before_write: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, name: str, before_write: Callable[[], object] = lambda: None) -> None:
         super().__init__(name)
         self.before_write = before_write
         self.active = 0

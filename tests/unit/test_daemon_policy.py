@@ -149,7 +149,7 @@ def test_recording_thousands_of_cells_is_one_transaction(
     connect = sqlite3.connect
 
     def traced(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        db = connect(*args, **kwargs)
+        db: sqlite3.Connection = connect(*args, **kwargs)
         db.set_trace_callback(statements.append)
         return db
 
