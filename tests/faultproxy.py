@@ -1,9 +1,13 @@
-"""A small fault-injecting HTTP/1.1 proxy put in front of a real Glance in the tests.
+"""The one fault-injecting HTTP/1.1 proxy put in front of a real Glance in the tests.
 
-It forwards bytes unchanged except when told to: flip one byte of an image upload body
-(``PUT …/file``) or download body (``GET …/file``), or cut the connection part-way through an
-upload. It understands Content-Length and chunked framing, so a flipped byte always lands
-in image data, never in HTTP framing. Bounded: it serves loopback only and stops on close().
+It forwards bytes unchanged except when its :class:`FaultPlan` says otherwise: flip one byte of
+an image upload body (``PUT …/file``) or download body (``GET …/file``), cut the connection
+part-way through an upload, slow uploads or downloads of image data down, or be a black hole
+(accept connections, never answer: a site whose every request times out). It understands
+Content-Length and chunked framing, so a flipped byte always lands in image data, never in
+HTTP framing. ``stop()`` closes the port and every connection (a site gone down); ``start()``
+opens the same port again (the site back, at the same address). Bounded: it serves loopback
+only and stops on close().
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ class FaultPlan:
     cut_upload_after: int | None = None  # close both sides after this many upload bytes
     cut_times: int = 1
     throttle_upload: float = 0.0  # seconds to sleep per 64 KiB of upload data
+    download_rate: float = 0.0  # bytes/s of image data downloaded; 0: as fast as it comes
+    blackhole: bool = False  # new connections are held open and never answered
     flips: int = 0  # how many flips happened
     cuts: int = 0
 
@@ -34,6 +40,7 @@ class _Conn:
         self.proxy = proxy
         self.client = client
         self.upstream = socket.create_connection(("127.0.0.1", proxy.upstream_port))
+        proxy._track(client, self.upstream)
         self.requests: list[bytes] = []  # request lines awaiting their response
         self.lock = threading.Lock()
 
@@ -64,12 +71,15 @@ class _Conn:
                         self.requests.append(first)
                     match = _FILE.match(first)
                     kind = (match.group(1).decode() + "-up") if match else ""
+                    req = first
                 else:
                     with self.lock:
                         req = self.requests.pop(0) if self.requests else b""
                     match = _FILE.match(req)
                     kind = "GET-down" if match and match.group(1) == b"GET" else ""
                 dst.sendall(head)
+                if not to_server and req.startswith(b"HEAD "):
+                    continue  # the answer to HEAD has headers only, whatever they announce
                 if not self._body(reader, dst, head, kind, to_server):
                     break
         except OSError:
@@ -140,6 +150,8 @@ class _Conn:
                 return False  # drop the connection mid-body
             if kind == "PUT-up" and plan.throttle_upload:
                 time.sleep(plan.throttle_upload * len(data) / 65536)
+            if kind == "GET-down" and plan.download_rate:
+                time.sleep(len(data) / plan.download_rate)
             dst.sendall(data)
             offset[0] = end
             left -= len(data)
@@ -152,32 +164,60 @@ class FaultProxy:
     def __init__(self, upstream_port: int) -> None:
         self.upstream_port = upstream_port
         self.plan = FaultPlan()
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(32)
-        self.port = self.sock.getsockname()[1]
-        self._stop = False
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        self.port = 0  # chosen by the first start(), kept by the next ones
+        self._sock: socket.socket | None = None
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self.start()
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def _serve(self) -> None:
-        while not self._stop:
+    def start(self) -> None:
+        """Listen (again, on the same port after a stop())."""
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        sock.listen(64)
+        self.port = sock.getsockname()[1]
+        self._sock = sock
+        threading.Thread(target=self._serve, args=(sock,), daemon=True).start()
+
+    def stop(self) -> None:
+        """Close the port and every connection through it."""
+        if self._sock is not None:
+            # shutdown first: on Linux, close() alone leaves the thread blocked in accept()
+            # holding the port open
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            self._sock.close()
+            self._sock = None
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            with contextlib.suppress(OSError):
+                c.shutdown(socket.SHUT_RDWR)
+            c.close()
+
+    close = stop
+
+    def _track(self, *socks: socket.socket) -> None:
+        with self._lock:
+            self._conns.extend(socks)
+
+    def _serve(self, sock: socket.socket) -> None:
+        while True:
             try:
-                client, _ = self.sock.accept()
+                client, _ = sock.accept()
             except OSError:
                 return
+            if self.plan.blackhole:
+                self._track(client)  # held open, never answered, until stop()
+                continue
             try:
                 conn = _Conn(self, client)
             except OSError:
                 client.close()
                 continue
             threading.Thread(target=conn.run, daemon=True).start()
-
-    def close(self) -> None:
-        self._stop = True
-        self.sock.close()

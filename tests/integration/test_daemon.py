@@ -3,25 +3,21 @@
 Cold start convergence, a new version spreading, kill -9 mid-copy then restart, SIGTERM
 mid-copy, a site down (a black hole: every request times out) then back, retention
 (hide, delete, protected). Copies are made slow where a test needs them in flight by putting
-a throttling TCP proxy in front of the source's Glance (``endpoint_override``); the daemon runs
-with its own sd_notify socket and a metrics port.
+the fault proxy (``tests/faultproxy.py``) in front of the source's Glance
+(``endpoint_override``), throttling downloads; the daemon runs as ``tests/daemonproc.py``
+starts it, with its own sd_notify socket, and a metrics port.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import re
-import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +28,8 @@ import yaml
 
 from imagesync.lab import LabInfo, glance_client
 from imagesync.model import PROP_ORIGIN, PROP_STATE
+from tests.daemonproc import DaemonProcess
+from tests.faultproxy import FaultProxy
 from tests.integration.labcfg import images_named, random_bytes, uid, upload
 
 pytestmark = pytest.mark.integration
@@ -39,98 +37,7 @@ MB = 1 << 20
 POLL = 2.0
 
 
-# -- a TCP proxy: forward, throttle image downloads, or swallow every request -----------------
-
-_REQUEST = re.compile(rb"^(GET|PUT|POST|PATCH|DELETE|HEAD) (\S+) HTTP/1")
-
-
-class TcpProxy:
-    """Loopback proxy to ``upstream_port``. ``download_rate`` (bytes/s) slows responses to
-    ``GET …/file``; ``blackhole`` accepts connections and never answers; ``stop()`` closes
-    the port and every connection, ``start()`` opens the same port again."""
-
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
-        self.download_rate = 0.0
-        self.blackhole = False
-        self.port = 0
-        self._sock: socket.socket | None = None
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", self.port))
-        sock.listen(64)
-        self.port = sock.getsockname()[1]
-        self._sock = sock
-        threading.Thread(target=self._accept, args=(sock,), daemon=True).start()
-
-    def stop(self) -> None:
-        if self._sock is not None:
-            # shutdown first: on Linux, close() alone leaves a thread blocked in accept()
-            # holding the port open
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
-            self._sock.close()
-            self._sock = None
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for c in conns:
-            with contextlib.suppress(OSError):
-                c.shutdown(socket.SHUT_RDWR)
-            c.close()
-
-    def _track(self, s: socket.socket) -> None:
-        with self._lock:
-            self._conns.append(s)
-
-    def _accept(self, sock: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = sock.accept()
-            except OSError:
-                return
-            self._track(client)
-            if self.blackhole:
-                continue  # held open, never answered, until stop()
-            try:
-                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
-            except OSError:
-                client.close()
-                continue
-            self._track(upstream)
-            state = {"throttle": False}
-            threading.Thread(target=self._up, args=(client, upstream, state),
-                             daemon=True).start()
-            threading.Thread(target=self._down, args=(upstream, client, state),
-                             daemon=True).start()
-
-    def _up(self, src: socket.socket, dst: socket.socket, state: dict[str, bool]) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(1 << 16):
-                m = _REQUEST.match(data)
-                if m:  # a new request on this connection: is it an image download?
-                    state["throttle"] = m.group(1) == b"GET" and m.group(2).endswith(b"/file")
-                dst.sendall(data)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-
-    def _down(self, src: socket.socket, dst: socket.socket, state: dict[str, bool]) -> None:
-        with contextlib.suppress(OSError):
-            while data := src.recv(1 << 16):
-                if state["throttle"] and self.download_rate:
-                    time.sleep(len(data) / self.download_rate)
-                dst.sendall(data)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-
+# -- proxies in front of a cloud's Glance ------------------------------------------------------
 
 def _port(url: str) -> int:
     port = urlparse(url).port
@@ -139,11 +46,11 @@ def _port(url: str) -> int:
 
 
 @pytest.fixture()
-def proxies(lab: LabInfo) -> Iterator[Callable[[str], TcpProxy]]:
-    made: list[TcpProxy] = []
+def proxies(lab: LabInfo) -> Iterator[Callable[[str], FaultProxy]]:
+    made: list[FaultProxy] = []
 
-    def make(cloud: str) -> TcpProxy:
-        p = TcpProxy(_port(lab.cloud(cloud).glance_url))
+    def make(cloud: str) -> FaultProxy:
+        p = FaultProxy(_port(lab.cloud(cloud).glance_url))
         made.append(p)
         return p
 
@@ -151,7 +58,7 @@ def proxies(lab: LabInfo) -> Iterator[Callable[[str], TcpProxy]]:
         yield make
     finally:
         for p in made:
-            p.stop()
+            p.close()
 
 
 # -- the daemon process ----------------------------------------------------------------------
@@ -187,73 +94,6 @@ def write_config(lab: LabInfo, tmp_path: Path, rules: list[dict[str, Any]], *,
     path = tmp_path / "imagesync.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
-
-
-class DaemonProcess:
-    """`imagesync -c CONFIG daemon` with a notify socket of its own; its JSON log lines and
-    notifications are collected as they come."""
-
-    def __init__(self, config: Path) -> None:
-        self.sock_name = f"imagesync-test-{uuid.uuid4().hex}"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(b"\0" + self.sock_name.encode())  # abstract namespace
-        self.sock.settimeout(0.2)
-        self.notes: list[tuple[float, str]] = []
-        self.lines: list[dict[str, Any]] = []
-        self.started = time.monotonic()
-        env = {**os.environ, "NOTIFY_SOCKET": "@" + self.sock_name, "WATCHDOG_USEC": "2000000"}
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "imagesync.cli", "-c", str(config), "daemon"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        self._done = False
-        threading.Thread(target=self._recv, daemon=True).start()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _recv(self) -> None:
-        while not self._done:
-            try:
-                note = self.sock.recv(4096).decode()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            self.notes.append((time.monotonic(), note))
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            with contextlib.suppress(ValueError):
-                self.lines.append(json.loads(line))
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [x for x in list(self.lines) if x.get("event") == name]
-
-    def wait_note(self, what: str, timeout: float = 30.0) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for _, note in list(self.notes):
-                if what in note:
-                    return note
-            time.sleep(0.05)
-        raise AssertionError(f"no {what!r} notification: {self.notes}")
-
-    def terminate(self, timeout: float = 30.0) -> tuple[int, float]:
-        """SIGTERM; (exit code, seconds it took to exit)."""
-        t0 = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=timeout)
-        return code, time.monotonic() - t0
-
-    def stderr(self) -> str:
-        assert self.proc.stderr is not None
-        return self.proc.stderr.read()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self._done = True
-        self.sock.close()
 
 
 @pytest.fixture()
@@ -387,14 +227,14 @@ def test_cold_start_converges_and_a_new_version_spreads_within_a_poll(
     assert "Traceback" not in d.stderr()
 
 
-def _slow_copy_setup(lab: LabInfo, tmp_path: Path, proxies: Callable[[str], TcpProxy],
+def _slow_copy_setup(lab: LabInfo, tmp_path: Path, proxies: Callable[[str], FaultProxy],
                      size: int = 24 * MB, rate: float = 1.5 * MB) -> tuple[str, bytes, Path,
-                                                                            TcpProxy]:
+                                                                            FaultProxy]:
     name = uid("slow")
     data = random_bytes(size)
     upload(lab, "lab1", name, data)
     proxy = proxies("lab1")
-    proxy.download_rate = rate  # every read of the source takes size/rate seconds
+    proxy.plan.download_rate = rate  # every read of the source takes size/rate seconds
     config = write_config(lab, tmp_path, [{"name": name, "clouds": ["lab1", "lab2"],
                                            "store": "archive"}],
                           overrides={"lab1": {"endpoint_override": proxy.url}})
@@ -408,7 +248,7 @@ def _in_flight(lab: LabInfo, tmp_path: Path, name: str) -> bool:
 
 
 def test_kill_9_during_a_copy_then_restart_cleans_up_and_completes(
-        lab: LabInfo, tmp_path: Path, proxies: Callable[[str], TcpProxy],
+        lab: LabInfo, tmp_path: Path, proxies: Callable[[str], FaultProxy],
         daemons: Callable[[Path], DaemonProcess]) -> None:
     name, data, config, proxy = _slow_copy_setup(lab, tmp_path, proxies)
     first = daemons(config)
@@ -420,7 +260,7 @@ def test_kill_9_during_a_copy_then_restart_cleans_up_and_completes(
     assert half_made(lab, "lab2", name)
     assert any(p.name.endswith(".img.partial") for p in store_files(tmp_path, name))
 
-    proxy.download_rate = 0  # fast again, so that the restarted copy is quick
+    proxy.plan.download_rate = 0  # fast again, so that the restarted copy is quick
     second = daemons(config)
     took = wait_until(lambda: everywhere(lab, tmp_path, name, data, ("lab2",)), 60,
                       "the restarted daemon completed the copy")
@@ -437,7 +277,7 @@ def test_kill_9_during_a_copy_then_restart_cleans_up_and_completes(
 
 
 def test_sigterm_during_a_copy_exits_quickly_and_leaves_nothing(
-        lab: LabInfo, tmp_path: Path, proxies: Callable[[str], TcpProxy],
+        lab: LabInfo, tmp_path: Path, proxies: Callable[[str], FaultProxy],
         daemons: Callable[[Path], DaemonProcess]) -> None:
     name, _, config, _ = _slow_copy_setup(lab, tmp_path, proxies)
     d = daemons(config)
@@ -454,14 +294,14 @@ def test_sigterm_during_a_copy_exits_quickly_and_leaves_nothing(
 
 
 def test_a_site_down_during_a_pass_does_not_stop_the_others_and_is_repaired(
-        lab: LabInfo, tmp_path: Path, proxies: Callable[[str], TcpProxy],
+        lab: LabInfo, tmp_path: Path, proxies: Callable[[str], FaultProxy],
         daemons: Callable[[Path], DaemonProcess]) -> None:
     name = uid("down")
     data = random_bytes(MB)
     upload(lab, "lab1", name, data)
     proxy = proxies("lab2")
     proxy.stop()
-    proxy.blackhole = True  # lab2's Glance accepts connections and never answers
+    proxy.plan.blackhole = True  # lab2's Glance accepts connections and never answers
     proxy.start()
     config = write_config(lab, tmp_path, [{"name": name, "clouds": "all", "store": "archive"}],
                           overrides={"lab2": {"endpoint_override": proxy.url}})
@@ -475,7 +315,7 @@ def test_a_site_down_during_a_pass_does_not_stop_the_others_and_is_repaired(
     assert published(lab, "lab2", name) == []
 
     proxy.stop()
-    proxy.blackhole = False
+    proxy.plan.blackhole = False
     proxy.start()  # back, on the same address
     repaired = wait_until(lambda: everywhere(lab, tmp_path, name, data), 60,
                           "lab2 is repaired")
@@ -505,8 +345,10 @@ def test_retention_keep_2_hides_or_deletes_the_oldest_and_spares_protected(
             time.sleep(1.1)  # distinct version times
         for n in names:
             upload(lab, "lab1", n, blob)
-        wait_until(lambda b=blob: all(everywhere(lab, tmp_path, n, b, ("lab2",), store=False)
-                                      for n in names), 60, f"version {v + 1} is on lab2")
+        def on_lab2(b: bytes = blob) -> bool:
+            return all(everywhere(lab, tmp_path, n, b, ("lab2",), store=False) for n in names)
+
+        wait_until(on_lab2, 60, f"version {v + 1} is on lab2")
         if v == 0:
             for n in names:
                 (copy,) = published(lab, "lab2", n)

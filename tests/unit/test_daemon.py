@@ -9,17 +9,18 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
 from imagesync.config import Config, ImageRule, load_config
-from imagesync.daemon import Daemon, PassReport
+from imagesync.daemon import Daemon, Health
+from imagesync.daemon.health import feed_watchdog
 from imagesync.engine import Engine
 from imagesync.metrics import Metrics
 from imagesync.model import NewImage
+from imagesync.notify import Notifier
 from imagesync.plan import plan
 from imagesync.sites.directory import DirectorySite
 from imagesync.state import State
@@ -41,7 +42,7 @@ class HookWriter(MemWriter):
 class HookSite(MemSite):
     """A MemSite whose uploads can be slowed down or held, and which counts them."""
 
-    def __init__(self, name: str, before_write: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, name: str, before_write: Callable[[], object] = lambda: None) -> None:
         super().__init__(name)
         self.before_write = before_write
         self.active = 0
@@ -240,23 +241,23 @@ def test_cancel_before_publishing_keeps_nothing_half_made(tmp_path: Path) -> Non
     assert all(t.images == {} for t in targets)
 
 
-def test_stopping_during_a_pass_cancels_it_cleanly(tmp_path: Path) -> None:
-    slow = HookSite("c2", lambda: time.sleep(0.01))
+def test_stopping_during_a_pass_cancels_it_at_the_next_chunk(tmp_path: Path) -> None:
+    written = 0
+    stop: list[Callable[[], None]] = []
+
+    def count_and_stop_at_the_fifth() -> None:
+        nonlocal written
+        written += 1
+        if written == 5:
+            stop[0]()  # SIGTERM arrives while the fifth chunk is being written
+
+    slow = HookSite("c2", count_and_stop_at_the_fifth)
     sites: dict[str, MemSite] = {"c1": MemSite("c1"), "c2": slow}
-    sites["c1"].add("img-big", os.urandom(2000 * KB))  # 2000 chunks x 10 ms = 20 s
+    sites["c1"].add("img-big", os.urandom(200 * KB))  # 200 chunks
     d = daemon_for(tmp_path, sites)
-    reports: list[PassReport | None] = []
-    t = threading.Thread(target=lambda: reports.append(d.run_pass()))
-    t.start()
-    deadline = time.monotonic() + 10
-    while not slow.images and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert slow.images, "the copy did not start"
-    t0 = time.monotonic()
-    d.request_stop()
-    t.join(timeout=10)
-    assert time.monotonic() - t0 < 2
-    report = reports[0]
+    stop.append(d.request_stop)
+    report = d.run_pass()
+    assert written == 5  # the copy stopped at the next chunk, not at the end
     assert report is not None and report.cancelled and report.failed == 0
     assert slow.images == {}
     state = State(tmp_path / "state")
@@ -271,7 +272,6 @@ def test_a_stuck_transfer_at_shutdown_has_its_uploads_removed(tmp_path: Path) ->
     sites["c1"].add("img-a", os.urandom(5 * KB))
     exits: list[int] = []
     d = daemon_for(tmp_path, sites, grace_seconds=0.5, hard_exit=exits.append)
-    d.scheduler = None
     t = threading.Thread(target=d.run_pass, daemon=True)
     t.start()
     state = State(tmp_path / "state")
@@ -281,7 +281,7 @@ def test_a_stuck_transfer_at_shutdown_has_its_uploads_removed(tmp_path: Path) ->
     assert stuck.images and state.leases(), "the upload was not leased"
     d.request_stop()
     with capture_logs() as logs:
-        d._shutdown()
+        d.shutdown()
     assert exits == [0]
     assert stuck.images == {}  # removed from the main thread
     assert any(e["event"] == "daemon.abandoned" and e["removed_uploads"] == 1 for e in logs)
@@ -370,22 +370,116 @@ def test_a_reloaded_config_is_used_by_the_next_pass(tmp_path: Path) -> None:
     assert len(built) == 2 and built[1].poll_interval == 9.0
 
 
-def test_health_follows_the_loop(tmp_path: Path) -> None:
-    d = daemon_for(tmp_path, {"c1": MemSite("c1")}, stall_seconds=5)
+class FakeClock:
+    """A monotonic clock that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def test_health_follows_the_signs_of_life() -> None:
+    clock = FakeClock()
+    health = Health(stall_seconds=5, clock=clock)
+
+    def healthy(*, running: bool, scheduler: bool = True, poll: float = 60) -> bool:
+        return health.healthy(scheduler_running=scheduler, pass_running=running,
+                              poll_interval=poll)
+
+    assert healthy(running=False)
+    assert not healthy(running=False, scheduler=False)  # no loop, no life
+    clock.advance(4.9)  # a pass running, its last sign of life 4.9 s ago
+    assert healthy(running=True)
+    clock.advance(0.1)  # ... 5 s ago: stuck
+    assert not healthy(running=True)
+    health.beat()
+    assert healthy(running=True)
+    health.pass_ended()
+    clock.advance(60 + 4.9)  # between passes: the next one is not overdue yet
+    assert healthy(running=False)
+    assert not healthy(running=False, poll=59)  # a shorter interval after a reload
+    clock.advance(0.1)
+    assert not healthy(running=False)
+
+
+class Held:
+    """An upload that stops before its first two chunks until the test lets it go on."""
+
+    def __init__(self) -> None:
+        self.reached = [threading.Event(), threading.Event()]
+        self.go = [threading.Event(), threading.Event()]
+        self.chunks = 0
+
+    def __call__(self) -> None:
+        i, self.chunks = self.chunks, self.chunks + 1
+        if i < len(self.go):
+            self.reached[i].set()
+            assert self.go[i].wait(10)
+
+    def release(self) -> None:
+        for e in self.go:
+            e.set()
+
+
+def test_the_running_daemon_is_healthy_only_while_its_pass_shows_life(tmp_path: Path) -> None:
+    clock = FakeClock()
+    held = Held()
+    sites: dict[str, MemSite] = {"c1": MemSite("c1"), "c2": HookSite("c2", held)}
+    sites["c1"].add("img-a", os.urandom(5 * KB))
+    d = daemon_for(tmp_path, sites, stall_seconds=5, clock=clock,
+                   notifier=Notifier(env={}))
     assert not d.healthy()  # no scheduler yet
-    d.scheduler = SimpleNamespace(running=True)  # type: ignore[assignment]
-    assert d.healthy()
-    d._idle.clear()  # a pass is running ...
-    d._heartbeat = time.monotonic() - 10  # ... and has shown no sign of life for 10 s
-    assert not d.healthy()
-    d.beat()
-    assert d.healthy()
-    d._idle.set()
-    d._last_pass_end = time.monotonic() - 60 - 6  # the next pass is long overdue
-    assert not d.healthy()
-    d.scheduler = SimpleNamespace(running=False)  # type: ignore[assignment]
-    d._last_pass_end = time.monotonic()
-    assert not d.healthy()
+    codes: list[int] = []
+    runner = threading.Thread(target=lambda: codes.append(d.run(install_signals=False)))
+    runner.start()
+    try:
+        assert held.reached[0].wait(10), "the first pass did not start copying"
+        assert d.healthy()
+        clock.advance(5)  # the upload has been stuck for 5 s
+        assert not d.healthy()
+        held.go[0].set()  # one chunk goes through: a sign of life
+        assert held.reached[1].wait(10)
+        assert d.healthy()
+        held.go[1].set()
+        deadline = time.monotonic() + 10
+        while d.last_report is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert d.last_report is not None and d.last_report.copied == 1
+        assert d.healthy()  # idle, the next pass not due yet
+        clock.advance(60 + 5)  # the next pass is long overdue
+        assert not d.healthy()
+    finally:
+        held.release()
+        d.request_stop()
+        runner.join(timeout=10)
+    assert codes == [0]
+    assert not d.healthy()  # the scheduler is stopped
+
+
+def test_the_watchdog_is_fed_only_while_healthy_and_complains_once() -> None:
+    verdicts = [True, False, False, True, False]
+
+    class Ticks(threading.Event):
+        """``wait`` returns at once: one tick per verdict, then done."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.waited: list[float | None] = []
+
+        def wait(self, timeout: float | None = None) -> bool:
+            self.waited.append(timeout)
+            return len(self.waited) > len(verdicts)
+
+    ticks, pings, asked = Ticks(), [], iter(verdicts)
+    with capture_logs() as logs:
+        feed_watchdog(30.0, ticks, lambda: next(asked), lambda: pings.append(1))
+    assert len(pings) == 2 and ticks.waited == [30.0] * 6
+    assert [e["event"] for e in logs] == ["watchdog.unhealthy"] * 2  # not once per tick
 
 
 def test_metrics_after_a_pass(tmp_path: Path) -> None:

@@ -1,9 +1,8 @@
-"""``imagesync daemon``: the reconcile loop, signals, sd_notify and the watchdog, metrics.
+"""The ``imagesync daemon`` process: scheduler, signals, reload, sd_notify, shutdown.
 
 Every ``poll_interval`` an APScheduler interval job (first run at once; one at a time; missed
-runs coalesced) makes one *pass*: list every site concurrently (removing what a crashed run
-left half-made), plan, and execute the plan with copies in parallel within the overall and
-per-site limits (``Engine.execute_concurrently``). The main thread only waits for signals:
+runs coalesced) makes one *pass* (:mod:`imagesync.daemon.passes`). The main thread only waits
+for signals:
 
 - SIGTERM / SIGINT: stop scheduling, cancel the running transfers (each aborts at its next
   chunk and removes its uploads), wait for the pass to wind down and exit 0. Should a transfer
@@ -14,8 +13,7 @@ per-site limits (``Engine.execute_concurrently``). The main thread only waits fo
 
 Under systemd (``Type=notify``) it sends READY=1 once the scheduler runs, STATUS= after each
 pass, STOPPING=1 at shutdown, and WATCHDOG=1 every ``WatchdogSec/2`` from a thread that only
-pings while the loop is healthy: the scheduler runs, and a pass in progress shows signs of
-life (bytes, finished actions) within ``stall_seconds``, or a new pass is not overdue.
+pings while the loop is healthy (:mod:`imagesync.daemon.health`).
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -38,102 +35,18 @@ from apscheduler.executors.pool import ThreadPoolExecutor as JobPool
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from imagesync.config import Config, load_config
-from imagesync.engine import ActionResult, Engine, Observer, Outcome
+from imagesync.daemon.health import STALL_SECONDS, Clock, Health, feed_watchdog
+from imagesync.daemon.passes import PassReport, PassWatch, log_report, run_one_pass
+from imagesync.engine import Engine
 from imagesync.errors import ImageSyncError
 from imagesync.metrics import Metrics
 from imagesync.notify import Notifier, watchdog_interval
-from imagesync.plan import Copy, Retire, plan
-from imagesync.transfer import ErrorKind
 
 log = structlog.get_logger("imagesync.daemon")
 
 JOB_ID = "reconcile"
 #: SIGTERM → exit: the pass gets this long to wind down (systemd waits TimeoutStopSec=45)
 GRACE_SECONDS = 25.0
-#: a pass showing no sign of life for this long is stuck: stop feeding the watchdog
-STALL_SECONDS = 900.0
-
-
-@dataclass(frozen=True)
-class PassReport:
-    """What one pass did, for the log, STATUS= and tests."""
-
-    started: datetime
-    seconds: float
-    copied: int = 0  # targets that received a verified copy
-    failed: int = 0  # targets whose copy failed (not: busy elsewhere, cancelled)
-    retired: int = 0
-    retire_failed: int = 0
-    skipped: int = 0
-    unreachable: tuple[str, ...] = ()
-    cancelled: bool = False
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and not self.failed and not self.retire_failed
-
-    def status(self) -> str:
-        when = self.started.strftime("%H:%M:%S")
-        if self.error is not None:
-            return f"last pass {when}: FAILED: {self.error}"[:200]
-        text = (f"last pass {when} ({self.seconds:.1f}s): {self.copied} copies, "
-                f"{self.failed} failed, {self.retired} retired")
-        if self.unreachable:
-            text += f"; unreachable: {', '.join(self.unreachable)}"
-        if self.cancelled:
-            text += "; cancelled"
-        return text
-
-
-def summarize_pass(started: datetime, seconds: float, results: list[ActionResult],
-                   skipped: int, unreachable: tuple[str, ...]) -> PassReport:
-    copied = failed = retired = retire_failed = 0
-    cancelled = False
-    for r in results:
-        if isinstance(r.action, Copy):
-            for t in r.targets:
-                if t.ok:
-                    copied += 1
-                elif t.error_kind is ErrorKind.CANCELLED:
-                    cancelled = True
-                elif t.error_kind is not ErrorKind.BUSY:
-                    failed += 1
-            if not r.targets and not r.ok:
-                if r.outcome is Outcome.CANCELLED:
-                    cancelled = True
-                else:
-                    failed += 1
-        elif isinstance(r.action, Retire):
-            if not r.ok:
-                retire_failed += 1
-            elif r.outcome is not Outcome.KEPT:
-                retired += 1
-    return PassReport(started=started, seconds=seconds, copied=copied, failed=failed,
-                      retired=retired, retire_failed=retire_failed, skipped=skipped,
-                      unreachable=unreachable, cancelled=cancelled)
-
-
-class _Watch(Observer):
-    """Forwards executor events to the metrics and counts them as signs of life."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self.daemon = daemon
-
-    def copy_started(self, copy: Copy) -> None:
-        self.daemon.beat()
-        self.daemon.metrics.copy_started(copy)
-
-    def copy_progress(self, nbytes: int) -> None:
-        self.daemon.beat()
-
-    def copy_finished(self, result: ActionResult) -> None:
-        self.daemon.beat()
-        self.daemon.metrics.copy_finished(result)
-
-    def retire_finished(self, result: ActionResult) -> None:
-        self.daemon.beat()
-        self.daemon.metrics.retire_finished(result)
 
 
 EngineFactory = Callable[[Config], Engine]
@@ -146,14 +59,14 @@ class Daemon:
                  engine_factory: EngineFactory = Engine, notifier: Notifier | None = None,
                  metrics: Metrics | None = None, grace_seconds: float = GRACE_SECONDS,
                  stall_seconds: float = STALL_SECONDS,
-                 hard_exit: Callable[[int], Any] = os._exit) -> None:
+                 hard_exit: Callable[[int], Any] = os._exit,
+                 clock: Clock = time.monotonic) -> None:
         self.config = config
         self.config_path = config_path or config.path
         self.engine_factory = engine_factory
         self.notifier = notifier or Notifier()
         self.metrics = metrics or Metrics()
         self.grace_seconds = grace_seconds
-        self.stall_seconds = stall_seconds
         self.hard_exit = hard_exit
         self.cancel = threading.Event()  # transfers abort when set
         self.stopping = threading.Event()
@@ -165,14 +78,13 @@ class Daemon:
         self._reload_requested = False
         self._idle = threading.Event()  # no pass is running
         self._idle.set()
-        self._heartbeat = time.monotonic()
-        self._last_pass_end = time.monotonic()
-        self._watch = _Watch(self)
+        self.health = Health(stall_seconds, clock=clock)
+        self._watch = PassWatch(self.metrics, self.beat)
 
     # -- one pass ----------------------------------------------------------------------------
     def beat(self) -> None:
         """A sign of life from the running pass (the watchdog looks at it)."""
-        self._heartbeat = time.monotonic()
+        self.health.beat()
 
     def _current_engine(self) -> Engine:
         """The engine for the current configuration; rebuilt after a reload (between passes,
@@ -199,33 +111,14 @@ class Daemon:
             self._idle.set()
             return None
         self.beat()
-        started = datetime.now(UTC)
-        t0 = time.monotonic()
         try:
-            engine = self._current_engine()
-            inventories = engine.recover(engine.inventories(incremental=True))
-            self.beat()
-            self.metrics.observe_inventories(inventories)
-            unreachable = tuple(s for s, inv in inventories.items() if not inv.ok)
-            p = plan(engine.rules, inventories, engine.site_names)
-            results = engine.execute_concurrently(p, cancel=self.cancel, observer=self._watch)
-            self.metrics.observe_lag(p.assessments, results, time.time())
-            report = summarize_pass(started, time.monotonic() - t0, results, len(p.skips),
-                                    unreachable)
-        except Exception as exc:  # the loop must survive anything one pass runs into
-            log.exception("pass.failed", error=str(exc))
-            report = PassReport(started=started, seconds=time.monotonic() - t0,
-                                error=f"{type(exc).__name__}: {exc}")
+            report = run_one_pass(self._current_engine, cancel=self.cancel, watch=self._watch)
         finally:
-            self._last_pass_end = time.monotonic()
+            self.health.pass_ended()
             self._idle.set()
         self.metrics.observe_pass(report.ok, report.seconds)
         self.last_report = report
-        event = log.info if report.ok else log.warning
-        event("pass.done", seconds=round(report.seconds, 3), copied=report.copied,
-              failed=report.failed, retired=report.retired, retire_failed=report.retire_failed,
-              skipped=report.skipped, unreachable=list(report.unreachable),
-              cancelled=report.cancelled, error=report.error)
+        log_report(report)
         self.notifier.status(report.status())
         return report
 
@@ -235,23 +128,9 @@ class Daemon:
     # -- health --------------------------------------------------------------------------------
     def healthy(self) -> bool:
         """Is the loop alive? (The watchdog pings only then.)"""
-        if self.scheduler is None or not self.scheduler.running:
-            return False
-        now = time.monotonic()
-        if not self._idle.is_set():
-            return now - self._heartbeat < self.stall_seconds
-        return now - self._last_pass_end < self.config.poll_interval + self.stall_seconds
-
-    def _watchdog(self, interval: float, done: threading.Event) -> None:
-        complained = False
-        while not done.wait(interval):
-            if self.healthy():
-                self.notifier.watchdog()
-                complained = False
-            elif not complained:
-                log.error("watchdog.unhealthy", reason="no sign of life from the reconcile "
-                          "loop: no longer feeding the systemd watchdog")
-                complained = True
+        return self.health.healthy(
+            scheduler_running=self.scheduler is not None and self.scheduler.running,
+            pass_running=not self._idle.is_set(), poll_interval=self.config.poll_interval)
 
     # -- reload --------------------------------------------------------------------------------
     def reload(self) -> bool:
@@ -335,21 +214,24 @@ class Daemon:
         dog_done = threading.Event()
         interval = watchdog_interval()
         if interval is not None and self.notifier.enabled:
-            threading.Thread(target=self._watchdog, args=(interval, dog_done), daemon=True,
-                             name="watchdog").start()
+            threading.Thread(target=feed_watchdog,
+                             args=(interval, dog_done, self.healthy, self.notifier.watchdog),
+                             daemon=True, name="watchdog").start()
         try:
             while not self.stopping.is_set():
                 time.sleep(0.2)  # a signal interrupts nothing here; its flag is seen next
                 if self._reload_requested and not self.stopping.is_set():
                     self._reload_requested = False
                     self.reload()
-            return self._shutdown()
+            return self.shutdown()
         finally:
             dog_done.set()
             self.notifier.close()
             self.metrics.close()
 
-    def _shutdown(self) -> int:
+    def shutdown(self) -> int:
+        """Stop scheduling, cancel the running pass and wait for it (at most the grace period,
+        after which its uploads are removed from here and the process leaves); the exit code."""
         t0 = time.monotonic()
         log.info("daemon.stopping", pass_running=not self._idle.is_set())
         self.notifier.stopping(status="stopping: cancelling transfers")

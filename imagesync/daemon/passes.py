@@ -1,0 +1,145 @@
+"""One reconcile pass of the daemon, and what it did.
+
+A pass lists every site concurrently (removing what a crashed run left half-made), plans, and
+executes the plan with copies in parallel within the overall and per-site limits
+(``Engine.execute_concurrently``). :func:`run_one_pass` never raises: whatever a pass runs
+into becomes a failed :class:`PassReport`, so the loop that calls it survives. Every event of
+the executor is forwarded to the metrics and counted as a sign of life (``beat``) for the
+watchdog.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import structlog
+
+from imagesync.engine import ActionResult, Engine, Observer, Outcome
+from imagesync.metrics import Metrics
+from imagesync.plan import Copy, Retire, plan
+from imagesync.transfer import ErrorKind
+
+# one logger name for the whole daemon package: the JSON log lines carry it
+log = structlog.get_logger("imagesync.daemon")
+
+
+@dataclass(frozen=True)
+class PassReport:
+    """What one pass did, for the log, STATUS= and tests."""
+
+    started: datetime
+    seconds: float
+    copied: int = 0  # targets that received a verified copy
+    failed: int = 0  # targets whose copy failed (not: busy elsewhere, cancelled)
+    retired: int = 0
+    retire_failed: int = 0
+    skipped: int = 0
+    unreachable: tuple[str, ...] = ()
+    cancelled: bool = False
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.failed and not self.retire_failed
+
+    def status(self) -> str:
+        when = self.started.strftime("%H:%M:%S")
+        if self.error is not None:
+            return f"last pass {when}: FAILED: {self.error}"[:200]
+        text = (f"last pass {when} ({self.seconds:.1f}s): {self.copied} copies, "
+                f"{self.failed} failed, {self.retired} retired")
+        if self.unreachable:
+            text += f"; unreachable: {', '.join(self.unreachable)}"
+        if self.cancelled:
+            text += "; cancelled"
+        return text
+
+
+def summarize_pass(started: datetime, seconds: float, results: list[ActionResult],
+                   skipped: int, unreachable: tuple[str, ...]) -> PassReport:
+    copied = failed = retired = retire_failed = 0
+    cancelled = False
+    for r in results:
+        if isinstance(r.action, Copy):
+            for t in r.targets:
+                if t.ok:
+                    copied += 1
+                elif t.error_kind is ErrorKind.CANCELLED:
+                    cancelled = True
+                elif t.error_kind is not ErrorKind.BUSY:
+                    failed += 1
+            if not r.targets and not r.ok:
+                if r.outcome is Outcome.CANCELLED:
+                    cancelled = True
+                else:
+                    failed += 1
+        elif isinstance(r.action, Retire):
+            if not r.ok:
+                retire_failed += 1
+            elif r.outcome is not Outcome.KEPT:
+                retired += 1
+    return PassReport(started=started, seconds=seconds, copied=copied, failed=failed,
+                      retired=retired, retire_failed=retire_failed, skipped=skipped,
+                      unreachable=unreachable, cancelled=cancelled)
+
+
+class PassWatch(Observer):
+    """Forwards executor events to the metrics and counts each as a sign of life."""
+
+    def __init__(self, metrics: Metrics, beat: Callable[[], None]) -> None:
+        self.metrics = metrics
+        self.beat = beat
+
+    def copy_started(self, copy: Copy) -> None:
+        self.beat()
+        self.metrics.copy_started(copy)
+
+    def copy_progress(self, nbytes: int) -> None:
+        self.beat()
+
+    def copy_finished(self, result: ActionResult) -> None:
+        self.beat()
+        self.metrics.copy_finished(result)
+
+    def retire_finished(self, result: ActionResult) -> None:
+        self.beat()
+        self.metrics.retire_finished(result)
+
+
+def run_one_pass(engine: Callable[[], Engine], *, cancel: threading.Event,
+                 watch: PassWatch) -> PassReport:
+    """Inventory every site, plan, execute. Never raises: a failed pass is reported.
+
+    ``engine`` is called inside the pass, so that a failure to build one (a reloaded
+    configuration naming a site that cannot be opened) is a failed pass, not a dead loop.
+    """
+    started = datetime.now(UTC)
+    t0 = time.monotonic()
+    try:
+        eng = engine()
+        inventories = eng.recover(eng.inventories(incremental=True))
+        watch.beat()
+        watch.metrics.observe_inventories(inventories)
+        unreachable = tuple(s for s, inv in inventories.items() if not inv.ok)
+        p = plan(eng.rules, inventories, eng.site_names)
+        results = eng.execute_concurrently(p, cancel=cancel, observer=watch)
+        watch.metrics.observe_lag(p.assessments, results, time.time())
+        return summarize_pass(started, time.monotonic() - t0, results, len(p.skips),
+                              unreachable)
+    except Exception as exc:  # the loop must survive anything one pass runs into
+        log.exception("pass.failed", error=str(exc))
+        return PassReport(started=started, seconds=time.monotonic() - t0,
+                          error=f"{type(exc).__name__}: {exc}")
+
+
+def log_report(report: PassReport) -> None:
+    """One ``pass.done`` line: info when the pass went well, warning otherwise."""
+    event = log.info if report.ok else log.warning
+    event("pass.done", seconds=round(report.seconds, 3), copied=report.copied,
+          failed=report.failed, retired=report.retired, retire_failed=report.retire_failed,
+          skipped=report.skipped, unreachable=list(report.unreachable),
+          cancelled=report.cancelled, error=report.error)
