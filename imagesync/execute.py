@@ -124,12 +124,13 @@ class Engine:
     def _list(self, site: Site, site_name: str, name: str | None,
               incremental: bool) -> list[ImageRecord]:
         """A site's images: incrementally from the cache when the site can, fully otherwise."""
-        if name is not None or not site.capabilities.list_changes:
+        list_changed = site.capabilities.list_changed
+        if name is not None or list_changed is None:
             return site.list_images(name)
         now = time.monotonic()
         cached = self._cache.get(site_name)
         if incremental and cached is not None and now - cached.full_at < FULL_LIST_EVERY:
-            changed, watermark = site.list_changed(cached.watermark)
+            changed, watermark = list_changed(cached.watermark)
             records = dict(cached.records)
             for rec in changed:
                 if rec.status in GONE:
@@ -155,7 +156,8 @@ class Engine:
         try:
             site = self.site(site_name)
             images = self._list(site, site_name, name, incremental)
-            in_use = site.images_in_use() if site.capabilities.in_use_check else None
+            images_in_use = site.capabilities.images_in_use
+            in_use = images_in_use() if images_in_use is not None else None
             return SiteInventory(site_name, tuple(images), listed_at=datetime.now(UTC),
                                  in_use=frozenset(in_use) if in_use is not None else None)
         except SiteError as exc:
@@ -451,7 +453,8 @@ class Engine:
     def run_retire(self, retire: Retire) -> ActionResult:
         site = self.site(retire.site)
         mode = retire.mode
-        if mode == "hide" and not site.capabilities.hide:
+        hide = site.capabilities.hide
+        if mode == "hide" and hide is None:
             # Deleting is opt-in: a site that cannot hide keeps its old versions.
             log.info("retire.kept", image=retire.name, site=retire.site,
                      image_id=retire.image_id, reason=f"{retire.reason}, but the site cannot "
@@ -459,8 +462,8 @@ class Engine:
             return ActionResult(retire, True, "kept: the site cannot hide")
         try:
             with self.state.lock(retire.name, retire.site):
-                if mode == "hide":
-                    site.hide(retire.image_id)
+                if hide is not None and mode == "hide":
+                    hide(retire.image_id)
                 else:
                     site.delete(retire.image_id)
             self.forget(retire.site)

@@ -19,7 +19,7 @@ from imagesync.model import (
 )
 from imagesync.plan import Retire, Rule, Skip, plan, plan_name
 from imagesync.sites.base import Capabilities
-from tests.memsite import MemSite
+from imagesync.sites.memory import MemorySite
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -72,13 +72,15 @@ def test_a_hidden_copy_of_a_kept_version_is_not_deleted() -> None:
     assert not [a for a in actions if isinstance(a, Retire)]
 
 
-class NoHideSite(MemSite):
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(hashes=frozenset({"sha512"}), hide=False)
+class NoHideSite(MemorySite):
+    """A memory site as a kind that cannot hide would describe itself."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.capabilities = Capabilities(hashes=frozenset({"sha512"}))
 
 
-def _engine(tmp_path: Path, sites: dict[str, MemSite], **rule: object) -> Engine:
+def _engine(tmp_path: Path, sites: dict[str, MemorySite], **rule: object) -> Engine:
     config = Config(path=tmp_path / "imagesync.yaml", state_dir=tmp_path / "state",
                     poll_interval=60, clouds={}, stores={},
                     images=(ImageRule(pattern="img*", clouds=tuple(sites),
@@ -124,7 +126,7 @@ def test_planning_and_recording_thousands_of_names_is_fast(tmp_path: Path) -> No
     assert p.actions == [] and len(p.assessments) == n
     assert planned < 1.0, f"planning {n} names took {planned:.2f}s"
 
-    engine = _engine(tmp_path, {s: MemSite(s) for s in sites})
+    engine = _engine(tmp_path, {s: MemorySite(s) for s in sites})
     t0 = time.perf_counter()
     engine.record(p.assessments, [])
     recorded = time.perf_counter() - t0
