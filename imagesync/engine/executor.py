@@ -263,7 +263,8 @@ class Executor:
     def run_retire(self, retire: Retire) -> ActionResult:
         site = self.pool.get(retire.site)
         mode = retire.mode
-        if mode == "hide" and not site.capabilities.hide:
+        hide = site.capabilities.hide
+        if mode == "hide" and hide is None:
             # Deleting is opt-in: a site that cannot hide keeps its old versions.
             log.info("retire.kept", image=retire.name, site=retire.site,
                      image_id=retire.image_id, reason=f"{retire.reason}, but the site cannot "
@@ -271,8 +272,8 @@ class Executor:
             return ActionResult(retire, True, "kept: the site cannot hide", outcome=Outcome.KEPT)
         try:
             with self.state.lock(retire.name, retire.site):
-                if mode == "hide":
-                    site.hide(retire.image_id)
+                if hide is not None and mode == "hide":
+                    hide(retire.image_id)
                 else:
                     site.delete(retire.image_id)
             self.inventory.forget(retire.site)

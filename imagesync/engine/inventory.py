@@ -57,7 +57,8 @@ class Inventory:
         try:
             site = self.pool.get(site_name)
             images = self._list(site_name, name, incremental)
-            in_use = site.images_in_use() if site.capabilities.in_use_check else None
+            images_in_use = site.capabilities.images_in_use
+            in_use = images_in_use() if images_in_use is not None else None
             return SiteInventory(site_name, tuple(images), listed_at=datetime.now(UTC),
                                  in_use=frozenset(in_use) if in_use is not None else None)
         except SiteError as exc:
@@ -77,12 +78,13 @@ class Inventory:
 
     def _list(self, site_name: str, name: str | None, incremental: bool) -> list[ImageRecord]:
         site = self.pool.get(site_name)
-        if name is not None or not site.capabilities.list_changes:
+        list_changed = site.capabilities.list_changed
+        if name is not None or list_changed is None:
             return site.list_images(name)
         now = self.clock()
         cached = self._cache.get(site_name)
         if incremental and cached is not None and now - cached.full_at < self.full_list_every:
-            changed, watermark = site.list_changed(cached.watermark)
+            changed, watermark = list_changed(cached.watermark)
             records = dict(cached.records)
             for rec in changed:
                 if rec.status in GONE:

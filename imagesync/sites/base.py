@@ -1,49 +1,35 @@
-"""The one Site protocol every kind of site implements, and the capabilities it may offer.
+"""The core Site protocol every kind of site implements, the optional ones some offer, and the
+capabilities filled from them.
 
-The engine (transfer, plan, execute) is written once against this protocol, as rclone's
-``fs.Fs`` lets ``fs/sync`` ignore which backend it drives. Optional abilities are described by
-:class:`Capabilities`, filled once when the site is opened, never by ``isinstance`` checks.
+The engine (transfer, plan, execute) is written once against :class:`Site`, as rclone's
+``fs.Fs`` lets ``fs/sync`` ignore which backend it drives. An optional ability is a small
+protocol of its own (:class:`Hiding`, :class:`ChangeListing`, :class:`InUseReporting`; later
+snapshots): a site that lacks the ability simply lacks the method. :meth:`Capabilities.fill`
+turns the ones a site implements into bound callables, once, when the site is built and
+without any network I/O (rclone's ``Features.Fill``), so the engine asks
+``if (hide := site.capabilities.hide) is not None: hide(image_id)`` and never ``isinstance``.
 
 Writing is push-style and two-phase, so nothing half-made is ever visible:
 
 1. ``create(new)`` makes an invisible, marked placeholder and returns a :class:`Writer`;
 2. the engine ``write()``s chunks, then ``finish()`` returns the record as the site stores it
-   (with the hashes the site computed) — still invisible;
+   (with the hashes the site computed: every algorithm in ``capabilities.hashes``), still
+   invisible;
 3. the engine verifies the hashes, then ``publish()`` makes the image visible under its name;
    on any failure ``abort()`` (or ``delete()`` after finish) removes every trace.
+
+Every method raises only :class:`~imagesync.errors.SiteError` and its kinds (``NotFound`` for
+an id that is not there, ``TransientError`` for a failure worth retrying, ...): a site maps its
+library's and the operating system's exceptions at its boundary.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from imagesync.model import ImageRecord, NewImage
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What a site can do beyond the basics, probed once when it is opened."""
-
-    #: hash algorithms the site itself computes/reports for stored data
-    hashes: frozenset[str] = frozenset()
-    #: can hide an image from default listings instead of deleting it (Glance os_hidden)
-    hide: bool = False
-    #: can tell whether a server still uses an image
-    in_use_check: bool = False
-    #: server-side import methods (web-download, glance-download, ...)
-    import_methods: frozenset[str] = frozenset()
-    #: can take Nova snapshots
-    snapshot: bool = False
-    #: honours image visibility (public/private/shared/community)
-    visibility: bool = False
-    #: honours the protected flag
-    protected: bool = False
-    #: can list only the images changed since a watermark (``list_changed``), so an idle
-    #: pass does not re-read thousands of unchanged images
-    list_changes: bool = False
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 class Writer(Protocol):
@@ -56,53 +42,109 @@ class Writer(Protocol):
         """Send the next chunk. May block (back-pressure). Raises SiteError on failure."""
 
     def finish(self) -> ImageRecord:
-        """All bytes sent: wait until the site stored them; return the unpublished record."""
+        """All bytes sent: wait until the site stored them; return the unpublished record,
+        carrying a hash for every algorithm in the site's ``capabilities.hashes``."""
 
     def abort(self) -> None:
         """Give up: remove everything this upload made. Never raises."""
 
 
 @runtime_checkable
+class Hiding(Protocol):
+    """A site that can hide an image from default listings instead of deleting it."""
+
+    def hide(self, image_id: str) -> None:
+        """Hide the image (it stays listed by ``list_images``, marked hidden). Raises NotFound."""
+
+
+@runtime_checkable
+class ChangeListing(Protocol):
+    """A site that can list only what changed since a watermark, so that an idle pass does not
+    re-read thousands of unchanged images."""
+
+    def list_changed(self, since: str) -> tuple[list[ImageRecord], str]:
+        """Images created or updated at or after ``since`` (the site's own clock, as returned
+        by the previous call; "" for everything), and the watermark for the next call.
+        Deletions show up only in a full ``list_images``."""
+
+
+@runtime_checkable
+class InUseReporting(Protocol):
+    """A site that can tell which images a server still uses."""
+
+    def images_in_use(self) -> set[str]:
+        """Ids of the images a server still uses."""
+
+
+# A later Snapshotting protocol (Nova: snapshot a server into an image) joins the ones above,
+# with its field in Capabilities and its line in Capabilities.fill.
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a site can do beyond the core protocol: filled once by :meth:`fill`.
+
+    Each optional ability is the site's bound method, or None when the site lacks it.
+    """
+
+    #: hash algorithms the site computes for what it stores (``Writer.finish`` reports them)
+    hashes: frozenset[str] = frozenset()
+    hide: Callable[[str], None] | None = None
+    list_changed: Callable[[str], tuple[list[ImageRecord], str]] | None = None
+    images_in_use: Callable[[], set[str]] | None = None
+
+    @classmethod
+    def fill(cls, site: object, *, hashes: Iterable[str] = ()) -> Capabilities:
+        """The capabilities of ``site``, from the optional protocols it implements.
+
+        The one place that asks which protocols a site implements. No I/O: call it when the
+        site is built.
+        """
+        return cls(
+            hashes=frozenset(hashes),
+            hide=site.hide if isinstance(site, Hiding) else None,
+            list_changed=site.list_changed if isinstance(site, ChangeListing) else None,
+            images_in_use=site.images_in_use if isinstance(site, InUseReporting) else None,
+        )
+
+
+@runtime_checkable
 class Site(Protocol):
-    """A place images live. Implementations: glance.GlanceSite, directory.DirectorySite."""
+    """A place images live. Kinds: glance.GlanceSite, directory.DirectorySite,
+    memory.MemorySite (the in-memory one for tests), listed in ``imagesync.sites.KINDS``."""
 
     name: str
     kind: str
 
     @property
-    def capabilities(self) -> Capabilities: ...
+    def capabilities(self) -> Capabilities:
+        """Filled once when the site is built (:meth:`Capabilities.fill`), without I/O."""
 
     def list_images(self, name: str | None = None) -> list[ImageRecord]:
-        """Every image (all visibilities, hidden ones included), or only those named ``name``."""
-
-    def list_changed(self, since: str) -> tuple[list[ImageRecord], str]:
-        """Images created or updated at or after ``since`` (the site's own clock, as returned
-        by the previous call; "" for everything), and the watermark for the next call. Only
-        when ``capabilities.list_changes``; deletions show up only in a full ``list_images``."""
+        """Every image (all visibilities, hidden ones and unpublished uploads included), or only
+        those named ``name``."""
 
     def get_image(self, image_id: str) -> ImageRecord:
         """One image by id. Raises NotFound."""
 
     def open(self, image: ImageRecord, offset: int = 0) -> Iterator[bytes]:
-        """Stream the image's bytes from ``offset``. The iterator must be closed or exhausted."""
+        """Stream the image's bytes from ``offset``. Raises NotFound at the call (not at the
+        first chunk). The iterator must be closed or exhausted."""
 
     def create(self, new: NewImage) -> Writer:
         """Start an invisible upload of a new image."""
 
     def publish(self, image_id: str, properties: Mapping[str, str] | None = None) -> ImageRecord:
-        """Make a finished, verified upload visible under its name, setting final properties."""
+        """Make a finished, verified upload visible under its name, setting final properties.
+        Raises NotFound."""
 
     def delete(self, image_id: str) -> None:
         """Delete an image. Missing images are not an error."""
 
-    def hide(self, image_id: str) -> None:
-        """Hide an image from default listings (only when capabilities.hide)."""
-
-    def images_in_use(self) -> set[str] | None:
-        """Ids of images a server still uses, or None when the site cannot tell."""
-
-    def check_connection(self) -> None:
-        """Authenticate / reach the site; raise SiteError (AuthError, TransientError) if not."""
+    def check_connection(self) -> str:
+        """Authenticate to / reach the site and return one secret-free line saying what
+        answered; raise SiteError (AuthError, TransientError, ...) with a sentence saying what
+        to fix if it cannot be reached."""
 
     def close(self) -> None:
         """Release connections."""

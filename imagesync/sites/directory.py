@@ -4,6 +4,11 @@ Layout: ``ROOT/<name>/<id>.img`` holds the bytes, ``ROOT/<name>/<id>.json`` the 
 An upload writes ``.<id>.img.partial`` and only renames it into place after every byte is on
 disk (fsync) and verified; metadata is written to a temp file and renamed, so a reader never
 sees half a file. Names that could escape the folder are rejected.
+
+It can hide images (a ``hidden`` flag in the metadata); it cannot list changes since a
+watermark nor tell which images are in use. Every ``OSError`` becomes a ``SiteError`` here; an
+id that is not there is ``NotFound``, but a store directory that is gone is a ``SiteError``
+(an unreachable store must never look like one whose images were deleted).
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
@@ -30,6 +36,7 @@ from imagesync.model import (
 from imagesync.sites.base import Capabilities
 
 CHUNK = 1 << 20
+HASHES = frozenset({"sha512", "md5"})
 _BAD_CHARS = set("/\\\0") | {chr(c) for c in range(32)}
 
 
@@ -111,13 +118,18 @@ class _DirWriter:
     def finish(self) -> ImageRecord:
         assert self._f is not None
         try:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-        finally:
-            self._f.close()
-            self._f = None
-        # Unpublished: data stays under its partial name; the metadata sits beside it hidden.
-        meta = self._write_meta({"sha512": self.sha512.hexdigest(), "md5": self.md5.hexdigest()})
+            try:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+            finally:
+                self._f.close()
+                self._f = None
+            # Unpublished: data stays under its partial name; the metadata sits beside it hidden.
+            meta = self._write_meta({"sha512": self.sha512.hexdigest(),
+                                     "md5": self.md5.hexdigest()})
+        except OSError as exc:
+            raise SiteError(f"storing {self.partial}: {exc.strerror or exc}",
+                            site=self.site.name) from exc
         self.finished = True
         return self.site._record(meta)
 
@@ -138,10 +150,19 @@ class DirectorySite:
     def __init__(self, name: str, root: Path) -> None:
         self.name = name
         self.root = Path(root)
+        self.capabilities = Capabilities.fill(self, hashes=HASHES)
 
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(hashes=frozenset({"sha512", "md5"}), hide=True)
+    @contextlib.contextmanager
+    def _io(self, what: str) -> Iterator[None]:
+        """Turn an OSError into a SiteError naming what failed (the boundary of this site)."""
+        try:
+            yield
+        except OSError as exc:
+            raise SiteError(f"{what}: {exc.strerror or exc}", site=self.name) from exc
+
+    def _require_root(self) -> None:
+        if not self.root.is_dir():
+            raise SiteError(f"store directory {self.root} does not exist", site=self.name)
 
     def _record(self, meta: dict[str, Any]) -> ImageRecord:
         created = parse_time(meta.get("created_at")) or datetime.now(UTC)
@@ -175,8 +196,11 @@ class DirectorySite:
         return self._record(meta)
 
     def list_images(self, name: str | None = None) -> list[ImageRecord]:
-        if not self.root.is_dir():
-            raise SiteError(f"store directory {self.root} does not exist", site=self.name)
+        with self._io(f"listing {self.root}"):
+            return self._list_images(name)
+
+    def _list_images(self, name: str | None) -> list[ImageRecord]:
+        self._require_root()
         folders = [self.root / check_name(name)] if name else sorted(self.root.iterdir())
         out: list[ImageRecord] = []
         for folder in folders:
@@ -197,24 +221,23 @@ class DirectorySite:
                     out.append(rec)
         return out
 
-    def list_changed(self, since: str) -> tuple[list[ImageRecord], str]:
-        """Not incremental (``capabilities.list_changes`` is False): everything, every time."""
-        return self.list_images(), since
-
     def _find(self, image_id: str) -> tuple[Path, bool]:
         """The folder holding ``image_id`` and whether it is published."""
         _check_id(image_id)
-        for folder in self.root.iterdir() if self.root.is_dir() else []:
-            if (folder / f"{image_id}.json").exists():
-                return folder, True
-            if (folder / f".{image_id}.json").exists():
-                return folder, False
+        self._require_root()
+        with self._io(f"looking for image {image_id} in {self.root}"):
+            for folder in self.root.iterdir():
+                if (folder / f"{image_id}.json").exists():
+                    return folder, True
+                if (folder / f".{image_id}.json").exists():
+                    return folder, False
         raise NotFound(f"no image {image_id}", site=self.name)
 
     def get_image(self, image_id: str) -> ImageRecord:
         folder, published = self._find(image_id)
         if not published:
-            meta = json.loads((folder / f".{image_id}.json").read_bytes())
+            with self._io(f"reading image {image_id}"):
+                meta = json.loads((folder / f".{image_id}.json").read_bytes())
             return self._record(meta)
         rec = self._load(folder, image_id)
         if rec is None:
@@ -239,14 +262,19 @@ class DirectorySite:
                 yield chunk
 
     def create(self, new: NewImage) -> _DirWriter:
-        if not self.root.is_dir():
-            raise SiteError(f"store directory {self.root} does not exist", site=self.name)
-        return _DirWriter(self, new)
+        self._require_root()
+        with self._io(f"creating image {new.name!r} in {self.root}"):
+            return _DirWriter(self, new)
 
     def publish(self, image_id: str, properties: Mapping[str, str] | None = None) -> ImageRecord:
         folder, published = self._find(image_id)
         if published:
             return self.get_image(image_id)
+        with self._io(f"publishing image {image_id}"):
+            return self._publish(folder, image_id, properties)
+
+    def _publish(self, folder: Path, image_id: str,
+                 properties: Mapping[str, str] | None) -> ImageRecord:
         hidden_meta = folder / f".{image_id}.json"
         meta = json.loads(hidden_meta.read_bytes())
         meta["properties"].pop(PROP_STATE, None)
@@ -262,26 +290,34 @@ class DirectorySite:
             folder, _ = self._find(image_id)
         except NotFound:
             return
-        for p in (f"{image_id}.json", f".{image_id}.json", f"{image_id}.img",
-                  f".{image_id}.img.partial"):
-            (folder / p).unlink(missing_ok=True)
+        with self._io(f"deleting image {image_id}"):
+            for p in (f"{image_id}.json", f".{image_id}.json", f"{image_id}.img",
+                      f".{image_id}.img.partial"):
+                (folder / p).unlink(missing_ok=True)
         self._prune(folder)
 
     def hide(self, image_id: str) -> None:
         folder, _ = self._find(image_id)
         meta_path = folder / f"{image_id}.json"
-        meta = json.loads(meta_path.read_bytes())
-        meta["hidden"] = True
-        _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+        with self._io(f"hiding image {image_id}"):
+            meta = json.loads(meta_path.read_bytes())
+            meta["hidden"] = True
+            _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
 
-    def images_in_use(self) -> set[str] | None:
-        return None
-
-    def check_connection(self) -> None:
-        if not self.root.is_dir():
-            raise SiteError(f"store directory {self.root} does not exist", site=self.name)
-        if not os.access(self.root, os.W_OK):
-            raise SiteError(f"store directory {self.root} is not writable", site=self.name)
+    def check_connection(self) -> str:
+        """Is the store directory there and writable (a file is made and removed to know)?"""
+        path = self.root
+        if not path.exists():
+            raise SiteError(f"{path} does not exist: create it (mkdir -p {path})", site=self.name)
+        if not path.is_dir():
+            raise SiteError(f"{path} is not a directory", site=self.name)
+        try:
+            with tempfile.NamedTemporaryFile(dir=path, prefix=".imagesync-check-"):
+                pass
+        except OSError as exc:
+            raise SiteError(f"{path} is not writable: {exc.strerror or exc}",
+                            site=self.name) from exc
+        return f"writable directory {path}"
 
     def close(self) -> None:
         pass

@@ -2,7 +2,11 @@
 
 Errors from keystoneauth, glanceclient and requests are classified here, at the boundary,
 into imagesync's hierarchy (TransientError, AuthError, NotFound, Conflict); the engine never
-sees a client library's exception.
+sees a client library's exception. ``check_connection`` (``config check --connect``) explains a
+failure to authenticate or to find Glance in one secret-free sentence saying what to fix.
+
+The site can hide images (``os_hidden``) and list the images changed since a watermark
+(Glance's ``updated_at=gte:`` filter); it does not report which images servers use.
 
 What goes through which client, and why (measurements: bench/README.md):
 - metadata changes (create, publish, hide, delete) through python-glanceclient, imported on
@@ -39,6 +43,7 @@ from keystoneauth1 import session as ks_session
 
 from imagesync.config import CloudConfig
 from imagesync.errors import AuthError, Conflict, NotFound, SiteError, TransientError
+from imagesync.logs import redact
 from imagesync.model import (
     PROP_STATE,
     STATE_UPLOADING,
@@ -125,13 +130,66 @@ def classify(exc: BaseException, site: str, what: str) -> SiteError:
     return SiteError(text, site=site)
 
 
+def _oneline(text: object) -> str:
+    """A library's message as one secret-free line."""
+    return redact(" ".join(str(text).split())).rstrip(".")[:300]
+
+
+def _sentence(exc: BaseException, cfg: CloudConfig, url: str, what: str
+              ) -> tuple[type[SiteError], str]:
+    """The kind of error and the one secret-free sentence for a keystoneauth failure to
+    authenticate at, or reach, ``url`` (``what`` names it in a 404's hint)."""
+    if isinstance(exc, ksexc.Unauthorized):
+        return AuthError, ("authentication refused (401): check the username/password or "
+                           f"application credential (at {url})")
+    if isinstance(exc, ksexc.Forbidden):
+        return AuthError, f"forbidden (403) at {url}: the user may not use this project"
+    if isinstance(exc, ksexc.SSLError):
+        return SiteError, f"TLS verification failed for {url}: set verify: to the cloud's CA bundle"
+    if isinstance(exc, ksexc.ConnectTimeout):
+        return TransientError, f"timed out connecting to {url}"
+    if isinstance(exc, ksexc.ConnectionError):
+        return TransientError, f"cannot connect to {url}"
+    if isinstance(exc, ksexc.EmptyCatalog):
+        return SiteError, f"the token from {url} has no service catalog: scope it to a project"
+    if isinstance(exc, ksexc.EndpointNotFound):
+        return SiteError, _no_endpoint(cfg)
+    if isinstance(exc, ksexc.DiscoveryFailure):
+        return SiteError, f"no Keystone API found at {url}: check auth_url (it usually ends in /v3)"
+    if isinstance(exc, ksexc.NotFound):
+        return SiteError, f"{url} answered 404: check {what}"
+    if isinstance(exc, ksexc.HttpError):
+        status = exc.http_status or 0
+        transient = status >= 500 or status in (408, 429)
+        return (TransientError if transient else SiteError), f"HTTP {status} from {url}"
+    if isinstance(exc, ksexc.MissingRequiredOptions | ksexc.OptionError):
+        return AuthError, f"incomplete credentials: {_oneline(exc)}"
+    return SiteError, f"{type(exc).__name__}: {_oneline(exc)}"[:300]
+
+
+def explain(exc: BaseException, cfg: CloudConfig, url: str | None = None,
+            what: str = "auth_url") -> SiteError:
+    """A failure to authenticate at the cloud's Keystone (or to reach ``url``, named ``what``)
+    as a SiteError whose message says what to fix, without a secret."""
+    if isinstance(exc, SiteError):
+        return exc
+    cls, message = _sentence(exc, cfg, url or str(cfg.auth.get("auth_url", "?")), what)
+    return cls(message, site=cfg.name)
+
+
+def _no_endpoint(cfg: CloudConfig) -> str:
+    return (f"no image endpoint in the catalog for region {cfg.region_name or '(any)'} "
+            f"(interface {cfg.interface})")
+
+
 def make_session(cfg: CloudConfig) -> ks_session.Session:
     """A keystoneauth1 session for a cloud's resolved auth options."""
     try:
         loader: Any = ks_loading.get_plugin_loader(cfg.auth_type)
         auth = loader.load_from_options(**dict(cfg.auth))
-    except ksexc.ClientException as exc:
-        raise AuthError(f"auth options: {type(exc).__name__}: {exc}", site=cfg.name) from exc
+    except ksexc.ClientException as exc:  # the options are wrong: an AuthError, whatever it is
+        _, message = _sentence(exc, cfg, str(cfg.auth.get("auth_url", "?")), "auth_url")
+        raise AuthError(message, site=cfg.name) from exc
     return ks_session.Session(auth=auth, verify=cfg.verify, timeout=cfg.timeout)
 
 
@@ -259,9 +317,9 @@ class GlanceSite:
         self.adapter = ks_adapter.Adapter(
             self.session, service_type="image", interface=cfg.interface,
             region_name=cfg.region_name, endpoint_override=cfg.endpoint_override)
-        self._caps: Capabilities | None = None
         self._client: Any = None
         self._client_lock = threading.Lock()
+        self.capabilities = Capabilities.fill(self, hashes={"md5", "sha512"})
 
     @property
     def client(self) -> Any:
@@ -314,24 +372,23 @@ class GlanceSite:
         )
 
     # -- Site protocol --------------------------------------------------------------------
-    @property
-    def capabilities(self) -> Capabilities:
-        if self._caps is None:
-            methods: frozenset[str] = frozenset()
-            try:
-                info = self._call("import info",
-                                  lambda: self.adapter.get("/v2/info/import").json())
-                methods = frozenset(info.get("import-methods", {}).get("value", []))
-            except SiteError:
-                pass
-            self._caps = Capabilities(hashes=frozenset({"md5", "sha512"}), hide=True,
-                                      import_methods=methods, visibility=True, protected=True,
-                                      list_changes=True)
-        return self._caps
-
-    def check_connection(self) -> None:
-        self._call("authenticate", lambda: self.session.get_token())
-        self._call("image endpoint", lambda: self.adapter.get("/v2/images", params={"limit": 1}))
+    def check_connection(self) -> str:
+        """Authenticate, find Glance (in the catalog, or the endpoint override) and list one
+        image there; a failure is explained in one sentence (see :func:`explain`)."""
+        cfg = self.cfg
+        try:
+            self.session.get_token()
+            endpoint = cfg.endpoint_override or self.session.get_endpoint(
+                service_type="image", interface=cfg.interface, region_name=cfg.region_name)
+        except Exception as exc:  # every failure becomes one sentence
+            raise explain(exc, cfg) from exc
+        if not endpoint:
+            raise SiteError(_no_endpoint(cfg), site=self.name)
+        try:
+            self.adapter.get("/v2/images", params={"limit": 1})
+        except Exception as exc:
+            raise explain(exc, cfg, url=str(endpoint), what="the image endpoint") from exc
+        return redact(f"authenticated at {cfg.auth.get('auth_url')}; glance at {endpoint}")
 
     def _list(self, params: dict[str, str]) -> list[ImageRecord]:
         out: list[ImageRecord] = []
@@ -444,9 +501,6 @@ class GlanceSite:
     def hide(self, image_id: str) -> None:
         self._call(f"hide {image_id}",
                    lambda: self.client.images.update(image_id, os_hidden=True))
-
-    def images_in_use(self) -> set[str] | None:
-        return None
 
     def close(self) -> None:
         pass

@@ -23,15 +23,15 @@ from imagesync.model import NewImage
 from imagesync.notify import Notifier
 from imagesync.plan import plan
 from imagesync.sites.directory import DirectorySite
+from imagesync.sites.memory import MemorySite, MemoryWriter
 from imagesync.state import State
 from imagesync.transfer import ErrorKind, copy_image, new_image_for
-from tests.memsite import MemSite, MemWriter
 
 KB = 1000
 
 
-class HookWriter(MemWriter):
-    """A MemWriter that calls ``site.before_write()`` before every chunk."""
+class HookWriter(MemoryWriter):
+    """A MemoryWriter that calls ``site.before_write()`` before every chunk."""
 
     def write(self, chunk: bytes) -> None:
         assert isinstance(self.site, HookSite)
@@ -39,8 +39,8 @@ class HookWriter(MemWriter):
         super().write(chunk)
 
 
-class HookSite(MemSite):
-    """A MemSite whose uploads can be slowed down or held, and which counts them."""
+class HookSite(MemorySite):
+    """A MemorySite whose uploads can be slowed down or held, and which counts them."""
 
     def __init__(self, name: str, before_write: Callable[[], object] = lambda: None) -> None:
         super().__init__(name)
@@ -49,7 +49,7 @@ class HookSite(MemSite):
         self.most_active = 0
         self._lock = threading.Lock()
 
-    def create(self, new: NewImage) -> MemWriter:
+    def create(self, new: NewImage) -> MemoryWriter:
         base = super().create(new)
         with self._lock:
             self.active += 1
@@ -82,20 +82,20 @@ def config_for(tmp_path: Path, sites: list[str], **kw: Any) -> Config:
                   transfer_retries=1, **kw)
 
 
-def daemon_for(tmp_path: Path, sites: dict[str, MemSite], **kw: Any) -> Daemon:
+def daemon_for(tmp_path: Path, sites: dict[str, MemorySite], **kw: Any) -> Daemon:
     config = config_for(tmp_path, list(sites), **{k: v for k, v in kw.items()
                                                   if k in ("max_transfers", "rule")})
     extra = {k: v for k, v in kw.items() if k not in ("max_transfers", "rule")}
     return Daemon(config, engine_factory=lambda c: Engine(c, sites=sites), **extra)
 
 
-def visible(site: MemSite, name: str) -> list[Any]:
+def visible(site: MemorySite, name: str) -> list[Any]:
     return [s.rec for s in site.images.values()
             if s.rec.name == name and s.rec.counts and not s.rec.hidden]
 
 
 def test_a_pass_converges_and_the_next_one_is_idle(tmp_path: Path) -> None:
-    sites = {n: MemSite(n) for n in ("c1", "c2", "c3")}
+    sites = {n: MemorySite(n) for n in ("c1", "c2", "c3")}
     sites["c1"].add("img-a", os.urandom(5 * KB))
     sites["c2"].add("img-b", os.urandom(7 * KB))
     d = daemon_for(tmp_path, sites)
@@ -114,8 +114,8 @@ def test_a_pass_converges_and_the_next_one_is_idle(tmp_path: Path) -> None:
 
 def test_a_stuck_site_does_not_stall_copies_between_other_sites(tmp_path: Path) -> None:
     gate = threading.Event()
-    sites: dict[str, MemSite] = {"c1": MemSite("c1"), "stuck": HookSite("stuck", gate.wait),
-                                 "c3": MemSite("c3"), "c4": MemSite("c4")}
+    sites: dict[str, MemorySite] = {"c1": MemorySite("c1"), "stuck": HookSite("stuck", gate.wait),
+                                 "c3": MemorySite("c3"), "c4": MemorySite("c4")}
     names = [f"img-{i}" for i in range(4)]
     for n in names:
         sites["c1"].add(n, os.urandom(3 * KB))
@@ -151,7 +151,7 @@ def test_overall_limit_is_respected(tmp_path: Path) -> None:
     def slow() -> None:
         time.sleep(0.002)
 
-    sites: dict[str, MemSite] = {"c1": MemSite("c1")}
+    sites: dict[str, MemorySite] = {"c1": MemorySite("c1")}
     for i in range(2, 6):
         sites[f"c{i}"] = HookSite(f"c{i}", slow)
     for i in range(3):
@@ -182,7 +182,7 @@ def engine_observer() -> type:
     return Observer
 
 
-class SlowSource(MemSite):
+class SlowSource(MemorySite):
     """A source that sets ``cancel`` after ``after`` chunks (a SIGTERM arriving mid-copy)."""
 
     def __init__(self, name: str, cancel: threading.Event, after: int) -> None:
@@ -214,7 +214,7 @@ def test_cancel_mid_copy_leaves_nothing_on_any_target(tmp_path: Path) -> None:
     cancel = threading.Event()
     src = SlowSource("src", cancel, after=5)
     rec = src.add("img", os.urandom(50 * KB))
-    mem = MemSite("mem")
+    mem = MemorySite("mem")
     (tmp_path / "store").mkdir()
     store = DirectorySite("store", tmp_path / "store")
     new = new_image_for(rec, rec.version, "private")
@@ -234,7 +234,7 @@ def test_cancel_before_publishing_keeps_nothing_half_made(tmp_path: Path) -> Non
     cancel = threading.Event()
     src = SlowSource("src", cancel, after=49)  # the last chunk: the stream completes
     rec = src.add("img", os.urandom(50 * KB))
-    targets = [MemSite("t1"), MemSite("t2")]
+    targets = [MemorySite("t1"), MemorySite("t2")]
     new = new_image_for(rec, rec.version, "private")
     result = copy_image(src, rec, [(t, new) for t in targets], cancel=cancel)
     assert result.cancelled
@@ -252,7 +252,7 @@ def test_stopping_during_a_pass_cancels_it_at_the_next_chunk(tmp_path: Path) -> 
             stop[0]()  # SIGTERM arrives while the fifth chunk is being written
 
     slow = HookSite("c2", count_and_stop_at_the_fifth)
-    sites: dict[str, MemSite] = {"c1": MemSite("c1"), "c2": slow}
+    sites: dict[str, MemorySite] = {"c1": MemorySite("c1"), "c2": slow}
     sites["c1"].add("img-big", os.urandom(200 * KB))  # 200 chunks
     d = daemon_for(tmp_path, sites)
     stop.append(d.request_stop)
@@ -268,7 +268,7 @@ def test_stopping_during_a_pass_cancels_it_at_the_next_chunk(tmp_path: Path) -> 
 def test_a_stuck_transfer_at_shutdown_has_its_uploads_removed(tmp_path: Path) -> None:
     gate = threading.Event()  # never opened: the upload hangs like a dead connection
     stuck = HookSite("c2", gate.wait)
-    sites: dict[str, MemSite] = {"c1": MemSite("c1"), "c2": stuck}
+    sites: dict[str, MemorySite] = {"c1": MemorySite("c1"), "c2": stuck}
     sites["c1"].add("img-a", os.urandom(5 * KB))
     exits: list[int] = []
     d = daemon_for(tmp_path, sites, grace_seconds=0.5, hard_exit=exits.append)
@@ -290,7 +290,7 @@ def test_a_stuck_transfer_at_shutdown_has_its_uploads_removed(tmp_path: Path) ->
 
 
 def test_leases_of_a_dead_run_are_removed_by_recovery_not_by_reading(tmp_path: Path) -> None:
-    sites = {n: MemSite(n) for n in ("c1", "c2")}
+    sites = {n: MemorySite(n) for n in ("c1", "c2")}
     src = sites["c1"].add("img-a", os.urandom(KB))
     # A crashed run's upload that lost its mark (say it was written before marking)
     w = sites["c2"].create(new_image_for(src, src.version, "private"))
@@ -312,7 +312,7 @@ def test_leases_of_a_dead_run_are_removed_by_recovery_not_by_reading(tmp_path: P
 
 
 def test_a_lease_whose_lock_is_held_is_left_alone(tmp_path: Path) -> None:
-    sites = {n: MemSite(n) for n in ("c1", "c2")}
+    sites = {n: MemorySite(n) for n in ("c1", "c2")}
     src = sites["c1"].add("img-a", os.urandom(KB))
     w = sites["c2"].create(new_image_for(src, src.version, "private"))
     engine = Engine(config_for(tmp_path, list(sites)), sites=sites)
@@ -429,7 +429,7 @@ class Held:
 def test_the_running_daemon_is_healthy_only_while_its_pass_shows_life(tmp_path: Path) -> None:
     clock = FakeClock()
     held = Held()
-    sites: dict[str, MemSite] = {"c1": MemSite("c1"), "c2": HookSite("c2", held)}
+    sites: dict[str, MemorySite] = {"c1": MemorySite("c1"), "c2": HookSite("c2", held)}
     sites["c1"].add("img-a", os.urandom(5 * KB))
     d = daemon_for(tmp_path, sites, stall_seconds=5, clock=clock,
                    notifier=Notifier(env={}))
@@ -483,7 +483,7 @@ def test_the_watchdog_is_fed_only_while_healthy_and_complains_once() -> None:
 
 
 def test_metrics_after_a_pass(tmp_path: Path) -> None:
-    sites = {n: MemSite(n) for n in ("c1", "c2", "c3")}
+    sites = {n: MemorySite(n) for n in ("c1", "c2", "c3")}
     sites["c1"].add("img-a", os.urandom(5 * KB))
     sites["c3"].faults.fail_list = True  # c3 is down during this pass
     metrics = Metrics()
@@ -512,7 +512,7 @@ def test_metrics_after_a_pass(tmp_path: Path) -> None:
 
 
 def test_lag_of_a_site_that_cannot_be_served_grows(tmp_path: Path) -> None:
-    sites = {n: MemSite(n) for n in ("c1", "c2")}
+    sites = {n: MemorySite(n) for n in ("c1", "c2")}
     from datetime import UTC, datetime, timedelta
 
     sites["c1"].add("img-a", os.urandom(KB), created=datetime.now(UTC) - timedelta(hours=1))
@@ -552,7 +552,7 @@ def test_two_daemons_in_one_process_do_not_share_metrics() -> None:
 
 @pytest.mark.parametrize("busy", [True, False])
 def test_a_copy_busy_in_another_process_is_not_a_failure(tmp_path: Path, busy: bool) -> None:
-    sites = {n: MemSite(n) for n in ("c1", "c2")}
+    sites = {n: MemorySite(n) for n in ("c1", "c2")}
     sites["c1"].add("img-a", os.urandom(KB))
     d = daemon_for(tmp_path, sites)
     other = State(tmp_path / "state")
@@ -565,7 +565,7 @@ def test_a_copy_busy_in_another_process_is_not_a_failure(tmp_path: Path, busy: b
 
 
 def test_an_unreachable_site_is_one_log_line_per_pass_not_one_per_image(tmp_path: Path) -> None:
-    sites = {n: MemSite(n) for n in ("c1", "c2")}
+    sites = {n: MemorySite(n) for n in ("c1", "c2")}
     for i in range(5):
         sites["c1"].add(f"img-{i}", os.urandom(KB))
     sites["c2"].faults.fail_list = True

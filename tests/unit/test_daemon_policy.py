@@ -23,7 +23,7 @@ from imagesync.model import (
 )
 from imagesync.plan import Retire, Skip, TargetRule, plan, plan_name
 from imagesync.sites.base import Capabilities
-from tests.memsite import MemSite
+from imagesync.sites.memory import MemorySite
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -76,13 +76,13 @@ def test_a_hidden_copy_of_a_kept_version_is_not_deleted() -> None:
     assert not [a for a in actions if isinstance(a, Retire)]
 
 
-class NoHideSite(MemSite):
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(hashes=frozenset({"sha512"}), hide=False)
+class NoHideSite(MemorySite):
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.capabilities = Capabilities(hashes=frozenset({"sha512"}))
 
 
-def _engine(tmp_path: Path, sites: dict[str, MemSite], **rule: object) -> Engine:
+def _engine(tmp_path: Path, sites: dict[str, MemorySite], **rule: object) -> Engine:
     config = Config(path=tmp_path / "imagesync.yaml", state_dir=tmp_path / "state",
                     poll_interval=60, clouds={}, stores={},
                     images=(ImageRule(pattern="img*", clouds=tuple(sites),
@@ -162,7 +162,7 @@ def test_recording_thousands_of_cells_is_one_transaction(
                     created_at=T0, size=1, hashes={"sha512": "e" * 128}) for i in range(n)))}
     inventories |= {s: SiteInventory(s) for s in sites[1:]}
     p = plan([rule], inventories, sites)
-    engine = _engine(tmp_path, {s: MemSite(s) for s in sites})
+    engine = _engine(tmp_path, {s: MemorySite(s) for s in sites})
     statements.clear()
     engine.record(p.assessments, [])
     assert len(engine.state.cells()) == n * len(sites)

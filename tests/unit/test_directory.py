@@ -1,4 +1,6 @@
-"""The directory store: safe names, atomic publish, nothing half-made after abort."""
+"""The directory store's own rules: safe names, the layout on disk, nothing half-made after
+abort, and the sentences its connection check gives. (What every site does is in
+tests/contract.)"""
 
 from __future__ import annotations
 
@@ -26,21 +28,20 @@ def test_unsafe_name_cannot_create(tmp_path: Path) -> None:
     assert not (tmp_path.parent / "escape").exists()
 
 
-def test_upload_is_invisible_until_published(tmp_path: Path) -> None:
+def test_a_published_image_is_one_data_file_and_one_metadata_file(tmp_path: Path) -> None:
     site = DirectorySite("s", tmp_path)
     w = site.create(NewImage("img", "raw", "bare", 0, 0, {"k": "v"}, 3))
     w.write(b"abc")
     rec = w.finish()
-    listed = site.list_images("img")
-    assert [r.id for r in listed] == [rec.id] and listed[0].in_progress and listed[0].hidden
-    assert not listed[0].counts
-    pub = site.publish(rec.id, {"imagesync.sha512": "f" * 128})
-    assert pub.counts and not pub.hidden and pub.properties["k"] == "v"
-    assert b"".join(site.open(pub)) == b"abc"
+    assert sorted(p.name for p in (tmp_path / "img").iterdir()) == [
+        f".{rec.id}.img.partial", f".{rec.id}.json"]
+    site.publish(rec.id, {"imagesync.sha512": "f" * 128})
+    assert sorted(p.name for p in (tmp_path / "img").iterdir()) == [
+        f"{rec.id}.img", f"{rec.id}.json"]
     assert (tmp_path / "img" / f"{rec.id}.img").read_bytes() == b"abc"
 
 
-def test_abort_leaves_nothing(tmp_path: Path) -> None:
+def test_abort_leaves_nothing_on_disk(tmp_path: Path) -> None:
     site = DirectorySite("s", tmp_path)
     w = site.create(NewImage("img", "raw", "bare", 0, 0, {}, 3))
     w.write(b"ab")
@@ -48,15 +49,17 @@ def test_abort_leaves_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.rglob("*")) == []
 
 
-def test_delete_and_missing_ids(tmp_path: Path) -> None:
+def test_an_id_that_could_escape_the_folder_is_not_found(tmp_path: Path) -> None:
     site = DirectorySite("s", tmp_path)
-    w = site.create(NewImage("img", "raw", "bare", 0, 0, {}, 1))
-    w.write(b"x")
-    rec = site.publish(w.finish().id)
-    site.delete(rec.id)
-    assert site.list_images() == []
-    site.delete(rec.id)  # missing is not an error
-    with pytest.raises(NotFound):
-        site.get_image(rec.id)
     with pytest.raises(NotFound):
         site.get_image("../../etc/passwd")
+
+
+def test_check_connection_says_what_to_fix(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    assert DirectorySite("s", tmp_path).check_connection() == f"writable directory {tmp_path}"
+    with pytest.raises(SiteError, match=r"does not exist: create it \(mkdir -p .*/missing\)"):
+        DirectorySite("s", tmp_path / "missing").check_connection()
+    with pytest.raises(SiteError, match="is not a directory"):
+        DirectorySite("s", tmp_path / "file").check_connection()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the probe file is gone

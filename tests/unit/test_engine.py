@@ -8,12 +8,13 @@ from pathlib import Path
 from imagesync.config import Config, ImageRule
 from imagesync.engine import Engine
 from imagesync.plan import plan
+from imagesync.sites.memory import Faults, MemorySite, memory_site
 from imagesync.state import State
-from tests.memsite import Faults, MemSite
 
 
-def make(tmp_path: Path, n: int = 3, **rule: object) -> tuple[Engine, dict[str, MemSite]]:
-    sites = {f"c{i}": MemSite(f"c{i}") for i in range(1, n + 1)}
+def make(tmp_path: Path, n: int = 3, *, list_changes: bool = False,
+         **rule: object) -> tuple[Engine, dict[str, MemorySite]]:
+    sites = {f"c{i}": memory_site(f"c{i}", list_changes=list_changes) for i in range(1, n + 1)}
     config = Config(path=tmp_path / "imagesync.yaml", state_dir=tmp_path / "state",
                     poll_interval=60, clouds={}, stores={},
                     images=(ImageRule(pattern="img*", clouds=tuple(sites), **rule),),  # type: ignore[arg-type]
@@ -110,9 +111,7 @@ def test_incremental_listing_reads_only_changes_and_lists_fully_now_and_then(
         tmp_path: Path) -> None:
     from datetime import UTC, datetime, timedelta
 
-    engine, sites = make(tmp_path, n=2)
-    for s in sites.values():
-        s.faults.list_changes = True
+    engine, sites = make(tmp_path, n=2, list_changes=True)
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
     sites["c1"].add("img-a", b"a" * 10, created=t0)
     first = engine.inventories(incremental=True)  # full listing, sets the watermark
@@ -131,9 +130,7 @@ def test_incremental_listing_reads_only_changes_and_lists_fully_now_and_then(
 
 
 def test_a_site_imagesync_changed_is_listed_fully_next_time(tmp_path: Path) -> None:
-    engine, sites = make(tmp_path, n=2)
-    for s in sites.values():
-        s.faults.list_changes = True
+    engine, sites = make(tmp_path, n=2, list_changes=True)
     sites["c1"].add("img-a", b"a" * 10)
     p = plan(engine.rules, engine.inventories(incremental=True), ["c1", "c2"])
     engine.execute(p)  # copies to c2

@@ -9,14 +9,14 @@ import pytest
 
 from imagesync.model import PROP_ORIGIN, PROP_SHA512, PROP_STATE, PROP_VERSION
 from imagesync.retry import RetryPolicy
+from imagesync.sites.memory import Faults, MemorySite
 from imagesync.transfer import copy_image, new_image_for
-from tests.memsite import Faults, MemSite
 
 DATA = os.urandom(250_000)
 FAST = RetryPolicy(attempts=3, base=0.0, cap=0.0)
 
 
-def _copy(src: MemSite, targets: list[MemSite]):  # type: ignore[no-untyped-def]
+def _copy(src: MemorySite, targets: list[MemorySite]):  # type: ignore[no-untyped-def]
     rec = src.add("img", DATA)
     new = new_image_for(rec, rec.version, "private")
     return rec, copy_image(src, rec, [(t, new) for t in targets], policy=FAST,
@@ -24,7 +24,7 @@ def _copy(src: MemSite, targets: list[MemSite]):  # type: ignore[no-untyped-def]
 
 
 def test_fan_out_reads_the_source_once_and_sets_provenance() -> None:
-    src, targets = MemSite("src"), [MemSite(f"t{i}") for i in range(3)]
+    src, targets = MemorySite("src"), [MemorySite(f"t{i}") for i in range(3)]
     rec, result = _copy(src, targets)
     assert result.ok and src.reads == 1
     assert result.sha512 == hashlib.sha512(DATA).hexdigest()
@@ -39,8 +39,8 @@ def test_fan_out_reads_the_source_once_and_sets_provenance() -> None:
 
 
 def test_a_target_storing_wrong_bytes_is_removed_and_others_keep_theirs() -> None:
-    src, good = MemSite("src"), MemSite("good")
-    bad = MemSite("bad", Faults(flip_byte_on_store=True))
+    src, good = MemorySite("src"), MemorySite("good")
+    bad = MemorySite("bad", Faults(flip_byte_on_store=True))
     _, result = _copy(src, [good, bad])
     by_site = {t.site: t for t in result.targets}
     assert by_site["good"].ok
@@ -50,8 +50,8 @@ def test_a_target_storing_wrong_bytes_is_removed_and_others_keep_theirs() -> Non
 
 
 def test_source_delivering_wrong_bytes_leaves_nothing_anywhere() -> None:
-    src = MemSite("src", Faults(corrupt_read=True))
-    targets = [MemSite("t1"), MemSite("t2")]
+    src = MemorySite("src", Faults(corrupt_read=True))
+    targets = [MemorySite("t1"), MemorySite("t2")]
     _, result = _copy(src, targets)
     assert not result.ok
     assert all(t.error_kind == "integrity" for t in result.targets)
@@ -59,9 +59,9 @@ def test_source_delivering_wrong_bytes_leaves_nothing_anywhere() -> None:
 
 
 def test_transient_write_failure_is_retried_for_that_target_only() -> None:
-    src = MemSite("src")
-    flaky = MemSite("flaky", Faults(fail_write_after=100_000, fail_write_times=1))
-    steady = MemSite("steady")
+    src = MemorySite("src")
+    flaky = MemorySite("flaky", Faults(fail_write_after=100_000, fail_write_times=1))
+    steady = MemorySite("steady")
     _, result = _copy(src, [flaky, steady])
     assert result.ok
     by_site = {t.site: t for t in result.targets}
@@ -71,8 +71,8 @@ def test_transient_write_failure_is_retried_for_that_target_only() -> None:
 
 
 def test_persistent_failure_gives_up_cleanly() -> None:
-    src = MemSite("src")
-    dead = MemSite("dead", Faults(fail_write_after=1000, fail_write_times=99))
+    src = MemorySite("src")
+    dead = MemorySite("dead", Faults(fail_write_after=1000, fail_write_times=99))
     _, result = _copy(src, [dead])
     (t,) = result.targets
     assert not t.ok and t.attempts == 3 and t.error_kind == "transient"
@@ -80,15 +80,15 @@ def test_persistent_failure_gives_up_cleanly() -> None:
 
 
 def test_non_transient_failure_is_not_retried() -> None:
-    src = MemSite("src")
-    full = MemSite("full", Faults(fail_write_after=1000, fail_write_times=99,
+    src = MemorySite("src")
+    full = MemorySite("full", Faults(fail_write_after=1000, fail_write_times=99,
                                   fail_write_transient=False))
     _, result = _copy(src, [full])
     assert result.targets[0].attempts == 1 and full.images == {}
 
 
 def test_source_without_sha512_gets_it_computed_on_first_copy() -> None:
-    src, dst = MemSite("src"), MemSite("dst")
+    src, dst = MemorySite("src"), MemorySite("dst")
     rec = src.add("img", DATA, hashes={"md5": hashlib.md5(DATA).hexdigest()})
     assert rec.version.sha512 is None
     result = copy_image(src, rec, [(dst, new_image_for(rec, rec.version, "private"))],
@@ -99,7 +99,7 @@ def test_source_without_sha512_gets_it_computed_on_first_copy() -> None:
 
 
 def test_source_md5_mismatch_is_an_integrity_error() -> None:
-    src, dst = MemSite("src"), MemSite("dst")
+    src, dst = MemorySite("src"), MemorySite("dst")
     rec = src.add("img", DATA, hashes={"md5": "0" * 32})
     result = copy_image(src, rec, [(dst, new_image_for(rec, rec.version, "private"))],
                         policy=FAST)
@@ -121,9 +121,9 @@ def test_md5_is_computed_only_when_it_can_decide(monkeypatch: pytest.MonkeyPatch
     # a stand-in hashlib for transfer.py alone (the sites hash with the real one)
     fake = types.SimpleNamespace(sha512=hashlib.sha512, md5=counting_md5)
     monkeypatch.setattr(transfer, "hashlib", fake)
-    _copy(MemSite("src"), [MemSite("t1")])  # both sides report sha512: md5 decides nothing
+    _copy(MemorySite("src"), [MemorySite("t1")])  # both sides report sha512: md5 decides nothing
     assert made == []
-    src, dst = MemSite("src"), MemSite("dst")
+    src, dst = MemorySite("src"), MemorySite("dst")
     rec = src.add("img", DATA, hashes={"md5": real(DATA).hexdigest()})  # md5-only source
     result = copy_image(src, rec, [(dst, new_image_for(rec, rec.version, "private"))],
                         policy=FAST)
@@ -134,7 +134,7 @@ def test_a_copy_retry_waits_as_long_as_the_site_asked() -> None:
     """503 + Retry-After on an upload: the copy's retry honours the hint (one retry path)."""
     from imagesync.errors import TransientError
 
-    class Throttled(MemSite):
+    class Throttled(MemorySite):
         refused = 0
 
         def create(self, new):  # type: ignore[no-untyped-def]
@@ -149,7 +149,7 @@ def test_a_copy_retry_waits_as_long_as_the_site_asked() -> None:
                 writer.write = refuse  # type: ignore[method-assign]
             return writer
 
-    src, target = MemSite("src"), Throttled("throttled")
+    src, target = MemorySite("src"), Throttled("throttled")
     rec = src.add("img", DATA)
     waits: list[float] = []
     result = copy_image(src, rec, [(target, new_image_for(rec, rec.version, "private"))],

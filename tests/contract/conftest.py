@@ -1,0 +1,95 @@
+"""The sites every contract test runs against (rclone's fstests, APScheduler's parametrized
+datastores): one ``harness`` fixture, parametrized over every kind of site.
+
+``memory`` and ``directory`` need nothing and run in the fast unit run; ``glance`` is marked
+``integration`` and asks for the session's ``lab`` only when it runs (a new kind of site adds
+one factory here).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from imagesync.sites.base import Site
+from imagesync.sites.directory import DirectorySite
+from imagesync.sites.memory import Faults, memory_site
+
+
+@dataclass
+class Harness:
+    """A site to test, and what the tests need to know about its kind."""
+
+    site: Site
+    #: a site of the same kind whose I/O fails (an injected fault, a removed directory, a
+    #: closed port)
+    broken: Callable[[], Site]
+    #: wait until the site's clock has moved past everything done so far (watermarks)
+    settle: Callable[[], None]
+
+
+def _memory(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
+    def refuse(op: str, image_id: str | None) -> None:
+        raise ConnectionResetError(f"{op}: connection reset by peer")
+
+    return Harness(site=memory_site("memory", list_changes=True),
+                   broken=lambda: memory_site("broken", Faults(hook=refuse), list_changes=True),
+                   settle=lambda: time.sleep(0.001))  # microsecond clock
+
+
+def _directory(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
+    def broken() -> Site:
+        root = tmp_path / "gone"
+        root.mkdir()
+        site = DirectorySite("broken", root)
+        shutil.rmtree(root)  # the store went away under a running site (unmounted, deleted)
+        return site
+
+    (tmp_path / "store").mkdir()
+    return Harness(site=DirectorySite("store", tmp_path / "store"), broken=broken,
+                   settle=lambda: None)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port  # nothing listens there now: connections are refused
+
+
+def _glance(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
+    from imagesync.lab import LabInfo
+    from imagesync.sites.glance import GlanceSite
+    from tests.integration.labcfg import cloud_config
+
+    lab: LabInfo = request.getfixturevalue("lab")
+    closed = f"http://127.0.0.1:{_closed_port()}"
+    return Harness(site=GlanceSite(cloud_config(lab, "lab3")),
+                   broken=lambda: GlanceSite(cloud_config(lab, "lab3", endpoint_override=closed)),
+                   settle=lambda: time.sleep(1.1))  # Glance's times are whole seconds
+
+
+FACTORIES: dict[str, Callable[[pytest.FixtureRequest, Path], Harness]] = {
+    "memory": _memory, "directory": _directory, "glance": _glance}
+
+
+@pytest.fixture(params=["memory", "directory",
+                        pytest.param("glance", marks=pytest.mark.integration)])
+def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    h = FACTORIES[request.param](request, tmp_path)
+    try:
+        yield h
+    finally:
+        h.site.close()
+
+
+@pytest.fixture()
+def site(harness: Harness) -> Site:
+    return harness.site
+
