@@ -37,7 +37,8 @@ import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor as JobPool
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from imagesync.config import Config, load_config
+from imagesync.config.load import load_config
+from imagesync.config.types import Config
 from imagesync.errors import ImageSyncError
 from imagesync.execute import ActionResult, Engine, Observer
 from imagesync.metrics import Metrics

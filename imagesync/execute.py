@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from imagesync.config import Config, ImageRule
+from imagesync.config.types import Config, ImageRule
 from imagesync.errors import ImageSyncError, LockBusy, SiteError
 from imagesync.model import ImageRecord, SiteInventory, format_time
 from imagesync.plan import Action, Assessment, Copy, Plan, Retire, Rule, Skip

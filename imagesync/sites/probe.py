@@ -11,7 +11,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from imagesync.config import CloudConfig, Config, StoreConfig
+from imagesync.config.types import CloudConfig, Config, StoreConfig
 from imagesync.logs import captured_library_logs, redact
 
 

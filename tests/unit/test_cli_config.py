@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -339,3 +340,26 @@ def test_bad_counts_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixt
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and ("at least 1" in err or "whole number" in err)
+
+
+def test_check_answers_from_recorded_state_without_openstack_libraries(
+        tmp_path: Path, clouds_yaml: Path) -> None:
+    # `imagesync check` runs before every boot: answering from the state database must not
+    # import keystoneauth1 or openstacksdk (0.1-0.5 s), nor read clouds.yaml.
+    from imagesync.state import RecordedCell, State
+
+    state_dir = tmp_path / "state"
+    State(state_dir).record_cells([RecordedCell(
+        name="canfar-batch", site="cy", state="current", image_id="img-123", version="v1",
+        newest="v1", sha512=None, recorded=time.time())])
+    path = tmp_path / "imagesync.yaml"
+    path.write_text(f"state_dir: {state_dir}\nclouds_yaml: {clouds_yaml}\n"
+                    "clouds:\n  cy: {cloud: cybera}\n")
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "imagesync.cli", "-c",
+                           str(path), "check", "canfar-batch", "--cloud", "cy"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert (proc.returncode, proc.stdout) == (0, "img-123\n"), proc.stderr
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0]
+                for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "imagesync" in imported  # the import log is there to be read
+    assert not imported & {"keystoneauth1", "openstack", "glanceclient", "requests"}

@@ -9,17 +9,16 @@ import pytest
 import yaml
 
 from imagesync import logs
-from imagesync.config import (
+from imagesync.config.load import load_config, resolve_config_path
+from imagesync.config.render import render_config
+from imagesync.config.types import (
     DEFAULT_CONFIG_PATH,
     CloudConfig,
     Config,
     ImageRule,
     StoreConfig,
     format_duration,
-    load_config,
     parse_duration,
-    render_config,
-    resolve_config_path,
 )
 from imagesync.errors import ConfigError
 from imagesync.sites.probe import check_connections
@@ -427,7 +426,7 @@ def test_example_file_loads(tmp_path: Path, clouds_yaml: Path,
 
 
 def test_example_file_documents_every_key() -> None:
-    from imagesync import config as cfg
+    from imagesync.config import types as cfg
 
     text = EXAMPLE.read_text()
     keys = {*cfg.TOP_KEYS, *cfg.CLOUD_KEYS, *cfg.DIRECTORY_KEYS, *cfg.VOSPACE_KEYS,
@@ -510,7 +509,7 @@ def test_check_connections_unreachable_cloud(tmp_path: Path) -> None:
 def test_the_static_auth_option_table_matches_keystoneauth() -> None:
     from keystoneauth1 import loading
 
-    from imagesync.config import KNOWN_AUTH_OPTIONS
+    from imagesync.sites.openstack_auth import KNOWN_AUTH_OPTIONS
 
     for auth_type, (names, required) in KNOWN_AUTH_OPTIONS.items():
         options = loading.get_plugin_loader(auth_type).get_options()

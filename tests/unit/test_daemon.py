@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from imagesync.config import Config, ImageRule, load_config
+from imagesync.config.load import load_config
+from imagesync.config.types import Config, ImageRule
 from imagesync.daemon import Daemon, PassReport
 from imagesync.execute import Engine
 from imagesync.metrics import Metrics

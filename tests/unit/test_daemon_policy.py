@@ -7,7 +7,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from imagesync.config import Config, ImageRule
+from imagesync.config.types import Config, ImageRule
 from imagesync.execute import Engine
 from imagesync.model import (
     PROP_ORIGIN,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from imagesync.config import Config, ImageRule
+from imagesync.config.types import Config, ImageRule
 from imagesync.execute import Engine
 from imagesync.plan import plan
 from imagesync.state import State
