@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -515,3 +517,14 @@ def test_the_static_auth_option_table_matches_keystoneauth() -> None:
         options = loading.get_plugin_loader(auth_type).get_options()
         assert sorted(names) == sorted(o.dest for o in options), auth_type
         assert sorted(required) == sorted(o.dest for o in options if o.required), auth_type
+
+
+def test_the_types_import_without_yaml_or_the_sites() -> None:
+    # Importing any config submodule runs imagesync/config/__init__.py first: it must stay
+    # free of the reader (YAML) and the loader (which reaches into imagesync.sites).
+    code = ("import sys; import imagesync.config, imagesync.config.types; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('yaml', 'keystoneauth1',"
+            " 'openstack') or m.startswith(('imagesync.sites', 'imagesync.config.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out == "['imagesync.config.types']\n"
