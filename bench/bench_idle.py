@@ -48,7 +48,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from imagesync import lab as labmod
-from imagesync.config import CloudConfig, Config, ImageRule
+from imagesync.config.types import CloudConfig, Config, ImageRule
 from imagesync.engine import FULL_LIST_EVERY, Engine
 from imagesync.lab import LabInfo, glance_client
 from imagesync.model import PROP_ORIGIN, PROP_SHA512, PROP_VERSION, format_time, parse_time

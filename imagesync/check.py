@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from imagesync.config import Config
+from imagesync.config.types import Config
 from imagesync.errors import UsageError
 
 OK, MISSING, USAGE, UNKNOWN = 0, 1, 2, 3

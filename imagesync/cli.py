@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> Any:
     """Load the configuration and set up logging from it (and the command line)."""
-    from imagesync.config import load_config
+    from imagesync.config.load import load_config
 
     config = load_config(args.config)
     _setup_logging(args, config)
@@ -151,7 +151,7 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    from imagesync.config import render_config
+    from imagesync.config.render import render_config
 
     print(render_config(_config(args)), end="")
     return 0
@@ -205,7 +205,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     # Called before every boot: answer from recorded state without importing OpenStack
     # clients or reading clouds.yaml when that is enough.
     from imagesync.check import check, check_recorded
-    from imagesync.config import load_config
+    from imagesync.config.load import load_config
 
     light = load_config(args.config, resolve_clouds=False)
     if not (args.fresh or args.ensure):

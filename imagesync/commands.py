@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from imagesync.config import Config
+from imagesync.config.types import Config
 from imagesync.engine import ActionResult, Engine, summarize
 from imagesync.errors import UsageError
 from imagesync.model import SiteInventory, format_time

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from imagesync import lab
-from imagesync.config import load_config
+from imagesync.config.load import load_config
 
 NAME = "demo-image"
 

@@ -87,8 +87,18 @@ class State:
         self._db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None,
                                    check_same_thread=False)
         self._mutex = threading.RLock()
-        self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA busy_timeout=30000")
+        # Switching to WAL (and recovering a WAL another process left) can answer "database
+        # is locked" at once, without the busy handler, while another process opens the
+        # same database: try again for a while (seen when a daemon and a command start).
+        for attempt in range(100):
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or attempt == 99:
+                    raise
+                time.sleep(0.05)
         # With WAL, NORMAL never corrupts the database; a power cut may lose the last commits,
         # which the next pass recomputes.
         self._db.execute("PRAGMA synchronous=NORMAL")

@@ -34,7 +34,8 @@ import structlog
 from apscheduler.executors.pool import ThreadPoolExecutor as JobPool
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from imagesync.config import Config, load_config
+from imagesync.config.load import load_config
+from imagesync.config.types import Config
 from imagesync.daemon.health import STALL_SECONDS, Clock, Health, feed_watchdog
 from imagesync.daemon.passes import PassReport, PassWatch, log_report, run_one_pass
 from imagesync.engine import Engine

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 
-from imagesync.config import Config, ImageRule
+from imagesync.config.types import Config, ImageRule
 from imagesync.engine.executor import Executor, ProgressFactory
 from imagesync.engine.inventory import Inventory
 from imagesync.engine.pool import SitePool

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 
-from imagesync.config import Config
+from imagesync.config.types import Config
 from imagesync.sites import open_site
 from imagesync.sites.base import Site
 

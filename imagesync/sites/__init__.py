@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Literal
 from imagesync.errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
-    from imagesync.config import Config
+    from imagesync.config.types import Config
     from imagesync.sites.base import Site
 
 

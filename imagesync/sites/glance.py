@@ -41,7 +41,7 @@ from keystoneauth1 import exceptions as ksexc
 from keystoneauth1 import loading as ks_loading
 from keystoneauth1 import session as ks_session
 
-from imagesync.config import CloudConfig
+from imagesync.config.types import CloudConfig
 from imagesync.errors import AuthError, Conflict, NotFound, SiteError, TransientError
 from imagesync.logs import redact
 from imagesync.model import (

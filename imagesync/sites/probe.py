@@ -11,7 +11,7 @@ from __future__ import annotations
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
-from imagesync.config import Config
+from imagesync.config.types import Config
 from imagesync.errors import ImageSyncError, SiteError
 from imagesync.logs import captured_library_logs, redact
 from imagesync.sites import open_site

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from imagesync.config import CloudConfig, Config, ImageRule, StoreConfig
+from imagesync.config.types import CloudConfig, Config, ImageRule, StoreConfig
 from imagesync.lab import LabInfo, glance_client
 from tests.faultproxy import FaultProxy
 

@@ -3,23 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from imagesync import logs
-from imagesync.config import (
+from imagesync.config.load import load_config, resolve_config_path
+from imagesync.config.render import render_config
+from imagesync.config.types import (
     DEFAULT_CONFIG_PATH,
     CloudConfig,
     Config,
     ImageRule,
     StoreConfig,
     format_duration,
-    load_config,
     parse_duration,
-    render_config,
-    resolve_config_path,
 )
 from imagesync.errors import ConfigError
 from imagesync.sites.probe import check_connections
@@ -186,18 +187,12 @@ clouds:
     endpoint_override: https://glance.uvic.example:9292/
 stores:
   archive: {{type: directory, path: /srv/imagesync, max_transfers: 5}}
-  vault:
-    type: vospace
-    url: https://vospace.example/vault/
-    container: vos://example~vault/images
-    token: vault-Token-1234
-    timeout: 10s
 images:
   - name: exact
     clouds: [uvic]
-    stores: [archive, vault]
+    stores: [archive]
     visibility: public
-    min_copies: 3
+    min_copies: 2
     keep: 2
     retire: delete
     on_mismatch: replace
@@ -218,13 +213,9 @@ images:
         max_transfers=3, endpoint_override="https://glance.uvic.example:9292/")
     assert config.stores["archive"] == StoreConfig(name="archive", type="directory",
                                                    path=Path("/srv/imagesync"), max_transfers=5)
-    vault = config.stores["vault"]
-    assert vault.url == "https://vospace.example/vault"
-    assert vault.options == {"container": "vos://example~vault/images",
-                             "token": "vault-Token-1234", "timeout": 10.0}
     assert config.images == (ImageRule(
-        pattern="exact", clouds=("uvic",), stores=("archive", "vault"), visibility="public",
-        min_copies=3, keep=2, retire="delete", on_mismatch="replace"),)
+        pattern="exact", clouds=("uvic",), stores=("archive",), visibility="public",
+        min_copies=2, keep=2, retire="delete", on_mismatch="replace"),)
 
 
 def test_auth_type_follows_the_credentials(tmp_path: Path) -> None:
@@ -427,7 +418,7 @@ def test_example_file_loads(tmp_path: Path, clouds_yaml: Path,
 
 
 def test_example_file_documents_every_key() -> None:
-    from imagesync import config as cfg
+    from imagesync.config import types as cfg
 
     text = EXAMPLE.read_text()
     keys = {*cfg.TOP_KEYS, *cfg.CLOUD_KEYS, *cfg.DIRECTORY_KEYS, *cfg.VOSPACE_KEYS,
@@ -452,18 +443,14 @@ def test_render_masks_and_round_trips(tmp_path: Path) -> None:
 poll_interval: 90
 stores:
   archive: {type: directory, path: /srv/a}
-  vault: {type: vospace, url: 'https://v.example/vault', token: vault-Secret-4}
 images:
-  - {name: 'canfar-*', stores: [archive, vault], keep: 2}
+  - {name: 'canfar-*', stores: [archive], keep: 2}
 """)
     config = load_config(path)
     text = render_config(config)
-    assert "vault-Secret-4" not in text
-    assert "token: '********'" in text
     assert "poll_interval: 1m30s" in text
     assert text.startswith(f"# effective configuration of {path}\n")
     data = yaml.safe_load(text)
-    data["stores"]["vault"]["token"] = "vault-Secret-4"
     again = load_config(write(tmp_path, yaml.safe_dump(data), "again.yaml"))
     assert dataclasses.replace(again, path=config.path) == config
 
@@ -510,9 +497,20 @@ def test_check_connections_unreachable_cloud(tmp_path: Path) -> None:
 def test_the_static_auth_option_table_matches_keystoneauth() -> None:
     from keystoneauth1 import loading
 
-    from imagesync.config import KNOWN_AUTH_OPTIONS
+    from imagesync.sites.openstack_auth import KNOWN_AUTH_OPTIONS
 
     for auth_type, (names, required) in KNOWN_AUTH_OPTIONS.items():
         options = loading.get_plugin_loader(auth_type).get_options()
         assert sorted(names) == sorted(o.dest for o in options), auth_type
         assert sorted(required) == sorted(o.dest for o in options if o.required), auth_type
+
+
+def test_the_types_import_without_yaml_or_the_sites() -> None:
+    # Importing any config submodule runs imagesync/config/__init__.py first: it must stay
+    # free of the reader (YAML) and the loader (which reaches into imagesync.sites).
+    code = ("import sys; import imagesync.config, imagesync.config.types; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('yaml', 'keystoneauth1',"
+            " 'openstack') or m.startswith(('imagesync.sites', 'imagesync.config.'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out == "['imagesync.config.types']\n"

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from imagesync.config import Config, ImageRule, load_config
+from imagesync.config.load import load_config
+from imagesync.config.types import Config, ImageRule
 from imagesync.daemon import Daemon, Health
 from imagesync.daemon.health import feed_watchdog
 from imagesync.engine import Engine

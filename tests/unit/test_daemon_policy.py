@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from imagesync.config import Config, ImageRule
+from imagesync.config.types import Config, ImageRule
 from imagesync.engine import Engine
 from imagesync.model import (
     PROP_ORIGIN,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from imagesync.config import Config, ImageRule
+from imagesync.config.types import Config, ImageRule
 from imagesync.engine import Engine
 from imagesync.plan import plan
 from imagesync.sites.memory import Faults, MemorySite, memory_site

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from imagesync.config import Config, StoreConfig
+from imagesync.config.types import Config, StoreConfig
 from imagesync.errors import ConfigError, UsageError
 from imagesync.sites import KINDS, open_site, store_kinds
 from imagesync.sites.directory import DirectorySite

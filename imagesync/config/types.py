@@ -1,0 +1,201 @@
+"""The typed configuration: plain frozen dataclasses, the keys a file may use, durations.
+
+This is the bottom of the config package and of imagesync: the engine, the sites and the
+planner read these types, so this module imports nothing but the standard library (no YAML,
+no OpenStack client). Reading and checking a file is :mod:`imagesync.config.load`'s job.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, Literal
+
+DEFAULT_CONFIG_PATH = Path("/etc/imagesync/imagesync.yaml")
+CONFIG_ENV = "IMAGESYNC_CONFIG"
+DEFAULT_STATE_DIR = Path("/var/lib/imagesync")
+DEFAULT_POLL_INTERVAL = 300.0
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    """One OpenStack cloud (its own Keystone + Glance)."""
+
+    name: str
+    #: keystoneauth options, fully resolved (from clouds.yaml entry or inline `auth:`);
+    #: e.g. {"auth_url":..., "username":..., "password":..., "project_name":..., ...}
+    auth: Mapping[str, Any]
+    auth_type: str  # "password", "v3applicationcredential", "v3password", "token", ...
+    region_name: str | None = None
+    interface: str = "public"
+    verify: bool | str = True  # TLS verify, or a CA bundle path
+    cloud: str | None = None  # the clouds.yaml entry it came from, if any
+    timeout: float = 60.0  # seconds, per HTTP request (not per transfer)
+    max_transfers: int = 2  # concurrent uploads to this cloud
+    #: use this Glance URL instead of the catalog's (clouds.yaml: image_endpoint_override)
+    endpoint_override: str | None = None
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """A central store: a directory (local/NFS) or, later, VOSpace."""
+
+    name: str
+    type: Literal["directory", "vospace"]
+    path: Path | None = None  # directory stores
+    url: str | None = None  # vospace: base URL of the service
+    max_transfers: int = 2
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ImageRule:
+    """Which names must be where, and how to keep them."""
+
+    pattern: str  # exact name or fnmatch glob
+    clouds: tuple[str, ...]  # resolved: "all" expanded to every configured cloud, in order
+    stores: tuple[str, ...] = ()  # `store: x` or `stores: [x, y]`
+    visibility: Literal["private", "shared", "community", "public"] = "private"
+    min_copies: int = 0  # keep at least k copies of the newest version across sites
+    keep: int | None = None  # retention per site: newest N versions; None = keep all
+    retire: Literal["hide", "delete"] = "hide"
+    on_mismatch: Literal["report", "replace"] = "report"
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return self.clouds + self.stores
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole effective configuration."""
+
+    path: Path | None  # the file it was loaded from (None when built in code)
+    state_dir: Path
+    poll_interval: float  # seconds
+    clouds: Mapping[str, CloudConfig]
+    stores: Mapping[str, StoreConfig]
+    images: tuple[ImageRule, ...]
+    metrics_listen: str | None = None  # "127.0.0.1:9780"
+    max_transfers: int = 4  # overall concurrent transfers
+    transfer_retries: int = 3
+    check_max_age: float = 600.0  # seconds: `check` trusts recorded answers this young
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: str = "info"
+
+    @property
+    def site_names(self) -> tuple[str, ...]:
+        return tuple(self.clouds) + tuple(self.stores)
+
+    def rule_for(self, name: str) -> ImageRule | None:
+        """The first rule whose pattern matches ``name`` (exact names before globs)."""
+        for rule in self.images:
+            if rule.pattern == name:
+                return rule
+        for rule in self.images:
+            if fnmatchcase(name, rule.pattern):
+                return rule
+        return None
+
+
+# --------------------------------------------------------------------------- schema
+# The keys and values a file may use. Kept beside the types they fill so that a new field and
+# its key are added together; etc/imagesync.yaml.example documents every one (a test checks).
+
+TOP_KEYS = ("state_dir", "poll_interval", "clouds_yaml", "clouds", "stores", "images",
+            "metrics_listen", "max_transfers", "transfer_retries", "check_max_age",
+            "log_format", "log_level")
+CLOUD_COMMON_KEYS = ("region_name", "interface", "verify", "timeout", "max_transfers",
+                     "endpoint_override")
+CLOUD_KEYS = ("cloud", "auth", "auth_type", *CLOUD_COMMON_KEYS)
+STORE_TYPES = ("directory", "vospace")
+DIRECTORY_KEYS = ("type", "path", "max_transfers")
+#: vospace: ``container`` is the node holding the images (vos://… URI or a path under /nodes);
+#: ``certificate`` a PEM proxy certificate; ``token`` a bearer token (a secret)
+VOSPACE_KEYS = ("type", "url", "container", "certificate", "token", "verify", "timeout",
+                "max_transfers")
+RULE_KEYS = ("name", "clouds", "store", "stores", "visibility", "min_copies", "keep", "retire",
+             "on_mismatch")
+VISIBILITIES = ("private", "shared", "community", "public")
+RETIRE = ("hide", "delete")
+ON_MISMATCH = ("report", "replace")
+INTERFACES = ("public", "internal", "admin")
+LOG_FORMATS = ("auto", "json", "console")
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+# --------------------------------------------------------------------------- durations
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+DURATION_HINT = "write a duration like 30s, 5m, 1h, 1h30m or 2d (a bare number is seconds)"
+
+
+def describe(value: object) -> str:
+    """What a YAML value is, for messages: ``a string ('x')``, ``a list``, ``empty``…"""
+    if value is None:
+        return "empty"
+    if isinstance(value, bool):
+        return f"true/false ({str(value).lower()})"
+    if isinstance(value, int | float):
+        return f"a number ({value!r})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
+
+
+def _parse_duration_text(value: str) -> float:
+    text = value.strip().lower()
+    if re.fullmatch(r"[+-]?\d+(?:\.\d+)?", text):
+        return float(text)
+    negative = text.startswith("-")
+    body = text.lstrip("+-").replace(" ", "")
+    parts = _DURATION_PART.findall(body)
+    if not body or "".join(n + u for n, u in parts) != body:
+        raise ValueError(f"{value!r} is not a duration")
+    units = [u for _, u in parts]
+    if units != sorted(set(units), key="dhms".index):
+        raise ValueError(f"{value!r}: give each unit once, largest first (like 1h30m)")
+    seconds = sum(float(n) * _UNITS[u] for n, u in parts)
+    return -seconds if negative else seconds
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``30``, ``2.5``, ``"30s"``, ``"5m"``, ``"1h30m"``, ``"2d"``.
+
+    Raises ValueError saying what is wrong (not a duration, negative, not finite).
+    """
+    if isinstance(value, bool):
+        raise ValueError("is true/false, not a duration")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        seconds = _parse_duration_text(value)
+    else:
+        raise ValueError(f"is {describe(value)}, not a duration")
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a finite duration")
+    if seconds < 0:
+        raise ValueError(f"{value!r} is negative")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest string ``parse_duration`` reads back: 300 → ``5m``, 5400 → ``1h30m``."""
+    if seconds != int(seconds) or seconds == 0:
+        return f"{seconds:g}s"
+    rest = int(seconds)
+    out = ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if rest >= size:
+            out += f"{rest // size}{unit}"
+            rest %= size
+    return out
