@@ -61,6 +61,7 @@ CLOUDS = ("lab1", "lab2", "lab3")
 
 # -- counting API calls ---------------------------------------------------------------------
 
+
 class CallCounter:
     """Counts HTTP requests made through any keystoneauth1 Session, by service and path."""
 
@@ -87,8 +88,9 @@ class CallCounter:
             else:
                 what = f"{method} {path}"
             # one line per kind of call, image ids folded
-            what = "/".join("{id}" if len(p) == 36 and p.count("-") == 4 else p
-                            for p in what.split("/"))
+            what = "/".join(
+                "{id}" if len(p) == 36 and p.count("-") == 4 else p for p in what.split("/")
+            )
             with counter._lock:
                 counter.calls[what] += 1
             return original(self, url, method, *args, **kwargs)
@@ -106,6 +108,7 @@ class CallCounter:
 
 
 # -- filling the lab ------------------------------------------------------------------------
+
 
 def _existing(lab: LabInfo, cloud: str) -> dict[str, dict[str, Any]]:
     """name → image, for the bench's images already on ``cloud`` (raw JSON, 1000 a page)."""
@@ -140,8 +143,9 @@ def populate(lab: LabInfo, count: int) -> float:
         for attempt in range(6):  # sqlite still says "locked" now and then: try again
             img: dict[str, Any] | None = None
             try:
-                img = dict(gc.images.create(name=name, disk_format="raw",
-                                            container_format="bare", **props))
+                img = dict(
+                    gc.images.create(name=name, disk_format="raw", container_format="bare", **props)
+                )
                 gc.images.upload(img["id"], io.BytesIO(data), image_size=len(data))
                 return dict(gc.images.get(img["id"]))
             except Exception:
@@ -184,13 +188,19 @@ def populate(lab: LabInfo, count: int) -> float:
             data = name.encode()
             version = parse_time(orig["created_at"])
             assert version is not None
-            make(cloud, name, data, {PROP_ORIGIN: f"lab1:{orig['id']}",
-                                     PROP_VERSION: format_time(version),
-                                     PROP_SHA512: hashlib.sha512(data).hexdigest()})
+            make(
+                cloud,
+                name,
+                data,
+                {
+                    PROP_ORIGIN: f"lab1:{orig['id']}",
+                    PROP_VERSION: format_time(version),
+                    PROP_SHA512: hashlib.sha512(data).hexdigest(),
+                },
+            )
 
     with ThreadPoolExecutor(len(CLOUDS)) as pool:
-        jobs = [pool.submit(originals_worker)] + [pool.submit(copies_worker, c)
-                                                  for c in CLOUDS[1:]]
+        jobs = [pool.submit(originals_worker)] + [pool.submit(copies_worker, c) for c in CLOUDS[1:]]
         for j in jobs:
             j.result()
     return time.monotonic() - t0
@@ -198,17 +208,33 @@ def populate(lab: LabInfo, count: int) -> float:
 
 # -- the passes -----------------------------------------------------------------------------
 
+
 def bench_config(lab: LabInfo, state_dir: Path) -> Config:
     clouds = {}
     for name in CLOUDS:
         c = lab.cloud(name)
         clouds[name] = CloudConfig(
-            name=name, auth={"auth_url": c.keystone_url, "username": c.username,
-                             "password": c.password, "project_name": c.project,
-                             "user_domain_name": "Default", "project_domain_name": "Default"},
-            auth_type="password", region_name=c.region, timeout=60.0)
-    return Config(path=None, state_dir=state_dir, poll_interval=300, clouds=clouds, stores={},
-                  images=(ImageRule(pattern=f"{PREFIX}*", clouds=CLOUDS),))
+            name=name,
+            auth={
+                "auth_url": c.keystone_url,
+                "username": c.username,
+                "password": c.password,
+                "project_name": c.project,
+                "user_domain_name": "Default",
+                "project_domain_name": "Default",
+            },
+            auth_type="password",
+            region_name=c.region,
+            timeout=60.0,
+        )
+    return Config(
+        path=None,
+        state_dir=state_dir,
+        poll_interval=300,
+        clouds=clouds,
+        stores={},
+        images=(ImageRule(pattern=f"{PREFIX}*", clouds=CLOUDS),),
+    )
 
 
 def one_pass(engine: Engine, incremental: bool = True) -> dict[str, Any]:
@@ -221,10 +247,17 @@ def one_pass(engine: Engine, incremental: bool = True) -> dict[str, Any]:
     results = engine.execute_concurrently(p)
     t3 = time.perf_counter()
     errors = {s: inv.error for s, inv in inventories.items() if not inv.ok}
-    return {"seconds": t3 - t0, "inventory": t1 - t0, "plan": t2 - t1, "execute": t3 - t2,
-            "names": len(p.assessments), "images": sum(len(i.images)
-                                                       for i in inventories.values()),
-            "actions": len(p.actions), "results": len(results), "errors": errors}
+    return {
+        "seconds": t3 - t0,
+        "inventory": t1 - t0,
+        "plan": t2 - t1,
+        "execute": t3 - t2,
+        "names": len(p.assessments),
+        "images": sum(len(i.images) for i in inventories.values()),
+        "actions": len(p.actions),
+        "results": len(results),
+        "errors": errors,
+    }
 
 
 def naive_baseline(lab: LabInfo) -> dict[str, Any]:
@@ -242,8 +275,9 @@ def _calls_line(calls: Counter[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    ap.add_argument("--lab-dir", type=Path, help="use (and start if needed) the lab here; "
-                    "it is left running")
+    ap.add_argument(
+        "--lab-dir", type=Path, help="use (and start if needed) the lab here; it is left running"
+    )
     ap.add_argument("--keep-lab", action="store_true", help="leave a lab this script started")
     ap.add_argument("--images", type=int, default=2000, help="images per cloud (2000)")
     ap.add_argument("--runs", type=int, default=5, help="warm idle passes to time (5)")
@@ -288,32 +322,48 @@ def main(argv: list[str] | None = None) -> int:
 
         med = statistics.median(r["seconds"] for r in warm)
         print()
-        print(f"idle pass over {len(CLOUDS)} clouds x {args.images} images "
-              f"({warm[-1]['images']} images listed, {warm[-1]['names']} names planned, "
-              f"{warm[-1]['actions']} actions)")
-        print(f"  first pass (fresh engine): {first['seconds']:.2f}s, "
-              f"{sum(first_calls.values())} API calls: {_calls_line(first_calls)}")
+        print(
+            f"idle pass over {len(CLOUDS)} clouds x {args.images} images "
+            f"({warm[-1]['images']} images listed, {warm[-1]['names']} names planned, "
+            f"{warm[-1]['actions']} actions)"
+        )
+        print(
+            f"  first pass (fresh engine): {first['seconds']:.2f}s, "
+            f"{sum(first_calls.values())} API calls: {_calls_line(first_calls)}"
+        )
         each = ", ".join(f"{r['seconds']:.2f}" for r in warm)
-        print(f"  warm passes ({args.runs}): median {med:.2f}s [{each}], "
-              f"{sum(warm_calls.values())} API calls each: {_calls_line(warm_calls)}")
+        print(
+            f"  warm passes ({args.runs}): median {med:.2f}s [{each}], "
+            f"{sum(warm_calls.values())} API calls each: {_calls_line(warm_calls)}"
+        )
         last = warm[len(warm) // 2]
-        print(f"    of which inventory {last['inventory']:.2f}s, plan {last['plan']:.2f}s, "
-              f"execute+record {last['execute']:.2f}s")
+        print(
+            f"    of which inventory {last['inventory']:.2f}s, plan {last['plan']:.2f}s, "
+            f"execute+record {last['execute']:.2f}s"
+        )
         fmed = statistics.median(r["seconds"] for r in full)
-        print(f"  full-listing passes ({args.runs}): median {fmed:.2f}s, "
-              f"{sum(full_calls.values())} API calls each (the daemon lists fully every "
-              f"{FULL_LIST_EVERY:.0f}s); incremental/full = {med / fmed:.2f}x")
-        print(f"  goal {GOAL_SECONDS:.1f}s: median is {med / GOAL_SECONDS:.0%} of the goal "
-              f"-> {'MET' if med <= GOAL_SECONDS else 'NOT MET'}")
+        print(
+            f"  full-listing passes ({args.runs}): median {fmed:.2f}s, "
+            f"{sum(full_calls.values())} API calls each (the daemon lists fully every "
+            f"{FULL_LIST_EVERY:.0f}s); incremental/full = {med / fmed:.2f}x"
+        )
+        print(
+            f"  goal {GOAL_SECONDS:.1f}s: median is {med / GOAL_SECONDS:.0%} of the goal "
+            f"-> {'MET' if med <= GOAL_SECONDS else 'NOT MET'}"
+        )
         ours = last["plan"] + last["execute"]
-        print("  each cloud listed alone: "
-              + ", ".join(f"{c} {t:.2f}s" for c, t in alone.items())
-              + f" (the lab's {len(CLOUDS)} Glance servers share {os.cpu_count()} CPUs here; "
-              f"clouds with CPUs of their own list side by side: about "
-              f"{max(alone.values()) + ours:.2f}s a pass)")
-        print(f"  naive baseline, glanceclient images.list() per cloud: {base['seconds']:.2f}s, "
-              f"{sum(base_calls.values())} API calls ({base['images']} images; it does not "
-              "even see hidden images)")
+        print(
+            "  each cloud listed alone: "
+            + ", ".join(f"{c} {t:.2f}s" for c, t in alone.items())
+            + f" (the lab's {len(CLOUDS)} Glance servers share {os.cpu_count()} CPUs here; "
+            f"clouds with CPUs of their own list side by side: about "
+            f"{max(alone.values()) + ours:.2f}s a pass)"
+        )
+        print(
+            f"  naive baseline, glanceclient images.list() per cloud: {base['seconds']:.2f}s, "
+            f"{sum(base_calls.values())} API calls ({base['images']} images; it does not "
+            "even see hidden images)"
+        )
         return 0 if med <= GOAL_SECONDS else 1
     finally:
         if own and not args.keep_lab:

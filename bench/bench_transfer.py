@@ -84,10 +84,10 @@ CLOUDS = 4
 TARGETS = ("lab2", "lab3", "lab4")
 
 # The goals from the issue
-COPY_RATIO_MIN = 0.9       # imagesync throughput / curl relay throughput
-FANOUT_TIME_MAX = 1.1      # imagesync fan-out time / three parallel relays' time
+COPY_RATIO_MIN = 0.9  # imagesync throughput / curl relay throughput
+FANOUT_TIME_MAX = 1.1  # imagesync fan-out time / three parallel relays' time
 RSS_MAX_MB = 100.0
-RSS_GROWTH_MAX_MB = 10.0   # "not growing with size": 4 GB peak within 10 MB of the 1 GB peak
+RSS_GROWTH_MAX_MB = 10.0  # "not growing with size": 4 GB peak within 10 MB of the 1 GB peak
 CHECK_RECORDED_MAX = 0.25
 CHECK_FRESH_MAX = 1.0
 
@@ -104,10 +104,10 @@ class Run:
 
     seconds: float
     rss_mb: float | None
-    cpu_seconds: float | None = None       # the contender's processes, user + system
+    cpu_seconds: float | None = None  # the contender's processes, user + system
     server_cpu_seconds: float | None = None  # the source and target Glance servers
     transfer_seconds: float | None = None  # imagesync's own copy time (from --json)
-    source_reads: int | None = None        # data requests the source Glance served
+    source_reads: int | None = None  # data requests the source Glance served
     source_bytes: int | None = None
 
 
@@ -138,8 +138,7 @@ class Row:
 class Bench:
     """The lab, the source image and the contenders."""
 
-    def __init__(self, info: LabInfo, work: Path,
-                 also: Sequence[tuple[str, Path]] = ()) -> None:
+    def __init__(self, info: LabInfo, work: Path, also: Sequence[tuple[str, Path]] = ()) -> None:
         self.info = info
         self.work = work
         self.also = list(also)  # (label, source tree): more imagesync versions to compare
@@ -153,10 +152,15 @@ class Bench:
         """Give the source a name never used before (a metadata call: the bytes stay)."""
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
         g = self.glance["lab1"]
-        r = g.http.patch(f"{g.url}/v2/images/{image['id']}", timeout=60,
-                         json=[{"op": "replace", "path": "/name", "value": name}],
-                         headers={"X-Auth-Token": g.token(), "Content-Type":
-                                  "application/openstack-images-v2.1-json-patch"})
+        r = g.http.patch(
+            f"{g.url}/v2/images/{image['id']}",
+            timeout=60,
+            json=[{"op": "replace", "path": "/name", "value": name}],
+            headers={
+                "X-Auth-Token": g.token(),
+                "Content-Type": "application/openstack-images-v2.1-json-patch",
+            },
+        )
         r.raise_for_status()
         image["name"] = name
         return name
@@ -177,19 +181,23 @@ class Bench:
     def _relay_cmd(self, src: dict[str, Any], target: str, target_id: str) -> str:
         g1, g2 = self.glance["lab1"], self.glance[target]
         down, up = self._header_file("lab1", False), self._header_file(target, True)
-        return (f"curl -sfS -H @{down} {g1.url}/v2/images/{src['id']}/file"
-                f" | curl -sfS -T - -H @{up} -X PUT {g2.url}/v2/images/{target_id}/file"
-                " -o /dev/null")
+        return (
+            f"curl -sfS -H @{down} {g1.url}/v2/images/{src['id']}/file"
+            f" | curl -sfS -T - -H @{up} -X PUT {g2.url}/v2/images/{target_id}/file"
+            " -o /dev/null"
+        )
 
     # -- contenders -----------------------------------------------------------------------------
-    def imagesync_push(self, src: dict[str, Any], targets: Sequence[str],
-                       tree: Path | None = None) -> Run:
+    def imagesync_push(
+        self, src: dict[str, Any], targets: Sequence[str], tree: Path | None = None
+    ) -> Run:
         """``imagesync push`` (the installed one, or the one in source ``tree``)."""
         name = self.rename_source(src, "bench-is")
         run_dir = self.work / name
         run_dir.mkdir()
-        cfg = imagesync_config(self.info, run_dir / "imagesync.yaml", name,
-                               ["lab1", *targets], run_dir / "state")
+        cfg = imagesync_config(
+            self.info, run_dir / "imagesync.yaml", name, ["lab1", *targets], run_dir / "state"
+        )
         cmd, env = self._imagesync(tree)
         cmd += ["-c", str(cfg), "push", name, "--json"]
         for target in targets:
@@ -203,8 +211,14 @@ class Bench:
         if len(ok) != len(targets) or copies[0]["bytes"] != src["size"]:
             raise RuntimeError(f"imagesync push did not copy to every target: {t.stdout}")
         self.clean(name, targets)
-        return Run(t.seconds, _mb(t), t.cpu, transfer_seconds=float(copies[0]["seconds"]),
-                   source_reads=reads, source_bytes=nbytes)
+        return Run(
+            t.seconds,
+            _mb(t),
+            t.cpu,
+            transfer_seconds=float(copies[0]["seconds"]),
+            source_reads=reads,
+            source_bytes=nbytes,
+        )
 
     def curl_relays(self, src: dict[str, Any], targets: Sequence[str]) -> Run:
         """One ``curl | curl`` per target, all in parallel; timed from creating the images."""
@@ -225,36 +239,67 @@ class Bench:
         reads, nbytes = self.source_log.served_since_mark(str(src["id"]))
         for target in targets:
             images = self.glance[target].named(name)
-            if [i.get("status") for i in images] != ["active"] or \
-                    images[0].get("size") != src["size"]:
+            if [i.get("status") for i in images] != ["active"] or images[0].get("size") != src[
+                "size"
+            ]:
                 raise RuntimeError(f"curl relay to {target}: {images}")
         self.clean(name, targets)
-        return Run(created + t.seconds, _mb(t), t.cpu, source_reads=reads,
-                   source_bytes=nbytes)
+        return Run(created + t.seconds, _mb(t), t.cpu, source_reads=reads, source_bytes=nbytes)
 
     def openstack_cli(self, src: dict[str, Any], target: str) -> Run:
         """``openstack image save`` then ``openstack image create --file``, defaults as given."""
         name = f"bench-osc-{uuid.uuid4().hex[:8]}"
         with tempfile.TemporaryDirectory(dir=self.work) as tmp:
             path = Path(tmp) / "image.raw"
-            save = run_timed([OPENSTACK, "--os-cloud", "lab1", "image", "save", "--file",
-                              str(path), str(src["id"])], self.env).check("openstack image save")
-            create = run_timed([OPENSTACK, "--os-cloud", target, "image", "create",
-                                "--disk-format", "raw", "--container-format", "bare",
-                                "--file", str(path), name], self.env
-                               ).check("openstack image create")
+            save = run_timed(
+                [
+                    OPENSTACK,
+                    "--os-cloud",
+                    "lab1",
+                    "image",
+                    "save",
+                    "--file",
+                    str(path),
+                    str(src["id"]),
+                ],
+                self.env,
+            ).check("openstack image save")
+            create = run_timed(
+                [
+                    OPENSTACK,
+                    "--os-cloud",
+                    target,
+                    "image",
+                    "create",
+                    "--disk-format",
+                    "raw",
+                    "--container-format",
+                    "bare",
+                    "--file",
+                    str(path),
+                    name,
+                ],
+                self.env,
+            ).check("openstack image create")
         images = self.glance[target].named(name)
-        if [i.get("status") for i in images] != ["active"] or \
-                images[0].get("size") != src["size"]:
+        if [i.get("status") for i in images] != ["active"] or images[0].get("size") != src["size"]:
             raise RuntimeError(f"openstack image create: {images}")
         self.clean(name, [target])
         rss = [x for x in (_mb(save), _mb(create)) if x is not None]
-        return Run(save.seconds + create.seconds, max(rss) if rss else None,
-                   (save.cpu or 0.0) + (create.cpu or 0.0))
+        return Run(
+            save.seconds + create.seconds,
+            max(rss) if rss else None,
+            (save.cpu or 0.0) + (create.cpu or 0.0),
+        )
 
     # -- scenarios ------------------------------------------------------------------------------
-    def rounds(self, scenario: str, nbytes: int, repeat: int,
-               contenders: Sequence[tuple[str, Callable[[], Run], bool]]) -> list[Row]:
+    def rounds(
+        self,
+        scenario: str,
+        nbytes: int,
+        repeat: int,
+        contenders: Sequence[tuple[str, Callable[[], Run], bool]],
+    ) -> list[Row]:
         rows = [Row(scenario, label, nbytes, baseline=base) for label, _, base in contenders]
         for i in range(repeat):
             order = list(range(len(contenders)))
@@ -266,12 +311,17 @@ class Bench:
                 run = fn()
                 run.server_cpu_seconds = round(self.servers.seconds() - before, 2)
                 rows[k].runs.append(run)
-                extra = (f", imagesync's copy {run.transfer_seconds:.1f}s"
-                         if run.transfer_seconds is not None else "")
+                extra = (
+                    f", imagesync's copy {run.transfer_seconds:.1f}s"
+                    if run.transfer_seconds is not None
+                    else ""
+                )
                 rate = f" ({nbytes / run.seconds / 1e6:.0f} MB/s)" if nbytes else ""
-                say(f"  {scenario} round {i + 1}/{repeat}: {label}: {run.seconds:.2f}s{rate}, "
+                say(
+                    f"  {scenario} round {i + 1}/{repeat}: {label}: {run.seconds:.2f}s{rate}, "
                     f"peak RSS {run.rss_mb or 0:.0f} MB, CPU {run.cpu_seconds or 0:.1f}s, "
-                    f"Glance servers' CPU {run.server_cpu_seconds:.1f}s{extra}")
+                    f"Glance servers' CPU {run.server_cpu_seconds:.1f}s{extra}"
+                )
         return rows
 
     def _imagesync(self, tree: Path | None) -> tuple[list[str], dict[str, str]]:
@@ -286,39 +336,64 @@ class Bench:
         """Make sure each ``--also`` tree really runs its own imagesync, not the installed one."""
         for label, tree in self.also:
             _, env = self._imagesync(tree)
-            t = run_timed([sys.executable, "-c", "import imagesync; print(imagesync.__file__)"],
-                          env, cwd=tree).check(f"import imagesync from {tree}")
+            t = run_timed(
+                [sys.executable, "-c", "import imagesync; print(imagesync.__file__)"], env, cwd=tree
+            ).check(f"import imagesync from {tree}")
             if not Path(t.stdout.strip()).resolve().is_relative_to(tree):
-                raise RuntimeError(f"--also {label}={tree}: imagesync comes from "
-                                   f"{t.stdout.strip()}, not from the tree")
+                raise RuntimeError(
+                    f"--also {label}={tree}: imagesync comes from "
+                    f"{t.stdout.strip()}, not from the tree"
+                )
 
-    def _pushes(self, src: dict[str, Any], targets: Sequence[str]
-                ) -> list[tuple[str, Callable[[], Run], bool]]:
+    def _pushes(
+        self, src: dict[str, Any], targets: Sequence[str]
+    ) -> list[tuple[str, Callable[[], Run], bool]]:
         out: list[tuple[str, Callable[[], Run], bool]] = [
-            ("imagesync push", lambda: self.imagesync_push(src, targets), False)]
+            ("imagesync push", lambda: self.imagesync_push(src, targets), False)
+        ]
         for label, tree in self.also:
-            out.append((f"imagesync push [{label}]",
-                        functools.partial(self.imagesync_push, src, targets, tree), False))
+            out.append(
+                (
+                    f"imagesync push [{label}]",
+                    functools.partial(self.imagesync_push, src, targets, tree),
+                    False,
+                )
+            )
         return out
 
     def copy(self, src: dict[str, Any], repeat: int) -> list[Row]:
-        return self.rounds("copy 1→1", int(src["size"]), repeat, [
-            *self._pushes(src, ["lab2"]),
-            ("curl relay", lambda: self.curl_relays(src, ["lab2"]), True),
-            ("openstack save + create", lambda: self.openstack_cli(src, "lab2"), False),
-        ])
+        return self.rounds(
+            "copy 1→1",
+            int(src["size"]),
+            repeat,
+            [
+                *self._pushes(src, ["lab2"]),
+                ("curl relay", lambda: self.curl_relays(src, ["lab2"]), True),
+                ("openstack save + create", lambda: self.openstack_cli(src, "lab2"), False),
+            ],
+        )
 
     def fanout(self, src: dict[str, Any], repeat: int) -> list[Row]:
-        return self.rounds("fan-out 1→3", int(src["size"]), repeat, [
-            *self._pushes(src, TARGETS),
-            ("3 parallel curl relays", lambda: self.curl_relays(src, TARGETS), True),
-        ])
+        return self.rounds(
+            "fan-out 1→3",
+            int(src["size"]),
+            repeat,
+            [
+                *self._pushes(src, TARGETS),
+                ("3 parallel curl relays", lambda: self.curl_relays(src, TARGETS), True),
+            ],
+        )
 
     def big(self, src: dict[str, Any]) -> list[Row]:
-        return self.rounds("big 1→1", int(src["size"]), 1, [
-            *self._pushes(src, ["lab2"]),
-            ("curl relay", lambda: self.curl_relays(src, ["lab2"]), True),
-        ])
+        return self.rounds(
+            "big 1→1",
+            int(src["size"]),
+            1,
+            [
+                *self._pushes(src, ["lab2"]),
+                ("curl relay", lambda: self.curl_relays(src, ["lab2"]), True),
+            ],
+        )
 
     def check(self, repeat: int) -> list[Row]:
         """A small image pushed to lab2; then the three ways of asking whether it is there."""
@@ -328,8 +403,9 @@ class Bench:
         g1.upload_generated(str(img["id"]), 8 * MiB)
         run_dir = self.work / name
         run_dir.mkdir()
-        cfg = imagesync_config(self.info, run_dir / "imagesync.yaml", name, ["lab1", "lab2"],
-                               run_dir / "state")
+        cfg = imagesync_config(
+            self.info, run_dir / "imagesync.yaml", name, ["lab1", "lab2"], run_dir / "state"
+        )
         base = [IMAGESYNC, "-c", str(cfg), "check", name, "--cloud", "lab2"]
         run_timed([IMAGESYNC, "-c", str(cfg), "push", name], self.env).check("push")
         copy_id = self.glance["lab2"].named(name)[0]["id"]
@@ -341,18 +417,22 @@ class Bench:
         contenders: list[tuple[str, list[str]]] = [
             ("imagesync check (recorded)", base),
             ("imagesync check --fresh", [*base, "--fresh"]),
-            ("openstack image show", [OPENSTACK, "--os-cloud", "lab2", "image", "show",
-                                      str(copy_id)]),
+            (
+                "openstack image show",
+                [OPENSTACK, "--os-cloud", "lab2", "image", "show", str(copy_id)],
+            ),
         ]
 
         def timed(cmd: list[str]) -> Callable[[], Run]:
             def run() -> Run:
                 t = run_timed(cmd, self.env).check(shlex.join(cmd[:4]))
                 return Run(t.seconds, _mb(t), t.cpu)
+
             return run
 
-        rows = self.rounds("check", 0, repeat, [(label, timed(cmd), False)
-                                                for label, cmd in contenders])
+        rows = self.rounds(
+            "check", 0, repeat, [(label, timed(cmd), False) for label, cmd in contenders]
+        )
         self.clean(name, ["lab1", "lab2"])
         return rows
 
@@ -385,26 +465,35 @@ def table(rows: Sequence[Row]) -> list[dict[str, Any]]:
         base = _baseline(rows, r)
         ratio = base.seconds / r.seconds if base is not None else None
         pair = paired(r, base) if base is not None else None
-        out.append({"scenario": r.scenario, "contender": r.contender,
-                    "seconds": round(r.seconds, 3), "runs": len(r.runs),
-                    "mb_s": round(r.mb_s, 1) if r.mb_s else None,
-                    "ratio_vs_curl": round(ratio, 3) if ratio is not None else None,
-                    "paired_ratio_vs_curl": round(pair, 3) if pair is not None else None,
-                    "peak_rss_mb": round(r.rss_mb, 1) if r.rss_mb is not None else None,
-                    "cpu_seconds": _med([x.cpu_seconds for x in r.runs]),
-                    "server_cpu_seconds": _med([x.server_cpu_seconds for x in r.runs]),
-                    "all_seconds": [round(x.seconds, 3) for x in r.runs],
-                    "transfer_seconds": [x.transfer_seconds for x in r.runs
-                                         if x.transfer_seconds is not None] or None,
-                    "source_reads": [(x.source_reads, x.source_bytes) for x in r.runs
-                                     if x.source_reads is not None] or None})
+        out.append(
+            {
+                "scenario": r.scenario,
+                "contender": r.contender,
+                "seconds": round(r.seconds, 3),
+                "runs": len(r.runs),
+                "mb_s": round(r.mb_s, 1) if r.mb_s else None,
+                "ratio_vs_curl": round(ratio, 3) if ratio is not None else None,
+                "paired_ratio_vs_curl": round(pair, 3) if pair is not None else None,
+                "peak_rss_mb": round(r.rss_mb, 1) if r.rss_mb is not None else None,
+                "cpu_seconds": _med([x.cpu_seconds for x in r.runs]),
+                "server_cpu_seconds": _med([x.server_cpu_seconds for x in r.runs]),
+                "all_seconds": [round(x.seconds, 3) for x in r.runs],
+                "transfer_seconds": [
+                    x.transfer_seconds for x in r.runs if x.transfer_seconds is not None
+                ]
+                or None,
+                "source_reads": [
+                    (x.source_reads, x.source_bytes) for x in r.runs if x.source_reads is not None
+                ]
+                or None,
+            }
+        )
     return out
 
 
 def goals(rows: Sequence[Row], size: int) -> list[dict[str, Any]]:
     def find(scenario: str, contender: str) -> Row | None:
-        return next((r for r in rows if r.scenario == scenario and r.contender == contender),
-                    None)
+        return next((r for r in rows if r.scenario == scenario and r.contender == contender), None)
 
     out: list[dict[str, Any]] = []
 
@@ -415,62 +504,101 @@ def goals(rows: Sequence[Row], size: int) -> list[dict[str, Any]]:
     push, relay = find("copy 1→1", "imagesync push"), find("copy 1→1", "curl relay")
     if push and relay:
         ratio, pair = relay.seconds / push.seconds, paired(push, relay)
-        goal(f"copy {size / GB:g} GB: ≥ {COPY_RATIO_MIN}× the curl relay's throughput",
-             f"{pair:.2f}× paired, {ratio:.2f}× of medians ({push.mb_s:.0f} vs "
-             f"{relay.mb_s:.0f} MB/s)", pair >= COPY_RATIO_MIN)
-    fan, relays = find("fan-out 1→3", "imagesync push"), find("fan-out 1→3",
-                                                              "3 parallel curl relays")
+        goal(
+            f"copy {size / GB:g} GB: ≥ {COPY_RATIO_MIN}× the curl relay's throughput",
+            f"{pair:.2f}× paired, {ratio:.2f}× of medians ({push.mb_s:.0f} vs "
+            f"{relay.mb_s:.0f} MB/s)",
+            pair >= COPY_RATIO_MIN,
+        )
+    fan, relays = (
+        find("fan-out 1→3", "imagesync push"),
+        find("fan-out 1→3", "3 parallel curl relays"),
+    )
     if fan and relays:
         ratio, pair = fan.seconds / relays.seconds, 1 / paired(fan, relays)
-        goal(f"fan-out 1→3: ≤ {FANOUT_TIME_MAX}× the time of 3 parallel curl relays",
-             f"{pair:.2f}× paired, {ratio:.2f}× of medians ({fan.seconds:.1f} vs "
-             f"{relays.seconds:.1f} s)", pair <= FANOUT_TIME_MAX)
+        goal(
+            f"fan-out 1→3: ≤ {FANOUT_TIME_MAX}× the time of 3 parallel curl relays",
+            f"{pair:.2f}× paired, {ratio:.2f}× of medians ({fan.seconds:.1f} vs "
+            f"{relays.seconds:.1f} s)",
+            pair <= FANOUT_TIME_MAX,
+        )
         reads = [(x.source_reads, x.source_bytes) for x in fan.runs]
         once = all(n == 1 and b == size for n, b in reads)
-        goal("fan-out 1→3: the source is read once",
-             f"source requests/bytes per push: {reads}", once)
+        goal(
+            "fan-out 1→3: the source is read once", f"source requests/bytes per push: {reads}", once
+        )
     pushes = [r for r in rows if r.contender == "imagesync push" and r.rss_mb is not None]
     if pushes:
         peak = max(r.rss_mb or 0.0 for r in pushes)
-        goal(f"push peak RSS ≤ {RSS_MAX_MB:.0f} MB",
-             ", ".join(f"{r.scenario} {r.nbytes / GB:g} GB: {r.rss_mb:.0f} MB" for r in pushes),
-             peak <= RSS_MAX_MB)
+        goal(
+            f"push peak RSS ≤ {RSS_MAX_MB:.0f} MB",
+            ", ".join(f"{r.scenario} {r.nbytes / GB:g} GB: {r.rss_mb:.0f} MB" for r in pushes),
+            peak <= RSS_MAX_MB,
+        )
     small, large = find("copy 1→1", "imagesync push"), find("big 1→1", "imagesync push")
     if small and large and small.rss_mb and large.rss_mb:
         growth = large.rss_mb - small.rss_mb
-        goal(f"push peak RSS does not grow with size (≤ +{RSS_GROWTH_MAX_MB:.0f} MB)",
-             f"{small.nbytes / GB:g} GB: {small.rss_mb:.1f} MB, {large.nbytes / GB:g} GB: "
-             f"{large.rss_mb:.1f} MB ({growth:+.1f} MB)", growth <= RSS_GROWTH_MAX_MB)
-    rec, fresh = find("check", "imagesync check (recorded)"), find("check",
-                                                                   "imagesync check --fresh")
+        goal(
+            f"push peak RSS does not grow with size (≤ +{RSS_GROWTH_MAX_MB:.0f} MB)",
+            f"{small.nbytes / GB:g} GB: {small.rss_mb:.1f} MB, {large.nbytes / GB:g} GB: "
+            f"{large.rss_mb:.1f} MB ({growth:+.1f} MB)",
+            growth <= RSS_GROWTH_MAX_MB,
+        )
+    rec, fresh = (
+        find("check", "imagesync check (recorded)"),
+        find("check", "imagesync check --fresh"),
+    )
     show = find("check", "openstack image show")
     vs = f" (openstack image show {show.seconds:.2f} s)" if show else ""
     if rec:
-        goal(f"check from the recorded answer ≤ {CHECK_RECORDED_MAX} s",
-             f"{rec.seconds:.3f} s{vs}", rec.seconds <= CHECK_RECORDED_MAX)
+        goal(
+            f"check from the recorded answer ≤ {CHECK_RECORDED_MAX} s",
+            f"{rec.seconds:.3f} s{vs}",
+            rec.seconds <= CHECK_RECORDED_MAX,
+        )
     if fresh:
-        goal(f"check --fresh (asks the cloud) ≤ {CHECK_FRESH_MAX} s",
-             f"{fresh.seconds:.3f} s{vs}", fresh.seconds <= CHECK_FRESH_MAX)
+        goal(
+            f"check --fresh (asks the cloud) ≤ {CHECK_FRESH_MAX} s",
+            f"{fresh.seconds:.3f} s{vs}",
+            fresh.seconds <= CHECK_FRESH_MAX,
+        )
     return out
 
 
 def render(table_rows: Sequence[dict[str, Any]], goal_rows: Sequence[dict[str, Any]]) -> str:
-    head = ["scenario", "contender", "runs", "seconds (median)", "MB/s", "× curl relay",
-            "× curl, paired", "peak RSS MB", "CPU s", "Glance CPU s"]
-    cells = [[r["scenario"], r["contender"], str(r["runs"]), f"{r['seconds']:.2f}",
-              f"{r['mb_s']:.0f}" if r["mb_s"] else "",
-              f"{r['ratio_vs_curl']:.2f}" if r["ratio_vs_curl"] is not None else "",
-              f"{r['paired_ratio_vs_curl']:.2f}" if r["paired_ratio_vs_curl"] is not None
-              else "",
-              f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "",
-              f"{r['cpu_seconds']:.1f}" if r["cpu_seconds"] is not None else "",
-              f"{r['server_cpu_seconds']:.1f}" if r["server_cpu_seconds"] is not None else ""]
-             for r in table_rows]
+    head = [
+        "scenario",
+        "contender",
+        "runs",
+        "seconds (median)",
+        "MB/s",
+        "× curl relay",
+        "× curl, paired",
+        "peak RSS MB",
+        "CPU s",
+        "Glance CPU s",
+    ]
+    cells = [
+        [
+            r["scenario"],
+            r["contender"],
+            str(r["runs"]),
+            f"{r['seconds']:.2f}",
+            f"{r['mb_s']:.0f}" if r["mb_s"] else "",
+            f"{r['ratio_vs_curl']:.2f}" if r["ratio_vs_curl"] is not None else "",
+            f"{r['paired_ratio_vs_curl']:.2f}" if r["paired_ratio_vs_curl"] is not None else "",
+            f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "",
+            f"{r['cpu_seconds']:.1f}" if r["cpu_seconds"] is not None else "",
+            f"{r['server_cpu_seconds']:.1f}" if r["server_cpu_seconds"] is not None else "",
+        ]
+        for r in table_rows
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(c) + " |" for c in cells]
     lines += ["", "| goal | measured | result |", "|---|---|---|"]
-    lines += [f"| {g['goal']} | {g['measured']} | {'PASS' if g['pass'] else 'FAIL'} |"
-              for g in goal_rows]
+    lines += [
+        f"| {g['goal']} | {g['measured']} | {'PASS' if g['pass'] else 'FAIL'} |" for g in goal_rows
+    ]
     return "\n".join(lines)
 
 
@@ -483,33 +611,52 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpus": os.cpu_count(), "cpu": cpu, "python": platform.python_version(),
-            "kernel": platform.release(),
-            "requests": requests.__version__}
+    return {
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+        "requests": requests.__version__,
+    }
 
 
 # -- main ------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--lab-dir", type=Path, default=None,
-                   help="lab directory (a running lab there is reused and left running)")
+    p.add_argument(
+        "--lab-dir",
+        type=Path,
+        default=None,
+        help="lab directory (a running lab there is reused and left running)",
+    )
     p.add_argument("--size-gb", type=float, default=1.0, help="image size, GiB (default 1)")
     p.add_argument("--big-gb", type=float, default=4.0, help="big image size, GiB (default 4)")
     p.add_argument("--repeat", type=int, default=3, help="rounds per scenario (default 3)")
     p.add_argument("--quick", action="store_true", help="skip the big image")
-    p.add_argument("--only", action="append", choices=["copy", "fanout", "big", "check"],
-                   help="run only these scenarios (repeatable)")
+    p.add_argument(
+        "--only",
+        action="append",
+        choices=["copy", "fanout", "big", "check"],
+        help="run only these scenarios (repeatable)",
+    )
     p.add_argument("--results", type=Path, default=RESULTS, help="JSON results file")
-    p.add_argument("--also", action="append", default=[], metavar="LABEL=TREE",
-                   help="also run imagesync from this source tree (a checkout with a candidate "
-                        "change) as another contender, side by side (repeatable)")
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="LABEL=TREE",
+        help="also run imagesync from this source tree (a checkout with a candidate "
+        "change) as another contender, side by side (repeatable)",
+    )
     args = p.parse_args(argv)
     scenarios = set(args.only or ["copy", "fanout", "big", "check"])
     if not shutil.which("curl"):
         p.error("the curl relay needs curl: apt-get install curl")
     if not Path(OPENSTACK).exists() or not Path(IMAGESYNC).exists():
-        p.error(f"run with the project's venv, which has imagesync and python-openstackclient "
-                f"(not found: {OPENSTACK} or {IMAGESYNC})")
+        p.error(
+            f"run with the project's venv, which has imagesync and python-openstackclient "
+            f"(not found: {OPENSTACK} or {IMAGESYNC})"
+        )
     if args.quick:
         scenarios.discard("big")
 
@@ -523,8 +670,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     size = int(args.size_gb * GB)
     try:
         with tempfile.TemporaryDirectory(prefix="imagesync-bench-") as tmp:
-            also = [(label, Path(tree).resolve()) for label, _, tree in
-                    (a.partition("=") for a in args.also)]
+            also = [
+                (label, Path(tree).resolve())
+                for label, _, tree in (a.partition("=") for a in args.also)
+            ]
             bench = Bench(info, Path(tmp), also)
             bench.check_trees()
             if scenarios & {"copy", "fanout"}:
@@ -533,8 +682,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     say(f"copy {args.size_gb:g} GB lab1 → lab2, {args.repeat} rounds")
                     rows += bench.copy(src, args.repeat)
                 if "fanout" in scenarios:
-                    say(f"fan-out {args.size_gb:g} GB lab1 → lab2, lab3, lab4, "
-                        f"{args.repeat} rounds")
+                    say(
+                        f"fan-out {args.size_gb:g} GB lab1 → lab2, lab3, lab4, {args.repeat} rounds"
+                    )
                     rows += bench.fanout(src, args.repeat)
             if "big" in scenarios:
                 big = ensure_source(bench.glance["lab1"], int(args.big_gb * GB), say)
@@ -556,13 +706,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(text)
     print(f"\nwhole run: {total:.0f}s")
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": shlex.join(["bench/bench_transfer.py", *(argv or sys.argv[1:])]),
-        "size_bytes": size, "big_bytes": int(args.big_gb * GB) if "big" in scenarios else None,
-        "repeat": args.repeat, "machine": machine(), "total_seconds": round(total, 1),
-        "rows": table_rows, "goals": goal_rows, "runs": [asdict(r) for r in rows],
-    }, indent=2, ensure_ascii=False) + "\n")
+    args.results.write_text(
+        json.dumps(
+            {
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "command": shlex.join(["bench/bench_transfer.py", *(argv or sys.argv[1:])]),
+                "size_bytes": size,
+                "big_bytes": int(args.big_gb * GB) if "big" in scenarios else None,
+                "repeat": args.repeat,
+                "machine": machine(),
+                "total_seconds": round(total, 1),
+                "rows": table_rows,
+                "goals": goal_rows,
+                "runs": [asdict(r) for r in rows],
+            },
+            indent=2,
+            ensure_ascii=False,
+        )
+        + "\n"
+    )
     print(f"results: {args.results}")
     return 0 if all(g["pass"] for g in goal_rows) else 1
 

@@ -27,16 +27,19 @@ def _emit(as_json: bool, payload: dict[str, Any], code: int) -> int:
     elif code == OK:
         print(payload["image_id"])
     else:
-        print(f"imagesync check: {payload['name']} on {payload['cloud']}: {payload['reason']}",
-              file=sys.stderr)
+        print(
+            f"imagesync check: {payload['name']} on {payload['cloud']}: {payload['reason']}",
+            file=sys.stderr,
+        )
     return code
 
 
 def _validate(config: Config, cloud: str, ensure: bool, timeout: float | None) -> None:
     if cloud not in config.site_names:
         known = ", ".join(config.site_names) or "none"
-        raise UsageError(f"--cloud {cloud!r} is not a cloud or store in {config.path} "
-                         f"(known: {known})")
+        raise UsageError(
+            f"--cloud {cloud!r} is not a cloud or store in {config.path} (known: {known})"
+        )
     if timeout is not None and not ensure:
         raise UsageError("--timeout goes with --ensure")
 
@@ -50,8 +53,16 @@ def check_recorded(config: Config, name: str, cloud: str, *, as_json: bool = Fal
     return _emit(as_json, {"name": name, "cloud": cloud, **recorded}, OK)
 
 
-def check(config: Config, name: str, cloud: str, *, as_json: bool = False,
-          ensure: bool = False, timeout: float | None = None, fresh: bool = False) -> int:
+def check(
+    config: Config,
+    name: str,
+    cloud: str,
+    *,
+    as_json: bool = False,
+    ensure: bool = False,
+    timeout: float | None = None,
+    fresh: bool = False,
+) -> int:
     _validate(config, cloud, ensure, timeout)
     base: dict[str, Any] = {"name": name, "cloud": cloud}
     if not fresh and not ensure:
@@ -75,12 +86,25 @@ def _recorded(config: Config, name: str, cloud: str) -> dict[str, Any] | None:
     age = time.time() - cell.recorded
     if age > config.check_max_age:
         return None
-    return {"state": "current", "image_id": cell.image_id, "version": cell.newest,
-            "sha512": cell.sha512, "answered_from": "recorded", "age_seconds": round(age, 1)}
+    return {
+        "state": "current",
+        "image_id": cell.image_id,
+        "version": cell.newest,
+        "sha512": cell.sha512,
+        "answered_from": "recorded",
+        "age_seconds": round(age, 1),
+    }
 
 
-def _ask(config: Config, name: str, cloud: str, base: dict[str, Any], as_json: bool,
-         ensure: bool, deadline: float | None) -> int:
+def _ask(
+    config: Config,
+    name: str,
+    cloud: str,
+    base: dict[str, Any],
+    as_json: bool,
+    ensure: bool,
+    deadline: float | None,
+) -> int:
     from imagesync.engine import Engine
     from imagesync.model import format_time
     from imagesync.plan import Action, Copy, Plan, Rule, TargetRule, plan_name, rule_for
@@ -97,9 +121,13 @@ def _ask(config: Config, name: str, cloud: str, base: dict[str, Any], as_json: b
             a, actions = plan_name(name, rule, inventories, config.site_names, targets=[cloud])
             engine.record([a], [])
             cell = a.cells[cloud]
-            payload = {**base, "state": cell.state, "answered_from": "sites",
-                       "version": format_time(a.newest.time) if a.newest else None,
-                       "sha512": a.newest.sha512 if a.newest else None}
+            payload = {
+                **base,
+                "state": cell.state,
+                "answered_from": "sites",
+                "version": format_time(a.newest.time) if a.newest else None,
+                "sha512": a.newest.sha512 if a.newest else None,
+            }
             if cell.state == "current" and cell.image is not None:
                 return _emit(as_json, {**payload, "image_id": cell.image.id}, OK)
             if cell.state == "unreachable":

@@ -37,10 +37,18 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="imagesync", description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("-c", "--config", type=Path, help="config file (else $IMAGESYNC_CONFIG, "
-                   "else /etc/imagesync/imagesync.yaml)")
-    p.add_argument("--log-format", choices=["auto", "json", "console"], default=None,
-                   help="log format (default: console on a terminal, JSON otherwise)")
+    p.add_argument(
+        "-c",
+        "--config",
+        type=Path,
+        help="config file (else $IMAGESYNC_CONFIG, else /etc/imagesync/imagesync.yaml)",
+    )
+    p.add_argument(
+        "--log-format",
+        choices=["auto", "json", "console"],
+        default=None,
+        help="log format (default: console on a terminal, JSON otherwise)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
@@ -60,8 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     up = labsub.add_parser("up", help="start the lab (idempotent)")
     up.add_argument("--clouds", type=_positive_int, default=2, help="number of clouds (default 2)")
     up.add_argument("--dir", type=Path, default=None, help="lab directory")
-    up.add_argument("--token-expiration", type=int, default=None, metavar="SECONDS",
-                    help="Keystone token lifetime (to test re-authentication)")
+    up.add_argument(
+        "--token-expiration",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="Keystone token lifetime (to test re-authentication)",
+    )
     up.set_defaults(func=cmd_lab_up)
     st = labsub.add_parser("status", help="show the lab's services")
     st.add_argument("--dir", type=Path, default=None, help="lab directory")
@@ -77,8 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     push = sub.add_parser("push", help="copy the newest version of NAME where it is needed")
     push.add_argument("name")
-    push.add_argument("--to", action="append", default=[], metavar="SITE",
-                      help="target site (repeatable; default: the sites its rule names)")
+    push.add_argument(
+        "--to",
+        action="append",
+        default=[],
+        metavar="SITE",
+        help="target site (repeatable; default: the sites its rule names)",
+    )
     push.add_argument("--from", dest="source", metavar="SITE", help="read from this site")
     push.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     push.add_argument("--json", action="store_true", help="machine-readable output")
@@ -94,10 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--cloud", required=True, metavar="SITE")
     check.add_argument("--json", action="store_true")
     check.add_argument("--ensure", action="store_true", help="push it there first and wait")
-    check.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                       help="with --ensure: give up after this long (exit 1)")
-    check.add_argument("--fresh", action="store_true",
-                       help="always ask the sites; never answer from recorded state")
+    check.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --ensure: give up after this long (exit 1)",
+    )
+    check.add_argument(
+        "--fresh",
+        action="store_true",
+        help="always ask the sites; never answer from recorded state",
+    )
     check.set_defaults(func=cmd_check)
 
     sync = sub.add_parser("sync", help="one reconcile pass over every rule")
@@ -131,16 +157,19 @@ def _setup_logging(args: argparse.Namespace, config: Any = None) -> None:
     fmt = args.log_format or (config.log_format if config is not None else "auto")
     level = "debug" if args.verbose else (config.log_level if config is not None else "info")
     # The daemon's log is its output (journald); other commands keep stdout for results.
-    setup_logging(fmt=fmt, level=level,
-                  stream=sys.stdout if args.command == "daemon" else sys.stderr)
+    setup_logging(
+        fmt=fmt, level=level, stream=sys.stdout if args.command == "daemon" else sys.stderr
+    )
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     from imagesync.sites.probe import check_connections
 
     config = _config(args)
-    print(f"{config.path}: ok ({len(config.clouds)} clouds, {len(config.stores)} stores, "
-          f"{len(config.images)} image rules)")
+    print(
+        f"{config.path}: ok ({len(config.clouds)} clouds, {len(config.stores)} stores, "
+        f"{len(config.images)} image rules)"
+    )
     if not args.connect:
         return 0
     failed = 0
@@ -190,8 +219,14 @@ def cmd_push(args: argparse.Namespace) -> int:
     from imagesync.commands import push
 
     config = _config(args)
-    return push(config, args.name, targets=args.to, source=args.source,
-                dry_run=args.dry_run, as_json=args.json)
+    return push(
+        config,
+        args.name,
+        targets=args.to,
+        source=args.source,
+        dry_run=args.dry_run,
+        as_json=args.json,
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -213,8 +248,15 @@ def cmd_check(args: argparse.Namespace) -> int:
         if code is not None:
             return code
     config = _config(args)
-    return check(config, args.name, args.cloud, as_json=args.json, ensure=args.ensure,
-                 timeout=args.timeout, fresh=True)
+    return check(
+        config,
+        args.name,
+        args.cloud,
+        as_json=args.json,
+        ensure=args.ensure,
+        timeout=args.timeout,
+        fresh=True,
+    )
 
 
 def cmd_sync(args: argparse.Namespace) -> int:

@@ -48,8 +48,13 @@ def _progress_factory() -> Callable[[str, int | None], Callable[[int], None] | N
 def action_dict(a: Action) -> dict[str, Any]:
     d: dict[str, Any] = {"kind": a.kind, "name": a.name}
     if isinstance(a, Copy):
-        d.update(source=f"{a.source_site}:{a.source_id}", targets=list(a.targets),
-                 version=format_time(a.version.time), sha512=a.version.sha512, reason=a.reason)
+        d.update(
+            source=f"{a.source_site}:{a.source_id}",
+            targets=list(a.targets),
+            version=format_time(a.version.time),
+            sha512=a.version.sha512,
+            reason=a.reason,
+        )
     elif isinstance(a, Retire):
         d.update(site=a.site, image_id=a.image_id, mode=a.mode, reason=a.reason)
     elif isinstance(a, Skip):
@@ -59,8 +64,10 @@ def action_dict(a: Action) -> dict[str, Any]:
 
 def action_line(a: Action) -> str:
     if isinstance(a, Copy):
-        return (f"copy   {a.name} {a.version.short()} from {a.source_site}:{a.source_id[:8]} "
-                f"to {', '.join(a.targets)}")
+        return (
+            f"copy   {a.name} {a.version.short()} from {a.source_site}:{a.source_id[:8]} "
+            f"to {', '.join(a.targets)}"
+        )
     if isinstance(a, Retire):
         return f"retire {a.name} {a.image_id[:8]} on {a.site} ({a.mode}): {a.reason}"
     return f"skip   {a.name} on {a.site}: {a.reason}"
@@ -76,8 +83,16 @@ def result_dict(r: ActionResult) -> dict[str, Any]:
         d["seconds"] = round(r.copy.seconds, 3)
         d["sha512"] = r.copy.sha512
     if r.targets:
-        d["results"] = [{"site": t.site, "ok": t.ok, "image_id": t.image.id if t.image else None,
-                         "error": t.error, "kind": t.error_kind} for t in r.targets]
+        d["results"] = [
+            {
+                "site": t.site,
+                "ok": t.ok,
+                "image_id": t.image.id if t.image else None,
+                "error": t.error,
+                "kind": t.error_kind,
+            }
+            for t in r.targets
+        ]
     return d
 
 
@@ -91,30 +106,49 @@ def _print_results(results: Sequence[ActionResult]) -> None:
                     secs = r.copy.seconds if r.copy else 0.0
                     size = r.copy.bytes_read if r.copy else 0
                     rate = size / secs / 1e6 if secs else 0.0
-                    print(f"copied {r.action.name} to {t.site}: {t.image.id} "
-                          f"({size} bytes, {secs:.1f}s, {rate:.0f} MB/s)")
+                    print(
+                        f"copied {r.action.name} to {t.site}: {t.image.id} "
+                        f"({size} bytes, {secs:.1f}s, {rate:.0f} MB/s)"
+                    )
                 else:
                     print(f"FAILED {r.action.name} to {t.site}: {t.error}")
         elif isinstance(r.action, Retire):
-            print(f"{'retired' if r.ok else 'FAILED retire'} {r.action.name} "
-                  f"{r.action.image_id[:8]} on {r.action.site}: {r.detail}")
+            print(
+                f"{'retired' if r.ok else 'FAILED retire'} {r.action.name} "
+                f"{r.action.image_id[:8]} on {r.action.site}: {r.detail}"
+            )
 
 
-def push(config: Config, name: str, *, targets: Sequence[str] = (), source: str | None = None,
-         dry_run: bool = False, as_json: bool = False) -> int:
+def push(
+    config: Config,
+    name: str,
+    *,
+    targets: Sequence[str] = (),
+    source: str | None = None,
+    dry_run: bool = False,
+    as_json: bool = False,
+) -> int:
     """Copy the newest version of ``name`` to every site its rule names (or ``targets``)."""
     _check_sites(config, targets, "--to")
     if source:
         _check_sites(config, [source], "--from")
     cfg_rule = rule_for(config.images, name)
     if cfg_rule is None and not targets:
-        raise UsageError(f"no image rule in {config.path} matches {name!r}: add one under "
-                         "'images:' or name the targets with --to SITE")
+        raise UsageError(
+            f"no image rule in {config.path} matches {name!r}: add one under "
+            "'images:' or name the targets with --to SITE"
+        )
     rule: Rule = cfg_rule if cfg_rule else TargetRule(pattern=name, sites=tuple(targets))
 
     def make_plan(inventories: Mapping[str, SiteInventory]) -> Plan:
-        assessment, actions = plan_name(name, rule, inventories, config.site_names,
-                                        targets=targets or None, prefer_source=source)
+        assessment, actions = plan_name(
+            name,
+            rule,
+            inventories,
+            config.site_names,
+            targets=targets or None,
+            prefer_source=source,
+        )
         return Plan(actions=actions, assessments=[assessment])
 
     done = _plan_and_run(config, make_plan, name=name, dry_run=dry_run, as_json=as_json)
@@ -128,9 +162,14 @@ def push(config: Config, name: str, *, targets: Sequence[str] = (), source: str 
     return 1 if failed or blocking else 0
 
 
-def _plan_and_run(config: Config, make_plan: Callable[[Mapping[str, SiteInventory]], Plan], *,
-                  name: str | None, dry_run: bool, as_json: bool
-                  ) -> tuple[Plan, list[ActionResult]] | None:
+def _plan_and_run(
+    config: Config,
+    make_plan: Callable[[Mapping[str, SiteInventory]], Plan],
+    *,
+    name: str | None,
+    dry_run: bool,
+    as_json: bool,
+) -> tuple[Plan, list[ActionResult]] | None:
     """Inventory, plan, and either print the plan (dry run: returns None) or run and report it.
 
     A dry run changes nothing: not even crash leftovers are removed.
@@ -147,9 +186,16 @@ def _plan_and_run(config: Config, make_plan: Callable[[Mapping[str, SiteInventor
     finally:
         engine.close()
     if as_json:
-        print(json.dumps({**({"name": name} if name else {}),
-                          "results": [result_dict(r) for r in results],
-                          "skipped": [action_dict(a) for a in p.skips]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    **({"name": name} if name else {}),
+                    "results": [result_dict(r) for r in results],
+                    "skipped": [action_dict(a) for a in p.skips],
+                },
+                indent=2,
+            )
+        )
     else:
         _print_results(results)
         for s in p.skips:
@@ -169,8 +215,13 @@ def _emit_plan(p: Plan, as_json: bool) -> None:
 
 def sync(config: Config, *, dry_run: bool = False, as_json: bool = False) -> int:
     """One reconcile pass over every rule."""
-    done = _plan_and_run(config, lambda inv: plan(config.images, inv, config.site_names), name=None,
-                         dry_run=dry_run, as_json=as_json)
+    done = _plan_and_run(
+        config,
+        lambda inv: plan(config.images, inv, config.site_names),
+        name=None,
+        dry_run=dry_run,
+        as_json=as_json,
+    )
     if done is None:
         return 0
     _, failed = summarize(done[1])
@@ -206,17 +257,29 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
     if as_json:
         out = []
         for a in assessments:
-            out.append({
-                "name": a.name,
-                "newest": {"version": format_time(a.newest.time), "sha512": a.newest.sha512,
-                           "origin": a.newest.origin} if a.newest else None,
-                "not_copyable": a.not_copyable,
-                "sites": {s: {"state": c.state, "required": c.required,
-                              "image_id": c.image.id if c.image else None,
-                              "duplicates": list(c.duplicates),
-                              "have": format_time(c.have.time) if c.have else None}
-                          for s, c in a.cells.items()},
-            })
+            out.append(
+                {
+                    "name": a.name,
+                    "newest": {
+                        "version": format_time(a.newest.time),
+                        "sha512": a.newest.sha512,
+                        "origin": a.newest.origin,
+                    }
+                    if a.newest
+                    else None,
+                    "not_copyable": a.not_copyable,
+                    "sites": {
+                        s: {
+                            "state": c.state,
+                            "required": c.required,
+                            "image_id": c.image.id if c.image else None,
+                            "duplicates": list(c.duplicates),
+                            "have": format_time(c.have.time) if c.have else None,
+                        }
+                        for s, c in a.cells.items()
+                    },
+                }
+            )
         errors = {s: inv.error for s, inv in inventories.items() if not inv.ok}
         print(json.dumps({"images": out, "unreachable": errors}, indent=2))
         return 0
@@ -234,16 +297,19 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
             print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
         for a in assessments:
             if a.newest:
-                print(f"  {a.name}: newest {a.newest.short()} from {a.newest.origin}"
-                      + (f" — NOT COPYABLE: {a.not_copyable}" if a.not_copyable else ""))
+                print(
+                    f"  {a.name}: newest {a.newest.short()} from {a.newest.origin}"
+                    + (f" — NOT COPYABLE: {a.not_copyable}" if a.not_copyable else "")
+                )
     for s, inv in inventories.items():
         if not inv.ok:
             print(f"  {s}: unreachable: {inv.error}", file=sys.stderr)
     return 0
 
 
-def history(config: Config, name: str | None = None, *, as_json: bool = False,
-            limit: int = 50) -> int:
+def history(
+    config: Config, name: str | None = None, *, as_json: bool = False, limit: int = 50
+) -> int:
     from imagesync.state import State
 
     rows = State(config.state_dir).history(name, limit)

@@ -52,8 +52,9 @@ def run_demo(directory: Path | None = None, keep: bool = False) -> int:
         _section(f"3. a user uploads a new version of {NAME!r} to lab1 (glanceclient)")
         data = _image_bytes(8 << 20)
         gc = lab.glance_client(info, "lab1")
-        img = gc.images.create(name=NAME, disk_format="raw", container_format="bare",
-                               os_distro="demo-linux")
+        img = gc.images.create(
+            name=NAME, disk_format="raw", container_format="bare", os_distro="demo-linux"
+        )
         gc.images.upload(img["id"], io.BytesIO(data), image_size=len(data))
         img = gc.images.get(img["id"])
         print(f"  lab1: {img['id']} {img['size']} bytes, sha512 {img['os_hash_value'][:16]}…")
@@ -66,8 +67,10 @@ def run_demo(directory: Path | None = None, keep: bool = False) -> int:
         _section(f"5. imagesync -c {info.config_file} status {NAME}")
         status(config, NAME)
 
-        _section(f"6. imagesync -c {info.config_file} check {NAME} --cloud lab2   "
-                 "(a scheduler's pre-flight)")
+        _section(
+            f"6. imagesync -c {info.config_file} check {NAME} --cloud lab2   "
+            "(a scheduler's pre-flight)"
+        )
         code = check(config, NAME, "lab2", fresh=True)
         if code != 0:
             return code
@@ -78,7 +81,9 @@ def run_demo(directory: Path | None = None, keep: bool = False) -> int:
         return code
     finally:
         if keep:
-            print(f"\nthe lab keeps running: imagesync lab status --dir {info.directory}; "
-                  f"stop it with: imagesync lab down --dir {info.directory}")
+            print(
+                f"\nthe lab keeps running: imagesync lab status --dir {info.directory}; "
+                f"stop it with: imagesync lab down --dir {info.directory}"
+            )
         else:
             print("\n" + lab.down(info.directory))

@@ -60,12 +60,23 @@ from imagesync.secrets import (  # noqa: E402 - re-exported: logs is where calle
     register_secret,
 )
 
-__all__ = ["MASK", "forget_secrets", "is_secret_key", "mask", "redact", "register_secret",
-           "setup_logging", "get_logger", "captured_library_logs", "mask_secrets"]
+__all__ = [
+    "MASK",
+    "captured_library_logs",
+    "forget_secrets",
+    "get_logger",
+    "is_secret_key",
+    "mask",
+    "mask_secrets",
+    "redact",
+    "register_secret",
+    "setup_logging",
+]
 
 
-def mask_secrets(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
-                 ) -> MutableMapping[str, Any]:
+def mask_secrets(
+    logger: Any, method_name: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
     """structlog processor: mask secret-named keys and registered secret values in every entry."""
     for key in list(event_dict):
         value = event_dict[key]
@@ -125,7 +136,8 @@ def setup_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None 
         renderer = _json_renderer
     else:
         renderer = structlog.dev.ConsoleRenderer(
-            colors=_isatty(out), exception_formatter=structlog.dev.plain_traceback)
+            colors=_isatty(out), exception_formatter=structlog.dev.plain_traceback
+        )
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=pre_chain,
         processors=[
@@ -170,8 +182,9 @@ def get_logger(name: str) -> structlog.stdlib.BoundLogger:
 
 
 @contextlib.contextmanager
-def captured_library_logs(names: tuple[str, ...] = LIBRARY_LOGGERS
-                          ) -> Iterator[list[logging.LogRecord]]:
+def captured_library_logs(
+    names: tuple[str, ...] = LIBRARY_LOGGERS,
+) -> Iterator[list[logging.LogRecord]]:
     """Keep library log records out of the output for a while; yield the list they go to.
 
     Used around calls whose failures imagesync reports itself (openstacksdk's config loader,
@@ -207,8 +220,9 @@ def _configure_default() -> None:
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             mask_secrets,
-            structlog.dev.ConsoleRenderer(colors=False,
-                                          exception_formatter=structlog.dev.plain_traceback),
+            structlog.dev.ConsoleRenderer(
+                colors=False, exception_formatter=structlog.dev.plain_traceback
+            ),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
         logger_factory=_stderr_logger,

@@ -45,24 +45,38 @@ class Metrics(Observer):
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.bytes_copied = Counter("imagesync_bytes_copied", "Bytes of verified copies "
-                                    "published on a target", registry=r)
-        self.copies = Counter("imagesync_copies", "Copies to one target, by result",
-                              ["result"], registry=r)
-        self.retires = Counter("imagesync_retires", "Old versions retired, by result",
-                               ["result"], registry=r)
-        self.sync_lag = Gauge("imagesync_sync_lag_seconds", "Seconds since the newest version "
-                              "of an image appeared, for a required site that does not hold it "
-                              "yet; 0 when it does", ["image", "site"], registry=r)
-        self.last_poll = Gauge("imagesync_last_successful_poll_timestamp_seconds",
-                               "When a site was last listed successfully (Unix time)", ["site"],
-                               registry=r)
-        self.in_flight = Gauge("imagesync_transfers_in_flight", "Copies running now",
-                               registry=r)
-        self.passes = Counter("imagesync_passes", "Reconcile passes, by result", ["result"],
-                              registry=r)
-        self.pass_seconds = Gauge("imagesync_last_pass_duration_seconds",
-                                  "How long the last reconcile pass took", registry=r)
+        self.bytes_copied = Counter(
+            "imagesync_bytes_copied", "Bytes of verified copies published on a target", registry=r
+        )
+        self.copies = Counter(
+            "imagesync_copies", "Copies to one target, by result", ["result"], registry=r
+        )
+        self.retires = Counter(
+            "imagesync_retires", "Old versions retired, by result", ["result"], registry=r
+        )
+        self.sync_lag = Gauge(
+            "imagesync_sync_lag_seconds",
+            "Seconds since the newest version "
+            "of an image appeared, for a required site that does not hold it "
+            "yet; 0 when it does",
+            ["image", "site"],
+            registry=r,
+        )
+        self.last_poll = Gauge(
+            "imagesync_last_successful_poll_timestamp_seconds",
+            "When a site was last listed successfully (Unix time)",
+            ["site"],
+            registry=r,
+        )
+        self.in_flight = Gauge("imagesync_transfers_in_flight", "Copies running now", registry=r)
+        self.passes = Counter(
+            "imagesync_passes", "Reconcile passes, by result", ["result"], registry=r
+        )
+        self.pass_seconds = Gauge(
+            "imagesync_last_pass_duration_seconds",
+            "How long the last reconcile pass took",
+            registry=r,
+        )
         for result in ("ok", "failed"):  # present from the start, so rate() works at once
             self.copies.labels(result=result)
             self.retires.labels(result=result)
@@ -96,8 +110,9 @@ class Metrics(Observer):
             if inv.ok and inv.listed_at is not None:
                 self.last_poll.labels(site=site).set(inv.listed_at.timestamp())
 
-    def observe_lag(self, assessments: Iterable[Assessment], results: Sequence[ActionResult],
-                    now: float) -> None:
+    def observe_lag(
+        self, assessments: Iterable[Assessment], results: Sequence[ActionResult], now: float
+    ) -> None:
         """Lag per (image, required site) after a pass; series of names gone are removed."""
         done = {(r.action.name, t.site) for r in results for t in r.targets if t.ok}
         seen: set[tuple[str, str]] = set()

@@ -24,6 +24,8 @@ STATE_UPLOADING = "uploading"
 PROVENANCE_KEYS = frozenset({PROP_ORIGIN, PROP_VERSION, PROP_SHA512, PROP_STATE})
 
 _HEX = re.compile(r"^[0-9a-f]+$")
+
+
 def hashes_agree(a: Mapping[str, str], b: Mapping[str, str]) -> bool | None:
     """Compare two algo→hex maps honestly: True/False on a shared algorithm, None if none is shared.
 
@@ -186,4 +188,3 @@ class SiteInventory:
 
     def named(self, name: str) -> list[ImageRecord]:
         return [i for i in self.images if i.name == name]
-

@@ -29,8 +29,9 @@ def _address(value: str) -> str | bytes:
 class Notifier:
     """Sends notifications to ``$NOTIFY_SOCKET`` (or ``socket_path``); a no-op without one."""
 
-    def __init__(self, socket_path: str | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, socket_path: str | None = None, env: Mapping[str, str] | None = None
+    ) -> None:
         env = os.environ if env is None else env
         path = socket_path if socket_path is not None else env.get("NOTIFY_SOCKET", "")
         self.address: str | bytes | None = _address(path) if path else None

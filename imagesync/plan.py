@@ -76,8 +76,12 @@ class SkipReason(StrEnum):
     @property
     def blocks(self) -> bool:
         """Does this skip mean the name could not be brought where it is wanted?"""
-        return self in (SkipReason.NO_VERSION, SkipReason.UNREACHABLE, SkipReason.NOT_COPYABLE,
-                        SkipReason.MIN_COPIES)
+        return self in (
+            SkipReason.NO_VERSION,
+            SkipReason.UNREACHABLE,
+            SkipReason.NOT_COPYABLE,
+            SkipReason.MIN_COPIES,
+        )
 
 
 @dataclass(frozen=True)
@@ -216,13 +220,20 @@ def assess(
         if copyable:
             origin_site = newest.origin.split(":", 1)[0] if newest else ""
             order = {s: i for i, s in enumerate(sites)}
-            source = sorted(copyable, key=lambda r: (r.site != origin_site,
-                                                     order.get(r.site, len(order)),
-                                                     r.created_at, r.id))[0]
+            source = sorted(
+                copyable,
+                key=lambda r: (
+                    r.site != origin_site,
+                    order.get(r.site, len(order)),
+                    r.created_at,
+                    r.id,
+                ),
+            )[0]
         else:
             reasons = {r.not_copyable_reason for r in holders if r.not_copyable_reason}
             not_copyable = "; ".join(sorted(reasons)) or (
-                f"not on {prefer_source}" if prefer_source else "no copyable image")
+                f"not on {prefer_source}" if prefer_source else "no copyable image"
+            )
 
     cells: dict[str, Cell] = {}
     for site in sites:
@@ -236,8 +247,14 @@ def assess(
         same = [r for r in visible if newest is not None and r.version.same_as(newest)]
         if same:
             best = _pick(same)
-            cells[site] = Cell(site, "current", image=best, have=newest, required=req,
-                               duplicates=tuple(r.id for r in same if r.id != best.id))
+            cells[site] = Cell(
+                site,
+                "current",
+                image=best,
+                have=newest,
+                required=req,
+                duplicates=tuple(r.id for r in same if r.id != best.id),
+            )
             continue
         if any(r.in_progress for r in mine):
             cells[site] = Cell(site, "in-flight", required=req)
@@ -251,8 +268,14 @@ def assess(
             cells[site] = Cell(site, "stale", have=have, required=req)
         else:
             cells[site] = Cell(site, "missing", required=req)
-    return Assessment(name=name, newest=newest, source=source, not_copyable=not_copyable,
-                      cells=cells, versions=tuple(g[0] for g in groups))
+    return Assessment(
+        name=name,
+        newest=newest,
+        source=source,
+        not_copyable=not_copyable,
+        cells=cells,
+        versions=tuple(g[0] for g in groups),
+    )
 
 
 def by_name(
@@ -272,9 +295,10 @@ def by_name(
 
     def sliced(name: str) -> dict[str, SiteInventory]:
         mine = groups.get(name, empty)
-        return {site: inv if not inv.ok else dataclasses.replace(
-                    inv, images=tuple(mine.get(site, ())))
-                for site, inv in inventories.items()}
+        return {
+            site: inv if not inv.ok else dataclasses.replace(inv, images=tuple(mine.get(site, ())))
+            for site, inv in inventories.items()
+        }
 
     return sliced
 
@@ -295,8 +319,9 @@ def plan_name(
     prefer_source: str | None = None,
 ) -> tuple[Assessment, list[Action]]:
     """Actions bringing the newest version of ``name`` where ``rule`` (or ``targets``) wants it."""
-    return _plan_name(name, rule, inventories, all_sites, targets=targets,
-                      prefer_source=prefer_source)
+    return _plan_name(
+        name, rule, inventories, all_sites, targets=targets, prefer_source=prefer_source
+    )
 
 
 def _plan_name(
@@ -311,61 +336,91 @@ def _plan_name(
     required = tuple(targets) if targets else rule.sites
     shown = list(dict.fromkeys([*required, *all_sites]))
     a = assess(name, inventories, shown, required=required, prefer_source=prefer_source)
-    actions: list[Action] = []
     if a.newest is None:
-        return a, [Skip(name, "*", SkipReason.NO_VERSION,
-                        "no active version on any reachable site")]
-
-    wanted: list[str] = []
-    for site in required:
-        cell = a.cells[site]
-        if cell.state in ("stale", "missing"):
-            wanted.append(site)
-        elif cell.state == "mismatch":
-            if rule.on_mismatch == "replace":
-                wanted.append(site)
-            else:
-                actions.append(Skip(name, site, SkipReason.MISMATCH,
-                                    f"mismatch: {site} holds different bytes with the same "
-                                    f"version time {a.newest.short()}; left alone "
-                                    "(on_mismatch: report)"))
-        elif cell.state == "unreachable":
-            actions.append(Skip(name, site, SkipReason.UNREACHABLE, "site unreachable"))
-        elif cell.state == "in-flight":
-            actions.append(Skip(name, site, SkipReason.IN_FLIGHT, "a copy is in flight"))
-        elif cell.state == "not-copyable":
-            actions.append(Skip(name, site, SkipReason.NOT_COPYABLE,
-                                f"not copyable: {a.not_copyable}"))
-
-    # Redundancy: keep at least min_copies of the newest version across reachable sites.
-    current = [s for s, c in a.cells.items() if c.state == "current"]
+        return a, [
+            Skip(name, "*", SkipReason.NO_VERSION, "no active version on any reachable site")
+        ]
+    wanted, actions = _wanted(name, rule, a, required)
     if rule.min_copies and not targets:
-        short = rule.min_copies - len(current) - len(wanted)
-        for site in all_sites:
-            if short <= 0:
-                break
-            if site in wanted or site in current:
-                continue
-            if a.cells[site].state in ("missing", "stale"):
-                wanted.append(site)
-                short -= 1
-        if short > 0:
-            actions.append(Skip(name, "*", SkipReason.MIN_COPIES,
-                                f"min_copies {rule.min_copies}: only "
-                                f"{rule.min_copies - short} sites can hold a copy now"))
-
-    if wanted:
-        if a.source is None:
-            for site in wanted:
-                actions.append(Skip(name, site, SkipReason.NOT_COPYABLE,
-                                f"not copyable: {a.not_copyable}"))
-        else:
-            actions.append(Copy(name=name, version=a.newest, source_site=a.source.site,
-                                source_id=a.source.id, targets=tuple(wanted),
-                                visibility=rule.visibility,
-                                reason="missing or stale on " + ", ".join(wanted)))
+        actions.extend(_min_copies(name, rule, a, all_sites, wanted))
+    if wanted and a.source is None:
+        actions.extend(
+            Skip(name, site, SkipReason.NOT_COPYABLE, f"not copyable: {a.not_copyable}")
+            for site in wanted
+        )
+    elif wanted and a.source is not None:
+        actions.append(
+            Copy(
+                name=name,
+                version=a.newest,
+                source_site=a.source.site,
+                source_id=a.source.id,
+                targets=tuple(wanted),
+                visibility=rule.visibility,
+                reason="missing or stale on " + ", ".join(wanted),
+            )
+        )
     actions.extend(_retention(name, rule, a, inventories))
     return a, actions
+
+
+#: cells the planner leaves alone, and why
+_LEFT_ALONE = {
+    "unreachable": (SkipReason.UNREACHABLE, "site unreachable"),
+    "in-flight": (SkipReason.IN_FLIGHT, "a copy is in flight"),
+}
+
+
+def _wanted(
+    name: str, rule: Rule, a: Assessment, required: Sequence[str]
+) -> tuple[list[str], list[Action]]:
+    """The required sites that need the newest version, and skips for those left alone."""
+    assert a.newest is not None
+    wanted: list[str] = []
+    actions: list[Action] = []
+    for site in required:
+        state = a.cells[site].state
+        if state in ("stale", "missing") or (state == "mismatch" and rule.on_mismatch == "replace"):
+            wanted.append(site)
+        elif state == "mismatch":
+            why = (
+                f"mismatch: {site} holds different bytes with the same version time "
+                f"{a.newest.short()}; left alone (on_mismatch: report)"
+            )
+            actions.append(Skip(name, site, SkipReason.MISMATCH, why))
+        elif state in _LEFT_ALONE:
+            actions.append(Skip(name, site, *_LEFT_ALONE[state]))
+        elif state == "not-copyable":
+            why = f"not copyable: {a.not_copyable}"
+            actions.append(Skip(name, site, SkipReason.NOT_COPYABLE, why))
+    return wanted, actions
+
+
+def _min_copies(
+    name: str, rule: Rule, a: Assessment, all_sites: Sequence[str], wanted: list[str]
+) -> list[Action]:
+    """Redundancy: keep at least ``min_copies`` of the newest version across reachable sites
+    (adds to ``wanted``)."""
+    current = [s for s, c in a.cells.items() if c.state == "current"]
+    short = rule.min_copies - len(current) - len(wanted)
+    for site in all_sites:
+        if short <= 0:
+            break
+        if (
+            site not in wanted
+            and site not in current
+            and a.cells[site].state
+            in (
+                "missing",
+                "stale",
+            )
+        ):
+            wanted.append(site)
+            short -= 1
+    if short <= 0:
+        return []
+    why = f"min_copies {rule.min_copies}: only {rule.min_copies - short} sites can hold a copy now"
+    return [Skip(name, "*", SkipReason.MIN_COPIES, why)]
 
 
 def _retention(
@@ -385,17 +440,25 @@ def _retention(
         if rule.keep is None or cell.state != "current":
             continue
         groups = group_versions(_visible_versions(inv.named(name)))
-        for version, members in groups[rule.keep:]:
+        for version, members in groups[rule.keep :]:
             for rec in members:
-                out.extend(_retire_one(name, site, rec, rule, inv,
-                                       f"beyond keep={rule.keep}: {version.short()}"))
+                out.extend(
+                    _retire_one(
+                        name, site, rec, rule, inv, f"beyond keep={rule.keep}: {version.short()}"
+                    )
+                )
         if rule.retire == "delete":
-            out.extend(_delete_hidden(name, site, rule, inv, groups[:rule.keep]))
+            out.extend(_delete_hidden(name, site, rule, inv, groups[: rule.keep]))
     return out
 
 
-def _delete_hidden(name: str, site: str, rule: Rule, inv: SiteInventory,
-                   kept: Sequence[tuple[Version, list[ImageRecord]]]) -> list[Action]:
+def _delete_hidden(
+    name: str,
+    site: str,
+    rule: Rule,
+    inv: SiteInventory,
+    kept: Sequence[tuple[Version, list[ImageRecord]]],
+) -> list[Action]:
     """With ``retire: delete``, old versions hidden earlier (``retire: hide`` before, or a
     previous pass) are deleted too: otherwise switching a rule to delete would leave them.
 
@@ -412,8 +475,16 @@ def _delete_hidden(name: str, site: str, rule: Rule, inv: SiteInventory,
             continue
         v = rec.version
         if v.time < oldest_kept and not any(v.same_as(k) for k, _ in kept):
-            out.append(Retire(name, site, rec.id, "delete", v,
-                              f"hidden earlier, beyond keep={rule.keep}: {v.short()}"))
+            out.append(
+                Retire(
+                    name,
+                    site,
+                    rec.id,
+                    "delete",
+                    v,
+                    f"hidden earlier, beyond keep={rule.keep}: {v.short()}",
+                )
+            )
     return out
 
 
@@ -421,14 +492,22 @@ def _retire_one(
     name: str, site: str, rec: ImageRecord, rule: Rule, inv: SiteInventory, why: str
 ) -> list[Action]:
     if PROP_ORIGIN not in rec.properties:
-        return [Skip(name, site, SkipReason.NOT_OURS,
-                     f"{rec.short_id} {why}, but not made by imagesync: kept")]
+        return [
+            Skip(
+                name,
+                site,
+                SkipReason.NOT_OURS,
+                f"{rec.short_id} {why}, but not made by imagesync: kept",
+            )
+        ]
     if rec.protected:
-        return [Skip(name, site, SkipReason.PROTECTED,
-                     f"{rec.short_id} {why}, but protected: kept")]
+        return [
+            Skip(name, site, SkipReason.PROTECTED, f"{rec.short_id} {why}, but protected: kept")
+        ]
     if inv.in_use is not None and rec.id in inv.in_use:
-        return [Skip(name, site, SkipReason.IN_USE,
-                     f"{rec.short_id} {why}, but a server uses it: kept")]
+        return [
+            Skip(name, site, SkipReason.IN_USE, f"{rec.short_id} {why}, but a server uses it: kept")
+        ]
     return [Retire(name, site, rec.id, rule.retire, rec.version, why)]
 
 
@@ -442,7 +521,7 @@ def plan(
     """The whole reconcile plan: every managed name, every rule."""
     result = Plan()
     sliced = by_name(inventories)
-    for name in (names if names is not None else names_in(inventories, rules)):
+    for name in names if names is not None else names_in(inventories, rules):
         rule = rule_for(rules, name)
         if rule is None:
             continue

@@ -36,9 +36,16 @@ class RetryPolicy:
             return min(max(retry_after, 0.0), self.max_retry_after)
         return random.uniform(0, min(self.cap, self.base * 2 ** (attempt - 1)))
 
-    def pause(self, attempt: int, retry_after: float | None = None, *, what: str,
-              sleep: Callable[[float], None] = time.sleep,
-              cancel: threading.Event | None = None, **context: object) -> bool:
+    def pause(
+        self,
+        attempt: int,
+        retry_after: float | None = None,
+        *,
+        what: str,
+        sleep: Callable[[float], None] = time.sleep,
+        cancel: threading.Event | None = None,
+        **context: object,
+    ) -> bool:
         """Wait before try ``attempt + 1``; False when ``cancel`` was set meanwhile."""
         wait = self.delay(attempt, retry_after)
         log.warning("retrying", what=what, attempt=attempt, wait=round(wait, 2), **context)

@@ -22,23 +22,51 @@ _secrets: set[str] = set()
 _secrets_sorted: tuple[str, ...] = ()
 _secrets_lock = threading.Lock()
 
-_SECRET_KEY_WORDS = ("password", "passwd", "passphrase", "secret", "token", "authorization",
-                     "cookie")
-_SECRET_KEY_NAMES = frozenset({"api_key", "apikey", "private_key", "access_key", "secret_key",
-                               "x_auth_key", "auth_key", "pw", "pwd"})
+_SECRET_KEY_WORDS = (
+    "password",
+    "passwd",
+    "passphrase",
+    "secret",
+    "token",
+    "authorization",
+    "cookie",
+)
+_SECRET_KEY_NAMES = frozenset(
+    {
+        "api_key",
+        "apikey",
+        "private_key",
+        "access_key",
+        "secret_key",
+        "x_auth_key",
+        "auth_key",
+        "pw",
+        "pwd",
+    }
+)
 
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # HTTP headers, as keystoneauth and requests print them
-    (re.compile(r"(?i)(x-(?:auth|subject|service)-token['\"]?\s*[:=]\s*['\"]?)[^\s'\",]+"),
-     r"\g<1>" + MASK),
-    (re.compile(r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?(?:bearer|basic|token)\s+)[^\s'\",}]+"),
-     r"\g<1>" + MASK),
+    (
+        re.compile(r"(?i)(x-(?:auth|subject|service)-token['\"]?\s*[:=]\s*['\"]?)[^\s'\",]+"),
+        r"\g<1>" + MASK,
+    ),
+    (
+        re.compile(
+            r"(?i)(authorization['\"]?\s*[:=]\s*['\"]?(?:bearer|basic|token)\s+)[^\s'\",}]+"
+        ),
+        r"\g<1>" + MASK,
+    ),
     # JSON bodies: "password": "…", "secret": "…", "id"s are left alone
-    (re.compile(r"(?i)(\"[a-z_]*(?:password|secret|token)\"\s*:\s*\")(?:[^\"\\]|\\.)*(\")"),
-     r"\g<1>" + MASK + r"\g<2>"),
+    (
+        re.compile(r"(?i)(\"[a-z_]*(?:password|secret|token)\"\s*:\s*\")(?:[^\"\\]|\\.)*(\")"),
+        r"\g<1>" + MASK + r"\g<2>",
+    ),
     # key=value in query strings and repr()s
-    (re.compile(r"(?i)\b([a-z_]*(?:password|secret|token)=['\"]?)(?!\*{8})[^\s&'\",)]+"),
-     r"\g<1>" + MASK),
+    (
+        re.compile(r"(?i)\b([a-z_]*(?:password|secret|token)=['\"]?)(?!\*{8})[^\s&'\",)]+"),
+        r"\g<1>" + MASK,
+    ),
     # credentials in URLs
     (re.compile(r"(://[^/\s:@]+:)[^/\s@]+(@)"), r"\g<1>" + MASK + r"\g<2>"),
 )

@@ -84,8 +84,9 @@ class State:
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "locks").mkdir(exist_ok=True)
         self.db_path = self.dir / "imagesync.sqlite"
-        self._db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None,
-                                   check_same_thread=False)
+        self._db = sqlite3.connect(
+            self.db_path, timeout=30, isolation_level=None, check_same_thread=False
+        )
         self._mutex = threading.RLock()
         self._db.execute("PRAGMA busy_timeout=30000")
         # Switching to WAL (and recovering a WAL another process left) can answer "database
@@ -126,8 +127,9 @@ class State:
                     break
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
-                        raise LockBusy(f"{name} on {site}: another imagesync is copying it "
-                                       "now") from None
+                        raise LockBusy(
+                            f"{name} on {site}: another imagesync is copying it now"
+                        ) from None
                     time.sleep(0.2)
             os.ftruncate(fd, 0)
             os.write(fd, json.dumps({"pid": os.getpid(), "name": name, "site": site}).encode())
@@ -137,8 +139,10 @@ class State:
 
     # -- leases ----------------------------------------------------------------------------
     def add_lease(self, site: str, image_id: str, name: str) -> None:
-        self._exec("INSERT OR REPLACE INTO leases VALUES (?,?,?,?,?)",
-                   (site, image_id, name, os.getpid(), time.time()))
+        self._exec(
+            "INSERT OR REPLACE INTO leases VALUES (?,?,?,?,?)",
+            (site, image_id, name, os.getpid(), time.time()),
+        )
 
     def drop_lease(self, site: str, image_id: str) -> None:
         self._exec("DELETE FROM leases WHERE site=? AND image_id=?", (site, image_id))
@@ -152,10 +156,24 @@ class State:
 
     # -- history -----------------------------------------------------------------------------
     def record_transfer(self, **row: Any) -> None:
-        cols = ("started", "finished", "name", "source", "target", "version", "sha512",
-                "bytes", "seconds", "result", "image_id", "error")
-        self._exec(f"INSERT INTO transfers ({','.join(cols)}) VALUES "
-                   f"({','.join('?' * len(cols))})", tuple(row.get(c) for c in cols))
+        cols = (
+            "started",
+            "finished",
+            "name",
+            "source",
+            "target",
+            "version",
+            "sha512",
+            "bytes",
+            "seconds",
+            "result",
+            "image_id",
+            "error",
+        )
+        self._exec(
+            f"INSERT INTO transfers ({','.join(cols)}) VALUES ({','.join('?' * len(cols))})",
+            tuple(row.get(c) for c in cols),
+        )
 
     def history(self, name: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         q = "SELECT * FROM transfers"
@@ -172,15 +190,16 @@ class State:
     # -- recorded answers ----------------------------------------------------------------------
     def record_cells(self, cells: Iterable[RecordedCell]) -> None:
         """Write many answers in one transaction."""
-        rows = [(c.name, c.site, c.state, c.image_id, c.version, c.newest, c.sha512,
-                 c.recorded) for c in cells]
+        rows = [
+            (c.name, c.site, c.state, c.image_id, c.version, c.newest, c.sha512, c.recorded)
+            for c in cells
+        ]
         if not rows:
             return
         with self._mutex:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany("INSERT OR REPLACE INTO cells VALUES (?,?,?,?,?,?,?,?)",
-                                     rows)
+                self._db.executemany("INSERT OR REPLACE INTO cells VALUES (?,?,?,?,?,?,?,?)", rows)
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise

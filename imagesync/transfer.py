@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -147,8 +147,9 @@ def _expected(source: ImageRecord, version: Version) -> dict[str, str]:
 
 
 class _Live:
-    def __init__(self, site: Site, writer: Writer, result: TargetResult,
-                 watcher: UploadWatcher) -> None:
+    def __init__(
+        self, site: Site, writer: Writer, result: TargetResult, watcher: UploadWatcher
+    ) -> None:
         self.site = site
         self.writer = writer
         self.result = result
@@ -165,8 +166,9 @@ class _Live:
             self.site.delete(image_id)
         except SiteError as exc:
             # Still marked as uploading and hidden: the next run's recovery removes it.
-            log.warning("cleanup.delete_failed", site=self.site.name, image_id=image_id,
-                        error=str(exc))
+            log.warning(
+                "cleanup.delete_failed", site=self.site.name, image_id=image_id, error=str(exc)
+            )
             return
         self.watcher.ended(self.site.name, image_id)
 
@@ -196,8 +198,48 @@ def _attempt(
 ) -> list[TargetResult]:
     """One pass: stream once to every target. Raises TransientError when the source failed,
     Cancelled (after removing every upload it started) when ``cancel`` was set."""
-    watcher = watcher or _NoWatcher()
     results = [TargetResult(site=site.name) for site, _ in targets]
+    live = _open_targets(targets, results, cancel, watcher or _NoWatcher())
+    if not live:
+        return results
+    # md5 decides nothing when the source and every target report sha512 (the strongest
+    # shared algorithm decides, see model.hashes_agree), and it costs ~2.3 CPU s per GB that
+    # the Glance servers on the same cores need: compute it only when it can decide.
+    need_md5 = "sha512" not in _expected(image, version) or any(
+        "sha512" not in lv.site.capabilities.hashes for lv in live
+    )
+    nbytes, got = _stream(source, image, live, progress, cancel, need_md5)
+    result.bytes_read = max(result.bytes_read, nbytes)
+    if not live:
+        return results
+    result.sha512 = got["sha512"]
+    # 1. Did the source deliver the bytes it claims to hold?
+    problems = _source_problems(image, version, nbytes, got)
+    if problems:
+        err = IntegrityError(f"{image.ref}: " + "; ".join(problems))
+        for lv in live:
+            _fail(lv, err, ErrorKind.INTEGRITY)
+        return results
+    # 2. Did each target store exactly these bytes? Then publish it.
+    for i, lv in enumerate(live):
+        if cancel is not None and cancel.is_set():
+            # Not finished yet: abort rather than wait for the site to settle the upload.
+            # Targets already published stay published (and are reported so).
+            _cancel_rest(live[i:])
+            break
+        if not _settle(lv, got, nbytes, cancel):
+            _cancel_rest(live[i + 1 :])
+            break
+    return results
+
+
+def _open_targets(
+    targets: Sequence[tuple[Site, NewImage]],
+    results: Sequence[TargetResult],
+    cancel: threading.Event | None,
+    watcher: UploadWatcher,
+) -> list[_Live]:
+    """Start an invisible upload on every target that accepts one."""
     live: list[_Live] = []
     try:
         for (site, new), res in zip(targets, results, strict=True):
@@ -211,15 +253,20 @@ def _attempt(
         for lv in live:
             lv.abort()
         raise
-    if not live:
-        return results
+    return live
 
+
+def _stream(
+    source: Site,
+    image: ImageRecord,
+    live: list[_Live],
+    progress: Progress | None,
+    cancel: threading.Event | None,
+    need_md5: bool,
+) -> tuple[int, dict[str, str]]:
+    """Read the source once, hash it and hand each chunk to every live target; a target that
+    fails is dropped from ``live``. Returns the bytes read and their digests."""
     sha512 = hashlib.sha512()
-    # md5 decides nothing when the source and every target report sha512 (the strongest
-    # shared algorithm decides, see model.hashes_agree), and it costs ~2.3 CPU s per GB that
-    # the Glance servers on the same cores need: compute it only when it can decide.
-    need_md5 = "sha512" not in _expected(image, version) or any(
-        "sha512" not in lv.site.capabilities.hashes for lv in live)
     md5 = hashlib.md5(usedforsecurity=False) if need_md5 else None
     nbytes = 0
     stream: Iterator[bytes] | None = None
@@ -231,12 +278,7 @@ def _attempt(
             if md5 is not None:
                 md5.update(chunk)
             nbytes += len(chunk)
-            for lv in list(live):
-                try:
-                    lv.writer.write(chunk)
-                except SiteError as exc:
-                    _fail(lv, exc, _kind(exc))
-                    live.remove(lv)
+            _fan_out(chunk, live)
             if progress is not None:
                 progress(len(chunk))
             if not live:
@@ -254,73 +296,78 @@ def _attempt(
         close = getattr(stream, "close", None)
         if close is not None:
             close()
-    result.bytes_read = max(result.bytes_read, nbytes)
-    if not live:
-        return results
-
     got = {"sha512": sha512.hexdigest()}
     if md5 is not None:
         got["md5"] = md5.hexdigest()
-    result.sha512 = got["sha512"]
-    # 1. Did the source deliver the bytes it claims to hold?
+    return nbytes, got
+
+
+def _fan_out(chunk: bytes, live: list[_Live]) -> None:
+    for lv in list(live):
+        try:
+            lv.writer.write(chunk)
+        except SiteError as exc:
+            _fail(lv, exc, _kind(exc))
+            live.remove(lv)
+
+
+def _source_problems(
+    image: ImageRecord, version: Version, nbytes: int, got: Mapping[str, str]
+) -> list[str]:
     problems = []
     if image.size is not None and nbytes != image.size:
         problems.append(f"read {nbytes} bytes, the source says {image.size}")
     for algo, value in _expected(image, version).items():
         want_algo = "sha512" if algo == "sha512-claimed" else algo
         if got.get(want_algo) and got[want_algo] != value:
-            problems.append(f"{want_algo} of the bytes read differs from the source's "
-                            f"({got[want_algo][:16]}… != {value[:16]}…)")
-    if problems:
-        err = IntegrityError(f"{image.ref}: " + "; ".join(problems))
-        for lv in live:
-            _fail(lv, err, ErrorKind.INTEGRITY)
-        return results
+            problems.append(
+                f"{want_algo} of the bytes read differs from the source's "
+                f"({got[want_algo][:16]}… != {value[:16]}…)"
+            )
+    return problems
 
-    # 2. Did each target store exactly these bytes? Then publish it.
-    final_props = {PROP_SHA512: got["sha512"]}
-    for i, lv in enumerate(live):
-        if cancel is not None and cancel.is_set():
-            # Not finished yet: abort rather than wait for the site to settle the upload.
-            # Targets already published stay published (and are reported so).
-            _cancel_rest(live[i:])
-            break
-        try:
-            stored = lv.writer.finish()
-        except SiteError as exc:
-            _fail(lv, exc, _kind(exc))
-            continue
-        agree = hashes_agree(got, stored.hashes)
-        if stored.size is not None and stored.size != nbytes:
-            agree = False
-        try:
-            if agree is None:
-                agree = _read_back(lv.site, stored, got["sha512"], cancel)
-        except Cancelled:
-            lv.remove(stored.id)
-            lv.result.error, lv.result.error_kind = "cancelled", ErrorKind.CANCELLED
-            _cancel_rest(live[i + 1:])
-            break
-        except SiteError as exc:
-            lv.remove(stored.id)
-            _set_error(lv.result, exc, prefix="reading back: ")
-            continue
-        if not agree:
-            err = IntegrityError(f"{lv.site.name}: stored image {stored.id} does not match the "
-                                 f"bytes sent (sha512 {got['sha512'][:16]}…): removed")
-            lv.remove(stored.id)
-            lv.result.error, lv.result.error_kind = str(err), ErrorKind.INTEGRITY
-            log.warning("copy.target_failed", site=lv.site.name, error=str(err),
-                        kind=ErrorKind.INTEGRITY.value)
-            continue
-        try:
-            lv.result.image = lv.site.publish(stored.id, final_props)
-            lv.result.ok = True
-            lv.watcher.ended(lv.site.name, stored.id)
-        except SiteError as exc:
-            lv.remove(stored.id)
-            _set_error(lv.result, exc)
-    return results
+
+def _settle(lv: _Live, got: Mapping[str, str], nbytes: int, cancel: threading.Event | None) -> bool:
+    """Finish one target's upload, verify what it stored, publish it or remove it.
+    Returns False when cancelled (the caller aborts the rest)."""
+    try:
+        stored = lv.writer.finish()
+    except SiteError as exc:
+        _fail(lv, exc, _kind(exc))
+        return True
+    agree = hashes_agree(got, stored.hashes)
+    if stored.size is not None and stored.size != nbytes:
+        agree = False
+    try:
+        if agree is None:
+            agree = _read_back(lv.site, stored, got["sha512"], cancel)
+    except Cancelled:
+        lv.remove(stored.id)
+        lv.result.error, lv.result.error_kind = "cancelled", ErrorKind.CANCELLED
+        return False
+    except SiteError as exc:
+        lv.remove(stored.id)
+        _set_error(lv.result, exc, prefix="reading back: ")
+        return True
+    if not agree:
+        err = IntegrityError(
+            f"{lv.site.name}: stored image {stored.id} does not match the "
+            f"bytes sent (sha512 {got['sha512'][:16]}…): removed"
+        )
+        lv.remove(stored.id)
+        lv.result.error, lv.result.error_kind = str(err), ErrorKind.INTEGRITY
+        log.warning(
+            "copy.target_failed", site=lv.site.name, error=str(err), kind=ErrorKind.INTEGRITY.value
+        )
+        return True
+    try:
+        lv.result.image = lv.site.publish(stored.id, {PROP_SHA512: got["sha512"]})
+        lv.result.ok = True
+        lv.watcher.ended(lv.site.name, stored.id)
+    except SiteError as exc:
+        lv.remove(stored.id)
+        _set_error(lv.result, exc)
+    return True
 
 
 def _cancel_rest(live: Sequence[_Live]) -> None:
@@ -329,8 +376,9 @@ def _cancel_rest(live: Sequence[_Live]) -> None:
         lv.abort()
 
 
-def _read_back(site: Site, stored: ImageRecord, sha512: str,
-               cancel: threading.Event | None = None) -> bool:
+def _read_back(
+    site: Site, stored: ImageRecord, sha512: str, cancel: threading.Event | None = None
+) -> bool:
     """The target reports no hash we share: read the copy back and hash it ourselves."""
     h = hashlib.sha512()
     stream = site.open(stored)
@@ -385,14 +433,22 @@ def copy_image(
     while pending:
         attempt += 1
         try:
-            outcome = _attempt(source, image, version, pending, progress, result, cancel,
-                               watcher)
+            outcome = _attempt(source, image, version, pending, progress, result, cancel, watcher)
         except TransientError as exc:
-            outcome = [TargetResult(site=s.name, error=str(exc), error_kind=ErrorKind.TRANSIENT,
-                                    retry_after=exc.retry_after) for s, _ in pending]
+            outcome = [
+                TargetResult(
+                    site=s.name,
+                    error=str(exc),
+                    error_kind=ErrorKind.TRANSIENT,
+                    retry_after=exc.retry_after,
+                )
+                for s, _ in pending
+            ]
         except Cancelled:
-            outcome = [TargetResult(site=s.name, error="cancelled",
-                                    error_kind=ErrorKind.CANCELLED) for s, _ in pending]
+            outcome = [
+                TargetResult(site=s.name, error="cancelled", error_kind=ErrorKind.CANCELLED)
+                for s, _ in pending
+            ]
         retry = []
         for (site, new), res in zip(pending, outcome, strict=True):
             res.attempts = attempt
@@ -403,11 +459,21 @@ def copy_image(
             break
         hints = [final[s.name].retry_after for s, _ in retry]
         hint = max((h for h in hints if h is not None), default=None)
-        if not policy.pause(attempt, hint, what=f"copy {image.ref}", sleep=sleep, cancel=cancel,
-                            targets=[s.name for s, _ in retry]):
+        if not policy.pause(
+            attempt,
+            hint,
+            what=f"copy {image.ref}",
+            sleep=sleep,
+            cancel=cancel,
+            targets=[s.name for s, _ in retry],
+        ):
             for site, _ in retry:
-                final[site.name] = TargetResult(site=site.name, error="cancelled",
-                                                error_kind=ErrorKind.CANCELLED, attempts=attempt)
+                final[site.name] = TargetResult(
+                    site=site.name,
+                    error="cancelled",
+                    error_kind=ErrorKind.CANCELLED,
+                    attempts=attempt,
+                )
             break
         pending = retry
     result.targets = [final[s.name] for s, _ in targets]

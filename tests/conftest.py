@@ -69,17 +69,16 @@ def glance_client() -> Callable[..., Any]:
     return glance_client
 
 
-@pytest.fixture()
+@pytest.fixture
 def unique_name() -> str:
     """A name no other test uses: tests share the lab's clouds and keep apart by names."""
     return f"t-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.fixture(autouse=True)
-def _isolated_logging() -> Iterator[None]:
+def _isolated_logging() -> None:
     """Every test starts from the same logging: all levels, JSON, to stderr (never stdout,
     where commands print their answers). A test that configures logging cannot leak it."""
     from imagesync.logs import setup_logging
 
     setup_logging(fmt="json", level="debug")
-    yield

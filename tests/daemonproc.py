@@ -38,12 +38,19 @@ class DaemonProcess:
         self.sock.settimeout(0.2)
         self.notes: list[str] = []
         self.lines: list[dict[str, Any]] = []
-        env = {**os.environ, "NOTIFY_SOCKET": "@" + name,
-               "WATCHDOG_USEC": str(int(watchdog_seconds * 1_000_000))}
+        env = {
+            **os.environ,
+            "NOTIFY_SOCKET": "@" + name,
+            "WATCHDOG_USEC": str(int(watchdog_seconds * 1_000_000)),
+        }
         env.pop("WATCHDOG_PID", None)  # set by a supervisor of the tests, it names another pid
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "imagesync.cli", "-c", str(config), "daemon"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         self._done = False
         threading.Thread(target=self._recv, daemon=True).start()
         threading.Thread(target=self._read, daemon=True).start()
@@ -51,8 +58,9 @@ class DaemonProcess:
     def __enter__(self) -> DaemonProcess:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def _recv(self) -> None:

@@ -98,8 +98,9 @@ class _Conn:
             if line in (b"\r\n", b"\n"):
                 return b"".join(lines)
 
-    def _body(self, reader: object, dst: socket.socket, head: bytes, kind: str,
-              to_server: bool) -> bool:
+    def _body(
+        self, reader: object, dst: socket.socket, head: bytes, kind: str, to_server: bool
+    ) -> bool:
         lower = head.lower()
         status = head.split(b" ", 2)[1] if not to_server and b" " in head else b""
         if not to_server and (status in (b"204", b"304") or status.startswith(b"1")):
@@ -128,8 +129,9 @@ class _Conn:
             return self._data(reader, dst, 1 << 62, kind, offset)
         return True
 
-    def _data(self, reader: object, dst: socket.socket, size: int, kind: str,
-              offset: list[int]) -> bool:
+    def _data(
+        self, reader: object, dst: socket.socket, size: int, kind: str, offset: list[int]
+    ) -> bool:
         plan = self.proxy.plan
         left = size
         while left > 0:
@@ -143,8 +145,12 @@ class _Conn:
                 buf[flip_at - start] ^= 0x01
                 data = bytes(buf)
                 plan.flips += 1
-            if (kind == "PUT-up" and plan.cut_upload_after is not None and plan.cut_times > 0
-                    and end > plan.cut_upload_after):
+            if (
+                kind == "PUT-up"
+                and plan.cut_upload_after is not None
+                and plan.cut_times > 0
+                and end > plan.cut_upload_after
+            ):
                 plan.cut_times -= 1
                 plan.cuts += 1
                 return False  # drop the connection mid-body

@@ -58,8 +58,9 @@ class Lines:
         self.duplicates: list[tuple[str, int, int]] = []  # key, first line, repeated line
         self._merged: set[str] = set()
 
-    def walk(self, node: yaml.Node, prefix: str, stack: tuple[int, ...] = (),
-             merged: bool = False) -> None:
+    def walk(
+        self, node: yaml.Node, prefix: str, stack: tuple[int, ...] = (), merged: bool = False
+    ) -> None:
         if id(node) in stack:  # a recursive alias
             return
         stack += (id(node),)
@@ -122,16 +123,23 @@ class Document:
                 self.fail(join(key, k), f"the key {k!r} is not a string: quote it ('{k}')")
         return dict(value)
 
-    def known_keys(self, value: Mapping[str, Any], key: str, allowed: Iterable[str],
-                   elsewhere: Mapping[str, str] | None = None) -> None:
+    def known_keys(
+        self,
+        value: Mapping[str, Any],
+        key: str,
+        allowed: Iterable[str],
+        elsewhere: Mapping[str, str] | None = None,
+    ) -> None:
         allowed = tuple(allowed)
         for k in value:
             if k not in allowed:
                 if elsewhere and k in elsewhere:
                     self.fail(join(key, k), f"not a key here: {elsewhere[k]}")
                 hint = suggest(k, allowed)
-                self.fail(join(key, k), f"unknown key: {hint}remove it or use one of: "
-                          f"{', '.join(allowed)}")
+                self.fail(
+                    join(key, k),
+                    f"unknown key: {hint}remove it or use one of: {', '.join(allowed)}",
+                )
 
     def string(self, value: object, key: str, what: str = "a string") -> str:
         if isinstance(value, bool) or not isinstance(value, str | int | float):
@@ -188,16 +196,20 @@ class Document:
             return value
         path = self.path(value, key)
         if not path.exists():
-            self.fail(key, f"CA bundle {path} not found: give the path of a PEM file, or "
-                      "true/false")
+            self.fail(
+                key, f"CA bundle {path} not found: give the path of a PEM file, or true/false"
+            )
         return str(path)
 
     def site_name(self, name: str, key: str) -> None:
         if name == "all":
             self.fail(key, "'all' is reserved (clouds: all means every cloud): rename the site")
         if not _SITE_NAME.fullmatch(name):
-            self.fail(key, "a site name uses letters, digits, '_', '.' and '-' and starts with a "
-                      "letter or digit: rename it")
+            self.fail(
+                key,
+                "a site name uses letters, digits, '_', '.' and '-' and starts with a "
+                "letter or digit: rename it",
+            )
 
 
 def _read_text(path: Path) -> str:
@@ -209,13 +221,19 @@ def _read_text(path: Path) -> str:
     except FileNotFoundError:
         raise ConfigError(
             "file not found: create it (see etc/imagesync.yaml.example), or point -c or "
-            f"${CONFIG_ENV} at your configuration", file=where) from None
+            f"${CONFIG_ENV} at your configuration",
+            file=where,
+        ) from None
     except PermissionError:
-        raise ConfigError("cannot read the file (permission denied): make it readable by the "
-                          "user imagesync runs as", file=where) from None
+        raise ConfigError(
+            "cannot read the file (permission denied): make it readable by the "
+            "user imagesync runs as",
+            file=where,
+        ) from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"not UTF-8 text (byte {exc.start}): save the file as UTF-8",
-                          file=where) from None
+        raise ConfigError(
+            f"not UTF-8 text (byte {exc.start}): save the file as UTF-8", file=where
+        ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read the file: {exc.strerror or exc}", file=where) from None
 
@@ -234,8 +252,10 @@ def _parse(text: str, where: str, lines: Lines) -> Any:
         if exc.context and exc.problem:
             cm = exc.context_mark
             what += f" ({exc.context}{f' at line {cm.line + 1}' if cm else ''})"
-        raise ConfigError(f"invalid YAML{at}: {what}: fix the syntax (indentation, quotes, "
-                          "a missing ':' or '-')", file=where) from None
+        raise ConfigError(
+            f"invalid YAML{at}: {what}: fix the syntax (indentation, quotes, a missing ':' or '-')",
+            file=where,
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML: {exc}: fix the syntax", file=where) from None
     finally:
@@ -248,6 +268,10 @@ def read_document(path: Path, env: Mapping[str, str]) -> tuple[Any, Document]:
     data = _parse(_read_text(path), str(path), lines)
     doc = Document(path, lines, env)
     for key, first, again in lines.duplicates:
-        doc.fail(key, f"duplicate key (first at line {first}); YAML would keep only the last: "
-                 "remove or rename one", line=again)
+        doc.fail(
+            key,
+            f"duplicate key (first at line {first}); YAML would keep only the last: "
+            "remove or rename one",
+            line=again,
+        )
     return data, doc

@@ -49,10 +49,16 @@ from imagesync.sites.openstack_auth import CloudsYaml, OpenStackConfigError
 
 #: keys that belong one level down, when found at the top level
 _MISPLACED = {
-    **{k: f"{k} belongs to an image rule: move it under images: (- name: ...)"
-       for k in RULE_KEYS if k not in TOP_KEYS},
-    **{k: f"{k} belongs to a cloud: move it under clouds: NAME:"
-       for k in CLOUD_KEYS if k not in TOP_KEYS},
+    **{
+        k: f"{k} belongs to an image rule: move it under images: (- name: ...)"
+        for k in RULE_KEYS
+        if k not in TOP_KEYS
+    },
+    **{
+        k: f"{k} belongs to a cloud: move it under clouds: NAME:"
+        for k in CLOUD_KEYS
+        if k not in TOP_KEYS
+    },
     "type": "type belongs to a store: move it under stores: NAME:",
     "path": "path belongs to a directory store: move it under stores: NAME:",
 }
@@ -71,6 +77,7 @@ def resolve_config_path(path: Path | None, env: Mapping[str, str] = os.environ) 
 
 
 # --------------------------------------------------------------------------- clouds
+
 
 @dataclass
 class _CloudSpec:
@@ -95,8 +102,11 @@ def _parse_cloud(doc: Document, name: str, raw: object, key: str) -> _CloudSpec:
     doc.known_keys(body, key, CLOUD_KEYS)
     spec = _CloudSpec(name=name, key=key)
     if "cloud" in body and "auth" in body:
-        doc.fail(key, "has both `cloud:` and `auth:`: keep one (the clouds.yaml entry, or the "
-                 "inline credentials)")
+        doc.fail(
+            key,
+            "has both `cloud:` and `auth:`: keep one (the clouds.yaml entry, or the "
+            "inline credentials)",
+        )
     if "cloud" not in body and "auth" not in body:
         doc.fail(key, f"has neither `cloud:` nor `auth:`: {hint}")
     if "region_name" in body:
@@ -110,15 +120,19 @@ def _parse_cloud(doc: Document, name: str, raw: object, key: str) -> _CloudSpec:
     if "max_transfers" in body:
         spec.max_transfers = doc.integer(body["max_transfers"], join(key, "max_transfers"), 1)
     if body.get("endpoint_override") is not None:
-        spec.endpoint_override = doc.url(body["endpoint_override"],
-                                         join(key, "endpoint_override"),
-                                         "https://glance.example:9292")
+        spec.endpoint_override = doc.url(
+            body["endpoint_override"], join(key, "endpoint_override"), "https://glance.example:9292"
+        )
     if "cloud" in body:
-        spec.entry = doc.string(body["cloud"], join(key, "cloud"),
-                                "the name of a clouds.yaml entry")
+        spec.entry = doc.string(
+            body["cloud"], join(key, "cloud"), "the name of a clouds.yaml entry"
+        )
         if "auth_type" in body:
-            doc.fail(join(key, "auth_type"), "the clouds.yaml entry sets the auth type: remove "
-                     "auth_type here (or use inline `auth:` instead of `cloud:`)")
+            doc.fail(
+                join(key, "auth_type"),
+                "the clouds.yaml entry sets the auth type: remove "
+                "auth_type here (or use inline `auth:` instead of `cloud:`)",
+            )
         return spec
     spec.auth_type, spec.auth = _inline_auth(doc, body.get("auth"), body.get("auth_type"), key)
     return spec
@@ -130,8 +144,7 @@ def _auth_type(doc: Document, auth: Mapping[str, str], raw_type: object, key: st
     if raw_type is not None:
         return doc.string(raw_type, join(key, "auth_type"), "a keystoneauth plugin name")
     if has_appcred and "password" in auth:
-        doc.fail(join(key, "auth"), "has both a password and an application credential: "
-                 "keep one")
+        doc.fail(join(key, "auth"), "has both a password and an application credential: keep one")
     if has_appcred:
         return "v3applicationcredential"
     if "token" in auth:
@@ -144,26 +157,33 @@ def _auth_options(doc: Document, auth_type: str, key: str) -> tuple[list[str], l
     try:
         return openstack_auth.plugin_options(auth_type)
     except openstack_auth.UnknownAuthType as exc:
-        doc.fail(join(key, "auth_type"), f"unknown auth type {auth_type!r}: "
-                 f"{suggest(auth_type, exc.known)}use one of: {', '.join(exc.known)}")
+        doc.fail(
+            join(key, "auth_type"),
+            f"unknown auth type {auth_type!r}: "
+            f"{suggest(auth_type, exc.known)}use one of: {', '.join(exc.known)}",
+        )
 
 
-def _inline_auth(doc: Document, raw: object, raw_type: object, key: str
-                 ) -> tuple[str, dict[str, Any]]:
+def _inline_auth(
+    doc: Document, raw: object, raw_type: object, key: str
+) -> tuple[str, dict[str, Any]]:
     akey = join(key, "auth")
     auth: dict[str, str] = {}
     for k, v in doc.mapping(raw, akey, "write auth_url and the credentials under it").items():
         if isinstance(v, int | float) and not isinstance(v, bool):
             # YAML reads 0123 as 83 and 1e3 as 1000.0: credentials must stay exactly as written
-            doc.fail(join(akey, k), "is a number: put the value in quotes so that it is "
-                     "kept exactly as written")
+            doc.fail(
+                join(akey, k),
+                "is a number: put the value in quotes so that it is kept exactly as written",
+            )
         auth[k] = doc.string(v, join(akey, k))
     auth_type = _auth_type(doc, auth, raw_type, key)
     option_names, required = _auth_options(doc, auth_type, key)
     doc.known_keys(auth, akey, option_names)
     if "auth_url" not in auth:
-        doc.fail(join(akey, "auth_url"), "missing: add it (the Keystone URL, like "
-                 f"{_KEYSTONE_EXAMPLE})")
+        doc.fail(
+            join(akey, "auth_url"), f"missing: add it (the Keystone URL, like {_KEYSTONE_EXAMPLE})"
+        )
     doc.url(auth["auth_url"], join(akey, "auth_url"), _KEYSTONE_EXAMPLE)
     problem = openstack_auth.credential_problem(auth_type, auth, required)
     if problem:
@@ -173,14 +193,16 @@ def _inline_auth(doc: Document, raw: object, raw_type: object, key: str
         # Keystone v3 needs a domain for names; "Default" is what every single-domain cloud uses.
         if "username" in auth and not ({"user_domain_name", "user_domain_id"} & auth.keys()):
             auth["user_domain_name"] = "Default"
-        if "project_name" in auth and not ({"project_domain_name", "project_domain_id"}
-                                           & auth.keys()):
+        if "project_name" in auth and not (
+            {"project_domain_name", "project_domain_id"} & auth.keys()
+        ):
             auth["project_domain_name"] = "Default"
     return auth_type, dict(auth)
 
 
-def _resolve_clouds(doc: Document, specs: list[_CloudSpec], clouds_yaml: Path | None
-                    ) -> dict[str, CloudConfig]:
+def _resolve_clouds(
+    doc: Document, specs: list[_CloudSpec], clouds_yaml: Path | None
+) -> dict[str, CloudConfig]:
     out: dict[str, CloudConfig] = {}
     entries = [s for s in specs if s.entry is not None]
     found: CloudsYaml | None = None
@@ -188,17 +210,24 @@ def _resolve_clouds(doc: Document, specs: list[_CloudSpec], clouds_yaml: Path | 
         try:
             found = openstack_auth.read_clouds_yaml(clouds_yaml, doc.env)
         except OpenStackConfigError as exc:
-            doc.fail("clouds_yaml" if clouds_yaml else join(entries[0].key, "cloud"),
-                     f"cannot read clouds.yaml: {exc}: fix that file")
+            doc.fail(
+                "clouds_yaml" if clouds_yaml else join(entries[0].key, "cloud"),
+                f"cannot read clouds.yaml: {exc}: fix that file",
+            )
     for spec in specs:
         if spec.entry is None:
             assert spec.auth is not None and spec.auth_type is not None
             out[spec.name] = CloudConfig(
-                name=spec.name, auth=spec.auth, auth_type=spec.auth_type,
-                region_name=spec.region_name, interface=spec.interface or "public",
+                name=spec.name,
+                auth=spec.auth,
+                auth_type=spec.auth_type,
+                region_name=spec.region_name,
+                interface=spec.interface or "public",
                 verify=True if spec.verify is None else spec.verify,
-                timeout=spec.timeout or 60.0, max_transfers=spec.max_transfers,
-                endpoint_override=spec.endpoint_override)
+                timeout=spec.timeout or 60.0,
+                max_transfers=spec.max_transfers,
+                endpoint_override=spec.endpoint_override,
+            )
         else:
             assert found is not None
             out[spec.name] = _from_clouds_yaml(doc, spec, found)
@@ -215,38 +244,53 @@ def _from_clouds_yaml(doc: Document, spec: _CloudSpec, clouds: CloudsYaml) -> Cl
     found, names, searched = clouds.found, clouds.entries, clouds.searched
     note = f" (skipped {clouds.skipped})" if clouds.skipped else ""
     if not found:
-        doc.fail(key, f"no clouds.yaml found{note}; searched {searched}: create one with an "
-                 f"entry {entry!r}, set clouds_yaml:, or set $OS_CLIENT_CONFIG_FILE")
+        doc.fail(
+            key,
+            f"no clouds.yaml found{note}; searched {searched}: create one with an "
+            f"entry {entry!r}, set clouds_yaml:, or set $OS_CLIENT_CONFIG_FILE",
+        )
     if entry not in names:
-        doc.fail(key, f"no entry {entry!r} in {found}{note}: {suggest(entry, names)}"
-                 f"entries there: {', '.join(names) or 'none'}; searched {searched}: "
-                 "add the entry or fix the name")
+        doc.fail(
+            key,
+            f"no entry {entry!r} in {found}{note}: {suggest(entry, names)}"
+            f"entries there: {', '.join(names) or 'none'}; searched {searched}: "
+            "add the entry or fix the name",
+        )
     try:
         resolved = openstack_auth.cloud_entry(clouds, entry, spec.region_name)
     except OpenStackConfigError as exc:
-        doc.fail(key, f"clouds.yaml entry {entry!r} in {found} is not usable: {exc}: "
-                 "fix the entry")
+        doc.fail(key, f"clouds.yaml entry {entry!r} in {found} is not usable: {exc}: fix the entry")
     for k, v in resolved.auth.items():
         if is_secret_key(k):
             register_secret(v)
     problem = openstack_auth.credential_problem(resolved.auth_type, resolved.auth, ["auth_url"])
     if problem:
         sub, message = problem
-        doc.fail(key, f"clouds.yaml entry {entry!r} in {found}: "
-                 f"{(sub + ' ') if sub else ''}{message} (in the entry's auth:, or secure.yaml)")
+        doc.fail(
+            key,
+            f"clouds.yaml entry {entry!r} in {found}: "
+            f"{(sub + ' ') if sub else ''}{message} (in the entry's auth:, or secure.yaml)",
+        )
     return CloudConfig(
-        name=spec.name, auth=resolved.auth, auth_type=resolved.auth_type,
-        region_name=resolved.region_name, interface=spec.interface or resolved.interface,
-        verify=resolved.verify if spec.verify is None else spec.verify, cloud=entry,
+        name=spec.name,
+        auth=resolved.auth,
+        auth_type=resolved.auth_type,
+        region_name=resolved.region_name,
+        interface=spec.interface or resolved.interface,
+        verify=resolved.verify if spec.verify is None else spec.verify,
+        cloud=entry,
         timeout=resolved.timeout if spec.timeout is None else spec.timeout,
         max_transfers=spec.max_transfers,
-        endpoint_override=spec.endpoint_override or resolved.image_endpoint)
+        endpoint_override=spec.endpoint_override or resolved.image_endpoint,
+    )
 
 
 # --------------------------------------------------------------------------- stores
 
-def _parse_vospace(doc: Document, name: str, body: Mapping[str, Any], key: str,
-                   max_transfers: int) -> StoreConfig:
+
+def _parse_vospace(
+    doc: Document, name: str, body: Mapping[str, Any], key: str, max_transfers: int
+) -> StoreConfig:
     doc.known_keys(body, key, VOSPACE_KEYS)
     ukey = join(key, "url")
     if "url" not in body:
@@ -264,8 +308,9 @@ def _parse_vospace(doc: Document, name: str, body: Mapping[str, Any], key: str,
     if "timeout" in body:
         options["timeout"] = doc.duration(body["timeout"], join(key, "timeout"))
     register_secret(options.get("token"))
-    return StoreConfig(name=name, type="vospace", url=url.rstrip("/"),
-                       max_transfers=max_transfers, options=options)
+    return StoreConfig(
+        name=name, type="vospace", url=url.rstrip("/"), max_transfers=max_transfers, options=options
+    )
 
 
 def _parse_store(doc: Document, name: str, raw: object, key: str) -> StoreConfig:
@@ -275,8 +320,11 @@ def _parse_store(doc: Document, name: str, raw: object, key: str) -> StoreConfig
     if "type" not in body:
         doc.fail(join(key, "type"), f"missing: add it (one of: {', '.join(built)})")
     if body["type"] in STORE_TYPES and body["type"] not in built:
-        doc.fail(join(key, "type"), f"{body['type']!r} stores are not built in this version of "
-                 f"imagesync: use one of: {', '.join(built)}")
+        doc.fail(
+            join(key, "type"),
+            f"{body['type']!r} stores are not built in this version of "
+            f"imagesync: use one of: {', '.join(built)}",
+        )
     kind = doc.choice(body["type"], join(key, "type"), built)
     max_transfers = 2
     if "max_transfers" in body:
@@ -289,33 +337,38 @@ def _parse_store(doc: Document, name: str, raw: object, key: str) -> StoreConfig
         doc.fail(pkey, "missing: add it (an absolute directory path, like /srv/imagesync)")
     path = Path(doc.string(body["path"], pkey, "an absolute path")).expanduser()
     if not path.is_absolute():
-        doc.fail(pkey, f"{str(path)!r} is relative: write an absolute path, like "
-                 "/srv/imagesync")
+        doc.fail(pkey, f"{str(path)!r} is relative: write an absolute path, like /srv/imagesync")
     return StoreConfig(name=name, type="directory", path=path, max_transfers=max_transfers)
 
 
-def _parse_sites(doc: Document, top: Mapping[str, Any]
-                 ) -> tuple[dict[str, Any], dict[str, StoreConfig], list[_CloudSpec]]:
+def _parse_sites(
+    doc: Document, top: Mapping[str, Any]
+) -> tuple[dict[str, Any], dict[str, StoreConfig], list[_CloudSpec]]:
     """(clouds as written, stores, cloud specs): names checked, unique across both kinds."""
     site_hint = "NAME: {...} entries"
     raw_stores = doc.mapping(top.get("stores"), "stores", f"write store {site_hint}")
     raw_clouds = doc.mapping(top.get("clouds"), "clouds", f"write cloud {site_hint}")
     if not raw_clouds and not raw_stores:
-        doc.fail("clouds", "no sites: add at least one cloud under clouds: (or one store under "
-                 "stores:)")
+        doc.fail(
+            "clouds", "no sites: add at least one cloud under clouds: (or one store under stores:)"
+        )
     for name in raw_clouds:
         doc.site_name(name, join("clouds", name))
     for name in raw_stores:
         doc.site_name(name, join("stores", name))
         if name in raw_clouds:
-            doc.fail(join("stores", name), f"{name!r} is also a cloud (clouds.{name}): site "
-                     "names must be unique across clouds and stores: rename one")
+            doc.fail(
+                join("stores", name),
+                f"{name!r} is also a cloud (clouds.{name}): site "
+                "names must be unique across clouds and stores: rename one",
+            )
     stores = {n: _parse_store(doc, n, v, join("stores", n)) for n, v in raw_stores.items()}
     specs = [_parse_cloud(doc, n, v, join("clouds", n)) for n, v in raw_clouds.items()]
     return raw_clouds, stores, specs
 
 
 # --------------------------------------------------------------------------- top level
+
 
 def _listen(doc: Document, value: object, key: str) -> str:
     hint = "write host:port like 127.0.0.1:9780 (or [::1]:9780)"
@@ -332,11 +385,17 @@ def _listen(doc: Document, value: object, key: str) -> str:
 def _top_document(doc: Document, data: object) -> dict[str, Any]:
     """The top-level mapping, its keys checked (``x-…`` keys are the writer's own)."""
     if data is None:
-        doc.fail(None, "the file is empty: it needs at least `clouds:` or `stores:` (see "
-                 "etc/imagesync.yaml.example)")
+        doc.fail(
+            None,
+            "the file is empty: it needs at least `clouds:` or `stores:` (see "
+            "etc/imagesync.yaml.example)",
+        )
     if not isinstance(data, Mapping):
-        doc.fail(None, f"the top level is {describe(data)}; it must be a mapping of keys like "
-                 "clouds:, stores:, images:")
+        doc.fail(
+            None,
+            f"the top level is {describe(data)}; it must be a mapping of keys like "
+            "clouds:, stores:, images:",
+        )
     # top-level keys starting with "x-" are the writer's own (YAML anchors to merge with <<)
     top = {k: v for k, v in doc.mapping(data, "", "").items() if not k.startswith("x-")}
     doc.known_keys(top, "", TOP_KEYS, _MISPLACED)
@@ -359,16 +418,21 @@ class _Settings(TypedDict):
 def _settings(doc: Document, top: Mapping[str, Any]) -> _Settings:
     """The top-level scalar settings, each default unless the file sets it."""
     out: _Settings = {
-        "state_dir": DEFAULT_STATE_DIR, "poll_interval": DEFAULT_POLL_INTERVAL,
-        "check_max_age": 600.0, "max_transfers": 4, "transfer_retries": 3,
-        "metrics_listen": None, "log_format": "auto", "log_level": "info"}
+        "state_dir": DEFAULT_STATE_DIR,
+        "poll_interval": DEFAULT_POLL_INTERVAL,
+        "check_max_age": 600.0,
+        "max_transfers": 4,
+        "transfer_retries": 3,
+        "metrics_listen": None,
+        "log_format": "auto",
+        "log_level": "info",
+    }
     if "state_dir" in top:
         out["state_dir"] = doc.path(top["state_dir"], "state_dir")
     if "poll_interval" in top:
         out["poll_interval"] = doc.duration(top["poll_interval"], "poll_interval")
     if "check_max_age" in top:
-        out["check_max_age"] = doc.duration(top["check_max_age"], "check_max_age",
-                                            allow_zero=True)
+        out["check_max_age"] = doc.duration(top["check_max_age"], "check_max_age", allow_zero=True)
     if "max_transfers" in top:
         out["max_transfers"] = doc.integer(top["max_transfers"], "max_transfers", 1)
     if "transfer_retries" in top:
@@ -376,8 +440,10 @@ def _settings(doc: Document, top: Mapping[str, Any]) -> _Settings:
     if top.get("metrics_listen") is not None:
         out["metrics_listen"] = _listen(doc, top["metrics_listen"], "metrics_listen")
     if "log_format" in top:
-        out["log_format"] = cast(Literal["auto", "json", "console"],
-                                 doc.choice(top["log_format"], "log_format", LOG_FORMATS))
+        out["log_format"] = cast(
+            Literal["auto", "json", "console"],
+            doc.choice(top["log_format"], "log_format", LOG_FORMATS),
+        )
     if "log_level" in top:
         out["log_level"] = doc.choice(top["log_level"], "log_level", LOG_LEVELS)
     return out
@@ -388,13 +454,17 @@ def _clouds_yaml(doc: Document, top: Mapping[str, Any]) -> Path | None:
         return None
     clouds_yaml = doc.path(top["clouds_yaml"], "clouds_yaml")
     if not clouds_yaml.is_file():
-        doc.fail("clouds_yaml", f"{clouds_yaml} is not a file: fix the path, or remove "
-                 "clouds_yaml to use the standard clouds.yaml search path")
+        doc.fail(
+            "clouds_yaml",
+            f"{clouds_yaml} is not a file: fix the path, or remove "
+            "clouds_yaml to use the standard clouds.yaml search path",
+        )
     return clouds_yaml
 
 
-def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ, *,
-                resolve_clouds: bool = True) -> Config:
+def load_config(
+    path: Path | None = None, env: Mapping[str, str] = os.environ, *, resolve_clouds: bool = True
+) -> Config:
     """Read, validate and resolve the configuration; raise ConfigError on the first mistake.
 
     ``resolve_clouds=False`` skips reading clouds.yaml (and importing openstacksdk, ~0.5 s):
@@ -411,6 +481,8 @@ def load_config(path: Path | None = None, env: Mapping[str, str] = os.environ, *
     if resolve_clouds:
         clouds = _resolve_clouds(doc, specs, clouds_yaml)
     else:
-        clouds = {sp.name: CloudConfig(name=sp.name, auth={}, auth_type="unresolved",
-                                       cloud=sp.entry) for sp in specs}
+        clouds = {
+            sp.name: CloudConfig(name=sp.name, auth={}, auth_type="unresolved", cloud=sp.entry)
+            for sp in specs
+        }
     return Config(path=file.absolute(), clouds=clouds, stores=stores, images=rules, **settings)

@@ -32,9 +32,15 @@ def _clouds(config: Config) -> dict[str, Any]:
     clouds: dict[str, Any] = {}
     for c in config.clouds.values():
         entry: dict[str, Any] = {"cloud": c.cloud} if c.cloud else {}
-        entry.update(auth_type=c.auth_type, auth=dict(c.auth), region_name=c.region_name,
-                     interface=c.interface, verify=c.verify,
-                     timeout=format_duration(c.timeout), max_transfers=c.max_transfers)
+        entry.update(
+            auth_type=c.auth_type,
+            auth=dict(c.auth),
+            region_name=c.region_name,
+            interface=c.interface,
+            verify=c.verify,
+            timeout=format_duration(c.timeout),
+            max_transfers=c.max_transfers,
+        )
         if c.endpoint_override:
             entry["endpoint_override"] = c.endpoint_override
         clouds[c.name] = entry
@@ -70,14 +76,23 @@ def render_config(config: Config) -> str:
         "clouds": _clouds(config),
         "stores": _stores(config),
         "images": [
-            {"name": r.pattern, "clouds": list(r.clouds), "stores": list(r.stores),
-             "visibility": r.visibility, "min_copies": r.min_copies, "keep": r.keep,
-             "retire": r.retire, "on_mismatch": r.on_mismatch}
+            {
+                "name": r.pattern,
+                "clouds": list(r.clouds),
+                "stores": list(r.stores),
+                "visibility": r.visibility,
+                "min_copies": r.min_copies,
+                "keep": r.keep,
+                "retire": r.retire,
+                "on_mismatch": r.on_mismatch,
+            }
             for r in config.images
         ],
     }
-    header = (f"# effective configuration of {config.path}\n" if config.path else "") + \
-        "# clouds.yaml entries resolved; secrets shown as ********\n"
-    body_text = yaml.dump(mask(data), Dumper=_Dumper, sort_keys=False, allow_unicode=True,
-                          default_flow_style=False)
+    header = (
+        f"# effective configuration of {config.path}\n" if config.path else ""
+    ) + "# clouds.yaml entries resolved; secrets shown as ********\n"
+    body_text = yaml.dump(
+        mask(data), Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False
+    )
     return header + body_text

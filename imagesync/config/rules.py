@@ -26,8 +26,10 @@ _GLOB_EXAMPLE = "'canfar-batch-*'"
 def check_pattern(doc: Document, value: object, key: str) -> str:
     """An image name or fnmatch glob that Glance could hold, with its ``[`` sets closed."""
     if not isinstance(value, str):
-        doc.fail(key, f"is {describe(value)}; write the image name or a glob like "
-                 f"{_GLOB_EXAMPLE} (quote it)")
+        doc.fail(
+            key,
+            f"is {describe(value)}; write the image name or a glob like {_GLOB_EXAMPLE} (quote it)",
+        )
     if not value.strip():
         doc.fail(key, f"is empty: write the image name or a glob like {_GLOB_EXAMPLE}")
     if value != value.strip():
@@ -46,15 +48,25 @@ def check_pattern(doc: Document, value: object, key: str) -> str:
                 j += 1
             close = value.find("]", j)
             if close < 0:
-                doc.fail(key, f"{value!r} has a '[' that is never closed: close the set, or "
-                         "write [[] to match a literal '['")
+                doc.fail(
+                    key,
+                    f"{value!r} has a '[' that is never closed: close the set, or "
+                    "write [[] to match a literal '['",
+                )
             i = close
         i += 1
     return value
 
 
-def site_list(doc: Document, value: object, key: str, kind: str, known: Mapping[str, object],
-              other: Mapping[str, object], other_key: str) -> tuple[str, ...]:
+def site_list(
+    doc: Document,
+    value: object,
+    key: str,
+    kind: str,
+    known: Mapping[str, object],
+    other: Mapping[str, object],
+    other_key: str,
+) -> tuple[str, ...]:
     """Names of ``kind`` ("cloud" or "store") from one name or a list, each known and once."""
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list):
@@ -66,54 +78,70 @@ def site_list(doc: Document, value: object, key: str, kind: str, known: Mapping[
             doc.fail(ikey, f"is {describe(item)}; write a {kind} name")
         if item not in known:
             if item in other:
-                where = ("list it under clouds:" if other_key == "clouds"
-                         else "use store: or stores:")
+                where = (
+                    "list it under clouds:" if other_key == "clouds" else "use store: or stores:"
+                )
                 doc.fail(ikey, f"{item!r} is not a {kind} but a {other_key[:-1]}: {where}")
             choices = list(known)
-            doc.fail(ikey, f"no {kind} named {item!r}: {suggest(item, choices)}"
-                     f"use one of: {', '.join(choices) or f'(no {kind}s are configured)'}")
+            doc.fail(
+                ikey,
+                f"no {kind} named {item!r}: {suggest(item, choices)}"
+                f"use one of: {', '.join(choices) or f'(no {kind}s are configured)'}",
+            )
         if item in names:
             doc.fail(ikey, f"{item!r} is listed twice: remove one")
         names.append(item)
     return tuple(names)
 
 
-def _rule_sites(doc: Document, body: Mapping[str, Any], key: str, clouds: Mapping[str, object],
-                stores: Mapping[str, object]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _rule_sites(
+    doc: Document,
+    body: Mapping[str, Any],
+    key: str,
+    clouds: Mapping[str, object],
+    stores: Mapping[str, object],
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(clouds, stores) a rule names; ``clouds:`` defaults to ``all``."""
     raw_clouds = body.get("clouds", "all")
     if raw_clouds == "all":
         rule_clouds = tuple(clouds)
     else:
-        rule_clouds = site_list(doc, raw_clouds, join(key, "clouds"), "cloud", clouds, stores,
-                                "stores")
+        rule_clouds = site_list(
+            doc, raw_clouds, join(key, "clouds"), "cloud", clouds, stores, "stores"
+        )
     if "store" in body and "stores" in body:
         doc.fail(join(key, "stores"), "both store: and stores: are given: keep one")
     rule_stores: tuple[str, ...] = ()
     if "store" in body:
         skey = join(key, "store")
         if not isinstance(body["store"], str):
-            doc.fail(skey, f"is {describe(body['store'])}; store: takes one name (for several "
-                     "write stores: [a, b])")
+            doc.fail(
+                skey,
+                f"is {describe(body['store'])}; store: takes one name (for several "
+                "write stores: [a, b])",
+            )
         rule_stores = site_list(doc, body["store"], skey, "store", stores, clouds, "clouds")
     elif "stores" in body:
-        rule_stores = site_list(doc, body["stores"], join(key, "stores"), "store", stores,
-                                clouds, "clouds")
+        rule_stores = site_list(
+            doc, body["stores"], join(key, "stores"), "store", stores, clouds, "clouds"
+        )
     if not rule_clouds + rule_stores:
         doc.fail(key, "names no site: give clouds: (a list, or all) or store:")
     return rule_clouds, rule_stores
 
 
-def parse_rule(doc: Document, raw: object, key: str, clouds: Mapping[str, object],
-               stores: Mapping[str, object]) -> ImageRule:
+def parse_rule(
+    doc: Document, raw: object, key: str, clouds: Mapping[str, object], stores: Mapping[str, object]
+) -> ImageRule:
     """One entry of ``images:``, checked against the configured ``clouds`` and ``stores``."""
     body = doc.mapping(raw, key, "write `- name: PATTERN` with clouds:/store:")
     if not body:
         doc.fail(key, "is empty: write `- name: PATTERN` with clouds: and store:")
     doc.known_keys(body, key, RULE_KEYS)
     if "name" not in body:
-        doc.fail(join(key, "name"), "missing: add it (the image name or a glob like "
-                 f"{_GLOB_EXAMPLE})")
+        doc.fail(
+            join(key, "name"), f"missing: add it (the image name or a glob like {_GLOB_EXAMPLE})"
+        )
     pattern = check_pattern(doc, body["name"], join(key, "name"))
     rule_clouds, rule_stores = _rule_sites(doc, body, key, clouds, stores)
     sites = rule_clouds + rule_stores
@@ -124,8 +152,11 @@ def parse_rule(doc: Document, raw: object, key: str, clouds: Mapping[str, object
     if "min_copies" in body:
         min_copies = doc.integer(body["min_copies"], join(key, "min_copies"), 0)
         if min_copies > len(sites):
-            doc.fail(join(key, "min_copies"), f"is {min_copies} but the rule names only "
-                     f"{len(sites)} site(s) ({', '.join(sites)}): lower it or add sites")
+            doc.fail(
+                join(key, "min_copies"),
+                f"is {min_copies} but the rule names only "
+                f"{len(sites)} site(s) ({', '.join(sites)}): lower it or add sites",
+            )
     keep = None
     if body.get("keep") is not None:
         keep = doc.integer(body["keep"], join(key, "keep"), 1)
@@ -136,27 +167,37 @@ def parse_rule(doc: Document, raw: object, key: str, clouds: Mapping[str, object
     if "on_mismatch" in body:
         on_mismatch = doc.choice(body["on_mismatch"], join(key, "on_mismatch"), ON_MISMATCH)
     return ImageRule(
-        pattern=pattern, clouds=rule_clouds, stores=rule_stores,
+        pattern=pattern,
+        clouds=rule_clouds,
+        stores=rule_stores,
         visibility=cast(Literal["private", "shared", "community", "public"], visibility),
-        min_copies=min_copies, keep=keep, retire=cast(Literal["hide", "delete"], retire),
-        on_mismatch=cast(Literal["report", "replace"], on_mismatch))
+        min_copies=min_copies,
+        keep=keep,
+        retire=cast(Literal["hide", "delete"], retire),
+        on_mismatch=cast(Literal["report", "replace"], on_mismatch),
+    )
 
 
-def parse_rules(doc: Document, raw_images: object, clouds: Mapping[str, object],
-                stores: Mapping[str, object]) -> tuple[ImageRule, ...]:
+def parse_rules(
+    doc: Document, raw_images: object, clouds: Mapping[str, object], stores: Mapping[str, object]
+) -> tuple[ImageRule, ...]:
     """The whole ``images:`` list; two rules with the same pattern are a mistake."""
     if raw_images is None:
         raw_images = []
     if not isinstance(raw_images, list):
-        doc.fail("images", f"is {describe(raw_images)}; it must be a list of rules "
-                 "(`- name: PATTERN`)")
+        doc.fail(
+            "images", f"is {describe(raw_images)}; it must be a list of rules (`- name: PATTERN`)"
+        )
     rules: list[ImageRule] = []
     seen: dict[str, int] = {}
     for i, raw in enumerate(raw_images):
         rule = parse_rule(doc, raw, index("images", i), clouds, stores)
         if rule.pattern in seen:
-            doc.fail(join(index("images", i), "name"), f"{rule.pattern!r} is already the "
-                     f"pattern of images[{seen[rule.pattern]}]: merge the two rules")
+            doc.fail(
+                join(index("images", i), "name"),
+                f"{rule.pattern!r} is already the "
+                f"pattern of images[{seen[rule.pattern]}]: merge the two rules",
+            )
         seen[rule.pattern] = i
         rules.append(rule)
     return tuple(rules)

@@ -106,20 +106,54 @@ class Config:
 # The keys and values a file may use. Kept beside the types they fill so that a new field and
 # its key are added together; etc/imagesync.yaml.example documents every one (a test checks).
 
-TOP_KEYS = ("state_dir", "poll_interval", "clouds_yaml", "clouds", "stores", "images",
-            "metrics_listen", "max_transfers", "transfer_retries", "check_max_age",
-            "log_format", "log_level")
-CLOUD_COMMON_KEYS = ("region_name", "interface", "verify", "timeout", "max_transfers",
-                     "endpoint_override")
+TOP_KEYS = (
+    "state_dir",
+    "poll_interval",
+    "clouds_yaml",
+    "clouds",
+    "stores",
+    "images",
+    "metrics_listen",
+    "max_transfers",
+    "transfer_retries",
+    "check_max_age",
+    "log_format",
+    "log_level",
+)
+CLOUD_COMMON_KEYS = (
+    "region_name",
+    "interface",
+    "verify",
+    "timeout",
+    "max_transfers",
+    "endpoint_override",
+)
 CLOUD_KEYS = ("cloud", "auth", "auth_type", *CLOUD_COMMON_KEYS)
 STORE_TYPES = ("directory", "vospace")
 DIRECTORY_KEYS = ("type", "path", "max_transfers")
 #: vospace: ``container`` is the node holding the images (vos://… URI or a path under /nodes);
 #: ``certificate`` a PEM proxy certificate; ``token`` a bearer token (a secret)
-VOSPACE_KEYS = ("type", "url", "container", "certificate", "token", "verify", "timeout",
-                "max_transfers")
-RULE_KEYS = ("name", "clouds", "store", "stores", "visibility", "min_copies", "keep", "retire",
-             "on_mismatch")
+VOSPACE_KEYS = (
+    "type",
+    "url",
+    "container",
+    "certificate",
+    "token",
+    "verify",
+    "timeout",
+    "max_transfers",
+)
+RULE_KEYS = (
+    "name",
+    "clouds",
+    "store",
+    "stores",
+    "visibility",
+    "min_copies",
+    "keep",
+    "retire",
+    "on_mismatch",
+)
 VISIBILITIES = ("private", "shared", "community", "public")
 RETIRE = ("hide", "delete")
 ON_MISMATCH = ("report", "replace")

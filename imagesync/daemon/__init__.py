@@ -12,5 +12,12 @@ from imagesync.daemon.health import STALL_SECONDS, Health
 from imagesync.daemon.passes import PassReport, summarize_pass
 from imagesync.daemon.process import GRACE_SECONDS, Daemon, run_daemon
 
-__all__ = ["GRACE_SECONDS", "STALL_SECONDS", "Daemon", "Health", "PassReport", "run_daemon",
-           "summarize_pass"]
+__all__ = [
+    "GRACE_SECONDS",
+    "STALL_SECONDS",
+    "Daemon",
+    "Health",
+    "PassReport",
+    "run_daemon",
+    "summarize_pass",
+]

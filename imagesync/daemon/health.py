@@ -30,8 +30,9 @@ Clock = Callable[[], float]
 class Health:
     """Signs of life from the passes, and the verdict drawn from them."""
 
-    def __init__(self, stall_seconds: float = STALL_SECONDS, *,
-                 clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self, stall_seconds: float = STALL_SECONDS, *, clock: Clock = time.monotonic
+    ) -> None:
         self.stall_seconds = stall_seconds
         self.clock = clock
         now = clock()
@@ -45,8 +46,7 @@ class Health:
     def pass_ended(self) -> None:
         self.last_pass_end = self.clock()
 
-    def healthy(self, *, scheduler_running: bool, pass_running: bool,
-                poll_interval: float) -> bool:
+    def healthy(self, *, scheduler_running: bool, pass_running: bool, poll_interval: float) -> bool:
         if not scheduler_running:
             return False
         now = self.clock()
@@ -55,8 +55,9 @@ class Health:
         return now - self.last_pass_end < poll_interval + self.stall_seconds
 
 
-def feed_watchdog(interval: float, done: threading.Event, healthy: Callable[[], bool],
-                  ping: Callable[[], Any]) -> None:
+def feed_watchdog(
+    interval: float, done: threading.Event, healthy: Callable[[], bool], ping: Callable[[], Any]
+) -> None:
     """Every ``interval`` until ``done``: ``ping()`` if ``healthy()``; complain once if not."""
     complained = False
     while not done.wait(interval):
@@ -64,6 +65,9 @@ def feed_watchdog(interval: float, done: threading.Event, healthy: Callable[[], 
             ping()
             complained = False
         elif not complained:
-            log.error("watchdog.unhealthy", reason="no sign of life from the reconcile "
-                      "loop: no longer feeding the systemd watchdog")
+            log.error(
+                "watchdog.unhealthy",
+                reason="no sign of life from the reconcile "
+                "loop: no longer feeding the systemd watchdog",
+            )
             complained = True

@@ -50,8 +50,10 @@ class PassReport:
         when = self.started.strftime("%H:%M:%S")
         if self.error is not None:
             return f"last pass {when}: FAILED: {self.error}"[:200]
-        text = (f"last pass {when} ({self.seconds:.1f}s): {self.copied} copies, "
-                f"{self.failed} failed, {self.retired} retired")
+        text = (
+            f"last pass {when} ({self.seconds:.1f}s): {self.copied} copies, "
+            f"{self.failed} failed, {self.retired} retired"
+        )
         if self.unreachable:
             text += f"; unreachable: {', '.join(self.unreachable)}"
         if self.cancelled:
@@ -59,8 +61,13 @@ class PassReport:
         return text
 
 
-def summarize_pass(started: datetime, seconds: float, results: list[ActionResult],
-                   skipped: int, unreachable: tuple[str, ...]) -> PassReport:
+def summarize_pass(
+    started: datetime,
+    seconds: float,
+    results: list[ActionResult],
+    skipped: int,
+    unreachable: tuple[str, ...],
+) -> PassReport:
     copied = failed = retired = retire_failed = 0
     cancelled = False
     for r in results:
@@ -82,9 +89,17 @@ def summarize_pass(started: datetime, seconds: float, results: list[ActionResult
                 retire_failed += 1
             elif r.outcome is not Outcome.KEPT:
                 retired += 1
-    return PassReport(started=started, seconds=seconds, copied=copied, failed=failed,
-                      retired=retired, retire_failed=retire_failed, skipped=skipped,
-                      unreachable=unreachable, cancelled=cancelled)
+    return PassReport(
+        started=started,
+        seconds=seconds,
+        copied=copied,
+        failed=failed,
+        retired=retired,
+        retire_failed=retire_failed,
+        skipped=skipped,
+        unreachable=unreachable,
+        cancelled=cancelled,
+    )
 
 
 class PassWatch(Observer):
@@ -110,8 +125,9 @@ class PassWatch(Observer):
         self.metrics.retire_finished(result)
 
 
-def run_one_pass(engine: Callable[[], Engine], *, cancel: threading.Event,
-                 watch: PassWatch) -> PassReport:
+def run_one_pass(
+    engine: Callable[[], Engine], *, cancel: threading.Event, watch: PassWatch
+) -> PassReport:
     """Inventory every site, plan, execute. Never raises: a failed pass is reported.
 
     ``engine`` is called inside the pass, so that a failure to build one (a reloaded
@@ -128,18 +144,26 @@ def run_one_pass(engine: Callable[[], Engine], *, cancel: threading.Event,
         p = plan(eng.rules, inventories, eng.site_names)
         results = eng.execute_concurrently(p, cancel=cancel, observer=watch)
         watch.metrics.observe_lag(p.assessments, results, time.time())
-        return summarize_pass(started, time.monotonic() - t0, results, len(p.skips),
-                              unreachable)
+        return summarize_pass(started, time.monotonic() - t0, results, len(p.skips), unreachable)
     except Exception as exc:  # the loop must survive anything one pass runs into
         log.exception("pass.failed", error=str(exc))
-        return PassReport(started=started, seconds=time.monotonic() - t0,
-                          error=f"{type(exc).__name__}: {exc}")
+        return PassReport(
+            started=started, seconds=time.monotonic() - t0, error=f"{type(exc).__name__}: {exc}"
+        )
 
 
 def log_report(report: PassReport) -> None:
     """One ``pass.done`` line: info when the pass went well, warning otherwise."""
     event = log.info if report.ok else log.warning
-    event("pass.done", seconds=round(report.seconds, 3), copied=report.copied,
-          failed=report.failed, retired=report.retired, retire_failed=report.retire_failed,
-          skipped=report.skipped, unreachable=list(report.unreachable),
-          cancelled=report.cancelled, error=report.error)
+    event(
+        "pass.done",
+        seconds=round(report.seconds, 3),
+        copied=report.copied,
+        failed=report.failed,
+        retired=report.retired,
+        retire_failed=report.retire_failed,
+        skipped=report.skipped,
+        unreachable=list(report.unreachable),
+        cancelled=report.cancelled,
+        error=report.error,
+    )

@@ -56,12 +56,19 @@ EngineFactory = Callable[[Config], Engine]
 class Daemon:
     """The long-running process: configuration, engine, scheduler, signals, notifications."""
 
-    def __init__(self, config: Config, config_path: Path | None = None, *,
-                 engine_factory: EngineFactory = Engine, notifier: Notifier | None = None,
-                 metrics: Metrics | None = None, grace_seconds: float = GRACE_SECONDS,
-                 stall_seconds: float = STALL_SECONDS,
-                 hard_exit: Callable[[int], Any] = os._exit,
-                 clock: Clock = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path | None = None,
+        *,
+        engine_factory: EngineFactory = Engine,
+        notifier: Notifier | None = None,
+        metrics: Metrics | None = None,
+        grace_seconds: float = GRACE_SECONDS,
+        stall_seconds: float = STALL_SECONDS,
+        hard_exit: Callable[[int], Any] = os._exit,
+        clock: Clock = time.monotonic,
+    ) -> None:
         self.config = config
         self.config_path = config_path or config.path
         self.engine_factory = engine_factory
@@ -131,7 +138,9 @@ class Daemon:
         """Is the loop alive? (The watchdog pings only then.)"""
         return self.health.healthy(
             scheduler_running=self.scheduler is not None and self.scheduler.running,
-            pass_running=not self._idle.is_set(), poll_interval=self.config.poll_interval)
+            pass_running=not self._idle.is_set(),
+            poll_interval=self.config.poll_interval,
+        )
 
     # -- reload --------------------------------------------------------------------------------
     def reload(self) -> bool:
@@ -141,28 +150,43 @@ class Daemon:
         try:
             new = load_config(path)
         except ImageSyncError as exc:
-            log.error("config.reload_failed", path=str(path), error=str(exc),
-                      keeping="the running configuration")
+            log.error(
+                "config.reload_failed",
+                path=str(path),
+                error=str(exc),
+                keeping="the running configuration",
+            )
             self.notifier.ready(status=f"reload failed, running configuration kept: {exc}")
             return False
         except Exception as exc:  # an unexpected bug in loading must not stop the daemon
-            log.exception("config.reload_failed", path=str(path), error=str(exc),
-                          keeping="the running configuration")
+            log.exception(
+                "config.reload_failed",
+                path=str(path),
+                error=str(exc),
+                keeping="the running configuration",
+            )
             self.notifier.ready(status="reload failed, running configuration kept")
             return False
         with self._lock:
             old, self.config = self.config, new
         if new.metrics_listen != old.metrics_listen:
-            log.warning("config.reload_partial", key="metrics_listen",
-                        reason="the metrics address changes at the next restart")
+            log.warning(
+                "config.reload_partial",
+                key="metrics_listen",
+                reason="the metrics address changes at the next restart",
+            )
         if self.scheduler is not None and self.scheduler.running:
             if new.poll_interval != old.poll_interval:
-                self.scheduler.reschedule_job(JOB_ID, trigger="interval",
-                                              seconds=new.poll_interval)
+                self.scheduler.reschedule_job(JOB_ID, trigger="interval", seconds=new.poll_interval)
             # apply the new configuration now rather than a whole interval later
             self.scheduler.modify_job(JOB_ID, next_run_time=datetime.now(UTC))
-        log.info("config.reloaded", path=str(path), sites=list(new.site_names),
-                 rules=len(new.images), poll_interval=new.poll_interval)
+        log.info(
+            "config.reloaded",
+            path=str(path),
+            sites=list(new.site_names),
+            rules=len(new.images),
+            poll_interval=new.poll_interval,
+        )
         self.notifier.ready(status="configuration reloaded")
         return True
 
@@ -203,21 +227,38 @@ class Daemon:
         if install_signals:
             self.install_signal_handlers()
         self.scheduler = BackgroundScheduler(
-            timezone=UTC, executors={"default": JobPool(max_workers=1)})
-        self.scheduler.add_job(self._job, trigger="interval", seconds=config.poll_interval,
-                               id=JOB_ID, next_run_time=datetime.now(UTC), max_instances=1,
-                               coalesce=True, misfire_grace_time=None)
+            timezone=UTC, executors={"default": JobPool(max_workers=1)}
+        )
+        self.scheduler.add_job(
+            self._job,
+            trigger="interval",
+            seconds=config.poll_interval,
+            id=JOB_ID,
+            next_run_time=datetime.now(UTC),
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
         self.scheduler.start()
-        log.info("daemon.started", pid=os.getpid(), sites=list(config.site_names),
-                 rules=len(config.images), poll_interval=config.poll_interval,
-                 max_transfers=config.max_transfers, state_dir=str(config.state_dir))
+        log.info(
+            "daemon.started",
+            pid=os.getpid(),
+            sites=list(config.site_names),
+            rules=len(config.images),
+            poll_interval=config.poll_interval,
+            max_transfers=config.max_transfers,
+            state_dir=str(config.state_dir),
+        )
         self.notifier.ready(status="running the first pass")
         dog_done = threading.Event()
         interval = watchdog_interval()
         if interval is not None and self.notifier.enabled:
-            threading.Thread(target=feed_watchdog,
-                             args=(interval, dog_done, self.healthy, self.notifier.watchdog),
-                             daemon=True, name="watchdog").start()
+            threading.Thread(
+                target=feed_watchdog,
+                args=(interval, dog_done, self.healthy, self.notifier.watchdog),
+                daemon=True,
+                name="watchdog",
+            ).start()
         try:
             while not self.stopping.is_set():
                 time.sleep(0.2)  # a signal interrupts nothing here; its flag is seen next
@@ -244,9 +285,12 @@ class Daemon:
             # was writing from here, then leave without waiting for it.
             engine = self._engine
             removed = engine.remove_own_uploads() if engine is not None else 0
-            log.error("daemon.abandoned", seconds=round(time.monotonic() - t0, 1),
-                      removed_uploads=removed,
-                      reason="a pass did not stop in time; its uploads were removed")
+            log.error(
+                "daemon.abandoned",
+                seconds=round(time.monotonic() - t0, 1),
+                removed_uploads=removed,
+                reason="a pass did not stop in time; its uploads were removed",
+            )
             logging.shutdown()
             sys.stdout.flush()
             self.hard_exit(0)

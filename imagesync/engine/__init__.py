@@ -16,5 +16,12 @@ from imagesync.engine.facade import Engine
 from imagesync.engine.inventory import FULL_LIST_EVERY
 from imagesync.engine.results import ActionResult, Observer, Outcome, summarize
 
-__all__ = ["FULL_LIST_EVERY", "ActionResult", "Engine", "Observer", "Outcome",
-           "ProgressFactory", "summarize"]
+__all__ = [
+    "FULL_LIST_EVERY",
+    "ActionResult",
+    "Engine",
+    "Observer",
+    "Outcome",
+    "ProgressFactory",
+    "summarize",
+]

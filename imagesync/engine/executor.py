@@ -48,32 +48,48 @@ ProgressFactory = Callable[[str, int | None], Callable[[int], None] | None]
 class Executor:
     """Runs plans against the pool's sites, recording history and leases in ``state``."""
 
-    def __init__(self, pool: SitePool, inventory: Inventory, recovery: Recovery, state: State,
-                 policy: RetryPolicy) -> None:
+    def __init__(
+        self,
+        pool: SitePool,
+        inventory: Inventory,
+        recovery: Recovery,
+        state: State,
+        policy: RetryPolicy,
+    ) -> None:
         self.pool = pool
         self.inventory = inventory
         self.recovery = recovery
         self.state = state
         self.policy = policy
 
-    def run(self, plan: Plan, *, concurrency: int = 1, split_targets: bool = False,
-            progress: ProgressFactory | None = None, cancel: threading.Event | None = None,
-            observer: Observer | None = None) -> list[ActionResult]:
+    def run(
+        self,
+        plan: Plan,
+        *,
+        concurrency: int = 1,
+        split_targets: bool = False,
+        progress: ProgressFactory | None = None,
+        cancel: threading.Event | None = None,
+        observer: Observer | None = None,
+    ) -> list[ActionResult]:
         """Run the copies (``concurrency`` at a time), then, unless cancelled, retirements."""
         observer = observer or Observer()
         copies = plan.copies
         if split_targets:
             copies = [dataclasses.replace(c, targets=(t,)) for c in copies for t in c.targets]
         if concurrency <= 1:
-            results = [self.run_copy(c, progress, cancel=cancel, observer=observer)
-                       for c in copies]
+            results = [self.run_copy(c, progress, cancel=cancel, observer=observer) for c in copies]
         else:
             results = self._run_concurrently(copies, concurrency, cancel, observer)
         return results + self._retire_and_report(plan, cancel, observer)
 
-    def _run_concurrently(self, tasks: Sequence[Copy], overall: int,
-                          cancel: threading.Event | None, observer: Observer
-                          ) -> list[ActionResult]:
+    def _run_concurrently(
+        self,
+        tasks: Sequence[Copy],
+        overall: int,
+        cancel: threading.Event | None,
+        observer: Observer,
+    ) -> list[ActionResult]:
         cond = threading.Condition()
         busy: Counter[str] = Counter()
         running = 0
@@ -90,8 +106,9 @@ class Executor:
                 result = self.run_copy(task, cancel=cancel, observer=observer)
             except Exception as exc:  # a bug must not take the other transfers down
                 log.exception("copy.crashed", image=task.name, targets=list(task.targets))
-                result = ActionResult(task, False, f"unexpected error: {exc}",
-                                      outcome=Outcome.FAILED)
+                result = ActionResult(
+                    task, False, f"unexpected error: {exc}", outcome=Outcome.FAILED
+                )
             with cond:
                 running -= 1
                 busy.subtract(task.targets)
@@ -111,13 +128,18 @@ class Executor:
                         busy.update(task.targets)
                         # daemon threads: a transfer stuck in a dead connection must not keep
                         # the process alive after shutdown has cleaned up after it
-                        threading.Thread(target=work, args=(index, task), daemon=True,
-                                         name=f"copy-{task.name[:20]}-{task.targets[0]}").start()
+                        threading.Thread(
+                            target=work,
+                            args=(index, task),
+                            daemon=True,
+                            name=f"copy-{task.name[:20]}-{task.targets[0]}",
+                        ).start()
                 cond.wait(timeout=0.5)
         return [r for _, r in sorted(done, key=lambda x: x[0])]
 
-    def _retire_and_report(self, plan: Plan, cancel: threading.Event | None,
-                           observer: Observer) -> list[ActionResult]:
+    def _retire_and_report(
+        self, plan: Plan, cancel: threading.Event | None, observer: Observer
+    ) -> list[ActionResult]:
         results: list[ActionResult] = []
         if not (cancel is not None and cancel.is_set()):
             for retire in plan.retires:
@@ -137,9 +159,14 @@ class Executor:
         return results
 
     # -- one copy ------------------------------------------------------------------------------
-    def run_copy(self, copy: Copy, progress: ProgressFactory | None = None, *,
-                 cancel: threading.Event | None = None,
-                 observer: Observer | None = None) -> ActionResult:
+    def run_copy(
+        self,
+        copy: Copy,
+        progress: ProgressFactory | None = None,
+        *,
+        cancel: threading.Event | None = None,
+        observer: Observer | None = None,
+    ) -> ActionResult:
         """Copy the newest version to ``copy.targets`` (those not current already)."""
         if cancel is not None and cancel.is_set():
             return ActionResult(copy, False, "cancelled", outcome=Outcome.CANCELLED)
@@ -162,8 +189,12 @@ class Executor:
                 if not targets:
                     ok = not busy
                     result = ActionResult(
-                        copy, ok, "nothing to transfer" if ok else "busy", targets=busy,
-                        outcome=Outcome.NOTHING_TO_DO if ok else Outcome.BUSY)
+                        copy,
+                        ok,
+                        "nothing to transfer" if ok else "busy",
+                        targets=busy,
+                        outcome=Outcome.NOTHING_TO_DO if ok else Outcome.BUSY,
+                    )
                     return result
                 result = self._copy_locked(copy, targets, busy, progress, cancel, _Once())
             return result
@@ -171,8 +202,7 @@ class Executor:
             if announced:
                 inner.copy_finished(result)
 
-    def _lock_targets(self, copy: Copy, locks: ExitStack
-                      ) -> tuple[list[str], list[TargetResult]]:
+    def _lock_targets(self, copy: Copy, locks: ExitStack) -> tuple[list[str], list[TargetResult]]:
         """Take each target's lock; keep the targets that still lack the version."""
         targets: list[str] = []
         busy: list[TargetResult] = []
@@ -195,21 +225,34 @@ class Executor:
             records = self.recovery.clean_locked(target, copy.name, records)
         except SiteError:
             return False  # the copy will fail and say why
-        return any(r.counts and not r.hidden and r.version.same_as(copy.version)
-                   for r in records)
+        return any(r.counts and not r.hidden and r.version.same_as(copy.version) for r in records)
 
-    def _copy_locked(self, copy: Copy, targets: list[str], busy: list[TargetResult],
-                     progress: ProgressFactory | None, cancel: threading.Event | None,
-                     observer: Observer) -> ActionResult:
+    def _copy_locked(
+        self,
+        copy: Copy,
+        targets: list[str],
+        busy: list[TargetResult],
+        progress: ProgressFactory | None,
+        cancel: threading.Event | None,
+        observer: Observer,
+    ) -> ActionResult:
         started = time.time()
         try:
             source = self.pool.get(copy.source_site)
             image = source.get_image(copy.source_id)
         except SiteError as exc:
             log.error("copy.failed", image=copy.name, source=copy.source_site, error=str(exc))
-            return ActionResult(copy, False, str(exc), outcome=Outcome.FAILED, targets=[
-                TargetResult(site=t, error=str(exc), error_kind=ErrorKind.SOURCE)
-                for t in targets] + busy)
+            return ActionResult(
+                copy,
+                False,
+                str(exc),
+                outcome=Outcome.FAILED,
+                targets=[
+                    TargetResult(site=t, error=str(exc), error_kind=ErrorKind.SOURCE)
+                    for t in targets
+                ]
+                + busy,
+            )
         new = new_image_for(image, copy.version, copy.visibility)
         bar = progress(f"{copy.name} → {','.join(targets)}", image.size) if progress else None
 
@@ -218,13 +261,25 @@ class Executor:
             if bar is not None:
                 bar(n)
 
-        log.info("copy.start", image=copy.name, version=format_time(copy.version.time),
-                 source=image.ref, targets=targets, bytes=image.size)
+        log.info(
+            "copy.start",
+            image=copy.name,
+            version=format_time(copy.version.time),
+            source=image.ref,
+            targets=targets,
+            bytes=image.size,
+        )
         observer.copy_started(dataclasses.replace(copy, targets=tuple(targets)))
         try:
-            result = copy_image(source, image, [(self.pool.get(t), new) for t in targets],
-                                policy=self.policy, progress=count, cancel=cancel,
-                                watcher=_Leases(self.state, copy.name))
+            result = copy_image(
+                source,
+                image,
+                [(self.pool.get(t), new) for t in targets],
+                policy=self.policy,
+                progress=count,
+                cancel=cancel,
+                watcher=_Leases(self.state, copy.name),
+            )
         finally:
             for t in targets:  # imagesync changed these sites: list them fully next time
                 self.inventory.forget(t)
@@ -232,32 +287,62 @@ class Executor:
             if close is not None:
                 close()
         self._report(copy, image, result, started)
-        outcome = (Outcome.CANCELLED if result.cancelled else
-                   Outcome.DONE if result.ok and not busy else
-                   Outcome.BUSY if result.ok else Outcome.FAILED)
-        return ActionResult(copy, result.ok and not busy,
-                            "cancelled" if result.cancelled else "", copy=result,
-                            targets=result.targets + busy, outcome=outcome)
+        outcome = (
+            Outcome.CANCELLED
+            if result.cancelled
+            else Outcome.DONE
+            if result.ok and not busy
+            else Outcome.BUSY
+            if result.ok
+            else Outcome.FAILED
+        )
+        return ActionResult(
+            copy,
+            result.ok and not busy,
+            "cancelled" if result.cancelled else "",
+            copy=result,
+            targets=result.targets + busy,
+            outcome=outcome,
+        )
 
-    def _report(self, copy: Copy, image: ImageRecord, result: CopyResult,
-                started: float) -> None:
+    def _report(self, copy: Copy, image: ImageRecord, result: CopyResult, started: float) -> None:
         for tr in result.targets:
             self.state.record_transfer(
-                started=started, finished=time.time(), name=copy.name, source=image.ref,
-                target=tr.site, version=format_time(copy.version.time), sha512=result.sha512,
-                bytes=result.bytes_read, seconds=round(result.seconds, 3),
+                started=started,
+                finished=time.time(),
+                name=copy.name,
+                source=image.ref,
+                target=tr.site,
+                version=format_time(copy.version.time),
+                sha512=result.sha512,
+                bytes=result.bytes_read,
+                seconds=round(result.seconds, 3),
                 result="ok" if tr.ok else (tr.error_kind.value if tr.error_kind else "failed"),
-                image_id=tr.image.id if tr.image else None, error=tr.error)
+                image_id=tr.image.id if tr.image else None,
+                error=tr.error,
+            )
             if tr.error_kind is ErrorKind.CANCELLED:
-                log.warning("copy.cancelled", image=copy.name, source=image.ref,
-                            target=tr.site, bytes=result.bytes_read)
+                log.warning(
+                    "copy.cancelled",
+                    image=copy.name,
+                    source=image.ref,
+                    target=tr.site,
+                    bytes=result.bytes_read,
+                )
                 continue
             event = log.info if tr.ok else log.error
-            event("copy.done" if tr.ok else "copy.failed", image=copy.name, source=image.ref,
-                  target=tr.site, image_id=tr.image.id if tr.image else None,
-                  bytes=result.bytes_read, seconds=round(result.seconds, 3),
-                  error=tr.error, kind=tr.error_kind.value if tr.error_kind else None,
-                  attempts=tr.attempts)
+            event(
+                "copy.done" if tr.ok else "copy.failed",
+                image=copy.name,
+                source=image.ref,
+                target=tr.site,
+                image_id=tr.image.id if tr.image else None,
+                bytes=result.bytes_read,
+                seconds=round(result.seconds, 3),
+                error=tr.error,
+                kind=tr.error_kind.value if tr.error_kind else None,
+                attempts=tr.attempts,
+            )
 
     # -- one retirement ------------------------------------------------------------------------
     def run_retire(self, retire: Retire) -> ActionResult:
@@ -266,9 +351,14 @@ class Executor:
         hide = site.capabilities.hide
         if mode == "hide" and hide is None:
             # Deleting is opt-in: a site that cannot hide keeps its old versions.
-            log.info("retire.kept", image=retire.name, site=retire.site,
-                     image_id=retire.image_id, reason=f"{retire.reason}, but the site cannot "
-                     "hide images: set retire: delete on the rule to delete them")
+            log.info(
+                "retire.kept",
+                image=retire.name,
+                site=retire.site,
+                image_id=retire.image_id,
+                reason=f"{retire.reason}, but the site cannot "
+                "hide images: set retire: delete on the rule to delete them",
+            )
             return ActionResult(retire, True, "kept: the site cannot hide", outcome=Outcome.KEPT)
         try:
             with self.state.lock(retire.name, retire.site):
@@ -278,15 +368,32 @@ class Executor:
                     site.delete(retire.image_id)
             self.inventory.forget(retire.site)
         except (SiteError, LockBusy) as exc:
-            log.error("retire.failed", image=retire.name, site=retire.site,
-                      image_id=retire.image_id, error=str(exc))
+            log.error(
+                "retire.failed",
+                image=retire.name,
+                site=retire.site,
+                image_id=retire.image_id,
+                error=str(exc),
+            )
             return ActionResult(retire, False, str(exc), outcome=Outcome.FAILED)
-        log.info("retire.done", image=retire.name, site=retire.site, image_id=retire.image_id,
-                 mode=mode, reason=retire.reason)
-        self.state.record_transfer(started=time.time(), finished=time.time(), name=retire.name,
-                                   source=f"{retire.site}:{retire.image_id}", target=retire.site,
-                                   version=format_time(retire.version.time),
-                                   result=f"retired:{mode}", image_id=retire.image_id)
+        log.info(
+            "retire.done",
+            image=retire.name,
+            site=retire.site,
+            image_id=retire.image_id,
+            mode=mode,
+            reason=retire.reason,
+        )
+        self.state.record_transfer(
+            started=time.time(),
+            finished=time.time(),
+            name=retire.name,
+            source=f"{retire.site}:{retire.image_id}",
+            target=retire.site,
+            version=format_time(retire.version.time),
+            result=f"retired:{mode}",
+            image_id=retire.image_id,
+        )
         return ActionResult(retire, True, mode)
 
 

@@ -28,16 +28,18 @@ from imagesync.state import State
 class Engine:
     """Sites, state and policy for one process; opens sites lazily and reuses them."""
 
-    def __init__(self, config: Config, state: State | None = None,
-                 sites: Mapping[str, Site] | None = None) -> None:
+    def __init__(
+        self, config: Config, state: State | None = None, sites: Mapping[str, Site] | None = None
+    ) -> None:
         self.config = config
         self.state = state or State(config.state_dir)
         self.pool = SitePool(config, sites)
         self.inventory_room = Inventory(self.pool)
         self.recovery = Recovery(self.pool, self.state, self.inventory_room)
         self.policy = RetryPolicy(attempts=max(1, config.transfer_retries + 1))
-        self.executor = Executor(self.pool, self.inventory_room, self.recovery, self.state,
-                                 self.policy)
+        self.executor = Executor(
+            self.pool, self.inventory_room, self.recovery, self.state, self.policy
+        )
 
     @property
     def rules(self) -> Sequence[ImageRule]:
@@ -54,12 +56,18 @@ class Engine:
         self.pool.close()
 
     # -- reading -------------------------------------------------------------------------------
-    def inventory(self, site_name: str, name: str | None = None,
-                  incremental: bool = False) -> SiteInventory:
+    def inventory(
+        self, site_name: str, name: str | None = None, incremental: bool = False
+    ) -> SiteInventory:
         return self.inventory_room.site(site_name, name, incremental)
 
-    def inventories(self, sites: Sequence[str] | None = None, name: str | None = None, *,
-                    incremental: bool = False) -> dict[str, SiteInventory]:
+    def inventories(
+        self,
+        sites: Sequence[str] | None = None,
+        name: str | None = None,
+        *,
+        incremental: bool = False,
+    ) -> dict[str, SiteInventory]:
         """List every site concurrently. Never changes anything (see ``recover``)."""
         return self.inventory_room.all(sites, name, incremental=incremental)
 
@@ -81,19 +89,30 @@ class Engine:
         self.record(plan.assessments, results)
         return results
 
-    def execute_concurrently(self, plan: Plan, *, cancel: threading.Event | None = None,
-                             observer: Observer | None = None) -> list[ActionResult]:
+    def execute_concurrently(
+        self, plan: Plan, *, cancel: threading.Event | None = None, observer: Observer | None = None
+    ) -> list[ActionResult]:
         """The daemon's: one task per (image, target), in parallel within the limits. Once
         ``cancel`` is set no task starts, running ones abort (removing their uploads) and
         retirements are not run."""
-        results = self.executor.run(plan, concurrency=max(1, self.config.max_transfers),
-                                    split_targets=True, cancel=cancel, observer=observer)
+        results = self.executor.run(
+            plan,
+            concurrency=max(1, self.config.max_transfers),
+            split_targets=True,
+            cancel=cancel,
+            observer=observer,
+        )
         self.record(plan.assessments, results)
         return results
 
-    def run_copy(self, copy: Copy, progress: ProgressFactory | None = None, *,
-                 cancel: threading.Event | None = None,
-                 observer: Observer | None = None) -> ActionResult:
+    def run_copy(
+        self,
+        copy: Copy,
+        progress: ProgressFactory | None = None,
+        *,
+        cancel: threading.Event | None = None,
+        observer: Observer | None = None,
+    ) -> ActionResult:
         return self.executor.run_copy(copy, progress, cancel=cancel, observer=observer)
 
     def run_retire(self, retire: Retire) -> ActionResult:

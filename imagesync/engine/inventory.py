@@ -40,8 +40,13 @@ class _Cached:
 class Inventory:
     """Lists sites (all of them at once: one slow or dead site never stalls the others)."""
 
-    def __init__(self, pool: SitePool, *, full_list_every: float = FULL_LIST_EVERY,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        pool: SitePool,
+        *,
+        full_list_every: float = FULL_LIST_EVERY,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.pool = pool
         self.full_list_every = full_list_every
         self.clock = clock
@@ -51,23 +56,33 @@ class Inventory:
         """Drop a site's cached listing (imagesync changed it): the next listing is full."""
         self._cache.pop(site_name, None)
 
-    def site(self, site_name: str, name: str | None = None,
-             incremental: bool = False) -> SiteInventory:
+    def site(
+        self, site_name: str, name: str | None = None, incremental: bool = False
+    ) -> SiteInventory:
         """One site's images (only those called ``name`` if given), or why it failed."""
         try:
             site = self.pool.get(site_name)
             images = self._list(site_name, name, incremental)
             images_in_use = site.capabilities.images_in_use
             in_use = images_in_use() if images_in_use is not None else None
-            return SiteInventory(site_name, tuple(images), listed_at=datetime.now(UTC),
-                                 in_use=frozenset(in_use) if in_use is not None else None)
+            return SiteInventory(
+                site_name,
+                tuple(images),
+                listed_at=datetime.now(UTC),
+                in_use=frozenset(in_use) if in_use is not None else None,
+            )
         except SiteError as exc:
             log.warning("inventory.failed", site=site_name, error=str(exc))
             self.forget(site_name)
             return SiteInventory(site_name, error=str(exc))
 
-    def all(self, sites: Sequence[str] | None = None, name: str | None = None, *,
-            incremental: bool = False) -> dict[str, SiteInventory]:
+    def all(
+        self,
+        sites: Sequence[str] | None = None,
+        name: str | None = None,
+        *,
+        incremental: bool = False,
+    ) -> dict[str, SiteInventory]:
         """Every site (or ``sites``) listed concurrently."""
         names = list(sites) if sites is not None else self.pool.names
         if not names:

@@ -14,8 +14,9 @@ from imagesync.plan import Assessment
 from imagesync.state import RecordedCell
 
 
-def recorded_cells(assessments: Sequence[Assessment], results: Sequence[ActionResult],
-                   now: float) -> list[RecordedCell]:
+def recorded_cells(
+    assessments: Sequence[Assessment], results: Sequence[ActionResult], now: float
+) -> list[RecordedCell]:
     """One cell per (assessed name, site), with the copies just made counted as current."""
     done: dict[tuple[str, str], ImageRecord] = {}
     for r in results:
@@ -29,8 +30,16 @@ def recorded_cells(assessments: Sequence[Assessment], results: Sequence[ActionRe
         for site, cell in a.cells.items():
             image = done.get((a.name, site)) or cell.image
             state = "current" if (a.name, site) in done else cell.state
-            cells.append(RecordedCell(
-                name=a.name, site=site, state=state, image_id=image.id if image else None,
-                version=format_time(cell.have.time) if cell.have else None,
-                newest=newest, sha512=sha, recorded=now))
+            cells.append(
+                RecordedCell(
+                    name=a.name,
+                    site=site,
+                    state=state,
+                    image_id=image.id if image else None,
+                    version=format_time(cell.have.time) if cell.have else None,
+                    newest=newest,
+                    sha512=sha,
+                    recorded=now,
+                )
+            )
     return cells

@@ -46,13 +46,18 @@ class Recovery:
             if not inv.ok or not any(r.in_progress or r.id in gone for r in inv.images):
                 out[site_name] = inv
                 continue
-            kept = [rec for rec in inv.images if rec.id not in gone and not (
-                rec.in_progress and self._remove(site_name, rec.name, rec.id, rec.status))]
+            kept = [
+                rec
+                for rec in inv.images
+                if rec.id not in gone
+                and not (rec.in_progress and self._remove(site_name, rec.name, rec.id, rec.status))
+            ]
             out[site_name] = dataclasses.replace(inv, images=tuple(kept))
         return out
 
-    def clean_locked(self, site_name: str, name: str,
-                     records: Sequence[ImageRecord]) -> list[ImageRecord]:
+    def clean_locked(
+        self, site_name: str, name: str, records: Sequence[ImageRecord]
+    ) -> list[ImageRecord]:
         """The caller holds the (name, site) lock: every upload of ``name`` still marked as
         uploading there is a leftover. Remove them; return the other records."""
         site = self.pool.get(site_name)
@@ -74,13 +79,15 @@ class Recovery:
             try:
                 self.pool.get(lease.site).delete(lease.image_id)
             except ImageSyncError as exc:
-                log.warning("cleanup.failed", site=lease.site, image_id=lease.image_id,
-                            error=str(exc))
+                log.warning(
+                    "cleanup.failed", site=lease.site, image_id=lease.image_id, error=str(exc)
+                )
                 continue
             self.state.drop_lease(lease.site, lease.image_id)
             self.inventory.forget(lease.site)
-            log.warning("cleanup.own_upload", site=lease.site, image=lease.name,
-                        image_id=lease.image_id)
+            log.warning(
+                "cleanup.own_upload", site=lease.site, image=lease.name, image_id=lease.image_id
+            )
             count += 1
         return count
 
@@ -105,6 +112,7 @@ class Recovery:
         except SiteError as exc:
             log.warning("cleanup.failed", site=site_name, image_id=image_id, error=str(exc))
             return False
-        log.warning("cleanup.leftover", site=site_name, image=name, image_id=image_id,
-                    status=status)
+        log.warning(
+            "cleanup.leftover", site=site_name, image=name, image_id=image_id, status=status
+        )
         return True

@@ -17,11 +17,14 @@ def session(info: LabInfo, cloud: str, *, admin: bool = False) -> Any:
     from keystoneauth1.identity import v3
 
     c = info.cloud(cloud)
-    auth = v3.Password(auth_url=c.keystone_url,
-                       username=ADMIN if admin else c.username,
-                       password=c.admin_password if admin else c.password,
-                       project_name=ADMIN if admin else c.project,
-                       user_domain_name="Default", project_domain_name="Default")
+    auth = v3.Password(
+        auth_url=c.keystone_url,
+        username=ADMIN if admin else c.username,
+        password=c.admin_password if admin else c.password,
+        project_name=ADMIN if admin else c.project,
+        user_domain_name="Default",
+        project_domain_name="Default",
+    )
     return ksa_session.Session(auth=auth)
 
 
@@ -30,5 +33,6 @@ def glance_client(info: LabInfo, cloud: str, *, admin: bool = False) -> Any:
     from glanceclient.v2 import client
 
     c = info.cloud(cloud)
-    return client.Client(session=session(info, cloud, admin=admin), interface="public",
-                         region_name=c.region)
+    return client.Client(
+        session=session(info, cloud, admin=admin), interface="public", region_name=c.region
+    )

@@ -71,8 +71,9 @@ def _password() -> str:
     return secrets.token_urlsafe(18)
 
 
-def up(clouds: int = 2, directory: Path | None = None,
-       token_expiration: int | None = None) -> LabInfo:
+def up(
+    clouds: int = 2, directory: Path | None = None, token_expiration: int | None = None
+) -> LabInfo:
     """Start the lab in ``directory`` (default: ``default_dir()``) with ``clouds`` clouds.
 
     Idempotent: a running lab is returned as it is; a built but stopped lab gets its services
@@ -91,8 +92,9 @@ def up(clouds: int = 2, directory: Path | None = None,
     start = time.monotonic()
     with locked(directory):
         state = load_state(directory) or LabState(directory=directory)
-        restart_keystone = (token_expiration is not None
-                            and token_expiration != state.token_expiration)
+        restart_keystone = (
+            token_expiration is not None and token_expiration != state.token_expiration
+        )
         if token_expiration is not None:
             state.token_expiration = token_expiration
         _add_clouds(state, clouds)
@@ -110,12 +112,16 @@ def _add_clouds(state: LabState, count: int) -> None:
     used = {p for c in state.clouds for p in (c.keystone.port, c.glance.port)}
     ports = _new_ports(2 * missing, used)
     for i in range(missing):
-        state.clouds.append(CloudState(
-            name=f"lab{len(state.clouds) + 1}",
-            keystone=ServiceState(port=ports[2 * i]),
-            glance=ServiceState(port=ports[2 * i + 1]),
-            admin_password=_password(), glance_password=_password(), password=_password(),
-        ))
+        state.clouds.append(
+            CloudState(
+                name=f"lab{len(state.clouds) + 1}",
+                keystone=ServiceState(port=ports[2 * i]),
+                glance=ServiceState(port=ports[2 * i + 1]),
+                admin_password=_password(),
+                glance_password=_password(),
+                password=_password(),
+            )
+        )
 
 
 class _Aborted(Exception):
@@ -156,8 +162,10 @@ class _Start:
             for cloud in cold:
                 self._reset(cloud)
             jobs = self._submit_setup(setup, cold) if cold else None
-            futures = [clouds.submit(self._bring_up, c, jobs if c in cold else None)
-                       for c in self.state.clouds]
+            futures = [
+                clouds.submit(self._bring_up, c, jobs if c in cold else None)
+                for c in self.state.clouds
+            ]
             for f in futures:
                 f.exception()  # wait (interruptible: Ctrl-C lands here)
             _raise_first(futures)
@@ -174,8 +182,9 @@ class _Start:
                         svc.pid = svc.pgid = None
             save_state(self.state)
             if isinstance(exc, OSError):
-                raise LabError(f"starting the lab in {self.state.directory} failed: "
-                               f"{exc}") from None
+                raise LabError(
+                    f"starting the lab in {self.state.directory} failed: {exc}"
+                ) from None
             raise
         finally:
             setup.shutdown(wait=False)
@@ -185,8 +194,7 @@ class _Start:
 
     def _is_built(self, cloud: CloudState) -> bool:
         d = _cloud_dir(self.state, cloud)
-        return (cloud.built and keystone.db_file(d).is_file()
-                and glance.db_file(d).is_file())
+        return cloud.built and keystone.db_file(d).is_file() and glance.db_file(d).is_file()
 
     def _record(self, svc: ServiceState, pid: int, marker: str) -> None:
         with self._lock:
@@ -243,7 +251,9 @@ class _Start:
             self.failed.set()
             raise
 
-    def _bring_up_cloud(self, cloud: CloudState, jobs: _ColdJobs | None) -> None:
+    def _bring_up_cloud(  # noqa: C901 - one cloud's start-up steps, in the order they must run
+        self, cloud: CloudState, jobs: _ColdJobs | None
+    ) -> None:
         d = _cloud_dir(self.state, cloud)
         k_marker, g_marker = _markers(self.state, cloud)
         k_up = procs.is_running(cloud.keystone.pid, k_marker)
@@ -253,18 +263,19 @@ class _Start:
             procs.stop_groups({cloud.keystone.pid or 0: k_marker})
             k_up = False
         if jobs is None and k_up and g_up:
-            keystone.wait_ready(d, cloud, cloud.keystone.pid or 0, timeout=READY_TIMEOUT,
-                                abort=self._check)
-            glance.wait_ready(d, cloud, cloud.glance.pid or 0, timeout=READY_TIMEOUT,
-                              abort=self._check)
+            keystone.wait_ready(
+                d, cloud, cloud.keystone.pid or 0, timeout=READY_TIMEOUT, abort=self._check
+            )
+            glance.wait_ready(
+                d, cloud, cloud.glance.pid or 0, timeout=READY_TIMEOUT, abort=self._check
+            )
             self.kinds[cloud.name] = "running"
             return
         self.kinds[cloud.name] = "warm" if jobs is None else "cold"
         if jobs is None:
             # Processes of this cloud that lab.json does not know of would hold its ports.
             known = {p for p in (cloud.keystone.pid, cloud.glance.pid) if p is not None}
-            procs.stop_groups({g: m for g, m in procs.lab_processes(d).items()
-                               if g not in known})
+            procs.stop_groups({g: m for g, m in procs.lab_processes(d).items() if g not in known})
             keystone.write_config(d, self.state.token_expiration)
             glance.write_config(self.tools, d, cloud)
         if not k_up:
@@ -284,8 +295,9 @@ class _Start:
             # Meanwhile, a Glance that dies on start-up fails the start at once.
             self._check()
             if not procs.is_running(cloud.glance.pid, g_marker):
-                raise procs.failure(f"{cloud.name}: glance exited while starting",
-                                    glance.log_file(d))
+                raise procs.failure(
+                    f"{cloud.name}: glance exited while starting", glance.log_file(d)
+                )
 
         if jobs is not None:
             jobs.keystone_schema.result()
@@ -298,14 +310,12 @@ class _Start:
         check()
         if not k_up:
             self._record(cloud.keystone, keystone.start(self.tools, d, cloud), k_marker)
-        keystone.wait_ready(d, cloud, cloud.keystone.pid or 0, timeout=READY_TIMEOUT,
-                            abort=check)
+        keystone.wait_ready(d, cloud, cloud.keystone.pid or 0, timeout=READY_TIMEOUT, abort=check)
         if jobs is not None:
             check()
             keystone.configure(d, cloud)
             cloud.built = True
-        glance.wait_ready(d, cloud, cloud.glance.pid or 0, timeout=READY_TIMEOUT,
-                          abort=self._check)
+        glance.wait_ready(d, cloud, cloud.glance.pid or 0, timeout=READY_TIMEOUT, abort=self._check)
 
 
 def _raise_first(futures: list[Future[Any]]) -> None:
@@ -313,8 +323,7 @@ def _raise_first(futures: list[Future[Any]]) -> None:
     errors: list[BaseException] = []
     for f in futures:
         exc = f.exception()
-        if exc is not None and not isinstance(exc, _Aborted) and all(
-                exc is not e for e in errors):
+        if exc is not None and not isinstance(exc, _Aborted) and all(exc is not e for e in errors):
             errors.append(exc)
     lab_errors = [e for e in errors if isinstance(e, LabError)]
     if lab_errors and len(lab_errors) == len(errors):
@@ -338,8 +347,9 @@ def info(directory: Path | None = None) -> LabInfo | None:
 def _all_running(state: LabState) -> bool:
     for c in state.clouds:
         k_marker, g_marker = _markers(state, c)
-        if not (procs.is_running(c.keystone.pid, k_marker)
-                and procs.is_running(c.glance.pid, g_marker)):
+        if not (
+            procs.is_running(c.keystone.pid, k_marker) and procs.is_running(c.glance.pid, g_marker)
+        ):
             return False
     return True
 
@@ -349,8 +359,10 @@ def status(directory: Path | None = None) -> tuple[str, bool]:
     directory = _resolve(directory)
     state = load_state(directory)
     if state is None or not state.clouds:
-        return (f"no lab in {directory} (start one with `imagesync lab up --dir {directory}`)",
-                False)
+        return (
+            f"no lab in {directory} (start one with `imagesync lab up --dir {directory}`)",
+            False,
+        )
     lifetime = state.token_expiration or 3600
     lines = [f"lab in {directory}: {len(state.clouds)} clouds, token lifetime {lifetime} s"]
     all_up = True
@@ -360,16 +372,17 @@ def status(directory: Path | None = None) -> tuple[str, bool]:
         g_up = procs.is_running(c.glance.pid, g_marker)
         all_up = all_up and k_up and g_up
         rss = (procs.rss_mb(c.keystone.pgid, k_marker) if k_up else 0.0) + (
-            procs.rss_mb(c.glance.pgid, g_marker) if g_up else 0.0)
+            procs.rss_mb(c.glance.pgid, g_marker) if g_up else 0.0
+        )
         lines.append(
             f"  {c.name}: keystone {c.keystone_url} pid {c.keystone.pid or '-'} "
             f"{'running' if k_up else 'STOPPED'}; glance {c.glance_url} pid "
-            f"{c.glance.pid or '-'} {'running' if g_up else 'STOPPED'}; RSS {rss:.0f} MB")
+            f"{c.glance.pid or '-'} {'running' if g_up else 'STOPPED'}; RSS {rss:.0f} MB"
+        )
     lines.append(f"  clouds.yaml: {state.clouds_yaml}")
     lines.append(f"  imagesync config: {state.config_file}")
     if not all_up:
-        lines.append(f"  start it: imagesync lab up --clouds {len(state.clouds)} "
-                     f"--dir {directory}")
+        lines.append(f"  start it: imagesync lab up --clouds {len(state.clouds)} --dir {directory}")
     return "\n".join(lines), all_up
 
 
@@ -399,8 +412,10 @@ def down(directory: Path | None = None) -> str:
     clouds = len(state.clouds) if state is not None else 0
     if count == 0:
         return f"lab in {directory}: nothing was running"
-    return (f"lab in {directory}: stopped {count} processes of {clouds} clouds; data kept "
-            "(the next `imagesync lab up` is a warm start)")
+    return (
+        f"lab in {directory}: stopped {count} processes of {clouds} clouds; data kept "
+        "(the next `imagesync lab up` is a warm start)"
+    )
 
 
 def describe(info: LabInfo) -> str:
@@ -412,9 +427,11 @@ def describe(info: LabInfo) -> str:
     }.get(info.start_kind, info.start_kind)
     lines = [f"lab in {info.directory}: {len(info.clouds)} clouds, {started}"]
     for c in info.clouds:
-        lines.append(f"  {c.name}: keystone {c.keystone_url}  glance {c.glance_url}  "
-                     f"region {c.region}  user {c.username}/project {c.project} (member); "
-                     f"admin: --os-cloud {c.name}-admin")
+        lines.append(
+            f"  {c.name}: keystone {c.keystone_url}  glance {c.glance_url}  "
+            f"region {c.region}  user {c.username}/project {c.project} (member); "
+            f"admin: --os-cloud {c.name}-admin"
+        )
     first = info.clouds[0].name if info.clouds else "lab1"
     lines += [
         "use it:",

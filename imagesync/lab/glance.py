@@ -57,7 +57,9 @@ def write_config(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> None
     (cloud_dir / "run").mkdir(exist_ok=True)
     paste = etc(cloud_dir) / "glance-api-paste.ini"
     shutil.copyfile(tools.glance_paste, paste)
-    write_private(conf_file(cloud_dir), f"""\
+    write_private(
+        conf_file(cloud_dir),
+        f"""\
 # Written by `imagesync lab up`; rewritten at every start.
 [DEFAULT]
 enabled_backends = file1:file
@@ -107,37 +109,71 @@ password = {cloud.glance_password}
 
 [oslo_concurrency]
 lock_path = {g / "locks"}
-""")
+""",
+    )
 
 
 def db_sync(tools: procs.Tools, cloud_dir: Path) -> None:
-    procs.run_step([tools.glance_manage, "--config-file", conf_file(cloud_dir), "db_sync"],
-                   cloud_dir / "logs" / "glance-manage-db_sync.log",
-                   f"{cloud_dir.name}: glance-manage db_sync")
+    procs.run_step(
+        [tools.glance_manage, "--config-file", conf_file(cloud_dir), "db_sync"],
+        cloud_dir / "logs" / "glance-manage-db_sync.log",
+        f"{cloud_dir.name}: glance-manage db_sync",
+    )
 
 
 def start(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> int:
     argv: list[str | Path] = [
-        tools.uwsgi, "--http11-socket", f"{procs.LOOPBACK}:{cloud.glance.port}",
-        "--wsgi-file", tools.glance_wsgi,
-        "--master", "--processes", "1", "--threads", "4", "--lazy-apps", "--die-on-term",
-        "--http-chunked-input", "--http-auto-chunked", "--http-raw-body",
-        "--chunked-input-limit", "10000000",
-        "--need-app", "--buffer-size", "65535",
-        "--virtualenv", tools.venv, "--pidfile", pid_file(cloud_dir),
+        tools.uwsgi,
+        "--http11-socket",
+        f"{procs.LOOPBACK}:{cloud.glance.port}",
+        "--wsgi-file",
+        tools.glance_wsgi,
+        "--master",
+        "--processes",
+        "1",
+        "--threads",
+        "4",
+        "--lazy-apps",
+        "--die-on-term",
+        "--http-chunked-input",
+        "--http-auto-chunked",
+        "--http-raw-body",
+        "--chunked-input-limit",
+        "10000000",
+        "--need-app",
+        "--buffer-size",
+        "65535",
+        "--virtualenv",
+        tools.venv,
+        "--pidfile",
+        pid_file(cloud_dir),
     ]
-    return procs.start_service(argv, log_file(cloud_dir),
-                               {"OS_GLANCE_CONFIG_DIR": str(etc(cloud_dir))})
+    return procs.start_service(
+        argv, log_file(cloud_dir), {"OS_GLANCE_CONFIG_DIR": str(etc(cloud_dir))}
+    )
 
 
-def wait_ready(cloud_dir: Path, cloud: CloudState, pid: int, timeout: float = 60.0,
-               abort: Callable[[], None] | None = None) -> None:
-    procs.wait_http(f"{cloud.glance_url}/versions", pid=pid, marker=str(pid_file(cloud_dir)),
-                    log=log_file(cloud_dir), what=f"{cloud.name}: glance", timeout=timeout,
-                    abort=abort)
+def wait_ready(
+    cloud_dir: Path,
+    cloud: CloudState,
+    pid: int,
+    timeout: float = 60.0,
+    abort: Callable[[], None] | None = None,
+) -> None:
+    procs.wait_http(
+        f"{cloud.glance_url}/versions",
+        pid=pid,
+        marker=str(pid_file(cloud_dir)),
+        log=log_file(cloud_dir),
+        what=f"{cloud.name}: glance",
+        timeout=timeout,
+        abort=abort,
+    )
 
 
 def check_port(cloud: CloudState) -> None:
     if not procs.port_is_free(cloud.glance.port):
-        raise LabError(f"{cloud.name}: glance's port {cloud.glance.port} is taken by "
-                       "another program; stop it, or remove the lab directory for a fresh lab")
+        raise LabError(
+            f"{cloud.name}: glance's port {cloud.glance.port} is taken by "
+            "another program; stop it, or remove the lab directory for a fresh lab"
+        )

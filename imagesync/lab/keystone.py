@@ -78,12 +78,16 @@ lock_path = {k / "locks"}
 """)
 
 
-def _manage(tools: procs.Tools, cloud_dir: Path, *args: str,
-            env: dict[str, str] | None = None) -> None:
+def _manage(
+    tools: procs.Tools, cloud_dir: Path, *args: str, env: dict[str, str] | None = None
+) -> None:
     step = args[0]
-    procs.run_step([tools.keystone_manage, "--config-file", conf_file(cloud_dir), *args],
-                   cloud_dir / "logs" / f"keystone-manage-{step}.log",
-                   f"{cloud_dir.name}: keystone-manage {step}", env=env)
+    procs.run_step(
+        [tools.keystone_manage, "--config-file", conf_file(cloud_dir), *args],
+        cloud_dir / "logs" / f"keystone-manage-{step}.log",
+        f"{cloud_dir.name}: keystone-manage {step}",
+        env=env,
+    )
 
 
 def db_sync(tools: procs.Tools, cloud_dir: Path) -> None:
@@ -92,8 +96,12 @@ def db_sync(tools: procs.Tools, cloud_dir: Path) -> None:
 
 def key_setups() -> list[tuple[str, ...]]:
     """The argument lists of fernet_setup and credential_setup (independent of the database)."""
-    owner = ("--keystone-user", pwd.getpwuid(os.getuid()).pw_name,
-             "--keystone-group", grp.getgrgid(os.getgid()).gr_name)
+    owner = (
+        "--keystone-user",
+        pwd.getpwuid(os.getuid()).pw_name,
+        "--keystone-group",
+        grp.getgrgid(os.getgid()).gr_name,
+    )
     return [("fernet_setup", *owner), ("credential_setup", *owner)]
 
 
@@ -103,31 +111,65 @@ def key_setup(tools: procs.Tools, cloud_dir: Path, args: tuple[str, ...]) -> Non
 
 def bootstrap(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> None:
     # The password goes through the environment, not argv (visible to every user in ps).
-    _manage(tools, cloud_dir, "bootstrap",
-            "--bootstrap-public-url", cloud.keystone_url,
-            "--bootstrap-internal-url", cloud.keystone_url,
-            "--bootstrap-region-id", REGION,
-            env={"OS_BOOTSTRAP_PASSWORD": cloud.admin_password})
+    _manage(
+        tools,
+        cloud_dir,
+        "bootstrap",
+        "--bootstrap-public-url",
+        cloud.keystone_url,
+        "--bootstrap-internal-url",
+        cloud.keystone_url,
+        "--bootstrap-region-id",
+        REGION,
+        env={"OS_BOOTSTRAP_PASSWORD": cloud.admin_password},
+    )
 
 
 def start(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> int:
     argv: list[str | Path] = [
-        tools.uwsgi, "--http11-socket", f"{procs.LOOPBACK}:{cloud.keystone.port}",
-        "--wsgi-file", tools.keystone_wsgi,
-        "--master", "--processes", "1", "--threads", "4", "--lazy-apps", "--die-on-term",
-        "--need-app", "--buffer-size", "65535",
-        "--virtualenv", tools.venv, "--pidfile", pid_file(cloud_dir),
+        tools.uwsgi,
+        "--http11-socket",
+        f"{procs.LOOPBACK}:{cloud.keystone.port}",
+        "--wsgi-file",
+        tools.keystone_wsgi,
+        "--master",
+        "--processes",
+        "1",
+        "--threads",
+        "4",
+        "--lazy-apps",
+        "--die-on-term",
+        "--need-app",
+        "--buffer-size",
+        "65535",
+        "--virtualenv",
+        tools.venv,
+        "--pidfile",
+        pid_file(cloud_dir),
     ]
-    env = {"OS_KEYSTONE_CONFIG_DIR": str(home(cloud_dir)),
-           "OS_KEYSTONE_CONFIG_FILES": "keystone.conf"}
+    env = {
+        "OS_KEYSTONE_CONFIG_DIR": str(home(cloud_dir)),
+        "OS_KEYSTONE_CONFIG_FILES": "keystone.conf",
+    }
     return procs.start_service(argv, log_file(cloud_dir), env)
 
 
-def wait_ready(cloud_dir: Path, cloud: CloudState, pid: int, timeout: float = 60.0,
-               abort: Callable[[], None] | None = None) -> None:
-    procs.wait_http(cloud.keystone_url, pid=pid, marker=str(pid_file(cloud_dir)),
-                    log=log_file(cloud_dir), what=f"{cloud.name}: keystone", timeout=timeout,
-                    abort=abort)
+def wait_ready(
+    cloud_dir: Path,
+    cloud: CloudState,
+    pid: int,
+    timeout: float = 60.0,
+    abort: Callable[[], None] | None = None,
+) -> None:
+    procs.wait_http(
+        cloud.keystone_url,
+        pid=pid,
+        marker=str(pid_file(cloud_dir)),
+        log=log_file(cloud_dir),
+        what=f"{cloud.name}: keystone",
+        timeout=timeout,
+        abort=abort,
+    )
 
 
 def admin_session(cloud: CloudState) -> Any:
@@ -135,9 +177,14 @@ def admin_session(cloud: CloudState) -> Any:
     from keystoneauth1 import session
     from keystoneauth1.identity import v3
 
-    auth = v3.Password(auth_url=cloud.keystone_url, username=ADMIN,
-                       password=cloud.admin_password, project_name=ADMIN,
-                       user_domain_name="Default", project_domain_name="Default")
+    auth = v3.Password(
+        auth_url=cloud.keystone_url,
+        username=ADMIN,
+        password=cloud.admin_password,
+        project_name=ADMIN,
+        user_domain_name="Default",
+        project_domain_name="Default",
+    )
     return session.Session(auth=auth)
 
 
@@ -147,30 +194,40 @@ def configure(cloud_dir: Path, cloud: CloudState) -> None:
     from keystoneclient.v3 import client
 
     try:
-        ks = client.Client(session=admin_session(cloud), interface="public",
-                           region_name=REGION)
+        ks = client.Client(session=admin_session(cloud), interface="public", region_name=REGION)
         roles = {r.name: r for r in ks.roles.list()}
-        service_project = ks.projects.create(name="service", domain="default",
-                                             description="Service users")
-        glance_user = ks.users.create(name="glance", domain="default",
-                                      password=cloud.glance_password,
-                                      default_project=service_project)
+        service_project = ks.projects.create(
+            name="service", domain="default", description="Service users"
+        )
+        glance_user = ks.users.create(
+            name="glance",
+            domain="default",
+            password=cloud.glance_password,
+            default_project=service_project,
+        )
         ks.roles.grant(roles["admin"], user=glance_user, project=service_project)
         image = ks.services.create(name="glance", type="image", description="Image service")
         for interface in ("public", "internal"):
-            ks.endpoints.create(service=image, url=cloud.glance_url, interface=interface,
-                                region=REGION)
-        project = ks.projects.create(name=PROJECT, domain="default",
-                                     description="imagesync's own project")
-        user = ks.users.create(name=USERNAME, domain="default", password=cloud.password,
-                               default_project=project)
+            ks.endpoints.create(
+                service=image, url=cloud.glance_url, interface=interface, region=REGION
+            )
+        project = ks.projects.create(
+            name=PROJECT, domain="default", description="imagesync's own project"
+        )
+        user = ks.users.create(
+            name=USERNAME, domain="default", password=cloud.password, default_project=project
+        )
         ks.roles.grant(roles["member"], user=user, project=project)
     except (ksa_exc.ClientException, KeyError) as exc:
-        raise procs.failure(f"{cloud.name}: setting up Keystone's projects, users and catalog "
-                            f"failed: {exc!r}", log_file(cloud_dir)) from None
+        raise procs.failure(
+            f"{cloud.name}: setting up Keystone's projects, users and catalog failed: {exc!r}",
+            log_file(cloud_dir),
+        ) from None
 
 
 def check_port(cloud: CloudState) -> None:
     if not procs.port_is_free(cloud.keystone.port):
-        raise LabError(f"{cloud.name}: keystone's port {cloud.keystone.port} is taken by "
-                       "another program; stop it, or remove the lab directory for a fresh lab")
+        raise LabError(
+            f"{cloud.name}: keystone's port {cloud.keystone.port} is taken by "
+            "another program; stop it, or remove the lab directory for a fresh lab"
+        )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import os
 import shutil
 import signal
@@ -87,9 +88,7 @@ def find_tools() -> Tools:
     pkgs = {name: package_dir(name) for name in ("keystone", "glance")}
     missing += [name for name, path in pkgs.items() if path is None]
     missing += [m for m in ("keystonemiddleware", "keystoneclient") if package_dir(m) is None]
-    wsgi = {
-        name: path / "wsgi/api.py" for name, path in pkgs.items() if path is not None
-    }
+    wsgi = {name: path / "wsgi/api.py" for name, path in pkgs.items() if path is not None}
     missing += [f"{name}/wsgi/api.py" for name, path in wsgi.items() if not path.is_file()]
     paste = _glance_paste_ini()
     if paste is None and pkgs["glance"] is not None:
@@ -170,17 +169,28 @@ def child_env(extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def run_step(argv: Sequence[str | Path], log: Path, what: str,
-             env: Mapping[str, str] | None = None, timeout: float = 300.0) -> None:
+def run_step(
+    argv: Sequence[str | Path],
+    log: Path,
+    what: str,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 300.0,
+) -> None:
     """Run a one-shot command (db_sync, bootstrap, ...), output appended to ``log``."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
         out.write(f"\n### {time.strftime('%Y-%m-%d %H:%M:%S')} {what}\n".encode())
         out.flush()
         try:
-            done = subprocess.run([str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=out,
-                                  stderr=subprocess.STDOUT, env=child_env(env or {}),
-                                  timeout=timeout, check=False)
+            done = subprocess.run(
+                [str(a) for a in argv],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=child_env(env or {}),
+                timeout=timeout,
+                check=False,
+            )
         except subprocess.TimeoutExpired:
             raise failure(f"{what} did not finish within {timeout:.0f} s", log) from None
         except OSError as exc:
@@ -198,9 +208,15 @@ def start_service(argv: Sequence[str | Path], log: Path, env: Mapping[str, str])
     with log.open("ab") as out:
         out.write(f"\n### {time.strftime('%Y-%m-%d %H:%M:%S')} starting\n".encode())
         out.flush()
-        proc = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=out,
-                                stderr=subprocess.STDOUT, env=child_env(env),
-                                start_new_session=True, close_fds=True)
+        proc = subprocess.Popen(
+            [str(a) for a in argv],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=child_env(env),
+            start_new_session=True,
+            close_fds=True,
+        )
     _CHILDREN[proc.pid] = proc
     return proc.pid
 
@@ -217,7 +233,7 @@ def _stat(pid: int) -> tuple[str, int] | None:
         data = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = data[data.rindex(")") + 2:].split()
+    fields = data[data.rindex(")") + 2 :].split()
     return fields[0], int(fields[2])
 
 
@@ -266,7 +282,7 @@ def lab_processes(directory: Path) -> dict[int, str]:
         if pid == os.getpid():
             continue
         args = cmdline(pid)
-        for flag, value in zip(args, args[1:], strict=False):
+        for flag, value in itertools.pairwise(args):
             if flag == "--pidfile" and value.startswith(prefix):
                 st = _stat(pid)
                 if st is not None and st[0] != "Z":
@@ -306,8 +322,9 @@ def stop_groups(groups: Mapping[int, str], *, grace: float = 10.0) -> int:
                 os.killpg(pgid, sig)
         deadline = time.monotonic() + wait
         while members and time.monotonic() < deadline:
-            members = {pgid: pids for pgid, pids in members.items()
-                       if group_members(pgid, groups[pgid])}
+            members = {
+                pgid: pids for pgid, pids in members.items() if group_members(pgid, groups[pgid])
+            }
             if members:
                 time.sleep(0.1)
         if not members:
@@ -317,8 +334,16 @@ def stop_groups(groups: Mapping[int, str], *, grace: float = 10.0) -> int:
     return count
 
 
-def wait_http(url: str, *, pid: int, marker: str, log: Path, what: str,
-              timeout: float = 60.0, abort: Callable[[], None] | None = None) -> float:
+def wait_http(
+    url: str,
+    *,
+    pid: int,
+    marker: str,
+    log: Path,
+    what: str,
+    timeout: float = 60.0,
+    abort: Callable[[], None] | None = None,
+) -> float:
     """Poll ``url`` until it answers 200 or 300; returns the seconds it took.
 
     Fails fast if the service exits, else after ``timeout`` seconds; the error carries the

@@ -99,10 +99,16 @@ class CloudState:
         return f"http://127.0.0.1:{self.glance.port}"
 
     def public(self) -> LabCloud:
-        return LabCloud(name=self.name, keystone_url=self.keystone_url,
-                        glance_url=self.glance_url, region=REGION, project=PROJECT,
-                        username=USERNAME, password=self.password,
-                        admin_password=self.admin_password)
+        return LabCloud(
+            name=self.name,
+            keystone_url=self.keystone_url,
+            glance_url=self.glance_url,
+            region=REGION,
+            project=PROJECT,
+            username=USERNAME,
+            password=self.password,
+            admin_password=self.admin_password,
+        )
 
 
 @dataclass
@@ -127,10 +133,15 @@ class LabState:
         return self.directory / "store"
 
     def info(self, start_seconds: float, start_kind: str) -> LabInfo:
-        return LabInfo(directory=self.directory, clouds=[c.public() for c in self.clouds],
-                       clouds_yaml=self.clouds_yaml, config_file=self.config_file,
-                       store_dir=self.store_dir, start_seconds=start_seconds,
-                       start_kind=start_kind)
+        return LabInfo(
+            directory=self.directory,
+            clouds=[c.public() for c in self.clouds],
+            clouds_yaml=self.clouds_yaml,
+            config_file=self.config_file,
+            store_dir=self.store_dir,
+            start_seconds=start_seconds,
+            start_kind=start_kind,
+        )
 
 
 def write_private(path: Path, text: str) -> None:
@@ -150,23 +161,32 @@ def load_state(directory: Path) -> LabState | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise LabError(f"{path}: unreadable lab state ({exc}); remove the directory to "
-                       "start afresh") from None
+        raise LabError(
+            f"{path}: unreadable lab state ({exc}); remove the directory to start afresh"
+        ) from None
     try:
         if raw.get("version") != STATE_VERSION:
             raise ValueError(f"version {raw.get('version')!r}, expected {STATE_VERSION}")
         clouds = [
-            CloudState(name=c["name"], keystone=ServiceState(**c["keystone"]),
-                       glance=ServiceState(**c["glance"]), admin_password=c["admin_password"],
-                       glance_password=c["glance_password"], password=c["password"],
-                       built=bool(c["built"]))
+            CloudState(
+                name=c["name"],
+                keystone=ServiceState(**c["keystone"]),
+                glance=ServiceState(**c["glance"]),
+                admin_password=c["admin_password"],
+                glance_password=c["glance_password"],
+                password=c["password"],
+                built=bool(c["built"]),
+            )
             for c in raw["clouds"]
         ]
-        return LabState(directory=directory, clouds=clouds,
-                        token_expiration=raw.get("token_expiration"))
+        return LabState(
+            directory=directory, clouds=clouds, token_expiration=raw.get("token_expiration")
+        )
     except (KeyError, TypeError, ValueError) as exc:
-        raise LabError(f"{path}: unexpected lab state ({exc}); stop its processes with "
-                       "`imagesync lab down` and remove the directory to start afresh") from None
+        raise LabError(
+            f"{path}: unexpected lab state ({exc}); stop its processes with "
+            "`imagesync lab down` and remove the directory to start afresh"
+        ) from None
 
 
 def save_state(state: LabState) -> None:
@@ -177,9 +197,15 @@ def save_state(state: LabState) -> None:
         "version": STATE_VERSION,
         "token_expiration": state.token_expiration,
         "clouds": [
-            {"name": c.name, "keystone": service(c.keystone), "glance": service(c.glance),
-             "admin_password": c.admin_password, "glance_password": c.glance_password,
-             "password": c.password, "built": c.built}
+            {
+                "name": c.name,
+                "keystone": service(c.keystone),
+                "glance": service(c.glance),
+                "admin_password": c.admin_password,
+                "glance_password": c.glance_password,
+                "password": c.password,
+                "built": c.built,
+            }
             for c in state.clouds
         ],
     }
@@ -205,8 +231,10 @@ def _q(value: object) -> str:
 
 def write_client_files(state: LabState) -> None:
     """DIRECTORY/clouds.yaml (0600), DIRECTORY/imagesync.yaml, DIRECTORY/store and state/."""
-    lines = ["# Written by `imagesync lab up`. labN: the imagesync member user; labN-admin: admin.",
-             "clouds:"]
+    lines = [
+        "# Written by `imagesync lab up`. labN: the imagesync member user; labN-admin: admin.",
+        "clouds:",
+    ]
     for c in state.clouds:
         for entry, user, project, password in (
             (c.name, USERNAME, PROJECT, c.password),

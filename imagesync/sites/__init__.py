@@ -44,16 +44,19 @@ def _directory(config: Config, name: str) -> Site:
 
     store = config.stores[name]
     if store.path is None:  # the config loader requires it; a hand-built Config may not
-        raise ConfigError("a directory store needs a path", file=_file(config),
-                          key=f"stores.{name}.path")
+        raise ConfigError(
+            "a directory store needs a path", file=_file(config), key=f"stores.{name}.path"
+        )
     return DirectorySite(name, store.path)
 
 
 #: every kind of site imagesync builds, by name
-KINDS: Mapping[str, Kind] = MappingProxyType({
-    "glance": Kind("glance", "clouds", _glance),
-    "directory": Kind("directory", "stores", _directory),
-})
+KINDS: Mapping[str, Kind] = MappingProxyType(
+    {
+        "glance": Kind("glance", "clouds", _glance),
+        "directory": Kind("directory", "stores", _directory),
+    }
+)
 
 
 def store_kinds() -> frozenset[str]:
@@ -73,9 +76,11 @@ def open_site(config: Config, name: str) -> Site:
         kind = KINDS.get(config.stores[name].type)
         if kind is None or kind.section != "stores":
             known = ", ".join(sorted(store_kinds()))
-            raise ConfigError(f"store type {config.stores[name].type!r} is not supported "
-                              f"(supported: {known})", file=_file(config),
-                              key=f"stores.{name}.type")
+            raise ConfigError(
+                f"store type {config.stores[name].type!r} is not supported (supported: {known})",
+                file=_file(config),
+                key=f"stores.{name}.type",
+            )
         return kind.build(config, name)
     known = ", ".join(config.site_names) or "none"
     raise UsageError(f"no cloud or store called {name!r} in {config.path} (known: {known})")

@@ -45,8 +45,9 @@ def check_name(name: str) -> str:
     if not name or name in (".", "..") or name.startswith(".") or len(name) > 255:
         raise SiteError(f"unsafe image name {name!r}: empty, dot-leading or too long")
     if any(c in _BAD_CHARS for c in name):
-        raise SiteError(f"unsafe image name {name!r}: contains '/', '\\\\', NUL or a control "
-                        "character")
+        raise SiteError(
+            f"unsafe image name {name!r}: contains '/', '\\\\', NUL or a control character"
+        )
     return name
 
 
@@ -125,11 +126,13 @@ class _DirWriter:
                 self._f.close()
                 self._f = None
             # Unpublished: data stays under its partial name; the metadata sits beside it hidden.
-            meta = self._write_meta({"sha512": self.sha512.hexdigest(),
-                                     "md5": self.md5.hexdigest()})
+            meta = self._write_meta(
+                {"sha512": self.sha512.hexdigest(), "md5": self.md5.hexdigest()}
+            )
         except OSError as exc:
-            raise SiteError(f"storing {self.partial}: {exc.strerror or exc}",
-                            site=self.site.name) from exc
+            raise SiteError(
+                f"storing {self.partial}: {exc.strerror or exc}", site=self.site.name
+            ) from exc
         self.finished = True
         return self.site._record(meta)
 
@@ -273,8 +276,9 @@ class DirectorySite:
         with self._io(f"publishing image {image_id}"):
             return self._publish(folder, image_id, properties)
 
-    def _publish(self, folder: Path, image_id: str,
-                 properties: Mapping[str, str] | None) -> ImageRecord:
+    def _publish(
+        self, folder: Path, image_id: str, properties: Mapping[str, str] | None
+    ) -> ImageRecord:
         hidden_meta = folder / f".{image_id}.json"
         meta = json.loads(hidden_meta.read_bytes())
         meta["properties"].pop(PROP_STATE, None)
@@ -291,8 +295,12 @@ class DirectorySite:
         except NotFound:
             return
         with self._io(f"deleting image {image_id}"):
-            for p in (f"{image_id}.json", f".{image_id}.json", f"{image_id}.img",
-                      f".{image_id}.img.partial"):
+            for p in (
+                f"{image_id}.json",
+                f".{image_id}.json",
+                f"{image_id}.img",
+                f".{image_id}.img.partial",
+            ):
                 (folder / p).unlink(missing_ok=True)
         self._prune(folder)
 
@@ -315,8 +323,9 @@ class DirectorySite:
             with tempfile.NamedTemporaryFile(dir=path, prefix=".imagesync-check-"):
                 pass
         except OSError as exc:
-            raise SiteError(f"{path} is not writable: {exc.strerror or exc}",
-                            site=self.name) from exc
+            raise SiteError(
+                f"{path} is not writable: {exc.strerror or exc}", site=self.name
+            ) from exc
         return f"writable directory {path}"
 
     def close(self) -> None:

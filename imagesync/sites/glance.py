@@ -58,12 +58,35 @@ log = structlog.get_logger("imagesync.glance")
 T = TypeVar("T")
 
 #: Glance's own attributes: never copied as "the image's properties"
-RESERVED = frozenset({
-    "id", "name", "status", "checksum", "os_hash_algo", "os_hash_value", "size",
-    "virtual_size", "created_at", "updated_at", "owner", "visibility", "protected",
-    "os_hidden", "tags", "file", "schema", "self", "locations", "direct_url",
-    "disk_format", "container_format", "min_disk", "min_ram", "stores",
-})
+RESERVED = frozenset(
+    {
+        "id",
+        "name",
+        "status",
+        "checksum",
+        "os_hash_algo",
+        "os_hash_value",
+        "size",
+        "virtual_size",
+        "created_at",
+        "updated_at",
+        "owner",
+        "visibility",
+        "protected",
+        "os_hidden",
+        "tags",
+        "file",
+        "schema",
+        "self",
+        "locations",
+        "direct_url",
+        "disk_format",
+        "container_format",
+        "min_disk",
+        "min_ram",
+        "stores",
+    }
+)
 RESERVED_PREFIXES = ("os_glance",)
 # Chunks (1 MiB as transfer reads them) queued per target. A chunk is one bytes object shared
 # by every target's queue, so memory stays bounded by this depth, not by depth x targets; 16
@@ -98,8 +121,7 @@ def classify(exc: BaseException, site: str, what: str) -> SiteError:
         code = getattr(exc, "code", None)
         status = code if isinstance(code, int) else None
         if type(exc).__name__ in ("CommunicationError", "InvalidEndpoint"):
-            return TransientError(f"{what}: connection failed: {type(exc).__name__}",
-                                  site=site)
+            return TransientError(f"{what}: connection failed: {type(exc).__name__}", site=site)
     text = f"{what}: {type(exc).__name__}"
     detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
     if detail:
@@ -109,25 +131,39 @@ def classify(exc: BaseException, site: str, what: str) -> SiteError:
     if isinstance(exc, (ksexc.MissingAuthPlugin, ksexc.AuthPluginException)) and status is None:
         return AuthError(f"{what}: authentication is not configured: {detail}", site=site)
     if status is not None:
-        if status in (401, 403):
-            return AuthError(f"{what}: refused ({status}): check the credentials and roles",
-                             site=site)
-        if status == 404:
-            return NotFound(f"{what}: not found", site=site)
-        if status == 409:
-            return Conflict(f"{what}: conflict (409): {detail}", site=site)
-        if status == 413:
-            return SiteError(f"{what}: too large for the cloud's quota (413)", site=site)
-        if status >= 500 or status in (408, 429):
-            return TransientError(f"{what}: server error {status}", site=site,
-                                  retry_after=_retry_after(response))
-        return SiteError(text, site=site)
-    if isinstance(exc, (ksexc.ConnectionError, requests.ConnectionError, requests.Timeout,
-                        requests.exceptions.ChunkedEncodingError, ConnectionError, TimeoutError)):
+        return _by_status(status, response, site, what, detail) or SiteError(text, site=site)
+    if isinstance(
+        exc,
+        (
+            ksexc.ConnectionError,
+            requests.ConnectionError,
+            requests.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+            ConnectionError,
+            TimeoutError,
+        ),
+    ):
         return TransientError(f"{what}: connection failed: {type(exc).__name__}", site=site)
     if isinstance(exc, ksexc.ClientException):
         return SiteError(text, site=site)
     return SiteError(text, site=site)
+
+
+def _by_status(status: int, response: Any, site: str, what: str, detail: str) -> SiteError | None:
+    """The error an HTTP status means, or None for a plain SiteError."""
+    if status in (401, 403):
+        return AuthError(f"{what}: refused ({status}): check the credentials and roles", site=site)
+    if status == 404:
+        return NotFound(f"{what}: not found", site=site)
+    if status == 409:
+        return Conflict(f"{what}: conflict (409): {detail}", site=site)
+    if status == 413:
+        return SiteError(f"{what}: too large for the cloud's quota (413)", site=site)
+    if status >= 500 or status in (408, 429):
+        return TransientError(
+            f"{what}: server error {status}", site=site, retry_after=_retry_after(response)
+        )
+    return None
 
 
 def _oneline(text: object) -> str:
@@ -135,13 +171,16 @@ def _oneline(text: object) -> str:
     return redact(" ".join(str(text).split())).rstrip(".")[:300]
 
 
-def _sentence(exc: BaseException, cfg: CloudConfig, url: str, what: str
-              ) -> tuple[type[SiteError], str]:
+def _sentence(
+    exc: BaseException, cfg: CloudConfig, url: str, what: str
+) -> tuple[type[SiteError], str]:
     """The kind of error and the one secret-free sentence for a keystoneauth failure to
     authenticate at, or reach, ``url`` (``what`` names it in a 404's hint)."""
     if isinstance(exc, ksexc.Unauthorized):
-        return AuthError, ("authentication refused (401): check the username/password or "
-                           f"application credential (at {url})")
+        return AuthError, (
+            "authentication refused (401): check the username/password or "
+            f"application credential (at {url})"
+        )
     if isinstance(exc, ksexc.Forbidden):
         return AuthError, f"forbidden (403) at {url}: the user may not use this project"
     if isinstance(exc, ksexc.SSLError):
@@ -167,8 +206,9 @@ def _sentence(exc: BaseException, cfg: CloudConfig, url: str, what: str
     return SiteError, f"{type(exc).__name__}: {_oneline(exc)}"[:300]
 
 
-def explain(exc: BaseException, cfg: CloudConfig, url: str | None = None,
-            what: str = "auth_url") -> SiteError:
+def explain(
+    exc: BaseException, cfg: CloudConfig, url: str | None = None, what: str = "auth_url"
+) -> SiteError:
     """A failure to authenticate at the cloud's Keystone (or to reach ``url``, named ``what``)
     as a SiteError whose message says what to fix, without a secret."""
     if isinstance(exc, SiteError):
@@ -178,8 +218,10 @@ def explain(exc: BaseException, cfg: CloudConfig, url: str | None = None,
 
 
 def _no_endpoint(cfg: CloudConfig) -> str:
-    return (f"no image endpoint in the catalog for region {cfg.region_name or '(any)'} "
-            f"(interface {cfg.interface})")
+    return (
+        f"no image endpoint in the catalog for region {cfg.region_name or '(any)'} "
+        f"(interface {cfg.interface})"
+    )
 
 
 def make_session(cfg: CloudConfig) -> ks_session.Session:
@@ -244,8 +286,9 @@ class GlanceWriter:
         self._id = image_id
         self.body = _Body(size or None)
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, args=(size,), daemon=True,
-                                       name=f"upload-{site.name}-{image_id[:8]}")
+        self.thread = threading.Thread(
+            target=self._run, args=(size,), daemon=True, name=f"upload-{site.name}-{image_id[:8]}"
+        )
         self.thread.start()
 
     @property
@@ -259,9 +302,8 @@ class GlanceWriter:
         if size is not None:
             headers["x-openstack-image-size"] = str(size)
         try:
-            self.site.adapter.put(f"/v2/images/{self._id}/file", data=self.body,
-                                  headers=headers)
-        except BaseException as exc:  # noqa: BLE001 - handed to the writing thread
+            self.site.adapter.put(f"/v2/images/{self._id}/file", data=self.body, headers=headers)
+        except BaseException as exc:
             self.error = exc
 
     def _raise_if_failed(self) -> None:
@@ -273,8 +315,9 @@ class GlanceWriter:
             self._raise_if_failed()
             if not self.thread.is_alive():
                 self._raise_if_failed()
-                raise TransientError(f"upload {self._id}: connection closed by the server",
-                                     site=self.site.name)
+                raise TransientError(
+                    f"upload {self._id}: connection closed by the server", site=self.site.name
+                )
             try:
                 self.body.q.put(chunk, timeout=0.5)
                 return
@@ -315,8 +358,12 @@ class GlanceSite:
         self.cfg = cfg
         self.session = session or make_session(cfg)
         self.adapter = ks_adapter.Adapter(
-            self.session, service_type="image", interface=cfg.interface,
-            region_name=cfg.region_name, endpoint_override=cfg.endpoint_override)
+            self.session,
+            service_type="image",
+            interface=cfg.interface,
+            region_name=cfg.region_name,
+            endpoint_override=cfg.endpoint_override,
+        )
         self._client: Any = None
         self._client_lock = threading.Lock()
         self.capabilities = Capabilities.fill(self, hashes={"md5", "sha512"})
@@ -329,9 +376,11 @@ class GlanceSite:
                 from glanceclient.v2 import client as glance_v2
 
                 self._client = glance_v2.Client(
-                    session=self.session, interface=self.cfg.interface,
+                    session=self.session,
+                    interface=self.cfg.interface,
                     region_name=self.cfg.region_name,
-                    endpoint_override=self.cfg.endpoint_override)
+                    endpoint_override=self.cfg.endpoint_override,
+                )
             return self._client
 
     # -- helpers ------------------------------------------------------------------------
@@ -349,8 +398,11 @@ class GlanceSite:
             hashes["md5"] = str(raw["checksum"])
         if raw.get("os_hash_algo") and raw.get("os_hash_value"):
             hashes[str(raw["os_hash_algo"]).lower()] = str(raw["os_hash_value"])
-        props = {k: str(v) for k, v in raw.items()
-                 if not is_reserved(k) and isinstance(v, (str, int, float, bool))}
+        props = {
+            k: str(v)
+            for k, v in raw.items()
+            if not is_reserved(k) and isinstance(v, (str, int, float, bool))
+        }
         created = parse_time(raw.get("created_at")) or datetime.now(UTC)
         return ImageRecord(
             site=self.name,
@@ -379,7 +431,8 @@ class GlanceSite:
         try:
             self.session.get_token()
             endpoint = cfg.endpoint_override or self.session.get_endpoint(
-                service_type="image", interface=cfg.interface, region_name=cfg.region_name)
+                service_type="image", interface=cfg.interface, region_name=cfg.region_name
+            )
         except Exception as exc:  # every failure becomes one sentence
             raise explain(exc, cfg) from exc
         if not endpoint:
@@ -395,8 +448,10 @@ class GlanceSite:
         url: str | None = "/v2/images"
         query: dict[str, str] | None = {"limit": "1000", **params}
         while url:
-            page = self._call("list images", lambda u=url, q=query: self.adapter.get(
-                u, params=q).json())  # type: ignore[misc]
+            page = self._call(
+                "list images",
+                lambda u=url, q=query: self.adapter.get(u, params=q).json(),  # type: ignore[misc]
+            )
             out.extend(self._record(raw) for raw in page.get("images", []))
             url, query = page.get("next"), None
         return out
@@ -422,8 +477,9 @@ class GlanceSite:
         return records, max([*stamps, since])
 
     def get_image(self, image_id: str) -> ImageRecord:
-        raw = self._call(f"get image {image_id}",
-                         lambda: self.adapter.get(f"/v2/images/{image_id}").json())
+        raw = self._call(
+            f"get image {image_id}", lambda: self.adapter.get(f"/v2/images/{image_id}").json()
+        )
         return self._record(raw)
 
     def wait_active(self, image_id: str, timeout: float = 300.0) -> ImageRecord:
@@ -435,14 +491,17 @@ class GlanceSite:
             if rec.status in ("killed", "deleted", "pending_delete", "deactivated"):
                 raise SiteError(f"image {image_id} became {rec.status}", site=self.name)
             if time.monotonic() > deadline:
-                raise TransientError(f"image {image_id} still {rec.status} after {timeout:.0f}s",
-                                     site=self.name)
+                raise TransientError(
+                    f"image {image_id} still {rec.status} after {timeout:.0f}s", site=self.name
+                )
             time.sleep(0.5)
 
     def open(self, image: ImageRecord, offset: int = 0) -> Iterator[bytes]:
         headers = {"Range": f"bytes={offset}-"} if offset else {}
-        resp = self._call(f"download {image.id}", lambda: self.adapter.get(
-            f"/v2/images/{image.id}/file", headers=headers, stream=True))
+        resp = self._call(
+            f"download {image.id}",
+            lambda: self.adapter.get(f"/v2/images/{image.id}/file", headers=headers, stream=True),
+        )
         if resp.status_code == 204:
             resp.close()
             raise NotFound(f"image {image.id} has no data", site=self.name)
@@ -469,16 +528,19 @@ class GlanceSite:
         props = {k: str(v) for k, v in new.properties.items() if not is_reserved(k)}
         props[PROP_STATE] = STATE_UPLOADING
         fields.update(props)
-        raw = self._call(f"create image {new.name}",
-                         lambda: self.client.images.create(**fields))
+        raw = self._call(f"create image {new.name}", lambda: self.client.images.create(**fields))
         image_id = str(raw["id"])
         log.debug("image.created", site=self.name, image_id=image_id, name=new.name)
         return GlanceWriter(self, image_id, new.size)
 
     def publish(self, image_id: str, properties: Mapping[str, str] | None = None) -> ImageRecord:
         extra = {k: v for k, v in (properties or {}).items() if not is_reserved(k)}
-        self._call(f"publish {image_id}", lambda: self.client.images.update(
-            image_id, remove_props=[PROP_STATE], os_hidden=False, **extra))
+        self._call(
+            f"publish {image_id}",
+            lambda: self.client.images.update(
+                image_id, remove_props=[PROP_STATE], os_hidden=False, **extra
+            ),
+        )
         return self.get_image(image_id)
 
     def delete(self, image_id: str) -> None:
@@ -494,13 +556,17 @@ class GlanceSite:
                 self.delete(image_id)
                 return
             except SiteError as exc:
-                log.warning("cleanup.delete_failed", site=self.name, image_id=image_id,
-                            attempt=attempt + 1, error=str(exc))
+                log.warning(
+                    "cleanup.delete_failed",
+                    site=self.name,
+                    image_id=image_id,
+                    attempt=attempt + 1,
+                    error=str(exc),
+                )
                 time.sleep(0.5 * (attempt + 1))
 
     def hide(self, image_id: str) -> None:
-        self._call(f"hide {image_id}",
-                   lambda: self.client.images.update(image_id, os_hidden=True))
+        self._call(f"hide {image_id}", lambda: self.client.images.update(image_id, os_hidden=True))
 
     def close(self) -> None:
         pass

@@ -67,8 +67,10 @@ class Stored:
 
 
 def _hashes(data: bytes | bytearray) -> dict[str, str]:
-    return {"sha512": hashlib.sha512(data).hexdigest(),
-            "md5": hashlib.md5(data, usedforsecurity=False).hexdigest()}
+    return {
+        "sha512": hashlib.sha512(data).hexdigest(),
+        "md5": hashlib.md5(data, usedforsecurity=False).hexdigest(),
+    }
 
 
 class MemoryWriter:
@@ -85,8 +87,11 @@ class MemoryWriter:
     def write(self, chunk: bytes) -> None:
         self.site.fault("write", self.image_id)
         f = self.site.faults
-        if (f.fail_write_after is not None and f.fail_write_times > 0
-                and len(self.stored.data) + len(chunk) > f.fail_write_after):
+        if (
+            f.fail_write_after is not None
+            and f.fail_write_times > 0
+            and len(self.stored.data) + len(chunk) > f.fail_write_after
+        ):
             f.fail_write_times -= 1
             cls = TransientError if f.fail_write_transient else SiteError
             raise cls("connection reset by peer", site=self.site.name)
@@ -97,8 +102,9 @@ class MemoryWriter:
         data = self.stored.data
         if self.site.faults.flip_byte_on_store and data:
             data[len(data) // 2] ^= 0xFF
-        self.stored.rec = self.stored.rec.with_(status="active", size=len(data),
-                                                hashes=_hashes(data), updated_at=_now())
+        self.stored.rec = self.stored.rec.with_(
+            status="active", size=len(data), hashes=_hashes(data), updated_at=_now()
+        )
         return self.stored.rec
 
     def abort(self) -> None:
@@ -124,17 +130,32 @@ class MemorySite:
         self.capabilities = Capabilities.fill(self, hashes=HASHES)
 
     # -- for tests ---------------------------------------------------------------------------
-    def add(self, name: str, data: bytes, *, created: datetime | None = None,
-            props: Mapping[str, str] | None = None, status: str = "active",
-            hashes: Mapping[str, str] | None = None, protected: bool = False) -> ImageRecord:
+    def add(
+        self,
+        name: str,
+        data: bytes,
+        *,
+        created: datetime | None = None,
+        props: Mapping[str, str] | None = None,
+        status: str = "active",
+        hashes: Mapping[str, str] | None = None,
+        protected: bool = False,
+    ) -> ImageRecord:
         """Put an image here as a person would (not through imagesync)."""
         image_id = str(uuid.uuid4())
         rec = ImageRecord(
-            site=self.name, id=image_id, name=name, status=status,
-            created_at=created or _now(), size=len(data),
+            site=self.name,
+            id=image_id,
+            name=name,
+            status=status,
+            created_at=created or _now(),
+            size=len(data),
             hashes=dict(hashes) if hashes is not None else _hashes(data),
-            disk_format="raw", container_format="bare", properties=dict(props or {}),
-            protected=protected)
+            disk_format="raw",
+            container_format="bare",
+            properties=dict(props or {}),
+            protected=protected,
+        )
         self.images[image_id] = Stored(rec, bytearray(data), published=True)
         return rec
 
@@ -180,26 +201,34 @@ class MemorySite:
         data = bytes(self._stored(image.id).data[offset:])  # NotFound here, not at next()
         if self.faults.corrupt_read and data:
             data = data[:-1] + bytes([data[-1] ^ 1])
-        return (data[i:i + CHUNK] for i in range(0, len(data), CHUNK))
+        return (data[i : i + CHUNK] for i in range(0, len(data), CHUNK))
 
     def create(self, new: NewImage) -> MemoryWriter:
         self.fault("create")
         image_id = str(uuid.uuid4())
         props = dict(new.properties)
         props[PROP_STATE] = STATE_UPLOADING
-        rec = ImageRecord(site=self.name, id=image_id, name=new.name, status="queued",
-                          created_at=_now(), disk_format=new.disk_format,
-                          container_format=new.container_format, min_disk=new.min_disk,
-                          min_ram=new.min_ram, properties=props, visibility=new.visibility,
-                          hidden=True)
+        rec = ImageRecord(
+            site=self.name,
+            id=image_id,
+            name=new.name,
+            status="queued",
+            created_at=_now(),
+            disk_format=new.disk_format,
+            container_format=new.container_format,
+            min_disk=new.min_disk,
+            min_ram=new.min_ram,
+            properties=props,
+            visibility=new.visibility,
+            hidden=True,
+        )
         stored = Stored(rec)
         self.images[image_id] = stored
         return MemoryWriter(self, stored)
 
     def publish(self, image_id: str, properties: Mapping[str, str] | None = None) -> ImageRecord:
         self.fault("publish", image_id)
-        props = {k: v for k, v in self._stored(image_id).rec.properties.items()
-                 if k != PROP_STATE}
+        props = {k: v for k, v in self._stored(image_id).rec.properties.items() if k != PROP_STATE}
         props.update(properties or {})
         rec = self._change(image_id, properties=props, hidden=False)
         self.images[image_id].published = True
@@ -244,8 +273,9 @@ class ChangeListingMemorySite(MemorySite):
         return out, format_time(newest)
 
 
-def memory_site(name: str, faults: Faults | None = None, *,
-                list_changes: bool = False) -> MemorySite:
+def memory_site(
+    name: str, faults: Faults | None = None, *, list_changes: bool = False
+) -> MemorySite:
     """A memory site; with ``list_changes`` one that can list changes since a watermark."""
     cls = ChangeListingMemorySite if list_changes else MemorySite
     return cls(name, faults)

@@ -33,19 +33,37 @@ PASSWORD_PLUGINS = ("password", "v3password", "v2password")
 APPCRED_PLUGINS = ("v3applicationcredential",)
 TOKEN_PLUGINS = ("token", "v3token", "v2token")
 
-_SCOPE = ("auth_url", "system_scope", "domain_id", "domain_name", "project_id", "project_name",
-          "project_domain_id", "project_domain_name", "trust_id")
+_SCOPE = (
+    "auth_url",
+    "system_scope",
+    "domain_id",
+    "domain_name",
+    "project_id",
+    "project_name",
+    "project_domain_id",
+    "project_domain_name",
+    "trust_id",
+)
 _USER = ("user_id", "username", "user_domain_id", "user_domain_name")
 #: keystoneauth's options for the common auth types, so that loading a configuration does not
 #: import keystoneauth (0.1-0.2 s, which `imagesync check` pays on every boot). A unit test
 #: holds this table to keystoneauth's own ``get_options()``.
 KNOWN_AUTH_OPTIONS: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "password": ((*_SCOPE, "default_domain_id", "default_domain_name", *_USER, "password"),
-                 ("auth_url",)),
+    "password": (
+        (*_SCOPE, "default_domain_id", "default_domain_name", *_USER, "password"),
+        ("auth_url",),
+    ),
     "v3password": ((*_SCOPE, *_USER, "password"), ("auth_url",)),
-    "v3applicationcredential": ((*_SCOPE, *_USER, "application_credential_secret",
-                                 "application_credential_id", "application_credential_name"),
-                                ("auth_url", "application_credential_secret")),
+    "v3applicationcredential": (
+        (
+            *_SCOPE,
+            *_USER,
+            "application_credential_secret",
+            "application_credential_id",
+            "application_credential_name",
+        ),
+        ("auth_url", "application_credential_secret"),
+    ),
     "token": ((*_SCOPE, "default_domain_id", "default_domain_name", "token"), ("auth_url",)),
     "v3token": ((*_SCOPE, "token"), ("auth_url",)),
 }
@@ -88,29 +106,39 @@ def plugin_options(auth_type: str) -> tuple[list[str], list[str]]:
     return [o.dest for o in options], [o.dest for o in options if o.required]
 
 
-NO_CREDENTIALS = ("no credentials: add username, password and project_name (a password login), "
-                  "or application_credential_id and application_credential_secret (an "
-                  "application credential)")
+NO_CREDENTIALS = (
+    "no credentials: add username, password and project_name (a password login), "
+    "or application_credential_id and application_credential_secret (an "
+    "application credential)"
+)
 
 
 def _appcred_problem(missing: Any) -> tuple[str, str] | None:
-    if missing("application_credential_id", "application_credential_name",
-               "application_credential_secret"):
+    if missing(
+        "application_credential_id", "application_credential_name", "application_credential_secret"
+    ):
         return "", NO_CREDENTIALS
     if missing("application_credential_secret"):
         return "application_credential_secret", "missing: add it"
     if missing("application_credential_id", "application_credential_name"):
-        return "application_credential_id", "missing: add it (or application_credential_name" \
-            " with username)"
+        return (
+            "application_credential_id",
+            "missing: add it (or application_credential_name with username)",
+        )
     if missing("application_credential_id") and missing("username", "user_id"):
-        return "username", "missing: an application credential given by name needs the " \
-            "username (or user_id) of its owner: add it, or use application_credential_id"
+        return (
+            "username",
+            "missing: an application credential given by name needs the "
+            "username (or user_id) of its owner: add it, or use application_credential_id",
+        )
     return None  # an application credential carries its own project
 
 
-def credential_problem(auth_type: str, auth: Mapping[str, Any], required: Iterable[str]
-                       ) -> tuple[str, str] | None:
+def credential_problem(
+    auth_type: str, auth: Mapping[str, Any], required: Iterable[str]
+) -> tuple[str, str] | None:
     """(sub-key, message) for the first missing credential, or None when complete."""
+
     def missing(*names: str) -> bool:
         return not any(auth.get(n) for n in names)
 
@@ -129,12 +157,15 @@ def credential_problem(auth_type: str, auth: Mapping[str, Any], required: Iterab
         if missing(name):
             return name, "missing: add it"
     if auth_type in PASSWORD_PLUGINS + TOKEN_PLUGINS and missing("project_name", "project_id"):
-        return "project_name", ("missing: add project_name (or project_id): imagesync needs a "
-                                "project-scoped token to reach Glance")
+        return "project_name", (
+            "missing: add project_name (or project_id): imagesync needs a "
+            "project-scoped token to reach Glance"
+        )
     return None
 
 
 # --------------------------------------------------------------------------- clouds.yaml
+
 
 @dataclass(frozen=True)
 class CloudsYaml:
@@ -160,8 +191,9 @@ class CloudEntry:
     image_endpoint: str | None  # image_endpoint_override, if the entry sets one
 
 
-def _clouds_yaml_files(clouds_yaml: Path | None, env: Mapping[str, str]
-                       ) -> tuple[list[str], list[str], str]:
+def _clouds_yaml_files(
+    clouds_yaml: Path | None, env: Mapping[str, str]
+) -> tuple[list[str], list[str], str]:
     """(config files, secure files, how the search is described in messages)."""
     from openstack.config import loader as os_loader
 
@@ -193,20 +225,23 @@ def read_clouds_yaml(clouds_yaml: Path | None, env: Mapping[str, str]) -> Clouds
 
         files, secure, searched = _clouds_yaml_files(clouds_yaml, env)
         try:
-            osc = os_loader.OpenStackConfig(config_files=files, secure_files=secure,
-                                            load_envvars=False)
+            osc = os_loader.OpenStackConfig(
+                config_files=files, secure_files=secure, load_envvars=False
+            )
         except Exception as exc:  # openstacksdk raises several kinds; all mean "bad file"
             raise OpenStackConfigError(oneline(exc)) from None
     # openstacksdk skips a clouds.yaml it cannot parse and only logs it: say so
     skipped = "; ".join(
         f"{r.args[0]} is not valid YAML or JSON ({oneline(r.args[1])})"
-        if isinstance(r.args, tuple) and len(r.args) == 2 else oneline(r.getMessage())
-        for r in records if r.msg.startswith("Skipping config file"))
+        if isinstance(r.args, tuple) and len(r.args) == 2
+        else oneline(r.getMessage())
+        for r in records
+        if r.msg.startswith("Skipping config file")
+    )
     found = osc.config_filename
     # with no file found, openstacksdk invents a "defaults" entry: not one of the user's
     entries = list(osc.cloud_config.get("clouds", {})) if found else []
-    return CloudsYaml(loader=osc, searched=searched, found=found, entries=entries,
-                      skipped=skipped)
+    return CloudsYaml(loader=osc, searched=searched, found=found, entries=entries, skipped=skipped)
 
 
 def cloud_entry(clouds: CloudsYaml, entry: str, region_name: str | None) -> CloudEntry:
@@ -232,4 +267,5 @@ def cloud_entry(clouds: CloudsYaml, entry: str, region_name: str | None) -> Clou
         interface=str(cfg.get("interface") or "public"),
         verify=region.get_requests_verify_args()[0],
         timeout=timeout,
-        image_endpoint=region.get_endpoint("image") or None)
+        image_endpoint=region.get_endpoint("image") or None,
+    )

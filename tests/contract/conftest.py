@@ -38,9 +38,11 @@ def _memory(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
     def refuse(op: str, image_id: str | None) -> None:
         raise ConnectionResetError(f"{op}: connection reset by peer")
 
-    return Harness(site=memory_site("memory", list_changes=True),
-                   broken=lambda: memory_site("broken", Faults(hook=refuse), list_changes=True),
-                   settle=lambda: time.sleep(0.001))  # microsecond clock
+    return Harness(
+        site=memory_site("memory", list_changes=True),
+        broken=lambda: memory_site("broken", Faults(hook=refuse), list_changes=True),
+        settle=lambda: time.sleep(0.001),
+    )  # microsecond clock
 
 
 def _directory(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
@@ -52,8 +54,9 @@ def _directory(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
         return site
 
     (tmp_path / "store").mkdir()
-    return Harness(site=DirectorySite("store", tmp_path / "store"), broken=broken,
-                   settle=lambda: None)
+    return Harness(
+        site=DirectorySite("store", tmp_path / "store"), broken=broken, settle=lambda: None
+    )
 
 
 def _closed_port() -> int:
@@ -70,17 +73,23 @@ def _glance(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
 
     lab: LabInfo = request.getfixturevalue("lab")
     closed = f"http://127.0.0.1:{_closed_port()}"
-    return Harness(site=GlanceSite(cloud_config(lab, "lab3")),
-                   broken=lambda: GlanceSite(cloud_config(lab, "lab3", endpoint_override=closed)),
-                   settle=lambda: time.sleep(1.1))  # Glance's times are whole seconds
+    return Harness(
+        site=GlanceSite(cloud_config(lab, "lab3")),
+        broken=lambda: GlanceSite(cloud_config(lab, "lab3", endpoint_override=closed)),
+        settle=lambda: time.sleep(1.1),
+    )  # Glance's times are whole seconds
 
 
 FACTORIES: dict[str, Callable[[pytest.FixtureRequest, Path], Harness]] = {
-    "memory": _memory, "directory": _directory, "glance": _glance}
+    "memory": _memory,
+    "directory": _directory,
+    "glance": _glance,
+}
 
 
-@pytest.fixture(params=["memory", "directory",
-                        pytest.param("glance", marks=pytest.mark.integration)])
+@pytest.fixture(
+    params=["memory", "directory", pytest.param("glance", marks=pytest.mark.integration)]
+)
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
     h = FACTORIES[request.param](request, tmp_path)
     try:
@@ -89,7 +98,6 @@ def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]
         h.site.close()
 
 
-@pytest.fixture()
+@pytest.fixture
 def site(harness: Harness) -> Site:
     return harness.site
-

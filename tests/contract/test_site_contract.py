@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import pytest
@@ -29,21 +30,33 @@ def uid() -> str:
 
 
 def _new(name: str, size: int | None = len(DATA)) -> NewImage:
-    return NewImage(name=name, disk_format="raw", container_format="bare", min_disk=1,
-                    min_ram=256, properties={"os_distro": "centos", PROP_ORIGIN: "x:1"},
-                    size=size)
+    return NewImage(
+        name=name,
+        disk_format="raw",
+        container_format="bare",
+        min_disk=1,
+        min_ram=256,
+        properties={"os_distro": "centos", PROP_ORIGIN: "x:1"},
+        size=size,
+    )
 
 
 def _upload(site: Site, name: str, data: bytes = DATA) -> str:
     w = site.create(_new(name, len(data)))
     for i in range(0, len(data), 65536):
-        w.write(data[i:i + 65536])
+        w.write(data[i : i + 65536])
     return w.finish().id
 
 
 def _missing_record(site: Site) -> ImageRecord:
-    return ImageRecord(site=site.name, id=MISSING, name="missing", status="active",
-                       created_at=datetime.now(UTC), size=10)
+    return ImageRecord(
+        site=site.name,
+        id=MISSING,
+        name="missing",
+        status="active",
+        created_at=datetime.now(UTC),
+        size=10,
+    )
 
 
 def _ids(records: list[ImageRecord]) -> set[str]:
@@ -60,7 +73,11 @@ def test_upload_is_invisible_and_marked_until_published(site: Site) -> None:
     assert pub.counts and not pub.hidden and PROP_STATE not in pub.properties
     assert pub.properties["os_distro"] == "centos" and pub.properties[PROP_ORIGIN] == "x:1"
     assert (pub.disk_format, pub.container_format, pub.min_disk, pub.min_ram) == (
-        "raw", "bare", 1, 256)
+        "raw",
+        "bare",
+        1,
+        256,
+    )
     assert pub.size == len(DATA)
     site.delete(image_id)
 
@@ -70,7 +87,7 @@ def test_finish_reports_every_hash_the_site_claims_and_they_are_right(site: Site
     assert claimed, "a site that reports no hash cannot have a copy verified"
     w = site.create(_new(uid()))
     for i in range(0, len(DATA), 100_000):
-        w.write(DATA[i:i + 100_000])
+        w.write(DATA[i : i + 100_000])
     finished = w.finish()
     expected = {algo: hashlib.new(algo, DATA).hexdigest() for algo in claimed}
     assert {a: finished.hashes.get(a) for a in claimed} == expected
@@ -94,8 +111,7 @@ def test_abort_leaves_nothing(site: Site) -> None:
     assert site.list_images(name) == []
 
 
-def test_a_missing_id_is_not_found_on_every_method_and_deleting_it_is_no_error(
-        site: Site) -> None:
+def test_a_missing_id_is_not_found_on_every_method_and_deleting_it_is_no_error(site: Site) -> None:
     with pytest.raises(NotFound):
         site.get_image(MISSING)
     with pytest.raises(NotFound):
@@ -127,8 +143,11 @@ def test_hide_delete_and_name_filter(site: Site) -> None:
 def test_capabilities_are_the_optional_protocols_the_site_implements(site: Site) -> None:
     caps = site.capabilities
     assert caps is site.capabilities  # filled once, not per call
-    for ability, protocol in (("hide", Hiding), ("list_changed", ChangeListing),
-                              ("images_in_use", InUseReporting)):
+    for ability, protocol in (
+        ("hide", Hiding),
+        ("list_changed", ChangeListing),
+        ("images_in_use", InUseReporting),
+    ):
         bound = getattr(caps, ability)
         assert (bound is not None) == isinstance(site, protocol), ability
         if bound is not None:
@@ -173,7 +192,7 @@ def test_list_changed_from_a_watermark(harness: Harness) -> None:
 def test_an_io_failure_is_a_site_error_never_not_found(harness: Harness) -> None:
     broken = harness.broken()
     try:
-        calls = {
+        calls: dict[str, Callable[[], object]] = {
             "check_connection": broken.check_connection,
             "list_images": broken.list_images,
             "list_images(name)": lambda: broken.list_images("x"),

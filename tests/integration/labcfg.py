@@ -16,32 +16,58 @@ from imagesync.lab import LabInfo, glance_client
 from tests.faultproxy import FaultProxy
 
 
-def cloud_config(lab: LabInfo, name: str, *, endpoint_override: str | None = None,
-                 auth_url: str | None = None, site_name: str | None = None) -> CloudConfig:
+def cloud_config(
+    lab: LabInfo,
+    name: str,
+    *,
+    endpoint_override: str | None = None,
+    auth_url: str | None = None,
+    site_name: str | None = None,
+) -> CloudConfig:
     c = lab.cloud(name)
     return CloudConfig(
         name=site_name or name,
-        auth={"auth_url": auth_url or c.keystone_url, "username": c.username,
-              "password": c.password, "project_name": c.project,
-              "user_domain_name": "Default", "project_domain_name": "Default"},
-        auth_type="password", region_name=c.region, interface="public",
-        endpoint_override=endpoint_override, timeout=30.0)
+        auth={
+            "auth_url": auth_url or c.keystone_url,
+            "username": c.username,
+            "password": c.password,
+            "project_name": c.project,
+            "user_domain_name": "Default",
+            "project_domain_name": "Default",
+        },
+        auth_type="password",
+        region_name=c.region,
+        interface="public",
+        endpoint_override=endpoint_override,
+        timeout=30.0,
+    )
 
 
-def make_config(lab: LabInfo, tmp_path: Path, pattern: str, *, clouds: list[str] | None = None,
-                overrides: dict[str, CloudConfig] | None = None, store: bool = True,
-                **rule: Any) -> Config:
+def make_config(
+    lab: LabInfo,
+    tmp_path: Path,
+    pattern: str,
+    *,
+    clouds: list[str] | None = None,
+    overrides: dict[str, CloudConfig] | None = None,
+    store: bool = True,
+    **rule: Any,
+) -> Config:
     names = clouds or [c.name for c in lab.clouds]
     cc = {n: (overrides or {}).get(n) or cloud_config(lab, n) for n in names}
     stores = {}
     if store:
         (tmp_path / "store").mkdir(exist_ok=True)
         stores["archive"] = StoreConfig(name="archive", type="directory", path=tmp_path / "store")
-    return Config(path=tmp_path / "imagesync.yaml", state_dir=tmp_path / "state",
-                  poll_interval=60, clouds=cc, stores=stores,
-                  images=(ImageRule(pattern=pattern, clouds=tuple(names),
-                                    stores=tuple(stores), **rule),),
-                  transfer_retries=2)
+    return Config(
+        path=tmp_path / "imagesync.yaml",
+        state_dir=tmp_path / "state",
+        poll_interval=60,
+        clouds=cc,
+        stores=stores,
+        images=(ImageRule(pattern=pattern, clouds=tuple(names), stores=tuple(stores), **rule),),
+        transfer_retries=2,
+    )
 
 
 def upload(lab: LabInfo, cloud: str, name: str, data: bytes, **props: str) -> dict[str, Any]:
@@ -57,7 +83,7 @@ def upload(lab: LabInfo, cloud: str, name: str, data: bytes, **props: str) -> di
 def images_named(lab: LabInfo, cloud: str, name: str) -> list[dict[str, Any]]:
     """Every image of that name on the cloud, hidden ones and every status included (admin)."""
     gc = glance_client(lab, cloud, admin=True)
-    out = []
+    out: list[Any] = []
     for hidden in ("false", "true"):
         filters = {"name": name, "visibility": "all", "os_hidden": hidden}
         out.extend(dict(i) for i in gc.images.list(filters=filters))
@@ -76,21 +102,29 @@ def uid(prefix: str = "t") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def write_yaml(lab: LabInfo, tmp_path: Path, pattern: str, clouds: list[str],
-               **extra: Any) -> Path:
+def write_yaml(lab: LabInfo, tmp_path: Path, pattern: str, clouds: list[str], **extra: Any) -> Path:
     """An imagesync.yaml for the CLI, with the lab's clouds given inline."""
     import yaml
 
     doc: dict[str, Any] = {
-        "state_dir": str(tmp_path / "state"), "poll_interval": "1m",
-        "clouds": {}, "images": [{"name": pattern, "clouds": "all"}]}
+        "state_dir": str(tmp_path / "state"),
+        "poll_interval": "1m",
+        "clouds": {},
+        "images": [{"name": pattern, "clouds": "all"}],
+    }
     for n in clouds:
         c = lab.cloud(n)
-        doc["clouds"][n] = {"auth": {"auth_url": c.keystone_url, "username": c.username,
-                                     "password": c.password, "project_name": c.project,
-                                     "user_domain_name": "Default",
-                                     "project_domain_name": "Default"},
-                            "region_name": c.region}
+        doc["clouds"][n] = {
+            "auth": {
+                "auth_url": c.keystone_url,
+                "username": c.username,
+                "password": c.password,
+                "project_name": c.project,
+                "user_domain_name": "Default",
+                "project_domain_name": "Default",
+            },
+            "region_name": c.region,
+        }
     doc.update(extra)
     path = tmp_path / "imagesync.yaml"
     path.write_text(yaml.safe_dump(doc))

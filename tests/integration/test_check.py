@@ -18,8 +18,9 @@ from tests.integration.labcfg import cloud_config, make_config, random_bytes, ui
 pytestmark = pytest.mark.integration
 
 
-def test_exit_0_prints_the_image_id_to_boot(lab: LabInfo, tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_exit_0_prints_the_image_id_to_boot(
+    lab: LabInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     name = uid("chk")
     upload(lab, "lab1", name, random_bytes(5000))
     config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False)
@@ -36,8 +37,9 @@ def test_exit_0_prints_the_image_id_to_boot(lab: LabInfo, tmp_path: Path,
     assert out["image_id"] == image_id and out["answered_from"] == "recorded"
 
 
-def test_exit_1_when_missing_or_stale(lab: LabInfo, tmp_path: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_exit_1_when_missing_or_stale(
+    lab: LabInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     name = uid("chk1")
     upload(lab, "lab1", name, random_bytes(3000))
     config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False)
@@ -58,20 +60,23 @@ def test_exit_1_when_no_such_image_anywhere(lab: LabInfo, tmp_path: Path) -> Non
     assert check(config, uid("nothing"), "lab1") == 1
 
 
-def test_exit_3_when_the_cloud_is_unreachable(lab: LabInfo, tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_exit_3_when_the_cloud_is_unreachable(
+    lab: LabInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     name = uid("chk3")
     dead = cloud_config(lab, "lab2", auth_url="http://127.0.0.1:9/v3")
-    config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False,
-                         overrides={"lab2": dead})
+    config = make_config(
+        lab, tmp_path, name, clouds=["lab1", "lab2"], store=False, overrides={"lab2": dead}
+    )
     assert check(config, name, "lab2") == 3
     err = capsys.readouterr().err
     assert "cannot tell" in err
     assert lab.cloud("lab2").password not in err
 
 
-def test_ensure_pushes_then_answers(lab: LabInfo, tmp_path: Path,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_ensure_pushes_then_answers(
+    lab: LabInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     name = uid("ens")
     upload(lab, "lab1", name, random_bytes(20000))
     config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2", "lab3"], store=False)
@@ -85,36 +90,66 @@ def test_ensure_pushes_then_answers(lab: LabInfo, tmp_path: Path,
 
 def _yaml_config(lab: LabInfo, tmp_path: Path) -> Path:
     c = lab.cloud("lab1")
-    doc = {"state_dir": str(tmp_path / "state"), "poll_interval": "1m",
-           "clouds": {"lab1": {"auth": {"auth_url": c.keystone_url, "username": c.username,
-                                        "password": c.password, "project_name": c.project,
-                                        "user_domain_name": "Default",
-                                        "project_domain_name": "Default"},
-                               "region_name": c.region}},
-           "images": [{"name": "*", "clouds": "all"}]}
+    doc = {
+        "state_dir": str(tmp_path / "state"),
+        "poll_interval": "1m",
+        "clouds": {
+            "lab1": {
+                "auth": {
+                    "auth_url": c.keystone_url,
+                    "username": c.username,
+                    "password": c.password,
+                    "project_name": c.project,
+                    "user_domain_name": "Default",
+                    "project_domain_name": "Default",
+                },
+                "region_name": c.region,
+            }
+        },
+        "images": [{"name": "*", "clouds": "all"}],
+    }
     path = tmp_path / "imagesync.yaml"
     path.write_text(yaml.safe_dump(doc))
     return path
 
 
-def test_exit_2_for_usage_and_config_errors_through_the_cli(lab: LabInfo,
-                                                            tmp_path: Path) -> None:
+def test_exit_2_for_usage_and_config_errors_through_the_cli(lab: LabInfo, tmp_path: Path) -> None:
     path = _yaml_config(lab, tmp_path)
-    cmd = [sys.executable, "-m", "imagesync.cli", "-c", str(path), "check", "x",
-           "--cloud", "nope"]
+    cmd = [sys.executable, "-m", "imagesync.cli", "-c", str(path), "check", "x", "--cloud", "nope"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     assert "nope" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "imagesync.cli", "-c", str(path), "check", "x"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "imagesync.cli", "-c", str(path), "check", "x"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "--cloud" in r.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("clouds: [oops\n")
-    r = subprocess.run([sys.executable, "-m", "imagesync.cli", "-c", str(bad), "check", "x",
-                        "--cloud", "lab1"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "imagesync.cli", "-c", str(bad), "check", "x", "--cloud", "lab1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and str(bad) in r.stderr
     # and through the CLI, a real answer: missing → 1
-    r = subprocess.run([sys.executable, "-m", "imagesync.cli", "-c", str(path), "check",
-                        uid("none"), "--cloud", "lab1"], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "imagesync.cli",
+            "-c",
+            str(path),
+            "check",
+            uid("none"),
+            "--cloud",
+            "lab1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1, r.stderr

@@ -18,10 +18,21 @@ def test_two_concurrent_pushes_make_one_copy(lab: LabInfo, tmp_path: Path) -> No
     name = uid("race")
     upload(lab, "lab1", name, random_bytes(4 << 20))
     cfg = write_yaml(lab, tmp_path, name, ["lab1", "lab2"])
-    cmd = [sys.executable, "-m", "imagesync.cli", "-c", str(cfg), "--log-format", "json",
-           "push", name]
-    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "imagesync.cli",
+        "-c",
+        str(cfg),
+        "--log-format",
+        "json",
+        "push",
+        name,
+    ]
+    procs = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=180) for p in procs]
     codes = sorted(p.returncode for p in procs)
     copies = [i for i in images_named(lab, "lab2", name)]

@@ -28,7 +28,8 @@ MB = 1 << 20
 
 
 def test_push_across_two_clouds_with_provenance_and_idempotence(
-        lab: LabInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    lab: LabInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     name = uid("push")
     data = random_bytes(3 * MB + 123)
     orig = upload(lab, "lab1", name, data, os_distro="ubuntu", hw_disk_bus="virtio")
@@ -78,8 +79,9 @@ def test_byte_flipped_on_upload_is_caught_and_removed(lab: LabInfo, tmp_path: Pa
     upload(lab, "lab1", name, data)
     with proxied(lab, "lab2") as (proxy, lab2):
         proxy.plan.flip_upload_at = 1_234_567
-        config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False,
-                             overrides={"lab2": lab2})
+        config = make_config(
+            lab, tmp_path, name, clouds=["lab1", "lab2"], store=False, overrides={"lab2": lab2}
+        )
         assert push(config, name, as_json=True) == 1
     assert proxy.plan.flips >= 1
     assert images_named(lab, "lab2", name) == []  # nothing left, not even queued/hidden
@@ -88,19 +90,20 @@ def test_byte_flipped_on_upload_is_caught_and_removed(lab: LabInfo, tmp_path: Pa
 
 
 def test_byte_flipped_on_download_is_caught_and_nothing_is_left(
-        lab: LabInfo, tmp_path: Path) -> None:
+    lab: LabInfo, tmp_path: Path
+) -> None:
     name = uid("flipdown")
     data = random_bytes(2 * MB)
     upload(lab, "lab1", name, data)
     with proxied(lab, "lab1") as (proxy, lab1):
         proxy.plan.flip_download_at = 777_777
-        config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"],
-                             overrides={"lab1": lab1})
+        config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], overrides={"lab1": lab1})
         assert push(config, name) == 1
     assert proxy.plan.flips >= 1
     assert images_named(lab, "lab2", name) == []
     assert not list((tmp_path / "store").rglob("*.img")) and not list(
-        (tmp_path / "store").rglob(".*"))
+        (tmp_path / "store").rglob(".*")
+    )
 
 
 def test_connection_cut_mid_upload_is_retried(lab: LabInfo, tmp_path: Path) -> None:
@@ -110,8 +113,9 @@ def test_connection_cut_mid_upload_is_retried(lab: LabInfo, tmp_path: Path) -> N
     with proxied(lab, "lab2") as (proxy, lab2):
         proxy.plan.cut_upload_after = MB
         proxy.plan.cut_times = 1
-        config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False,
-                             overrides={"lab2": lab2})
+        config = make_config(
+            lab, tmp_path, name, clouds=["lab1", "lab2"], store=False, overrides={"lab2": lab2}
+        )
         assert push(config, name) == 0
     assert proxy.plan.cuts == 1
     images = images_named(lab, "lab2", name)
@@ -125,15 +129,17 @@ def test_connection_cut_every_time_fails_cleanly(lab: LabInfo, tmp_path: Path) -
     with proxied(lab, "lab2") as (proxy, lab2):
         proxy.plan.cut_upload_after = 100_000
         proxy.plan.cut_times = 99
-        config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False,
-                             overrides={"lab2": lab2})
+        config = make_config(
+            lab, tmp_path, name, clouds=["lab1", "lab2"], store=False, overrides={"lab2": lab2}
+        )
         assert push(config, name) == 1
     assert proxy.plan.cuts >= 2
     assert images_named(lab, "lab2", name) == []
 
 
-def test_dry_run_changes_nothing(lab: LabInfo, tmp_path: Path,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_run_changes_nothing(
+    lab: LabInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     name = uid("dry")
     upload(lab, "lab1", name, random_bytes(1000))
     config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"])
@@ -151,8 +157,9 @@ def test_glance_lists_hidden_images_and_all_pages(lab: LabInfo, tmp_path: Path) 
     gc = glance_client(lab, "lab3")
     ids = set()
     for i in range(7):
-        img = gc.images.create(name=name, disk_format="raw", container_format="bare",
-                               os_hidden=(i % 3 == 0))
+        img = gc.images.create(
+            name=name, disk_format="raw", container_format="bare", os_hidden=(i % 3 == 0)
+        )
         ids.add(img["id"])
     site = GlanceSite(cloud_config(lab, "lab3"))
     found = {r.id for r in site.list_images(name)}
@@ -171,8 +178,9 @@ def test_glance_lists_only_what_changed_since_a_watermark(lab: LabInfo) -> None:
     everything, watermark = site.list_changed("")
     assert old["id"] in {r.id for r in everything}
     time.sleep(1.1)  # Glance's timestamps have one-second resolution
-    new = gc.images.create(name=uid("new"), disk_format="raw", container_format="bare",
-                           os_hidden=True)
+    new = gc.images.create(
+        name=uid("new"), disk_format="raw", container_format="bare", os_hidden=True
+    )
     gc.images.update(old["id"], os_distro="changed")  # an update counts as a change too
     changed, next_mark = site.list_changed(watermark)
     ids = {r.id for r in changed}

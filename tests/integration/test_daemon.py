@@ -39,13 +39,14 @@ POLL = 2.0
 
 # -- proxies in front of a cloud's Glance ------------------------------------------------------
 
+
 def _port(url: str) -> int:
     port = urlparse(url).port
     assert port is not None
     return port
 
 
-@pytest.fixture()
+@pytest.fixture
 def proxies(lab: LabInfo) -> Iterator[Callable[[str], FaultProxy]]:
     made: list[FaultProxy] = []
 
@@ -63,29 +64,49 @@ def proxies(lab: LabInfo) -> Iterator[Callable[[str], FaultProxy]]:
 
 # -- the daemon process ----------------------------------------------------------------------
 
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
-def write_config(lab: LabInfo, tmp_path: Path, rules: list[dict[str, Any]], *,
-                 clouds: list[str] | None = None,
-                 overrides: dict[str, dict[str, Any]] | None = None,
-                 store: bool = True, metrics_port: int | None = None) -> Path:
+def write_config(
+    lab: LabInfo,
+    tmp_path: Path,
+    rules: list[dict[str, Any]],
+    *,
+    clouds: list[str] | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    store: bool = True,
+    metrics_port: int | None = None,
+) -> Path:
     entries = {}
     for name in clouds or lab.names:
         c = lab.cloud(name)
         entry: dict[str, Any] = {
-            "auth": {"auth_url": c.keystone_url, "username": c.username,
-                     "password": c.password, "project_name": c.project,
-                     "user_domain_name": "Default", "project_domain_name": "Default"},
-            "region_name": c.region, "timeout": "5s", "max_transfers": 2}
+            "auth": {
+                "auth_url": c.keystone_url,
+                "username": c.username,
+                "password": c.password,
+                "project_name": c.project,
+                "user_domain_name": "Default",
+                "project_domain_name": "Default",
+            },
+            "region_name": c.region,
+            "timeout": "5s",
+            "max_transfers": 2,
+        }
         entry.update((overrides or {}).get(name, {}))
         entries[name] = entry
-    doc: dict[str, Any] = {"state_dir": str(tmp_path / "state"), "poll_interval": f"{POLL}s",
-                           "max_transfers": 6, "transfer_retries": 1, "clouds": entries,
-                           "images": rules}
+    doc: dict[str, Any] = {
+        "state_dir": str(tmp_path / "state"),
+        "poll_interval": f"{POLL}s",
+        "max_transfers": 6,
+        "transfer_retries": 1,
+        "clouds": entries,
+        "images": rules,
+    }
     if store:
         (tmp_path / "store").mkdir(exist_ok=True)
         doc["stores"] = {"archive": {"type": "directory", "path": str(tmp_path / "store")}}
@@ -96,7 +117,7 @@ def write_config(lab: LabInfo, tmp_path: Path, rules: list[dict[str, Any]], *,
     return path
 
 
-@pytest.fixture()
+@pytest.fixture
 def daemons() -> Iterator[Callable[[Path], DaemonProcess]]:
     made: list[DaemonProcess] = []
 
@@ -114,20 +135,25 @@ def daemons() -> Iterator[Callable[[Path], DaemonProcess]]:
 
 # -- what the clouds and the store hold --------------------------------------------------------
 
+
 def sha512(data: bytes) -> str:
     return hashlib.sha512(data).hexdigest()
 
 
 def published(lab: LabInfo, cloud: str, name: str) -> list[dict[str, Any]]:
     """Active, visible, finished images of that name (what a scheduler would boot)."""
-    return [i for i in images_named(lab, cloud, name)
-            if i["status"] == "active" and not i.get("os_hidden") and PROP_STATE not in i]
+    return [
+        i
+        for i in images_named(lab, cloud, name)
+        if i["status"] == "active" and not i.get("os_hidden") and PROP_STATE not in i
+    ]
 
 
 def half_made(lab: LabInfo, cloud: str, name: str) -> list[dict[str, Any]]:
     """Images of that name that are not finished: queued, saving, or marked uploading."""
-    return [i for i in images_named(lab, cloud, name)
-            if i["status"] != "active" or i.get(PROP_STATE)]
+    return [
+        i for i in images_named(lab, cloud, name) if i["status"] != "active" or i.get(PROP_STATE)
+    ]
 
 
 def store_files(tmp_path: Path, name: str) -> list[Path]:
@@ -136,8 +162,11 @@ def store_files(tmp_path: Path, name: str) -> list[Path]:
 
 
 def store_sha(tmp_path: Path, name: str) -> set[str]:
-    return {sha512(p.read_bytes()) for p in store_files(tmp_path, name)
-            if p.suffix == ".img" and not p.name.startswith(".")}
+    return {
+        sha512(p.read_bytes())
+        for p in store_files(tmp_path, name)
+        if p.suffix == ".img" and not p.name.startswith(".")
+    }
 
 
 def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
@@ -150,8 +179,14 @@ def wait_until(check: Callable[[], bool], timeout: float, what: str) -> float:
     return time.monotonic() - t0
 
 
-def everywhere(lab: LabInfo, tmp_path: Path, name: str, data: bytes,
-               clouds: tuple[str, ...] = ("lab1", "lab2", "lab3"), store: bool = True) -> bool:
+def everywhere(
+    lab: LabInfo,
+    tmp_path: Path,
+    name: str,
+    data: bytes,
+    clouds: tuple[str, ...] = ("lab1", "lab2", "lab3"),
+    store: bool = True,
+) -> bool:
     want = sha512(data)
     for c in clouds:
         if want not in {i.get("os_hash_value") for i in published(lab, c, name)}:
@@ -166,22 +201,36 @@ def scrape(port: int) -> str:
 
 # -- the tests ---------------------------------------------------------------------------------
 
+
 def test_cold_start_converges_and_a_new_version_spreads_within_a_poll(
-        lab: LabInfo, tmp_path: Path, daemons: Callable[[Path], DaemonProcess]) -> None:
+    lab: LabInfo, tmp_path: Path, daemons: Callable[[Path], DaemonProcess]
+) -> None:
     prefix = uid("conv")
-    data = {f"{prefix}-a": random_bytes(2 * MB), f"{prefix}-b": random_bytes(MB + 1),
-            f"{prefix}-c": random_bytes(3 * MB // 2)}
+    data = {
+        f"{prefix}-a": random_bytes(2 * MB),
+        f"{prefix}-b": random_bytes(MB + 1),
+        f"{prefix}-c": random_bytes(3 * MB // 2),
+    }
     for (name, blob), cloud in zip(data.items(), ("lab1", "lab2", "lab3"), strict=True):
         upload(lab, cloud, name, blob)
     metrics_port = _free_port()
-    config = write_config(lab, tmp_path, [{"name": f"{prefix}-*", "clouds": "all",
-                                           "store": "archive"}], metrics_port=metrics_port)
+    config = write_config(
+        lab,
+        tmp_path,
+        [{"name": f"{prefix}-*", "clouds": "all", "store": "archive"}],
+        metrics_port=metrics_port,
+    )
     d = daemons(config)
     d.wait_note("READY=1")
-    converged = wait_until(lambda: all(everywhere(lab, tmp_path, n, b) for n, b in data.items()),
-                           90, "3 images are on 3 clouds and the store")
-    print(f"\ncold start: 3 images on 3 clouds + store converged in {converged:.1f}s "
-          f"(daemon start included)")
+    converged = wait_until(
+        lambda: all(everywhere(lab, tmp_path, n, b) for n, b in data.items()),
+        90,
+        "3 images are on 3 clouds and the store",
+    )
+    print(
+        f"\ncold start: 3 images on 3 clouds + store converged in {converged:.1f}s "
+        f"(daemon start included)"
+    )
     assert d.wait_note("WATCHDOG=1") == "WATCHDOG=1"
     assert "STATUS=last pass" in d.wait_note("STATUS=last pass")
     done = d.events("copy.done")
@@ -194,13 +243,17 @@ def test_cold_start_converges_and_a_new_version_spreads_within_a_poll(
     time.sleep(1.1)  # Glance's created_at has one-second resolution
     new = random_bytes(2 * MB + 5)
     upload(lab, "lab3", name, new)
-    spread = wait_until(lambda: everywhere(lab, tmp_path, name, new), 60,
-                        "the new version is everywhere")
-    copies = [e for e in d.events("copy.done") if e["image"] == name
-              and e["source"].startswith("lab3:")]
+    spread = wait_until(
+        lambda: everywhere(lab, tmp_path, name, new), 60, "the new version is everywhere"
+    )
+    copies = [
+        e for e in d.events("copy.done") if e["image"] == name and e["source"].startswith("lab3:")
+    ]
     copy_time = max(e["seconds"] for e in copies)
-    print(f"new version on lab3 reached lab1, lab2, archive in {spread:.1f}s "
-          f"(poll {POLL}s, slowest copy {copy_time:.2f}s)")
+    print(
+        f"new version on lab3 reached lab1, lab2, archive in {spread:.1f}s "
+        f"(poll {POLL}s, slowest copy {copy_time:.2f}s)"
+    )
     # observed by polling every 0.25 s; allow one poll, the copies, one listing, and slack
     assert spread <= POLL + copy_time * len(copies) + 5.0
     for cloud in ("lab1", "lab2"):
@@ -214,12 +267,20 @@ def test_cold_start_converges_and_a_new_version_spreads_within_a_poll(
     assert 'imagesync_last_successful_poll_timestamp_seconds{site="lab2"}' in text
     assert "imagesync_bytes_copied_total" in text and "imagesync_transfers_in_flight 0.0" in text
 
-    r = subprocess.run([sys.executable, "-m", "imagesync.cli", "-c", str(config), "history",
-                        name, "--json"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "imagesync.cli", "-c", str(config), "history", name, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     rows = json.loads(r.stdout)
     # v1 from lab1 to lab2, lab3, archive; v2 from lab3 to lab1, lab2, archive
     assert {row["target"] for row in rows if row["result"] == "ok"} == {
-        "lab1", "lab2", "lab3", "archive"}
+        "lab1",
+        "lab2",
+        "lab3",
+        "archive",
+    }
     assert all(row["bytes"] and row["seconds"] is not None for row in rows)
 
     code, seconds = d.terminate()
@@ -227,17 +288,24 @@ def test_cold_start_converges_and_a_new_version_spreads_within_a_poll(
     assert "Traceback" not in d.stderr()
 
 
-def _slow_copy_setup(lab: LabInfo, tmp_path: Path, proxies: Callable[[str], FaultProxy],
-                     size: int = 24 * MB, rate: float = 1.5 * MB) -> tuple[str, bytes, Path,
-                                                                            FaultProxy]:
+def _slow_copy_setup(
+    lab: LabInfo,
+    tmp_path: Path,
+    proxies: Callable[[str], FaultProxy],
+    size: int = 24 * MB,
+    rate: float = 1.5 * MB,
+) -> tuple[str, bytes, Path, FaultProxy]:
     name = uid("slow")
     data = random_bytes(size)
     upload(lab, "lab1", name, data)
     proxy = proxies("lab1")
     proxy.plan.download_rate = rate  # every read of the source takes size/rate seconds
-    config = write_config(lab, tmp_path, [{"name": name, "clouds": ["lab1", "lab2"],
-                                           "store": "archive"}],
-                          overrides={"lab1": {"endpoint_override": proxy.url}})
+    config = write_config(
+        lab,
+        tmp_path,
+        [{"name": name, "clouds": ["lab1", "lab2"], "store": "archive"}],
+        overrides={"lab1": {"endpoint_override": proxy.url}},
+    )
     return name, data, config, proxy
 
 
@@ -248,12 +316,18 @@ def _in_flight(lab: LabInfo, tmp_path: Path, name: str) -> bool:
 
 
 def test_kill_9_during_a_copy_then_restart_cleans_up_and_completes(
-        lab: LabInfo, tmp_path: Path, proxies: Callable[[str], FaultProxy],
-        daemons: Callable[[Path], DaemonProcess]) -> None:
+    lab: LabInfo,
+    tmp_path: Path,
+    proxies: Callable[[str], FaultProxy],
+    daemons: Callable[[Path], DaemonProcess],
+) -> None:
     name, data, config, proxy = _slow_copy_setup(lab, tmp_path, proxies)
     first = daemons(config)
-    wait_until(lambda: _in_flight(lab, tmp_path, name), 60,
-               "the copies to lab2 and the store are under way")
+    wait_until(
+        lambda: _in_flight(lab, tmp_path, name),
+        60,
+        "the copies to lab2 and the store are under way",
+    )
     first.proc.kill()  # kill -9: no chance to clean up
     first.proc.wait(timeout=10)
     # what a crash leaves: a hidden upload on lab2, a partial file in the store
@@ -262,23 +336,30 @@ def test_kill_9_during_a_copy_then_restart_cleans_up_and_completes(
 
     proxy.plan.download_rate = 0  # fast again, so that the restarted copy is quick
     second = daemons(config)
-    took = wait_until(lambda: everywhere(lab, tmp_path, name, data, ("lab2",)), 60,
-                      "the restarted daemon completed the copy")
+    took = wait_until(
+        lambda: everywhere(lab, tmp_path, name, data, ("lab2",)),
+        60,
+        "the restarted daemon completed the copy",
+    )
     print(f"\nafter kill -9: restarted daemon cleaned up and completed in {took:.1f}s")
     cleaned = second.events("cleanup.leftover")
     assert {e["site"] for e in cleaned} == {"lab2", "archive"}
     images = images_named(lab, "lab2", name)
     assert len(images) == 1 and not half_made(lab, "lab2", name)
-    assert [p.name for p in store_files(tmp_path, name)
-            if p.name.startswith(".")] == []  # no .partial, no unpublished metadata
+    assert [
+        p.name for p in store_files(tmp_path, name) if p.name.startswith(".")
+    ] == []  # no .partial, no unpublished metadata
     assert len([p for p in store_files(tmp_path, name) if p.suffix == ".img"]) == 1
     code, _ = second.terminate()
     assert code == 0
 
 
 def test_sigterm_during_a_copy_exits_quickly_and_leaves_nothing(
-        lab: LabInfo, tmp_path: Path, proxies: Callable[[str], FaultProxy],
-        daemons: Callable[[Path], DaemonProcess]) -> None:
+    lab: LabInfo,
+    tmp_path: Path,
+    proxies: Callable[[str], FaultProxy],
+    daemons: Callable[[Path], DaemonProcess],
+) -> None:
     name, _, config, _ = _slow_copy_setup(lab, tmp_path, proxies)
     d = daemons(config)
     wait_until(lambda: _in_flight(lab, tmp_path, name), 60, "the copies are under way")
@@ -294,8 +375,11 @@ def test_sigterm_during_a_copy_exits_quickly_and_leaves_nothing(
 
 
 def test_a_site_down_during_a_pass_does_not_stop_the_others_and_is_repaired(
-        lab: LabInfo, tmp_path: Path, proxies: Callable[[str], FaultProxy],
-        daemons: Callable[[Path], DaemonProcess]) -> None:
+    lab: LabInfo,
+    tmp_path: Path,
+    proxies: Callable[[str], FaultProxy],
+    daemons: Callable[[Path], DaemonProcess],
+) -> None:
     name = uid("down")
     data = random_bytes(MB)
     upload(lab, "lab1", name, data)
@@ -303,22 +387,31 @@ def test_a_site_down_during_a_pass_does_not_stop_the_others_and_is_repaired(
     proxy.stop()
     proxy.plan.blackhole = True  # lab2's Glance accepts connections and never answers
     proxy.start()
-    config = write_config(lab, tmp_path, [{"name": name, "clouds": "all", "store": "archive"}],
-                          overrides={"lab2": {"endpoint_override": proxy.url}})
+    config = write_config(
+        lab,
+        tmp_path,
+        [{"name": name, "clouds": "all", "store": "archive"}],
+        overrides={"lab2": {"endpoint_override": proxy.url}},
+    )
     d = daemons(config)
-    took = wait_until(lambda: everywhere(lab, tmp_path, name, data, ("lab1", "lab3")), 60,
-                      "lab3 and the store have it while lab2 is down")
+    took = wait_until(
+        lambda: everywhere(lab, tmp_path, name, data, ("lab1", "lab3")),
+        60,
+        "lab3 and the store have it while lab2 is down",
+    )
     print(f"\nlab2 down (requests time out after 5s): lab3 + store synced in {took:.1f}s")
-    wait_until(lambda: any("lab2" in e["unreachable"] for e in d.events("pass.done")), 30,
-               "a pass reports lab2 unreachable")
+    wait_until(
+        lambda: any("lab2" in e["unreachable"] for e in d.events("pass.done")),
+        30,
+        "a pass reports lab2 unreachable",
+    )
     assert "unreachable: lab2" in d.wait_note("unreachable: lab2")
     assert published(lab, "lab2", name) == []
 
     proxy.stop()
     proxy.plan.blackhole = False
     proxy.start()  # back, on the same address
-    repaired = wait_until(lambda: everywhere(lab, tmp_path, name, data), 60,
-                          "lab2 is repaired")
+    repaired = wait_until(lambda: everywhere(lab, tmp_path, name, data), 60, "lab2 is repaired")
     print(f"lab2 back: repaired in {repaired:.1f}s")
     assert len(images_named(lab, "lab2", name)) == 1
     code, _ = d.terminate()
@@ -326,12 +419,15 @@ def test_a_site_down_during_a_pass_does_not_stop_the_others_and_is_repaired(
 
 
 def test_retention_keep_2_hides_or_deletes_the_oldest_and_spares_protected(
-        lab: LabInfo, tmp_path: Path, daemons: Callable[[Path], DaemonProcess]) -> None:
+    lab: LabInfo, tmp_path: Path, daemons: Callable[[Path], DaemonProcess]
+) -> None:
     prefix = uid("keep")
     hide, delete, guarded = f"{prefix}-hide", f"{prefix}-delete", f"{prefix}-protected"
-    rules = [{"name": hide, "clouds": ["lab1", "lab2"], "keep": 2},
-             {"name": delete, "clouds": ["lab1", "lab2"], "keep": 2, "retire": "delete"},
-             {"name": guarded, "clouds": ["lab1", "lab2"], "keep": 2, "retire": "delete"}]
+    rules = [
+        {"name": hide, "clouds": ["lab1", "lab2"], "keep": 2},
+        {"name": delete, "clouds": ["lab1", "lab2"], "keep": 2, "retire": "delete"},
+        {"name": guarded, "clouds": ["lab1", "lab2"], "keep": 2, "retire": "delete"},
+    ]
     config = write_config(lab, tmp_path, rules, store=False)
     names = (hide, delete, guarded)
     versions: list[bytes] = []
@@ -345,6 +441,7 @@ def test_retention_keep_2_hides_or_deletes_the_oldest_and_spares_protected(
             time.sleep(1.1)  # distinct version times
         for n in names:
             upload(lab, "lab1", n, blob)
+
         def on_lab2(b: bytes = blob) -> bool:
             return all(everywhere(lab, tmp_path, n, b, ("lab2",), store=False) for n in names)
 
@@ -357,21 +454,24 @@ def test_retention_keep_2_hides_or_deletes_the_oldest_and_spares_protected(
 
     def retired() -> bool:
         hidden_v1 = {i["id"]: i for i in images_named(lab, "lab2", hide)}
-        return (hidden_v1.get(copies_v1[hide], {}).get("os_hidden") is True
-                and all(i["id"] != copies_v1[delete] for i in images_named(lab, "lab2", delete)))
+        return hidden_v1.get(copies_v1[hide], {}).get("os_hidden") is True and all(
+            i["id"] != copies_v1[delete] for i in images_named(lab, "lab2", delete)
+        )
 
     wait_until(retired, 30, "the oldest copies are hidden / deleted")
     try:
         for n in names:  # the two newest versions stay visible everywhere
             shas = {i["os_hash_value"] for i in published(lab, "lab2", n)}
             assert shas == {sha512(versions[1]), sha512(versions[2])} | (
-                {sha512(versions[0])} if n == guarded else set())
+                {sha512(versions[0])} if n == guarded else set()
+            )
             # the originals on lab1 were uploaded by a person: never retired
             assert len(published(lab, "lab1", n)) == 3
         kept = admin.images.get(copies_v1[guarded])
         assert kept["protected"] and not kept["os_hidden"] and kept["status"] == "active"
-        assert any("protected" in e["reason"] for e in d.events("skip")
-                   if e.get("image") == guarded)
+        assert any(
+            "protected" in e["reason"] for e in d.events("skip") if e.get("image") == guarded
+        )
         modes = {e["image"]: e["mode"] for e in d.events("retire.done")}
         assert modes == {hide: "hide", delete: "delete"}
     finally:

@@ -52,8 +52,14 @@ def _openstack(lab: LabInfo, *args: str) -> Any:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
     env["OS_CLIENT_CONFIG_FILE"] = str(lab.clouds_yaml)
     exe = Path(sys.executable).parent / "openstack"
-    done = subprocess.run([str(exe), *args, "-f", "json"], env=env, capture_output=True,
-                          text=True, timeout=120, check=False)
+    done = subprocess.run(
+        [str(exe), *args, "-f", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 
@@ -65,7 +71,8 @@ def _upload(gc: Any, name: str, data: bytes) -> str:
 
 
 def test_the_openstack_cli_sees_an_image_made_with_glanceclient(
-        lab: LabInfo, glance_client: GlanceClient, unique_name: str) -> None:
+    lab: LabInfo, glance_client: GlanceClient, unique_name: str
+) -> None:
     data = os.urandom(200_000)
     gc = glance_client(lab, "lab1")
     image_id = _upload(gc, unique_name, data)
@@ -111,11 +118,21 @@ def test_the_client_files_are_what_clients_expect(lab: LabInfo) -> None:
 
 
 def _token(cloud: lab_mod.LabCloud, password: str) -> requests.Response:
-    body = {"auth": {
-        "identity": {"methods": ["password"], "password": {"user": {
-            "name": cloud.username, "domain": {"name": "Default"}, "password": password}}},
-        "scope": {"project": {"name": cloud.project, "domain": {"name": "Default"}}},
-    }}
+    body = {
+        "auth": {
+            "identity": {
+                "methods": ["password"],
+                "password": {
+                    "user": {
+                        "name": cloud.username,
+                        "domain": {"name": "Default"},
+                        "password": password,
+                    }
+                },
+            },
+            "scope": {"project": {"name": cloud.project, "domain": {"name": "Default"}}},
+        }
+    }
     return requests.post(f"{cloud.keystone_url}/auth/tokens", json=body, timeout=30)
 
 
@@ -131,8 +148,9 @@ def test_keystone_refuses_a_wrong_password_and_glance_a_foreign_token(lab: LabIn
     assert "member" in roles and "admin" not in roles
 
     def images(cloud: lab_mod.LabCloud, tok: str) -> int:
-        return requests.get(f"{cloud.glance_url}/v2/images", headers={"X-Auth-Token": tok},
-                            timeout=30).status_code
+        return requests.get(
+            f"{cloud.glance_url}/v2/images", headers={"X-Auth-Token": tok}, timeout=30
+        ).status_code
 
     assert images(lab1, token) == 200
     assert images(lab1, "not-a-token") == 401
@@ -140,19 +158,19 @@ def test_keystone_refuses_a_wrong_password_and_glance_a_foreign_token(lab: LabIn
     assert images(lab2, token) == 401
 
 
-@pytest.fixture()
+@pytest.fixture
 def http_source() -> Iterator[tuple[str, bytes]]:
     """A plain HTTP server on loopback serving one image file."""
     data = os.urandom(300_000)
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        def do_GET(self) -> None:
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: Any) -> None:
             pass
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -165,9 +183,9 @@ def http_source() -> Iterator[tuple[str, bytes]]:
         server.server_close()
 
 
-def test_web_download_from_loopback_on_any_port(lab: LabInfo, glance_client: GlanceClient,
-                                                unique_name: str,
-                                                http_source: tuple[str, bytes]) -> None:
+def test_web_download_from_loopback_on_any_port(
+    lab: LabInfo, glance_client: GlanceClient, unique_name: str, http_source: tuple[str, bytes]
+) -> None:
     url, data = http_source
     gc = glance_client(lab, "lab2")
     methods = gc.images.get_import_info()["import-methods"]["value"]
@@ -227,8 +245,9 @@ def test_a_small_lab_goes_up_down_and_warm_up_again(tmp_path: Path) -> None:
         after = json.loads((directory / "lab.json").read_text())["clouds"][0]["glance"]
         assert after == glance_pid
         token = _token(short.cloud("lab1"), short.cloud("lab1").password).json()["token"]
-        lifetime = (datetime.fromisoformat(token["expires_at"].replace("Z", "+00:00"))
-                    - datetime.fromisoformat(token["issued_at"].replace("Z", "+00:00")))
+        lifetime = datetime.fromisoformat(
+            token["expires_at"].replace("Z", "+00:00")
+        ) - datetime.fromisoformat(token["issued_at"].replace("Z", "+00:00"))
         assert 5 <= lifetime.total_seconds() <= 8
     finally:
         lab_mod.down(directory)
@@ -236,16 +255,23 @@ def test_a_small_lab_goes_up_down_and_warm_up_again(tmp_path: Path) -> None:
 
 
 def test_a_failed_start_stops_what_it_started_and_shows_the_log(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     broken = tmp_path / "broken_api.py"
     broken.write_text("raise RuntimeError('glance cannot start in this test')\n")
     real = procs.find_tools
 
     def tools_with_a_broken_glance() -> procs.Tools:
         t = real()
-        return procs.Tools(venv=t.venv, uwsgi=t.uwsgi, keystone_manage=t.keystone_manage,
-                           glance_manage=t.glance_manage, keystone_wsgi=t.keystone_wsgi,
-                           glance_wsgi=broken, glance_paste=t.glance_paste)
+        return procs.Tools(
+            venv=t.venv,
+            uwsgi=t.uwsgi,
+            keystone_manage=t.keystone_manage,
+            glance_manage=t.glance_manage,
+            keystone_wsgi=t.keystone_wsgi,
+            glance_wsgi=broken,
+            glance_paste=t.glance_paste,
+        )
 
     monkeypatch.setattr(procs, "find_tools", tools_with_a_broken_glance)
     directory = tmp_path / "failing"
@@ -262,18 +288,22 @@ def test_a_failed_start_stops_what_it_started_and_shows_the_log(
 
 
 def test_up_without_the_lab_extra_says_what_to_install(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     real_find, real_package = procs.find_executable, procs.package_dir
-    monkeypatch.setattr(procs, "find_executable",
-                        lambda name: None if name == "uwsgi" else real_find(name))
+    monkeypatch.setattr(
+        procs, "find_executable", lambda name: None if name == "uwsgi" else real_find(name)
+    )
     with pytest.raises(LabError, match=r"pip install 'imagesync\[lab\]' \(not found: uwsgi\)"):
         lab_mod.up(clouds=1, directory=tmp_path / "a")
     assert not (tmp_path / "a").exists()
 
     monkeypatch.setattr(procs, "find_executable", real_find)
-    monkeypatch.setattr(procs, "package_dir",
-                        lambda name: None if name == "glance" else real_package(name))
+    monkeypatch.setattr(
+        procs, "package_dir", lambda name: None if name == "glance" else real_package(name)
+    )
     assert cli.main(["lab", "up", "--clouds", "1", "--dir", str(tmp_path / "b")]) == 1
     err = capsys.readouterr().err
     assert "the lab needs the 'lab' extra: pip install 'imagesync[lab]'" in err

@@ -37,7 +37,8 @@ def short_token_lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabInf
 
 
 def test_token_expires_mid_transfer_and_the_copy_succeeds(
-        lab: LabInfo, short_token_lab: LabInfo, tmp_path: Path) -> None:
+    lab: LabInfo, short_token_lab: LabInfo, tmp_path: Path
+) -> None:
     """Source: the session lab's lab1; target: a cloud whose tokens live 4 seconds."""
     name = uid("tok")
     data = random_bytes(2 << 20)
@@ -45,10 +46,12 @@ def test_token_expires_mid_transfer_and_the_copy_succeeds(
     with proxied(short_token_lab, "lab1") as (proxy, _):
         # 2 MiB at 0.15 s per 64 KiB: the upload lasts ~5 s, longer than a token lives.
         proxy.plan.throttle_upload = 0.15
-        short = cloud_config(short_token_lab, "lab1", endpoint_override=proxy.url,
-                             site_name="short")
-        config = make_config(lab, tmp_path, name, clouds=["lab1", "short"], store=False,
-                             overrides={"short": short})
+        short = cloud_config(
+            short_token_lab, "lab1", endpoint_override=proxy.url, site_name="short"
+        )
+        config = make_config(
+            lab, tmp_path, name, clouds=["lab1", "short"], store=False, overrides={"short": short}
+        )
         started = time.monotonic()
         assert push(config, name) == 0
         assert time.monotonic() - started > TOKEN_SECONDS
@@ -65,8 +68,12 @@ def test_tokens_really_expire_in_this_lab(short_token_lab: LabInfo) -> None:
     sess = session(short_token_lab, "lab1")
     token = sess.get_token()
     glance = short_token_lab.cloud("lab1").glance_url
-    assert requests.get(f"{glance}/v2/images", headers={"X-Auth-Token": token},
-                        timeout=10).status_code == 200
+    assert (
+        requests.get(f"{glance}/v2/images", headers={"X-Auth-Token": token}, timeout=10).status_code
+        == 200
+    )
     time.sleep(TOKEN_SECONDS + 2)
-    assert requests.get(f"{glance}/v2/images", headers={"X-Auth-Token": token},
-                        timeout=10).status_code == 401
+    assert (
+        requests.get(f"{glance}/v2/images", headers={"X-Auth-Token": token}, timeout=10).status_code
+        == 401
+    )

@@ -16,8 +16,10 @@ import pytest
 
 from imagesync.cli import main
 
-GOOD_CLOUD = ("{auth: {auth_url: 'https://k.example.org:5000/v3', username: u, password: pw-1234, "
-              "project_name: p}}")
+GOOD_CLOUD = (
+    "{auth: {auth_url: 'https://k.example.org:5000/v3', username: u, password: pw-1234, "
+    "project_name: p}}"
+)
 CLOUDS_YAML = """\
 clouds:
   cybera:
@@ -31,124 +33,318 @@ clouds:
 # (id, config text, key path the message must name, a fragment of the fix)
 # {clouds_yaml} is replaced by the path of a valid clouds.yaml defining the entry `cybera`.
 BAD = [
-    ("unknown-top-key", f"poll_intervall: 5m\nclouds: {{a: {GOOD_CLOUD}}}\n",
-     "poll_intervall", "did you mean 'poll_interval'"),
-    ("duration-words", f"poll_interval: 5 minutes\nclouds: {{a: {GOOD_CLOUD}}}\n",
-     "poll_interval", "write a duration like 30s, 5m, 1h"),
-    ("duration-negative", f"poll_interval: -5m\nclouds: {{a: {GOOD_CLOUD}}}\n",
-     "poll_interval", "negative"),
-    ("duration-zero", f"poll_interval: 0\nclouds: {{a: {GOOD_CLOUD}}}\n",
-     "poll_interval", "zero"),
-    ("check-max-age-type", f"check_max_age: [1]\nclouds: {{a: {GOOD_CLOUD}}}\n",
-     "check_max_age", "write a duration"),
+    (
+        "unknown-top-key",
+        f"poll_intervall: 5m\nclouds: {{a: {GOOD_CLOUD}}}\n",
+        "poll_intervall",
+        "did you mean 'poll_interval'",
+    ),
+    (
+        "duration-words",
+        f"poll_interval: 5 minutes\nclouds: {{a: {GOOD_CLOUD}}}\n",
+        "poll_interval",
+        "write a duration like 30s, 5m, 1h",
+    ),
+    (
+        "duration-negative",
+        f"poll_interval: -5m\nclouds: {{a: {GOOD_CLOUD}}}\n",
+        "poll_interval",
+        "negative",
+    ),
+    ("duration-zero", f"poll_interval: 0\nclouds: {{a: {GOOD_CLOUD}}}\n", "poll_interval", "zero"),
+    (
+        "check-max-age-type",
+        f"check_max_age: [1]\nclouds: {{a: {GOOD_CLOUD}}}\n",
+        "check_max_age",
+        "write a duration",
+    ),
     ("top-level-list", "- clouds\n- stores\n", "", "must be a mapping"),
     ("no-sites", "clouds: {}\nstores: {}\n", "clouds", "add at least one cloud"),
     ("clouds-a-list", "clouds: [cybera, uvic]\n", "clouds", "must be a mapping"),
-    ("auth-no-auth-url", "clouds:\n  uvic:\n    auth: {username: u, password: p, "
-     "project_name: p}\n", "clouds.uvic.auth.auth_url", "add it"),
-    ("auth-no-credentials", "clouds:\n  uvic:\n    auth: {auth_url: 'https://k/v3'}\n",
-     "clouds.uvic.auth", "application_credential_secret"),
-    ("auth-no-password", "clouds:\n  uvic:\n    auth: {auth_url: 'https://k/v3', username: u, "
-     "project_name: p}\n", "clouds.uvic.auth.password", "add it"),
-    ("appcred-no-secret", "clouds:\n  uvic:\n    auth: {auth_url: 'https://k/v3', "
-     "application_credential_id: abc}\n",
-     "clouds.uvic.auth.application_credential_secret", "add it"),
-    ("auth-unknown-option", "clouds:\n  uvic:\n    auth: {auth_url: 'https://k/v3', username: u,"
-     " password: p, project_nme: p}\n", "clouds.uvic.auth.project_nme",
-     "did you mean 'project_name'"),
-    ("auth-type-unknown", "clouds:\n  uvic:\n    auth_type: passwrd\n    auth: {auth_url: "
-     "'https://k/v3', username: u, password: p, project_name: p}\n", "clouds.uvic.auth_type",
-     "did you mean 'password'"),
-    ("auth-number", "clouds:\n  uvic:\n    auth: {auth_url: 'https://k/v3', username: u, "
-     "password: 0123, project_name: p}\n", "clouds.uvic.auth.password", "quotes"),
-    ("auth-url-not-url", "clouds:\n  uvic:\n    auth: {auth_url: 'keystone:5000', username: u, "
-     "password: p, project_name: p}\n", "clouds.uvic.auth.auth_url", "https://"),
-    ("endpoint-override-not-url", "clouds:\n  uvic: {cloud: cybera, endpoint_override: "
-     "glance}\n", "clouds.uvic.endpoint_override", "not an http(s) URL"),
-    ("cloud-neither", "clouds:\n  uvic:\n    region_name: RegionOne\n", "clouds.uvic",
-     "neither `cloud:` nor `auth:`"),
-    ("cloud-both", "clouds:\n  uvic:\n    cloud: uvic\n    auth: {auth_url: 'https://k/v3'}\n",
-     "clouds.uvic", "keep one"),
-    ("cloud-unknown-key", "clouds:\n  uvic:\n    cloud: uvic\n    regoin_name: x\n",
-     "clouds.uvic.regoin_name", "did you mean 'region_name'"),
-    ("cloud-interface", "clouds:\n  uvic: {cloud: cybera, interface: private}\n",
-     "clouds.uvic.interface", "use one of: public, internal, admin"),
-    ("clouds-yaml-entry-missing", "clouds_yaml: {clouds_yaml}\nclouds:\n  cy: {cloud: cybra}\n",
-     "clouds.cy.cloud", "entries there: cybera"),
-    ("clouds-yaml-file-missing", "clouds_yaml: /nonexistent/clouds.yaml\nclouds:\n"
-     "  cy: {cloud: cybera}\n", "clouds_yaml", "fix the path"),
-    ("store-unknown-type", "stores:\n  archive: {type: s3, path: /srv}\n",
-     "stores.archive.type", "use one of: directory"),
+    (
+        "auth-no-auth-url",
+        "clouds:\n  uvic:\n    auth: {username: u, password: p, project_name: p}\n",
+        "clouds.uvic.auth.auth_url",
+        "add it",
+    ),
+    (
+        "auth-no-credentials",
+        "clouds:\n  uvic:\n    auth: {auth_url: 'https://k/v3'}\n",
+        "clouds.uvic.auth",
+        "application_credential_secret",
+    ),
+    (
+        "auth-no-password",
+        "clouds:\n  uvic:\n    auth: {auth_url: 'https://k/v3', username: u, project_name: p}\n",
+        "clouds.uvic.auth.password",
+        "add it",
+    ),
+    (
+        "appcred-no-secret",
+        "clouds:\n  uvic:\n    auth: {auth_url: 'https://k/v3', application_credential_id: abc}\n",
+        "clouds.uvic.auth.application_credential_secret",
+        "add it",
+    ),
+    (
+        "auth-unknown-option",
+        "clouds:\n  uvic:\n    auth: {auth_url: 'https://k/v3', username: u,"
+        " password: p, project_nme: p}\n",
+        "clouds.uvic.auth.project_nme",
+        "did you mean 'project_name'",
+    ),
+    (
+        "auth-type-unknown",
+        "clouds:\n  uvic:\n    auth_type: passwrd\n    auth: {auth_url: "
+        "'https://k/v3', username: u, password: p, project_name: p}\n",
+        "clouds.uvic.auth_type",
+        "did you mean 'password'",
+    ),
+    (
+        "auth-number",
+        "clouds:\n  uvic:\n    auth: {auth_url: 'https://k/v3', username: u, "
+        "password: 0123, project_name: p}\n",
+        "clouds.uvic.auth.password",
+        "quotes",
+    ),
+    (
+        "auth-url-not-url",
+        "clouds:\n  uvic:\n    auth: {auth_url: 'keystone:5000', username: u, "
+        "password: p, project_name: p}\n",
+        "clouds.uvic.auth.auth_url",
+        "https://",
+    ),
+    (
+        "endpoint-override-not-url",
+        "clouds:\n  uvic: {cloud: cybera, endpoint_override: glance}\n",
+        "clouds.uvic.endpoint_override",
+        "not an http(s) URL",
+    ),
+    (
+        "cloud-neither",
+        "clouds:\n  uvic:\n    region_name: RegionOne\n",
+        "clouds.uvic",
+        "neither `cloud:` nor `auth:`",
+    ),
+    (
+        "cloud-both",
+        "clouds:\n  uvic:\n    cloud: uvic\n    auth: {auth_url: 'https://k/v3'}\n",
+        "clouds.uvic",
+        "keep one",
+    ),
+    (
+        "cloud-unknown-key",
+        "clouds:\n  uvic:\n    cloud: uvic\n    regoin_name: x\n",
+        "clouds.uvic.regoin_name",
+        "did you mean 'region_name'",
+    ),
+    (
+        "cloud-interface",
+        "clouds:\n  uvic: {cloud: cybera, interface: private}\n",
+        "clouds.uvic.interface",
+        "use one of: public, internal, admin",
+    ),
+    (
+        "clouds-yaml-entry-missing",
+        "clouds_yaml: {clouds_yaml}\nclouds:\n  cy: {cloud: cybra}\n",
+        "clouds.cy.cloud",
+        "entries there: cybera",
+    ),
+    (
+        "clouds-yaml-file-missing",
+        "clouds_yaml: /nonexistent/clouds.yaml\nclouds:\n  cy: {cloud: cybera}\n",
+        "clouds_yaml",
+        "fix the path",
+    ),
+    (
+        "store-unknown-type",
+        "stores:\n  archive: {type: s3, path: /srv}\n",
+        "stores.archive.type",
+        "use one of: directory",
+    ),
     ("store-no-type", "stores:\n  archive: {path: /srv}\n", "stores.archive.type", "add it"),
-    ("directory-no-path", "stores:\n  archive: {type: directory}\n", "stores.archive.path",
-     "add it"),
-    ("directory-relative", "stores:\n  archive: {type: directory, path: srv/images}\n",
-     "stores.archive.path", "absolute path"),
+    (
+        "directory-no-path",
+        "stores:\n  archive: {type: directory}\n",
+        "stores.archive.path",
+        "add it",
+    ),
+    (
+        "directory-relative",
+        "stores:\n  archive: {type: directory, path: srv/images}\n",
+        "stores.archive.path",
+        "absolute path",
+    ),
     # a kind the sites' registry does not build is refused when the config loads
-    ("vospace-not-built", "stores:\n  vault: {type: vospace, url: 'https://v.example/v'}\n",
-     "stores.vault.type", "'vospace' stores are not built in this version"),
-    ("duplicate-site-name", f"clouds:\n  archive: {GOOD_CLOUD}\nstores:\n"
-     "  archive: {type: directory, path: /srv}\n", "stores.archive", "unique"),
+    (
+        "vospace-not-built",
+        "stores:\n  vault: {type: vospace, url: 'https://v.example/v'}\n",
+        "stores.vault.type",
+        "'vospace' stores are not built in this version",
+    ),
+    (
+        "duplicate-site-name",
+        f"clouds:\n  archive: {GOOD_CLOUD}\nstores:\n  archive: {{type: directory, path: /srv}}\n",
+        "stores.archive",
+        "unique",
+    ),
     ("site-name-all", f"clouds:\n  all: {GOOD_CLOUD}\n", "clouds.all", "reserved"),
-    ("duplicate-yaml-key", "stores:\n  archive: {type: directory, path: /a}\n"
-     "  archive: {type: directory, path: /b}\n", "stores.archive", "duplicate key"),
-    ("rule-undefined-cloud", f"clouds:\n  uvic: {GOOD_CLOUD}\n  cybera: {GOOD_CLOUD}\n"
-     "images:\n  - name: x\n    clouds: [cybera, uvc]\n", "images[0].clouds[1]",
-     "did you mean 'uvic'"),
-    ("rule-store-as-cloud", f"clouds:\n  uvic: {GOOD_CLOUD}\nstores:\n"
-     "  archive: {type: directory, path: /srv}\nimages:\n  - name: x\n"
-     "    clouds: [uvic, archive]\n", "images[0].clouds[1]",
-     "'archive' is not a cloud but a store: use store: or stores:"),
-    ("rule-undefined-store", f"clouds:\n  uvic: {GOOD_CLOUD}\nimages:\n  - name: x\n"
-     "    store: archiv\n", "images[0].store", "no store named 'archiv'"),
-    ("rule-no-name", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
-     "  - store: archive\n", "images[0].name", "add it"),
-    ("rule-empty-name", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
-     "  - name: ''\n    store: archive\n", "images[0].name", "empty"),
-    ("rule-bad-glob", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
-     "  - name: 'canfar-[abc'\n    store: archive\n", "images[0].name", "never closed"),
-    ("rule-duplicate-pattern", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
-     "  - {name: x, store: archive}\n  - {name: x, store: archive}\n", "images[1].name",
-     "merge the two rules"),
-    ("min-copies-text", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
-     "  - {name: x, store: archive, min_copies: two}\n", "images[0].min_copies",
-     "whole number"),
-    ("min-copies-too-many", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
-     "  - {name: x, store: archive, min_copies: 3}\n", "images[0].min_copies", "lower it"),
-    ("keep-zero", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
-     "  - {name: x, store: archive, keep: 0}\n", "images[0].keep", "positive"),
-    ("keep-float", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
-     "  - {name: x, store: archive, keep: 1.5}\n", "images[0].keep", "positive whole number"),
-    ("visibility", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
-     "  - {name: x, store: archive, visibility: secret}\n", "images[0].visibility",
-     "use one of: private, shared, community, public"),
-    ("retire", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
-     "  - {name: x, store: archive, retire: purge}\n", "images[0].retire",
-     "use one of: hide, delete"),
-    ("on-mismatch", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
-     "  - {name: x, store: archive, on_mismatch: ignore}\n", "images[0].on_mismatch",
-     "use one of: report, replace"),
-    ("rule-unknown-key", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
-     "  - {name: x, store: archive, keep_versions: 2}\n", "images[0].keep_versions",
-     "unknown key"),
-    ("rule-store-and-stores", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
-     "  - {name: x, store: archive, stores: [archive]}\n", "images[0].stores", "keep one"),
-    ("images-not-list", "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
-     "  name: x\n", "images", "list of rules"),
-    ("metrics-listen", "stores:\n  archive: {type: directory, path: /srv}\n"
-     "metrics_listen: 9780\n", "metrics_listen", "host:port"),
-    ("metrics-port-range", "stores:\n  archive: {type: directory, path: /srv}\n"
-     "metrics_listen: 'localhost:99999'\n", "metrics_listen", "1-65535"),
-    ("max-transfers-text", "stores:\n  archive: {type: directory, path: /srv}\n"
-     "max_transfers: four\n", "max_transfers", "whole number"),
-    ("log-format", "stores:\n  archive: {type: directory, path: /srv}\nlog_format: yaml\n",
-     "log_format", "use one of: auto, json, console"),
-    ("misplaced-rule-key", "stores:\n  archive: {type: directory, path: /srv}\n"
-     "visibility: public\n", "visibility", "move it under images:"),
+    (
+        "duplicate-yaml-key",
+        "stores:\n  archive: {type: directory, path: /a}\n  archive: {type: directory, path: /b}\n",
+        "stores.archive",
+        "duplicate key",
+    ),
+    (
+        "rule-undefined-cloud",
+        f"clouds:\n  uvic: {GOOD_CLOUD}\n  cybera: {GOOD_CLOUD}\n"
+        "images:\n  - name: x\n    clouds: [cybera, uvc]\n",
+        "images[0].clouds[1]",
+        "did you mean 'uvic'",
+    ),
+    (
+        "rule-store-as-cloud",
+        f"clouds:\n  uvic: {GOOD_CLOUD}\nstores:\n"
+        "  archive: {type: directory, path: /srv}\nimages:\n  - name: x\n"
+        "    clouds: [uvic, archive]\n",
+        "images[0].clouds[1]",
+        "'archive' is not a cloud but a store: use store: or stores:",
+    ),
+    (
+        "rule-undefined-store",
+        f"clouds:\n  uvic: {GOOD_CLOUD}\nimages:\n  - name: x\n    store: archiv\n",
+        "images[0].store",
+        "no store named 'archiv'",
+    ),
+    (
+        "rule-no-name",
+        "stores:\n  archive: {type: directory, path: /srv}\nimages:\n  - store: archive\n",
+        "images[0].name",
+        "add it",
+    ),
+    (
+        "rule-empty-name",
+        "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+        "  - name: ''\n    store: archive\n",
+        "images[0].name",
+        "empty",
+    ),
+    (
+        "rule-bad-glob",
+        "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+        "  - name: 'canfar-[abc'\n    store: archive\n",
+        "images[0].name",
+        "never closed",
+    ),
+    (
+        "rule-duplicate-pattern",
+        "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+        "  - {name: x, store: archive}\n  - {name: x, store: archive}\n",
+        "images[1].name",
+        "merge the two rules",
+    ),
+    (
+        "min-copies-text",
+        "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+        "  - {name: x, store: archive, min_copies: two}\n",
+        "images[0].min_copies",
+        "whole number",
+    ),
+    (
+        "min-copies-too-many",
+        "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+        "  - {name: x, store: archive, min_copies: 3}\n",
+        "images[0].min_copies",
+        "lower it",
+    ),
+    (
+        "keep-zero",
+        "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+        "  - {name: x, store: archive, keep: 0}\n",
+        "images[0].keep",
+        "positive",
+    ),
+    (
+        "keep-float",
+        "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+        "  - {name: x, store: archive, keep: 1.5}\n",
+        "images[0].keep",
+        "positive whole number",
+    ),
+    (
+        "visibility",
+        "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+        "  - {name: x, store: archive, visibility: secret}\n",
+        "images[0].visibility",
+        "use one of: private, shared, community, public",
+    ),
+    (
+        "retire",
+        "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+        "  - {name: x, store: archive, retire: purge}\n",
+        "images[0].retire",
+        "use one of: hide, delete",
+    ),
+    (
+        "on-mismatch",
+        "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+        "  - {name: x, store: archive, on_mismatch: ignore}\n",
+        "images[0].on_mismatch",
+        "use one of: report, replace",
+    ),
+    (
+        "rule-unknown-key",
+        "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+        "  - {name: x, store: archive, keep_versions: 2}\n",
+        "images[0].keep_versions",
+        "unknown key",
+    ),
+    (
+        "rule-store-and-stores",
+        "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+        "  - {name: x, store: archive, stores: [archive]}\n",
+        "images[0].stores",
+        "keep one",
+    ),
+    (
+        "images-not-list",
+        "stores:\n  archive: {type: directory, path: /srv}\nimages:\n  name: x\n",
+        "images",
+        "list of rules",
+    ),
+    (
+        "metrics-listen",
+        "stores:\n  archive: {type: directory, path: /srv}\nmetrics_listen: 9780\n",
+        "metrics_listen",
+        "host:port",
+    ),
+    (
+        "metrics-port-range",
+        "stores:\n  archive: {type: directory, path: /srv}\nmetrics_listen: 'localhost:99999'\n",
+        "metrics_listen",
+        "1-65535",
+    ),
+    (
+        "max-transfers-text",
+        "stores:\n  archive: {type: directory, path: /srv}\nmax_transfers: four\n",
+        "max_transfers",
+        "whole number",
+    ),
+    (
+        "log-format",
+        "stores:\n  archive: {type: directory, path: /srv}\nlog_format: yaml\n",
+        "log_format",
+        "use one of: auto, json, console",
+    ),
+    (
+        "misplaced-rule-key",
+        "stores:\n  archive: {type: directory, path: /srv}\nvisibility: public\n",
+        "visibility",
+        "move it under images:",
+    ),
 ]
 
 
-@pytest.fixture()
+@pytest.fixture
 def clouds_yaml(tmp_path: Path) -> Path:
     p = tmp_path / "clouds.yaml"
     p.write_text(CLOUDS_YAML)
@@ -178,9 +374,14 @@ def _assert_one_error(err: str, path: Path, key: str, fix: str) -> None:
 
 
 @pytest.mark.parametrize(("text", "key", "fix"), [c[1:] for c in BAD], ids=[c[0] for c in BAD])
-def test_bad_config_is_one_clear_error(tmp_path: Path, clouds_yaml: Path,
-                                       capsys: pytest.CaptureFixture[str],
-                                       text: str, key: str, fix: str) -> None:
+def test_bad_config_is_one_clear_error(
+    tmp_path: Path,
+    clouds_yaml: Path,
+    capsys: pytest.CaptureFixture[str],
+    text: str,
+    key: str,
+    fix: str,
+) -> None:
     path = _write(tmp_path, text, clouds_yaml)
     assert main(["-c", str(path), "config", "check"]) == 2
     out, err = capsys.readouterr()
@@ -192,15 +393,19 @@ def test_there_are_enough_distinct_bad_configurations() -> None:
     assert len({c[0] for c in BAD}) == len(BAD) >= 18
 
 
-@pytest.mark.parametrize(("setup", "fix"), [
-    ("missing", "file not found"),
-    ("directory", "is a directory"),
-    ("empty", "the file is empty"),
-    ("not-utf8", "UTF-8"),
-    ("bad-yaml", "invalid YAML at line 3, column"),
-])
-def test_unusable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], setup: str,
-                       fix: str) -> None:
+@pytest.mark.parametrize(
+    ("setup", "fix"),
+    [
+        ("missing", "file not found"),
+        ("directory", "is a directory"),
+        ("empty", "the file is empty"),
+        ("not-utf8", "UTF-8"),
+        ("bad-yaml", "invalid YAML at line 3, column"),
+    ],
+)
+def test_unusable_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], setup: str, fix: str
+) -> None:
     path = tmp_path / "imagesync.yaml"
     if setup == "directory":
         path.mkdir()
@@ -216,8 +421,9 @@ def test_unusable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str], setup
     _assert_one_error(err, path, "", fix)
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="root reads files whatever their mode")
+@pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads files whatever their mode"
+)
 def test_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "imagesync.yaml"
     path.write_text("stores: {}\n")
@@ -228,22 +434,41 @@ def test_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 def test_error_names_the_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "imagesync.yaml"
-    path.write_text("stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
-                    "  - name: a\n    store: archive\n  - name: b\n    retire: purge\n"
-                    "    store: archive\n")
+    path.write_text(
+        "stores:\n  archive: {type: directory, path: /srv}\nimages:\n"
+        "  - name: a\n    store: archive\n  - name: b\n    retire: purge\n"
+        "    store: archive\n"
+    )
     assert main(["-c", str(path), "config", "check"]) == 2
     assert f"{path}:7: images[1].retire: " in capsys.readouterr().err
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("IMAGESYNC_CONFIG", "OS_CLIENT_CONFIG_FILE", "OS_CLOUD")}
-    return subprocess.run([sys.executable, "-m", "imagesync.cli", *args], capture_output=True,
-                          text=True, env={**base, **(env or {})}, timeout=120, check=False)
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("IMAGESYNC_CONFIG", "OS_CLIENT_CONFIG_FILE", "OS_CLOUD")
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "imagesync.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**base, **(env or {})},
+        timeout=120,
+        check=False,
+    )
 
 
-@pytest.mark.parametrize("case", ["duration-words", "auth-no-auth-url", "rule-undefined-cloud",
-                                  "clouds-yaml-entry-missing", "directory-relative"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "duration-words",
+        "auth-no-auth-url",
+        "rule-undefined-cloud",
+        "clouds-yaml-entry-missing",
+        "directory-relative",
+    ],
+)
 def test_bad_config_in_a_real_process(tmp_path: Path, clouds_yaml: Path, case: str) -> None:
     _, text, key, fix = next(c for c in BAD if c[0] == case)
     path = _write(tmp_path, text, clouds_yaml)
@@ -292,8 +517,9 @@ images:
     return path
 
 
-def test_config_show_masks_every_secret(tmp_path: Path, clouds_yaml: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_show_masks_every_secret(
+    tmp_path: Path, clouds_yaml: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = _secret_config(tmp_path, clouds_yaml, "http://127.0.0.1:1/v3")
     assert main(["-c", str(path), "config", "show"]) == 0
     out, err = capsys.readouterr()
@@ -305,9 +531,11 @@ def test_config_show_masks_every_secret(tmp_path: Path, clouds_yaml: Path,
 
 
 def test_config_check_connect_fails_cleanly_without_secrets(
-        tmp_path: Path, clouds_yaml: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    clouds_yaml.write_text(CLOUDS_YAML.replace("https://keystone.cybera.example:5000/v3",
-                                               "http://127.0.0.1:1/v3"))
+    tmp_path: Path, clouds_yaml: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clouds_yaml.write_text(
+        CLOUDS_YAML.replace("https://keystone.cybera.example:5000/v3", "http://127.0.0.1:1/v3")
+    )
     path = _secret_config(tmp_path, clouds_yaml, "http://127.0.0.1:1/v3")
     assert main(["-c", str(path), "config", "check", "--connect"]) == 1
     out, err = capsys.readouterr()
@@ -332,8 +560,10 @@ def test_config_check_connect_in_a_real_process(tmp_path: Path, clouds_yaml: Pat
     assert proc.stderr == ""
 
 
-@pytest.mark.parametrize("argv", [["lab", "up", "--clouds", "0"], ["lab", "up", "--clouds", "x"],
-                                  ["history", "--limit", "-1"]])
+@pytest.mark.parametrize(
+    "argv",
+    [["lab", "up", "--clouds", "0"], ["lab", "up", "--clouds", "x"], ["history", "--limit", "-1"]],
+)
 def test_bad_counts_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -343,23 +573,55 @@ def test_bad_counts_are_usage_errors(argv: list[str], capsys: pytest.CaptureFixt
 
 
 def test_check_answers_from_recorded_state_without_openstack_libraries(
-        tmp_path: Path, clouds_yaml: Path) -> None:
+    tmp_path: Path, clouds_yaml: Path
+) -> None:
     # `imagesync check` runs before every boot: answering from the state database must not
     # import keystoneauth1 or openstacksdk (0.1-0.5 s), nor read clouds.yaml.
     from imagesync.state import RecordedCell, State
 
     state_dir = tmp_path / "state"
-    State(state_dir).record_cells([RecordedCell(
-        name="canfar-batch", site="cy", state="current", image_id="img-123", version="v1",
-        newest="v1", sha512=None, recorded=time.time())])
+    State(state_dir).record_cells(
+        [
+            RecordedCell(
+                name="canfar-batch",
+                site="cy",
+                state="current",
+                image_id="img-123",
+                version="v1",
+                newest="v1",
+                sha512=None,
+                recorded=time.time(),
+            )
+        ]
+    )
     path = tmp_path / "imagesync.yaml"
-    path.write_text(f"state_dir: {state_dir}\nclouds_yaml: {clouds_yaml}\n"
-                    "clouds:\n  cy: {cloud: cybera}\n")
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "imagesync.cli", "-c",
-                           str(path), "check", "canfar-batch", "--cloud", "cy"],
-                          capture_output=True, text=True, timeout=120, check=False)
+    path.write_text(
+        f"state_dir: {state_dir}\nclouds_yaml: {clouds_yaml}\nclouds:\n  cy: {{cloud: cybera}}\n"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "imagesync.cli",
+            "-c",
+            str(path),
+            "check",
+            "canfar-batch",
+            "--cloud",
+            "cy",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert (proc.returncode, proc.stdout) == (0, "img-123\n"), proc.stderr
-    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0]
-                for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    imported = {
+        line.rsplit("|", 1)[-1].strip().split(".")[0]
+        for line in proc.stderr.splitlines()
+        if line.startswith("import time:")
+    }
     assert "imagesync" in imported  # the import log is there to be read
     assert not imported & {"keystoneauth1", "openstack", "glanceclient", "requests"}

@@ -56,7 +56,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(var, raising=False)
 
 
-@pytest.fixture()
+@pytest.fixture
 def clouds_yaml(tmp_path: Path) -> Path:
     p = tmp_path / "os" / "clouds.yaml"
     p.parent.mkdir()
@@ -71,25 +71,59 @@ def write(tmp_path: Path, text: str, name: str = "imagesync.yaml") -> Path:
 
 
 def inline(name: str = "u", password: str = "pw-123456") -> str:
-    return (f"{{auth: {{auth_url: 'https://k.example/v3', username: {name}, "
-            f"password: {password}, project_name: p}}}}")
+    return (
+        f"{{auth: {{auth_url: 'https://k.example/v3', username: {name}, "
+        f"password: {password}, project_name: p}}}}"
+    )
 
 
 # --------------------------------------------------------------------------- durations
 
-@pytest.mark.parametrize(("value", "seconds"), [
-    (30, 30.0), (2.5, 2.5), ("45", 45.0), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0),
-    ("1h30m", 5400.0), ("2d", 172800.0), ("1d2h3m4s", 93784.0), (" 10m ", 600.0),
-    ("1h 30m", 5400.0), ("1.5h", 5400.0), ("0", 0.0), ("5M", 300.0),
-])
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (30, 30.0),
+        (2.5, 2.5),
+        ("45", 45.0),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("1h30m", 5400.0),
+        ("2d", 172800.0),
+        ("1d2h3m4s", 93784.0),
+        (" 10m ", 600.0),
+        ("1h 30m", 5400.0),
+        ("1.5h", 5400.0),
+        ("0", 0.0),
+        ("5M", 300.0),
+    ],
+)
 def test_parse_duration(value: object, seconds: float) -> None:
     assert parse_duration(value) == seconds
 
 
-@pytest.mark.parametrize("value", ["5 minutes", "", "m", "5x", "-5m", -1, "30m1h", "1h1h",
-                                   True, None, [5], "nan", float("inf"), "5m-"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "5 minutes",
+        "",
+        "m",
+        "5x",
+        "-5m",
+        -1,
+        "30m1h",
+        "1h1h",
+        True,
+        None,
+        [5],
+        "nan",
+        float("inf"),
+        "5m-",
+    ],
+)
 def test_parse_duration_rejects(value: object) -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"duration|negative|unit|number"):
         parse_duration(value)
 
 
@@ -104,15 +138,21 @@ def test_format_duration_is_short() -> None:
     assert format_duration(600.0) == "10m"
 
 
-@pytest.mark.parametrize(("key", "text", "seconds"), [
-    ("poll_interval", "90s", 90.0), ("check_max_age", "0", 0.0), ("check_max_age", "2m", 120.0),
-])
+@pytest.mark.parametrize(
+    ("key", "text", "seconds"),
+    [
+        ("poll_interval", "90s", 90.0),
+        ("check_max_age", "0", 0.0),
+        ("check_max_age", "2m", 120.0),
+    ],
+)
 def test_duration_keys(tmp_path: Path, key: str, text: str, seconds: float) -> None:
     path = write(tmp_path, f"{key}: {text}\nstores: {{a: {{type: directory, path: /srv}}}}\n")
     assert getattr(load_config(path), key) == seconds
 
 
 # --------------------------------------------------------------------------- path & defaults
+
 
 def test_resolve_config_path() -> None:
     assert resolve_config_path(Path("/x.yaml"), {"IMAGESYNC_CONFIG": "/y.yaml"}) == Path("/x.yaml")
@@ -145,8 +185,12 @@ def test_defaults(tmp_path: Path) -> None:
     assert config.stores == {} and config.images == ()
     cloud = config.clouds["a"]
     assert cloud.auth_type == "password"
-    assert (cloud.interface, cloud.verify, cloud.timeout, cloud.max_transfers) == \
-        ("public", True, 60.0, 2)
+    assert (cloud.interface, cloud.verify, cloud.timeout, cloud.max_transfers) == (
+        "public",
+        True,
+        60.0,
+        2,
+    )
     assert cloud.region_name is None and cloud.cloud is None
     # Keystone v3 needs domains for names: Default when not given
     assert cloud.auth["user_domain_name"] == "Default"
@@ -161,7 +205,9 @@ def test_config_is_frozen(tmp_path: Path) -> None:
 
 def test_every_key(tmp_path: Path) -> None:
     ca = write(tmp_path, "-----BEGIN CERTIFICATE-----\n", "ca.pem")
-    path = write(tmp_path, f"""\
+    path = write(
+        tmp_path,
+        f"""\
 state_dir: state
 poll_interval: 1h30m
 max_transfers: 8
@@ -196,7 +242,8 @@ images:
     keep: 2
     retire: delete
     on_mismatch: replace
-""")
+""",
+    )
     config = load_config(path)
     assert config.state_dir == tmp_path / "state"
     assert config.poll_interval == 5400.0 and config.check_max_age == 30.0
@@ -204,28 +251,50 @@ images:
     assert config.metrics_listen == "[::1]:9780"
     assert (config.log_format, config.log_level) == ("json", "warning")
     assert config.clouds["uvic"] == CloudConfig(
-        name="uvic", auth_type="v3applicationcredential",
-        auth={"auth_url": "https://keystone.uvic.example:5000/v3",
-              "application_credential_name": "isync",
-              "application_credential_secret": "uvic-Secret-99", "username": "canfar",
-              "user_domain_id": "default"},
-        region_name="RegionOne", interface="internal", verify=str(ca), timeout=120.0,
-        max_transfers=3, endpoint_override="https://glance.uvic.example:9292/")
-    assert config.stores["archive"] == StoreConfig(name="archive", type="directory",
-                                                   path=Path("/srv/imagesync"), max_transfers=5)
-    assert config.images == (ImageRule(
-        pattern="exact", clouds=("uvic",), stores=("archive",), visibility="public",
-        min_copies=2, keep=2, retire="delete", on_mismatch="replace"),)
+        name="uvic",
+        auth_type="v3applicationcredential",
+        auth={
+            "auth_url": "https://keystone.uvic.example:5000/v3",
+            "application_credential_name": "isync",
+            "application_credential_secret": "uvic-Secret-99",
+            "username": "canfar",
+            "user_domain_id": "default",
+        },
+        region_name="RegionOne",
+        interface="internal",
+        verify=str(ca),
+        timeout=120.0,
+        max_transfers=3,
+        endpoint_override="https://glance.uvic.example:9292/",
+    )
+    assert config.stores["archive"] == StoreConfig(
+        name="archive", type="directory", path=Path("/srv/imagesync"), max_transfers=5
+    )
+    assert config.images == (
+        ImageRule(
+            pattern="exact",
+            clouds=("uvic",),
+            stores=("archive",),
+            visibility="public",
+            min_copies=2,
+            keep=2,
+            retire="delete",
+            on_mismatch="replace",
+        ),
+    )
 
 
 def test_auth_type_follows_the_credentials(tmp_path: Path) -> None:
-    path = write(tmp_path, """\
+    path = write(
+        tmp_path,
+        """\
 clouds:
   ac: {auth: {auth_url: 'https://k/v3', application_credential_id: i,
               application_credential_secret: app-Secret-1}}
   tok: {auth: {auth_url: 'https://k/v3', token: tok-Secret-1, project_id: p}}
   pw: {auth: {auth_url: 'https://k/v3', user_id: u, password: pw-Secret-1, project_id: p}}
-""")
+""",
+    )
     clouds = load_config(path).clouds
     assert clouds["ac"].auth_type == "v3applicationcredential"
     assert clouds["tok"].auth_type == "token"
@@ -236,20 +305,24 @@ clouds:
 def test_relative_paths_follow_the_config_file(tmp_path: Path, clouds_yaml: Path) -> None:
     sub = tmp_path / "etc"
     sub.mkdir()
-    path = write(sub, "clouds_yaml: ../os/clouds.yaml\nstate_dir: ../state\n"
-                 "clouds:\n  cy: {cloud: cybera}\n")
+    path = write(
+        sub, "clouds_yaml: ../os/clouds.yaml\nstate_dir: ../state\nclouds:\n  cy: {cloud: cybera}\n"
+    )
     config = load_config(path)
     assert config.state_dir == tmp_path / "state"
     assert config.clouds["cy"].cloud == "cybera"
 
 
 def test_yaml_anchors_under_x_keys(tmp_path: Path) -> None:
-    path = write(tmp_path, """\
+    path = write(
+        tmp_path,
+        """\
 x-auth: &auth {auth_url: 'https://k/v3', username: u, password: anchor-Secret, project_name: p}
 clouds:
   a: {auth: *auth}
   b: {auth: {<<: *auth, project_name: other}}
-""")
+""",
+    )
     clouds = load_config(path).clouds
     assert clouds["a"].auth["project_name"] == "p"
     assert clouds["b"].auth["project_name"] == "other"
@@ -323,18 +396,26 @@ def test_rule_for_prefers_exact_names(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------- clouds.yaml
 
+
 def test_clouds_yaml_key(tmp_path: Path, clouds_yaml: Path) -> None:
-    path = write(tmp_path, f"clouds_yaml: {clouds_yaml}\nclouds:\n  cy: {{cloud: cybera}}\n"
-                 "  east: {cloud: multi, region_name: East, timeout: 5s}\n"
-                 "  west: {cloud: multi, region_name: West, interface: admin, verify: false}\n")
+    path = write(
+        tmp_path,
+        f"clouds_yaml: {clouds_yaml}\nclouds:\n  cy: {{cloud: cybera}}\n"
+        "  east: {cloud: multi, region_name: East, timeout: 5s}\n"
+        "  west: {cloud: multi, region_name: West, interface: admin, verify: false}\n",
+    )
     clouds = load_config(path).clouds
     cy = clouds["cy"]
     assert cy.cloud == "cybera"
     assert cy.auth_type == "password"
     assert cy.auth["password"] == "cybera-Secret-77"
     assert cy.auth["auth_url"] == "https://keystone.cybera.example:5000/v3"
-    assert (cy.region_name, cy.interface, cy.timeout, cy.verify) == \
-        ("Calgary", "internal", 30.0, True)
+    assert (cy.region_name, cy.interface, cy.timeout, cy.verify) == (
+        "Calgary",
+        "internal",
+        30.0,
+        True,
+    )
     assert cy.endpoint_override == "https://glance.cybera.example:9292"
     east, west = clouds["east"], clouds["west"]
     assert east.endpoint_override is None
@@ -343,8 +424,9 @@ def test_clouds_yaml_key(tmp_path: Path, clouds_yaml: Path) -> None:
     assert (west.region_name, west.interface, west.verify) == ("West", "admin", False)
 
 
-def test_os_client_config_file(tmp_path: Path, clouds_yaml: Path,
-                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_os_client_config_file(
+    tmp_path: Path, clouds_yaml: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     path = write(tmp_path, "clouds:\n  cy: {cloud: cybera}\n")
     monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(clouds_yaml))
     assert load_config(path).clouds["cy"].auth["username"] == "alice"
@@ -366,8 +448,10 @@ def test_clouds_yaml_entry_missing_lists_entries(tmp_path: Path, clouds_yaml: Pa
 
 
 def test_clouds_yaml_bad_region(tmp_path: Path, clouds_yaml: Path) -> None:
-    path = write(tmp_path, f"clouds_yaml: {clouds_yaml}\nclouds:\n"
-                 "  m: {cloud: multi, region_name: North}\n")
+    path = write(
+        tmp_path,
+        f"clouds_yaml: {clouds_yaml}\nclouds:\n  m: {{cloud: multi, region_name: North}}\n",
+    )
     with pytest.raises(ConfigError) as exc:
         load_config(path)
     assert exc.value.key == "clouds.m.cloud"
@@ -384,17 +468,24 @@ def test_clouds_yaml_unparsable(tmp_path: Path) -> None:
 
 
 def test_secure_yaml_beside_clouds_yaml(tmp_path: Path) -> None:
-    write(tmp_path, "clouds:\n  c:\n    auth: {auth_url: 'https://k/v3', username: u, "
-          "project_name: p}\n", "clouds.yaml")
+    write(
+        tmp_path,
+        "clouds:\n  c:\n    auth: {auth_url: 'https://k/v3', username: u, project_name: p}\n",
+        "clouds.yaml",
+    )
     write(tmp_path, "clouds:\n  c:\n    auth: {password: secure-Secret-6}\n", "secure.yaml")
     path = write(tmp_path, "clouds_yaml: clouds.yaml\nclouds:\n  c: {cloud: c}\n")
     assert load_config(path).clouds["c"].auth["password"] == "secure-Secret-6"
 
 
-def test_clouds_yaml_entry_without_password(tmp_path: Path,
-                                            capsys: pytest.CaptureFixture[str]) -> None:
-    write(tmp_path, "clouds:\n  nopw:\n    auth: {auth_url: 'https://k/v3', username: u, "
-          "project_name: p}\n", "clouds.yaml")
+def test_clouds_yaml_entry_without_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write(
+        tmp_path,
+        "clouds:\n  nopw:\n    auth: {auth_url: 'https://k/v3', username: u, project_name: p}\n",
+        "clouds.yaml",
+    )
     path = write(tmp_path, "clouds_yaml: clouds.yaml\nclouds:\n  x: {cloud: nopw}\n")
     with pytest.raises(ConfigError) as exc:
         load_config(path)
@@ -403,8 +494,9 @@ def test_clouds_yaml_entry_without_password(tmp_path: Path,
     assert capsys.readouterr() == ("", "")  # openstacksdk printed nothing
 
 
-def test_example_file_loads(tmp_path: Path, clouds_yaml: Path,
-                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_example_file_loads(
+    tmp_path: Path, clouds_yaml: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(clouds_yaml))
     config = load_config(EXAMPLE)
     assert list(config.clouds) == ["cybera", "uvic"]
@@ -421,31 +513,37 @@ def test_example_file_documents_every_key() -> None:
     from imagesync.config import types as cfg
 
     text = EXAMPLE.read_text()
-    keys = {*cfg.TOP_KEYS, *cfg.CLOUD_KEYS, *cfg.DIRECTORY_KEYS, *cfg.VOSPACE_KEYS,
-            *cfg.RULE_KEYS}
+    keys = {*cfg.TOP_KEYS, *cfg.CLOUD_KEYS, *cfg.DIRECTORY_KEYS, *cfg.VOSPACE_KEYS, *cfg.RULE_KEYS}
     for key in keys:
         assert f"{key}:" in text, key
 
 
 # --------------------------------------------------------------------------- show, secrets
 
+
 def test_secrets_are_registered_for_logs(tmp_path: Path, clouds_yaml: Path) -> None:
     logs.forget_secrets()
-    path = write(tmp_path, f"clouds_yaml: {clouds_yaml}\nclouds:\n  cy: {{cloud: cybera}}\n"
-                 f"  in: {inline(password='inline-Secret-55')}\n")
+    path = write(
+        tmp_path,
+        f"clouds_yaml: {clouds_yaml}\nclouds:\n  cy: {{cloud: cybera}}\n"
+        f"  in: {inline(password='inline-Secret-55')}\n",
+    )
     load_config(path)
     text = logs.redact("login failed for cybera-Secret-77 and inline-Secret-55")
     assert "Secret" not in text and text.count("********") == 2
 
 
 def test_render_masks_and_round_trips(tmp_path: Path) -> None:
-    path = write(tmp_path, """\
+    path = write(
+        tmp_path,
+        """\
 poll_interval: 90
 stores:
   archive: {type: directory, path: /srv/a}
 images:
   - {name: 'canfar-*', stores: [archive], keep: 2}
-""")
+""",
+    )
     config = load_config(path)
     text = render_config(config)
     assert "poll_interval: 1m30s" in text
@@ -458,37 +556,66 @@ images:
 def test_render_masks_secrets_by_key_without_registration() -> None:
     logs.forget_secrets()
     config = Config(
-        path=None, state_dir=Path("/s"), poll_interval=60, stores={}, images=(),
-        clouds={"c": CloudConfig(name="c", auth_type="token",
-                                 auth={"auth_url": "https://k/v3", "token": "tkn-Value-1",
-                                       "project_id": "p"})})
+        path=None,
+        state_dir=Path("/s"),
+        poll_interval=60,
+        stores={},
+        images=(),
+        clouds={
+            "c": CloudConfig(
+                name="c",
+                auth_type="token",
+                auth={"auth_url": "https://k/v3", "token": "tkn-Value-1", "project_id": "p"},
+            )
+        },
+    )
     text = render_config(config)
     assert "tkn-Value-1" not in text and "token: '********'" in text
 
 
 # --------------------------------------------------------------------------- connections
 
+
 def test_check_connections_directory_stores(tmp_path: Path) -> None:
     (tmp_path / "ok").mkdir()
     (tmp_path / "file").write_text("")
     config = Config(
-        path=None, state_dir=tmp_path, poll_interval=60, clouds={}, images=(),
-        stores={n: StoreConfig(name=n, type="directory", path=tmp_path / n)
-                for n in ("ok", "missing", "file")})
+        path=None,
+        state_dir=tmp_path,
+        poll_interval=60,
+        clouds={},
+        images=(),
+        stores={
+            n: StoreConfig(name=n, type="directory", path=tmp_path / n)
+            for n in ("ok", "missing", "file")
+        },
+    )
     results = check_connections(config)
-    assert [(n, ok) for n, ok, _ in results] == [("ok", True), ("missing", False),
-                                                 ("file", False)]
+    assert [(n, ok) for n, ok, _ in results] == [("ok", True), ("missing", False), ("file", False)]
     assert "does not exist" in results[1][2]
     assert list((tmp_path / "ok").iterdir()) == []  # the probe file is gone
 
 
 def test_check_connections_unreachable_cloud(tmp_path: Path) -> None:
     config = Config(
-        path=None, state_dir=tmp_path, poll_interval=60, stores={}, images=(),
-        clouds={"c": CloudConfig(name="c", auth_type="v3applicationcredential", timeout=5,
-                                 auth={"auth_url": "http://127.0.0.1:1/v3",
-                                       "application_credential_id": "i",
-                                       "application_credential_secret": "unreach-Secret-3"})})
+        path=None,
+        state_dir=tmp_path,
+        poll_interval=60,
+        stores={},
+        images=(),
+        clouds={
+            "c": CloudConfig(
+                name="c",
+                auth_type="v3applicationcredential",
+                timeout=5,
+                auth={
+                    "auth_url": "http://127.0.0.1:1/v3",
+                    "application_credential_id": "i",
+                    "application_credential_secret": "unreach-Secret-3",
+                },
+            )
+        },
+    )
     [(name, ok, detail)] = check_connections(config)
     assert (name, ok) == ("c", False)
     assert detail == "cannot connect to http://127.0.0.1:1/v3"
@@ -508,9 +635,12 @@ def test_the_static_auth_option_table_matches_keystoneauth() -> None:
 def test_the_types_import_without_yaml_or_the_sites() -> None:
     # Importing any config submodule runs imagesync/config/__init__.py first: it must stay
     # free of the reader (YAML) and the loader (which reaches into imagesync.sites).
-    code = ("import sys; import imagesync.config, imagesync.config.types; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('yaml', 'keystoneauth1',"
-            " 'openstack') or m.startswith(('imagesync.sites', 'imagesync.config.'))))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=60).stdout
+    code = (
+        "import sys; import imagesync.config, imagesync.config.types; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('yaml', 'keystoneauth1',"
+        " 'openstack') or m.startswith(('imagesync.sites', 'imagesync.config.'))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
     assert out == "['imagesync.config.types']\n"

@@ -77,22 +77,32 @@ class _Counted(HookWriter):
 
 def config_for(tmp_path: Path, sites: list[str], **kw: Any) -> Config:
     rule: dict[str, Any] = kw.pop("rule", {})
-    return Config(path=tmp_path / "imagesync.yaml", state_dir=tmp_path / "state",
-                  poll_interval=60, clouds={}, stores={},
-                  images=(ImageRule(pattern="img*", clouds=tuple(sites), **rule),),
-                  transfer_retries=1, **kw)
+    return Config(
+        path=tmp_path / "imagesync.yaml",
+        state_dir=tmp_path / "state",
+        poll_interval=60,
+        clouds={},
+        stores={},
+        images=(ImageRule(pattern="img*", clouds=tuple(sites), **rule),),
+        transfer_retries=1,
+        **kw,
+    )
 
 
 def daemon_for(tmp_path: Path, sites: dict[str, MemorySite], **kw: Any) -> Daemon:
-    config = config_for(tmp_path, list(sites), **{k: v for k, v in kw.items()
-                                                  if k in ("max_transfers", "rule")})
+    config = config_for(
+        tmp_path, list(sites), **{k: v for k, v in kw.items() if k in ("max_transfers", "rule")}
+    )
     extra = {k: v for k, v in kw.items() if k not in ("max_transfers", "rule")}
     return Daemon(config, engine_factory=lambda c: Engine(c, sites=sites), **extra)
 
 
 def visible(site: MemorySite, name: str) -> list[Any]:
-    return [s.rec for s in site.images.values()
-            if s.rec.name == name and s.rec.counts and not s.rec.hidden]
+    return [
+        s.rec
+        for s in site.images.values()
+        if s.rec.name == name and s.rec.counts and not s.rec.hidden
+    ]
 
 
 def test_a_pass_converges_and_the_next_one_is_idle(tmp_path: Path) -> None:
@@ -115,8 +125,12 @@ def test_a_pass_converges_and_the_next_one_is_idle(tmp_path: Path) -> None:
 
 def test_a_stuck_site_does_not_stall_copies_between_other_sites(tmp_path: Path) -> None:
     gate = threading.Event()
-    sites: dict[str, MemorySite] = {"c1": MemorySite("c1"), "stuck": HookSite("stuck", gate.wait),
-                                 "c3": MemorySite("c3"), "c4": MemorySite("c4")}
+    sites: dict[str, MemorySite] = {
+        "c1": MemorySite("c1"),
+        "stuck": HookSite("stuck", gate.wait),
+        "c3": MemorySite("c3"),
+        "c4": MemorySite("c4"),
+    }
     names = [f"img-{i}" for i in range(4)]
     for n in names:
         sites["c1"].add(n, os.urandom(3 * KB))
@@ -128,7 +142,8 @@ def test_a_stuck_site_does_not_stall_copies_between_other_sites(tmp_path: Path) 
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not all(
-                len(visible(sites[s], n)) == 1 for s in ("c3", "c4") for n in names):
+            len(visible(sites[s], n)) == 1 for s in ("c3", "c4") for n in names
+        ):
             time.sleep(0.02)
         # every copy between healthy sites finished while the stuck site holds its uploads
         assert all(len(visible(sites[s], n)) == 1 for s in ("c3", "c4") for n in names)
@@ -220,8 +235,9 @@ def test_cancel_mid_copy_leaves_nothing_on_any_target(tmp_path: Path) -> None:
     store = DirectorySite("store", tmp_path / "store")
     new = new_image_for(rec, rec.version, "private")
     watcher = Watcher()
-    result = copy_image(src, rec, [(mem, new), (store, new)], cancel=cancel, watcher=watcher,
-                        sleep=lambda s: None)
+    result = copy_image(
+        src, rec, [(mem, new), (store, new)], cancel=cancel, watcher=watcher, sleep=lambda s: None
+    )
     assert result.cancelled and not result.ok
     assert result.bytes_read <= 6 * KB  # stopped at the next chunk, not at the end
     assert [t.error_kind for t in result.targets] == [ErrorKind.CANCELLED, ErrorKind.CANCELLED]
@@ -296,11 +312,13 @@ def test_leases_of_a_dead_run_are_removed_by_recovery_not_by_reading(tmp_path: P
     # A crashed run's upload that lost its mark (say it was written before marking)
     w = sites["c2"].create(new_image_for(src, src.version, "private"))
     w.write(b"x")
-    sites["c2"].images[w.image_id].rec = sites["c2"].images[w.image_id].rec.with_(
-        properties={}, hidden=True)
+    sites["c2"].images[w.image_id].rec = (
+        sites["c2"].images[w.image_id].rec.with_(properties={}, hidden=True)
+    )
     engine = Engine(config_for(tmp_path, list(sites)), sites=sites)
-    engine.state._exec("INSERT INTO leases VALUES (?,?,?,?,?)",
-                       ("c2", w.image_id, "img-a", 999999, time.time()))
+    engine.state._exec(
+        "INSERT INTO leases VALUES (?,?,?,?,?)", ("c2", w.image_id, "img-a", 999999, time.time())
+    )
     listed = engine.inventories()
     assert w.image_id in sites["c2"].images  # reading never deletes
     assert len(engine.state.leases()) == 1
@@ -389,8 +407,7 @@ def test_health_follows_the_signs_of_life() -> None:
     health = Health(stall_seconds=5, clock=clock)
 
     def healthy(*, running: bool, scheduler: bool = True, poll: float = 60) -> bool:
-        return health.healthy(scheduler_running=scheduler, pass_running=running,
-                              poll_interval=poll)
+        return health.healthy(scheduler_running=scheduler, pass_running=running, poll_interval=poll)
 
     assert healthy(running=False)
     assert not healthy(running=False, scheduler=False)  # no loop, no life
@@ -432,8 +449,7 @@ def test_the_running_daemon_is_healthy_only_while_its_pass_shows_life(tmp_path: 
     held = Held()
     sites: dict[str, MemorySite] = {"c1": MemorySite("c1"), "c2": HookSite("c2", held)}
     sites["c1"].add("img-a", os.urandom(5 * KB))
-    d = daemon_for(tmp_path, sites, stall_seconds=5, clock=clock,
-                   notifier=Notifier(env={}))
+    d = daemon_for(tmp_path, sites, stall_seconds=5, clock=clock, notifier=Notifier(env={}))
     assert not d.healthy()  # no scheduler yet
     codes: list[int] = []
     runner = threading.Thread(target=lambda: codes.append(d.run(install_signals=False)))
@@ -507,8 +523,11 @@ def test_metrics_after_a_pass(tmp_path: Path) -> None:
     sites["c2"].faults.fail_list = False
     d.run_pass()
     text = metrics.exposition().decode()
-    lag = [line for line in text.splitlines()
-           if line.startswith('imagesync_sync_lag_seconds{image="img-a",site="c3"}')]
+    lag = [
+        line
+        for line in text.splitlines()
+        if line.startswith('imagesync_sync_lag_seconds{image="img-a",site="c3"}')
+    ]
     assert lag and float(lag[0].split()[-1]) == 0.0  # copied from c2 in that pass
 
 
@@ -525,8 +544,11 @@ def test_lag_of_a_site_that_cannot_be_served_grows(tmp_path: Path) -> None:
     report = d.run_pass()
     assert report is not None and report.failed == 1 and not report.ok
     text = metrics.exposition().decode()
-    (line,) = [x for x in text.splitlines() if x.startswith("imagesync_sync_lag_seconds{"
-                                                           'image="img-a",site="c2"}')]
+    (line,) = [
+        x
+        for x in text.splitlines()
+        if x.startswith('imagesync_sync_lag_seconds{image="img-a",site="c2"}')
+    ]
     assert 3590 < float(line.split()[-1]) < 3700
     assert 'imagesync_copies_total{result="failed"} 1.0' in text
 
@@ -539,9 +561,13 @@ def test_metrics_are_served_over_http(tmp_path: Path) -> None:
             body = resp.read().decode()
     finally:
         metrics.close()
-    for name in ("imagesync_bytes_copied_total", "imagesync_copies_total",
-                 "imagesync_transfers_in_flight", "imagesync_sync_lag_seconds",
-                 "imagesync_last_successful_poll_timestamp_seconds"):
+    for name in (
+        "imagesync_bytes_copied_total",
+        "imagesync_copies_total",
+        "imagesync_transfers_in_flight",
+        "imagesync_sync_lag_seconds",
+        "imagesync_last_successful_poll_timestamp_seconds",
+    ):
         assert f"# TYPE {name.removesuffix('_total')}" in body
 
 
@@ -575,6 +601,13 @@ def test_an_unreachable_site_is_one_log_line_per_pass_not_one_per_image(tmp_path
         report = d.run_pass()
     assert report is not None and report.unreachable == ("c2",)
     skips = [e for e in logs if e["event"] == "skip"]
-    assert skips == [{"event": "skip", "site": "c2", "images": 5, "reason": "site unreachable",
-                      "log_level": "warning"}]
+    assert skips == [
+        {
+            "event": "skip",
+            "site": "c2",
+            "images": 5,
+            "reason": "site unreachable",
+            "log_level": "warning",
+        }
+    ]
     assert "unreachable: c2" in report.status()

@@ -28,14 +28,33 @@ from imagesync.sites.memory import MemorySite
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
 
-def copy_rec(site: str, i: int, *, name: str = "img", hidden: bool = False,
-             protected: bool = False, origin: bool = True) -> ImageRecord:
+def copy_rec(
+    site: str,
+    i: int,
+    *,
+    name: str = "img",
+    hidden: bool = False,
+    protected: bool = False,
+    origin: bool = True,
+) -> ImageRecord:
     t = T0 + timedelta(days=i)
-    props = {PROP_ORIGIN: f"x:{i}", PROP_VERSION: format_time(t),
-             PROP_SHA512: f"{i:x}" * 128} if origin else {}
-    return ImageRecord(site=site, id=f"{site}-{name}-{i}", name=name, status="active",
-                       created_at=t, size=10, hashes={"sha512": (f"{i:x}" * 128)[:128]},
-                       properties=props, hidden=hidden, protected=protected)
+    props = (
+        {PROP_ORIGIN: f"x:{i}", PROP_VERSION: format_time(t), PROP_SHA512: f"{i:x}" * 128}
+        if origin
+        else {}
+    )
+    return ImageRecord(
+        site=site,
+        id=f"{site}-{name}-{i}",
+        name=name,
+        status="active",
+        created_at=t,
+        size=10,
+        hashes={"sha512": (f"{i:x}" * 128)[:128]},
+        properties=props,
+        hidden=hidden,
+        protected=protected,
+    )
 
 
 def inv(*recs: ImageRecord) -> dict[str, SiteInventory]:
@@ -83,22 +102,32 @@ class NoHideSite(MemorySite):
 
 
 def _engine(tmp_path: Path, sites: dict[str, MemorySite], **rule: object) -> Engine:
-    config = Config(path=tmp_path / "imagesync.yaml", state_dir=tmp_path / "state",
-                    poll_interval=60, clouds={}, stores={},
-                    images=(ImageRule(pattern="img*", clouds=tuple(sites),
-                                      **rule),),  # type: ignore[arg-type]
-                    transfer_retries=1)
+    config = Config(
+        path=tmp_path / "imagesync.yaml",
+        state_dir=tmp_path / "state",
+        poll_interval=60,
+        clouds={},
+        stores={},
+        images=(ImageRule(pattern="img*", clouds=tuple(sites), **rule),),  # type: ignore[arg-type]
+        transfer_retries=1,
+    )
     return Engine(config, sites=sites)
 
 
 def test_a_site_that_cannot_hide_keeps_old_versions_unless_delete_is_configured(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     for mode, survivors in (("hide", 2), ("delete", 1)):
         site = NoHideSite("a")
-        old = site.add("img", b"old", created=T0, props={PROP_ORIGIN: "x:1",
-                                                          PROP_VERSION: format_time(T0)})
-        site.add("img", b"new", created=T0 + timedelta(days=1),
-                 props={PROP_ORIGIN: "x:2", PROP_VERSION: format_time(T0 + timedelta(days=1))})
+        old = site.add(
+            "img", b"old", created=T0, props={PROP_ORIGIN: "x:1", PROP_VERSION: format_time(T0)}
+        )
+        site.add(
+            "img",
+            b"new",
+            created=T0 + timedelta(days=1),
+            props={PROP_ORIGIN: "x:2", PROP_VERSION: format_time(T0 + timedelta(days=1))},
+        )
         engine = _engine(tmp_path / mode, {"a": site}, keep=1, retire=mode)
         p = plan(engine.rules, engine.inventories(), ["a"])
         (retire,) = p.retires
@@ -120,21 +149,42 @@ class CountedImages(tuple[ImageRecord, ...]):
 
 
 def test_planning_thousands_of_names_reads_each_record_a_few_times_not_once_a_name(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # An idle pass over thousands of names stays fast when planning groups the images by
     # name once: a scan of every site per name would read n * n records (12 million here).
     n = 2000
     sites = ("a", "b", "c")
-    originals = [ImageRecord(site="a", id=f"a-{i}", name=f"img-{i:04d}", status="active",
-                             created_at=T0, size=1, hashes={"sha512": "e" * 128})
-                 for i in range(n)]
+    originals = [
+        ImageRecord(
+            site="a",
+            id=f"a-{i}",
+            name=f"img-{i:04d}",
+            status="active",
+            created_at=T0,
+            size=1,
+            hashes={"sha512": "e" * 128},
+        )
+        for i in range(n)
+    ]
     inventories = {"a": SiteInventory("a", CountedImages(originals))}
     for s in sites[1:]:
-        inventories[s] = SiteInventory(s, CountedImages(
-            o.with_(site=s, id=f"{s}-{i}", created_at=T0 + timedelta(minutes=1),
-                    properties={PROP_ORIGIN: o.ref, PROP_VERSION: format_time(T0),
-                                PROP_SHA512: "e" * 128})
-            for i, o in enumerate(originals)))
+        inventories[s] = SiteInventory(
+            s,
+            CountedImages(
+                o.with_(
+                    site=s,
+                    id=f"{s}-{i}",
+                    created_at=T0 + timedelta(minutes=1),
+                    properties={
+                        PROP_ORIGIN: o.ref,
+                        PROP_VERSION: format_time(T0),
+                        PROP_SHA512: "e" * 128,
+                    },
+                )
+                for i, o in enumerate(originals)
+            ),
+        )
     monkeypatch.setattr(CountedImages, "reads", 0)
     p = plan([TargetRule(pattern="img-*", sites=sites, keep=2)], inventories, sites)
     assert p.actions == [] and len(p.assessments) == n
@@ -143,7 +193,8 @@ def test_planning_thousands_of_names_reads_each_record_a_few_times_not_once_a_na
 
 
 def test_recording_thousands_of_cells_is_one_transaction(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # One commit, not one per cell: each commit is a disk sync.
     statements: list[str] = []
     connect = sqlite3.connect
@@ -157,9 +208,23 @@ def test_recording_thousands_of_cells_is_one_transaction(
     n = 2000
     sites = ("a", "b", "c")
     rule = TargetRule(pattern="img-*", sites=sites)
-    inventories = {"a": SiteInventory("a", tuple(
-        ImageRecord(site="a", id=f"a-{i}", name=f"img-{i:04d}", status="active",
-                    created_at=T0, size=1, hashes={"sha512": "e" * 128}) for i in range(n)))}
+    inventories = {
+        "a": SiteInventory(
+            "a",
+            tuple(
+                ImageRecord(
+                    site="a",
+                    id=f"a-{i}",
+                    name=f"img-{i:04d}",
+                    status="active",
+                    created_at=T0,
+                    size=1,
+                    hashes={"sha512": "e" * 128},
+                )
+                for i in range(n)
+            ),
+        )
+    }
     inventories |= {s: SiteInventory(s) for s in sites[1:]}
     p = plan([rule], inventories, sites)
     engine = _engine(tmp_path, {s: MemorySite(s) for s in sites})
@@ -185,5 +250,3 @@ def test_the_index_gives_the_same_plan_as_a_scan() -> None:
         expected.extend(one(name, rule, inventories, ["a", "b"])[1])
     assert p.actions == expected
     assert any(isinstance(a, Skip) and a.site == "b" for a in p.actions)
-
-

@@ -19,11 +19,11 @@ from tests.daemonproc import DaemonProcess
 
 def _config(tmp_path: Path, pattern: str = "img-*", poll: str = "1s") -> str:
     return f"""\
-state_dir: {tmp_path / 'state'}
+state_dir: {tmp_path / "state"}
 poll_interval: {poll}
 stores:
-  a: {{type: directory, path: {tmp_path / 'a'}}}
-  b: {{type: directory, path: {tmp_path / 'b'}}}
+  a: {{type: directory, path: {tmp_path / "a"}}}
+  b: {{type: directory, path: {tmp_path / "b"}}}
 images:
   - name: "{pattern}"
     stores: [a, b]
@@ -32,8 +32,17 @@ images:
 
 def _put(root: Path, name: str, data: bytes) -> None:
     site = DirectorySite("a", root)
-    w = site.create(NewImage(name=name, disk_format="raw", container_format="bare",
-                             min_disk=0, min_ram=0, properties={}, size=len(data)))
+    w = site.create(
+        NewImage(
+            name=name,
+            disk_format="raw",
+            container_format="bare",
+            min_disk=0,
+            min_ram=0,
+            properties={},
+            size=len(data),
+        )
+    )
     w.write(data)
     site.publish(w.finish().id)
 
@@ -95,11 +104,14 @@ def test_an_unbindable_metrics_address_fails_the_start(tmp_path: Path) -> None:
     config = tmp_path / "imagesync.yaml"
     config.write_text(_config(tmp_path) + f"metrics_listen: 127.0.0.1:{port}\n")
     try:
-        r = subprocess.run([sys.executable, "-m", "imagesync.cli", "-c", str(config), "daemon"],
-                           capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            [sys.executable, "-m", "imagesync.cli", "-c", str(config), "daemon"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     finally:
         blocker.close()
     assert r.returncode == 1
-    (line,) = [json.loads(x) for x in r.stdout.splitlines()
-               if '"metrics.listen_failed"' in x]
+    (line,) = [json.loads(x) for x in r.stdout.splitlines() if '"metrics.listen_failed"' in x]
     assert line["listen"] == f"127.0.0.1:{port}"

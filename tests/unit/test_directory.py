@@ -13,8 +13,9 @@ from imagesync.model import NewImage
 from imagesync.sites.directory import DirectorySite, check_name
 
 
-@pytest.mark.parametrize("name", ["", ".", "..", "../etc", "a/b", "a\\b", "x\0y", ".hidden",
-                                  "tab\tname", "x" * 256])
+@pytest.mark.parametrize(
+    "name", ["", ".", "..", "../etc", "a/b", "a\\b", "x\0y", ".hidden", "tab\tname", "x" * 256]
+)
 def test_unsafe_names_are_rejected(name: str) -> None:
     with pytest.raises(SiteError):
         check_name(name)
@@ -34,10 +35,14 @@ def test_a_published_image_is_one_data_file_and_one_metadata_file(tmp_path: Path
     w.write(b"abc")
     rec = w.finish()
     assert sorted(p.name for p in (tmp_path / "img").iterdir()) == [
-        f".{rec.id}.img.partial", f".{rec.id}.json"]
+        f".{rec.id}.img.partial",
+        f".{rec.id}.json",
+    ]
     site.publish(rec.id, {"imagesync.sha512": "f" * 128})
     assert sorted(p.name for p in (tmp_path / "img").iterdir()) == [
-        f"{rec.id}.img", f"{rec.id}.json"]
+        f"{rec.id}.img",
+        f"{rec.id}.json",
+    ]
     assert (tmp_path / "img" / f"{rec.id}.img").read_bytes() == b"abc"
 
 

@@ -108,9 +108,14 @@ def test_secret_keys_are_masked(fmt: str) -> None:
     out = io.StringIO()
     setup_logging(fmt, "debug", stream=out)
     get_logger("t").info(
-        "login", password="hunter2-pw", application_credential_secret="ac-secret-1",
-        auth_token="tok-123456", headers={"X-Auth-Token": "hdr-token-9", "Accept": "json"},
-        auth={"username": "alice", "password": "nested-pw-1"}, username="alice")
+        "login",
+        password="hunter2-pw",
+        application_credential_secret="ac-secret-1",
+        auth_token="tok-123456",
+        headers={"X-Auth-Token": "hdr-token-9", "Accept": "json"},
+        auth={"username": "alice", "password": "nested-pw-1"},
+        username="alice",
+    )
     text = out.getvalue()
     for secret in ("hunter2-pw", "ac-secret-1", "tok-123456", "hdr-token-9", "nested-pw-1"):
         assert secret not in text
@@ -171,13 +176,29 @@ def test_setup_twice_keeps_one_handler() -> None:
     assert len(json_lines(second)) == 1
 
 
-@pytest.mark.parametrize(("key", "secret"), [
-    ("password", True), ("PASSWORD", True), ("os_password", True), ("secret", True),
-    ("application_credential_secret", True), ("token", True), ("auth_token", True),
-    ("X-Auth-Token", True), ("X-Subject-Token", True), ("api_key", True), ("Authorization", True),
-    ("application_credential_id", False), ("username", False), ("auth_url", False),
-    ("key", False), ("keep", False), ("project_name", False), (3, False),
-])
+@pytest.mark.parametrize(
+    ("key", "secret"),
+    [
+        ("password", True),
+        ("PASSWORD", True),
+        ("os_password", True),
+        ("secret", True),
+        ("application_credential_secret", True),
+        ("token", True),
+        ("auth_token", True),
+        ("X-Auth-Token", True),
+        ("X-Subject-Token", True),
+        ("api_key", True),
+        ("Authorization", True),
+        ("application_credential_id", False),
+        ("username", False),
+        ("auth_url", False),
+        ("key", False),
+        ("keep", False),
+        ("project_name", False),
+        (3, False),
+    ],
+)
 def test_is_secret_key(key: object, secret: bool) -> None:
     assert is_secret_key(key) is secret
 
@@ -204,14 +225,21 @@ def test_registered_secrets() -> None:
 
 def test_mask_leaves_structure() -> None:
     register_secret("value-Secret")
-    data = {"auth": {"password": "p", "user": "u"}, "list": ["value-Secret", 1, None],
-            "empty_password": "", "n": 2.5}
-    assert logs.mask(data) == {"auth": {"password": MASK, "user": "u"},
-                               "list": [MASK, 1, None], "empty_password": "", "n": 2.5}
+    data = {
+        "auth": {"password": "p", "user": "u"},
+        "list": ["value-Secret", 1, None],
+        "empty_password": "",
+        "n": 2.5,
+    }
+    assert logs.mask(data) == {
+        "auth": {"password": MASK, "user": "u"},
+        "list": [MASK, 1, None],
+        "empty_password": "",
+        "n": 2.5,
+    }
 
 
-def test_default_configuration_is_masked_and_on_stderr(capsys: pytest.CaptureFixture[str]
-                                                       ) -> None:
+def test_default_configuration_is_masked_and_on_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     register_secret("default-Secret-1")
     logs._configure_default()
     log = structlog.get_logger("t")

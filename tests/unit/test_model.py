@@ -20,8 +20,9 @@ SHA = "a" * 128
 
 
 def rec(**kw: object) -> ImageRecord:
-    base: dict[str, object] = dict(site="c1", id="id1", name="img", status="active",
-                                   created_at=T0, size=10)
+    base: dict[str, object] = dict(
+        site="c1", id="id1", name="img", status="active", created_at=T0, size=10
+    )
     base.update(kw)
     return ImageRecord(**base)  # type: ignore[arg-type]
 
@@ -40,16 +41,22 @@ def test_md5_only_image_has_unknown_sha512() -> None:
 
 def test_copy_carries_the_originals_version() -> None:
     later = T0 + timedelta(days=3)
-    copy = rec(site="c2", id="x", created_at=later, properties={
-        PROP_ORIGIN: "c1:id1", PROP_VERSION: format_time(T0), PROP_SHA512: SHA})
+    copy = rec(
+        site="c2",
+        id="x",
+        created_at=later,
+        properties={PROP_ORIGIN: "c1:id1", PROP_VERSION: format_time(T0), PROP_SHA512: SHA},
+    )
     assert copy.version.origin == "c1:id1"
     assert copy.version.time == T0
     assert copy.version.same_as(rec(hashes={"sha512": SHA}).version)
 
 
 def test_a_copy_never_looks_newer_than_it_was_made() -> None:
-    copy = rec(created_at=T0, properties={PROP_ORIGIN: "c9:z",
-                                          PROP_VERSION: format_time(T0 + timedelta(days=1))})
+    copy = rec(
+        created_at=T0,
+        properties={PROP_ORIGIN: "c9:z", PROP_VERSION: format_time(T0 + timedelta(days=1))},
+    )
     assert copy.version.time == T0
 
 

@@ -13,7 +13,7 @@ import pytest
 from imagesync.notify import Notifier, watchdog_interval
 
 
-@pytest.fixture()
+@pytest.fixture
 def listener(tmp_path: Path) -> Iterator[tuple[socket.socket, str]]:
     path = tmp_path / "notify.sock"
     if len(str(path)) > 100:  # AF_UNIX paths are limited to 108 bytes
@@ -70,8 +70,7 @@ def test_a_missing_socket_is_not_fatal(tmp_path: Path) -> None:
 
 def test_watchdog_interval() -> None:
     assert watchdog_interval({"WATCHDOG_USEC": "120000000"}) == 60.0
-    assert watchdog_interval({"WATCHDOG_USEC": "2000000",
-                              "WATCHDOG_PID": str(os.getpid())}) == 1.0
+    assert watchdog_interval({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())}) == 1.0
     assert watchdog_interval({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}) is None
     assert watchdog_interval({}) is None
     assert watchdog_interval({"WATCHDOG_USEC": "x"}) is None

@@ -26,18 +26,39 @@ def sha(ch: str) -> str:
 _n = 0
 
 
-def img(site: str, name: str = "img", *, t: datetime = T0, digest: str = "1",
-        copy_of: str | None = None, version: datetime | None = None, status: str = "active",
-        **kw: object) -> ImageRecord:
+def img(
+    site: str,
+    name: str = "img",
+    *,
+    t: datetime = T0,
+    digest: str = "1",
+    copy_of: str | None = None,
+    version: datetime | None = None,
+    status: str = "active",
+    **kw: object,
+) -> ImageRecord:
     global _n
     _n += 1
     props: dict[str, str] = dict(kw.pop("props", {}) or {})  # type: ignore[call-overload]
     if copy_of:
-        props.update({PROP_ORIGIN: copy_of, PROP_VERSION: format_time(version or t),
-                      PROP_SHA512: sha(digest)})
-    return ImageRecord(site=site, id=f"{site}-{_n:04d}", name=name, status=status,
-                       created_at=t, size=100, hashes={"sha512": sha(digest)},
-                       properties=props, **kw)  # type: ignore[arg-type]
+        props.update(
+            {
+                PROP_ORIGIN: copy_of,
+                PROP_VERSION: format_time(version or t),
+                PROP_SHA512: sha(digest),
+            }
+        )
+    return ImageRecord(
+        site=site,
+        id=f"{site}-{_n:04d}",
+        name=name,
+        status=status,
+        created_at=t,
+        size=100,
+        hashes={"sha512": sha(digest)},
+        properties=props,
+        **kw,  # type: ignore[arg-type]
+    )
 
 
 def inv(*records: ImageRecord, down: tuple[str, ...] = ()) -> dict[str, SiteInventory]:
@@ -66,8 +87,10 @@ def test_newest_version_is_copied_everywhere_it_is_missing() -> None:
 
 def test_everything_current_plans_nothing() -> None:
     orig = img("a", digest="1")
-    copies = [img(s, t=T0 + timedelta(days=1), digest="1", copy_of=orig.ref, version=T0)
-              for s in ("b", "c", "store")]
+    copies = [
+        img(s, t=T0 + timedelta(days=1), digest="1", copy_of=orig.ref, version=T0)
+        for s in ("b", "c", "store")
+    ]
     p = plan([RULE], inv(orig, *copies), SITES)
     assert p.actions == []
 
@@ -176,8 +199,17 @@ def test_lost_copy_is_copied_again() -> None:
 
 
 def _versions(site: str, n: int, **kw: object) -> list[ImageRecord]:
-    return [img(site, t=T0 + timedelta(days=i), digest=str(i + 1), copy_of=f"x:{i}",
-                version=T0 + timedelta(days=i), **kw) for i in range(n)]
+    return [
+        img(
+            site,
+            t=T0 + timedelta(days=i),
+            digest=str(i + 1),
+            copy_of=f"x:{i}",
+            version=T0 + timedelta(days=i),
+            **kw,  # type: ignore[arg-type]
+        )
+        for i in range(n)
+    ]
 
 
 def test_keep_two_retires_the_oldest_of_three() -> None:
@@ -193,10 +225,12 @@ def test_retention_never_touches_protected_or_foreign_or_in_use_images() -> None
     rule = TargetRule(pattern="img", sites=("a",), keep=1, retire="delete")
     protected = img("a", t=T0, digest="1", copy_of="x:1", protected=True)
     foreign = img("a", t=T0 + timedelta(days=1), digest="2")  # uploaded by a person
-    used = img("a", t=T0 + timedelta(days=2), digest="3", copy_of="x:3",
-               version=T0 + timedelta(days=2))
-    newest = img("a", t=T0 + timedelta(days=3), digest="4", copy_of="x:4",
-                 version=T0 + timedelta(days=3))
+    used = img(
+        "a", t=T0 + timedelta(days=2), digest="3", copy_of="x:3", version=T0 + timedelta(days=2)
+    )
+    newest = img(
+        "a", t=T0 + timedelta(days=3), digest="4", copy_of="x:4", version=T0 + timedelta(days=3)
+    )
     inventories = inv(protected, foreign, used, newest)
     inventories["a"] = SiteInventory("a", inventories["a"].images, in_use=frozenset({used.id}))
     _, actions = plan_name("img", rule, inventories, SITES)

@@ -9,7 +9,8 @@ from imagesync.retry import RetryPolicy, call_with_retry
 
 
 def test_retries_transient_errors_then_succeeds() -> None:
-    calls, sleeps = [], []
+    calls: list[int] = []
+    sleeps: list[float] = []
 
     def flaky() -> str:
         calls.append(1)
@@ -17,8 +18,12 @@ def test_retries_transient_errors_then_succeeds() -> None:
             raise TransientError("503", retry_after=7.0 if len(calls) == 1 else None)
         return "ok"
 
-    assert call_with_retry(flaky, RetryPolicy(attempts=4, base=1, cap=4), what="x",
-                           sleep=sleeps.append) == "ok"
+    assert (
+        call_with_retry(
+            flaky, RetryPolicy(attempts=4, base=1, cap=4), what="x", sleep=sleeps.append
+        )
+        == "ok"
+    )
     assert len(calls) == 3
     assert sleeps[0] == 7.0  # the server's Retry-After
     assert 0 <= sleeps[1] <= 2  # jittered backoff: uniform(0, base * 2)

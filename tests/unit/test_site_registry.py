@@ -13,8 +13,14 @@ from imagesync.sites.directory import DirectorySite
 
 
 def _config(tmp_path: Path, *stores: StoreConfig) -> Config:
-    return Config(path=tmp_path / "imagesync.yaml", state_dir=tmp_path, poll_interval=60,
-                  clouds={}, images=(), stores={s.name: s for s in stores})
+    return Config(
+        path=tmp_path / "imagesync.yaml",
+        state_dir=tmp_path,
+        poll_interval=60,
+        clouds={},
+        images=(),
+        stores={s.name: s for s in stores},
+    )
 
 
 def test_only_kinds_that_are_built_are_offered() -> None:
@@ -23,15 +29,19 @@ def test_only_kinds_that_are_built_are_offered() -> None:
 
 
 def test_open_site_builds_a_store_from_its_kind(tmp_path: Path) -> None:
-    site = open_site(_config(tmp_path, StoreConfig("archive", "directory", path=tmp_path)),
-                     "archive")
+    site = open_site(
+        _config(tmp_path, StoreConfig("archive", "directory", path=tmp_path)), "archive"
+    )
     assert isinstance(site, DirectorySite) and site.name == "archive"
 
 
 def test_a_kind_that_is_not_built_is_a_config_error_naming_the_key(tmp_path: Path) -> None:
     config = _config(tmp_path, StoreConfig("vo", "vospace", url="https://vo.example"))
-    with pytest.raises(ConfigError, match=r"stores\.vo\.type: store type 'vospace' is not "
-                                          r"supported \(supported: directory\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"stores\.vo\.type: store type 'vospace' is not "
+        r"supported \(supported: directory\)",
+    ):
         open_site(config, "vo")
 
 

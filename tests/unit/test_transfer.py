@@ -19,8 +19,7 @@ FAST = RetryPolicy(attempts=3, base=0.0, cap=0.0)
 def _copy(src: MemorySite, targets: list[MemorySite]):  # type: ignore[no-untyped-def]
     rec = src.add("img", DATA)
     new = new_image_for(rec, rec.version, "private")
-    return rec, copy_image(src, rec, [(t, new) for t in targets], policy=FAST,
-                           sleep=lambda s: None)
+    return rec, copy_image(src, rec, [(t, new) for t in targets], policy=FAST, sleep=lambda s: None)
 
 
 def test_fan_out_reads_the_source_once_and_sets_provenance() -> None:
@@ -81,8 +80,9 @@ def test_persistent_failure_gives_up_cleanly() -> None:
 
 def test_non_transient_failure_is_not_retried() -> None:
     src = MemorySite("src")
-    full = MemorySite("full", Faults(fail_write_after=1000, fail_write_times=99,
-                                  fail_write_transient=False))
+    full = MemorySite(
+        "full", Faults(fail_write_after=1000, fail_write_times=99, fail_write_transient=False)
+    )
     _, result = _copy(src, [full])
     assert result.targets[0].attempts == 1 and full.images == {}
 
@@ -91,8 +91,7 @@ def test_source_without_sha512_gets_it_computed_on_first_copy() -> None:
     src, dst = MemorySite("src"), MemorySite("dst")
     rec = src.add("img", DATA, hashes={"md5": hashlib.md5(DATA).hexdigest()})
     assert rec.version.sha512 is None
-    result = copy_image(src, rec, [(dst, new_image_for(rec, rec.version, "private"))],
-                        policy=FAST)
+    result = copy_image(src, rec, [(dst, new_image_for(rec, rec.version, "private"))], policy=FAST)
     assert result.ok
     (stored,) = dst.images.values()
     assert stored.rec.properties[PROP_SHA512] == hashlib.sha512(DATA).hexdigest()
@@ -101,8 +100,7 @@ def test_source_without_sha512_gets_it_computed_on_first_copy() -> None:
 def test_source_md5_mismatch_is_an_integrity_error() -> None:
     src, dst = MemorySite("src"), MemorySite("dst")
     rec = src.add("img", DATA, hashes={"md5": "0" * 32})
-    result = copy_image(src, rec, [(dst, new_image_for(rec, rec.version, "private"))],
-                        policy=FAST)
+    result = copy_image(src, rec, [(dst, new_image_for(rec, rec.version, "private"))], policy=FAST)
     assert result.targets[0].error_kind == "integrity" and dst.images == {}
 
 
@@ -125,8 +123,7 @@ def test_md5_is_computed_only_when_it_can_decide(monkeypatch: pytest.MonkeyPatch
     assert made == []
     src, dst = MemorySite("src"), MemorySite("dst")
     rec = src.add("img", DATA, hashes={"md5": real(DATA).hexdigest()})  # md5-only source
-    result = copy_image(src, rec, [(dst, new_image_for(rec, rec.version, "private"))],
-                        policy=FAST)
+    result = copy_image(src, rec, [(dst, new_image_for(rec, rec.version, "private"))], policy=FAST)
     assert result.ok and made == [1]
 
 
@@ -143,8 +140,7 @@ def test_a_copy_retry_waits_as_long_as_the_site_asked() -> None:
                 Throttled.refused += 1
 
                 def refuse(chunk: bytes) -> None:
-                    raise TransientError("503 Service Unavailable", site=self.name,
-                                         retry_after=7.0)
+                    raise TransientError("503 Service Unavailable", site=self.name, retry_after=7.0)
 
                 writer.write = refuse  # type: ignore[method-assign]
             return writer
@@ -152,7 +148,12 @@ def test_a_copy_retry_waits_as_long_as_the_site_asked() -> None:
     src, target = MemorySite("src"), Throttled("throttled")
     rec = src.add("img", DATA)
     waits: list[float] = []
-    result = copy_image(src, rec, [(target, new_image_for(rec, rec.version, "private"))],
-                        policy=RetryPolicy(attempts=3, base=0.0, cap=0.0), sleep=waits.append)
+    result = copy_image(
+        src,
+        rec,
+        [(target, new_image_for(rec, rec.version, "private"))],
+        policy=RetryPolicy(attempts=3, base=0.0, cap=0.0),
+        sleep=waits.append,
+    )
     assert result.ok and result.targets[0].attempts == 2
     assert waits == [7.0]
