@@ -11,6 +11,9 @@
     │   └── Conflict               the site refused because of its state (e.g. image not queued)
     ├── IntegrityError             bytes did not match their hashes; the bad copy was removed
     ├── LockBusy                   another imagesync holds the lock for this image and site
+    │   └── LockDenied             the lock file cannot be opened (made by another user, e.g.
+    │                              a push run as root): fix its owner; only that image and
+    │                              site wait, like a busy lock, but it counts as a failure
     └── Cancelled                  cancelled (shutdown); what it had started was removed
 
 Sites map their client library's exceptions to these at the boundary (``sites/*``); the engine
@@ -81,6 +84,16 @@ class IntegrityError(ImageSyncError):
 
 class LockBusy(ImageSyncError):
     """Another imagesync process holds the lock for this image and site."""
+
+
+class LockDenied(LockBusy):
+    """The lock file for an image and site cannot be opened (permissions, a read-only or full
+    state directory). A kind of LockBusy so that every handler of "cannot take the lock now"
+    keeps the rest of the work going; the message names the path and the fix."""
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        self.path = path
+        super().__init__(message)
 
 
 class Cancelled(ImageSyncError):

@@ -8,6 +8,12 @@
 - History (``transfers``) and the last known answer per (name, site) (``cells``), which
   ``check`` serves quickly without asking the sites.
 
+Modes are explicit whatever the umask: the state directory and ``locks/`` ``0750``, the
+database and lock files ``0640`` (sqlite gives its ``-wal`` and ``-shm`` files the database's
+mode). A lock file that cannot be opened (one a root-run ``push`` left behind, say) is
+``LockDenied`` for that (name, site) alone, naming the path and the fix; a lock file that can
+be read but not written (a root-owned ``0644`` one from an older imagesync) is still locked.
+
 One connection is shared by the daemon's transfer threads; a lock serialises its use. The
 cells of a whole pass are written in one transaction: an idle pass over thousands of names
 must not pay one commit per (name, site).
@@ -15,6 +21,8 @@ must not pay one commit per (name, site).
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -28,7 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from imagesync.errors import LockBusy
+from imagesync.errors import LockBusy, LockDenied
+
+DIR_MODE = 0o750
+FILE_MODE = 0o640
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS transfers (
@@ -71,6 +82,91 @@ class Lease:
     started: float
 
 
+def _make_dir(path: Path, *, parents: bool = False) -> None:
+    """Create ``path`` with DIR_MODE whatever the umask (an existing one is left as it is)."""
+    if path.is_dir():
+        return
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        return
+    os.chmod(path, DIR_MODE)
+
+
+def _make_file(path: Path) -> None:
+    """Create ``path`` empty with FILE_MODE whatever the umask, unless it exists."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    except FileExistsError:
+        return
+    try:
+        os.fchmod(fd, FILE_MODE)
+        _give_to_dir_owner(fd, path.parent)
+    finally:
+        os.close(fd)
+
+
+def _open_lock(path: Path, name: str, site: str) -> tuple[int, bool]:
+    """Open (creating it if needed) the lock file; return its fd and whether it is writable.
+
+    Raises LockDenied, naming the path and the fix, when it cannot be opened at all."""
+    error: OSError | None = None
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        error = exc  # the directory may refuse a new file and still hold an old one
+    else:
+        try:
+            os.fchmod(fd, FILE_MODE)
+            _give_to_dir_owner(fd, path.parent)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, True
+    for flags, writable in ((os.O_RDWR, True), (os.O_RDONLY, False)):
+        # flock needs no write access: a lock file another user owns but lets us read still
+        # excludes (only the note of who holds it is not written).
+        try:
+            return os.open(path, flags | os.O_CLOEXEC), writable
+        except FileNotFoundError as exc:
+            error = error or exc
+            break
+        except OSError as exc:
+            error = exc if writable else error
+    assert error is not None
+    raise _denied(path, name, site, error) from error
+
+
+def _give_to_dir_owner(fd: int, directory: Path) -> None:
+    """Run as root (a ``push`` by an administrator), give a new lock file to the owner of
+    the lock directory, so that the service user can still take the lock (sqlite does the
+    same for its journal files)."""
+    if os.geteuid() != 0:
+        return
+    st = os.stat(directory)
+    if st.st_uid != 0 or st.st_gid != 0:
+        with contextlib.suppress(OSError):
+            os.fchown(fd, st.st_uid, st.st_gid)
+
+
+def _denied(path: Path, name: str, site: str, exc: OSError) -> LockDenied:
+    why = exc.strerror or str(exc)
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        fix = (
+            f"it was made by another user (a push run as root?): give {path.parent} and its "
+            "files to the user imagesync runs as (chown -R), and run commands as that user"
+        )
+    else:
+        fix = f"check the state directory {path.parent.parent}"
+    return LockDenied(
+        f"{name} on {site}: cannot open the lock file {path}: {why}; {fix}", path=str(path)
+    )
+
+
 def _key(name: str, site: str) -> str:
     digest = hashlib.sha256(f"{name}\0{site}".encode()).hexdigest()[:24]
     return f"{digest}.lock"
@@ -81,9 +177,10 @@ class State:
 
     def __init__(self, state_dir: Path) -> None:
         self.dir = Path(state_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "locks").mkdir(exist_ok=True)
+        _make_dir(self.dir, parents=True)
+        _make_dir(self.dir / "locks")
         self.db_path = self.dir / "imagesync.sqlite"
+        _make_file(self.db_path)  # so that sqlite opens a file with our mode, not the umask's
         self._db = sqlite3.connect(
             self.db_path, timeout=30, isolation_level=None, check_same_thread=False
         )
@@ -118,7 +215,7 @@ class State:
     def lock(self, name: str, site: str, *, wait: float = 0.0) -> Iterator[None]:
         """Hold the (name, site) lock; raise LockBusy if another process holds it."""
         path = self.dir / "locks" / _key(name, site)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd, writable = _open_lock(path, name, site)
         deadline = time.monotonic() + wait
         try:
             while True:
@@ -131,8 +228,9 @@ class State:
                             f"{name} on {site}: another imagesync is copying it now"
                         ) from None
                     time.sleep(0.2)
-            os.ftruncate(fd, 0)
-            os.write(fd, json.dumps({"pid": os.getpid(), "name": name, "site": site}).encode())
+            if writable:  # who holds it, for a curious operator (nothing reads it back)
+                os.ftruncate(fd, 0)
+                os.write(fd, json.dumps({"pid": os.getpid(), "name": name, "site": site}).encode())
             yield
         finally:
             os.close(fd)  # closing releases the flock

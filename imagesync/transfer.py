@@ -11,6 +11,13 @@ verified copies are published, with the provenance marks (``imagesync.origin``,
 Transient failures are retried with the shared policy (``retry.py``): a failed target alone
 is re-sent from a fresh read of the source; a failed source read retries every target.
 
+One target never takes the others down: any exception a target's site raises while creating,
+writing, finishing or publishing (a ``SiteError``, or a bug outside the hierarchy, which counts
+as ``ErrorKind.UNEXPECTED`` and is logged with its traceback) fails that target alone, which is
+aborted or deleted, while every other target is still finished or aborted (a Glance writer's
+upload thread waits for one or the other). ``abort`` that fails anyway leaves the upload
+leased, for recovery to remove.
+
 A copy can be cancelled (the daemon on SIGTERM): ``cancel`` is checked between chunks, and
 every target still being written is aborted, so a cancelled copy leaves nothing behind.
 An :class:`UploadWatcher` hears of each upload from its creation until it is published or
@@ -19,6 +26,7 @@ removed; the engine records these as leases (what this process has half-made, wh
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
@@ -157,17 +165,33 @@ class _Live:
         watcher.started(site.name, writer.image_id)
 
     def abort(self) -> None:
-        self.writer.abort()
+        """Abort the upload; never raises (one target's cleanup must not stop the others')."""
+        try:
+            self.writer.abort()
+        except Exception as exc:
+            # Still marked as uploading and hidden, and still leased: recovery removes it.
+            log.warning(
+                "cleanup.abort_failed",
+                site=self.site.name,
+                image_id=self.writer.image_id,
+                error=str(exc),
+                exc_info=not isinstance(exc, SiteError),
+            )
+            return
         self.watcher.ended(self.site.name, self.writer.image_id)
 
     def remove(self, image_id: str) -> None:
         """Delete a finished but unpublished upload (it failed verification, or we stop)."""
         try:
             self.site.delete(image_id)
-        except SiteError as exc:
+        except Exception as exc:
             # Still marked as uploading and hidden: the next run's recovery removes it.
             log.warning(
-                "cleanup.delete_failed", site=self.site.name, image_id=image_id, error=str(exc)
+                "cleanup.delete_failed",
+                site=self.site.name,
+                image_id=image_id,
+                error=str(exc),
+                exc_info=not isinstance(exc, SiteError),
             )
             return
         self.watcher.ended(self.site.name, image_id)
@@ -178,7 +202,13 @@ def _fail(live: _Live, exc: BaseException, kind: ErrorKind) -> None:
     _set_error(live.result, exc)
     live.result.error_kind = kind
     live.abort()
-    log.warning("copy.target_failed", site=live.site.name, error=str(exc), kind=kind)
+    _log_failed(live.site.name, exc, kind)
+
+
+def _log_failed(site: str, exc: BaseException, kind: ErrorKind) -> None:
+    # a bug (outside the SiteError hierarchy) is logged with its traceback
+    unexpected = kind is ErrorKind.UNEXPECTED
+    log.warning("copy.target_failed", site=site, error=str(exc), kind=kind, exc_info=unexpected)
 
 
 def _check(cancel: threading.Event | None) -> None:
@@ -227,7 +257,14 @@ def _attempt(
             # Targets already published stay published (and are reported so).
             _cancel_rest(live[i:])
             break
-        if not _settle(lv, got, nbytes, cancel):
+        try:
+            settled = _settle(lv, got, nbytes, cancel)
+        except BaseException:
+            # Ctrl-C (or a bug in the watcher) while settling one target: the targets not
+            # settled yet are still waiting for finish or abort (a Glance upload thread).
+            _cancel_rest(live[i + 1 :])
+            raise
+        if not settled:
             _cancel_rest(live[i + 1 :])
             break
     return results
@@ -246,9 +283,18 @@ def _open_targets(
             _check(cancel)
             res.attempts += 1
             try:
-                live.append(_Live(site, site.create(new), res, watcher))
-            except SiteError as exc:
+                writer = site.create(new)
+            except Exception as exc:
                 _set_error(res, exc)
+                _log_failed(site.name, exc, _kind(exc))
+                continue
+            try:
+                live.append(_Live(site, writer, res, watcher))
+            except Exception as exc:  # the lease could not be recorded: do not write blind
+                _set_error(res, exc)
+                _log_failed(site.name, exc, _kind(exc))
+                with contextlib.suppress(Exception):
+                    writer.abort()
     except Cancelled:
         for lv in live:
             lv.abort()
@@ -291,6 +337,10 @@ def _stream(
             for lv in live:
                 lv.result.error, lv.result.error_kind = str(exc), ErrorKind.SOURCE
             raise TransientError(f"reading {image.ref}: {exc}", site=source.name) from exc
+        if isinstance(exc, Exception) and not isinstance(exc, Cancelled):
+            # The source (or the progress callback) failed outside the hierarchy: a bug,
+            # not worth a retry; every target was aborted above.
+            raise _Unexpected(f"reading {image.ref}: {exc!r}") from exc
         raise
     finally:
         close = getattr(stream, "close", None)
@@ -306,7 +356,7 @@ def _fan_out(chunk: bytes, live: list[_Live]) -> None:
     for lv in list(live):
         try:
             lv.writer.write(chunk)
-        except SiteError as exc:
+        except Exception as exc:
             _fail(lv, exc, _kind(exc))
             live.remove(lv)
 
@@ -332,22 +382,23 @@ def _settle(lv: _Live, got: Mapping[str, str], nbytes: int, cancel: threading.Ev
     Returns False when cancelled (the caller aborts the rest)."""
     try:
         stored = lv.writer.finish()
-    except SiteError as exc:
+    except Exception as exc:
         _fail(lv, exc, _kind(exc))
         return True
-    agree = hashes_agree(got, stored.hashes)
-    if stored.size is not None and stored.size != nbytes:
-        agree = False
     try:
+        agree = hashes_agree(got, stored.hashes)
+        if stored.size is not None and stored.size != nbytes:
+            agree = False
         if agree is None:
             agree = _read_back(lv.site, stored, got["sha512"], cancel)
     except Cancelled:
         lv.remove(stored.id)
         lv.result.error, lv.result.error_kind = "cancelled", ErrorKind.CANCELLED
         return False
-    except SiteError as exc:
+    except Exception as exc:
         lv.remove(stored.id)
         _set_error(lv.result, exc, prefix="reading back: ")
+        _log_failed(lv.site.name, exc, _kind(exc))
         return True
     if not agree:
         err = IntegrityError(
@@ -362,11 +413,14 @@ def _settle(lv: _Live, got: Mapping[str, str], nbytes: int, cancel: threading.Ev
         return True
     try:
         lv.result.image = lv.site.publish(stored.id, {PROP_SHA512: got["sha512"]})
-        lv.result.ok = True
-        lv.watcher.ended(lv.site.name, stored.id)
-    except SiteError as exc:
+    except Exception as exc:
         lv.remove(stored.id)
         _set_error(lv.result, exc)
+        _log_failed(lv.site.name, exc, _kind(exc))
+        return True
+    lv.result.ok = True
+    with contextlib.suppress(Exception):  # published: a lease left behind is only re-checked
+        lv.watcher.ended(lv.site.name, stored.id)
     return True
 
 
@@ -393,12 +447,18 @@ def _read_back(
     return h.hexdigest() == sha512
 
 
+class _Unexpected(Exception):
+    """The source failed outside the SiteError hierarchy (a bug): no target is retried."""
+
+
 def _kind(exc: BaseException) -> ErrorKind:
     if isinstance(exc, IntegrityError):
         return ErrorKind.INTEGRITY
     if isinstance(exc, TransientError):
         return ErrorKind.TRANSIENT
-    return ErrorKind.SITE
+    if isinstance(exc, SiteError):
+        return ErrorKind.SITE
+    return ErrorKind.UNEXPECTED  # a bug in a site: that target fails, the others go on
 
 
 def _set_error(res: TargetResult, exc: BaseException, prefix: str = "") -> None:
@@ -447,6 +507,12 @@ def copy_image(
         except Cancelled:
             outcome = [
                 TargetResult(site=s.name, error="cancelled", error_kind=ErrorKind.CANCELLED)
+                for s, _ in pending
+            ]
+        except _Unexpected as exc:
+            log.error("copy.source_failed", source=image.ref, error=str(exc), exc_info=True)
+            outcome = [
+                TargetResult(site=s.name, error=str(exc), error_kind=ErrorKind.UNEXPECTED)
                 for s, _ in pending
             ]
         retry = []

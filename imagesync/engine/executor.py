@@ -33,7 +33,7 @@ from imagesync.engine.inventory import Inventory
 from imagesync.engine.pool import SitePool
 from imagesync.engine.recovery import Recovery
 from imagesync.engine.results import ActionResult, Observer, Outcome
-from imagesync.errors import LockBusy, SiteError
+from imagesync.errors import LockBusy, LockDenied, SiteError
 from imagesync.model import ImageRecord, format_time
 from imagesync.plan import Copy, Plan, Retire, SkipReason
 from imagesync.retry import RetryPolicy
@@ -187,14 +187,14 @@ class Executor:
             with ExitStack() as locks:
                 targets, busy = self._lock_targets(copy, locks)
                 if not targets:
-                    ok = not busy
-                    result = ActionResult(
-                        copy,
-                        ok,
-                        "nothing to transfer" if ok else "busy",
-                        targets=busy,
-                        outcome=Outcome.NOTHING_TO_DO if ok else Outcome.BUSY,
-                    )
+                    failed = _failed(busy)
+                    if not busy:
+                        detail, outcome = "nothing to transfer", Outcome.NOTHING_TO_DO
+                    elif failed:
+                        detail, outcome = failed[0].error or "lock denied", Outcome.FAILED
+                    else:
+                        detail, outcome = "busy", Outcome.BUSY
+                    result = ActionResult(copy, not busy, detail, targets=busy, outcome=outcome)
                     return result
                 result = self._copy_locked(copy, targets, busy, progress, cancel, _Once())
             return result
@@ -209,6 +209,12 @@ class Executor:
         for t in copy.targets:
             try:
                 locks.enter_context(self.state.lock(copy.name, t))
+            except LockDenied as exc:
+                # Not someone else's turn but a broken lock file: a failure of this (name,
+                # site) alone, reported with its path and fix; the other targets go on.
+                log.error("copy.lock_denied", image=copy.name, site=t, error=str(exc))
+                busy.append(TargetResult(site=t, error=str(exc), error_kind=ErrorKind.SITE))
+                continue
             except LockBusy as exc:
                 busy.append(TargetResult(site=t, error=str(exc), error_kind=ErrorKind.BUSY))
                 continue
@@ -293,7 +299,7 @@ class Executor:
             else Outcome.DONE
             if result.ok and not busy
             else Outcome.BUSY
-            if result.ok
+            if result.ok and not _failed(busy)
             else Outcome.FAILED
         )
         return ActionResult(
@@ -395,6 +401,11 @@ class Executor:
             image_id=retire.image_id,
         )
         return ActionResult(retire, True, mode)
+
+
+def _failed(blocked: list[TargetResult]) -> list[TargetResult]:
+    """The targets whose lock could not be taken for a reason that counts as a failure."""
+    return [t for t in blocked if t.error_kind is not None and t.error_kind.counts_as_failure]
 
 
 class _Leases:

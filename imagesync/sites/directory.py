@@ -3,17 +3,32 @@
 Layout: ``ROOT/<name>/<id>.img`` holds the bytes, ``ROOT/<name>/<id>.json`` the metadata.
 An upload writes ``.<id>.img.partial`` and only renames it into place after every byte is on
 disk (fsync) and verified; metadata is written to a temp file and renamed, so a reader never
-sees half a file. Names that could escape the folder are rejected.
+sees half a file. Names that could escape the folder are rejected, and so are names longer
+than ``NAME_MAX`` bytes in UTF-8 (the image name is the folder's name; the files inside are
+named by id, so the store adds nothing to it).
+
+The hashes ``finish`` reports are read back from the file after fsync (with the page cache
+dropped first where the OS allows it), not computed from the chunks handed in: a disk or an
+NFS server that stores other bytes than it was given is caught before the copy is published.
+
+Files are created with explicit modes whatever the umask: images and metadata ``0640``,
+folders ``0750`` (the store holds images users may not share; the group is for operators).
 
 It can hide images (a ``hidden`` flag in the metadata); it cannot list changes since a
-watermark nor tell which images are in use. Every ``OSError`` becomes a ``SiteError`` here; an
-id that is not there is ``NotFound``, but a store directory that is gone is a ``SiteError``
-(an unreachable store must never look like one whose images were deleted).
+watermark nor tell which images are in use. Every ``OSError`` becomes a ``SiteError`` here,
+named after what failed and with a hint of the fix: ``EIO``, ``ESTALE`` and timeouts (a soft
+NFS mount, a server failing over) are :class:`TransientError`, worth the shared retry policy;
+a full disk, a permission or a name the file system refuses are not. An id that is not there
+is ``NotFound``, but a store directory that is gone is a ``SiteError`` (an unreachable store
+must never look like one whose images were deleted). One malformed ``.json`` metadata file is
+renamed aside (``<file>.bad-<time>``) and reported by a ``directory.metadata_quarantined``
+event: it never fails a listing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -24,7 +39,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from imagesync.errors import NotFound, SiteError
+import structlog
+
+from imagesync.errors import NotFound, SiteError, TransientError
 from imagesync.model import (
     PROP_STATE,
     STATE_UPLOADING,
@@ -35,18 +52,57 @@ from imagesync.model import (
 )
 from imagesync.sites.base import Capabilities
 
+log = structlog.get_logger("imagesync.directory")
+
 CHUNK = 1 << 20
 HASHES = frozenset({"sha512", "md5"})
+NAME_MAX = 255  # bytes: Linux's limit for one path component on every common file system
+FILE_MODE = 0o640
+DIR_MODE = 0o750
 _BAD_CHARS = set("/\\\0") | {chr(c) for c in range(32)}
+
+# Worth retrying: what a soft NFS mount, a server failing over or a busy disk answers.
+_TRANSIENT = frozenset({errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR})
+_HINTS = {
+    errno.ENOSPC: "the store is full: free space on it or grow it",
+    errno.EDQUOT: "the store's quota is exhausted: raise it or free space",
+    errno.EACCES: "permission denied: the user imagesync runs as must be able to write the store",
+    errno.EPERM: "permission denied: the user imagesync runs as must be able to write the store",
+    errno.EROFS: "the store is mounted read-only",
+    errno.ENAMETOOLONG: "a path is too long for this file system",
+    errno.EIO: "I/O error (a failing disk, or an NFS server not answering)",
+    errno.ESTALE: "stale NFS file handle (the server restarted or the export changed)",
+}
+# What a metadata file that is not imagesync's JSON raises when it is read into a record.
+_MALFORMED = (ValueError, KeyError, TypeError, AttributeError)
+
+
+def os_error(exc: OSError, what: str, site: str) -> SiteError:
+    """The SiteError for ``exc``, saying what failed and, when known, what to do."""
+    detail = exc.strerror or str(exc)
+    hint = _HINTS.get(exc.errno or 0)
+    message = f"{what}: {detail}" + (f" ({hint})" if hint else "")
+    if exc.errno in _TRANSIENT:
+        return TransientError(message, site=site)
+    return SiteError(message, site=site)
 
 
 def check_name(name: str) -> str:
     """Return ``name`` if it is safe as one folder name; raise SiteError otherwise."""
-    if not name or name in (".", "..") or name.startswith(".") or len(name) > 255:
-        raise SiteError(f"unsafe image name {name!r}: empty, dot-leading or too long")
+    if not name or name in (".", "..") or name.startswith("."):
+        raise SiteError(f"unsafe image name {name!r}: empty or dot-leading")
     if any(c in _BAD_CHARS for c in name):
         raise SiteError(
             f"unsafe image name {name!r}: contains '/', '\\\\', NUL or a control character"
+        )
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise SiteError(f"unsafe image name {name!r}: not valid UTF-8 text") from None
+    if size > NAME_MAX:
+        raise SiteError(
+            f"image name {name[:40]!r}... is {size} bytes in UTF-8: a directory store takes "
+            f"names of at most {NAME_MAX} bytes"
         )
     return name
 
@@ -57,13 +113,55 @@ def _check_id(image_id: str) -> str:
     return image_id
 
 
+def _create_file(path: Path) -> int:
+    """Create ``path`` (it must not exist) with FILE_MODE whatever the umask; return its fd."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)  # the umask narrowed (or widened nothing of) what open gave
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _make_dir(path: Path) -> None:
+    """Create the folder ``path`` with DIR_MODE whatever the umask (an existing one is kept)."""
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        return
+    os.chmod(path, DIR_MODE)
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(_create_file(tmp), "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a full disk must not leave temp files behind
+            tmp.unlink()
+        raise
+
+
+def _hash_file(path: Path) -> tuple[int, dict[str, str]]:
+    """Size and hashes of what ``path`` holds on disk (the caller has fsynced it)."""
+    sha512 = hashlib.sha512()
+    md5 = hashlib.md5(usedforsecurity=False)
+    size = 0
+    with open(path, "rb") as f:
+        if hasattr(os, "posix_fadvise"):
+            # The pages are clean after fsync: dropping them makes the read below come from
+            # the disk (or the NFS server), not from the copy the kernel still holds.
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        while chunk := f.read(CHUNK):
+            sha512.update(chunk)
+            md5.update(chunk)
+            size += len(chunk)
+    return size, {"sha512": sha512.hexdigest(), "md5": md5.hexdigest()}
 
 
 class _DirWriter:
@@ -72,15 +170,19 @@ class _DirWriter:
         self.new = new
         self._id = str(uuid.uuid4())
         self.folder = site.root / check_name(new.name)
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.partial = self.folder / f".{self._id}.img.partial"
-        self._f: BinaryIO | None = open(self.partial, "xb")  # noqa: SIM115 - closed in finish
+        self.meta_path = self.folder / f".{self._id}.json"
+        self._f: BinaryIO | None = None
         self.size = 0
-        self.sha512 = hashlib.sha512()
-        self.md5 = hashlib.md5(usedforsecurity=False)
         self.finished = False
         self.created_at = datetime.now(UTC)
-        self._write_meta(None)
+        _make_dir(self.folder)
+        try:
+            self._f = os.fdopen(_create_file(self.partial), "wb")
+            self._write_meta(None)
+        except BaseException:
+            self._discard()  # a marker or data file made before the failure must not stay
+            raise
 
     def _write_meta(self, hashes: dict[str, str] | None) -> dict[str, Any]:
         props = dict(self.new.properties)
@@ -99,7 +201,7 @@ class _DirWriter:
             "visibility": self.new.visibility,
             "status": "active" if hashes is not None else "saving",
         }
-        _write_atomic(self.folder / f".{self._id}.json", json.dumps(meta, indent=1).encode())
+        _write_atomic(self.meta_path, json.dumps(meta, indent=1).encode())
         return meta
 
     @property
@@ -107,42 +209,56 @@ class _DirWriter:
         return self._id
 
     def write(self, chunk: bytes) -> None:
-        assert self._f is not None
-        try:
+        if self._f is None:
+            raise SiteError(f"writing {self.partial}: the upload is closed", site=self.site.name)
+        with self.site._io(f"writing {self.partial}"):
             self._f.write(chunk)
-        except OSError as exc:
-            raise SiteError(f"writing {self.partial}: {exc.strerror}", site=self.site.name) from exc
-        self.sha512.update(chunk)
-        self.md5.update(chunk)
         self.size += len(chunk)
 
     def finish(self) -> ImageRecord:
-        assert self._f is not None
-        try:
+        f, self._f = self._f, None
+        if f is None:
+            raise SiteError(f"storing {self.partial}: the upload is closed", site=self.site.name)
+        with self.site._io(f"storing {self.partial}"):
             try:
-                self._f.flush()
-                os.fsync(self._f.fileno())
+                f.flush()
+                os.fsync(f.fileno())
             finally:
-                self._f.close()
-                self._f = None
+                f.close()
+            # What the disk holds, not what we were handed, is what the copy is judged by.
+            self.size, hashes = _hash_file(self.partial)
             # Unpublished: data stays under its partial name; the metadata sits beside it hidden.
-            meta = self._write_meta(
-                {"sha512": self.sha512.hexdigest(), "md5": self.md5.hexdigest()}
-            )
-        except OSError as exc:
-            raise SiteError(
-                f"storing {self.partial}: {exc.strerror or exc}", site=self.site.name
-            ) from exc
+            meta = self._write_meta(hashes)
         self.finished = True
         return self.site._record(meta)
 
     def abort(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
-        for p in (self.partial, self.folder / f".{self._id}.json"):
-            p.unlink(missing_ok=True)
+        """Remove what this upload made. Never raises: what cannot be removed now stays
+        marked as an upload (and leased), and recovery removes it later."""
+        try:
+            self._discard()
+        except OSError as exc:
+            log.warning(
+                "directory.abort_incomplete",
+                site=self.site.name,
+                path=str(self.partial),
+                error=exc.strerror or str(exc),
+            )
+
+    def _discard(self) -> None:
+        f, self._f = self._f, None
+        failed: OSError | None = None
+        if f is not None:
+            with contextlib.suppress(OSError):  # a full disk fails the flush: the data goes
+                f.close()
+        for p in (self.partial, self.meta_path):
+            try:
+                p.unlink(missing_ok=True)
+            except OSError as exc:
+                failed = exc
         self.site._prune(self.folder)
+        if failed is not None:
+            raise failed
 
 
 class DirectorySite:
@@ -157,15 +273,19 @@ class DirectorySite:
 
     @contextlib.contextmanager
     def _io(self, what: str) -> Iterator[None]:
-        """Turn an OSError into a SiteError naming what failed (the boundary of this site)."""
+        """Turn an OSError (or metadata that is not imagesync's JSON) into a SiteError naming
+        what failed: the boundary of this site."""
         try:
             yield
         except OSError as exc:
-            raise SiteError(f"{what}: {exc.strerror or exc}", site=self.name) from exc
+            raise os_error(exc, what, self.name) from exc
+        except _MALFORMED as exc:
+            raise SiteError(f"{what}: malformed metadata ({exc!r})", site=self.name) from exc
 
     def _require_root(self) -> None:
-        if not self.root.is_dir():
-            raise SiteError(f"store directory {self.root} does not exist", site=self.name)
+        with self._io(f"looking at the store directory {self.root}"):
+            if not self.root.is_dir():
+                raise SiteError(f"store directory {self.root} does not exist", site=self.name)
 
     def _record(self, meta: dict[str, Any]) -> ImageRecord:
         created = parse_time(meta.get("created_at")) or datetime.now(UTC)
@@ -187,15 +307,11 @@ class DirectorySite:
             hidden=bool(meta.get("hidden", False)),
         )
 
-    def _load(self, folder: Path, image_id: str) -> ImageRecord | None:
-        meta_path = folder / f"{image_id}.json"
-        data_path = folder / f"{image_id}.img"
-        try:
-            meta = json.loads(meta_path.read_bytes())
-        except (OSError, ValueError):
-            return None
-        if not data_path.exists():
-            return None
+    def _read(self, meta_path: Path) -> ImageRecord:
+        """The record in one metadata file. Raises OSError, or one of _MALFORMED."""
+        meta = json.loads(meta_path.read_bytes())
+        if not isinstance(meta, dict):
+            raise ValueError(f"a JSON {type(meta).__name__}, not an object")
         return self._record(meta)
 
     def list_images(self, name: str | None = None) -> list[ImageRecord]:
@@ -207,22 +323,56 @@ class DirectorySite:
         folders = [self.root / check_name(name)] if name else sorted(self.root.iterdir())
         out: list[ImageRecord] = []
         for folder in folders:
-            if not folder.is_dir() or folder.name.startswith("."):
+            if folder.name.startswith(".") or not folder.is_dir():
                 continue
             for meta_path in sorted(folder.glob("*.json")):
-                if meta_path.name.startswith("."):
-                    if meta_path.name.endswith(".tmp"):
-                        continue
-                    try:  # an unpublished upload: report it so crash recovery can find it
-                        meta = json.loads(meta_path.read_bytes())
-                        out.append(self._record(meta).with_(hidden=True))
-                    except (OSError, ValueError, KeyError):
-                        continue
-                    continue
-                rec = self._load(folder, meta_path.stem)
+                rec = self._listed(folder, meta_path)
                 if rec is not None:
                     out.append(rec)
         return out
+
+    def _listed(self, folder: Path, meta_path: Path) -> ImageRecord | None:
+        """One metadata file as the listing shows it, or None. A file that vanished meanwhile
+        (published, aborted) is skipped; one that is not imagesync's JSON is quarantined. Any
+        other OSError fails the whole listing: a listing either completes or counts as failed."""
+        try:
+            rec = self._read(meta_path)
+        except FileNotFoundError:
+            return None
+        except _MALFORMED as exc:
+            self._quarantine(meta_path, exc)
+            return None
+        if meta_path.name.startswith("."):
+            # An unpublished upload: reported (hidden) so that crash recovery can find it.
+            return rec.with_(hidden=True)
+        if not (folder / f"{meta_path.stem}.img").exists():
+            return None
+        return rec
+
+    def _quarantine(self, path: Path, exc: BaseException) -> None:
+        """Rename a metadata file that cannot be read aside, and say so (never fatal)."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        aside = path.with_name(f"{path.name}.bad-{stamp}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return  # another process listing the store moved it first
+        except OSError as err:
+            log.error(
+                "directory.metadata_unreadable",
+                site=self.name,
+                path=str(path),
+                error=repr(exc),
+                rename_error=err.strerror or str(err),
+            )
+            return
+        log.error(
+            "directory.metadata_quarantined",
+            site=self.name,
+            path=str(path),
+            moved_to=str(aside),
+            error=repr(exc),
+        )
 
     def _find(self, image_id: str) -> tuple[Path, bool]:
         """The folder holding ``image_id`` and whether it is published."""
@@ -238,13 +388,16 @@ class DirectorySite:
 
     def get_image(self, image_id: str) -> ImageRecord:
         folder, published = self._find(image_id)
-        if not published:
-            with self._io(f"reading image {image_id}"):
-                meta = json.loads((folder / f".{image_id}.json").read_bytes())
-            return self._record(meta)
-        rec = self._load(folder, image_id)
-        if rec is None:
-            raise NotFound(f"no image {image_id}", site=self.name)
+        meta_path = folder / (f"{image_id}.json" if published else f".{image_id}.json")
+        try:
+            with self._io(f"reading {meta_path}"):
+                rec = self._read(meta_path)
+                if published and not (folder / f"{image_id}.img").exists():
+                    raise NotFound(f"no image {image_id}", site=self.name)
+        except SiteError as exc:
+            if isinstance(exc.__cause__, FileNotFoundError):
+                raise NotFound(f"no image {image_id}", site=self.name) from exc
+            raise
         return rec
 
     def open(self, image: ImageRecord, offset: int = 0) -> Iterator[bytes]:
@@ -252,13 +405,14 @@ class DirectorySite:
         path = folder / f"{image.id}.img"
         try:
             f = open(path, "rb")  # noqa: SIM115 - closed by the generator
-        except OSError as exc:
+        except FileNotFoundError as exc:
             raise NotFound(f"cannot open {path}: {exc.strerror}", site=self.name) from exc
-        return self._chunks(f, offset)
+        except OSError as exc:
+            raise os_error(exc, f"opening {path}", self.name) from exc
+        return self._chunks(f, path, offset)
 
-    @staticmethod
-    def _chunks(f: BinaryIO, offset: int) -> Iterator[bytes]:
-        with f:
+    def _chunks(self, f: BinaryIO, path: Path, offset: int) -> Iterator[bytes]:
+        with f, self._io(f"reading {path}"):
             if offset:
                 f.seek(offset)
             while chunk := f.read(CHUNK):
@@ -266,6 +420,7 @@ class DirectorySite:
 
     def create(self, new: NewImage) -> _DirWriter:
         self._require_root()
+        check_name(new.name)  # before any I/O: a name the store cannot take is not an OS error
         with self._io(f"creating image {new.name!r} in {self.root}"):
             return _DirWriter(self, new)
 
@@ -315,10 +470,13 @@ class DirectorySite:
     def check_connection(self) -> str:
         """Is the store directory there and writable (a file is made and removed to know)?"""
         path = self.root
-        if not path.exists():
-            raise SiteError(f"{path} does not exist: create it (mkdir -p {path})", site=self.name)
-        if not path.is_dir():
-            raise SiteError(f"{path} is not a directory", site=self.name)
+        with self._io(f"looking at {path}"):
+            if not path.exists():
+                raise SiteError(
+                    f"{path} does not exist: create it (mkdir -p {path})", site=self.name
+                )
+            if not path.is_dir():
+                raise SiteError(f"{path} is not a directory", site=self.name)
         try:
             with tempfile.NamedTemporaryFile(dir=path, prefix=".imagesync-check-"):
                 pass

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import BinaryIO
 
 import pytest
+from structlog.testing import capture_logs
 
-from imagesync.model import PROP_ORIGIN, PROP_SHA512, PROP_STATE, PROP_VERSION
+from imagesync.model import (
+    PROP_ORIGIN,
+    PROP_SHA512,
+    PROP_STATE,
+    PROP_VERSION,
+    ImageRecord,
+    NewImage,
+)
 from imagesync.retry import RetryPolicy
-from imagesync.sites.memory import Faults, MemorySite
+from imagesync.sites.directory import DirectorySite, _DirWriter
+from imagesync.sites.memory import Faults, MemorySite, MemoryWriter
 from imagesync.transfer import copy_image, new_image_for
 
 DATA = os.urandom(250_000)
@@ -157,3 +170,162 @@ def test_a_copy_retry_waits_as_long_as_the_site_asked() -> None:
     )
     assert result.ok and result.targets[0].attempts == 2
     assert waits == [7.0]
+
+
+# -- one failed target never blocks the others (issue 8, item 8) -----------------------------
+
+
+class _Recording(MemorySite):
+    """A target that counts how each upload ended: a Glance writer's upload thread waits for
+    exactly one of finish or abort, and blocks forever when it gets neither."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.ended: list[str] = []
+
+    def create(self, new: NewImage) -> MemoryWriter:
+        writer = super().create(new)
+        finish, abort = writer.finish, writer.abort
+
+        def on_finish() -> ImageRecord:
+            self.ended.append("finish")
+            return finish()
+
+        def on_abort() -> None:
+            self.ended.append("abort")
+            abort()
+
+        writer.finish = on_finish  # type: ignore[method-assign]
+        writer.abort = on_abort  # type: ignore[method-assign]
+        return writer
+
+
+class _FullDisk:
+    """Stands in for the directory writer's open file on a disk that fills up: at ``where``
+    ("write": the second chunk; "close": the deferred write-back NFS reports at close)."""
+
+    def __init__(self, f: BinaryIO, where: str) -> None:
+        self.f, self.where, self.writes = f, where, 0
+
+    def _full(self) -> OSError:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def write(self, chunk: bytes) -> int:
+        self.writes += 1
+        if self.where == "write" and self.writes > 1:
+            raise self._full()
+        return self.f.write(chunk)
+
+    def flush(self) -> None:
+        if self.where == "close":
+            raise self._full()
+        self.f.flush()
+
+    def fileno(self) -> int:
+        return self.f.fileno()
+
+    def close(self) -> None:
+        self.f.close()
+        if self.where == "close":
+            raise self._full()
+
+
+@pytest.mark.parametrize("where", ["write", "close", "fsync"])
+def test_a_full_directory_store_fails_alone_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    class FillingUp(DirectorySite):
+        def create(self, new: NewImage) -> _DirWriter:
+            w = super().create(new)
+            if where != "fsync":
+                w._f = _FullDisk(w._f, where)  # type: ignore[arg-type,assignment]
+            return w
+
+    if where == "fsync":
+
+        def full(fd: int) -> None:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(os, "fsync", full)
+    src, mem, last = MemorySite("src"), MemorySite("mem"), _Recording("last")
+    store = FillingUp("dir", tmp_path)
+    rec = src.add("img", os.urandom(3 << 20))  # three chunks
+    new = new_image_for(rec, rec.version, "private")
+    result = copy_image(src, rec, [(mem, new), (store, new), (last, new)], policy=FAST)
+    by_site = {t.site: t for t in result.targets}
+    assert by_site["mem"].ok and len(mem.images) == 1
+    assert by_site["last"].ok and last.ended == ["finish"]
+    assert not by_site["dir"].ok and by_site["dir"].error_kind == "site"
+    assert "No space left" in (by_site["dir"].error or "")
+    assert list(tmp_path.rglob("*")) == []  # no .partial, no .tmp, no marker
+
+
+class _Buggy(MemorySite):
+    """A site with a bug: an exception outside the SiteError hierarchy at ``where``."""
+
+    def __init__(self, name: str, where: str) -> None:
+        super().__init__(name)
+        self.where = where
+        self.aborted = 0
+
+    def create(self, new: NewImage) -> MemoryWriter:
+        if self.where == "create":
+            raise ValueError("bug in create")
+        writer = super().create(new)
+        abort = writer.abort
+
+        def boom(*a: object) -> ImageRecord:
+            raise OSError(errno.EIO, f"bug in {self.where}")
+
+        def counted_abort() -> None:
+            self.aborted += 1
+            abort()
+            if self.where == "abort":
+                raise RuntimeError("bug in abort")
+
+        if self.where in ("write", "abort"):
+            writer.write = boom  # type: ignore[method-assign,assignment]
+        if self.where == "finish":
+            writer.finish = boom  # type: ignore[method-assign]
+        writer.abort = counted_abort  # type: ignore[method-assign]
+        return writer
+
+    def publish(self, image_id: str, properties: Mapping[str, str] | None = None) -> ImageRecord:
+        if self.where == "publish":
+            raise KeyError("bug in publish")
+        return super().publish(image_id, properties)
+
+
+@pytest.mark.parametrize("where", ["create", "write", "finish", "publish", "abort"])
+def test_an_exception_outside_the_hierarchy_fails_that_target_only(where: str) -> None:
+    src, first, last = MemorySite("src"), MemorySite("first"), _Recording("last")
+    buggy = _Buggy("buggy", where)
+    rec = src.add("img", DATA)
+    new = new_image_for(rec, rec.version, "private")
+    with capture_logs() as logs:
+        result = copy_image(src, rec, [(first, new), (buggy, new), (last, new)], policy=FAST)
+    by_site = {t.site: t for t in result.targets}
+    assert by_site["first"].ok and by_site["last"].ok and last.ended == ["finish"]
+    bad = by_site["buggy"]
+    assert not bad.ok and bad.error_kind == "unexpected" and f"bug in {where}" in (bad.error or "")
+    assert bad.attempts == 1  # a bug is not retried
+    assert buggy.images == {}  # removed (abort, or delete after finish)
+    if where in ("write", "finish", "abort"):
+        assert buggy.aborted == 1
+    assert any(e["event"] == "copy.target_failed" and e["site"] == "buggy" for e in logs)
+
+
+def test_a_source_failing_outside_the_hierarchy_aborts_every_target() -> None:
+    class BadSource(MemorySite):
+        def open(self, image: ImageRecord, offset: int = 0) -> Iterator[bytes]:
+            yield b"x" * 1000
+            raise OSError(errno.EIO, "Input/output error")
+
+    src, a, b = BadSource("src"), _Recording("a"), _Recording("b")
+    rec = src.add("img", DATA)
+    new = new_image_for(rec, rec.version, "private")
+    result = copy_image(src, rec, [(a, new), (b, new)], policy=FAST)
+    assert not result.ok
+    assert all(t.error_kind == "unexpected" for t in result.targets)
+    assert a.ended == ["abort"] and b.ended == ["abort"]
+    assert a.images == {} and b.images == {}
