@@ -25,6 +25,7 @@ from typing import Any, Literal, TypedDict, cast
 from imagesync.config.document import Document, join, read_document, suggest
 from imagesync.config.rules import parse_rules
 from imagesync.config.types import (
+    CHECK_MAX_AGE_RANGE,
     CLOUD_KEYS,
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,
@@ -34,9 +35,13 @@ from imagesync.config.types import (
     INTERFACES,
     LOG_FORMATS,
     LOG_LEVELS,
+    MAX_TRANSFERS_RANGE,
+    POLL_INTERVAL_RANGE,
     RULE_KEYS,
     STORE_TYPES,
+    TIMEOUT_RANGE,
     TOP_KEYS,
+    TRANSFER_RETRIES_RANGE,
     VOSPACE_KEYS,
     CloudConfig,
     Config,
@@ -116,9 +121,9 @@ def _parse_cloud(doc: Document, name: str, raw: object, key: str) -> _CloudSpec:
     if "verify" in body:
         spec.verify = doc.verify(body["verify"], join(key, "verify"))
     if "timeout" in body:
-        spec.timeout = doc.duration(body["timeout"], join(key, "timeout"))
+        spec.timeout = doc.duration(body["timeout"], join(key, "timeout"), within=TIMEOUT_RANGE)
     if "max_transfers" in body:
-        spec.max_transfers = doc.integer(body["max_transfers"], join(key, "max_transfers"), 1)
+        spec.max_transfers = _max_transfers(doc, body["max_transfers"], join(key, "max_transfers"))
     if body.get("endpoint_override") is not None:
         spec.endpoint_override = doc.url(
             body["endpoint_override"], join(key, "endpoint_override"), "https://glance.example:9292"
@@ -306,7 +311,9 @@ def _parse_vospace(
     if "verify" in body:
         options["verify"] = doc.verify(body["verify"], join(key, "verify"))
     if "timeout" in body:
-        options["timeout"] = doc.duration(body["timeout"], join(key, "timeout"))
+        options["timeout"] = doc.duration(
+            body["timeout"], join(key, "timeout"), within=TIMEOUT_RANGE
+        )
     register_secret(options.get("token"))
     return StoreConfig(
         name=name, type="vospace", url=url.rstrip("/"), max_transfers=max_transfers, options=options
@@ -328,7 +335,7 @@ def _parse_store(doc: Document, name: str, raw: object, key: str) -> StoreConfig
     kind = doc.choice(body["type"], join(key, "type"), built)
     max_transfers = 2
     if "max_transfers" in body:
-        max_transfers = doc.integer(body["max_transfers"], join(key, "max_transfers"), 1)
+        max_transfers = _max_transfers(doc, body["max_transfers"], join(key, "max_transfers"))
     if kind != "directory":
         return _parse_vospace(doc, name, body, key, max_transfers)
     doc.known_keys(body, key, DIRECTORY_KEYS)
@@ -368,6 +375,11 @@ def _parse_sites(
 
 
 # --------------------------------------------------------------------------- top level
+
+
+def _max_transfers(doc: Document, value: object, key: str) -> int:
+    low, high = MAX_TRANSFERS_RANGE
+    return doc.integer(value, key, low, maximum=high)
 
 
 def _listen(doc: Document, value: object, key: str) -> str:
@@ -430,13 +442,20 @@ def _settings(doc: Document, top: Mapping[str, Any]) -> _Settings:
     if "state_dir" in top:
         out["state_dir"] = doc.path(top["state_dir"], "state_dir")
     if "poll_interval" in top:
-        out["poll_interval"] = doc.duration(top["poll_interval"], "poll_interval")
+        out["poll_interval"] = doc.duration(
+            top["poll_interval"], "poll_interval", within=POLL_INTERVAL_RANGE
+        )
     if "check_max_age" in top:
-        out["check_max_age"] = doc.duration(top["check_max_age"], "check_max_age", allow_zero=True)
+        out["check_max_age"] = doc.duration(
+            top["check_max_age"], "check_max_age", allow_zero=True, within=CHECK_MAX_AGE_RANGE
+        )
     if "max_transfers" in top:
-        out["max_transfers"] = doc.integer(top["max_transfers"], "max_transfers", 1)
+        out["max_transfers"] = _max_transfers(doc, top["max_transfers"], "max_transfers")
     if "transfer_retries" in top:
-        out["transfer_retries"] = doc.integer(top["transfer_retries"], "transfer_retries", 0)
+        low, high = TRANSFER_RETRIES_RANGE
+        out["transfer_retries"] = doc.integer(
+            top["transfer_retries"], "transfer_retries", low, maximum=high
+        )
     if top.get("metrics_listen") is not None:
         out["metrics_listen"] = _listen(doc, top["metrics_listen"], "metrics_listen")
     if "log_format" in top:

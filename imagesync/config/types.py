@@ -161,6 +161,15 @@ INTERFACES = ("public", "internal", "admin")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
+# The allowed range (low, high, inclusive) of each numeric setting; etc/imagesync.yaml.example
+# says why each bound is where it is. A value outside is a mistake (0.001 for a poll interval,
+# 1000 for retries) that would hammer the clouds or never give up, so the file is refused.
+POLL_INTERVAL_RANGE = (1.0, 86400.0)  # 1s (tests, a lab) to 1d
+CHECK_MAX_AGE_RANGE = (0.0, 86400.0)  # 0 (always ask) to 1d
+TIMEOUT_RANGE = (1.0, 3600.0)  # per HTTP request: 1s to 1h
+MAX_TRANSFERS_RANGE = (1, 64)  # overall and per site
+TRANSFER_RETRIES_RANGE = (0, 20)
+
 
 # --------------------------------------------------------------------------- durations
 
