@@ -719,3 +719,17 @@ def test_the_file_size_is_bounded(tmp_path: Path) -> None:
 def test_bounds_include_their_ends(tmp_path: Path, key: str, value: str, allowed: float) -> None:
     path = write(tmp_path, f"{key}: {value}\nstores: {{s: {{type: directory, path: /srv}}}}\n")
     assert getattr(load_config(path), key) == allowed
+
+
+def test_a_totp_passcode_is_masked_and_registered(tmp_path: Path) -> None:
+    logs.forget_secrets()
+    path = write(
+        tmp_path,
+        "clouds:\n  c:\n    auth_type: v3totp\n    auth:\n      auth_url: 'https://k/v3'\n"
+        "      username: u\n      passcode: '918273'\n      project_name: p\n",
+    )
+    config = load_config(path)
+    assert config.clouds["c"].auth["passcode"] == "918273"
+    text = render_config(config)
+    assert "918273" not in text and "passcode: '********'" in text
+    assert logs.redact("keystone refused 918273") == f"keystone refused {logs.MASK}"
