@@ -47,6 +47,7 @@ from imagesync.config.types import (
     Config,
     StoreConfig,
     describe,
+    listens_on_loopback,
 )
 from imagesync.secrets import is_secret_key, register_secret
 from imagesync.sites import openstack_auth, store_kinds
@@ -423,6 +424,7 @@ class _Settings(TypedDict):
     max_transfers: int
     transfer_retries: int
     metrics_listen: str | None
+    metrics_listen_public: bool
     log_format: Literal["auto", "json", "console"]
     log_level: str
 
@@ -436,6 +438,7 @@ def _settings(doc: Document, top: Mapping[str, Any]) -> _Settings:
         "max_transfers": 4,
         "transfer_retries": 3,
         "metrics_listen": None,
+        "metrics_listen_public": False,
         "log_format": "auto",
         "log_level": "info",
     }
@@ -456,8 +459,22 @@ def _settings(doc: Document, top: Mapping[str, Any]) -> _Settings:
         out["transfer_retries"] = doc.integer(
             top["transfer_retries"], "transfer_retries", low, maximum=high
         )
+    if "metrics_listen_public" in top:
+        if not isinstance(top["metrics_listen_public"], bool):
+            doc.fail(
+                "metrics_listen_public",
+                f"is {describe(top['metrics_listen_public'])}; write true or false",
+            )
+        out["metrics_listen_public"] = top["metrics_listen_public"]
     if top.get("metrics_listen") is not None:
-        out["metrics_listen"] = _listen(doc, top["metrics_listen"], "metrics_listen")
+        listen = out["metrics_listen"] = _listen(doc, top["metrics_listen"], "metrics_listen")
+        if not out["metrics_listen_public"] and not listens_on_loopback(listen):
+            doc.fail(
+                "metrics_listen",
+                f"{listen!r} is reachable from other hosts, and the metrics "
+                "name every image and site: listen on 127.0.0.1 or [::1] (scrape through a "
+                "proxy or tunnel), or add `metrics_listen_public: true` if that is meant",
+            )
     if "log_format" in top:
         out["log_format"] = cast(
             Literal["auto", "json", "console"],

@@ -379,6 +379,30 @@ BAD = [
         "the allowed range is 0 to 20",
     ),
     (
+        "metrics-listen-everywhere",
+        "stores:\n  archive: {type: directory, path: /srv}\nmetrics_listen: '0.0.0.0:9780'\n",
+        "metrics_listen",
+        "add `metrics_listen_public: true` if that is meant",
+    ),
+    (
+        "metrics-listen-v6-everywhere",
+        "stores:\n  archive: {type: directory, path: /srv}\nmetrics_listen: '[::]:9780'\n",
+        "metrics_listen",
+        "listen on 127.0.0.1 or [::1]",
+    ),
+    (
+        "metrics-listen-host-name",
+        "stores:\n  archive: {type: directory, path: /srv}\nmetrics_listen: 'h.example:9780'\n",
+        "metrics_listen",
+        "reachable from other hosts",
+    ),
+    (
+        "metrics-listen-public-text",
+        "stores:\n  archive: {type: directory, path: /srv}\nmetrics_listen_public: 'yes'\n",
+        "metrics_listen_public",
+        "write true or false",
+    ),
+    (
         "misplaced-rule-key",
         "stores:\n  archive: {type: directory, path: /srv}\nvisibility: public\n",
         "visibility",
@@ -560,6 +584,7 @@ HOSTILE = [
     ("deep-block-list", "x-deep:\n  " + "- " * 3000 + "1\n" + STORE, "x-deep[0][0]…", "64"),
     ("huge-file", STORE + "# padding\n" * 30000, "", "larger than 256 KiB"),
     ("poll-interval-tiny", "poll_interval: 0.001\n" + STORE, "poll_interval", "1s to 1d"),
+    ("metrics-public", "metrics_listen: 0.0.0.0:9780\n" + STORE, "metrics_listen", "public: true"),
 ]
 
 

@@ -733,3 +733,31 @@ def test_a_totp_passcode_is_masked_and_registered(tmp_path: Path) -> None:
     text = render_config(config)
     assert "918273" not in text and "passcode: '********'" in text
     assert logs.redact("keystone refused 918273") == f"keystone refused {logs.MASK}"
+
+
+@pytest.mark.parametrize(
+    ("listen", "public"),
+    [
+        ("127.0.0.1:9780", False),
+        ("127.0.0.5:9780", False),
+        ("localhost:9780", False),
+        ("'[::1]:9780'", False),
+        ("0.0.0.0:9780", True),
+        ("'[::]:9780'", True),
+        ("192.0.2.10:9780", True),
+    ],
+)
+def test_metrics_listen_beyond_loopback_must_be_meant(
+    tmp_path: Path, listen: str, public: bool
+) -> None:
+    store = "stores: {s: {type: directory, path: /srv}}\n"
+    path = write(tmp_path, f"metrics_listen: {listen}\n{store}")
+    if public:
+        with pytest.raises(ConfigError, match="metrics_listen_public: true") as exc:
+            load_config(path)
+        assert exc.value.key == "metrics_listen"
+        path.write_text(f"metrics_listen: {listen}\nmetrics_listen_public: true\n{store}")
+    config = load_config(path)
+    assert config.metrics_listen == listen.strip("'")
+    assert config.metrics_listen_public is public
+    assert f"metrics_listen_public: {str(public).lower()}" in render_config(config)
