@@ -74,7 +74,7 @@ def suggest(word: str, choices: Iterable[str]) -> str:
 
 
 class _OverLimit(Exception):
-    """The document is over one of the reader's bounds (turned into a ConfigError)."""
+    """The document is over one of the reader's bounds, or recursive (-> a ConfigError)."""
 
     def __init__(self, key: str, line: int, message: str) -> None:
         super().__init__(message)

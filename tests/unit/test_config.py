@@ -698,6 +698,18 @@ def test_nesting_is_bounded_just_past_the_limit(tmp_path: Path) -> None:
     assert exc.value.key is not None and exc.value.key.startswith("x-deep[0]")
 
 
+def test_nesting_through_aliases_is_bounded_too(tmp_path: Path) -> None:
+    # each anchor nests 40 levels in the text; through the alias the value nests 80
+    path = write(
+        tmp_path,
+        "x-a: &a " + "[" * 40 + "]" * 40 + "\nx-b: " + "[" * 40 + "*a" + "]" * 40 + "\n"
+        "stores: {}\n",
+    )
+    with pytest.raises(ConfigError, match="nested more than 64 levels deep") as exc:
+        load_config(path)
+    assert str(exc.value).startswith(f"{path}:2: x-b[0][0]…: ")
+
+
 def test_the_file_size_is_bounded(tmp_path: Path) -> None:
     path = tmp_path / "imagesync.yaml"
     path.write_bytes(b"stores: {}\n" + b"#" * document.MAX_CONFIG_BYTES)
