@@ -14,21 +14,41 @@ itself never imports this module.
     imagesync_last_successful_poll_timestamp_seconds{site}
     imagesync_transfers_in_flight
     imagesync_passes_total{result="ok"|"failed"}, imagesync_last_pass_duration_seconds
+
+The listener is bounded: at most :data:`MAX_CONNECTIONS` handler threads (a new connection
+past that closes the oldest, so idle or slow clients can neither pile up threads nor keep a
+scrape out), and a connection that sends nothing for :data:`IDLE_TIMEOUT` seconds is closed.
+prometheus_client's own server keeps a thread per connection for as long as the client likes.
+An address beyond loopback is logged as a warning when served (the configuration refuses one
+unless ``metrics_listen_public: true`` says it is meant).
 """
 
 from __future__ import annotations
 
 import contextlib
+import socket
+import socketserver
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.exposition import start_http_server
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, make_wsgi_app
 
+from imagesync.config.types import listens_on_loopback
 from imagesync.engine import ActionResult, Observer
 from imagesync.model import SiteInventory
 from imagesync.plan import Assessment, Copy, Retire
+
+log = structlog.get_logger("imagesync.metrics")
+
+#: handler threads at most: a scrape takes milliseconds, Prometheus opens one at a time
+MAX_CONNECTIONS = 8
+#: the name of every connection's handler thread (to count them)
+HANDLER_THREAD_NAME = "imagesync-metrics-connection"
+#: seconds a connection may stay silent (before its request, or between its bytes)
+IDLE_TIMEOUT = 10.0
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -37,6 +57,60 @@ def parse_listen(listen: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise ValueError(f"{listen!r} is not host:port")
     return host.strip("[]"), int(port)
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log on stderr: scrapes are not events."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _BoundedServer(socketserver.ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most ``max_connections`` of them, each with a timeout."""
+
+    block_on_close = False  # nothing to join at close: few threads, each timed out
+    # a burst of connections waits in the kernel's queue rather than in SYN retries (1 s, 3 s…)
+    request_queue_size = 64
+
+    def __init__(
+        self, address: tuple[str, int], family: int, max_connections: int, idle_timeout: float
+    ) -> None:
+        self.address_family = family  # read by TCPServer.__init__ when it makes the socket
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        # handler threads and their connections, oldest first; touched by the accepting
+        # thread only, so it needs no lock
+        self._conns: dict[threading.Thread, socket.socket] = {}
+        super().__init__(address, _QuietHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        for done in [t for t in self._conns if not t.is_alive()]:
+            del self._conns[done]
+        if len(self._conns) >= self.max_connections:
+            # Make room: shutting the oldest connection down ends its thread's read or write
+            # at once; joining it keeps the count of live threads strictly bounded.
+            oldest, conn = next(iter(self._conns.items()))
+            with contextlib.suppress(OSError):  # already closed by its thread
+                conn.shutdown(socket.SHUT_RDWR)
+            oldest.join(self.idle_timeout)
+            if oldest.is_alive():  # not expected: refuse rather than go past the bound
+                self.shutdown_request(request)
+                return
+            del self._conns[oldest]
+        request.settimeout(self.idle_timeout)
+        thread = threading.Thread(
+            target=self.process_request_thread,
+            args=(request, client_address),
+            name=HANDLER_THREAD_NAME,
+            daemon=True,
+        )
+        self._conns[thread] = request
+        thread.start()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # timeouts and resets are the listener doing its job, not a traceback on stderr
+        log.debug("metrics.connection_error", client=str(client_address), exc_info=True)
 
 
 class Metrics(Observer):
@@ -144,13 +218,32 @@ class Metrics(Observer):
         """The text format Prometheus scrapes."""
         return bytes(generate_latest(self.registry))
 
-    def serve(self, listen: str) -> tuple[str, int]:
+    def serve(
+        self,
+        listen: str,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> tuple[str, int]:
         """Serve /metrics on ``listen`` (host:port) from a daemon thread; return the address
         bound (port 0 picks a free one). Raises OSError when the address cannot be bound."""
         host, port = parse_listen(listen)
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        # the family of the address as given (AF_INET6 for ::1), as prometheus_client does
+        family, _, _, _, sockaddr = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        server = _BoundedServer((str(sockaddr[0]), port), family, max_connections, idle_timeout)
+        server.set_app(make_wsgi_app(self.registry))
+        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         self._server = server
         bound = server.server_address
+        if not listens_on_loopback(listen):
+            log.warning(
+                "metrics.listening_public",
+                address=listen,
+                why="metrics_listen is not a loopback address: every network that reaches "
+                "this host can read the image and site names",
+            )
         return str(bound[0]), int(bound[1])
 
     def close(self) -> None:

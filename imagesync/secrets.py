@@ -22,28 +22,43 @@ _secrets: set[str] = set()
 _secrets_sorted: tuple[str, ...] = ()
 _secrets_lock = threading.Lock()
 
+# A key is secret when its name contains one of these words ...
 _SECRET_KEY_WORDS = (
     "password",
     "passwd",
     "passphrase",
+    "passcode",  # keystoneauth's TOTP plugin
     "secret",
     "token",
     "authorization",
     "cookie",
+    "privatekey",
+    "private_key",
 )
-_SECRET_KEY_NAMES = frozenset(
-    {
-        "api_key",
-        "apikey",
-        "private_key",
-        "access_key",
-        "secret_key",
-        "x_auth_key",
-        "auth_key",
-        "pw",
-        "pwd",
-    }
+# ... or is one of these names ...
+_SECRET_KEY_NAMES = frozenset({"pw", "pwd", "pin", "otp", "totp", "apikey", "x_auth_key"})
+# ... or ends in credential(s), or names key material (``application_credential_id`` and a
+# plain ``key``, as in our own log events, are not secret).
+_SECRET_KEY_SHAPES = re.compile(
+    r"(?:^|_)credentials?$"
+    r"|(?:^|_)(?:api|access|secret|private|auth|session|ssh|signing|encryption|fernet|master"
+    r"|shared|client|cert|tls|ssl)_?key$"
 )
+
+# One quoted string: "…" or '…' with backslash escapes, as JSON and Python's repr() write them.
+_QUOTED = r"""[bu]?(?:"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')"""
+# A quoted key and its value, as in a JSON body or a repr()'d dict inside a library's message:
+# {'password': 'x'}, "passcode": 123456. A nested mapping or list is left to the inner keys.
+_QUOTED_KEY_VALUE = re.compile(
+    r"""(?P<head>(?P<q>['"])(?P<key>[A-Za-z0-9_.-]{1,64})(?P=q)\s*:\s*)"""
+    rf"""(?P<value>{_QUOTED}|[^\s,}}\]{{\[][^\s,}}\]]*)"""
+)
+# key=value, as in a query string or a repr()'d object: token=abc, Creds(password='p w d').
+_KEY_EQUALS_VALUE = re.compile(
+    r"(?P<head>\b(?P<key>[A-Za-z0-9_-]{1,64})=)"
+    rf"""(?P<value>{_QUOTED}|[^\s&'",)}}\]]+)"""
+)
+_ABSENT = frozenset({"None", "null", "''", '""'})
 
 _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # HTTP headers, as keystoneauth and requests print them
@@ -57,19 +72,22 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
         ),
         r"\g<1>" + MASK,
     ),
-    # JSON bodies: "password": "…", "secret": "…", "id"s are left alone
-    (
-        re.compile(r"(?i)(\"[a-z_]*(?:password|secret|token)\"\s*:\s*\")(?:[^\"\\]|\\.)*(\")"),
-        r"\g<1>" + MASK + r"\g<2>",
-    ),
-    # key=value in query strings and repr()s
-    (
-        re.compile(r"(?i)\b([a-z_]*(?:password|secret|token)=['\"]?)(?!\*{8})[^\s&'\",)]+"),
-        r"\g<1>" + MASK,
-    ),
-    # credentials in URLs
-    (re.compile(r"(://[^/\s:@]+:)[^/\s@]+(@)"), r"\g<1>" + MASK + r"\g<2>"),
+    # Credentials in URLs: the userinfo runs to the LAST '@' before the path, so a password
+    # holding an unescaped '@' (https://user:p@ss@host/) is masked whole; so is a user name
+    # holding one (https://alice@example.org:pw@host/).
+    (re.compile(r"""(://[^/\s:'"]+:)[^/?#\s'"]*(@)"""), r"\g<1>" + MASK + r"\g<2>"),
 )
+
+
+def _mask_value(match: re.Match[str]) -> str:
+    value = match["value"]
+    if not is_secret_key(match["key"]) or value in _ABSENT:
+        return match[0]
+    if value[:1] in "bu" and value[1:2] in "'\"":  # bytes or unicode literal: keep the prefix
+        return match["head"] + value[:2] + MASK + value[-1]
+    if value[:1] in "'\"":  # keep the quotes, so the text stays valid JSON or repr
+        return match["head"] + value[0] + MASK + value[-1]
+    return match["head"] + MASK
 
 
 def is_secret_key(key: object) -> bool:
@@ -80,7 +98,11 @@ def is_secret_key(key: object) -> bool:
     if not isinstance(key, str):
         return False
     k = key.lower().replace("-", "_")
-    return k in _SECRET_KEY_NAMES or any(word in k for word in _SECRET_KEY_WORDS)
+    return (
+        k in _SECRET_KEY_NAMES
+        or any(word in k for word in _SECRET_KEY_WORDS)
+        or _SECRET_KEY_SHAPES.search(k) is not None
+    )
 
 
 def register_secret(value: object) -> None:
@@ -115,7 +137,8 @@ def redact(text: str) -> str:
             text = text.replace(secret, MASK)
     for pattern, replacement in _PATTERNS:
         text = pattern.sub(replacement, text)
-    return text
+    text = _QUOTED_KEY_VALUE.sub(_mask_value, text)
+    return _KEY_EQUALS_VALUE.sub(_mask_value, text)
 
 
 def mask(value: Any) -> Any:

@@ -7,6 +7,15 @@ key path (:class:`Lines`), so that a later check can name where the mistake is. 
 :class:`~imagesync.errors.ConfigError` whose message ends with what to write instead.
 Knowing which keys exist and what they mean is the job of :mod:`imagesync.config.load` and
 :mod:`imagesync.config.rules`.
+
+The reader is bounded, because the daemon rereads the file on SIGHUP and a hostile or broken
+file must fail fast rather than hang it: the file is at most :data:`MAX_CONFIG_BYTES`, nesting
+at most :data:`MAX_YAML_DEPTH` levels (PyYAML composes recursively, so deeper input would end
+in a ``RecursionError``), and the document, with every alias (``*name``) expanded, at most
+:data:`MAX_YAML_NODES` values. YAML aliases share nodes, so eight lines can stand for a
+billion values ("billion laughs"); PyYAML builds the shared graph cheaply, but anything that
+walks the result (our line tracking first, then every check) pays for the expansion. Counting
+while :class:`Lines` walks the expanded tree, before anything else touches it, stops that.
 """
 
 from __future__ import annotations
@@ -22,8 +31,23 @@ from urllib.parse import urlparse
 
 import yaml
 
-from imagesync.config.types import CONFIG_ENV, DURATION_HINT, describe, parse_duration
+from imagesync.config.types import (
+    CONFIG_ENV,
+    DURATION_HINT,
+    describe,
+    format_duration,
+    parse_duration,
+)
 from imagesync.errors import ConfigError
+
+#: a configuration of hundreds of clouds and rules is tens of KiB; pure-Python YAML parses
+#: roughly 100-500 KiB a second, so this keeps even a rejected file's parse short
+MAX_CONFIG_BYTES = 256 * 1024
+#: a configuration needs five or six levels; PyYAML's composer recurses about three Python
+#: frames per level, so the interpreter's limit (1000) is reached near 300
+MAX_YAML_DEPTH = 64
+#: values (scalars, lists, mappings) with every alias expanded; a real file has hundreds
+MAX_YAML_NODES = 100_000
 
 _SITE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _SIMPLE_KEY = re.compile(r"[A-Za-z0-9_-]+")
@@ -49,20 +73,60 @@ def suggest(word: str, choices: Iterable[str]) -> str:
     return f"did you mean {match[0]!r}? " if match else ""
 
 
+class _OverLimit(Exception):
+    """The document is over one of the reader's bounds, or recursive (-> a ConfigError)."""
+
+    def __init__(self, key: str, line: int, message: str) -> None:
+        super().__init__(message)
+        self.key, self.line, self.message = key, line, message
+
+
+def _too_deep(key: str, line: int) -> _OverLimit:
+    return _OverLimit(
+        key,
+        line,
+        f"nested more than {MAX_YAML_DEPTH} levels deep: a configuration needs a few levels; "
+        "flatten it",
+    )
+
+
 class Lines:
     """Where each key path sits in the file (for messages), and duplicate keys (which PyYAML
-    silently collapses: the last one wins, which is never what the writer meant)."""
+    silently collapses: the last one wins, which is never what the writer meant).
+
+    :meth:`walk` visits the tree with aliases expanded, so it is also where the expansion is
+    bounded: it raises :class:`_OverLimit` past :data:`MAX_YAML_NODES` values, past
+    :data:`MAX_YAML_DEPTH` levels (aliases can chain nodes deeper than the text nests), and on
+    an alias inside the node it names (a recursive structure, which no setting needs).
+    """
 
     def __init__(self) -> None:
         self.line: dict[str, int] = {}
         self.duplicates: list[tuple[str, int, int]] = []  # key, first line, repeated line
         self._merged: set[str] = set()
+        self.visited = 0
 
     def walk(
         self, node: yaml.Node, prefix: str, stack: tuple[int, ...] = (), merged: bool = False
     ) -> None:
-        if id(node) in stack:  # a recursive alias
-            return
+        line = node.start_mark.line + 1
+        if id(node) in stack:
+            raise _OverLimit(
+                prefix or "(top level)",
+                line,
+                "an alias (*name) refers to a mapping or list that contains it: a recursive "
+                "structure never makes a setting; write the values out",
+            )
+        if len(stack) >= MAX_YAML_DEPTH:
+            raise _too_deep(prefix, line)
+        self.visited += 1
+        if self.visited > MAX_YAML_NODES:
+            raise _OverLimit(
+                prefix or "(top level)",
+                line,
+                f"the file expands to more than {MAX_YAML_NODES} values (YAML aliases, *name, "
+                "repeat what they name): use fewer aliases, or write the values out",
+            )
         stack += (id(node),)
         if isinstance(node, yaml.MappingNode):
             for knode, vnode in node.value:
@@ -156,7 +220,7 @@ class Document:
             self.fail(key, f"{shown} is not allowed: {hint}use one of: {', '.join(choices)}")
         return value.strip().lower()
 
-    def integer(self, value: object, key: str, minimum: int) -> int:
+    def integer(self, value: object, key: str, minimum: int, *, maximum: int | None = None) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, float) and value.is_integer():
                 value = int(value)
@@ -166,15 +230,34 @@ class Document:
         if value < minimum:
             what = "positive (1 or more)" if minimum == 1 else f"at least {minimum}"
             self.fail(key, f"is {value}; it must be {what}")
+        if maximum is not None and value > maximum:
+            self.fail(
+                key, f"is {value}; the allowed range is {minimum} to {maximum}: write one in it"
+            )
         return value
 
-    def duration(self, value: object, key: str, allow_zero: bool = False) -> float:
+    def duration(
+        self,
+        value: object,
+        key: str,
+        allow_zero: bool = False,
+        *,
+        within: tuple[float, float] | None = None,
+    ) -> float:
+        """Seconds; ``within`` is the allowed (low, high) range, both included."""
         try:
             seconds = parse_duration(value)
         except ValueError as exc:
             self.fail(key, f"{exc}: {DURATION_HINT}")
         if seconds == 0 and not allow_zero:
             self.fail(key, f"is zero: {DURATION_HINT}")
+        if within is not None and not within[0] <= seconds <= within[1]:
+            low, high = (format_duration(s) for s in within)
+            self.fail(
+                key,
+                f"is {format_duration(seconds)}; the allowed range is {low} to {high}: "
+                "write a duration in it",
+            )
         return seconds
 
     def path(self, value: object, key: str) -> Path:
@@ -217,7 +300,16 @@ def _read_text(path: Path) -> str:
     if path.is_dir():
         raise ConfigError("is a directory, not a file: give the path of the YAML file", file=where)
     try:
-        return path.read_bytes().decode("utf-8")
+        with path.open("rb") as f:
+            # read one byte past the bound rather than trust st_size (a pipe or /proc file)
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"larger than {MAX_CONFIG_BYTES // 1024} KiB: this is not a configuration "
+                "file (a real one is a few KiB): give the path of the YAML file",
+                file=where,
+            )
+        return data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(
             "file not found: create it (see etc/imagesync.yaml.example), or point -c or "
@@ -238,13 +330,69 @@ def _read_text(path: Path) -> str:
         raise ConfigError(f"cannot read the file: {exc.strerror or exc}", file=where) from None
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing to compose past :data:`MAX_YAML_DEPTH` levels.
+
+    The composer is the recursive part of PyYAML (the scanner and parser keep explicit
+    stacks, the safe constructor defers children through generators), so bounding the depth
+    here, where the key path is known, is the one place that prevents ``RecursionError``.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self._keys: list[str] = []  # key path of each node being composed, outermost first
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        prefix = self._keys[-1] if self._keys else ""
+        if isinstance(index, yaml.ScalarNode):  # a mapping's value, under this key
+            key = join(prefix, index.value)
+        elif isinstance(index, int) and not isinstance(index, bool):  # a list's item
+            key = f"{prefix}[{index}]"  # (the parameter hides this module's index())
+        else:  # the document, or a mapping's key
+            key = prefix
+        if len(self._keys) >= MAX_YAML_DEPTH:
+            event = self.peek_event()  # type: ignore[no-untyped-call]  # untyped in the stubs
+            raise _too_deep(key, event.start_mark.line + 1)
+        self._keys.append(key)
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._keys.pop()
+
+
+_KEY_PART = re.compile(r'\[(?:"(?:[^"\\]|\\.)*"|\d+)\]|\.?[^.\[]+')
+
+
+def _outer(key: str, parts: int) -> str:
+    """The first ``parts`` parts of a key path."""
+    return "".join(_KEY_PART.findall(key)[:parts])
+
+
+def _over_limit(where: str, exc: _OverLimit, line: int) -> ConfigError:
+    # the first parts of the path: enough to find the place, short enough to read
+    key = _outer(exc.key, 3)
+    key += "…" if key != exc.key else ""
+    err = ConfigError(exc.message, file=where, key=key)
+    err.args = (f"{where}:{line}: {key}: {exc.message}",)  # as Document.fail does
+    return err
+
+
 def _parse(text: str, where: str, lines: Lines) -> Any:
-    loader = yaml.SafeLoader(text)
+    loader = _BoundedLoader(text)
     try:
-        node = loader.get_single_node()
-        if node is not None:
+        try:
+            node = loader.get_single_node()
+        except _OverLimit as exc:  # the composer's line is where the text nests too deep
+            raise _over_limit(where, exc, exc.line) from None
+        if node is None:
+            return None
+        try:
             lines.walk(node, "")
-        return loader.construct_document(node) if node is not None else None
+        except _OverLimit as exc:
+            # the walk's node may be an alias's target, far from the trouble: point at the
+            # top-level key whose value expands
+            raise _over_limit(where, exc, lines.find(_outer(exc.key, 1)) or exc.line) from None
+        return loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

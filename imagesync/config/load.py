@@ -25,6 +25,7 @@ from typing import Any, Literal, TypedDict, cast
 from imagesync.config.document import Document, join, read_document, suggest
 from imagesync.config.rules import parse_rules
 from imagesync.config.types import (
+    CHECK_MAX_AGE_RANGE,
     CLOUD_KEYS,
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,
@@ -34,14 +35,19 @@ from imagesync.config.types import (
     INTERFACES,
     LOG_FORMATS,
     LOG_LEVELS,
+    MAX_TRANSFERS_RANGE,
+    POLL_INTERVAL_RANGE,
     RULE_KEYS,
     STORE_TYPES,
+    TIMEOUT_RANGE,
     TOP_KEYS,
+    TRANSFER_RETRIES_RANGE,
     VOSPACE_KEYS,
     CloudConfig,
     Config,
     StoreConfig,
     describe,
+    listens_on_loopback,
 )
 from imagesync.secrets import is_secret_key, register_secret
 from imagesync.sites import openstack_auth, store_kinds
@@ -116,9 +122,9 @@ def _parse_cloud(doc: Document, name: str, raw: object, key: str) -> _CloudSpec:
     if "verify" in body:
         spec.verify = doc.verify(body["verify"], join(key, "verify"))
     if "timeout" in body:
-        spec.timeout = doc.duration(body["timeout"], join(key, "timeout"))
+        spec.timeout = doc.duration(body["timeout"], join(key, "timeout"), within=TIMEOUT_RANGE)
     if "max_transfers" in body:
-        spec.max_transfers = doc.integer(body["max_transfers"], join(key, "max_transfers"), 1)
+        spec.max_transfers = _max_transfers(doc, body["max_transfers"], join(key, "max_transfers"))
     if body.get("endpoint_override") is not None:
         spec.endpoint_override = doc.url(
             body["endpoint_override"], join(key, "endpoint_override"), "https://glance.example:9292"
@@ -306,7 +312,9 @@ def _parse_vospace(
     if "verify" in body:
         options["verify"] = doc.verify(body["verify"], join(key, "verify"))
     if "timeout" in body:
-        options["timeout"] = doc.duration(body["timeout"], join(key, "timeout"))
+        options["timeout"] = doc.duration(
+            body["timeout"], join(key, "timeout"), within=TIMEOUT_RANGE
+        )
     register_secret(options.get("token"))
     return StoreConfig(
         name=name, type="vospace", url=url.rstrip("/"), max_transfers=max_transfers, options=options
@@ -328,7 +336,7 @@ def _parse_store(doc: Document, name: str, raw: object, key: str) -> StoreConfig
     kind = doc.choice(body["type"], join(key, "type"), built)
     max_transfers = 2
     if "max_transfers" in body:
-        max_transfers = doc.integer(body["max_transfers"], join(key, "max_transfers"), 1)
+        max_transfers = _max_transfers(doc, body["max_transfers"], join(key, "max_transfers"))
     if kind != "directory":
         return _parse_vospace(doc, name, body, key, max_transfers)
     doc.known_keys(body, key, DIRECTORY_KEYS)
@@ -368,6 +376,11 @@ def _parse_sites(
 
 
 # --------------------------------------------------------------------------- top level
+
+
+def _max_transfers(doc: Document, value: object, key: str) -> int:
+    low, high = MAX_TRANSFERS_RANGE
+    return doc.integer(value, key, low, maximum=high)
 
 
 def _listen(doc: Document, value: object, key: str) -> str:
@@ -411,6 +424,7 @@ class _Settings(TypedDict):
     max_transfers: int
     transfer_retries: int
     metrics_listen: str | None
+    metrics_listen_public: bool
     log_format: Literal["auto", "json", "console"]
     log_level: str
 
@@ -424,21 +438,43 @@ def _settings(doc: Document, top: Mapping[str, Any]) -> _Settings:
         "max_transfers": 4,
         "transfer_retries": 3,
         "metrics_listen": None,
+        "metrics_listen_public": False,
         "log_format": "auto",
         "log_level": "info",
     }
     if "state_dir" in top:
         out["state_dir"] = doc.path(top["state_dir"], "state_dir")
     if "poll_interval" in top:
-        out["poll_interval"] = doc.duration(top["poll_interval"], "poll_interval")
+        out["poll_interval"] = doc.duration(
+            top["poll_interval"], "poll_interval", within=POLL_INTERVAL_RANGE
+        )
     if "check_max_age" in top:
-        out["check_max_age"] = doc.duration(top["check_max_age"], "check_max_age", allow_zero=True)
+        out["check_max_age"] = doc.duration(
+            top["check_max_age"], "check_max_age", allow_zero=True, within=CHECK_MAX_AGE_RANGE
+        )
     if "max_transfers" in top:
-        out["max_transfers"] = doc.integer(top["max_transfers"], "max_transfers", 1)
+        out["max_transfers"] = _max_transfers(doc, top["max_transfers"], "max_transfers")
     if "transfer_retries" in top:
-        out["transfer_retries"] = doc.integer(top["transfer_retries"], "transfer_retries", 0)
+        low, high = TRANSFER_RETRIES_RANGE
+        out["transfer_retries"] = doc.integer(
+            top["transfer_retries"], "transfer_retries", low, maximum=high
+        )
+    if "metrics_listen_public" in top:
+        if not isinstance(top["metrics_listen_public"], bool):
+            doc.fail(
+                "metrics_listen_public",
+                f"is {describe(top['metrics_listen_public'])}; write true or false",
+            )
+        out["metrics_listen_public"] = top["metrics_listen_public"]
     if top.get("metrics_listen") is not None:
-        out["metrics_listen"] = _listen(doc, top["metrics_listen"], "metrics_listen")
+        listen = out["metrics_listen"] = _listen(doc, top["metrics_listen"], "metrics_listen")
+        if not out["metrics_listen_public"] and not listens_on_loopback(listen):
+            doc.fail(
+                "metrics_listen",
+                f"{listen!r} is reachable from other hosts, and the metrics "
+                "name every image and site: listen on 127.0.0.1 or [::1] (scrape through a "
+                "proxy or tunnel), or add `metrics_listen_public: true` if that is meant",
+            )
     if "log_format" in top:
         out["log_format"] = cast(
             Literal["auto", "json", "console"],

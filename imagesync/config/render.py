@@ -71,6 +71,7 @@ def render_config(config: Config) -> str:
         "transfer_retries": config.transfer_retries,
         "check_max_age": format_duration(config.check_max_age),
         "metrics_listen": config.metrics_listen,
+        "metrics_listen_public": config.metrics_listen_public,
         "log_format": config.log_format,
         "log_level": config.log_level,
         "clouds": _clouds(config),

@@ -7,6 +7,7 @@ no OpenStack client). Reading and checking a file is :mod:`imagesync.config.load
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 from collections.abc import Mapping
@@ -81,6 +82,8 @@ class Config:
     stores: Mapping[str, StoreConfig]
     images: tuple[ImageRule, ...]
     metrics_listen: str | None = None  # "127.0.0.1:9780"
+    #: a metrics_listen beyond loopback (0.0.0.0, a LAN address) is refused unless this is set
+    metrics_listen_public: bool = False
     max_transfers: int = 4  # overall concurrent transfers
     transfer_retries: int = 3
     check_max_age: float = 600.0  # seconds: `check` trusts recorded answers this young
@@ -114,6 +117,7 @@ TOP_KEYS = (
     "stores",
     "images",
     "metrics_listen",
+    "metrics_listen_public",
     "max_transfers",
     "transfer_retries",
     "check_max_age",
@@ -160,6 +164,29 @@ ON_MISMATCH = ("report", "replace")
 INTERFACES = ("public", "internal", "admin")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# The allowed range (low, high, inclusive) of each numeric setting; etc/imagesync.yaml.example
+# says why each bound is where it is. A value outside is a mistake (0.001 for a poll interval,
+# 1000 for retries) that would hammer the clouds or never give up, so the file is refused.
+POLL_INTERVAL_RANGE = (1.0, 86400.0)  # 1s (tests, a lab) to 1d
+CHECK_MAX_AGE_RANGE = (0.0, 86400.0)  # 0 (always ask) to 1d
+TIMEOUT_RANGE = (1.0, 3600.0)  # per HTTP request: 1s to 1h
+MAX_TRANSFERS_RANGE = (1, 64)  # overall and per site
+TRANSFER_RETRIES_RANGE = (0, 20)
+
+
+def listens_on_loopback(listen: str) -> bool:
+    """Whether ``host:port`` (``metrics_listen``) listens on this machine only.
+
+    Host names other than ``localhost`` count as not loopback: what they resolve to can change.
+    """
+    host = listen.strip().rpartition(":")[0].strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # --------------------------------------------------------------------------- durations

@@ -7,6 +7,7 @@ the key path and the fix, with no traceback.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -336,6 +337,72 @@ BAD = [
         "use one of: auto, json, console",
     ),
     (
+        "poll-interval-too-short",
+        "stores:\n  archive: {type: directory, path: /srv}\npoll_interval: 0.001\n",
+        "poll_interval",
+        "is 0.001s; the allowed range is 1s to 1d",
+    ),
+    (
+        "poll-interval-too-long",
+        "stores:\n  archive: {type: directory, path: /srv}\npoll_interval: 30d\n",
+        "poll_interval",
+        "the allowed range is 1s to 1d",
+    ),
+    (
+        "check-max-age-too-long",
+        "stores:\n  archive: {type: directory, path: /srv}\ncheck_max_age: 2d\n",
+        "check_max_age",
+        "the allowed range is 0s to 1d",
+    ),
+    (
+        "cloud-timeout-too-short",
+        f"clouds:\n  a: {GOOD_CLOUD[:-1]}, timeout: 0.01}}\n",
+        "clouds.a.timeout",
+        "the allowed range is 1s to 1h",
+    ),
+    (
+        "max-transfers-too-many",
+        "stores:\n  archive: {type: directory, path: /srv}\nmax_transfers: 100000\n",
+        "max_transfers",
+        "the allowed range is 1 to 64",
+    ),
+    (
+        "store-max-transfers-too-many",
+        "stores:\n  archive: {type: directory, path: /srv, max_transfers: 1000}\n",
+        "stores.archive.max_transfers",
+        "the allowed range is 1 to 64",
+    ),
+    (
+        "transfer-retries-too-many",
+        "stores:\n  archive: {type: directory, path: /srv}\ntransfer_retries: 1000\n",
+        "transfer_retries",
+        "the allowed range is 0 to 20",
+    ),
+    (
+        "metrics-listen-everywhere",
+        "stores:\n  archive: {type: directory, path: /srv}\nmetrics_listen: '0.0.0.0:9780'\n",
+        "metrics_listen",
+        "add `metrics_listen_public: true` if that is meant",
+    ),
+    (
+        "metrics-listen-v6-everywhere",
+        "stores:\n  archive: {type: directory, path: /srv}\nmetrics_listen: '[::]:9780'\n",
+        "metrics_listen",
+        "listen on 127.0.0.1 or [::1]",
+    ),
+    (
+        "metrics-listen-host-name",
+        "stores:\n  archive: {type: directory, path: /srv}\nmetrics_listen: 'h.example:9780'\n",
+        "metrics_listen",
+        "reachable from other hosts",
+    ),
+    (
+        "metrics-listen-public-text",
+        "stores:\n  archive: {type: directory, path: /srv}\nmetrics_listen_public: 'yes'\n",
+        "metrics_listen_public",
+        "write true or false",
+    ),
+    (
         "misplaced-rule-key",
         "stores:\n  archive: {type: directory, path: /srv}\nvisibility: public\n",
         "visibility",
@@ -443,7 +510,9 @@ def test_error_names_the_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert f"{path}:7: images[1].retire: " in capsys.readouterr().err
 
 
-def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     base = {
         k: v
         for k, v in os.environ.items()
@@ -454,7 +523,7 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
         capture_output=True,
         text=True,
         env={**base, **(env or {})},
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
 
@@ -476,6 +545,68 @@ def test_bad_config_in_a_real_process(tmp_path: Path, clouds_yaml: Path, case: s
     assert proc.returncode == 2
     assert proc.stdout == ""
     _assert_one_error(proc.stderr, path, key, fix)
+
+
+STORE = "stores: {x: {type: directory, path: /srv}}\n"
+# "billion laughs": 9 lines whose aliases expand to 9**9 (387 million) strings; before the
+# bound, 7 levels (4.8 million) took 19 s and each level multiplies that by 9
+ALIAS_BOMB = (
+    'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+    + "".join(
+        f"{b}: &{b} [{','.join([f'*{a}'] * 9)}]\n"
+        for a, b in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    + STORE
+)
+# the same through merge keys: PyYAML's constructor concatenates the merged pairs
+MERGE_BOMB = (
+    "x-a: &a {"
+    + ", ".join(f"k{i}: {i}" for i in range(9))
+    + "}\n"
+    + "".join(
+        f"x-{b}: &{b} {{<<: [{', '.join([f'*{a}'] * 9)}]}}\n"
+        for a, b in zip("abcdef", "bcdefg", strict=True)
+    )
+    + STORE
+)
+# (id, file text, key path named (a prefix), a fragment of the fix)
+HOSTILE = [
+    ("alias-bomb", ALIAS_BOMB, "f[", "expands to more than 100000 values"),
+    ("merge-bomb", MERGE_BOMB, "x-", "expands to more than 100000 values"),
+    ("recursive-alias", "x-loop: &loop [1, *loop]\n" + STORE, "x-loop", "recursive"),
+    ("deep-flow-list", "x-deep: " + "[" * 3000 + "]" * 3000 + "\n" + STORE, "x-deep[0][0]…", "64"),
+    (
+        "deep-flow-map",
+        "x-deep: " + "{a: " * 3000 + "1" + "}" * 3000 + "\n" + STORE,
+        "x-deep.a.a…",
+        "64",
+    ),
+    ("deep-block-list", "x-deep:\n  " + "- " * 3000 + "1\n" + STORE, "x-deep[0][0]…", "64"),
+    ("huge-file", STORE + "# padding\n" * 30000, "", "larger than 256 KiB"),
+    ("poll-interval-tiny", "poll_interval: 0.001\n" + STORE, "poll_interval", "1s to 1d"),
+    ("metrics-public", "metrics_listen: 0.0.0.0:9780\n" + STORE, "metrics_listen", "public: true"),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "fix"), [c[1:] for c in HOSTILE], ids=[c[0] for c in HOSTILE]
+)
+def test_hostile_config_fails_fast_in_a_real_process(
+    tmp_path: Path, text: str, key: str, fix: str
+) -> None:
+    """Exit 2 with one line, not a hang (the alias bombs took minutes) or a RecursionError.
+
+    The subprocess timeout is the bound: far above a healthy run (well under a second of
+    work) and far below the minutes a hang takes, so it cannot flake on a loaded machine.
+    """
+    path = tmp_path / "imagesync.yaml"
+    path.write_text(text)
+    proc = _run("-c", str(path), "config", "check", timeout=30)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stdout == ""
+    _assert_one_error(proc.stderr, path, "", fix)
+    if key:
+        assert re.search(rf"{re.escape(str(path))}:\d+: {re.escape(key)}", proc.stderr), proc.stderr
 
 
 def test_config_path_from_environment_in_a_real_process(tmp_path: Path) -> None:

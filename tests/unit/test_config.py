@@ -6,11 +6,13 @@ import dataclasses
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from imagesync import logs
+from imagesync.config import document
 from imagesync.config.load import load_config, resolve_config_path
 from imagesync.config.render import render_config
 from imagesync.config.types import (
@@ -644,3 +646,130 @@ def test_the_types_import_without_yaml_or_the_sites() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     assert out == "['imagesync.config.types']\n"
+
+
+def test_alias_expansion_stops_at_the_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A "billion laughs" file is refused after visiting at most MAX_YAML_NODES values.
+
+    Counted, not timed: every value the reader visits passes through Lines.walk, and so does
+    anything the checks later read. (Before the bound the walk went on through 9**9 values.)
+    """
+    visits = 0
+    walk = document.Lines.walk
+
+    def counting(self: document.Lines, node: yaml.Node, *args: Any, **kwargs: Any) -> None:
+        nonlocal visits
+        visits += 1
+        assert visits <= document.MAX_YAML_NODES + 1, "the walk went past the bound"
+        walk(self, node, *args, **kwargs)
+
+    monkeypatch.setattr(document.Lines, "walk", counting)
+    lols = ", ".join(['"lol"'] * 9)
+    text = f"x-a: &a [{lols}]\n" + "".join(
+        f"x-{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n"
+        for a, b in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    path = write(tmp_path, text + "stores: {s: {type: directory, path: /srv}}\n")
+    with pytest.raises(ConfigError, match="expands to more than 100000 values"):
+        load_config(path)
+    assert visits == document.MAX_YAML_NODES + 1
+
+
+def test_aliases_and_merges_below_the_bounds_still_load(tmp_path: Path) -> None:
+    # shared settings by alias, many times over, and nesting a little under the depth bound
+    deep = "[" * (document.MAX_YAML_DEPTH - 2) + "1" + "]" * (document.MAX_YAML_DEPTH - 2)
+    rules = "".join(f"  - {{<<: *rule, name: img-{i}}}\n" for i in range(200))
+    path = write(
+        tmp_path,
+        f"x-deep: {deep}\nx-rule: &rule {{store: s, keep: 2}}\n"
+        f"stores: {{s: {{type: directory, path: /srv}}}}\nimages:\n{rules}",
+    )
+    config = load_config(path)
+    assert len(config.images) == 200 and config.images[-1].keep == 2
+
+
+def test_nesting_is_bounded_just_past_the_limit(tmp_path: Path) -> None:
+    depth = document.MAX_YAML_DEPTH
+    path = write(tmp_path, "x-deep: " + "[" * depth + "]" * depth + "\nstores: {}\n")
+    with pytest.raises(ConfigError, match=f"nested more than {depth} levels deep") as exc:
+        load_config(path)
+    assert exc.value.key is not None and exc.value.key.startswith("x-deep[0]")
+
+
+def test_nesting_through_aliases_is_bounded_too(tmp_path: Path) -> None:
+    # each anchor nests 40 levels in the text; through the alias the value nests 80
+    path = write(
+        tmp_path,
+        "x-a: &a " + "[" * 40 + "]" * 40 + "\nx-b: " + "[" * 40 + "*a" + "]" * 40 + "\n"
+        "stores: {}\n",
+    )
+    with pytest.raises(ConfigError, match="nested more than 64 levels deep") as exc:
+        load_config(path)
+    assert str(exc.value).startswith(f"{path}:2: x-b[0][0]…: ")
+
+
+def test_the_file_size_is_bounded(tmp_path: Path) -> None:
+    path = tmp_path / "imagesync.yaml"
+    path.write_bytes(b"stores: {}\n" + b"#" * document.MAX_CONFIG_BYTES)
+    with pytest.raises(ConfigError, match="larger than 256 KiB"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("poll_interval", "1s", 1.0),
+        ("poll_interval", "1d", 86400.0),
+        ("check_max_age", "1d", 86400.0),
+        ("max_transfers", "64", 64),
+        ("transfer_retries", "20", 20),
+        ("transfer_retries", "0", 0),
+    ],
+)
+def test_bounds_include_their_ends(tmp_path: Path, key: str, value: str, allowed: float) -> None:
+    path = write(tmp_path, f"{key}: {value}\nstores: {{s: {{type: directory, path: /srv}}}}\n")
+    assert getattr(load_config(path), key) == allowed
+
+
+def test_a_totp_passcode_is_masked_and_registered(tmp_path: Path) -> None:
+    logs.forget_secrets()
+    path = write(
+        tmp_path,
+        "clouds:\n  c:\n    auth_type: v3totp\n    auth:\n      auth_url: 'https://k/v3'\n"
+        "      username: u\n      passcode: '918273'\n      project_name: p\n",
+    )
+    config = load_config(path)
+    assert config.clouds["c"].auth["passcode"] == "918273"
+    text = render_config(config)
+    assert "918273" not in text and "passcode: '********'" in text
+    assert logs.redact("keystone refused 918273") == f"keystone refused {logs.MASK}"
+
+
+@pytest.mark.parametrize(
+    ("listen", "public"),
+    [
+        ("127.0.0.1:9780", False),
+        ("127.0.0.5:9780", False),
+        ("localhost:9780", False),
+        ("'[::1]:9780'", False),
+        ("0.0.0.0:9780", True),
+        ("'[::]:9780'", True),
+        ("192.0.2.10:9780", True),
+    ],
+)
+def test_metrics_listen_beyond_loopback_must_be_meant(
+    tmp_path: Path, listen: str, public: bool
+) -> None:
+    store = "stores: {s: {type: directory, path: /srv}}\n"
+    path = write(tmp_path, f"metrics_listen: {listen}\n{store}")
+    if public:
+        with pytest.raises(ConfigError, match="metrics_listen_public: true") as exc:
+            load_config(path)
+        assert exc.value.key == "metrics_listen"
+        path.write_text(f"metrics_listen: {listen}\nmetrics_listen_public: true\n{store}")
+    config = load_config(path)
+    assert config.metrics_listen == listen.strip("'")
+    assert config.metrics_listen_public is public
+    assert f"metrics_listen_public: {str(public).lower()}" in render_config(config)

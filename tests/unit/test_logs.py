@@ -190,7 +190,20 @@ def test_setup_twice_keeps_one_handler() -> None:
         ("X-Subject-Token", True),
         ("api_key", True),
         ("Authorization", True),
+        ("passcode", True),  # keystoneauth's v3totp
+        ("passphrase", True),
+        ("client_secret", True),
+        ("private_key", True),
+        ("PrivateKey", True),
+        ("ssh_key", True),
+        ("access-key", True),
+        ("credential", True),
+        ("credentials", True),
+        ("aws_credentials", True),
         ("application_credential_id", False),
+        ("application_credential_name", False),
+        ("sort_key", False),
+        ("keystone_url", False),
         ("username", False),
         ("auth_url", False),
         ("key", False),
@@ -210,6 +223,47 @@ def test_redact_patterns_without_registration() -> None:
     assert redact("https://alice:pw@host/x") == f"https://alice:{MASK}@host/x"
     assert redact("Authorization: Bearer abc.def") == f"Authorization: Bearer {MASK}"
     assert redact("nothing secret here") == "nothing secret here"
+
+
+@pytest.mark.parametrize(
+    ("text", "secret"),
+    [
+        # a library's message holding a repr()'d dict: every secret value masked whole
+        ("Failed with {'password': 'hunter 2-pw', 'user': 'bob'}", "hunter 2-pw"),
+        ("{'passcode': '123456', 'username': 'bob'}", "123456"),
+        ("{'passcode': 123456}", "123456"),
+        ("{'password': \"it's-a-pw\"}", "it's-a-pw"),
+        ("{'password': 'it\\'s \"both\"'}", "both"),
+        ("{'token': b'gAAAAAB-bytes'}", "gAAAAAB-bytes"),
+        ("{'private_key': '-----BEGIN KEY-----\\nMIIabc'}", "MIIabc"),
+        ("{'auth': {'application_credential_secret': 'ac s3cret'}}", "ac s3cret"),
+        ('{"passphrase": "open sesame", "n": 1}', "sesame"),
+        # key=value in a repr()'d object and in a query string
+        ("Creds(password='p w d', user='x')", "w d"),
+        ("POST /v3/auth?passcode=654321&x=1", "654321"),
+        # URL userinfo: up to the last '@' before the host
+        ("https://user:p@ss@host/path", "ss@host"),
+        ("https://user:p@ss:w@rd@keystone:5000/v3", "rd"),
+        ("https://alice@example.org:pw-1@host/x", "pw-1"),
+    ],
+)
+def test_redact_masks_secrets_whole(text: str, secret: str) -> None:
+    out = redact(text)
+    assert secret not in out, out
+    assert MASK in out
+
+
+def test_redact_keeps_what_is_not_secret() -> None:
+    for text in (
+        "{'password': None, 'username': 'bob', 'application_credential_id': 'ac-id-1'}",
+        "config.reload_partial key=metrics_listen reason='at the next restart'",
+        "clouds.a.auth.password: is a number: put the value in quotes",
+        "https://keystone.example:5000/v3 and https://alice@host:5000/x?q=a@b",
+    ):
+        assert redact(text) == text
+    # the shape of the text is kept: quotes stay, so JSON stays JSON
+    assert redact('{"password": "x\\"y", "name": "n"}') == f'{{"password": "{MASK}", "name": "n"}}'
+    assert redact("https://user:p@ss@host/path") == f"https://user:{MASK}@host/path"
 
 
 def test_registered_secrets() -> None:
