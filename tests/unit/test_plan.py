@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 from imagesync.model import (
@@ -61,8 +62,14 @@ def img(
     )
 
 
-def inv(*records: ImageRecord, down: tuple[str, ...] = ()) -> dict[str, SiteInventory]:
-    out = {s: SiteInventory(s, tuple(r for r in records if r.site == s)) for s in SITES}
+def inv(
+    *records: ImageRecord, down: tuple[str, ...] = (), made: frozenset[str] | None = None
+) -> dict[str, SiteInventory]:
+    """Every site's inventory. imagesync recorded making ``made`` (default: every record that
+    carries its provenance marks)."""
+    if made is None:
+        made = frozenset(r.id for r in records if PROP_ORIGIN in r.properties)
+    out = {s: SiteInventory(s, tuple(r for r in records if r.site == s), made=made) for s in SITES}
     for s in down:
         out[s] = SiteInventory(s, error="connection refused")
     return out
@@ -232,7 +239,7 @@ def test_retention_never_touches_protected_or_foreign_or_in_use_images() -> None
         "a", t=T0 + timedelta(days=3), digest="4", copy_of="x:4", version=T0 + timedelta(days=3)
     )
     inventories = inv(protected, foreign, used, newest)
-    inventories["a"] = SiteInventory("a", inventories["a"].images, in_use=frozenset({used.id}))
+    inventories["a"] = dataclasses.replace(inventories["a"], in_use=frozenset({used.id}))
     _, actions = plan_name("img", rule, inventories, SITES)
     assert not [a for a in actions if isinstance(a, Retire)]
     reasons = " ".join(s.reason for s in actions if isinstance(s, Skip))
