@@ -212,6 +212,9 @@ def _plan_and_run(
         _print_results(results)
         for s in p.skips:
             print(action_line(s))
+        for a in p.assessments:  # why an image with the name was not copied
+            for line in ignored_lines(a):
+                print(line)
     return p, results
 
 

@@ -191,8 +191,8 @@ class ImageRecord:
         claimed, own = props.get(PROP_SHA512), self.hashes.get("sha512")
         return not (claimed and own and claimed.lower() != own.lower())
 
-    @property
-    def origin(self) -> str:
+    @functools.cached_property
+    def origin(self) -> str:  # cached: the engine and the planner ask for it per record
         """The ``site:id`` of the original this record's version came from."""
         if self.provenance_ok:
             return self.properties[PROP_ORIGIN]
@@ -229,6 +229,19 @@ class ImageRecord:
 
     def with_(self, **changes: object) -> ImageRecord:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def seen_first(self, when: datetime) -> ImageRecord:
+        """This record with ``first_seen`` set. The engine stamps every listed record on
+        every pass, so this copies the instance's dict instead of going through
+        ``dataclasses.replace`` (which re-runs ``__init__``: measured several times slower,
+        about a second per pass over 15,000 records on a loaded host); the cached ``version``
+        is dropped with it (``origin`` does not depend on ``first_seen``: it stays)."""
+        new = object.__new__(ImageRecord)
+        fields = dict(self.__dict__)
+        fields.pop("version", None)
+        fields["first_seen"] = when
+        new.__dict__.update(fields)
+        return new
 
 
 @dataclass(frozen=True)

@@ -107,7 +107,7 @@ class Engine:
                 out[site] = inv
                 continue
             images = tuple(
-                rec.with_(first_seen=seen[rec.origin]) if rec.origin in seen else rec
+                rec.seen_first(when) if (when := seen.get(rec.origin)) is not None else rec
                 for rec in inv.images
             )
             out[site] = dataclasses.replace(inv, images=images, made=made.get(site, frozenset()))

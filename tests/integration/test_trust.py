@@ -72,12 +72,15 @@ def test_another_projects_image_is_never_copied_retired_or_answered(
     assert f"lab1:{theirs['id'][:8]}" in out
 
 
-def test_trusted_owners_make_another_projects_images_count(lab: LabInfo, tmp_path: Path) -> None:
+def test_trusted_owners_make_another_projects_images_count(
+    lab: LabInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     name = uid("trusted")
     data = random_bytes(2000)
     theirs = foreign_upload(lab, "lab1", name, data)
     config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False)
     assert push(config, name) == 1  # only a foreign image: no version to copy
+    assert f"ignored: owned by project {theirs['owner']}" in capsys.readouterr().out
     assert images_named(lab, "lab2", name) == []
     clouds = dict(config.clouds)
     import dataclasses
