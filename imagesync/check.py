@@ -16,6 +16,7 @@ from typing import Any
 
 from imagesync.config.types import Config
 from imagesync.errors import UsageError
+from imagesync.model import printable
 
 OK, MISSING, USAGE, UNKNOWN = 0, 1, 2, 3
 
@@ -25,10 +26,12 @@ def _emit(as_json: bool, payload: dict[str, Any], code: int) -> int:
         payload["exit_code"] = code
         print(json.dumps(payload, indent=2))
     elif code == OK:
-        print(payload["image_id"])
-    else:
+        print(printable(payload["image_id"]))
+    else:  # the reason may quote what a site reported: printed safely
         print(
-            f"imagesync check: {payload['name']} on {payload['cloud']}: {payload['reason']}",
+            printable(
+                f"imagesync check: {payload['name']} on {payload['cloud']}: {payload['reason']}"
+            ),
             file=sys.stderr,
         )
     return code

@@ -2,6 +2,8 @@
 
 Each function returns the process exit code and prints its result (a table, or JSON with
 ``--json``); it holds no logic of its own beyond choosing what to plan and how to show it.
+Names, ids and reasons come from the sites, where anyone may have set them: text output shows
+them through ``model.printable`` (no terminal escape sequences); JSON escapes them itself.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from typing import Any
 from imagesync.config.types import Config
 from imagesync.engine import ActionResult, Engine, summarize
 from imagesync.errors import UsageError
-from imagesync.model import SiteInventory, format_time
+from imagesync.model import SiteInventory, format_time, printable
 from imagesync.plan import (
     Action,
     Assessment,
     Copy,
+    Ignored,
     Plan,
     Retire,
     Rule,
@@ -63,14 +66,17 @@ def action_dict(a: Action) -> dict[str, Any]:
 
 
 def action_line(a: Action) -> str:
+    """One line for people; printable whatever the sites named things."""
     if isinstance(a, Copy):
-        return (
+        line = (
             f"copy   {a.name} {a.version.short()} from {a.source_site}:{a.source_id[:8]} "
             f"to {', '.join(a.targets)}"
         )
-    if isinstance(a, Retire):
-        return f"retire {a.name} {a.image_id[:8]} on {a.site} ({a.mode}): {a.reason}"
-    return f"skip   {a.name} on {a.site}: {a.reason}"
+    elif isinstance(a, Retire):
+        line = f"retire {a.name} {a.image_id[:8]} on {a.site} ({a.mode}): {a.reason}"
+    else:
+        line = f"skip   {a.name} on {a.site}: {a.reason}"
+    return printable(line)
 
 
 def result_dict(r: ActionResult) -> dict[str, Any]:
@@ -100,22 +106,26 @@ def _print_results(results: Sequence[ActionResult]) -> None:
     for r in results:
         if isinstance(r.action, Copy):
             if not r.targets:
-                print(f"ok     {r.action.name}: {r.detail}")
+                print(printable(f"ok     {r.action.name}: {r.detail}"))
             for t in r.targets:
                 if t.ok and t.image is not None:
                     secs = r.copy.seconds if r.copy else 0.0
                     size = r.copy.bytes_read if r.copy else 0
                     rate = size / secs / 1e6 if secs else 0.0
                     print(
-                        f"copied {r.action.name} to {t.site}: {t.image.id} "
-                        f"({size} bytes, {secs:.1f}s, {rate:.0f} MB/s)"
+                        printable(
+                            f"copied {r.action.name} to {t.site}: {t.image.id} "
+                            f"({size} bytes, {secs:.1f}s, {rate:.0f} MB/s)"
+                        )
                     )
                 else:
-                    print(f"FAILED {r.action.name} to {t.site}: {t.error}")
+                    print(printable(f"FAILED {r.action.name} to {t.site}: {t.error}"))
         elif isinstance(r.action, Retire):
             print(
-                f"{'retired' if r.ok else 'FAILED retire'} {r.action.name} "
-                f"{r.action.image_id[:8]} on {r.action.site}: {r.detail}"
+                printable(
+                    f"{'retired' if r.ok else 'FAILED retire'} {r.action.name} "
+                    f"{r.action.image_id[:8]} on {r.action.site}: {r.detail}"
+                )
             )
 
 
@@ -156,7 +166,9 @@ def push(
         return 0
     p, results = done
     if not as_json and not results and not p.skips:
-        print(f"{name}: already current on {', '.join(targets if targets else rule.sites)}")
+        print(
+            f"{printable(name)}: already current on {', '.join(targets if targets else rule.sites)}"
+        )
     _, failed = summarize(results)
     blocking = [s for s in p.skips if s.site == "*" or s.why.blocks]
     return 1 if failed or blocking else 0
@@ -200,6 +212,9 @@ def _plan_and_run(
         _print_results(results)
         for s in p.skips:
             print(action_line(s))
+        for a in p.assessments:  # why an image with the name was not copied
+            for line in ignored_lines(a):
+                print(line)
     return p, results
 
 
@@ -232,14 +247,28 @@ def _cell_text(a: Assessment, site: str) -> str:
     c = a.cells[site]
     if c.state == "current" and c.image is not None:
         dup = f" (+{len(c.duplicates)} dup)" if c.duplicates else ""
-        return f"current {c.image.short_id}{dup}"
+        return printable(f"current {c.image.short_id}{dup}")
     if c.state in ("stale", "mismatch") and c.have is not None:
         return f"{c.state} {format_time(c.have.time)}"
     return c.state
 
 
+def ignored_lines(a: Assessment) -> list[str]:
+    """Once per name and owner: the images with this name that do not count, and why."""
+    by_owner: dict[str | None, list[Ignored]] = {}
+    for i in a.ignored:
+        by_owner.setdefault(i.owner, []).append(i)
+    lines = []
+    for owner, found in sorted(by_owner.items(), key=lambda kv: kv[0] or ""):
+        whose = f"owned by project {owner}" if owner else "owned by no project"
+        where = ", ".join(f"{i.site}:{i.image_id[:8]}" for i in found)
+        lines.append(printable(f"  {a.name}: ignored: {whose} ({where})"))
+    return lines
+
+
 def status(config: Config, name: str | None = None, *, as_json: bool = False) -> int:
-    """Names x sites: current, stale (which version), missing, not copyable, in flight."""
+    """Names x sites: current, stale (which version), missing, not copyable, in flight; and
+    the images with a managed name that do not count (owned by a project not trusted)."""
     engine = Engine(config)
     try:
         inventories = engine.inventories(name=name)
@@ -278,6 +307,10 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
                         }
                         for s, c in a.cells.items()
                     },
+                    "ignored": [
+                        {"site": i.site, "image_id": i.image_id, "owner": i.owner}
+                        for i in a.ignored
+                    ],
                 }
             )
         errors = {s: inv.error for s, inv in inventories.items() if not inv.ok}
@@ -286,8 +319,8 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
     sites = list(config.site_names)
     if not assessments:
         print("no managed images found" + (f" named {name!r}" if name else ""))
-    widths = [max([len("NAME")] + [len(a.name) for a in assessments])]
-    rows = [[a.name] + [_cell_text(a, s) for s in sites] for a in assessments]
+    rows = [[printable(a.name)] + [_cell_text(a, s) for s in sites] for a in assessments]
+    widths = [max([len("NAME")] + [len(r[0]) for r in rows])]
     for i, s in enumerate(sites, start=1):
         widths.append(max([len(s)] + [len(r[i]) for r in rows]))
     header = ["NAME", *sites]
@@ -298,12 +331,16 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
         for a in assessments:
             if a.newest:
                 print(
-                    f"  {a.name}: newest {a.newest.short()} from {a.newest.origin}"
-                    + (f" — NOT COPYABLE: {a.not_copyable}" if a.not_copyable else "")
+                    printable(
+                        f"  {a.name}: newest {a.newest.short()} from {a.newest.origin}"
+                        + (f" — NOT COPYABLE: {a.not_copyable}" if a.not_copyable else "")
+                    )
                 )
+            for line in ignored_lines(a):
+                print(line)
     for s, inv in inventories.items():
         if not inv.ok:
-            print(f"  {s}: unreachable: {inv.error}", file=sys.stderr)
+            print(printable(f"  {s}: unreachable: {inv.error}"), file=sys.stderr)
     return 0
 
 
@@ -322,5 +359,6 @@ def history(
         when = datetime.fromtimestamp(r["started"], UTC).strftime("%Y-%m-%d %H:%M:%S")
         size = f"{r['bytes']} B in {r['seconds']}s" if r.get("bytes") is not None else ""
         err = f" — {r['error']}" if r.get("error") else ""
-        print(f"{when}  {r['name']}  {r['source']} → {r['target']}  {r['result']}  {size}{err}")
+        line = f"{when}  {r['name']}  {r['source']} → {r['target']}  {r['result']}  {size}{err}"
+        print(printable(line))
     return 0

@@ -1,8 +1,10 @@
 """Plain data shared by every layer: hashes, image records, versions with provenance, inventories.
 
 Nothing here does I/O. A *record* is what a site reports about one stored image; its *version*
-(origin, version time, sha512) is derived from imagesync's provenance properties when present,
-otherwise from the record itself, so that a copy never looks newer than its original.
+(origin, version time, sha512) is derived from imagesync's provenance properties when they are
+consistent with the record itself, otherwise from the record alone, so that a copy never looks
+newer than its original and an image that merely inherited the marks (a Nova snapshot of a copy,
+whose properties Nova copies from its base image) is a version of its own.
 """
 
 from __future__ import annotations
@@ -22,6 +24,14 @@ PROP_STATE = "imagesync.state"
 STATE_UPLOADING = "uploading"
 
 PROVENANCE_KEYS = frozenset({PROP_ORIGIN, PROP_VERSION, PROP_SHA512, PROP_STATE})
+#: what Nova writes on an image it made from a server (snapshot or backup); Nova also copies
+#: every property of the server's base image, imagesync's marks included
+PROP_IMAGE_TYPE = "image_type"
+PROP_INSTANCE_UUID = "instance_uuid"
+SNAPSHOT_TYPES = frozenset({"snapshot", "backup"})
+#: Nova's marks of the server an image came from: meaningless on another cloud, and a copy
+#: carrying them would look like a snapshot there (and so like a version of its own)
+NOVA_SERVER_KEYS = frozenset({PROP_IMAGE_TYPE, PROP_INSTANCE_UUID, "base_image_ref"})
 
 _HEX = re.compile(r"^[0-9a-f]+$")
 
@@ -64,17 +74,39 @@ def format_time(dt: datetime) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def printable(value: object) -> str:
+    """``value`` as text safe to print on a terminal: every control or format character
+    (escape sequences, carriage returns, bidirectional overrides) written as an escape, so a
+    name or property set by anyone on a cloud cannot rewrite what an operator sees."""
+    text = str(value)
+    if text.isprintable():  # the usual case: nothing to escape (space counts as printable)
+        return text
+    return "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    if code <= 0xFF:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
 @dataclass(frozen=True)
 class Version:
     """Which version of a name an image holds: where it came from, when, and which bytes."""
 
     origin: str  # "<site>:<id>" of the original image
-    time: datetime  # the original's creation time (UTC)
+    time: datetime  # the original's creation time (UTC), by the clock of the original's site
     sha512: str | None  # hex, None when not known yet
+    #: when imagesync first saw this version (its own clock), None when not known
+    seen: datetime | None = None
 
-    def key(self) -> tuple[datetime, str]:
-        """Sort key: newest time wins, ties broken deterministically by sha512 (then origin)."""
-        return (self.time, (self.sha512 or "") + "|" + self.origin)
+    def key(self) -> tuple[datetime, datetime, str]:
+        """Sort key: the version imagesync saw first is older, whatever the sites' clocks say;
+        versions first seen together (one listing) are ordered by their creation time, then
+        deterministically by sha512 (then origin). Without first-seen times (plain data in
+        tests) this is the creation time alone."""
+        return (self.seen or self.time, self.time, (self.sha512 or "") + "|" + self.origin)
 
     def same_as(self, other: Version) -> bool:
         """Same version: same origin, or same time and the same known bytes."""
@@ -106,6 +138,11 @@ class ImageRecord:
     protected: bool = False
     hidden: bool = False
     updated_at: datetime | None = None
+    #: the project that owns it (Glance ``owner``); None where sites have no owners (stores)
+    owner: str | None = None
+    #: when imagesync first saw this record's version (its own clock): set by the engine
+    #: from the state database, so that "newest" does not depend on the sites' clocks
+    first_seen: datetime | None = None
 
     @property
     def ref(self) -> str:
@@ -136,25 +173,75 @@ class ImageRecord:
         """Only complete, active images with data are versions of their name."""
         return self.status == "active" and not self.in_progress
 
+    @property
+    def is_server_image(self) -> bool:
+        """Nova made it from a server (a snapshot or backup): it inherited its base image's
+        properties, so imagesync's marks on it describe the base image, not these bytes."""
+        props = self.properties
+        return props.get(PROP_IMAGE_TYPE) in SNAPSHOT_TYPES or bool(props.get(PROP_INSTANCE_UUID))
+
+    @property
+    def provenance_ok(self) -> bool:
+        """Do imagesync's provenance marks describe this very record? Only when present, not
+        inherited by a Nova snapshot, and not contradicted by the site's own sha512 of the bytes
+        it stores (a user who changed a copy and uploaded it with the same properties)."""
+        props = self.properties
+        if PROP_ORIGIN not in props or self.is_server_image:
+            return False
+        claimed, own = props.get(PROP_SHA512), self.hashes.get("sha512")
+        return not (claimed and own and claimed.lower() != own.lower())
+
+    @functools.cached_property
+    def origin(self) -> str:  # cached: the engine and the planner ask for it per record
+        """The ``site:id`` of the original this record's version came from."""
+        if self.provenance_ok:
+            return self.properties[PROP_ORIGIN]
+        return self.ref
+
     @functools.cached_property
     def version(self) -> Version:  # cached: planning asks for it many times per record
         props = self.properties
-        origin = props.get(PROP_ORIGIN) or self.ref
-        vtime = parse_time(props.get(PROP_VERSION)) or self.created_at
-        sha = props.get(PROP_SHA512) or self.hashes.get("sha512")
+        if self.provenance_ok:
+            vtime = parse_time(props.get(PROP_VERSION)) or self.created_at
+            # A copy whose claimed version is newer than its own creation is lying: clamp it.
+            vtime = min(vtime, self.created_at)
+            sha = props.get(PROP_SHA512) or self.hashes.get("sha512")
+        else:  # an original: its own origin, its own creation time, its own bytes
+            vtime = self.created_at
+            sha = self.hashes.get("sha512")
         if sha is not None and not (len(sha) == 128 and _HEX.match(sha.lower())):
             sha = None
-        # A copy whose claimed version is newer than its own creation is lying: clamp it.
-        if PROP_ORIGIN in props and vtime > self.created_at:
-            vtime = self.created_at
-        return Version(origin=origin, time=vtime, sha512=sha.lower() if sha else None)
+        return Version(
+            origin=self.origin,
+            time=vtime,
+            sha512=sha.lower() if sha else None,
+            seen=self.first_seen,
+        )
 
     def user_properties(self) -> dict[str, str]:
-        """The image's own properties, without imagesync's provenance marks."""
-        return {k: v for k, v in self.properties.items() if k not in PROVENANCE_KEYS}
+        """The image's own properties, as a copy elsewhere carries them: without imagesync's
+        provenance marks and without Nova's marks of the server it came from."""
+        return {
+            k: v
+            for k, v in self.properties.items()
+            if k not in PROVENANCE_KEYS and k not in NOVA_SERVER_KEYS
+        }
 
     def with_(self, **changes: object) -> ImageRecord:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def seen_first(self, when: datetime) -> ImageRecord:
+        """This record with ``first_seen`` set. The engine stamps every listed record on
+        every pass, so this copies the instance's dict instead of going through
+        ``dataclasses.replace`` (which re-runs ``__init__``: measured several times slower,
+        about a second per pass over 15,000 records on a loaded host); the cached ``version``
+        is dropped with it (``origin`` does not depend on ``first_seen``: it stays)."""
+        new = object.__new__(ImageRecord)
+        fields = dict(self.__dict__)
+        fields.pop("version", None)
+        fields["first_seen"] = when
+        new.__dict__.update(fields)
+        return new
 
 
 @dataclass(frozen=True)
@@ -181,10 +268,30 @@ class SiteInventory:
     listed_at: datetime | None = None
     #: ids of images a server still uses; None when the site cannot tell
     in_use: frozenset[str] | None = None
+    #: the owners (projects) whose images count as versions here: the project imagesync
+    #: authenticates as, plus a cloud's ``trusted_owners``; None: every image counts (stores,
+    #: where every image is imagesync's own)
+    trusted_owners: frozenset[str] | None = None
+    #: ids of the images imagesync recorded publishing here (state database): the only ones
+    #: retention may hide or delete
+    made: frozenset[str] = frozenset()
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
+    def trusts(self, rec: ImageRecord) -> bool:
+        """May this image count as a version (is its owner trusted here)?"""
+        return self.trusted_owners is None or rec.owner in self.trusted_owners
+
     def named(self, name: str) -> list[ImageRecord]:
+        """Every image called ``name``, whoever owns it."""
         return [i for i in self.images if i.name == name]
+
+    def trusted(self, name: str) -> list[ImageRecord]:
+        """The images called ``name`` that may count as versions (see ``trusts``)."""
+        return [i for i in self.images if i.name == name and self.trusts(i)]
+
+    def foreign(self, name: str) -> list[ImageRecord]:
+        """The images called ``name`` owned by someone imagesync does not trust here."""
+        return [i for i in self.images if i.name == name and not self.trusts(i)]

@@ -5,8 +5,13 @@ tested with plain data (kopf's ``detect_changing_cause`` lesson). ``--dry-run`` 
 ``plan`` returns; the executor is the only place that acts on it.
 
 Vocabulary
+- only images owned by a project imagesync trusts on their site count (``SiteInventory.trusts``):
+  the others are *ignored* (reported in the assessment, never a version, a source, a retirement
+  or an answer);
 - a *version* of a name is identified by its provenance (origin, version time, sha512);
-- the *newest* version is the one with the latest version time (ties: sha512, then origin);
+- the *newest* version is the one imagesync saw first most recently (``Version.key``: its own
+  clock, recorded in the state database), versions seen together ordered by version time
+  (ties: sha512, then origin);
 - a site's *cell* for a name says whether it holds the newest version (current), an older
   one (stale), a conflicting one with the same version time (mismatch), nothing (missing),
   or why we cannot say (unreachable, in-flight, not-copyable).
@@ -21,7 +26,7 @@ from enum import StrEnum
 from fnmatch import fnmatchcase
 from typing import Literal, Protocol, TypeVar
 
-from imagesync.model import PROP_ORIGIN, ImageRecord, SiteInventory, Version
+from imagesync.model import ImageRecord, SiteInventory, Version
 
 CellState = Literal[
     "current", "stale", "missing", "mismatch", "unreachable", "in-flight", "not-copyable"
@@ -95,6 +100,15 @@ class Cell:
 
 
 @dataclass(frozen=True)
+class Ignored:
+    """An image with the name that does not count: its owner is not trusted on its site."""
+
+    site: str
+    image_id: str
+    owner: str | None
+
+
+@dataclass(frozen=True)
 class Assessment:
     name: str
     newest: Version | None
@@ -102,6 +116,8 @@ class Assessment:
     not_copyable: str | None  # why the newest version cannot be copied
     cells: Mapping[str, Cell]
     versions: tuple[Version, ...] = ()
+    #: images with this name owned by projects imagesync does not trust: left entirely alone
+    ignored: tuple[Ignored, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -185,7 +201,7 @@ def group_versions(records: Iterable[ImageRecord]) -> list[tuple[Version, list[I
             if any(m.version.same_as(v) for m in members):
                 members.append(rec)
                 if v.sha512 and not gv.sha512:  # learn the digest from a verified copy
-                    groups[i] = (Version(gv.origin, gv.time, v.sha512), members)
+                    groups[i] = (dataclasses.replace(gv, sha512=v.sha512), members)
                 break
         else:
             groups.append((v, [rec]))
@@ -206,8 +222,16 @@ def assess(
     required: Sequence[str] = (),
     prefer_source: str | None = None,
 ) -> Assessment:
-    """Where the newest version of ``name`` is, site by site (``sites`` in display order)."""
-    records = [r for inv in inventories.values() if inv.ok for r in inv.named(name)]
+    """Where the newest version of ``name`` is, site by site (``sites`` in display order).
+
+    Only trusted images count; the others are listed in ``Assessment.ignored``."""
+    records = [r for inv in inventories.values() if inv.ok for r in inv.trusted(name)]
+    ignored = tuple(
+        Ignored(r.site, r.id, r.owner)
+        for inv in inventories.values()
+        if inv.ok
+        for r in sorted(inv.foreign(name), key=lambda r: r.id)
+    )
     groups = group_versions(_visible_versions(records))
     newest: Version | None = groups[0][0] if groups else None
     holders = groups[0][1] if groups else []
@@ -242,7 +266,7 @@ def assess(
         if inv is None or not inv.ok:
             cells[site] = Cell(site, "unreachable", required=req)
             continue
-        mine = inv.named(name)
+        mine = inv.trusted(name)
         visible = _visible_versions(mine)
         same = [r for r in visible if newest is not None and r.version.same_as(newest)]
         if same:
@@ -275,6 +299,7 @@ def assess(
         not_copyable=not_copyable,
         cells=cells,
         versions=tuple(g[0] for g in groups),
+        ignored=ignored,
     )
 
 
@@ -433,13 +458,13 @@ def _retention(
         if inv is None or not inv.ok:
             continue
         if rule.on_mismatch == "replace" and cell.state == "current":
-            for rec in _visible_versions(inv.named(name)):
+            for rec in _visible_versions(inv.trusted(name)):
                 v = rec.version
                 if a.newest and v.time == a.newest.time and not v.same_as(a.newest):
                     out.extend(_retire_one(name, site, rec, rule, inv, "replaced: mismatch"))
         if rule.keep is None or cell.state != "current":
             continue
-        groups = group_versions(_visible_versions(inv.named(name)))
+        groups = group_versions(_visible_versions(inv.trusted(name)))
         for version, members in groups[rule.keep :]:
             for rec in members:
                 out.extend(
@@ -462,19 +487,20 @@ def _delete_hidden(
     """With ``retire: delete``, old versions hidden earlier (``retire: hide`` before, or a
     previous pass) are deleted too: otherwise switching a rule to delete would leave them.
 
-    Only imagesync's own, unprotected, unused copies older than every kept version; others
-    are not reported each pass (they are hidden already, nobody sees them)."""
+    Only copies imagesync recorded making (``inv.made``), unprotected, unused, older than every
+    kept version; others are not reported each pass (they are hidden already, nobody sees
+    them)."""
     if not kept:
         return []
-    oldest_kept = min(v.time for v, _ in kept)
+    oldest_kept = min(v.key() for v, _ in kept)
     out: list[Action] = []
-    for rec in inv.named(name):
-        if not (rec.hidden and rec.counts) or PROP_ORIGIN not in rec.properties:
+    for rec in inv.trusted(name):
+        if not (rec.hidden and rec.counts) or rec.id not in inv.made:
             continue
         if rec.protected or (inv.in_use is not None and rec.id in inv.in_use):
             continue
         v = rec.version
-        if v.time < oldest_kept and not any(v.same_as(k) for k, _ in kept):
+        if v.key() < oldest_kept and not any(v.same_as(k) for k, _ in kept):
             out.append(
                 Retire(
                     name,
@@ -491,7 +517,10 @@ def _delete_hidden(
 def _retire_one(
     name: str, site: str, rec: ImageRecord, rule: Rule, inv: SiteInventory, why: str
 ) -> list[Action]:
-    if PROP_ORIGIN not in rec.properties:
+    # Only what imagesync recorded publishing: provenance marks alone prove nothing (Nova
+    # copies them into snapshots, anyone can set them). A copy another imagesync instance
+    # made is not in this instance's state, so it is never retired here: the safe default.
+    if rec.id not in inv.made:
         return [
             Skip(
                 name,

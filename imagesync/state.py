@@ -7,6 +7,9 @@
   to a dead process), and so that "in flight" can be answered without asking the sites.
 - History (``transfers``) and the last known answer per (name, site) (``cells``), which
   ``check`` serves quickly without asking the sites.
+- What imagesync made (``made``: every copy it published, by site and id), the only images
+  retention may hide or delete; and when it first saw each version (``versions_seen``, by
+  origin, its own clock), which orders versions without trusting the sites' clocks.
 
 Modes are explicit whatever the umask: the state directory and ``locks/`` ``0750``, the
 database and lock files ``0640`` (sqlite gives its ``-wal`` and ``-shm`` files the database's
@@ -58,6 +61,19 @@ CREATE TABLE IF NOT EXISTS leases (
   site TEXT NOT NULL, image_id TEXT NOT NULL, name TEXT NOT NULL, pid INTEGER NOT NULL,
   started REAL NOT NULL, PRIMARY KEY (site, image_id)
 );
+CREATE TABLE IF NOT EXISTS versions_seen (
+  origin TEXT PRIMARY KEY, first_seen REAL NOT NULL
+);
+"""
+#: made apart: when it is new, the copies history already records are imagesync's too
+MADE_SCHEMA = """
+CREATE TABLE made (
+  site TEXT NOT NULL, image_id TEXT NOT NULL, name TEXT NOT NULL, made REAL NOT NULL,
+  PRIMARY KEY (site, image_id)
+);
+INSERT OR IGNORE INTO made (site, image_id, name, made)
+  SELECT target, image_id, name, COALESCE(finished, started) FROM transfers
+  WHERE result = 'ok' AND image_id IS NOT NULL;
 """
 
 
@@ -201,6 +217,25 @@ class State:
         # which the next pass recomputes.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        self._create_made()
+
+    def _create_made(self) -> None:
+        """The ``made`` table, filled from history the first time (a state database from
+        before it existed keeps retiring the copies its history records)."""
+        query = "SELECT 1 FROM sqlite_master WHERE type='table' AND name='made'"
+        with self._mutex:
+            if self._db.execute(query).fetchone():
+                return  # the usual case: no write
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                if not self._db.execute(query).fetchone():  # another process may have won
+                    for statement in MADE_SCHEMA.split(";"):
+                        if statement.strip():
+                            self._db.execute(statement)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._mutex:
@@ -251,6 +286,43 @@ class State:
         if pid is not None:
             return [Lease(*r) for r in self._exec(q + " WHERE pid=?", (pid,))]
         return [Lease(*r) for r in self._exec(q)]
+
+    # -- what imagesync made, and when it first saw each version ---------------------------
+    def record_made(self, site: str, image_id: str, name: str, when: float | None = None) -> None:
+        """imagesync published this copy: retention may retire it one day."""
+        self._exec(
+            "INSERT OR IGNORE INTO made VALUES (?,?,?,?)",
+            (site, image_id, name, time.time() if when is None else when),
+        )
+
+    def made(self) -> dict[str, frozenset[str]]:
+        """Per site, the ids of the copies imagesync recorded publishing there."""
+        out: dict[str, set[str]] = {}
+        for site, image_id in self._exec("SELECT site, image_id FROM made"):
+            out.setdefault(site, set()).add(image_id)
+        return {site: frozenset(ids) for site, ids in out.items()}
+
+    def first_seen(self, origins: Iterable[str], now: float) -> dict[str, float]:
+        """When imagesync first saw each version (by origin); those never seen are seen
+        ``now``. One write transaction, and only when something is new."""
+        wanted = set(origins)
+        if not wanted:
+            return {}
+        known: dict[str, float] = dict(self._exec("SELECT origin, first_seen FROM versions_seen"))
+        new = [(o, now) for o in wanted if o not in known]
+        if new:
+            with self._mutex:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    # OR IGNORE: another process may have seen it first; its time stands
+                    self._db.executemany("INSERT OR IGNORE INTO versions_seen VALUES (?,?)", new)
+                    rows = self._db.execute("SELECT origin, first_seen FROM versions_seen")
+                    known = dict(rows.fetchall())
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+        return {o: known[o] for o in wanted if o in known}
 
     # -- history -----------------------------------------------------------------------------
     def record_transfer(self, **row: Any) -> None:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypedDict, cast
 
-from imagesync.config.document import Document, join, read_document, suggest
+from imagesync.config.document import Document, index, join, read_document, suggest
 from imagesync.config.rules import parse_rules
 from imagesync.config.types import (
     CHECK_MAX_AGE_RANGE,
@@ -100,6 +100,30 @@ class _CloudSpec:
     timeout: float | None = None
     max_transfers: int = 2
     endpoint_override: str | None = None
+    trusted_owners: tuple[str, ...] = ()
+
+
+_OWNERS_HINT = "write a list of project ids, like [0123456789abcdef0123456789abcdef]"
+
+
+def _owners(doc: Document, raw: object, key: str) -> tuple[str, ...]:
+    """``trusted_owners:``: project ids (Keystone ids, not names: a name can be reused)."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        doc.fail(key, f"is {describe(raw)}; {_OWNERS_HINT}")
+    owners: list[str] = []
+    for i, item in enumerate(raw):
+        ikey = index(key, i)
+        if isinstance(item, int | float) and not isinstance(item, bool):
+            # YAML reads an all-digit id as a number, and 1e3 as 1000.0: ids must stay as written
+            doc.fail(ikey, "is a number: put the project id in quotes")
+        owner = doc.string(item, ikey, "a project id")
+        if any(ch.isspace() or not ch.isprintable() for ch in owner):
+            doc.fail(ikey, f"{owner!r} is not a project id: {_OWNERS_HINT}")
+        if owner not in owners:
+            owners.append(owner)
+    return tuple(owners)
 
 
 def _parse_cloud(doc: Document, name: str, raw: object, key: str) -> _CloudSpec:
@@ -125,6 +149,7 @@ def _parse_cloud(doc: Document, name: str, raw: object, key: str) -> _CloudSpec:
         spec.timeout = doc.duration(body["timeout"], join(key, "timeout"), within=TIMEOUT_RANGE)
     if "max_transfers" in body:
         spec.max_transfers = _max_transfers(doc, body["max_transfers"], join(key, "max_transfers"))
+    spec.trusted_owners = _owners(doc, body.get("trusted_owners"), join(key, "trusted_owners"))
     if body.get("endpoint_override") is not None:
         spec.endpoint_override = doc.url(
             body["endpoint_override"], join(key, "endpoint_override"), "https://glance.example:9292"
@@ -233,6 +258,7 @@ def _resolve_clouds(
                 timeout=spec.timeout or 60.0,
                 max_transfers=spec.max_transfers,
                 endpoint_override=spec.endpoint_override,
+                trusted_owners=spec.trusted_owners,
             )
         else:
             assert found is not None
@@ -288,6 +314,7 @@ def _from_clouds_yaml(doc: Document, spec: _CloudSpec, clouds: CloudsYaml) -> Cl
         timeout=resolved.timeout if spec.timeout is None else spec.timeout,
         max_transfers=spec.max_transfers,
         endpoint_override=spec.endpoint_override or resolved.image_endpoint,
+        trusted_owners=spec.trusted_owners,
     )
 
 

@@ -43,6 +43,8 @@ def _clouds(config: Config) -> dict[str, Any]:
         )
         if c.endpoint_override:
             entry["endpoint_override"] = c.endpoint_override
+        # always shown: [] says that only imagesync's own project's images count
+        entry["trusted_owners"] = list(c.trusted_owners)
         clouds[c.name] = entry
     return clouds
 

@@ -39,6 +39,9 @@ class CloudConfig:
     max_transfers: int = 2  # concurrent uploads to this cloud
     #: use this Glance URL instead of the catalog's (clouds.yaml: image_endpoint_override)
     endpoint_override: str | None = None
+    #: project ids whose images count as versions here besides the project imagesync
+    #: authenticates as (whose images always count); every other owner's are ignored
+    trusted_owners: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,7 @@ CLOUD_COMMON_KEYS = (
     "timeout",
     "max_transfers",
     "endpoint_override",
+    "trusted_owners",
 )
 CLOUD_KEYS = ("cloud", "auth", "auth_type", *CLOUD_COMMON_KEYS)
 STORE_TYPES = ("directory", "vospace")

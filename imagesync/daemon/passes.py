@@ -5,22 +5,24 @@ executes the plan with copies in parallel within the overall and per-site limits
 (``Engine.execute_concurrently``). :func:`run_one_pass` never raises: whatever a pass runs
 into becomes a failed :class:`PassReport`, so the loop that calls it survives. Every event of
 the executor is forwarded to the metrics and counted as a sign of life (``beat``) for the
-watchdog.
+watchdog. Images ignored because another project owns them are logged when that changes
+(``IgnoredImages``), not on every pass.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import structlog
 
 from imagesync.engine import ActionResult, Engine, Observer, Outcome
 from imagesync.metrics import Metrics
-from imagesync.plan import Copy, Retire, plan
+from imagesync.model import printable
+from imagesync.plan import Assessment, Copy, Ignored, Retire, plan
 from imagesync.transfer import ErrorKind
 
 # one logger name for the whole daemon package: the JSON log lines carry it
@@ -102,12 +104,41 @@ def summarize_pass(
     )
 
 
+@dataclass
+class IgnoredImages:
+    """Which images each managed name has that do not count (another project owns them),
+    as last logged: a warning when that set changes for a name, not every pass."""
+
+    logged: dict[str, frozenset[Ignored]] = field(default_factory=dict)
+
+    def observe(self, assessments: Sequence[Assessment]) -> None:
+        for a in assessments:
+            now = frozenset(a.ignored)
+            if now == self.logged.get(a.name, frozenset()):
+                continue
+            self.logged[a.name] = now
+            if not now:
+                log.info("image.ignored_gone", image=printable(a.name))
+                continue
+            for owner in sorted({i.owner or "" for i in now}):
+                found = sorted(
+                    (i for i in now if (i.owner or "") == owner), key=lambda i: (i.site, i.image_id)
+                )
+                log.warning(
+                    "image.ignored",
+                    image=printable(a.name),
+                    reason=f"owned by project {printable(owner or '(none)')}",
+                    images=[printable(f"{i.site}:{i.image_id}") for i in found],
+                )
+
+
 class PassWatch(Observer):
     """Forwards executor events to the metrics and counts each as a sign of life."""
 
     def __init__(self, metrics: Metrics, beat: Callable[[], None]) -> None:
         self.metrics = metrics
         self.beat = beat
+        self.ignored = IgnoredImages()
 
     def copy_started(self, copy: Copy) -> None:
         self.beat()
@@ -142,6 +173,7 @@ def run_one_pass(
         watch.metrics.observe_inventories(inventories)
         unreachable = tuple(s for s, inv in inventories.items() if not inv.ok)
         p = plan(eng.rules, inventories, eng.site_names)
+        watch.ignored.observe(p.assessments)
         results = eng.execute_concurrently(p, cancel=cancel, observer=watch)
         watch.metrics.observe_lag(p.assessments, results, time.time())
         return summarize_pass(started, time.monotonic() - t0, results, len(p.skips), unreachable)

@@ -227,7 +227,13 @@ class Executor:
     def _current_on(self, copy: Copy, target: str) -> bool:
         """Under the lock: is the version there now? Its crash leftovers are removed first."""
         try:
-            records = self.pool.get(target).list_images(copy.name)
+            site = self.pool.get(target)
+            owners = site.capabilities.trusted_owners
+            trusted = owners() if owners is not None else None
+            # another project's images neither count as the copy nor are leftovers of ours
+            records = [
+                r for r in site.list_images(copy.name) if trusted is None or r.owner in trusted
+            ]
             records = self.recovery.clean_locked(target, copy.name, records)
         except SiteError:
             return False  # the copy will fail and say why
@@ -313,6 +319,9 @@ class Executor:
 
     def _report(self, copy: Copy, image: ImageRecord, result: CopyResult, started: float) -> None:
         for tr in result.targets:
+            if tr.ok and tr.image is not None:
+                # what retention may touch one day: only copies imagesync published
+                self.state.record_made(tr.site, tr.image.id, copy.name)
             self.state.record_transfer(
                 started=started,
                 finished=time.time(),

@@ -3,13 +3,20 @@
 ``Engine`` owns a site pool, the inventory (listing cache), recovery, the executor and the
 state database, and offers the few calls the commands and the daemon make: list, recover,
 run a plan, record what ``check`` answers from. Each room can be used (and tested) alone.
+
+The inventories it hands out carry what the pure planner needs from the state database, as
+data: which images imagesync made on each site (the only ones retention may touch) and, on
+every record, when imagesync first saw its version (by this process's ``clock``), which is
+what orders versions across clouds whose clocks disagree.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 
 from imagesync.config.types import Config, ImageRule
 from imagesync.engine.executor import Executor, ProgressFactory
@@ -29,9 +36,15 @@ class Engine:
     """Sites, state and policy for one process; opens sites lazily and reuses them."""
 
     def __init__(
-        self, config: Config, state: State | None = None, sites: Mapping[str, Site] | None = None
+        self,
+        config: Config,
+        state: State | None = None,
+        sites: Mapping[str, Site] | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        self.clock = clock
         self.state = state or State(config.state_dir)
         self.pool = SitePool(config, sites)
         self.inventory_room = Inventory(self.pool)
@@ -59,7 +72,8 @@ class Engine:
     def inventory(
         self, site_name: str, name: str | None = None, incremental: bool = False
     ) -> SiteInventory:
-        return self.inventory_room.site(site_name, name, incremental)
+        inv = self.inventory_room.site(site_name, name, incremental)
+        return self._with_state({site_name: inv})[site_name]
 
     def inventories(
         self,
@@ -68,8 +82,36 @@ class Engine:
         *,
         incremental: bool = False,
     ) -> dict[str, SiteInventory]:
-        """List every site concurrently. Never changes anything (see ``recover``)."""
-        return self.inventory_room.all(sites, name, incremental=incremental)
+        """List every site concurrently. Never changes anything (see ``recover``); notes in
+        the state database when each version was first seen."""
+        return self._with_state(self.inventory_room.all(sites, name, incremental=incremental))
+
+    def _with_state(self, inventories: Mapping[str, SiteInventory]) -> dict[str, SiteInventory]:
+        """The inventories with what imagesync made there and when it first saw each version
+        (a version never seen before is seen now)."""
+        origins = {
+            rec.origin
+            for inv in inventories.values()
+            if inv.ok
+            for rec in inv.images
+            if rec.counts and inv.trusts(rec)
+        }
+        seen = {
+            origin: datetime.fromtimestamp(t, UTC)
+            for origin, t in self.state.first_seen(origins, self.clock()).items()
+        }
+        made = self.state.made()
+        out: dict[str, SiteInventory] = {}
+        for site, inv in inventories.items():
+            if not inv.ok:
+                out[site] = inv
+                continue
+            images = tuple(
+                rec.seen_first(when) if (when := seen.get(rec.origin)) is not None else rec
+                for rec in inv.images
+            )
+            out[site] = dataclasses.replace(inv, images=images, made=made.get(site, frozenset()))
+        return out
 
     def forget(self, site_name: str) -> None:
         self.inventory_room.forget(site_name)

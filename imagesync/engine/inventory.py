@@ -65,11 +65,14 @@ class Inventory:
             images = self._list(site_name, name, incremental)
             images_in_use = site.capabilities.images_in_use
             in_use = images_in_use() if images_in_use is not None else None
+            # after listing: the session has its token, so learning the project is free
+            owners = site.capabilities.trusted_owners
             return SiteInventory(
                 site_name,
                 tuple(images),
                 listed_at=datetime.now(UTC),
                 in_use=frozenset(in_use) if in_use is not None else None,
+                trusted_owners=owners() if owners is not None else None,
             )
         except SiteError as exc:
             log.warning("inventory.failed", site=site_name, error=str(exc))

@@ -46,11 +46,16 @@ class Recovery:
             if not inv.ok or not any(r.in_progress or r.id in gone for r in inv.images):
                 out[site_name] = inv
                 continue
+            # another project's image marked "uploading" is not imagesync's leftover
             kept = [
                 rec
                 for rec in inv.images
                 if rec.id not in gone
-                and not (rec.in_progress and self._remove(site_name, rec.name, rec.id, rec.status))
+                and not (
+                    rec.in_progress
+                    and inv.trusts(rec)
+                    and self._remove(site_name, rec.name, rec.id, rec.status)
+                )
             ]
             out[site_name] = dataclasses.replace(inv, images=tuple(kept))
         return out

@@ -3,8 +3,9 @@ capabilities filled from them.
 
 The engine (transfer, plan, execute) is written once against :class:`Site`, as rclone's
 ``fs.Fs`` lets ``fs/sync`` ignore which backend it drives. An optional ability is a small
-protocol of its own (:class:`Hiding`, :class:`ChangeListing`, :class:`InUseReporting`; later
-snapshots): a site that lacks the ability simply lacks the method. :meth:`Capabilities.fill`
+protocol of its own (:class:`Hiding`, :class:`ChangeListing`, :class:`InUseReporting`,
+:class:`OwnerReporting`; later snapshots): a site that lacks the ability simply lacks the
+method. :meth:`Capabilities.fill`
 turns the ones a site implements into bound callables, once, when the site is built and
 without any network I/O (rclone's ``Features.Fill``), so the engine asks
 ``if (hide := site.capabilities.hide) is not None: hide(image_id)`` and never ``isinstance``.
@@ -76,6 +77,15 @@ class InUseReporting(Protocol):
         """Ids of the images a server still uses."""
 
 
+@runtime_checkable
+class OwnerReporting(Protocol):
+    """A site whose images have owners (Glance: projects), not all of them imagesync's."""
+
+    def trusted_owners(self) -> frozenset[str]:
+        """The owners whose images count as versions here: the project imagesync
+        authenticates as, plus those the configuration trusts. May ask the site once."""
+
+
 # A later Snapshotting protocol (Nova: snapshot a server into an image) joins the ones above,
 # with its field in Capabilities and its line in Capabilities.fill.
 
@@ -92,6 +102,8 @@ class Capabilities:
     hide: Callable[[str], None] | None = None
     list_changed: Callable[[str], tuple[list[ImageRecord], str]] | None = None
     images_in_use: Callable[[], set[str]] | None = None
+    #: None: every image there is imagesync's to count (stores)
+    trusted_owners: Callable[[], frozenset[str]] | None = None
 
     @classmethod
     def fill(cls, site: object, *, hashes: Iterable[str] = ()) -> Capabilities:
@@ -105,6 +117,7 @@ class Capabilities:
             hide=site.hide if isinstance(site, Hiding) else None,
             list_changed=site.list_changed if isinstance(site, ChangeListing) else None,
             images_in_use=site.images_in_use if isinstance(site, InUseReporting) else None,
+            trusted_owners=site.trusted_owners if isinstance(site, OwnerReporting) else None,
         )
 
 

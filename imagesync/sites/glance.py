@@ -6,7 +6,9 @@ sees a client library's exception. ``check_connection`` (``config check --connec
 failure to authenticate or to find Glance in one secret-free sentence saying what to fix.
 
 The site can hide images (``os_hidden``) and list the images changed since a watermark
-(Glance's ``updated_at=gte:`` filter); it does not report which images servers use.
+(Glance's ``updated_at=gte:`` filter); it does not report which images servers use. Its images
+have owners: only those of the project imagesync authenticates as (learnt once from the
+session) and of the cloud's ``trusted_owners`` count as versions (``trusted_owners``).
 
 What goes through which client, and why (measurements: bench/README.md):
 - metadata changes (create, publish, hide, delete) through python-glanceclient, imported on
@@ -366,6 +368,8 @@ class GlanceSite:
         )
         self._client: Any = None
         self._client_lock = threading.Lock()
+        self._project_id: str | None = None
+        self._project_lock = threading.Lock()
         self.capabilities = Capabilities.fill(self, hashes={"md5", "sha512"})
 
     @property
@@ -421,7 +425,27 @@ class GlanceSite:
             visibility=str(raw.get("visibility") or "private"),
             protected=bool(raw.get("protected")),
             hidden=bool(raw.get("os_hidden")),
+            owner=str(raw["owner"]) if raw.get("owner") else None,
         )
+
+    # -- owners ---------------------------------------------------------------------------
+    def trusted_owners(self) -> frozenset[str]:
+        """The project imagesync authenticates as (asked of the session once: the token's
+        scope) and the configured ``trusted_owners``: only their images count here."""
+        with self._project_lock:
+            if self._project_id is None:
+                project = self._call("learn the project id", self.session.get_project_id)
+                if not project:
+                    if self.cfg.trusted_owners:
+                        return frozenset(self.cfg.trusted_owners)
+                    raise AuthError(
+                        "the credentials are not scoped to a project, so imagesync cannot tell "
+                        "its own images from others': scope them to a project, or list the "
+                        "owners to trust in trusted_owners:",
+                        site=self.name,
+                    )
+                self._project_id = str(project)
+            return frozenset({self._project_id, *self.cfg.trusted_owners})
 
     # -- Site protocol --------------------------------------------------------------------
     def check_connection(self) -> str:

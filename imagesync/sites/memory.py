@@ -121,9 +121,17 @@ class MemorySite:
 
     kind = "memory"
 
-    def __init__(self, name: str, faults: Faults | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        faults: Faults | None = None,
+        *,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
         self.name = name
         self.faults = faults or Faults()
+        #: the site's own clock for ``created_at``: a test may skew it (a cloud running late)
+        self.clock = clock or _now
         self.images: dict[str, Stored] = {}
         self.reads = 0  # how many times ``open`` was called: tests count source reads
         self._lock = threading.Lock()
@@ -148,7 +156,7 @@ class MemorySite:
             id=image_id,
             name=name,
             status=status,
-            created_at=created or _now(),
+            created_at=created or self.clock(),
             size=len(data),
             hashes=dict(hashes) if hashes is not None else _hashes(data),
             disk_format="raw",
@@ -213,7 +221,7 @@ class MemorySite:
             id=image_id,
             name=new.name,
             status="queued",
-            created_at=_now(),
+            created_at=self.clock(),
             disk_format=new.disk_format,
             container_format=new.container_format,
             min_disk=new.min_disk,

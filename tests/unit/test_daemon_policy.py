@@ -58,7 +58,9 @@ def copy_rec(
 
 
 def inv(*recs: ImageRecord) -> dict[str, SiteInventory]:
-    return {"a": SiteInventory("a", tuple(recs))}
+    """Site a holding ``recs``; imagesync recorded making those that carry its marks."""
+    made = frozenset(r.id for r in recs if PROP_ORIGIN in r.properties)
+    return {"a": SiteInventory("a", tuple(recs), made=made)}
 
 
 def test_retire_delete_also_deletes_versions_hidden_earlier() -> None:
@@ -129,6 +131,7 @@ def test_a_site_that_cannot_hide_keeps_old_versions_unless_delete_is_configured(
             props={PROP_ORIGIN: "x:2", PROP_VERSION: format_time(T0 + timedelta(days=1))},
         )
         engine = _engine(tmp_path / mode, {"a": site}, keep=1, retire=mode)
+        engine.state.record_made("a", old.id, "img")  # as if imagesync had copied it there
         p = plan(engine.rules, engine.inventories(), ["a"])
         (retire,) = p.retires
         assert retire.image_id == old.id

@@ -10,9 +10,11 @@ from imagesync.model import (
     PROP_STATE,
     PROP_VERSION,
     ImageRecord,
+    SiteInventory,
     format_time,
     hashes_agree,
     parse_time,
+    printable,
 )
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -92,3 +94,68 @@ def test_parse_time_handles_glance_and_z() -> None:
     assert parse_time("2026-01-01T00:00:00") == T0
     assert parse_time("garbage") is None
     assert format_time(T0) == "2026-01-01T00:00:00Z"
+
+
+COPY_PROPS = {PROP_ORIGIN: "c1:id1", PROP_VERSION: format_time(T0), PROP_SHA512: SHA}
+SNAP_SHA = "c" * 128
+
+
+def test_a_nova_snapshot_of_a_copy_is_an_original() -> None:
+    # Nova copied the base image's properties, imagesync's marks included
+    later = T0 + timedelta(days=2)
+    snap = rec(
+        site="c2",
+        id="snap",
+        created_at=later,
+        hashes={"sha512": SNAP_SHA},
+        properties={**COPY_PROPS, "image_type": "snapshot", "instance_uuid": "i-1"},
+    )
+    assert not snap.provenance_ok
+    v = snap.version
+    assert (v.origin, v.time, v.sha512) == ("c2:snap", later, SNAP_SHA)
+
+
+def test_instance_uuid_alone_marks_an_image_nova_made() -> None:
+    backup = rec(hashes={"sha512": SHA}, properties={**COPY_PROPS, "instance_uuid": "i-1"})
+    assert not backup.provenance_ok and backup.version.origin == backup.ref
+
+
+def test_marks_contradicted_by_the_sites_own_hash_do_not_count() -> None:
+    changed = rec(id="x", hashes={"sha512": SNAP_SHA}, properties=COPY_PROPS)
+    assert not changed.provenance_ok
+    assert changed.version.origin == changed.ref and changed.version.sha512 == SNAP_SHA
+
+
+def test_a_consistent_copy_keeps_its_provenance() -> None:
+    copy = rec(
+        id="x", created_at=T0 + timedelta(days=1), hashes={"sha512": SHA}, properties=COPY_PROPS
+    )
+    assert copy.provenance_ok and copy.version.origin == "c1:id1"
+    # a copy still being written has no hash of its own yet
+    assert rec(id="y", properties={PROP_ORIGIN: "c1:id1", PROP_STATE: "uploading"}).provenance_ok
+
+
+def test_a_copy_of_a_snapshot_does_not_carry_novas_server_marks() -> None:
+    # else the copy would look like a snapshot on its cloud, a version of its own, forever
+    snap = rec(properties={"image_type": "snapshot", "instance_uuid": "i", "os_distro": "alma"})
+    assert snap.user_properties() == {"os_distro": "alma"}
+
+
+def test_first_seen_orders_versions_before_creation_time() -> None:
+    early = rec(id="a", created_at=T0 + timedelta(hours=2), first_seen=T0 + timedelta(days=1))
+    late = rec(id="b", created_at=T0, first_seen=T0 + timedelta(days=2))
+    assert max([early.version, late.version], key=lambda v: v.key()).origin == "c1:b"
+
+
+def test_trust_by_owner() -> None:
+    mine, theirs = rec(id="m", owner="p1"), rec(id="t", owner="p2")
+    inv = SiteInventory("c1", (mine, theirs), trusted_owners=frozenset({"p1"}))
+    assert inv.trusted("img") == [mine] and inv.foreign("img") == [theirs]
+    store = SiteInventory("c1", (mine, theirs))
+    assert store.trusted("img") == [mine, theirs]
+
+
+def test_printable_escapes_terminal_control_sequences() -> None:
+    assert printable("canfar-el9") == "canfar-el9"
+    assert printable("x\x1b]0;owned\x07\r\u202eok") == "x\\x1b]0;owned\\x07\\x0d\\u202eok"
+    assert printable("ümlaut 日本 a b") == "ümlaut 日本 a b"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 from imagesync.model import (
@@ -61,8 +62,14 @@ def img(
     )
 
 
-def inv(*records: ImageRecord, down: tuple[str, ...] = ()) -> dict[str, SiteInventory]:
-    out = {s: SiteInventory(s, tuple(r for r in records if r.site == s)) for s in SITES}
+def inv(
+    *records: ImageRecord, down: tuple[str, ...] = (), made: frozenset[str] | None = None
+) -> dict[str, SiteInventory]:
+    """Every site's inventory. imagesync recorded making ``made`` (default: every record that
+    carries its provenance marks)."""
+    if made is None:
+        made = frozenset(r.id for r in records if PROP_ORIGIN in r.properties)
+    out = {s: SiteInventory(s, tuple(r for r in records if r.site == s), made=made) for s in SITES}
     for s in down:
         out[s] = SiteInventory(s, error="connection refused")
     return out
@@ -232,7 +239,7 @@ def test_retention_never_touches_protected_or_foreign_or_in_use_images() -> None
         "a", t=T0 + timedelta(days=3), digest="4", copy_of="x:4", version=T0 + timedelta(days=3)
     )
     inventories = inv(protected, foreign, used, newest)
-    inventories["a"] = SiteInventory("a", inventories["a"].images, in_use=frozenset({used.id}))
+    inventories["a"] = dataclasses.replace(inventories["a"], in_use=frozenset({used.id}))
     _, actions = plan_name("img", rule, inventories, SITES)
     assert not [a for a in actions if isinstance(a, Retire)]
     reasons = " ".join(s.reason for s in actions if isinstance(s, Skip))
@@ -265,3 +272,158 @@ def test_prefer_source_site() -> None:
 def test_names_without_a_rule_are_ignored() -> None:
     p = plan([TargetRule(pattern="other", sites=SITES)], inv(img("a")), SITES)
     assert p.actions == [] and p.assessments == []
+
+
+# -- whose images count ----------------------------------------------------------------------
+OURS, EVIL = "p-imagesync", "p-someone-else"
+
+
+def owned(
+    *records: ImageRecord, trusted: dict[str, frozenset[str]] | None = None
+) -> dict[str, SiteInventory]:
+    """``inv`` where clouds a, b and c trust only imagesync's project (the store: everyone)."""
+    out = inv(*records)
+    for s, owners in (trusted or {s: frozenset({OURS}) for s in ("a", "b", "c")}).items():
+        out[s] = dataclasses.replace(out[s], trusted_owners=owners)
+    return out
+
+
+def test_another_projects_newer_image_is_never_a_version_a_source_or_an_answer() -> None:
+    ours = img("a", t=T0, digest="1", owner=OURS)
+    theirs = img("b", t=T0 + timedelta(hours=1), digest="2", owner=EVIL, visibility="community")
+    p = plan([RULE], owned(ours, theirs), SITES)
+    (a,) = p.assessments
+    assert a.newest is not None and a.newest.origin == ours.ref
+    assert a.versions == (a.newest,)  # the foreign image is no version at all
+    assert a.cells["b"].state == "missing"  # what check answers from: not the foreign id
+    assert a.cells["b"].image is None
+    (copy,) = p.copies
+    assert (copy.source_site, copy.source_id) == ("a", ours.id)
+    assert copy.targets == ("b", "c", "store")
+    assert [(i.site, i.image_id, i.owner) for i in a.ignored] == [("b", theirs.id, EVIL)]
+
+
+def test_only_foreign_images_with_the_name_plan_nothing_but_are_reported() -> None:
+    theirs = img("a", digest="2", owner=EVIL, visibility="public")
+    p = plan([RULE], owned(theirs), SITES)
+    (a,) = p.assessments
+    assert a.newest is None and not p.copies and not p.retires
+    assert [i.image_id for i in a.ignored] == [theirs.id]
+
+
+def test_a_foreign_image_is_never_retired_nor_its_uploading_mark_taken_as_ours() -> None:
+    rule = TargetRule(pattern="img", sites=("a",), keep=1, retire="delete")
+    theirs_old = img("a", t=T0, digest="1", copy_of="x:1", owner=EVIL)
+    theirs_hidden = img("a", t=T0, digest="3", copy_of="x:3", owner=EVIL, hidden=True)
+    theirs_uploading = img("a", t=T0, digest="4", owner=EVIL, props={PROP_STATE: "uploading"})
+    ours = img("a", t=T0 + timedelta(days=1), digest="2", owner=OURS)
+    records = (theirs_old, theirs_hidden, theirs_uploading, ours)
+    # even if the state database somehow named them: foreign images are not looked at
+    inventories = owned(*records)
+    inventories["a"] = dataclasses.replace(inventories["a"], made=frozenset(r.id for r in records))
+    a, actions = plan_name("img", rule, inventories, SITES)
+    assert not [x for x in actions if isinstance(x, Retire)]
+    assert a.cells["a"].state == "current"  # not "in-flight" because of their upload
+    assert len(a.ignored) == 3
+
+
+def test_trusted_owners_named_in_the_config_count() -> None:
+    partner = img("a", digest="1", owner="p-partner")
+    p = plan([RULE], owned(partner, trusted={"a": frozenset({OURS, "p-partner"})}), SITES)
+    assert p.assessments[0].newest is not None and not p.assessments[0].ignored
+
+
+def test_stores_trust_every_image() -> None:
+    stored = img("store", digest="1")  # no owner, no trusted_owners: the store is ours
+    p = plan([RULE], owned(stored), SITES)
+    assert p.assessments[0].newest is not None
+
+
+# -- snapshots inherit provenance ------------------------------------------------------------
+def nova_snapshot(base: ImageRecord, *, t: datetime, digest: str) -> ImageRecord:
+    """What Nova makes of a server booted from ``base``: every property of the base image
+    (imagesync's marks included), its own marks, its own bytes (so its own os_hash_value)."""
+    props = dict(base.properties)
+    props.update(
+        image_type="snapshot",
+        instance_uuid="5e1f8a9c-0000-4000-8000-000000000001",
+        base_image_ref=base.id,
+    )
+    return img(base.site, t=t, digest=digest, props=props)
+
+
+def test_a_nova_snapshot_of_a_copy_is_a_version_of_its_own_and_the_newest() -> None:
+    origin = img("a", t=T0, digest="1")
+    copy_b = img("b", t=T0 + timedelta(hours=1), digest="1", copy_of=origin.ref, version=T0)
+    snap = nova_snapshot(copy_b, t=T0 + timedelta(days=1), digest="7")
+    a = assess("img", inv(origin, copy_b, snap), SITES)
+    assert a.newest is not None
+    assert a.newest.origin == snap.ref and a.newest.sha512 == sha("7")
+    assert len(a.versions) == 2  # the snapshot never joins the version it was booted from
+    assert a.cells["b"].image is not None and a.cells["b"].image.id == snap.id
+    assert a.cells["a"].state == "stale"
+
+
+def test_a_snapshot_whose_bytes_match_is_still_not_a_copy() -> None:
+    # instance_uuid alone (a backup, or a snapshot nobody changed) makes it Nova's, not ours
+    origin = img("a", t=T0, digest="1")
+    copy_b = img("b", t=T0 + timedelta(hours=1), digest="1", copy_of=origin.ref, version=T0)
+    snap = nova_snapshot(copy_b, t=T0 + timedelta(days=1), digest="1")
+    assert snap.version.origin == snap.ref
+
+
+def test_a_user_snapshot_is_never_retired_when_newer_versions_land() -> None:
+    rule = TargetRule(pattern="img", sites=("a", "b"), keep=1, retire="delete")
+    origin = img("a", t=T0, digest="1")
+    copy_b = img("b", t=T0 + timedelta(hours=1), digest="1", copy_of=origin.ref, version=T0)
+    snap = nova_snapshot(copy_b, t=T0 + timedelta(days=1), digest="7")
+    newer = img("a", t=T0 + timedelta(days=2), digest="8")
+    copy_newer = img(
+        "b",
+        t=T0 + timedelta(days=2, hours=1),
+        digest="8",
+        copy_of=newer.ref,
+        version=newer.created_at,
+    )
+    made = frozenset({copy_b.id, copy_newer.id})  # imagesync made these two, not the snapshot
+    _, actions = plan_name(
+        "img", rule, inv(origin, copy_b, snap, newer, copy_newer, made=made), SITES
+    )
+    retired = {x.image_id for x in actions if isinstance(x, Retire)}
+    assert snap.id not in retired
+    assert copy_b.id in retired  # the old copy imagesync made does go
+    assert any(
+        isinstance(x, Skip) and x.why is SkipReason.NOT_OURS and snap.short_id in x.reason
+        for x in actions
+    )
+
+
+def test_a_copy_imagesync_did_not_record_making_is_never_retired() -> None:
+    # e.g. made by another imagesync instance, or marks set by hand: kept, and said so
+    rule = TargetRule(pattern="img", sites=("a",), keep=1, retire="delete")
+    old = img("a", t=T0, digest="1", copy_of="x:1")
+    hidden_old = img("a", t=T0, digest="3", copy_of="x:3", hidden=True)
+    new = img("a", t=T0 + timedelta(days=1), digest="2", copy_of="x:2", version=T0 + timedelta(1))
+    _, actions = plan_name("img", rule, inv(old, hidden_old, new, made=frozenset()), SITES)
+    assert not [x for x in actions if isinstance(x, Retire)]
+    assert any(isinstance(x, Skip) and x.why is SkipReason.NOT_OURS for x in actions)
+
+
+# -- newest without trusting the sites' clocks -----------------------------------------------
+def test_the_version_imagesync_saw_later_is_newer_whatever_the_clocks_say() -> None:
+    seen_early, seen_late = T0 + timedelta(hours=10), T0 + timedelta(hours=11)
+    old = img("a", t=T0 + timedelta(hours=2), digest="1").with_(first_seen=seen_early)
+    # b's clock is an hour slow: its newer upload claims to be older than a's
+    new = img("b", t=T0 + timedelta(hours=1), digest="2").with_(first_seen=seen_late)
+    p = plan([RULE], inv(old, new), SITES)
+    assert p.assessments[0].newest is not None
+    assert p.assessments[0].newest.origin == new.ref
+    assert p.copies[0].source_site == "b"
+
+
+def test_versions_first_seen_together_are_ordered_by_creation_time() -> None:
+    seen = T0 + timedelta(hours=10)
+    v1 = img("a", t=T0, digest="1").with_(first_seen=seen)
+    v2 = img("a", t=T0 + timedelta(minutes=5), digest="2").with_(first_seen=seen)
+    a = assess("img", inv(v1, v2), SITES)
+    assert a.newest is not None and a.newest.origin == v2.ref
