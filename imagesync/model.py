@@ -20,8 +20,10 @@ PROP_SHA512 = "imagesync.sha512"
 #: set while imagesync is still writing an image; such an image is never a version
 PROP_STATE = "imagesync.state"
 STATE_UPLOADING = "uploading"
+#: who owns an unpublished upload and until when (see imagesync.engine.marker)
+PROP_UPLOAD = "imagesync.upload"
 
-PROVENANCE_KEYS = frozenset({PROP_ORIGIN, PROP_VERSION, PROP_SHA512, PROP_STATE})
+PROVENANCE_KEYS = frozenset({PROP_ORIGIN, PROP_VERSION, PROP_SHA512, PROP_STATE, PROP_UPLOAD})
 
 _HEX = re.compile(r"^[0-9a-f]+$")
 

@@ -6,9 +6,14 @@ disk (fsync) and verified; metadata is written to a temp file and renamed, so a 
 sees half a file. Names that could escape the folder are rejected.
 
 It can hide images (a ``hidden`` flag in the metadata); it cannot list changes since a
-watermark nor tell which images are in use. Every ``OSError`` becomes a ``SiteError`` here; an
-id that is not there is ``NotFound``, but a store directory that is gone is a ``SiteError``
-(an unreachable store must never look like one whose images were deleted).
+watermark. No server boots from it, so none of its images is ever in use. Every ``OSError``
+becomes a ``SiteError`` here; an id that is not there is ``NotFound``, but a store directory
+that is gone is a ``SiteError`` (an unreachable store must never look like one whose images
+were deleted).
+
+Publishing is crash-atomic (see ``_publish``): its commit point is one rename of the hidden
+metadata to the published name, so no crash leaves a published image that also looks like an
+upload to crash recovery.
 """
 
 from __future__ import annotations
@@ -55,6 +60,15 @@ def _check_id(image_id: str) -> str:
     if not image_id or not all(c in "0123456789abcdef-" for c in image_id):
         raise NotFound(f"no image {image_id!r}")
     return image_id
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable: a rename is only on disk once its directory is."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -213,9 +227,11 @@ class DirectorySite:
                 if meta_path.name.startswith("."):
                     if meta_path.name.endswith(".tmp"):
                         continue
+                    if (folder / meta_path.name[1:]).exists():
+                        continue  # published: a stale hidden meta an older version left
                     try:  # an unpublished upload: report it so crash recovery can find it
                         meta = json.loads(meta_path.read_bytes())
-                        out.append(self._record(meta).with_(hidden=True))
+                        out.append(self._unpublished(meta))
                     except (OSError, ValueError, KeyError):
                         continue
                     continue
@@ -225,7 +241,12 @@ class DirectorySite:
         return out
 
     def _find(self, image_id: str) -> tuple[Path, bool]:
-        """The folder holding ``image_id`` and whether it is published."""
+        """The folder holding ``image_id`` and whether it is published.
+
+        An id whose ``{id}.json`` exists is published, whatever else is beside it. Publishing
+        renames ``.{id}.json`` to ``{id}.json``, so at every instant one of them exists: the
+        published name is asked for again after the hidden one, lest a publish between the
+        two looks make the image seem missing."""
         _check_id(image_id)
         self._require_root()
         with self._io(f"looking for image {image_id} in {self.root}"):
@@ -234,14 +255,28 @@ class DirectorySite:
                     return folder, True
                 if (folder / f".{image_id}.json").exists():
                     return folder, False
+                if (folder / f"{image_id}.json").exists():
+                    return folder, True
         raise NotFound(f"no image {image_id}", site=self.name)
+
+    def _unpublished(self, meta: dict[str, Any]) -> ImageRecord:
+        """An upload's record: hidden and marked as uploading, whatever its metadata says
+        (until the rename that publishes it, it is not published; see ``_publish``)."""
+        rec = self._record(meta)
+        return rec.with_(hidden=True, properties={**rec.properties, PROP_STATE: STATE_UPLOADING})
 
     def get_image(self, image_id: str) -> ImageRecord:
         folder, published = self._find(image_id)
         if not published:
-            with self._io(f"reading image {image_id}"):
+            try:
                 meta = json.loads((folder / f".{image_id}.json").read_bytes())
-            return self._record(meta)
+            except FileNotFoundError:
+                return self.get_image(image_id)  # published (or deleted) since _find: look again
+            except OSError as exc:
+                raise SiteError(
+                    f"reading image {image_id}: {exc.strerror or exc}", site=self.name
+                ) from exc
+            return self._unpublished(meta)
         rec = self._load(folder, image_id)
         if rec is None:
             raise NotFound(f"no image {image_id}", site=self.name)
@@ -272,6 +307,9 @@ class DirectorySite:
     def publish(self, image_id: str, properties: Mapping[str, str] | None = None) -> ImageRecord:
         folder, published = self._find(image_id)
         if published:
+            with self._io(f"publishing image {image_id}"):
+                # an older version's interrupted publish may have left the hidden meta
+                (folder / f".{image_id}.json").unlink(missing_ok=True)
             return self.get_image(image_id)
         with self._io(f"publishing image {image_id}"):
             return self._publish(folder, image_id, properties)
@@ -279,14 +317,28 @@ class DirectorySite:
     def _publish(
         self, folder: Path, image_id: str, properties: Mapping[str, str] | None
     ) -> ImageRecord:
+        """Crash-atomic: a ``kill -9`` (or power cut) at any step leaves either an upload
+        (the hidden meta, which recovery removes whole) or the published image, never a
+        published image that also looks like an upload. The steps:
+
+        1. the final metadata replaces the hidden meta's content (still hidden: an image
+           without ``{id}.json`` is an upload whatever its hidden meta says);
+        2. the data is renamed into place (``{id}.img``; still an upload, see 1);
+        3. the hidden meta is renamed to ``{id}.json``: the commit point, one rename, after
+           which no hidden meta is left;
+        the directory is fsynced after 2 (so that 3 never reaches the disk before it) and
+        after 3 (so that a published image stays published).
+        """
         hidden_meta = folder / f".{image_id}.json"
         meta = json.loads(hidden_meta.read_bytes())
         meta["properties"].pop(PROP_STATE, None)
         meta["status"] = "active"
         meta["properties"].update(properties or {})
+        _write_atomic(hidden_meta, json.dumps(meta, indent=1).encode())
         os.replace(folder / f".{image_id}.img.partial", folder / f"{image_id}.img")
-        _write_atomic(folder / f"{image_id}.json", json.dumps(meta, indent=1).encode())
-        hidden_meta.unlink(missing_ok=True)
+        _fsync_dir(folder)
+        os.replace(hidden_meta, folder / f"{image_id}.json")
+        _fsync_dir(folder)
         return self._record(meta)
 
     def delete(self, image_id: str) -> None:
@@ -302,6 +354,8 @@ class DirectorySite:
                 f".{image_id}.img.partial",
             ):
                 (folder / p).unlink(missing_ok=True)
+            for tmp in folder.glob(f".*{image_id}*.tmp"):  # a crash inside _write_atomic
+                tmp.unlink(missing_ok=True)
         self._prune(folder)
 
     def hide(self, image_id: str) -> None:
@@ -311,6 +365,10 @@ class DirectorySite:
             meta = json.loads(meta_path.read_bytes())
             meta["hidden"] = True
             _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+
+    def images_in_use(self) -> set[str]:
+        """Empty: no server boots from a store, so ``retire: delete`` may delete here."""
+        return set()
 
     def check_connection(self) -> str:
         """Is the store directory there and writable (a file is made and removed to know)?"""

@@ -98,7 +98,9 @@ def test_a_hidden_copy_of_a_kept_version_is_not_deleted() -> None:
 class NoHideSite(MemorySite):
     def __init__(self, name: str) -> None:
         super().__init__(name)
-        self.capabilities = Capabilities(hashes=frozenset({"sha512"}))
+        # a store that cannot hide (say VOSpace): no server boots from it, so it can tell
+        # that none uses its images (a cloud that cannot tell would hide instead of delete)
+        self.capabilities = Capabilities(hashes=frozenset({"sha512"}), images_in_use=set)
 
 
 def _engine(tmp_path: Path, sites: dict[str, MemorySite], **rule: object) -> Engine:
