@@ -65,9 +65,14 @@ def test_retire_delete_also_deletes_versions_hidden_earlier() -> None:
     rule = TargetRule(pattern="img", sites=("a",), keep=2, retire="delete")
     old_hidden = copy_rec("a", 0, hidden=True)
     v1, v2, v3 = (copy_rec("a", i) for i in (1, 2, 3))
-    _, actions = plan_name("img", rule, inv(old_hidden, v1, v2, v3), ["a"])
+    # a site that can tell which images servers use (none here)
+    told = {"a": SiteInventory("a", (old_hidden, v1, v2, v3), in_use=frozenset())}
+    _, actions = plan_name("img", rule, told, ["a"])
     retires = sorted((a.image_id, a.mode) for a in actions if isinstance(a, Retire))
     assert retires == [(old_hidden.id, "delete"), (v1.id, "delete")]
+    # one that cannot tell hid v1 instead of deleting it: hidden ones are left hidden
+    _, actions = plan_name("img", rule, inv(old_hidden, v1, v2, v3), ["a"])
+    assert [(a.image_id, a.mode) for a in actions if isinstance(a, Retire)] == [(v1.id, "delete")]
 
 
 def test_retire_hide_leaves_hidden_versions_alone() -> None:

@@ -386,3 +386,14 @@ def test_retire_delete_deletes_in_a_directory_store_no_server_boots_from(tmp_pat
     assert result.ok and result.detail == "delete"
     with pytest.raises(NotFound):
         store.get_image(old.id)
+
+
+def test_a_copy_hidden_for_want_of_in_use_knowledge_is_not_retired_again(
+    tmp_path: Path,
+) -> None:
+    site = MemorySite("c2")  # cannot tell which images servers use
+    engine, old, retire = _old_and_new(tmp_path, site)
+    engine.run_retire(retire)
+    assert site.images[old.id].rec.hidden
+    p = plan(engine.rules, engine.inventories(), engine.site_names)
+    assert p.retires == []  # not re-hidden (and re-recorded) every pass
