@@ -22,8 +22,10 @@ PROP_SHA512 = "imagesync.sha512"
 #: set while imagesync is still writing an image; such an image is never a version
 PROP_STATE = "imagesync.state"
 STATE_UPLOADING = "uploading"
+#: who owns an unpublished upload and until when (see imagesync.engine.marker)
+PROP_UPLOAD = "imagesync.upload"
 
-PROVENANCE_KEYS = frozenset({PROP_ORIGIN, PROP_VERSION, PROP_SHA512, PROP_STATE})
+PROVENANCE_KEYS = frozenset({PROP_ORIGIN, PROP_VERSION, PROP_SHA512, PROP_STATE, PROP_UPLOAD})
 #: what Nova writes on an image it made from a server (snapshot or backup); Nova also copies
 #: every property of the server's base image, imagesync's marks included
 PROP_IMAGE_TYPE = "image_type"

@@ -490,7 +490,9 @@ def _delete_hidden(
     Only copies imagesync recorded making (``inv.made``), unprotected, unused, older than every
     kept version; others are not reported each pass (they are hidden already, nobody sees
     them)."""
-    if not kept:
+    if not kept or inv.in_use is None:
+        # a site that cannot tell which images servers use hides instead of deleting (the
+        # executor's fallback): its hidden copies stay hidden, not re-retired every pass
         return []
     oldest_kept = min(v.key() for v, _ in kept)
     out: list[Action] = []

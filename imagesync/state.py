@@ -33,6 +33,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -240,6 +241,36 @@ class State:
     def close(self) -> None:
         with self._mutex:
             self._db.close()
+
+    @property
+    def instance_id(self) -> str:
+        """This imagesync's stable identity (a uuid kept in ``state_dir/instance-id``), which
+        upload markers name: processes sharing a state dir are one instance (their locks and
+        leases are shared); another state dir is another instance. Made on first use, so
+        opening the state for reading writes nothing."""
+        path = self.dir / "instance-id"
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            pass
+        candidate = str(uuid.uuid4())
+        # Written whole under a temporary name, then linked into place: link() fails when the
+        # name exists, so of two processes racing here both end up with the winner's id, and
+        # none ever reads a half-written file.
+        tmp = self.dir / f".instance-id.{candidate}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(candidate + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return path.read_text().strip()
+        finally:
+            tmp.unlink(missing_ok=True)
+        return candidate
 
     def _exec(self, sql: str, args: Iterable[Any] = ()) -> list[Any]:
         with self._mutex:

@@ -225,6 +225,7 @@ def _attempt(
     result: CopyResult,
     cancel: threading.Event | None = None,
     watcher: UploadWatcher | None = None,
+    lease_expired: Callable[[], bool] | None = None,
 ) -> list[TargetResult]:
     """One pass: stream once to every target. Raises TransientError when the source failed,
     Cancelled (after removing every upload it started) when ``cancel`` was set."""
@@ -258,7 +259,7 @@ def _attempt(
             _cancel_rest(live[i:])
             break
         try:
-            settled = _settle(lv, got, nbytes, cancel)
+            settled = _settle(lv, got, nbytes, cancel, lease_expired)
         except BaseException:
             # Ctrl-C (or a bug in the watcher) while settling one target: the targets not
             # settled yet are still waiting for finish or abort (a Glance upload thread).
@@ -377,7 +378,13 @@ def _source_problems(
     return problems
 
 
-def _settle(lv: _Live, got: Mapping[str, str], nbytes: int, cancel: threading.Event | None) -> bool:
+def _settle(
+    lv: _Live,
+    got: Mapping[str, str],
+    nbytes: int,
+    cancel: threading.Event | None,
+    lease_expired: Callable[[], bool] | None = None,
+) -> bool:
     """Finish one target's upload, verify what it stored, publish it or remove it.
     Returns False when cancelled (the caller aborts the rest)."""
     try:
@@ -410,6 +417,13 @@ def _settle(lv: _Live, got: Mapping[str, str], nbytes: int, cancel: threading.Ev
         log.warning(
             "copy.target_failed", site=lv.site.name, error=str(err), kind=ErrorKind.INTEGRITY.value
         )
+        return True
+    if lease_expired is not None and lease_expired():
+        # Another imagesync may remove an upload whose lease (its marker) has expired: never
+        # publish one, it may be half-deleted by now (see engine.marker).
+        lv.remove(stored.id)
+        lv.result.error = f"{lv.site.name}: upload {stored.id} outlived its lease: removed"
+        lv.result.error_kind = ErrorKind.SITE
         return True
     try:
         lv.result.image = lv.site.publish(stored.id, {PROP_SHA512: got["sha512"]})
@@ -477,11 +491,14 @@ def copy_image(
     sleep: Callable[[float], None] = time.sleep,
     cancel: threading.Event | None = None,
     watcher: UploadWatcher | None = None,
+    lease_expired: Callable[[], bool] | None = None,
 ) -> CopyResult:
     """Copy ``image`` from ``source`` to every target, reading the source once per attempt.
 
     When ``cancel`` is set the copy stops at the next chunk, removes every upload it made and
     returns with the unfinished targets marked ``cancelled`` (targets already published stay).
+    When ``lease_expired()`` says the uploads' lease is over, verified uploads are removed
+    instead of published.
     """
     policy = policy or RetryPolicy()
     version = image.version
@@ -493,7 +510,9 @@ def copy_image(
     while pending:
         attempt += 1
         try:
-            outcome = _attempt(source, image, version, pending, progress, result, cancel, watcher)
+            outcome = _attempt(
+                source, image, version, pending, progress, result, cancel, watcher, lease_expired
+            )
         except TransientError as exc:
             outcome = [
                 TargetResult(

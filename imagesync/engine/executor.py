@@ -30,13 +30,15 @@ from contextlib import ExitStack
 import structlog
 
 from imagesync.engine.inventory import Inventory
+from imagesync.engine.marker import UploadMarker
 from imagesync.engine.pool import SitePool
 from imagesync.engine.recovery import Recovery
 from imagesync.engine.results import ActionResult, Observer, Outcome
 from imagesync.errors import LockBusy, LockDenied, SiteError
-from imagesync.model import ImageRecord, format_time
+from imagesync.model import PROP_UPLOAD, ImageRecord, format_time
 from imagesync.plan import Copy, Plan, Retire, SkipReason
 from imagesync.retry import RetryPolicy
+from imagesync.sites.base import Site
 from imagesync.state import State
 from imagesync.transfer import CopyResult, ErrorKind, TargetResult, copy_image, new_image_for
 
@@ -55,12 +57,14 @@ class Executor:
         recovery: Recovery,
         state: State,
         policy: RetryPolicy,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.pool = pool
         self.inventory = inventory
         self.recovery = recovery
         self.state = state
         self.policy = policy
+        self.clock = clock  # the wall clock upload markers are written in
 
     def run(
         self,
@@ -266,6 +270,12 @@ class Executor:
                 + busy,
             )
         new = new_image_for(image, copy.version, copy.visibility)
+        # Name this instance as the uploads' owner, so that another one leaves them alone
+        # until the lease expires (engine.marker); the copy never publishes after that.
+        marker = UploadMarker.new(self.state.instance_id, self.clock(), image.size)
+        new = dataclasses.replace(
+            new, properties={**new.properties, PROP_UPLOAD: marker.to_property()}
+        )
         bar = progress(f"{copy.name} → {','.join(targets)}", image.size) if progress else None
 
         def count(n: int) -> None:
@@ -291,6 +301,7 @@ class Executor:
                 progress=count,
                 cancel=cancel,
                 watcher=_Leases(self.state, copy.name),
+                lease_expired=lambda: self.clock() >= marker.expires,
             )
         finally:
             for t in targets:  # imagesync changed these sites: list them fully next time
@@ -362,9 +373,8 @@ class Executor:
     # -- one retirement ------------------------------------------------------------------------
     def run_retire(self, retire: Retire) -> ActionResult:
         site = self.pool.get(retire.site)
-        mode = retire.mode
         hide = site.capabilities.hide
-        if mode == "hide" and hide is None:
+        if retire.mode == "hide" and hide is None:
             # Deleting is opt-in: a site that cannot hide keeps its old versions.
             log.info(
                 "retire.kept",
@@ -377,7 +387,18 @@ class Executor:
             return ActionResult(retire, True, "kept: the site cannot hide", outcome=Outcome.KEPT)
         try:
             with self.state.lock(retire.name, retire.site):
-                if hide is not None and mode == "hide":
+                mode, why = self._retire_mode(retire, site)
+                if mode == "keep":
+                    log.info(
+                        "retire.kept",
+                        image=retire.name,
+                        site=retire.site,
+                        image_id=retire.image_id,
+                        reason=f"{retire.reason}, but {why}",
+                    )
+                    return ActionResult(retire, True, f"kept: {why}", outcome=Outcome.KEPT)
+                if mode == "hide":
+                    assert hide is not None
                     hide(retire.image_id)
                 else:
                     site.delete(retire.image_id)
@@ -391,6 +412,7 @@ class Executor:
                 error=str(exc),
             )
             return ActionResult(retire, False, str(exc), outcome=Outcome.FAILED)
+        detail = mode if why is None else f"{mode} instead of delete: {why}"
         log.info(
             "retire.done",
             image=retire.name,
@@ -398,6 +420,7 @@ class Executor:
             image_id=retire.image_id,
             mode=mode,
             reason=retire.reason,
+            fallback=why,
         )
         self.state.record_transfer(
             started=time.time(),
@@ -408,8 +431,31 @@ class Executor:
             version=format_time(retire.version.time),
             result=f"retired:{mode}",
             image_id=retire.image_id,
+            error=None if why is None else f"hidden instead of deleted: {why}",
         )
-        return ActionResult(retire, True, mode)
+        return ActionResult(retire, True, detail)
+
+    def _retire_mode(self, retire: Retire, site: Site) -> tuple[str, str | None]:
+        """Under the lock: how to retire (``hide``, ``delete`` or ``keep``), and why not as
+        the rule says. Deleting an image a server uses breaks its rebuild, evacuation and
+        cold migration, so ``delete`` asks the site now (a server may have booted since the
+        plan) and, when the site cannot tell, hides instead."""
+        if retire.mode != "delete":
+            return retire.mode, None
+        in_use = site.capabilities.images_in_use
+        ids = in_use() if in_use is not None else None
+        if ids is not None and retire.image_id in ids:
+            return "keep", "a server uses it"
+        if ids is not None:
+            return "delete", None
+        why = (
+            "the site cannot tell which images servers use"
+            if in_use is None
+            else "the site cannot tell now which images servers use (its in_use log says why)"
+        )
+        if site.capabilities.hide is None:
+            return "keep", f"{why}, and it cannot hide images"
+        return "hide", why
 
 
 def _failed(blocked: list[TargetResult]) -> list[TargetResult]:

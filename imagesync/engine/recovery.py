@@ -6,57 +6,90 @@ writing it (the kernel frees a dead process's locks). One whose lock is held is 
 flight and stays. Reads (``inventory``) never delete; ``push``, ``sync``, ``check --ensure``
 and the daemon call ``recover`` before they plan, and the executor calls ``clean_locked``
 for the one (name, site) whose lock it has just taken.
+
+What recovery knows from a listing or a lease is old by the time it holds the lock: the
+upload may have been published since (a ``push`` racing the daemon; a ``kill -9`` between
+``publish()`` and dropping the lease). So every removal re-reads the image *under the lock*
+and deletes only what is still marked as uploading; a published image is kept and its lease
+dropped, one already gone just loses its lease.
+
+The lock only covers this instance (one ``state_dir``). Another instance's upload is told by
+its marker (``engine.marker``): it is removed only once its lease has expired.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import os
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 import structlog
 
 from imagesync.engine.inventory import Inventory
+from imagesync.engine.marker import UploadMarker
 from imagesync.engine.pool import SitePool
-from imagesync.errors import ImageSyncError, LockBusy, SiteError
+from imagesync.errors import ImageSyncError, LockBusy, NotFound, SiteError
 from imagesync.model import ImageRecord, SiteInventory
 from imagesync.state import State
 
 log = structlog.get_logger("imagesync.recovery")
 
 
+class Verdict(enum.Enum):
+    """What re-reading a supposed leftover found (and did)."""
+
+    REMOVED = "removed"  # still an upload nobody may be writing: deleted
+    GONE = "gone"  # not there any more
+    PUBLISHED = "published"  # published since it was listed or leased: kept
+    FOREIGN = "foreign"  # another instance's upload whose lease has not expired: kept
+
+    @property
+    def lease_done(self) -> bool:
+        """Is a lease naming this image finished with? Ours only while it may still be ours."""
+        return self is not Verdict.FOREIGN
+
+
 class Recovery:
     """Finds and removes crash leftovers and orphaned leases."""
 
-    def __init__(self, pool: SitePool, state: State, inventory: Inventory) -> None:
+    def __init__(
+        self,
+        pool: SitePool,
+        state: State,
+        inventory: Inventory,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.pool = pool
         self.state = state
         self.inventory = inventory
+        self.clock = clock  # compared with other instances' lease expiries (wall clock)
 
     def recover(self, inventories: Mapping[str, SiteInventory]) -> dict[str, SiteInventory]:
         """Remove uploads a crashed run left half-made; return the inventories without them.
 
         Leases whose lock nobody holds are leftovers too: the upload they name is removed
-        even when the listing did not show it as one.
+        (if it is still one) even when the listing did not show it as one.
         """
-        removed = self._recover_leases(inventories)
+        settled = self._recover_leases(inventories)
         out: dict[str, SiteInventory] = {}
         for site_name, inv in inventories.items():
-            gone = removed.get(site_name, set())
-            if not inv.ok or not any(r.in_progress or r.id in gone for r in inv.images):
+            seen = settled.get(site_name, {})
+            if not inv.ok or not any(r.in_progress or r.id in seen for r in inv.images):
                 out[site_name] = inv
                 continue
-            # another project's image marked "uploading" is not imagesync's leftover
-            kept = [
-                rec
-                for rec in inv.images
-                if rec.id not in gone
-                and not (
-                    rec.in_progress
-                    and inv.trusts(rec)
-                    and self._remove(site_name, rec.name, rec.id, rec.status)
-                )
-            ]
+            kept: list[ImageRecord] = []
+            for rec in inv.images:
+                if rec.id in seen:
+                    fresh: ImageRecord | None = seen[rec.id]
+                elif rec.in_progress and inv.trusts(rec):
+                    # (another project's image marked "uploading" is not imagesync's leftover)
+                    fresh = self._settle_unlocked(site_name, rec.name, rec.id, rec)
+                else:
+                    fresh = rec
+                if fresh is not None:
+                    kept.append(fresh)
             out[site_name] = dataclasses.replace(inv, images=tuple(kept))
         return out
 
@@ -64,25 +97,74 @@ class Recovery:
         self, site_name: str, name: str, records: Sequence[ImageRecord]
     ) -> list[ImageRecord]:
         """The caller holds the (name, site) lock: every upload of ``name`` still marked as
-        uploading there is a leftover. Remove them; return the other records."""
-        site = self.pool.get(site_name)
+        uploading there (and not another instance's live one) is a leftover. Remove them;
+        return the other records, as they are now."""
         kept = []
         for rec in records:
             if not rec.in_progress:
                 kept.append(rec)
                 continue
-            log.warning("cleanup.leftover", site=site_name, image_id=rec.id, image=name)
-            site.delete(rec.id)
-            self.inventory.forget(site_name)
+            verdict, fresh = self.settle(site_name, name, rec.id)
+            if fresh is not None and verdict is not Verdict.REMOVED:
+                kept.append(fresh)
         return kept
+
+    def settle(
+        self, site_name: str, name: str, image_id: str
+    ) -> tuple[Verdict, ImageRecord | None]:
+        """The caller holds the (name, site) lock: re-read ``image_id`` and delete it only if
+        it is still an upload that no live imagesync may be writing. Returns what was found
+        (and the record as it is now, when it is still there). Raises SiteError."""
+        site = self.pool.get(site_name)
+        try:
+            rec = site.get_image(image_id)
+        except NotFound:
+            return Verdict.GONE, None
+        if not rec.in_progress:
+            log.info("cleanup.kept_published", site=site_name, image=name, image_id=image_id)
+            return Verdict.PUBLISHED, rec
+        marker = UploadMarker.of(rec)
+        if (
+            marker is not None
+            and marker.instance != self.state.instance_id
+            and marker.live_for_others(self.clock())
+        ):
+            log.info(
+                "cleanup.kept_foreign",
+                site=site_name,
+                image=name,
+                image_id=image_id,
+                host=marker.host,
+                instance=marker.instance,
+                expires=marker.expires,
+            )
+            return Verdict.FOREIGN, rec
+        site.delete(image_id)
+        self.inventory.forget(site_name)
+        log.warning(
+            "cleanup.leftover",
+            site=site_name,
+            image=name,
+            image_id=image_id,
+            owner=marker.instance if marker is not None else None,
+        )
+        return Verdict.REMOVED, rec
 
     def remove_own_uploads(self) -> int:
         """Delete every upload this process has leased (last resort at shutdown, when a
-        transfer thread did not stop in time). Returns how many were removed."""
+        transfer thread did not stop in time). Returns how many were removed.
+
+        The stuck thread holds the locks, so they cannot be taken here; each upload is still
+        re-read first, and one published meanwhile is kept."""
         count = 0
         for lease in self.state.leases(pid=os.getpid()):
+            site = self.pool.get(lease.site)
             try:
-                self.pool.get(lease.site).delete(lease.image_id)
+                rec = site.get_image(lease.image_id)
+                if rec.in_progress:
+                    site.delete(lease.image_id)
+            except NotFound:
+                rec = None
             except ImageSyncError as exc:
                 log.warning(
                     "cleanup.failed", site=lease.site, image_id=lease.image_id, error=str(exc)
@@ -90,34 +172,53 @@ class Recovery:
                 continue
             self.state.drop_lease(lease.site, lease.image_id)
             self.inventory.forget(lease.site)
-            log.warning(
-                "cleanup.own_upload", site=lease.site, image=lease.name, image_id=lease.image_id
-            )
-            count += 1
+            if rec is not None and rec.in_progress:
+                log.warning(
+                    "cleanup.own_upload", site=lease.site, image=lease.name, image_id=lease.image_id
+                )
+                count += 1
         return count
 
-    def _recover_leases(self, inventories: Mapping[str, SiteInventory]) -> dict[str, set[str]]:
-        removed: dict[str, set[str]] = {}
+    def _recover_leases(
+        self, inventories: Mapping[str, SiteInventory]
+    ) -> dict[str, dict[str, ImageRecord | None]]:
+        """Settle every lease whose site was listed; per site, the leased ids settled and
+        their records now (None: removed or gone)."""
+        settled: dict[str, dict[str, ImageRecord | None]] = {}
         for lease in self.state.leases():
             inv = inventories.get(lease.site)
             if inv is None or not inv.ok:
                 continue  # cannot reach it now: the lease stays for a later pass
-            if self._remove(lease.site, lease.name, lease.image_id, "leased"):
+            result = self._settle_locked(lease.site, lease.name, lease.image_id)
+            if result is None:
+                continue  # busy or failed: the lease stays for a later pass
+            verdict, fresh = result
+            if verdict.lease_done:
                 self.state.drop_lease(lease.site, lease.image_id)
-                removed.setdefault(lease.site, set()).add(lease.image_id)
-        return removed
+            keep = fresh if verdict in (Verdict.PUBLISHED, Verdict.FOREIGN) else None
+            settled.setdefault(lease.site, {})[lease.image_id] = keep
+        return settled
 
-    def _remove(self, site_name: str, name: str, image_id: str, status: str) -> bool:
+    def _settle_unlocked(
+        self, site_name: str, name: str, image_id: str, listed: ImageRecord
+    ) -> ImageRecord | None:
+        """Settle a listed upload under its lock; the record to keep in the inventory (the
+        listed one when its lock is held or the site failed), None when it was removed."""
+        result = self._settle_locked(site_name, name, image_id)
+        if result is None:
+            return listed
+        verdict, fresh = result
+        return fresh if verdict in (Verdict.PUBLISHED, Verdict.FOREIGN) else None
+
+    def _settle_locked(
+        self, site_name: str, name: str, image_id: str
+    ) -> tuple[Verdict, ImageRecord | None] | None:
+        """Take the lock and settle; None when the lock is held or the site failed."""
         try:
             with self.state.lock(name, site_name):
-                self.pool.get(site_name).delete(image_id)
-            self.inventory.forget(site_name)
+                return self.settle(site_name, name, image_id)
         except LockBusy:
-            return False
+            return None
         except SiteError as exc:
             log.warning("cleanup.failed", site=site_name, image_id=image_id, error=str(exc))
-            return False
-        log.warning(
-            "cleanup.leftover", site=site_name, image=name, image_id=image_id, status=status
-        )
-        return True
+            return None

@@ -73,8 +73,9 @@ class ChangeListing(Protocol):
 class InUseReporting(Protocol):
     """A site that can tell which images a server still uses."""
 
-    def images_in_use(self) -> set[str]:
-        """Ids of the images a server still uses."""
+    def images_in_use(self) -> set[str] | None:
+        """Ids of the images a server still uses, or None when the site cannot tell now (it
+        logs why): then nothing is deleted on its word (``retire: delete`` hides instead)."""
 
 
 @runtime_checkable
@@ -101,7 +102,7 @@ class Capabilities:
     hashes: frozenset[str] = frozenset()
     hide: Callable[[str], None] | None = None
     list_changed: Callable[[str], tuple[list[ImageRecord], str]] | None = None
-    images_in_use: Callable[[], set[str]] | None = None
+    images_in_use: Callable[[], set[str] | None] | None = None
     #: None: every image there is imagesync's to count (stores)
     trusted_owners: Callable[[], frozenset[str]] | None = None
 

@@ -15,14 +15,18 @@ Files are created with explicit modes whatever the umask: images and metadata ``
 folders ``0750`` (the store holds images users may not share; the group is for operators).
 
 It can hide images (a ``hidden`` flag in the metadata); it cannot list changes since a
-watermark nor tell which images are in use. Every ``OSError`` becomes a ``SiteError`` here,
-named after what failed and with a hint of the fix: ``EIO``, ``ESTALE`` and timeouts (a soft
-NFS mount, a server failing over) are :class:`TransientError`, worth the shared retry policy;
-a full disk, a permission or a name the file system refuses are not. An id that is not there
-is ``NotFound``, but a store directory that is gone is a ``SiteError`` (an unreachable store
-must never look like one whose images were deleted). One malformed ``.json`` metadata file is
-renamed aside (``<file>.bad-<time>``) and reported by a ``directory.metadata_quarantined``
-event: it never fails a listing.
+watermark. No server boots from it, so none of its images is ever in use. Every ``OSError``
+becomes a ``SiteError`` here, named after what failed and with a hint of the fix: ``EIO``,
+``ESTALE`` and timeouts (a soft NFS mount, a server failing over) are :class:`TransientError`,
+worth the shared retry policy; a full disk, a permission or a name the file system refuses are
+not. An id that is not there is ``NotFound``, but a store directory that is gone is a
+``SiteError`` (an unreachable store must never look like one whose images were deleted). One
+malformed ``.json`` metadata file is renamed aside (``<file>.bad-<time>``) and reported by a
+``directory.metadata_quarantined`` event: it never fails a listing.
+
+Publishing is crash-atomic (see ``_publish``): its commit point is one rename of the hidden
+metadata to the published name, so no crash leaves a published image that also looks like an
+upload to crash recovery.
 """
 
 from __future__ import annotations
@@ -131,6 +135,15 @@ def _make_dir(path: Path) -> None:
     except FileExistsError:
         return
     os.chmod(path, DIR_MODE)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable: a rename is only on disk once its directory is."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -335,6 +348,8 @@ class DirectorySite:
         """One metadata file as the listing shows it, or None. A file that vanished meanwhile
         (published, aborted) is skipped; one that is not imagesync's JSON is quarantined. Any
         other OSError fails the whole listing: a listing either completes or counts as failed."""
+        if meta_path.name.startswith(".") and (folder / meta_path.name[1:]).exists():
+            return None  # published: a stale hidden meta an older version left
         try:
             rec = self._read(meta_path)
         except FileNotFoundError:
@@ -344,7 +359,7 @@ class DirectorySite:
             return None
         if meta_path.name.startswith("."):
             # An unpublished upload: reported (hidden) so that crash recovery can find it.
-            return rec.with_(hidden=True)
+            return self._as_upload(rec)
         if not (folder / f"{meta_path.stem}.img").exists():
             return None
         return rec
@@ -375,7 +390,12 @@ class DirectorySite:
         )
 
     def _find(self, image_id: str) -> tuple[Path, bool]:
-        """The folder holding ``image_id`` and whether it is published."""
+        """The folder holding ``image_id`` and whether it is published.
+
+        An id whose ``{id}.json`` exists is published, whatever else is beside it. Publishing
+        renames ``.{id}.json`` to ``{id}.json``, so at every instant one of them exists: the
+        published name is asked for again after the hidden one, lest a publish between the
+        two looks make the image seem missing."""
         _check_id(image_id)
         self._require_root()
         with self._io(f"looking for image {image_id} in {self.root}"):
@@ -384,15 +404,33 @@ class DirectorySite:
                     return folder, True
                 if (folder / f".{image_id}.json").exists():
                     return folder, False
+                if (folder / f"{image_id}.json").exists():
+                    return folder, True
         raise NotFound(f"no image {image_id}", site=self.name)
+
+    @staticmethod
+    def _as_upload(rec: ImageRecord) -> ImageRecord:
+        """An upload's record: hidden and marked as uploading, whatever its metadata says
+        (until the rename that publishes it, it is not published; see ``_publish``)."""
+        return rec.with_(hidden=True, properties={**rec.properties, PROP_STATE: STATE_UPLOADING})
 
     def get_image(self, image_id: str) -> ImageRecord:
         folder, published = self._find(image_id)
-        meta_path = folder / (f"{image_id}.json" if published else f".{image_id}.json")
+        if not published:
+            meta_path = folder / f".{image_id}.json"
+            try:
+                with self._io(f"reading {meta_path}"):
+                    rec = self._read(meta_path)
+            except SiteError as exc:
+                if isinstance(exc.__cause__, FileNotFoundError):
+                    return self.get_image(image_id)  # published (or deleted) since _find
+                raise
+            return self._as_upload(rec)
+        meta_path = folder / f"{image_id}.json"
         try:
             with self._io(f"reading {meta_path}"):
                 rec = self._read(meta_path)
-                if published and not (folder / f"{image_id}.img").exists():
+                if not (folder / f"{image_id}.img").exists():
                     raise NotFound(f"no image {image_id}", site=self.name)
         except SiteError as exc:
             if isinstance(exc.__cause__, FileNotFoundError):
@@ -427,6 +465,9 @@ class DirectorySite:
     def publish(self, image_id: str, properties: Mapping[str, str] | None = None) -> ImageRecord:
         folder, published = self._find(image_id)
         if published:
+            with self._io(f"publishing image {image_id}"):
+                # an older version's interrupted publish may have left the hidden meta
+                (folder / f".{image_id}.json").unlink(missing_ok=True)
             return self.get_image(image_id)
         with self._io(f"publishing image {image_id}"):
             return self._publish(folder, image_id, properties)
@@ -434,14 +475,28 @@ class DirectorySite:
     def _publish(
         self, folder: Path, image_id: str, properties: Mapping[str, str] | None
     ) -> ImageRecord:
+        """Crash-atomic: a ``kill -9`` (or power cut) at any step leaves either an upload
+        (the hidden meta, which recovery removes whole) or the published image, never a
+        published image that also looks like an upload. The steps:
+
+        1. the final metadata replaces the hidden meta's content (still hidden: an image
+           without ``{id}.json`` is an upload whatever its hidden meta says);
+        2. the data is renamed into place (``{id}.img``; still an upload, see 1);
+        3. the hidden meta is renamed to ``{id}.json``: the commit point, one rename, after
+           which no hidden meta is left;
+        the directory is fsynced after 2 (so that 3 never reaches the disk before it) and
+        after 3 (so that a published image stays published).
+        """
         hidden_meta = folder / f".{image_id}.json"
         meta = json.loads(hidden_meta.read_bytes())
         meta["properties"].pop(PROP_STATE, None)
         meta["status"] = "active"
         meta["properties"].update(properties or {})
+        _write_atomic(hidden_meta, json.dumps(meta, indent=1).encode())
         os.replace(folder / f".{image_id}.img.partial", folder / f"{image_id}.img")
-        _write_atomic(folder / f"{image_id}.json", json.dumps(meta, indent=1).encode())
-        hidden_meta.unlink(missing_ok=True)
+        _fsync_dir(folder)
+        os.replace(hidden_meta, folder / f"{image_id}.json")
+        _fsync_dir(folder)
         return self._record(meta)
 
     def delete(self, image_id: str) -> None:
@@ -457,6 +512,8 @@ class DirectorySite:
                 f".{image_id}.img.partial",
             ):
                 (folder / p).unlink(missing_ok=True)
+            for tmp in folder.glob(f".*{image_id}*.tmp"):  # a crash inside _write_atomic
+                tmp.unlink(missing_ok=True)
         self._prune(folder)
 
     def hide(self, image_id: str) -> None:
@@ -466,6 +523,10 @@ class DirectorySite:
             meta = json.loads(meta_path.read_bytes())
             meta["hidden"] = True
             _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+
+    def images_in_use(self) -> set[str]:
+        """Empty: no server boots from a store, so ``retire: delete`` may delete here."""
+        return set()
 
     def check_connection(self) -> str:
         """Is the store directory there and writable (a file is made and removed to know)?"""

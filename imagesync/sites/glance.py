@@ -5,10 +5,13 @@ into imagesync's hierarchy (TransientError, AuthError, NotFound, Conflict); the 
 sees a client library's exception. ``check_connection`` (``config check --connect``) explains a
 failure to authenticate or to find Glance in one secret-free sentence saying what to fix.
 
-The site can hide images (``os_hidden``) and list the images changed since a watermark
-(Glance's ``updated_at=gte:`` filter); it does not report which images servers use. Its images
-have owners: only those of the project imagesync authenticates as (learnt once from the
-session) and of the cloud's ``trusted_owners`` count as versions (``trusted_owners``).
+The site can hide images (``os_hidden``), list the images changed since a watermark
+(Glance's ``updated_at=gte:`` filter) and tell which images servers use, when the catalog has
+a compute (Nova) endpoint and the credentials may list every project's servers (the
+compute endpoint is looked up once, lazily; without it, or without that right, it answers
+"cannot tell" and ``retire: delete`` hides instead of deleting). Its images have owners:
+only those of the project imagesync authenticates as (learnt once from the session) and of
+the cloud's ``trusted_owners`` count as versions (``trusted_owners``).
 
 What goes through which client, and why (measurements: bench/README.md):
 - metadata changes (create, publish, hide, delete) through python-glanceclient, imported on
@@ -370,6 +373,10 @@ class GlanceSite:
         self._client_lock = threading.Lock()
         self._project_id: str | None = None
         self._project_lock = threading.Lock()
+        # in-use reporting: Nova's adapter once found, or why it cannot tell (decided once)
+        self._compute: ks_adapter.Adapter | None = None
+        self._no_in_use: str | None = None
+        self._in_use_lock = threading.Lock()
         self.capabilities = Capabilities.fill(self, hashes={"md5", "sha512"})
 
     @property
@@ -588,6 +595,81 @@ class GlanceSite:
                     error=str(exc),
                 )
                 time.sleep(0.5 * (attempt + 1))
+
+    def images_in_use(self) -> set[str] | None:
+        """Ids of the images that servers (of every project) were booted from, from Nova's
+        server list; None when this cloud cannot tell (no compute endpoint in the catalog,
+        or the credentials may not list every project's servers: a server of another project
+        may run a shared or public image) or Nova failed just now. Never raises: a Nova
+        failure must not make the images unlistable."""
+        compute = self._compute_adapter()
+        if compute is None:
+            return None
+        ids: set[str] = set()
+        url: str | None = "/servers/detail"
+        query: dict[str, str] | None = {"all_tenants": "1", "limit": "1000"}
+        try:
+            while url:
+                page = compute.get(url, params=query).json()
+                for server in page.get("servers", []):
+                    image = server.get("image")
+                    if isinstance(image, dict) and image.get("id"):
+                        ids.add(str(image["id"]))
+                nxt = [
+                    link.get("href")
+                    for link in page.get("servers_links", [])
+                    if link.get("rel") == "next"
+                ]
+                url, query = (nxt[0], None) if nxt and nxt[0] != url else (None, None)
+        except Exception as exc:
+            err = classify(exc, self.name, "list servers")
+            if isinstance(exc, ksexc.Forbidden) or getattr(exc, "http_status", None) == 403:
+                self._cannot_tell(
+                    "the credentials may not list every project's servers (all_tenants)"
+                )
+            else:
+                log.warning("in_use.unknown", site=self.name, reason=str(err))
+            return None
+        return ids
+
+    def _compute_adapter(self) -> ks_adapter.Adapter | None:
+        """Nova's adapter, found in the catalog on first use; None when it cannot tell."""
+        with self._in_use_lock:
+            if self._no_in_use is not None or self._compute is not None:
+                return self._compute
+            cfg = self.cfg
+            try:
+                endpoint = self.session.get_endpoint(
+                    service_type="compute", interface=cfg.interface, region_name=cfg.region_name
+                )
+            except ksexc.EndpointNotFound:
+                endpoint = None
+            except Exception as exc:  # auth or network now: ask again next time
+                log.warning(
+                    "in_use.unknown",
+                    site=self.name,
+                    reason=str(classify(exc, self.name, "find compute")),
+                )
+                return None
+            if not endpoint:
+                self._cannot_tell_locked("no compute endpoint in the service catalog")
+                return None
+            self._compute = ks_adapter.Adapter(
+                self.session,
+                service_type="compute",
+                interface=cfg.interface,
+                region_name=cfg.region_name,
+            )
+            return self._compute
+
+    def _cannot_tell(self, reason: str) -> None:
+        with self._in_use_lock:
+            self._cannot_tell_locked(reason)
+
+    def _cannot_tell_locked(self, reason: str) -> None:
+        self._no_in_use = reason
+        self._compute = None
+        log.info("in_use.cannot_tell", site=self.name, reason=reason)
 
     def hide(self, image_id: str) -> None:
         self._call(f"hide {image_id}", lambda: self.client.images.update(image_id, os_hidden=True))

@@ -67,9 +67,15 @@ def test_retire_delete_also_deletes_versions_hidden_earlier() -> None:
     rule = TargetRule(pattern="img", sites=("a",), keep=2, retire="delete")
     old_hidden = copy_rec("a", 0, hidden=True)
     v1, v2, v3 = (copy_rec("a", i) for i in (1, 2, 3))
-    _, actions = plan_name("img", rule, inv(old_hidden, v1, v2, v3), ["a"])
+    # a site that can tell which images servers use (none here)
+    recs = (old_hidden, v1, v2, v3)
+    told = {"a": SiteInventory("a", recs, in_use=frozenset(), made=inv(*recs)["a"].made)}
+    _, actions = plan_name("img", rule, told, ["a"])
     retires = sorted((a.image_id, a.mode) for a in actions if isinstance(a, Retire))
     assert retires == [(old_hidden.id, "delete"), (v1.id, "delete")]
+    # one that cannot tell hid v1 instead of deleting it: hidden ones are left hidden
+    _, actions = plan_name("img", rule, inv(old_hidden, v1, v2, v3), ["a"])
+    assert [(a.image_id, a.mode) for a in actions if isinstance(a, Retire)] == [(v1.id, "delete")]
 
 
 def test_retire_hide_leaves_hidden_versions_alone() -> None:
@@ -100,7 +106,9 @@ def test_a_hidden_copy_of_a_kept_version_is_not_deleted() -> None:
 class NoHideSite(MemorySite):
     def __init__(self, name: str) -> None:
         super().__init__(name)
-        self.capabilities = Capabilities(hashes=frozenset({"sha512"}))
+        # a store that cannot hide (say VOSpace): no server boots from it, so it can tell
+        # that none uses its images (a cloud that cannot tell would hide instead of delete)
+        self.capabilities = Capabilities(hashes=frozenset({"sha512"}), images_in_use=set)
 
 
 def _engine(tmp_path: Path, sites: dict[str, MemorySite], **rule: object) -> Engine:
