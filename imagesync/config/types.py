@@ -60,7 +60,7 @@ class ImageRule:
     clouds: tuple[str, ...]  # resolved: "all" expanded to every configured cloud, in order
     stores: tuple[str, ...] = ()  # `store: x` or `stores: [x, y]`
     visibility: Literal["private", "shared", "community", "public"] = "private"
-    min_copies: int = 0  # keep at least k copies of the newest version across sites
+    min_copies: int = 0  # at least k copies of the newest version across the rule's sites
     keep: int | None = None  # retention per site: newest N versions; None = keep all
     retire: Literal["hide", "delete"] = "hide"
     on_mismatch: Literal["report", "replace"] = "report"
