@@ -449,11 +449,13 @@ def _settings(doc: Document, top: Mapping[str, Any]) -> _Settings:
     return out
 
 
-def _clouds_yaml(doc: Document, top: Mapping[str, Any]) -> Path | None:
+def _clouds_yaml(doc: Document, top: Mapping[str, Any], *, must_exist: bool) -> Path | None:
     if top.get("clouds_yaml") is None:
         return None
     clouds_yaml = doc.path(top["clouds_yaml"], "clouds_yaml")
-    if not clouds_yaml.is_file():
+    # Not looked at when it will not be read: `check` answering from state must not need
+    # the secrets, nor even see their file (a scheduler account may not).
+    if must_exist and not clouds_yaml.is_file():
         doc.fail(
             "clouds_yaml",
             f"{clouds_yaml} is not a file: fix the path, or remove "
@@ -475,7 +477,7 @@ def load_config(
     data, doc = read_document(file, env)
     top = _top_document(doc, data)
     settings = _settings(doc, top)
-    clouds_yaml = _clouds_yaml(doc, top)
+    clouds_yaml = _clouds_yaml(doc, top, must_exist=resolve_clouds)
     raw_clouds, stores, specs = _parse_sites(doc, top)
     rules = parse_rules(doc, top.get("images"), raw_clouds, stores)
     if resolve_clouds:
