@@ -28,9 +28,13 @@ from imagesync.config.types import (
     CLOUD_KEYS,
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,
+    DEFAULT_EMPTY_LISTING_PASSES,
+    DEFAULT_FULL_LIST_INTERVAL,
     DEFAULT_POLL_INTERVAL,
     DEFAULT_STATE_DIR,
     DIRECTORY_KEYS,
+    EMPTY_LISTING_PASSES_MAX,
+    FULL_LIST_INTERVAL_BOUNDS,
     INTERFACES,
     LOG_FORMATS,
     LOG_LEVELS,
@@ -42,6 +46,7 @@ from imagesync.config.types import (
     Config,
     StoreConfig,
     describe,
+    format_duration,
 )
 from imagesync.secrets import is_secret_key, register_secret
 from imagesync.sites import openstack_auth, store_kinds
@@ -408,6 +413,8 @@ class _Settings(TypedDict):
     state_dir: Path
     poll_interval: float
     check_max_age: float
+    full_list_interval: float
+    empty_listing_passes: int
     max_transfers: int
     transfer_retries: int
     metrics_listen: str | None
@@ -421,6 +428,8 @@ def _settings(doc: Document, top: Mapping[str, Any]) -> _Settings:
         "state_dir": DEFAULT_STATE_DIR,
         "poll_interval": DEFAULT_POLL_INTERVAL,
         "check_max_age": 600.0,
+        "full_list_interval": DEFAULT_FULL_LIST_INTERVAL,
+        "empty_listing_passes": DEFAULT_EMPTY_LISTING_PASSES,
         "max_transfers": 4,
         "transfer_retries": 3,
         "metrics_listen": None,
@@ -433,6 +442,18 @@ def _settings(doc: Document, top: Mapping[str, Any]) -> _Settings:
         out["poll_interval"] = doc.duration(top["poll_interval"], "poll_interval")
     if "check_max_age" in top:
         out["check_max_age"] = doc.duration(top["check_max_age"], "check_max_age", allow_zero=True)
+    if "full_list_interval" in top:
+        out["full_list_interval"] = _full_list_interval(doc, top["full_list_interval"])
+    if "empty_listing_passes" in top:
+        out["empty_listing_passes"] = doc.integer(
+            top["empty_listing_passes"], "empty_listing_passes", 1
+        )
+        if out["empty_listing_passes"] > EMPTY_LISTING_PASSES_MAX:
+            doc.fail(
+                "empty_listing_passes",
+                f"is {out['empty_listing_passes']}: at most {EMPTY_LISTING_PASSES_MAX} "
+                "(1 believes an empty listing at once)",
+            )
     if "max_transfers" in top:
         out["max_transfers"] = doc.integer(top["max_transfers"], "max_transfers", 1)
     if "transfer_retries" in top:
@@ -447,6 +468,20 @@ def _settings(doc: Document, top: Mapping[str, Any]) -> _Settings:
     if "log_level" in top:
         out["log_level"] = doc.choice(top["log_level"], "log_level", LOG_LEVELS)
     return out
+
+
+def _full_list_interval(doc: Document, value: object) -> float:
+    """How often a site is listed fully: bounded, since too short lists thousands of images
+    every pass and too long leaves deletions by others unseen (``check`` then confirms)."""
+    seconds = doc.duration(value, "full_list_interval")
+    low, high = FULL_LIST_INTERVAL_BOUNDS
+    if not low <= seconds <= high:
+        doc.fail(
+            "full_list_interval",
+            f"is {format_duration(seconds)}: give between {format_duration(low)} "
+            f"and {format_duration(high)}",
+        )
+    return seconds
 
 
 def _clouds_yaml(doc: Document, top: Mapping[str, Any], *, must_exist: bool) -> Path | None:
