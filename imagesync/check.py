@@ -2,23 +2,42 @@
 
 "Is the newest version of NAME on CLOUD, and which image id do I boot?" Exit codes:
 0 yes (stdout: the image id), 1 missing or stale (stderr says which), 2 usage or config
-error, 3 cannot tell (the cloud is unreachable). Answers recorded by the last push/sync
-younger than ``check_max_age`` are served from the state database without asking any site;
-``--fresh`` always asks. ``--ensure`` pushes the image there first and waits (``--timeout``).
+error, 3 cannot tell (the cloud is unreachable, or anything unexpected: a scheduler must
+never read a crash as "missing"). Answers recorded by the last push/sync younger than
+``check_max_age`` are served from the state database, opened read-only
+(``state.read_cell``); ``--fresh`` always asks the sites. ``--ensure`` pushes the image
+there first and waits (``--timeout``, by default ``DEFAULT_ENSURE_TIMEOUT``).
+
+A recorded id is confirmed before it is handed out when that is cheap: one GET by id on the
+site, if this account can read the credentials (``answered_from: confirmed``). An id the site
+no longer has is never handed out: the sites are asked instead. An account that cannot read
+the credentials (a scheduler group that may read ``state_dir`` and the config, not
+clouds.yaml) gets the recorded answer as it is (``answered_from: recorded``), without reading
+any secret.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
 from typing import Any
 
 from imagesync.config.types import Config
-from imagesync.errors import UsageError
+from imagesync.errors import ConfigError, NotFound, SiteError, UsageError
 from imagesync.model import printable
+from imagesync.state import RecordedCell, read_cell
 
 OK, MISSING, USAGE, UNKNOWN = 0, 1, 2, 3
+#: ``--ensure`` without ``--timeout`` gives up after this long (seconds): a scheduler's
+#: pre-flight must not hang for ever on a copy that cannot finish
+DEFAULT_ENSURE_TIMEOUT = 1800.0
+#: seconds per request when confirming a recorded id: a pre-flight check must not wait a
+#: cloud's whole request timeout for a confirmation it can do without
+CONFIRM_TIMEOUT = 5.0
+#: how a cloud's auth_type reads when ``load_config(resolve_clouds=False)`` left it unread
+_UNRESOLVED = "unresolved"
 
 
 def _emit(as_json: bool, payload: dict[str, Any], code: int) -> int:
@@ -48,12 +67,24 @@ def _validate(config: Config, cloud: str, ensure: bool, timeout: float | None) -
 
 
 def check_recorded(config: Config, name: str, cloud: str, *, as_json: bool = False) -> int | None:
-    """Answer from recorded state alone (exit 0), or None when the sites must be asked."""
+    """Answer from recorded state (exit 0), or None when the sites must be asked.
+
+    ``config`` may be a light one (clouds.yaml unread): the credentials are read only to
+    confirm the recorded id, and an account that cannot read them still gets its answer.
+    """
     _validate(config, cloud, False, None)
     recorded = _recorded(config, name, cloud)
     if recorded is None:
         return None
-    return _emit(as_json, {"name": name, "cloud": cloud, **recorded}, OK)
+    cell, payload = recorded
+    confirmed, note = _confirm(config, name, cloud, cell)
+    if confirmed is False:
+        return None  # the site no longer holds it as recorded: never hand it out
+    if confirmed:
+        payload["answered_from"] = "confirmed"
+    else:
+        payload["unconfirmed"] = note
+    return _emit(as_json, {"name": name, "cloud": cloud, **payload}, OK)
 
 
 def check(
@@ -66,30 +97,83 @@ def check(
     timeout: float | None = None,
     fresh: bool = False,
 ) -> int:
+    """The answer and exit code (see the module docstring). ``config`` may be light (see
+    ``load_config(resolve_clouds=False)``): the credentials are read only when needed."""
     _validate(config, cloud, ensure, timeout)
     base: dict[str, Any] = {"name": name, "cloud": cloud}
     if not fresh and not ensure:
         code = check_recorded(config, name, cloud, as_json=as_json)
         if code is not None:
             return code
+    if ensure and timeout is None:
+        timeout = DEFAULT_ENSURE_TIMEOUT
     deadline = time.monotonic() + timeout if timeout is not None else None
-    return _ask(config, name, cloud, base, as_json, ensure, deadline)
+    return _ask(_resolved(config), name, cloud, base, as_json, ensure, deadline)
 
 
-def _recorded(config: Config, name: str, cloud: str) -> dict[str, Any] | None:
-    """A young enough 'current' answer from the last push/sync, or None."""
-    db = config.state_dir / "imagesync.sqlite"
-    if not db.exists():
-        return None
-    from imagesync.state import State
+def _is_light(config: Config) -> bool:
+    return any(c.auth_type == _UNRESOLVED for c in config.clouds.values())
 
-    cell = State(config.state_dir).cell(name, cloud)
+
+def _resolved(config: Config) -> Config:
+    """``config`` with its credentials read (clouds.yaml), loading the file again if needed."""
+    if not _is_light(config):
+        return config
+    from imagesync.config.load import load_config
+
+    return load_config(config.path)
+
+
+def _confirm(config: Config, name: str, cloud: str, cell: RecordedCell) -> tuple[bool | None, str]:
+    """Does ``cloud`` still hold the recorded image, as recorded? One GET by id.
+
+    (True, _): yes. (False, why): no (gone, not active, hidden, renamed, other bytes): do not
+    hand it out. (None, why): cannot say (no credentials for this account, or the site did
+    not answer): the recorded answer stands, labelled as such. Logs nothing: on this path
+    logging is not set up (its import alone would double the time of a recorded answer).
+    """
+    assert cell.image_id is not None
+    try:
+        # a store's configuration is complete without clouds.yaml
+        full = config if cloud in config.stores else _resolved(config)
+    except (ConfigError, OSError):
+        # the scheduler account may not read the secrets: a supported deployment
+        return None, "no credentials readable by this account"
+    from imagesync.sites import open_site
+
+    if cloud in full.clouds:
+        limit = min(full.clouds[cloud].timeout, CONFIRM_TIMEOUT)
+        fast = dataclasses.replace(full.clouds[cloud], timeout=limit)
+        full = dataclasses.replace(full, clouds={**full.clouds, cloud: fast})
+
+    try:
+        site = open_site(full, cloud)
+        try:
+            rec = site.get_image(cell.image_id)
+        finally:
+            site.close()
+    except NotFound:
+        return False, f"recorded image {cell.image_id} is gone"
+    except (SiteError, OSError) as exc:
+        return None, f"could not confirm: {type(exc).__name__}"
+    digest = rec.hashes.get("sha512")
+    if rec.status != "active" or rec.hidden:
+        return False, f"recorded image {cell.image_id} is {'hidden' if rec.hidden else rec.status}"
+    if rec.name != name or (digest and cell.sha512 and digest != cell.sha512):
+        return False, f"recorded image {cell.image_id} changed"
+    return True, "confirmed by the site"
+
+
+def _recorded(config: Config, name: str, cloud: str) -> tuple[RecordedCell, dict[str, Any]] | None:
+    """A young enough 'current' answer from the last push/sync, or None. Reads the state
+    database read-only: a scheduler account that may not write ``state_dir`` can call it."""
+    cell = read_cell(config.state_dir, name, cloud)
     if cell is None or cell.state != "current" or not cell.image_id:
         return None
     age = time.time() - cell.recorded
     if age > config.check_max_age:
         return None
-    return {
+    return cell, {
         "state": "current",
         "image_id": cell.image_id,
         "version": cell.newest,

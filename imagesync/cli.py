@@ -1,7 +1,8 @@
 """Command line: parses arguments, calls the engine, prints. No logic of its own.
 
 Exit codes: 0 ok; 1 something failed (or, for ``check``, missing/stale); 2 usage or
-configuration error; 3 ``check`` cannot tell (site unreachable); 130 interrupted.
+configuration error; 3 ``check`` cannot tell (site unreachable, or any unexpected error:
+one line on stderr, the details in the debug log); 130 interrupted.
 Heavy modules are imported inside the commands so that ``check`` starts fast.
 """
 
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         metavar="SECONDS",
-        help="with --ensure: give up after this long (exit 1)",
+        help="with --ensure: give up after this long (exit 1); default 1800 (30 minutes)",
     )
     check.add_argument(
         "--fresh",
@@ -238,7 +239,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     # Called before every boot: answer from recorded state without importing OpenStack
-    # clients or reading clouds.yaml when that is enough.
+    # clients or setting up logging when that is enough. clouds.yaml (the secrets) is read
+    # only to confirm the recorded id or to ask the sites: a scheduler account that may not
+    # read it still gets the recorded answer.
     from imagesync.check import check, check_recorded
     from imagesync.config.load import load_config
 
@@ -311,12 +314,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, UsageError) as exc:
         print(f"imagesync: error: {redact(str(exc))}", file=sys.stderr)
         return 2
-    except ImageSyncError as exc:
-        print(f"imagesync: error: {redact(str(exc))}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("imagesync: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.command != "check":
+            if isinstance(exc, ImageSyncError):
+                print(f"imagesync: error: {redact(str(exc))}", file=sys.stderr)
+                return 1
+            raise
+        return _check_failed(args, exc)
+
+
+def _check_failed(args: argparse.Namespace, exc: Exception) -> int:
+    """``check`` met something unexpected: exit 3 ("cannot tell"), never 1, which a scheduler
+    reads as "missing" (and may act on); one line on stderr, the traceback in the debug log."""
+    import structlog
+
+    from imagesync.secrets import redact
+
+    _setup_logging(args)
+    structlog.get_logger("imagesync.check").debug("check.failed", exc_info=exc)
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    print(f"imagesync check: cannot tell: {redact(detail)[:300]}", file=sys.stderr)
+    return 3
 
 
 if __name__ == "__main__":

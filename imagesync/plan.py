@@ -424,21 +424,24 @@ def _wanted(
 def _min_copies(
     name: str, rule: Rule, a: Assessment, all_sites: Sequence[str], wanted: list[str]
 ) -> list[Action]:
-    """Redundancy: keep at least ``min_copies`` of the newest version across reachable sites
-    (adds to ``wanted``)."""
-    current = [s for s, c in a.cells.items() if c.state == "current"]
-    short = rule.min_copies - len(current) - len(wanted)
-    for site in all_sites:
+    """Redundancy: keep at least ``min_copies`` of the newest version across the rule's own
+    reachable sites (adds to ``wanted``); a shortfall is reported, never made up elsewhere.
+
+    Only ``rule.sites`` count and only they are added: a copy placed on a site the rule does
+    not name (say while one of its sites was briefly down) would never be reclaimed, since
+    retention and placement only look after the sites a rule names. ``all_sites`` is kept in
+    the signature for callers; it is not a pool to draw from.
+    """
+    own = [s for s in rule.sites if s in a.cells]
+    current = [s for s in own if a.cells[s].state == "current"]
+    short = rule.min_copies - len(current) - len([s for s in wanted if s in own])
+    for site in own:
         if short <= 0:
             break
         if (
             site not in wanted
             and site not in current
-            and a.cells[site].state
-            in (
-                "missing",
-                "stale",
-            )
+            and a.cells[site].state in ("missing", "stale")
         ):
             wanted.append(site)
             short -= 1

@@ -20,6 +20,10 @@ be read but not written (a root-owned ``0644`` one from an older imagesync) is s
 One connection is shared by the daemon's transfer threads; a lock serialises its use. The
 cells of a whole pass are written in one transaction: an idle pass over thousands of names
 must not pay one commit per (name, site).
+
+``read_cell`` is ``check``'s way in: it opens the database read-only and writes nothing (no
+WAL switch, no ``CREATE TABLE``, no ``-wal``/``-shm`` files), so a scheduler account that may
+only read ``state_dir`` can answer from it.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from imagesync.errors import LockBusy, LockDenied
 
@@ -182,6 +187,47 @@ def _denied(path: Path, name: str, site: str, exc: OSError) -> LockDenied:
     return LockDenied(
         f"{name} on {site}: cannot open the lock file {path}: {why}; {fix}", path=str(path)
     )
+
+
+def _read_only_uri(db: Path, *, immutable: bool) -> str:
+    # quote() keeps "/" and escapes "?", "#" and "%", which would end or change a URI path
+    uri = f"file:{quote(str(db.absolute()))}?mode=ro"
+    return uri + "&immutable=1" if immutable else uri
+
+
+def read_cell(state_dir: Path, name: str, site: str) -> RecordedCell | None:
+    """The recorded answer for (name, site), read without writing anything; None when there
+    is no database, no such row, or the database cannot be read.
+
+    ``mode=ro`` alone is not enough for a WAL database: with no ``-wal``/``-shm`` beside it,
+    SQLite creates them (which fails in a directory the caller may not write to, and, run
+    as root, leaves root-owned files that lock the service user out of its own database).
+    So ``mode=ro`` is used only while both exist (a writer has the database open: its
+    ``-shm`` tells us which commits to see); otherwise nobody has it open and its main file
+    holds every commit, read with ``immutable=1`` (no locks, no files). A writer that opens
+    it between the two steps only appends to its new ``-wal``; should a checkpoint tear a
+    page under us, the error below makes this "no recorded answer", never a wrong one.
+    """
+    db = Path(state_dir) / "imagesync.sqlite"
+    if not db.is_file():
+        return None
+    live = Path(f"{db}-wal").exists() and Path(f"{db}-shm").exists()
+    attempts = (False, True) if live else (True,)
+    for immutable in attempts:
+        try:
+            conn = sqlite3.connect(_read_only_uri(db, immutable=immutable), uri=True, timeout=5)
+        except sqlite3.Error:
+            continue
+        try:
+            rows = conn.execute(
+                "SELECT * FROM cells WHERE name=? AND site=?", (name, site)
+            ).fetchall()
+            return RecordedCell(*rows[0]) if rows else None
+        except sqlite3.Error:
+            continue  # e.g. a -shm we may not write needing recovery: try the main file
+        finally:
+            conn.close()
+    return None
 
 
 def _key(name: str, site: str) -> str:

@@ -17,6 +17,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 _FILE = re.compile(rb"^(PUT|GET) /v2/images/[0-9a-f-]+/file ")
@@ -33,6 +34,10 @@ class FaultPlan:
     blackhole: bool = False  # new connections are held open and never answered
     flips: int = 0  # how many flips happened
     cuts: int = 0
+    #: called with each request line (``GET /v2/images?… HTTP/1.1``) before it is forwarded;
+    #: it may act meanwhile (change the cloud behind the proxy's back), and may return a
+    #: whole raw HTTP response to send instead of forwarding (the connection then closes)
+    on_request: Callable[[bytes], bytes | None] | None = None
 
 
 class _Conn:
@@ -66,6 +71,11 @@ class _Conn:
                 if head is None:
                     break
                 first = head.split(b"\r\n", 1)[0]
+                hook = self.proxy.plan.on_request
+                canned = hook(first) if to_server and hook is not None else None
+                if canned is not None:
+                    self.client.sendall(canned)
+                    break
                 if to_server:
                     with self.lock:
                         self.requests.append(first)

@@ -29,9 +29,13 @@ from imagesync.config.types import (
     CLOUD_KEYS,
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,
+    DEFAULT_EMPTY_LISTING_PASSES,
+    DEFAULT_FULL_LIST_INTERVAL,
     DEFAULT_POLL_INTERVAL,
     DEFAULT_STATE_DIR,
     DIRECTORY_KEYS,
+    EMPTY_LISTING_PASSES_MAX,
+    FULL_LIST_INTERVAL_BOUNDS,
     INTERFACES,
     LOG_FORMATS,
     LOG_LEVELS,
@@ -47,6 +51,7 @@ from imagesync.config.types import (
     Config,
     StoreConfig,
     describe,
+    format_duration,
     listens_on_loopback,
 )
 from imagesync.secrets import is_secret_key, register_secret
@@ -448,6 +453,8 @@ class _Settings(TypedDict):
     state_dir: Path
     poll_interval: float
     check_max_age: float
+    full_list_interval: float
+    empty_listing_passes: int
     max_transfers: int
     transfer_retries: int
     metrics_listen: str | None
@@ -462,6 +469,8 @@ def _settings(doc: Document, top: Mapping[str, Any]) -> _Settings:
         "state_dir": DEFAULT_STATE_DIR,
         "poll_interval": DEFAULT_POLL_INTERVAL,
         "check_max_age": 600.0,
+        "full_list_interval": DEFAULT_FULL_LIST_INTERVAL,
+        "empty_listing_passes": DEFAULT_EMPTY_LISTING_PASSES,
         "max_transfers": 4,
         "transfer_retries": 3,
         "metrics_listen": None,
@@ -479,6 +488,18 @@ def _settings(doc: Document, top: Mapping[str, Any]) -> _Settings:
         out["check_max_age"] = doc.duration(
             top["check_max_age"], "check_max_age", allow_zero=True, within=CHECK_MAX_AGE_RANGE
         )
+    if "full_list_interval" in top:
+        out["full_list_interval"] = _full_list_interval(doc, top["full_list_interval"])
+    if "empty_listing_passes" in top:
+        out["empty_listing_passes"] = doc.integer(
+            top["empty_listing_passes"], "empty_listing_passes", 1
+        )
+        if out["empty_listing_passes"] > EMPTY_LISTING_PASSES_MAX:
+            doc.fail(
+                "empty_listing_passes",
+                f"is {out['empty_listing_passes']}: at most {EMPTY_LISTING_PASSES_MAX} "
+                "(1 believes an empty listing at once)",
+            )
     if "max_transfers" in top:
         out["max_transfers"] = _max_transfers(doc, top["max_transfers"], "max_transfers")
     if "transfer_retries" in top:
@@ -512,11 +533,27 @@ def _settings(doc: Document, top: Mapping[str, Any]) -> _Settings:
     return out
 
 
-def _clouds_yaml(doc: Document, top: Mapping[str, Any]) -> Path | None:
+def _full_list_interval(doc: Document, value: object) -> float:
+    """How often a site is listed fully: bounded, since too short lists thousands of images
+    every pass and too long leaves deletions by others unseen (``check`` then confirms)."""
+    seconds = doc.duration(value, "full_list_interval")
+    low, high = FULL_LIST_INTERVAL_BOUNDS
+    if not low <= seconds <= high:
+        doc.fail(
+            "full_list_interval",
+            f"is {format_duration(seconds)}: give between {format_duration(low)} "
+            f"and {format_duration(high)}",
+        )
+    return seconds
+
+
+def _clouds_yaml(doc: Document, top: Mapping[str, Any], *, must_exist: bool) -> Path | None:
     if top.get("clouds_yaml") is None:
         return None
     clouds_yaml = doc.path(top["clouds_yaml"], "clouds_yaml")
-    if not clouds_yaml.is_file():
+    # Not looked at when it will not be read: `check` answering from state must not need
+    # the secrets, nor even see their file (a scheduler account may not).
+    if must_exist and not clouds_yaml.is_file():
         doc.fail(
             "clouds_yaml",
             f"{clouds_yaml} is not a file: fix the path, or remove "
@@ -538,7 +575,7 @@ def load_config(
     data, doc = read_document(file, env)
     top = _top_document(doc, data)
     settings = _settings(doc, top)
-    clouds_yaml = _clouds_yaml(doc, top)
+    clouds_yaml = _clouds_yaml(doc, top, must_exist=resolve_clouds)
     raw_clouds, stores, specs = _parse_sites(doc, top)
     rules = parse_rules(doc, top.get("images"), raw_clouds, stores)
     if resolve_clouds:

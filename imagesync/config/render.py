@@ -72,6 +72,8 @@ def render_config(config: Config) -> str:
         "max_transfers": config.max_transfers,
         "transfer_retries": config.transfer_retries,
         "check_max_age": format_duration(config.check_max_age),
+        "full_list_interval": format_duration(config.full_list_interval),
+        "empty_listing_passes": config.empty_listing_passes,
         "metrics_listen": config.metrics_listen,
         "metrics_listen_public": config.metrics_listen_public,
         "log_format": config.log_format,

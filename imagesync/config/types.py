@@ -20,6 +20,13 @@ DEFAULT_CONFIG_PATH = Path("/etc/imagesync/imagesync.yaml")
 CONFIG_ENV = "IMAGESYNC_CONFIG"
 DEFAULT_STATE_DIR = Path("/var/lib/imagesync")
 DEFAULT_POLL_INTERVAL = 300.0
+#: a site that can list only what changed is listed fully at least this often: deletions by
+#: others are noticed then (they are not changes Glance lists)
+DEFAULT_FULL_LIST_INTERVAL = 600.0
+FULL_LIST_INTERVAL_BOUNDS = (30.0, 86400.0)
+#: listings in a row of zero images of managed names, after some, before one is believed
+DEFAULT_EMPTY_LISTING_PASSES = 3
+EMPTY_LISTING_PASSES_MAX = 100
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,7 @@ class ImageRule:
     clouds: tuple[str, ...]  # resolved: "all" expanded to every configured cloud, in order
     stores: tuple[str, ...] = ()  # `store: x` or `stores: [x, y]`
     visibility: Literal["private", "shared", "community", "public"] = "private"
-    min_copies: int = 0  # keep at least k copies of the newest version across sites
+    min_copies: int = 0  # at least k copies of the newest version across the rule's sites
     keep: int | None = None  # retention per site: newest N versions; None = keep all
     retire: Literal["hide", "delete"] = "hide"
     on_mismatch: Literal["report", "replace"] = "report"
@@ -90,6 +97,8 @@ class Config:
     max_transfers: int = 4  # overall concurrent transfers
     transfer_retries: int = 3
     check_max_age: float = 600.0  # seconds: `check` trusts recorded answers this young
+    full_list_interval: float = DEFAULT_FULL_LIST_INTERVAL  # seconds between full listings
+    empty_listing_passes: int = DEFAULT_EMPTY_LISTING_PASSES  # see engine.inventory
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "info"
 
@@ -124,6 +133,8 @@ TOP_KEYS = (
     "max_transfers",
     "transfer_retries",
     "check_max_age",
+    "full_list_interval",
+    "empty_listing_passes",
     "log_format",
     "log_level",
 )

@@ -47,7 +47,13 @@ class Engine:
         self.clock = clock
         self.state = state or State(config.state_dir)
         self.pool = SitePool(config, sites)
-        self.inventory_room = Inventory(self.pool)
+        self.inventory_room = Inventory(
+            self.pool,
+            full_list_every=config.full_list_interval,
+            pass_interval=config.poll_interval,
+            managed=lambda name: config.rule_for(name) is not None,
+            empty_passes=config.empty_listing_passes,
+        )
         self.recovery = Recovery(self.pool, self.state, self.inventory_room)
         self.policy = RetryPolicy(attempts=max(1, config.transfer_retries + 1))
         self.executor = Executor(

@@ -4,12 +4,23 @@ Reading never changes a site: crash leftovers show up in a listing as ``in_progr
 records and are removed only where ``recovery`` is called by name.
 
 A site that can list only what changed since a watermark is listed fully once, then
-incrementally on the daemon's passes, and fully again every ``full_list_every`` seconds (the
-only way to notice images deleted by someone else) or after imagesync changed it (``forget``).
+incrementally on the daemon's passes, and fully again after imagesync changed it (``forget``)
+and on the last pass before ``full_list_every`` seconds have gone by since its previous full
+listing (the only way to notice images deleted by someone else: so they are noticed within
+``full_list_every``, the configuration's ``full_list_interval``, given passes every
+``pass_interval``).
+
+A listing is not believed just because it succeeded. A site that listed images of managed
+names and now, in a whole-site listing, lists none (credentials rotated to another project, a
+Glance behind a broken proxy) is reported failed, "suspect", so that nothing is copied to it
+again nor retired elsewhere because of it, until it has listed none ``empty_passes`` times in
+a row. The memory of what a site listed lives as long as this object (the daemon's engine):
+restarting or reloading the daemon is how an operator confirms an empty site at once.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +29,7 @@ from datetime import UTC, datetime
 
 import structlog
 
+from imagesync.config.types import DEFAULT_EMPTY_LISTING_PASSES, DEFAULT_FULL_LIST_INTERVAL
 from imagesync.engine.pool import SitePool
 from imagesync.errors import SiteError
 from imagesync.model import ImageRecord, SiteInventory, format_time
@@ -26,7 +38,7 @@ log = structlog.get_logger("imagesync.inventory")
 
 #: seconds between full listings of a site that can list changes (deletions by others are
 #: noticed then); in between, an idle pass reads only what changed
-FULL_LIST_EVERY = 600.0
+FULL_LIST_EVERY = DEFAULT_FULL_LIST_INTERVAL
 GONE = frozenset({"deleted", "pending_delete", "killed"})
 
 
@@ -45,12 +57,24 @@ class Inventory:
         pool: SitePool,
         *,
         full_list_every: float = FULL_LIST_EVERY,
+        pass_interval: float = 0.0,
+        managed: Callable[[str], bool] | None = None,
+        empty_passes: int = DEFAULT_EMPTY_LISTING_PASSES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.pool = pool
         self.full_list_every = full_list_every
+        #: seconds between the daemon's passes: the full listing happens on the last pass
+        #: before ``full_list_every`` runs out, not on the first one after
+        self.pass_interval = pass_interval
+        #: is a name one some rule manages? (None: every name counts)
+        self.managed = managed
+        self.empty_passes = max(1, empty_passes)
         self.clock = clock
         self._cache: dict[str, _Cached] = {}
+        self._lock = threading.Lock()
+        self._believed: dict[str, int] = {}  # managed images in a site's last believed listing
+        self._empty_streak: dict[str, int] = {}  # suspect empty listings in a row
 
     def forget(self, site_name: str) -> None:
         """Drop a site's cached listing (imagesync changed it): the next listing is full."""
@@ -63,6 +87,11 @@ class Inventory:
         try:
             site = self.pool.get(site_name)
             images = self._list(site_name, name, incremental)
+            if name is None:
+                suspect = self._suspect(site_name, images)
+                if suspect is not None:
+                    self.forget(site_name)  # list it fully next time
+                    return SiteInventory(site_name, error=suspect)
             images_in_use = site.capabilities.images_in_use
             in_use = images_in_use() if images_in_use is not None else None
             # after listing: the session has its token, so learning the project is free
@@ -78,6 +107,33 @@ class Inventory:
             log.warning("inventory.failed", site=site_name, error=str(exc))
             self.forget(site_name)
             return SiteInventory(site_name, error=str(exc))
+
+    def _suspect(self, site_name: str, images: Sequence[ImageRecord]) -> str | None:
+        """Why a whole-site listing is not believed (a sudden drop to zero images of managed
+        names), or None; remembers what a believed listing held."""
+        count = sum(1 for r in images if self.managed is None or self.managed(r.name))
+        with self._lock:
+            before = self._believed.get(site_name, 0)
+            if count == 0 and before > 0:
+                streak = self._empty_streak.get(site_name, 0) + 1
+                if streak < self.empty_passes:
+                    self._empty_streak[site_name] = streak
+                    log.warning(
+                        "inventory.suspect_empty",
+                        site=site_name,
+                        before=before,
+                        empty_listings=streak,
+                        believed_after=self.empty_passes,
+                    )
+                    return (
+                        f"suspect listing: {before} images of managed names before, none now "
+                        "(credentials for another project?); taken as failed until it lists "
+                        f"none {self.empty_passes} times in a row "
+                        f"({streak} so far) or the daemon is restarted"
+                    )
+            self._empty_streak.pop(site_name, None)
+            self._believed[site_name] = count
+        return None
 
     def all(
         self,
@@ -101,7 +157,13 @@ class Inventory:
             return site.list_images(name)
         now = self.clock()
         cached = self._cache.get(site_name)
-        if incremental and cached is not None and now - cached.full_at < self.full_list_every:
+        # Full on the last pass before the interval runs out, not the first one after it: the
+        # deletions a full listing reveals are then noticed within the interval. (Half a pass
+        # of slack: passes start a few ms late or early, which must not make every pass full.)
+        due = cached is not None and now - cached.full_at + self.pass_interval / 2 >= (
+            self.full_list_every
+        )
+        if incremental and cached is not None and not due:
             changed, watermark = list_changed(cached.watermark)
             records = dict(cached.records)
             for rec in changed:

@@ -34,7 +34,7 @@ def test_exit_0_prints_the_image_id_to_boot(
     # answered from what push recorded, without asking any site
     assert check(config, name, "lab2", as_json=True) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["image_id"] == image_id and out["answered_from"] == "recorded"
+    assert out["image_id"] == image_id and out["answered_from"] == "confirmed"
 
 
 def test_exit_1_when_missing_or_stale(
@@ -153,3 +153,21 @@ def test_exit_2_for_usage_and_config_errors_through_the_cli(lab: LabInfo, tmp_pa
         timeout=60,
     )
     assert r.returncode == 1, r.stderr
+
+
+def test_a_recorded_id_deleted_by_someone_else_is_never_handed_out(
+    lab: LabInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from imagesync.lab import glance_client
+
+    name = uid("chkdel")
+    upload(lab, "lab1", name, random_bytes(4000))
+    config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False)
+    assert push(config, name) == 0
+    capsys.readouterr()
+    assert check(config, name, "lab2") == 0  # recorded, confirmed by one GET
+    image_id = capsys.readouterr().out.strip()
+    glance_client(lab, "lab2").images.delete(image_id)  # an operator cleans up by hand
+    assert check(config, name, "lab2") == 1  # asked the sites: missing there now
+    captured = capsys.readouterr()
+    assert image_id not in captured.out and "missing" in captured.err

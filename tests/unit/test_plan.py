@@ -182,20 +182,36 @@ def test_mismatch_replace_copies_over_it() -> None:
     assert len(set(copy.targets) & {"a", "b"}) == 1
 
 
-def test_min_copies_places_extra_copies_when_a_required_site_is_down() -> None:
-    rule = TargetRule(pattern="img", sites=("a", "b"), min_copies=3)
+def test_min_copies_stays_inside_the_rules_sites_when_one_is_down() -> None:
+    # b is down for a moment: the shortfall is reported, and no copy goes to c or store,
+    # which the rule does not name (nothing would ever reclaim those copies).
+    rule = TargetRule(pattern="img", sites=("a", "b"), min_copies=2)
     orig = img("a")
     _, actions = plan_name("img", rule, inv(orig, down=("b",)), SITES)
-    copy = next(a for a in actions if isinstance(a, Copy))
-    assert copy.targets == ("c", "store")  # 3 copies: a + c + store while b is down
+    assert not [a for a in actions if isinstance(a, Copy)]
+    skip = next(a for a in actions if isinstance(a, Skip) and a.why is SkipReason.MIN_COPIES)
+    assert "only 1 sites" in skip.reason
+
+
+def test_min_copies_counts_only_the_rules_sites() -> None:
+    # A current copy on c (not named by the rule) does not count towards redundancy.
+    rule = TargetRule(pattern="img", sites=("a", "b"), min_copies=2)
+    orig = img("a")
+    copy_c = img("c", copy_of=orig.ref, version=T0)
+    _, actions = plan_name("img", rule, inv(orig, copy_c, down=("b",)), SITES)
+    assert [a.why for a in actions if isinstance(a, Skip)] == [
+        SkipReason.UNREACHABLE,
+        SkipReason.MIN_COPIES,
+    ]
+    assert not [a for a in actions if isinstance(a, Copy)]
 
 
 def test_min_copies_satisfied_needs_nothing_more() -> None:
-    rule = TargetRule(pattern="img", sites=("a",), min_copies=2)
+    rule = TargetRule(pattern="img", sites=("a", "b"), min_copies=2)
     orig = img("a")
     copy_b = img("b", copy_of=orig.ref, version=T0)
     _, actions = plan_name("img", rule, inv(orig, copy_b), SITES)
-    assert not [a for a in actions if isinstance(a, Copy)]
+    assert not [a for a in actions if isinstance(a, Copy | Skip)]
 
 
 def test_lost_copy_is_copied_again() -> None:
