@@ -39,11 +39,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabInfo]:
     """A running lab of (at least) 3 clouds: lab1, lab2, lab3."""
     from imagesync import lab as lab_mod
+    from imagesync.sites import store_kinds
 
     reuse = os.environ.get(REUSE_ENV, "").strip()
     directory = Path(reuse) if reuse else tmp_path_factory.mktemp("lab")
     try:
-        info = lab_mod.up(clouds=LAB_CLOUDS, directory=directory)  # a bigger lab stays bigger
+        info = lab_mod.up(  # a bigger lab stays bigger
+            clouds=LAB_CLOUDS,
+            directory=directory,
+            # as `imagesync lab up` does: the VOSpace service is the central store once
+            # imagesync can build a VOSpace site
+            vospace_store="vospace" in store_kinds(),
+        )
     except LabError as exc:
         pytest.fail(f"the lab could not start: {exc}", pytrace=False)
     try:

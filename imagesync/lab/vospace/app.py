@@ -169,7 +169,8 @@ class VOSpaceApp:
         method = environ["REQUEST_METHOD"].upper()
         path = environ.get("PATH_INFO", "") or "/"
         try:
-            found = faultmod.take(self.config.directory, method, path)
+            data = path.startswith(("/data/", "/files/"))
+            found = faultmod.take(self.config.directory, method, path, data=data)
             if "unavailable" in found:
                 delay = str(found["unavailable"].retry_after)
                 raise HTTPError(503, "ServiceBusy try again later", [("Retry-After", delay)])

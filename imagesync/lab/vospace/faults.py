@@ -58,8 +58,15 @@ def clear_faults(directory: Path) -> None:
         (directory / FAULTS_FILE).unlink()
 
 
-def take(directory: Path, method: str, path: str) -> dict[Kind, Fault]:
-    """The faults that apply to this request (one per kind), using up counted ones."""
+#: the kinds that act on a data response only (they are not used up by other requests)
+DATA_KINDS: frozenset[Kind] = frozenset({"slow", "cut", "wrong_digest"})
+
+
+def take(directory: Path, method: str, path: str, *, data: bool) -> dict[Kind, Fault]:
+    """The faults that apply to this request (one per kind), using up counted ones.
+
+    ``data``: the request is for a data endpoint (only then do data faults apply).
+    """
     if not (directory / FAULTS_FILE).exists():
         return {}
     with _locked(directory):
@@ -68,7 +75,8 @@ def take(directory: Path, method: str, path: str) -> dict[Kind, Fault]:
         kept: list[Fault] = []
         changed = False
         for rule in rules:
-            if rule.fault not in found and rule.matches(method, path):
+            applies = data or rule.fault not in DATA_KINDS
+            if applies and rule.fault not in found and rule.matches(method, path):
                 found[rule.fault] = rule
                 if rule.times is not None:
                     changed = True

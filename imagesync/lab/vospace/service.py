@@ -98,10 +98,11 @@ def start(config: ServiceConfig, port: int) -> int:
     d = config.directory
     if config.base_url.startswith("https:"):
         t = tls_files(d)
-        # no "!" before the CA: a client certificate is verified when presented, not required
-        # (token clients use the same socket)
+        # uwsgi's https router (not --https-socket: only the router exports HTTPS_DN, the
+        # verified subject). No "!" before the CA: a client certificate is verified when
+        # presented, not required (token clients use the same port).
         socket = [
-            "--https-socket",
+            "--https",
             f"{procs.LOOPBACK}:{port},{t.server_cert},{t.server_key},HIGH,{t.ca}",
         ]
     else:
