@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from imagesync.errors import LabError
-from imagesync.lab import LabInfo
+from imagesync.lab import LabInfo, LabVOSpace
 
 LAB_CLOUDS = 3
 REUSE_ENV = "IMAGESYNC_TEST_LAB_DIR"
@@ -58,6 +58,18 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabInfo]:
     finally:
         if not reuse:
             lab_mod.down(directory)
+
+
+@pytest.fixture
+def lab_vospace(lab: LabInfo) -> Iterator[LabVOSpace]:
+    """The lab's VOSpace service, with no fault rules before and after the test."""
+    from imagesync.lab.vospace import clear_faults
+
+    if lab.vospace is None:
+        pytest.fail("the lab has no VOSpace service", pytrace=False)
+    clear_faults(lab.vospace.directory)
+    yield lab.vospace
+    clear_faults(lab.vospace.directory)
 
 
 @pytest.fixture(scope="session")

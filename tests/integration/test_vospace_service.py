@@ -16,14 +16,13 @@ import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
 
-from imagesync.lab import LabInfo, LabVOSpace, procs
+from imagesync.lab import LabVOSpace, procs
 from imagesync.lab.vospace import Fault, clear_faults, set_faults
 from imagesync.lab.vospace import service as vospace_service
 from imagesync.lab.vospace.xmldoc import PROP_MD5, VOS_NS
@@ -84,20 +83,11 @@ def client_env(home: Path, registry_line: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def vospace(lab: LabInfo) -> Iterator[LabVOSpace]:
-    if lab.vospace is None:
-        pytest.fail("the lab has no VOSpace service", pytrace=False)
-    clear_faults(lab.vospace.directory)
-    yield lab.vospace
-    clear_faults(lab.vospace.directory)
-
-
-@pytest.fixture
-def vos(vospace: LabVOSpace, tmp_path: Path, unique_name: str) -> VOS:
+def vos(lab_vospace: LabVOSpace, tmp_path: Path, unique_name: str) -> VOS:
     client = VOS(
-        vospace,
-        client_env(tmp_path / "home", vospace.registry_line),
-        f"{vospace.container}/{unique_name}",
+        lab_vospace,
+        client_env(tmp_path / "home", lab_vospace.registry_line),
+        f"{lab_vospace.container}/{unique_name}",
     )
     client.ok("vmkdir", client.root)
     return client
@@ -126,7 +116,8 @@ def _log_lines(vospace: LabVOSpace, needle: str) -> list[str]:
 # --------------------------------------------------------------------------- the service
 
 
-def test_capabilities_are_public_and_nodes_need_the_token(vospace: LabVOSpace) -> None:
+def test_capabilities_are_public_and_nodes_need_the_token(lab_vospace: LabVOSpace) -> None:
+    vospace = lab_vospace
     s = requests.Session()
     s.trust_env = False
     caps = s.get(vospace.capabilities_url, timeout=30)
