@@ -189,8 +189,15 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 
 def cmd_lab_up(args: argparse.Namespace) -> int:
     from imagesync import lab
+    from imagesync.sites import store_kinds
 
-    info = lab.up(clouds=args.clouds, directory=args.dir, token_expiration=args.token_expiration)
+    info = lab.up(
+        clouds=args.clouds,
+        directory=args.dir,
+        token_expiration=args.token_expiration,
+        # the lab's VOSpace service becomes the central store once imagesync can build the site
+        vospace_store="vospace" in store_kinds(),
+    )
     print(lab.describe(info))
     return 0
 

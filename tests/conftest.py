@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from imagesync.errors import LabError
-from imagesync.lab import LabInfo
+from imagesync.lab import LabInfo, LabVOSpace
 
 LAB_CLOUDS = 3
 REUSE_ENV = "IMAGESYNC_TEST_LAB_DIR"
@@ -39,11 +39,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabInfo]:
     """A running lab of (at least) 3 clouds: lab1, lab2, lab3."""
     from imagesync import lab as lab_mod
+    from imagesync.sites import store_kinds
 
     reuse = os.environ.get(REUSE_ENV, "").strip()
     directory = Path(reuse) if reuse else tmp_path_factory.mktemp("lab")
     try:
-        info = lab_mod.up(clouds=LAB_CLOUDS, directory=directory)  # a bigger lab stays bigger
+        info = lab_mod.up(  # a bigger lab stays bigger
+            clouds=LAB_CLOUDS,
+            directory=directory,
+            # as `imagesync lab up` does: the VOSpace service is the central store once
+            # imagesync can build a VOSpace site
+            vospace_store="vospace" in store_kinds(),
+        )
     except LabError as exc:
         pytest.fail(f"the lab could not start: {exc}", pytrace=False)
     try:
@@ -51,6 +58,18 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabInfo]:
     finally:
         if not reuse:
             lab_mod.down(directory)
+
+
+@pytest.fixture
+def lab_vospace(lab: LabInfo) -> Iterator[LabVOSpace]:
+    """The lab's VOSpace service, with no fault rules before and after the test."""
+    from imagesync.lab.vospace import clear_faults
+
+    if lab.vospace is None:
+        pytest.fail("the lab has no VOSpace service", pytrace=False)
+    clear_faults(lab.vospace.directory)
+    yield lab.vospace
+    clear_faults(lab.vospace.directory)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,9 @@ keystonemiddleware) under uwsgi, with sqlite and a file store, all in DIRECTORY/
 
 DIRECTORY also gets ``clouds.yaml`` (labN: imagesync's member user, labN-admin: admin),
 ``imagesync.yaml`` (a ready configuration), ``store/`` and ``lab.json`` (ports, passwords,
-pids). Needs the ``lab`` extra (glance, keystone, uwsgi); without it ``up`` raises LabError.
+pids). Beside the clouds runs one VOSpace 2.1 service (``vospace/``, see
+``imagesync.lab.vospace``), described by ``LabInfo.vospace``. Needs the ``lab`` extra
+(glance, keystone, uwsgi); without it ``up`` raises LabError.
 
 Modules: ``control`` (up/status/down), ``state`` (lab.json, the client files), ``keystone`` and
 ``glance`` (one service each), ``procs`` (processes), ``clients`` (sessions for tests).
@@ -20,11 +22,12 @@ from __future__ import annotations
 
 from imagesync.lab.clients import glance_client, session
 from imagesync.lab.control import default_dir, describe, down, info, status, up
-from imagesync.lab.state import LabCloud, LabInfo
+from imagesync.lab.state import LabCloud, LabInfo, LabVOSpace
 
 __all__ = [
     "LabCloud",
     "LabInfo",
+    "LabVOSpace",
     "default_dir",
     "describe",
     "down",

@@ -22,15 +22,18 @@ from typing import Any
 from imagesync.errors import LabError
 from imagesync.lab import glance, keystone, procs
 from imagesync.lab.state import (
+    VOSPACE_RESOURCE_ID,
     CloudState,
     LabInfo,
     LabState,
     ServiceState,
+    VOSpaceState,
     load_state,
     locked,
     save_state,
     write_client_files,
 )
+from imagesync.lab.vospace import service as vospace
 
 DIR_ENV = "IMAGESYNC_LAB_DIR"
 READY_TIMEOUT = 60.0
@@ -72,7 +75,10 @@ def _password() -> str:
 
 
 def up(
-    clouds: int = 2, directory: Path | None = None, token_expiration: int | None = None
+    clouds: int = 2,
+    directory: Path | None = None,
+    token_expiration: int | None = None,
+    vospace_store: bool | None = None,
 ) -> LabInfo:
     """Start the lab in ``directory`` (default: ``default_dir()``) with ``clouds`` clouds.
 
@@ -81,7 +87,10 @@ def up(
     clouds, but never shrinks (that would throw data away): asked for fewer clouds than it
     has, it starts and returns all of them. ``token_expiration`` (seconds) sets Keystone's
     token lifetime; None keeps the lab's current setting (Keystone's default, 3600 s, for a
-    new lab).
+    new lab). Beside the clouds runs one VOSpace service (``imagesync.lab.vospace``);
+    ``vospace_store=True`` makes it the generated imagesync.yaml's central store (the caller
+    says so when imagesync can build a VOSpace site: the lab does not look at the sites), False
+    keeps the directory store, None keeps the lab's current choice.
     """
     if clouds < 1:
         raise LabError("a lab needs at least one cloud")
@@ -97,7 +106,10 @@ def up(
         )
         if token_expiration is not None:
             state.token_expiration = token_expiration
+        if vospace_store is not None:
+            state.vospace_store = vospace_store
         _add_clouds(state, clouds)
+        _add_vospace(state)
         save_state(state)
         write_client_files(state)  # ports and passwords are known: clients may look already
         kind = _Start(tools, state, restart_keystone=restart_keystone).run()
@@ -122,6 +134,17 @@ def _add_clouds(state: LabState, count: int) -> None:
                 password=_password(),
             )
         )
+
+
+def _add_vospace(state: LabState) -> None:
+    if state.vospace is not None:
+        return
+    used = {p for c in state.clouds for p in (c.keystone.port, c.glance.port)}
+    state.vospace = VOSpaceState(port=_new_ports(1, used)[0], token=secrets.token_urlsafe(24))
+
+
+def _vospace_marker(state: LabState) -> str:
+    return str(vospace.pid_file(state.vospace_dir))
 
 
 class _Aborted(Exception):
@@ -166,6 +189,13 @@ class _Start:
                 clouds.submit(self._bring_up, c, jobs if c in cold else None)
                 for c in self.state.clouds
             ]
+            try:
+                self._bring_up_vospace()  # meanwhile, here: it starts in about a second
+            except _Aborted:
+                pass  # a cloud failed: its error is the one _raise_first reports
+            except BaseException:
+                self.failed.set()
+                raise
             for f in futures:
                 f.exception()  # wait (interruptible: Ctrl-C lands here)
             _raise_first(futures)
@@ -180,6 +210,9 @@ class _Start:
                 for svc in (c.keystone, c.glance):
                     if svc.pgid in self.started:
                         svc.pid = svc.pgid = None
+            v = self.state.vospace
+            if v is not None and v.pgid in self.started:
+                v.pid = v.pgid = None
             save_state(self.state)
             if isinstance(exc, OSError):
                 raise LabError(
@@ -191,6 +224,29 @@ class _Start:
             clouds.shutdown(wait=False)
         kinds = set(self.kinds.values())
         return "cold" if "cold" in kinds else "warm" if "warm" in kinds else "running"
+
+    def _bring_up_vospace(self) -> None:
+        v = self.state.vospace
+        assert v is not None
+        marker = _vospace_marker(self.state)
+        config = vospace.prepare(self.state.vospace_dir, v.port, v.token)
+        if procs.is_running(v.pid, marker):
+            self.kinds["vospace"] = "running"
+        else:
+            # a service of this lab that lab.json does not know of would hold the port
+            procs.stop_groups(procs.lab_processes(self.state.vospace_dir))
+            if not procs.port_is_free(v.port):
+                raise LabError(
+                    f"vospace's port {v.port} is taken by another program; stop it, or remove "
+                    "the lab directory for a fresh lab"
+                )
+            self.kinds["vospace"] = "warm"
+            pid = vospace.start(config, v.port)
+            with self._lock:
+                v.pid = v.pgid = pid
+                self.started[pid] = marker
+        self._check()
+        vospace.wait_ready(config, v.pid or 0, timeout=READY_TIMEOUT, abort=self._check)
 
     def _is_built(self, cloud: CloudState) -> bool:
         d = _cloud_dir(self.state, cloud)
@@ -345,6 +401,9 @@ def info(directory: Path | None = None) -> LabInfo | None:
 
 
 def _all_running(state: LabState) -> bool:
+    v = state.vospace
+    if v is None or not procs.is_running(v.pid, _vospace_marker(state)):
+        return False
     for c in state.clouds:
         k_marker, g_marker = _markers(state, c)
         if not (
@@ -379,6 +438,19 @@ def status(directory: Path | None = None) -> tuple[str, bool]:
             f"{'running' if k_up else 'STOPPED'}; glance {c.glance_url} pid "
             f"{c.glance.pid or '-'} {'running' if g_up else 'STOPPED'}; RSS {rss:.0f} MB"
         )
+    v = state.vospace
+    if v is None:
+        all_up = False
+        lines.append("  vospace: not set up yet (the next `imagesync lab up` adds it)")
+    else:
+        marker = _vospace_marker(state)
+        v_up = procs.is_running(v.pid, marker)
+        all_up = all_up and v_up
+        rss = procs.rss_mb(v.pgid, marker) if v_up else 0.0
+        lines.append(
+            f"  vospace: {v.url} ({VOSPACE_RESOURCE_ID}) pid {v.pid or '-'} "
+            f"{'running' if v_up else 'STOPPED'}; RSS {rss:.0f} MB"
+        )
     lines.append(f"  clouds.yaml: {state.clouds_yaml}")
     lines.append(f"  imagesync config: {state.config_file}")
     if not all_up:
@@ -402,12 +474,16 @@ def down(directory: Path | None = None) -> str:
                 for svc, marker in zip((c.keystone, c.glance), _markers(state, c), strict=True):
                     if svc.pgid is not None:
                         groups[svc.pgid] = marker
+            if state.vospace is not None and state.vospace.pgid is not None:
+                groups[state.vospace.pgid] = _vospace_marker(state)
         # Also whatever lab.json does not know of (an interrupted `up`, a lost lab.json).
         groups.update(procs.lab_processes(directory))
         count = procs.stop_groups(groups)
         if state is not None:
             for c in state.clouds:
                 c.keystone.pid = c.keystone.pgid = c.glance.pid = c.glance.pgid = None
+            if state.vospace is not None:
+                state.vospace.pid = state.vospace.pgid = None
             save_state(state)
     clouds = len(state.clouds) if state is not None else 0
     if count == 0:
@@ -439,6 +515,16 @@ def describe(info: LabInfo) -> str:
         f"  openstack --os-cloud {first} image list",
         f"  imagesync -c {info.config_file} config check --connect",
         f"  central store: {info.store_dir}",
+        *(
+            [
+                f"  vospace: {info.vospace.url}  container {info.vospace.container}  "
+                f"token in {info.vospace.token_file}",
+                f"    CADC's vos client: put `{info.vospace.registry_line}` in "
+                "~/.config/cadc-registry/resource-caps",
+            ]
+            if info.vospace
+            else []
+        ),
         f"stop it: imagesync lab down --dir {info.directory}  (data is kept: the next "
         "`up` is warm)",
     ]

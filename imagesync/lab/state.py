@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imagesync.config.types import VOSPACE_KEYS
 from imagesync.errors import LabError
+from imagesync.lab.vospace import service as vospace_service
 
 STATE_FILE = "lab.json"
 STATE_VERSION = 1
@@ -41,6 +43,30 @@ class LabCloud:
 
 
 @dataclass(frozen=True)
+class LabVOSpace:
+    """The lab's VOSpace service as a client sees it (see ``imagesync.lab.vospace``).
+
+    CADC's client finds it through a registry line ``resource_id = capabilities_url``; its
+    nodes are ``vos://{authority}/path`` (``~`` or ``!``). ``container`` is the vos:// URI of
+    the container the generated imagesync.yaml keeps images in; ``directory`` is the service's
+    own (``faults.json`` there switches its fault hooks).
+    """
+
+    url: str
+    capabilities_url: str
+    resource_id: str
+    authority: str
+    container: str
+    token: str
+    token_file: Path
+    directory: Path
+
+    @property
+    def registry_line(self) -> str:
+        return f"{self.resource_id} = {self.capabilities_url}"
+
+
+@dataclass(frozen=True)
 class LabInfo:
     """A lab. ``start_kind``: how ``up`` found it: "cold" (built), "warm" (restarted) or
     "running" (left alone); ``info()`` says "running" or "stopped"."""
@@ -52,6 +78,7 @@ class LabInfo:
     store_dir: Path
     start_seconds: float
     start_kind: str
+    vospace: LabVOSpace | None = None
 
     def cloud(self, name: str) -> LabCloud:
         for c in self.clouds:
@@ -112,6 +139,26 @@ class CloudState:
 
 
 @dataclass
+class VOSpaceState:
+    """The lab's VOSpace service, as persisted (its port, token and process)."""
+
+    port: int
+    token: str
+    pid: int | None = None
+    pgid: int | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+VOSPACE_DIR = "vospace"
+VOSPACE_AUTHORITY = vospace_service.AUTHORITY
+VOSPACE_RESOURCE_ID = "ivo://" + VOSPACE_AUTHORITY.replace("~", "/")
+VOSPACE_CONTAINER = vospace_service.CONTAINER
+
+
+@dataclass
 class LabState:
     """The whole lab, as persisted in DIRECTORY/lab.json."""
 
@@ -119,6 +166,9 @@ class LabState:
     clouds: list[CloudState] = field(default_factory=list)
     #: Keystone token lifetime in seconds; None = Keystone's default (3600)
     token_expiration: int | None = None
+    vospace: VOSpaceState | None = None
+    #: the generated imagesync.yaml's central store is the VOSpace service (else a directory)
+    vospace_store: bool = False
 
     @property
     def clouds_yaml(self) -> Path:
@@ -132,6 +182,29 @@ class LabState:
     def store_dir(self) -> Path:
         return self.directory / "store"
 
+    @property
+    def vospace_dir(self) -> Path:
+        return self.directory / VOSPACE_DIR
+
+    @property
+    def vospace_token_file(self) -> Path:
+        return self.vospace_dir / "token"
+
+    def vospace_info(self) -> LabVOSpace | None:
+        v = self.vospace
+        if v is None:
+            return None
+        return LabVOSpace(
+            url=v.url,
+            capabilities_url=f"{v.url}/capabilities",
+            resource_id=VOSPACE_RESOURCE_ID,
+            authority=VOSPACE_AUTHORITY,
+            container=f"vos://{VOSPACE_AUTHORITY}/{VOSPACE_CONTAINER}",
+            token=v.token,
+            token_file=self.vospace_token_file,
+            directory=self.vospace_dir,
+        )
+
     def info(self, start_seconds: float, start_kind: str) -> LabInfo:
         return LabInfo(
             directory=self.directory,
@@ -141,6 +214,7 @@ class LabState:
             store_dir=self.store_dir,
             start_seconds=start_seconds,
             start_kind=start_kind,
+            vospace=self.vospace_info(),
         )
 
 
@@ -179,8 +253,13 @@ def load_state(directory: Path) -> LabState | None:
             )
             for c in raw["clouds"]
         ]
+        vospace = raw.get("vospace")  # absent in labs made before the VOSpace service
         return LabState(
-            directory=directory, clouds=clouds, token_expiration=raw.get("token_expiration")
+            directory=directory,
+            clouds=clouds,
+            token_expiration=raw.get("token_expiration"),
+            vospace=VOSpaceState(**vospace) if vospace else None,
+            vospace_store=bool(raw.get("vospace_store", False)),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise LabError(
@@ -208,6 +287,15 @@ def save_state(state: LabState) -> None:
             }
             for c in state.clouds
         ],
+        "vospace": None
+        if state.vospace is None
+        else {
+            "port": state.vospace.port,
+            "token": state.vospace.token,
+            "pid": state.vospace.pid,
+            "pgid": state.vospace.pgid,
+        },
+        "vospace_store": state.vospace_store,
     }
     write_private(state.directory / STATE_FILE, json.dumps(raw, indent=2) + "\n")
 
@@ -264,7 +352,7 @@ def write_client_files(state: LabState) -> None:
         "clouds:",
         *[f"  {c.name}: {{cloud: {c.name}}}" for c in state.clouds],
         "stores:",
-        f"  archive: {{type: directory, path: {_q(state.store_dir)}}}",
+        *_store_entry(state),
         "images:",
         '  - name: "*"',
         "    clouds: all",
@@ -273,3 +361,32 @@ def write_client_files(state: LabState) -> None:
     write_private(state.config_file, "\n".join(config) + "\n")
     state.store_dir.mkdir(exist_ok=True)
     (d / "state").mkdir(exist_ok=True)
+    if state.vospace is not None:
+        state.vospace_dir.mkdir(exist_ok=True)
+        write_private(state.vospace_token_file, state.vospace.token + "\n")
+
+
+def _store_entry(state: LabState) -> list[str]:
+    """The central store ``archive``: the VOSpace service when the caller says imagesync can
+    build a VOSpace site (``up(vospace_store=True)``), else the directory."""
+    info = state.vospace_info()
+    if not state.vospace_store or info is None:
+        return [f"  archive: {{type: directory, path: {_q(state.store_dir)}}}"]
+    # The site's keys are its own (config.types.VOSPACE_KEYS): follow them rather than guess.
+    service = (
+        f"    capabilities: {_q(info.capabilities_url)}"
+        if "capabilities" in VOSPACE_KEYS
+        else f"    url: {_q(info.url)}"
+    )
+    token = (
+        f"    token_file: {_q(info.token_file)}"
+        if "token_file" in VOSPACE_KEYS
+        else f"    token: {_q(info.token)}"
+    )
+    return [
+        "  archive:",
+        "    type: vospace",
+        service,
+        f"    container: {_q(info.container)}",
+        token,
+    ]

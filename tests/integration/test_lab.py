@@ -24,6 +24,7 @@ from imagesync import cli
 from imagesync import lab as lab_mod
 from imagesync.errors import LabError
 from imagesync.lab import LabInfo, procs
+from imagesync.sites import store_kinds
 
 pytestmark = pytest.mark.integration
 
@@ -106,14 +107,21 @@ def test_the_client_files_are_what_clients_expect(lab: LabInfo) -> None:
     assert oct(lab.clouds_yaml.stat().st_mode & 0o777) == "0o600"
 
     config = yaml.safe_load(lab.config_file.read_text())
+    store = config.pop("stores")
     assert config == {
         "clouds_yaml": str(lab.clouds_yaml),
         "state_dir": str(lab.directory / "state"),
         "poll_interval": "30s",
         "clouds": {c.name: {"cloud": c.name} for c in lab.clouds},
-        "stores": {"archive": {"type": "directory", "path": str(lab.store_dir)}},
         "images": [{"name": "*", "clouds": "all", "store": "archive"}],
     }
+    # the central store is the lab's VOSpace service once imagesync builds VOSpace sites
+    if "vospace" in store_kinds():
+        assert lab.vospace is not None
+        assert store["archive"]["type"] == "vospace"
+        assert store["archive"]["container"] == lab.vospace.container
+    else:
+        assert store == {"archive": {"type": "directory", "path": str(lab.store_dir)}}
     assert lab.store_dir.is_dir()
 
 
