@@ -1,7 +1,8 @@
 """The sites every contract test runs against (rclone's fstests, APScheduler's parametrized
 datastores): one ``harness`` fixture, parametrized over every kind of site.
 
-``memory`` and ``directory`` need nothing and run in the fast unit run; ``glance`` is marked
+``memory``, ``directory`` and ``vospace-stub`` (the VOSpace site over a small in-test service)
+need nothing and run in the fast unit run; ``glance`` is marked
 ``integration`` and asks for the session's ``lab`` only when it runs (a new kind of site adds
 one factory here).
 """
@@ -80,15 +81,42 @@ def _glance(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
     )  # Glance's times are whole seconds
 
 
+def _vospace_stub(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
+    """The VOSpace site over the in-test stub service (``tests/vospacestub.py``)."""
+    from imagesync.config.types import VOSpaceConfig
+    from imagesync.sites.vospace import VOSpaceSite
+    from tests.vospacestub import StubNode, StubServer, StubVOSpace
+
+    service = StubVOSpace()
+    service.nodes["images"] = StubNode("ContainerNode", date="2024-01-01T00:00:00.000")
+    server = StubServer(service)
+    request.addfinalizer(server.close)
+
+    def site(caps: str) -> Site:
+        cfg = VOSpaceConfig(container="vos://example.org~store/images", capabilities_url=caps)
+        return VOSpaceSite("store", cfg, sleep=lambda s: None)
+
+    closed = f"http://127.0.0.1:{_closed_port()}/capabilities"
+    return Harness(
+        site=site(server.capabilities_url), broken=lambda: site(closed), settle=lambda: None
+    )
+
+
 FACTORIES: dict[str, Callable[[pytest.FixtureRequest, Path], Harness]] = {
     "memory": _memory,
     "directory": _directory,
     "glance": _glance,
+    "vospace-stub": _vospace_stub,
 }
 
 
 @pytest.fixture(
-    params=["memory", "directory", pytest.param("glance", marks=pytest.mark.integration)]
+    params=[
+        "memory",
+        "directory",
+        "vospace-stub",
+        pytest.param("glance", marks=pytest.mark.integration),
+    ]
 )
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
     h = FACTORIES[request.param](request, tmp_path)
