@@ -46,9 +46,9 @@ class StubFaults:
     unavailable: int = 0  # answer this many requests 503 with Retry-After
     retry_after: str = "0"
     wrong_digest: bool = False  # answer uploads with a Digest of other bytes
+    flip_upload: bool = False  # a byte of an upload arrives flipped (damaged on the way)
     cut_read_after: int | None = None  # close a data GET after this many bytes …
     cut_reads: int = 0  # … this many times
-    flip_stored: bool = False  # store an upload with one byte flipped
 
 
 def _now() -> str:
@@ -121,9 +121,9 @@ class StubVOSpace:
                 b"busy",
                 [("Retry-After", self.faults.retry_after)],
             )
-        if self.token is not None and path != "/capabilities":
-            if environ.get("HTTP_AUTHORIZATION") != f"Bearer {self.token}":
-                return self._answer(start, "401 Unauthorized", b"NotAuthenticated")
+        authorized = environ.get("HTTP_AUTHORIZATION") == f"Bearer {self.token}"
+        if self.token is not None and path != "/capabilities" and not authorized:
+            return self._answer(start, "401 Unauthorized", b"NotAuthenticated")
         length = int(environ.get("CONTENT_LENGTH") or 0)
         body_in = environ["wsgi.input"]
         if path == "/capabilities":
@@ -195,11 +195,30 @@ class StubVOSpace:
     def _details(self, target: str, direction: str) -> bytes:
         proto = "httpput" if direction == "pushToVoSpace" else "httpget"
         return (
-            f'<vos:transfer xmlns:vos="{VOS}" version="2.1"><vos:target>{self._uri(target)}</vos:target>'
+            f'<vos:transfer xmlns:vos="{VOS}" version="2.1">'
+            f"<vos:target>{self._uri(target)}</vos:target>"
             f"<vos:direction>{direction}</vos:direction>"
             f'<vos:protocol uri="{CORE}{proto}"><vos:endpoint>{self.base}/data/{quote(target)}'
             "</vos:endpoint></vos:protocol></vos:transfer>"
         ).encode()
+
+    def _get_node(
+        self, path: str, query: dict[str, list[str]], start: StartResponse
+    ) -> list[bytes]:
+        if path not in self.nodes:
+            return self._answer(start, "404 Not Found", b"NodeNotFound " + path.encode())
+        elem = self._node_elem(path)
+        if self.nodes[path].kind == "ContainerNode":
+            kids = self._children(path)
+            if "uri" in query:
+                first = self._path_of_uri(query["uri"][0])
+                kids = [k for k in kids if k >= first]
+            if "limit" in query:
+                kids = kids[: int(query["limit"][0])]
+            holder = ET.SubElement(elem, f"{{{VOS}}}nodes")
+            for k in kids:
+                self._node_elem(k, holder)
+        return self._answer(start, "200 OK", ET.tostring(elem), [("Content-Type", "text/xml")])
 
     def _nodes(
         self,
@@ -212,22 +231,7 @@ class StubVOSpace:
     ) -> list[bytes]:
         with self._lock:
             if method == "GET":
-                if path not in self.nodes:
-                    return self._answer(start, "404 Not Found", b"NodeNotFound " + path.encode())
-                elem = self._node_elem(path)
-                if self.nodes[path].kind == "ContainerNode":
-                    kids = self._children(path)
-                    if "uri" in query:
-                        first = self._path_of_uri(query["uri"][0])
-                        kids = [k for k in kids if k >= first]
-                    if "limit" in query:
-                        kids = kids[: int(query["limit"][0])]
-                    holder = ET.SubElement(elem, f"{{{VOS}}}nodes")
-                    for k in kids:
-                        self._node_elem(k, holder)
-                return self._answer(
-                    start, "200 OK", ET.tostring(elem), [("Content-Type", "text/xml")]
-                )
+                return self._get_node(path, query, start)
             if method == "PUT":
                 doc = ET.fromstring(body_in.read(length))
                 parent = path.rsplit("/", 1)[0] if "/" in path else ""
@@ -322,26 +326,26 @@ class StubVOSpace:
                     break
                 data.extend(piece)
                 left -= len(piece)
-            digest = _digest(data + b"x" if self.faults.wrong_digest else data)
-            if self.faults.flip_stored and data:
+            if self.faults.flip_upload and data:
                 data[len(data) // 2] ^= 1
+            digest = _digest(data + b"x" if self.faults.wrong_digest else data)
             node.data = data
             node.date = _now()
             return self._answer(start, "201 Created", b"", [("Digest", digest)])
-        data = bytes(node.data)
+        body = bytes(node.data)
         m = re.fullmatch(r"bytes=(\d+)-", environ.get("HTTP_RANGE", ""))
         offset = int(m.group(1)) if m else 0
         status = "206 Partial Content" if m else "200 OK"
         headers = [
-            ("Content-Length", str(len(data) - offset)),
-            ("Digest", _digest(data)),
+            ("Content-Length", str(len(body) - offset)),
+            ("Digest", _digest(body)),
             ("Accept-Ranges", "bytes"),
             ("Content-Disposition", f'inline; filename="{path.rsplit("/", 1)[-1]}"'),
         ]
         if m:
-            headers.append(("Content-Range", f"bytes {offset}-{len(data) - 1}/{len(data)}"))
+            headers.append(("Content-Range", f"bytes {offset}-{len(body) - 1}/{len(body)}"))
         start(status, headers)
-        return self._body(data[offset:])
+        return self._body(body[offset:])
 
     def _body(self, data: bytes) -> Iterator[bytes]:
         f = self.faults

@@ -51,8 +51,10 @@ def _vospace(v: VOSpaceConfig) -> dict[str, Any]:
     body: dict[str, Any] = {"container": v.container}
     if v.capabilities_url is not None:
         body["url"] = v.capabilities_url
-    else:
-        body.update(resource_id=v.authority_resource_id, registry=v.registry)
+    else:  # the resource ID (the container's unless given) is looked up in the registry
+        if v.resource_id is not None:
+            body["resource_id"] = v.resource_id
+        body["registry"] = v.registry
     # the token's file is named, never its contents
     for key, path in (("token_file", v.token_file), ("certificate", v.certificate)):
         if path is not None:

@@ -348,11 +348,11 @@ class VOSpaceSite:
         if not retry:
             return once()
         try:
-            return call_with_retry(once, self.policy, what=f"{self.name}: {what}", sleep=self.sleep)
+            return call_with_retry(once, self.policy, what=what, sleep=self.sleep)
         except TransientError as exc:
-            if exc.site:
-                raise
-            raise TransientError(str(exc), site=self.name) from exc
+            # keep the service's last Retry-After: the caller's own retry honours it
+            last = exc.__cause__ if isinstance(exc.__cause__, TransientError) else exc
+            raise TransientError(str(exc), site=self.name, retry_after=last.retry_after) from exc
 
     # -- the service ------------------------------------------------------------------------
     def service(self) -> Service:
@@ -426,12 +426,14 @@ class VOSpaceSite:
         seen: set[str] = set()
         start: str | None = None
         while True:
-            page = self.node(path, what, limit=PAGE, start=start).children
+            # a later page starts with the previous one's last child: ask for one more
+            limit = PAGE if start is None else PAGE + 1
+            page = self.node(path, what, limit=limit, start=start).children
             fresh = [c for c in page if c.uri not in seen]
             for child in fresh:
                 seen.add(child.uri)
                 yield child
-            if not fresh or len(page) < PAGE:
+            if not fresh or len(page) < limit:
                 return
             start = page[-1].uri
 
@@ -798,7 +800,12 @@ class VOSpaceSite:
         deadline = time.monotonic() + max(self.cfg.timeout, 30.0)
         delay = 0.05
         while True:
-            phase = self._call("GET", job + "/phase", f"{what}: move").text.strip().upper()
+            phase = (
+                self._call("GET", job + "/phase", f"{what}: move")
+                .content.decode("utf-8", "replace")
+                .strip()
+                .upper()
+            )
             if phase == "COMPLETED":
                 return
             if phase in ("ERROR", "ABORTED"):
