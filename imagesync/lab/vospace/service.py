@@ -1,0 +1,294 @@
+"""Running the lab VOSpace service: its files, its TLS material, uwsgi, readiness.
+
+The service runs like the lab's Keystone and Glance: uwsgi in its own process group, with a
+``--pidfile`` inside its directory (how ``lab down`` finds it). Plain http with a bearer token
+is the default; ``tls=True`` serves https with a server certificate from a CA generated here,
+and accepts client certificates signed by that CA (``tls/client.pem``: certificate and key in
+one PEM, like CADC's ``~/.ssl/cadcproxy.pem``) as an alternative to the token.
+
+Layout of DIRECTORY (the service's directory, ``LAB/vospace`` in a lab)::
+
+    service.json   how the app runs (base URL, authority, token: mode 0600)
+    data/          nodes.sqlite and blobs/ (the nodes and their bytes)
+    faults.json    fault rules, re-read on every request (see faults.py)
+    tls/           ca.pem, server.pem, server-key.pem, client.pem (only with tls=True)
+    vospace.log, run/vospace.pid
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import ipaddress
+import ssl
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from imagesync.errors import LabError
+from imagesync.lab import procs
+from imagesync.lab.vospace.app import CONFIG_ENV, ServiceConfig
+from imagesync.lab.vospace.storage import Exists, Store
+
+WSGI_FILE = Path(__file__).with_name("wsgi.py")
+AUTHORITY = "imagesync.lab~store"
+CONTAINER = "images"  # the container the lab's imagesync store keeps its images in
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_pem: Path  # client certificate and key in one file
+
+
+def log_file(directory: Path) -> Path:
+    return directory / "vospace.log"
+
+
+def pid_file(directory: Path) -> Path:
+    return directory / "run" / "vospace.pid"
+
+
+def tls_files(directory: Path) -> TLSFiles:
+    t = directory / "tls"
+    return TLSFiles(t / "ca.pem", t / "server.pem", t / "server-key.pem", t / "client.pem")
+
+
+def prepare(
+    directory: Path,
+    port: int,
+    token: str | None,
+    *,
+    tls: bool = False,
+    auth_required: bool = True,
+    container: str | None = CONTAINER,
+) -> ServiceConfig:
+    """Write the service's configuration (and TLS material), create its root container."""
+    (directory / "run").mkdir(parents=True, exist_ok=True)
+    scheme = "https" if tls else "http"
+    config = ServiceConfig(
+        directory=directory,
+        base_url=f"{scheme}://{procs.LOOPBACK}:{port}",
+        authority=AUTHORITY,
+        token=token,
+        auth_required=auth_required,
+        client_certs=tls,
+    )
+    config.save()
+    if tls and not tls_files(directory).client_pem.is_file():
+        make_tls(directory)
+    if container:
+        store = Store(directory / "data")
+        if store.get(container) is None:
+            with contextlib.suppress(Exists):  # another process just made it
+                store.create(container, "ContainerNode", {})
+    return config
+
+
+def start(config: ServiceConfig, port: int) -> int:
+    """Start uwsgi serving the app on loopback ``port``; returns its pid (= its pgid)."""
+    uwsgi = procs.find_executable("uwsgi")
+    if uwsgi is None:
+        raise LabError(f"{procs.EXTRA_MISSING} (not found: uwsgi)")
+    d = config.directory
+    if config.base_url.startswith("https:"):
+        t = tls_files(d)
+        # no "!" before the CA: a client certificate is verified when presented, not required
+        # (token clients use the same socket)
+        socket = [
+            "--https-socket",
+            f"{procs.LOOPBACK}:{port},{t.server_cert},{t.server_key},HIGH,{t.ca}",
+        ]
+    else:
+        # keep-alive, as CADC's client and requests expect; chunked uploads readable in raw mode
+        socket = [
+            "--http11-socket",
+            f"{procs.LOOPBACK}:{port}",
+            "--http-chunked-input",
+        ]
+    argv: list[str | Path] = [
+        uwsgi,
+        *socket,
+        "--wsgi-file",
+        WSGI_FILE,
+        "--master",
+        "--processes",
+        "1",
+        "--threads",
+        "8",
+        "--lazy-apps",
+        "--die-on-term",
+        "--need-app",
+        "--buffer-size",
+        "65535",
+        "--http-timeout",
+        "600",
+        "--virtualenv",
+        Path(sys.prefix),
+        "--pidfile",
+        pid_file(d),
+    ]
+    return procs.start_service(argv, log_file(d), {CONFIG_ENV: str(d / "service.json")})
+
+
+def wait_ready(
+    config: ServiceConfig,
+    pid: int,
+    timeout: float = 60.0,
+    abort: Callable[[], None] | None = None,
+) -> None:
+    url = f"{config.base_url}/availability"
+    if url.startswith("https:"):
+        _wait_https(config, pid, url, timeout)
+        return
+    procs.wait_http(
+        url,
+        pid=pid,
+        marker=str(pid_file(config.directory)),
+        log=log_file(config.directory),
+        what="vospace",
+        timeout=timeout,
+        abort=abort,
+    )
+
+
+def _wait_https(config: ServiceConfig, pid: int, url: str, timeout: float) -> None:
+    import time
+
+    ctx = ssl.create_default_context(cafile=str(tls_files(config.directory).ca))
+    marker = str(pid_file(config.directory))
+    start = time.monotonic()
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2.0, context=ctx) as resp:
+                if resp.status == 200:
+                    return
+        except urllib.error.HTTPError:
+            pass
+        except OSError:
+            pass
+        if not procs.is_running(pid, marker):
+            raise procs.failure("vospace exited while starting", log_file(config.directory))
+        if time.monotonic() - start > timeout:
+            raise procs.failure(
+                f"vospace did not answer {url} within {timeout:.0f} s", log_file(config.directory)
+            )
+        time.sleep(0.1)
+
+
+def registry_line(config: ServiceConfig) -> str:
+    """The line for CADC's ``~/.config/cadc-registry/resource-caps``."""
+    return f"{config.resource_id} = {config.base_url}/capabilities"
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def make_tls(directory: Path) -> TLSFiles:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    files = tls_files(directory)
+    files.ca.parent.mkdir(parents=True, exist_ok=True)
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    until = now + dt.timedelta(days=3650)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "imagesync lab"),
+                x509.NameAttribute(NameOID.COMMON_NAME, cn),
+            ]
+        )
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = name("imagesync lab VOSpace CA")
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(until)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def leaf(cn: str, server: bool) -> tuple[bytes, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(until)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+            )
+        )
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [
+                        x509.IPAddress(ipaddress.ip_address(procs.LOOPBACK)),
+                        x509.DNSName("localhost"),
+                    ]
+                ),
+                critical=False,
+            )
+        cert = builder.sign(ca_key, hashes.SHA256())
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+        return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+    server_cert, server_key = leaf("127.0.0.1", server=True)
+    client_cert, client_key = leaf("imagesync-lab-user", server=False)
+    files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files.server_cert.write_bytes(server_cert)
+    _write_private(files.server_key, server_key)
+    _write_private(files.client_pem, client_cert + client_key)
+    return files
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    import os
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
