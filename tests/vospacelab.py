@@ -16,6 +16,7 @@ from pathlib import Path
 from imagesync.config.types import VOSpaceConfig
 from imagesync.lab import procs
 from imagesync.lab.vospace import ServiceConfig, service
+from tests.faultproxy import VOSPACE_DATA, FaultProxy
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,8 @@ class RunningVOSpace:
     config: ServiceConfig
     port: int
     token_file: Path
+    #: in front of the service when asked for: every URL the service gives goes through it
+    proxy: FaultProxy | None = None
 
     @property
     def directory(self) -> Path:
@@ -49,18 +52,25 @@ class RunningVOSpace:
 
 
 @contextmanager
-def running_service(directory: Path) -> Iterator[RunningVOSpace]:
-    """A lab VOSpace service on a free loopback port, token auth, until the block ends."""
+def running_service(directory: Path, *, proxied: bool = False) -> Iterator[RunningVOSpace]:
+    """A lab VOSpace service on a free loopback port, token auth, until the block ends.
+
+    ``proxied``: a fault proxy in front of it, and the service told that the proxy's address
+    is its own, so that its capabilities and transfer endpoints all lead through the proxy.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(16)
     token_file = directory / "token"
     token_file.write_text(token + "\n")
     token_file.chmod(0o600)
     (port,) = procs.free_ports(1)
-    config = service.prepare(directory / "service", port, token)
+    proxy = FaultProxy(port, VOSPACE_DATA) if proxied else None
+    config = service.prepare(directory / "service", proxy.port if proxy else port, token)
     pid = service.start(config, port)
     try:
         service.wait_ready(config, pid)
-        yield RunningVOSpace(config, port, token_file)
+        yield RunningVOSpace(config, port, token_file, proxy)
     finally:
+        if proxy is not None:
+            proxy.close()
         procs.stop_groups({pid: str(service.pid_file(config.directory))})
