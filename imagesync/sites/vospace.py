@@ -273,6 +273,11 @@ class VOSpaceWriter:
 # --------------------------------------------------------------------------- the site
 
 
+#: a busy VOSpace service answers 503 with Retry-After for a while: up to 6 retries of a
+#: request, as CADC's own clients make, so that a burst delays a pass instead of failing it
+SERVICE_RETRIES = RetryPolicy(attempts=7)
+
+
 class VOSpaceSite:
     """A Site over one container of a VOSpace 2.1 service (core protocol + hiding)."""
 
@@ -288,7 +293,7 @@ class VOSpaceSite:
     ) -> None:
         self.name = name
         self.cfg = cfg
-        self.policy = policy or RetryPolicy()
+        self.policy = policy or SERVICE_RETRIES
         self.sleep = sleep
         self.container = cfg.container  # vos://authority~service/path
         self.root = "/" + self.container.removeprefix("vos://").split("/", 1)[1]

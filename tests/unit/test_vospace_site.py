@@ -82,6 +82,16 @@ def test_a_503_storm_is_waited_out_as_its_retry_after_says(
     assert sleeps == [7.0, 7.0]  # the server's hint, not our backoff
 
 
+def test_a_burst_longer_than_the_shared_policy_is_still_waited_out(
+    service: StubVOSpace, server: StubServer
+) -> None:
+    sleeps = Sleeps()
+    site = make_site(server, sleeps)
+    service.faults.unavailable, service.faults.retry_after = 6, "1"  # as CADC's clients wait
+    assert site.list_images() == []
+    assert sleeps == [1.0] * 6
+
+
 def test_a_503_that_outlasts_the_retries_is_transient_with_the_hint(
     service: StubVOSpace, server: StubServer
 ) -> None:
