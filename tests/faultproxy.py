@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 _FILE = re.compile(rb"^(PUT|GET) /v2/images/[0-9a-f-]+/file ")
+#: the data endpoints of the lab's VOSpace service (``/data/…``, the ``/files/…`` shortcut)
+VOSPACE_DATA = re.compile(rb"^(PUT|GET) /(?:data|files)/\S+ ")
 
 
 @dataclass
@@ -79,13 +81,13 @@ class _Conn:
                 if to_server:
                     with self.lock:
                         self.requests.append(first)
-                    match = _FILE.match(first)
+                    match = self.proxy.data_path.match(first)
                     kind = (match.group(1).decode() + "-up") if match else ""
                     req = first
                 else:
                     with self.lock:
                         req = self.requests.pop(0) if self.requests else b""
-                    match = _FILE.match(req)
+                    match = self.proxy.data_path.match(req)
                     kind = "GET-down" if match and match.group(1) == b"GET" else ""
                 dst.sendall(head)
                 if not to_server and req.startswith(b"HEAD "):
@@ -177,8 +179,10 @@ class _Conn:
 class FaultProxy:
     """Listen on a free loopback port; forward to ``upstream_port`` with ``plan``'s faults."""
 
-    def __init__(self, upstream_port: int) -> None:
+    def __init__(self, upstream_port: int, data_path: re.Pattern[bytes] = _FILE) -> None:
         self.upstream_port = upstream_port
+        #: which requests carry image data (group 1: the method): Glance's by default
+        self.data_path = data_path
         self.plan = FaultPlan()
         self.port = 0  # chosen by the first start(), kept by the next ones
         self._sock: socket.socket | None = None

@@ -18,13 +18,14 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypedDict, cast
 
 from imagesync.config.document import Document, index, join, read_document, suggest
 from imagesync.config.rules import parse_rules
 from imagesync.config.types import (
+    CADC_REGISTRY,
     CHECK_MAX_AGE_RANGE,
     CLOUD_KEYS,
     CONFIG_ENV,
@@ -50,6 +51,7 @@ from imagesync.config.types import (
     CloudConfig,
     Config,
     StoreConfig,
+    VOSpaceConfig,
     describe,
     format_duration,
     listens_on_loopback,
@@ -326,31 +328,101 @@ def _from_clouds_yaml(doc: Document, spec: _CloudSpec, clouds: CloudsYaml) -> Cl
 # --------------------------------------------------------------------------- stores
 
 
+_VOS_CONTAINER = re.compile(r"vos://([A-Za-z0-9.\-_]+)[~!]([A-Za-z0-9.\-_~]+)(/[^?#]*)?")
+_IVO = re.compile(r"ivo://[A-Za-z0-9.\-_]+/[A-Za-z0-9.\-_~/]+")
+_CONTAINER_EXAMPLE = "vos://cadc.nrc.ca~vault/canfar/images"
+
+
+def _vos_container(doc: Document, value: object, key: str) -> str:
+    """``vos://authority~service/path`` (``!`` accepted), normalised to ``~``, no trailing /."""
+    text = doc.string(value, key, f"a vos:// URI like {_CONTAINER_EXAMPLE}")
+    m = _VOS_CONTAINER.fullmatch(text)
+    if not m or not (m.group(3) or "").strip("/"):
+        doc.fail(
+            key,
+            f"{text!r} is not a container URI: write vos://AUTHORITY~SERVICE/PATH, like "
+            f"{_CONTAINER_EXAMPLE} (a path under the service's root is needed)",
+        )
+    path = "/" + "/".join(p for p in m.group(3).split("/") if p)
+    if any(p in (".", "..") for p in path.split("/")):
+        doc.fail(key, f"{text!r}: '.' and '..' are not allowed in the container's path")
+    return f"vos://{m.group(1)}~{m.group(2)}{path}"
+
+
+def _existing_file(doc: Document, value: object, key: str, what: str) -> Path:
+    path = doc.path(value, key)
+    if not path.is_file():
+        doc.fail(key, f"{path} is not a file: {what}")
+    return path
+
+
 def _parse_vospace(
     doc: Document, name: str, body: Mapping[str, Any], key: str, max_transfers: int
 ) -> StoreConfig:
-    doc.known_keys(body, key, VOSPACE_KEYS)
-    ukey = join(key, "url")
-    if "url" not in body:
-        doc.fail(ukey, f"missing: add it (the service's base URL, like {_VOSPACE_EXAMPLE})")
-    url = doc.url(body["url"], ukey, _VOSPACE_EXAMPLE)
-    options: dict[str, Any] = {}
-    for opt in ("container", "token"):
-        if opt in body:
-            options[opt] = doc.string(body[opt], join(key, opt))
-    if "certificate" in body:
-        cert = doc.path(body["certificate"], join(key, "certificate"))
-        options["certificate"] = str(cert)
-    if "verify" in body:
-        options["verify"] = doc.verify(body["verify"], join(key, "verify"))
-    if "timeout" in body:
-        options["timeout"] = doc.duration(
-            body["timeout"], join(key, "timeout"), within=TIMEOUT_RANGE
+    if "token" in body:
+        doc.fail(
+            join(key, "token"),
+            "a token is not written in the configuration: put it in a file readable only by "
+            "imagesync and name that file with token_file: (it is re-read, so it can be rotated)",
         )
-    register_secret(options.get("token"))
-    return StoreConfig(
-        name=name, type="vospace", url=url.rstrip("/"), max_transfers=max_transfers, options=options
+    doc.known_keys(body, key, VOSPACE_KEYS)
+    ckey = join(key, "container")
+    if "container" not in body:
+        doc.fail(
+            ckey, f"missing: add it (the container holding the images, like {_CONTAINER_EXAMPLE})"
+        )
+    container = _vos_container(doc, body["container"], ckey)
+    caps: str | None = None
+    if body.get("url") is not None:
+        # a capabilities URL, or the service's base URL (VOSI puts capabilities under it)
+        caps = doc.url(body["url"], join(key, "url"), _VOSPACE_EXAMPLE).rstrip("/")
+        if not caps.endswith("/capabilities"):
+            caps += "/capabilities"
+    resource_id: str | None = None
+    if body.get("resource_id") is not None:
+        rkey = join(key, "resource_id")
+        resource_id = doc.string(body["resource_id"], rkey, "an ivo:// resource ID")
+        if not _IVO.fullmatch(resource_id):
+            doc.fail(rkey, f"{resource_id!r} is not a resource ID: write ivo://AUTHORITY/SERVICE")
+        if caps is not None:
+            doc.fail(rkey, "give the service by url: or by resource_id:, not both")
+    registry = CADC_REGISTRY
+    if body.get("registry") is not None:
+        gkey = join(key, "registry")
+        text = doc.string(body["registry"], gkey, "a URL or a file")
+        registry = text if "://" in text else str(_existing_file(doc, text, gkey, "fix the path"))
+        if "://" in text:
+            registry = doc.url(text, gkey, CADC_REGISTRY)
+    token_file = certificate = None
+    if body.get("token_file") is not None:
+        token_file = _existing_file(
+            doc, body["token_file"], join(key, "token_file"), "write the bearer token into it"
+        )
+    if body.get("certificate") is not None:
+        certificate = _existing_file(
+            doc,
+            body["certificate"],
+            join(key, "certificate"),
+            "point it at a proxy certificate (certificate and key in one PEM)",
+        )
+    if token_file is not None and certificate is not None:
+        doc.fail(key, "has both token_file: and certificate: keep one")
+    vospace = VOSpaceConfig(
+        container=container,
+        capabilities_url=caps,
+        resource_id=resource_id,
+        registry=registry,
+        token_file=token_file,
+        certificate=certificate,
     )
+    if "verify" in body:
+        vospace = replace(vospace, verify=doc.verify(body["verify"], join(key, "verify")))
+    if "timeout" in body:
+        vospace = replace(
+            vospace,
+            timeout=doc.duration(body["timeout"], join(key, "timeout"), within=TIMEOUT_RANGE),
+        )
+    return StoreConfig(name=name, type="vospace", max_transfers=max_transfers, vospace=vospace)
 
 
 def _parse_store(doc: Document, name: str, raw: object, key: str) -> StoreConfig:

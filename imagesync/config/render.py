@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from imagesync.config.types import Config, format_duration
+from imagesync.config.types import Config, VOSpaceConfig, format_duration
 from imagesync.secrets import mask
 
 
@@ -49,15 +49,30 @@ def _clouds(config: Config) -> dict[str, Any]:
     return clouds
 
 
+def _vospace(v: VOSpaceConfig) -> dict[str, Any]:
+    body: dict[str, Any] = {"container": v.container}
+    if v.capabilities_url is not None:
+        body["url"] = v.capabilities_url
+    else:  # the resource ID (the container's unless given) is looked up in the registry
+        if v.resource_id is not None:
+            body["resource_id"] = v.resource_id
+        body["registry"] = v.registry
+    # the token's file is named, never its contents
+    for key, path in (("token_file", v.token_file), ("certificate", v.certificate)):
+        if path is not None:
+            body[key] = str(path)
+    body.update(verify=v.verify, timeout=format_duration(v.timeout))
+    return body
+
+
 def _stores(config: Config) -> dict[str, Any]:
     stores: dict[str, Any] = {}
     for s in config.stores.values():
         body: dict[str, Any] = {"type": s.type}
         if s.path is not None:
             body["path"] = str(s.path)
-        if s.url is not None:
-            body["url"] = s.url
-        body.update(s.options)
+        if s.vospace is not None:
+            body.update(_vospace(s.vospace))
         body["max_transfers"] = s.max_transfers
         stores[s.name] = body
     return stores

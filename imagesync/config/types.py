@@ -11,7 +11,7 @@ import ipaddress
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
@@ -51,16 +51,50 @@ class CloudConfig:
     trusted_owners: tuple[str, ...] = ()
 
 
+#: where CADC clients look up a VOSpace resource ID (``ivo://authority/service``): a list of
+#: ``resourceID = capabilitiesURL`` lines
+CADC_REGISTRY = "https://ws.cadc-ccda.hia-iha.nrc-cnrc.gc.ca/reg/resource-caps"
+
+
+@dataclass(frozen=True)
+class VOSpaceConfig:
+    """A VOSpace 2.1 service and the container in it that holds the images.
+
+    The service is found as CADC's clients find it: by its VOSI capabilities URL when given,
+    otherwise by looking its resource ID up in a registry (``resourceID = URL`` lines). The
+    resource ID defaults to the container's (``vos://cadc.nrc.ca~vault/x`` → ``ivo://cadc.nrc.ca/vault``).
+    """
+
+    #: ``vos://authority~service/path`` (``!`` written as ``~``), no trailing slash
+    container: str
+    capabilities_url: str | None = None
+    resource_id: str | None = None
+    registry: str = CADC_REGISTRY
+    #: a file holding a bearer token; re-read when it changes, so it can be rotated
+    token_file: Path | None = None
+    #: an X.509 proxy certificate: certificate and key in one PEM (``~/.ssl/cadcproxy.pem``)
+    certificate: Path | None = None
+    verify: bool | str = True  # TLS verify, or a CA bundle path
+    timeout: float = 60.0  # seconds, per HTTP request (not per transfer)
+
+    @property
+    def authority_resource_id(self) -> str:
+        """The resource ID to look up: the one given, else the container's."""
+        if self.resource_id:
+            return self.resource_id
+        authority = self.container.removeprefix("vos://").split("/", 1)[0]
+        return "ivo://" + authority.replace("~", "/", 1)
+
+
 @dataclass(frozen=True)
 class StoreConfig:
-    """A central store: a directory (local/NFS) or, later, VOSpace."""
+    """A central store: a directory (local/NFS) or a VOSpace service."""
 
     name: str
     type: Literal["directory", "vospace"]
     path: Path | None = None  # directory stores
-    url: str | None = None  # vospace: base URL of the service
     max_transfers: int = 2
-    options: Mapping[str, Any] = field(default_factory=dict)
+    vospace: VOSpaceConfig | None = None  # vospace stores
 
 
 @dataclass(frozen=True)
@@ -150,14 +184,17 @@ CLOUD_COMMON_KEYS = (
 CLOUD_KEYS = ("cloud", "auth", "auth_type", *CLOUD_COMMON_KEYS)
 STORE_TYPES = ("directory", "vospace")
 DIRECTORY_KEYS = ("type", "path", "max_transfers")
-#: vospace: ``container`` is the node holding the images (vos://… URI or a path under /nodes);
-#: ``certificate`` a PEM proxy certificate; ``token`` a bearer token (a secret)
+#: vospace: ``container`` is the node holding the images (``vos://authority~service/path``);
+#: the service is ``url`` (its capabilities URL, or its base URL) or ``resource_id`` looked up
+#: in ``registry``; ``certificate`` a PEM proxy certificate, ``token_file`` a bearer token's file
 VOSPACE_KEYS = (
     "type",
     "url",
+    "resource_id",
+    "registry",
     "container",
     "certificate",
-    "token",
+    "token_file",
     "verify",
     "timeout",
     "max_transfers",

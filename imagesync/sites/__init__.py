@@ -2,8 +2,8 @@
 
 :data:`KINDS` is the registry of the kinds of site imagesync can build, and :func:`open_site`
 builds from it: the one place that knows which class serves which kind. A cloud is a Glance
-site; a store's ``type:`` names its kind, and :func:`store_kinds` is the set the configuration
-may accept (a kind that is not built here, such as ``vospace`` today, is not in it). The
+site; a store's ``type:`` names its kind (``directory``, ``vospace``), and :func:`store_kinds`
+is the set the configuration may accept (a kind that is not built here is not in it). The
 in-memory site (``sites.memory``) is for tests and is injected, never configured.
 """
 
@@ -39,6 +39,17 @@ def _glance(config: Config, name: str) -> Site:
     return GlanceSite(config.clouds[name])
 
 
+def _vospace(config: Config, name: str) -> Site:
+    from imagesync.sites.vospace import VOSpaceSite
+
+    store = config.stores[name]
+    if store.vospace is None:  # the config loader requires it; a hand-built Config may not
+        raise ConfigError(
+            "a vospace store needs a container", file=_file(config), key=f"stores.{name}.container"
+        )
+    return VOSpaceSite(name, store.vospace)
+
+
 def _directory(config: Config, name: str) -> Site:
     from imagesync.sites.directory import DirectorySite
 
@@ -55,6 +66,7 @@ KINDS: Mapping[str, Kind] = MappingProxyType(
     {
         "glance": Kind("glance", "clouds", _glance),
         "directory": Kind("directory", "stores", _directory),
+        "vospace": Kind("vospace", "stores", _vospace),
     }
 )
 

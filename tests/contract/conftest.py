@@ -1,8 +1,10 @@
 """The sites every contract test runs against (rclone's fstests, APScheduler's parametrized
 datastores): one ``harness`` fixture, parametrized over every kind of site.
 
-``memory`` and ``directory`` need nothing and run in the fast unit run; ``glance`` is marked
-``integration`` and asks for the session's ``lab`` only when it runs (a new kind of site adds
+``memory``, ``directory`` and ``vospace-stub`` (the VOSpace site over a small in-test service)
+need nothing and run in the fast unit run; ``glance`` is marked
+``integration`` and asks for the session's ``lab`` only when it runs (``vospace``: the lab's
+VOSpace service) (a new kind of site adds
 one factory here).
 """
 
@@ -14,12 +16,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from imagesync.sites.base import Site
 from imagesync.sites.directory import DirectorySite
 from imagesync.sites.memory import Faults, memory_site
+
+if TYPE_CHECKING:
+    from tests.vospacelab import RunningVOSpace
 
 
 @dataclass
@@ -80,15 +86,68 @@ def _glance(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
     )  # Glance's times are whole seconds
 
 
+def _vospace_stub(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
+    """The VOSpace site over the in-test stub service (``tests/vospacestub.py``)."""
+    from imagesync.config.types import VOSpaceConfig
+    from imagesync.sites.vospace import VOSpaceSite
+    from tests.vospacestub import StubNode, StubServer, StubVOSpace
+
+    service = StubVOSpace()
+    service.nodes["images"] = StubNode("ContainerNode", date="2024-01-01T00:00:00.000")
+    server = StubServer(service)
+    request.addfinalizer(server.close)
+
+    def site(caps: str) -> Site:
+        cfg = VOSpaceConfig(container="vos://example.org~store/images", capabilities_url=caps)
+        return VOSpaceSite("store", cfg, sleep=lambda s: None)
+
+    closed = f"http://127.0.0.1:{_closed_port()}/capabilities"
+    return Harness(
+        site=site(server.capabilities_url), broken=lambda: site(closed), settle=lambda: None
+    )
+
+
+@pytest.fixture(scope="session")
+def vospace_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningVOSpace]:
+    """The lab's VOSpace service (``imagesync.lab.vospace``), one per session."""
+    from tests.vospacelab import running_service
+
+    with running_service(tmp_path_factory.mktemp("vospace")) as running:
+        yield running
+
+
+def _vospace(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
+    """The VOSpace site against the lab's VOSpace service (MoveNode, token from a file)."""
+    from imagesync.sites.vospace import VOSpaceSite
+
+    vo: RunningVOSpace = request.getfixturevalue("vospace_service")
+    closed = f"http://127.0.0.1:{_closed_port()}/capabilities"
+    return Harness(
+        site=VOSpaceSite("store", vo.site_config()),
+        broken=lambda: VOSpaceSite(
+            "broken", vo.site_config(capabilities_url=closed), sleep=lambda s: None
+        ),
+        settle=lambda: None,
+    )
+
+
 FACTORIES: dict[str, Callable[[pytest.FixtureRequest, Path], Harness]] = {
     "memory": _memory,
     "directory": _directory,
     "glance": _glance,
+    "vospace-stub": _vospace_stub,
+    "vospace": _vospace,
 }
 
 
 @pytest.fixture(
-    params=["memory", "directory", pytest.param("glance", marks=pytest.mark.integration)]
+    params=[
+        "memory",
+        "directory",
+        "vospace-stub",
+        pytest.param("glance", marks=pytest.mark.integration),
+        pytest.param("vospace", marks=pytest.mark.integration),
+    ]
 )
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
     h = FACTORIES[request.param](request, tmp_path)

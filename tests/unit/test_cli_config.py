@@ -175,12 +175,18 @@ BAD = [
         "stores.archive.path",
         "absolute path",
     ),
-    # a kind the sites' registry does not build is refused when the config loads
+    # a vospace store names its container; a token is never written in the file
     (
-        "vospace-not-built",
+        "vospace-no-container",
         "stores:\n  vault: {type: vospace, url: 'https://v.example/v'}\n",
-        "stores.vault.type",
-        "'vospace' stores are not built in this version",
+        "stores.vault.container",
+        "missing: add it",
+    ),
+    (
+        "vospace-inline-token",
+        "stores:\n  vault: {type: vospace, container: 'vos://a~b/c', token: abc}\n",
+        "stores.vault.token",
+        "token_file",
     ),
     (
         "duplicate-site-name",
