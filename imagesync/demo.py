@@ -35,8 +35,14 @@ def run_demo(directory: Path | None = None, keep: bool = False) -> int:
     from imagesync.sites.probe import check_connections
 
     started = time.monotonic()
-    _section("1. start a lab: 2 clouds, each a real Keystone 30 + Glance 33 on loopback")
-    info = lab.up(clouds=2, directory=directory)
+    from imagesync.sites import store_kinds
+
+    _section(
+        "1. start a lab: 2 clouds, each a real Keystone 30 + Glance 33 on loopback, "
+        "and a VOSpace store"
+    )
+    # the lab's VOSpace service is the central store (as CANFAR's vault would be)
+    info = lab.up(clouds=2, directory=directory, vospace_store="vospace" in store_kinds())
     try:
         print(lab.describe(info))
         config = load_config(info.config_file)

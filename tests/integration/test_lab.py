@@ -3,6 +3,7 @@ separate, web-download works from loopback, and up/down/up leaves nothing behind
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import io
@@ -211,7 +212,10 @@ def test_web_download_from_loopback_on_any_port(
         assert got["status"] == "active"
         assert got["os_hash_value"] == hashlib.sha512(data).hexdigest()
     finally:
-        gc.images.delete(img["id"])
+        # Glance may still be finishing the import task (a 500 on a loaded machine):
+        # cleaning up must not hide the test's own verdict
+        with contextlib.suppress(Exception):
+            gc.images.delete(img["id"])
 
 
 def test_a_small_lab_goes_up_down_and_warm_up_again(tmp_path: Path) -> None:
