@@ -104,6 +104,10 @@ def start(config: ServiceConfig, port: int) -> int:
         socket = [
             "--https",
             f"{procs.LOOPBACK}:{port},{t.server_cert},{t.server_key},HIGH,{t.ca}",
+            # keep-alive as on plain http: without it the router closes each connection after
+            # its answer, and a client reusing the pooled connection at that moment gets
+            # "Remote end closed connection without response" (seen on a loaded machine)
+            "--http-keepalive",
         ]
     else:
         # keep-alive, as CADC's client and requests expect; chunked uploads readable in raw mode
