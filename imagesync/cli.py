@@ -75,6 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="Keystone token lifetime (to test re-authentication)",
     )
+    up.add_argument(
+        "--nova",
+        type=_positive_int,
+        nargs="?",
+        const=1,
+        default=0,
+        metavar="N",
+        help="also run Placement + Nova (fake virt driver) in the first N clouds (N=1 if "
+        "omitted); costs about 320 MB of memory a cloud and 15 s on the first start",
+    )
     up.set_defaults(func=cmd_lab_up)
     st = labsub.add_parser("status", help="show the lab's services")
     st.add_argument("--dir", type=Path, default=None, help="lab directory")
@@ -189,7 +199,12 @@ def cmd_config_show(args: argparse.Namespace) -> int:
 def cmd_lab_up(args: argparse.Namespace) -> int:
     from imagesync import lab
 
-    info = lab.up(clouds=args.clouds, directory=args.dir, token_expiration=args.token_expiration)
+    info = lab.up(
+        clouds=args.clouds,
+        directory=args.dir,
+        token_expiration=args.token_expiration,
+        nova_clouds=args.nova,
+    )
     print(lab.describe(info))
     return 0
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from imagesync.errors import LabError
-from imagesync.lab import glance, keystone, procs
+from imagesync.lab import glance, keystone, nova, procs
 from imagesync.lab.state import (
     CloudState,
     LabInfo,
@@ -55,6 +55,20 @@ def _markers(state: LabState, cloud: CloudState) -> tuple[str, str]:
     return str(keystone.pid_file(d)), str(glance.pid_file(d))
 
 
+_PID_FILES = {
+    "keystone": keystone.pid_file,
+    "glance": glance.pid_file,
+    "placement": nova.placement_pid_file,
+    "nova": nova.pid_file,
+}
+
+
+def _services(state: LabState, cloud: CloudState) -> list[tuple[str, ServiceState, str]]:
+    """Every service of a cloud: (name, its state, the marker in its argv)."""
+    d = _cloud_dir(state, cloud)
+    return [(name, svc, str(_PID_FILES[name](d))) for name, svc in cloud.services()]
+
+
 def _pool_size() -> int:
     return max(2, os.cpu_count() or 2)
 
@@ -72,7 +86,10 @@ def _password() -> str:
 
 
 def up(
-    clouds: int = 2, directory: Path | None = None, token_expiration: int | None = None
+    clouds: int = 2,
+    directory: Path | None = None,
+    token_expiration: int | None = None,
+    nova_clouds: int = 0,
 ) -> LabInfo:
     """Start the lab in ``directory`` (default: ``default_dir()``) with ``clouds`` clouds.
 
@@ -81,10 +98,13 @@ def up(
     clouds, but never shrinks (that would throw data away): asked for fewer clouds than it
     has, it starts and returns all of them. ``token_expiration`` (seconds) sets Keystone's
     token lifetime; None keeps the lab's current setting (Keystone's default, 3600 s, for a
-    new lab).
+    new lab). ``nova_clouds`` gives the first N clouds compute (Placement + Nova, about
+    320 MB each; see imagesync.lab.nova); like clouds, compute is added, never taken away.
     """
     if clouds < 1:
         raise LabError("a lab needs at least one cloud")
+    if nova_clouds < 0:
+        raise LabError("the number of clouds with Nova cannot be negative")
     if token_expiration is not None and token_expiration < 1:
         raise LabError("the token expiration must be at least 1 second")
     tools = procs.find_tools()
@@ -97,7 +117,8 @@ def up(
         )
         if token_expiration is not None:
             state.token_expiration = token_expiration
-        _add_clouds(state, clouds)
+        _add_clouds(state, max(clouds, nova_clouds))
+        _add_nova(state, nova_clouds)
         save_state(state)
         write_client_files(state)  # ports and passwords are known: clients may look already
         kind = _Start(tools, state, restart_keystone=restart_keystone).run()
@@ -122,6 +143,19 @@ def _add_clouds(state: LabState, count: int) -> None:
                 password=_password(),
             )
         )
+
+
+def _add_nova(state: LabState, count: int) -> None:
+    wanting = [c for c in state.clouds[:count] if c.nova is None]
+    if not wanting:
+        return
+    used = {svc.port for c in state.clouds for _, svc in c.services()}
+    ports = _new_ports(2 * len(wanting), used)
+    for i, cloud in enumerate(wanting):
+        cloud.nova = ServiceState(port=ports[2 * i])
+        cloud.placement = ServiceState(port=ports[2 * i + 1])
+        cloud.nova_password = _password()
+        cloud.nova_built = False
 
 
 class _Aborted(Exception):
@@ -153,6 +187,9 @@ class _Start:
         self.kinds: dict[str, str] = {}
         self.failed = threading.Event()
         self._lock = threading.Lock()
+        self.nova_builds: dict[str, Future[None]] = {}
+        needs_nova = any(c.nova is not None for c in state.clouds)
+        self.nova_tools = nova.find_tools() if needs_nova else None
 
     def run(self) -> str:
         setup = ThreadPoolExecutor(_pool_size(), thread_name_prefix="lab-setup")
@@ -162,6 +199,7 @@ class _Start:
             for cloud in cold:
                 self._reset(cloud)
             jobs = self._submit_setup(setup, cold) if cold else None
+            self._submit_nova_builds(setup)
             futures = [
                 clouds.submit(self._bring_up, c, jobs if c in cold else None)
                 for c in self.state.clouds
@@ -177,7 +215,7 @@ class _Start:
             clouds.shutdown(wait=True, cancel_futures=True)
             procs.stop_groups(self.started)
             for c in self.state.clouds:
-                for svc in (c.keystone, c.glance):
+                for _, svc in c.services():
                     if svc.pgid in self.started:
                         svc.pid = svc.pgid = None
             save_state(self.state)
@@ -211,8 +249,9 @@ class _Start:
         d = _cloud_dir(self.state, cloud)
         # Leftovers of an interrupted cold start: stop them and start afresh.
         procs.stop_groups(procs.lab_processes(d))
-        cloud.keystone.pid = cloud.keystone.pgid = None
-        cloud.glance.pid = cloud.glance.pgid = None
+        for _, svc in cloud.services():
+            svc.pid = svc.pgid = None
+        cloud.nova_built = False
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
@@ -235,6 +274,75 @@ class _Start:
                 for args in keystone.key_setups()
             ]
         return jobs
+
+    def _submit_nova_builds(self, pool: ThreadPoolExecutor) -> None:
+        """Nova's and Placement's template databases (≈15 s) for clouds that lack them."""
+        if self.nova_tools is None:
+            return
+        nova_manage, placement_manage, _, paste = self.nova_tools
+        for cloud in self.state.clouds:
+            d = _cloud_dir(self.state, cloud)
+            if cloud.nova is None or nova.templates_built(d):
+                continue
+            nova.write_config(d, cloud, paste)
+            self.nova_builds[cloud.name] = pool.submit(
+                self._guarded, nova.build_templates, nova_manage, placement_manage, d
+            )
+
+    def _bring_up_nova(self, cloud: CloudState) -> None:
+        """Placement and Nova, restarted together on fresh databases unless both run."""
+        if cloud.nova is None or cloud.placement is None or self.nova_tools is None:
+            return
+        d = _cloud_dir(self.state, cloud)
+        n_marker, p_marker = str(nova.pid_file(d)), str(nova.placement_pid_file(d))
+        n_up = procs.is_running(cloud.nova.pid, n_marker)
+        p_up = procs.is_running(cloud.placement.pid, p_marker)
+        if n_up and p_up and cloud.nova_built:
+            nova.wait_ready(
+                d,
+                cloud,
+                cloud.placement.pid or 0,
+                cloud.nova.pid or 0,
+                timeout=READY_TIMEOUT,
+                abort=self._check,
+            )
+            return
+        if self.kinds.get(cloud.name) == "running":
+            self.kinds[cloud.name] = "warm"
+        # Nova's databases are new at every start: Placement's must be new with them.
+        procs.stop_groups(
+            {
+                svc.pgid: marker
+                for svc, marker in ((cloud.nova, n_marker), (cloud.placement, p_marker))
+                if svc.pgid is not None
+            }
+        )
+        cloud.nova.pid = cloud.nova.pgid = cloud.placement.pid = cloud.placement.pgid = None
+        _, _, placement_wsgi, paste = self.nova_tools
+        nova.write_config(d, cloud, paste)
+        nova.check_ports(cloud)
+        build = self.nova_builds.get(cloud.name)
+        if build is not None:
+            build.result()
+        self._check()
+        admin = keystone.admin_session(cloud)
+        if not cloud.nova_built:
+            nova.register(d, cloud, admin)
+        nova.install_templates(d)
+        self._record(
+            cloud.placement, nova.start_placement(self.tools, placement_wsgi, d, cloud), p_marker
+        )
+        self._record(cloud.nova, nova.start_nova(d, cloud), n_marker)
+        nova.wait_ready(
+            d,
+            cloud,
+            cloud.placement.pid or 0,
+            cloud.nova.pid or 0,
+            timeout=READY_TIMEOUT,
+            abort=self._check,
+        )
+        nova.create_flavors(d, cloud, admin)
+        cloud.nova_built = True
 
     def _guarded(self, func: Callable[..., None], *args: Any) -> None:
         self._check()
@@ -270,11 +378,12 @@ class _Start:
                 d, cloud, cloud.glance.pid or 0, timeout=READY_TIMEOUT, abort=self._check
             )
             self.kinds[cloud.name] = "running"
+            self._bring_up_nova(cloud)
             return
         self.kinds[cloud.name] = "warm" if jobs is None else "cold"
         if jobs is None:
             # Processes of this cloud that lab.json does not know of would hold its ports.
-            known = {p for p in (cloud.keystone.pid, cloud.glance.pid) if p is not None}
+            known = {svc.pid for _, svc in cloud.services() if svc.pid is not None}
             procs.stop_groups({g: m for g, m in procs.lab_processes(d).items() if g not in known})
             keystone.write_config(d, self.state.token_expiration)
             glance.write_config(self.tools, d, cloud)
@@ -316,6 +425,7 @@ class _Start:
             keystone.configure(d, cloud)
             cloud.built = True
         glance.wait_ready(d, cloud, cloud.glance.pid or 0, timeout=READY_TIMEOUT, abort=self._check)
+        self._bring_up_nova(cloud)
 
 
 def _raise_first(futures: list[Future[Any]]) -> None:
@@ -345,13 +455,11 @@ def info(directory: Path | None = None) -> LabInfo | None:
 
 
 def _all_running(state: LabState) -> bool:
-    for c in state.clouds:
-        k_marker, g_marker = _markers(state, c)
-        if not (
-            procs.is_running(c.keystone.pid, k_marker) and procs.is_running(c.glance.pid, g_marker)
-        ):
-            return False
-    return True
+    return all(
+        procs.is_running(svc.pid, marker)
+        for c in state.clouds
+        for _, svc, marker in _services(state, c)
+    )
 
 
 def status(directory: Path | None = None) -> tuple[str, bool]:
@@ -374,10 +482,18 @@ def status(directory: Path | None = None) -> tuple[str, bool]:
         rss = (procs.rss_mb(c.keystone.pgid, k_marker) if k_up else 0.0) + (
             procs.rss_mb(c.glance.pgid, g_marker) if g_up else 0.0
         )
+        compute = ""
+        for name, svc, marker in _services(state, c)[2:]:
+            up_ = procs.is_running(svc.pid, marker)
+            all_up = all_up and up_
+            rss += procs.rss_mb(svc.pgid, marker) if up_ else 0.0
+            compute += f"; {name} port {svc.port} pid {svc.pid or '-'} "
+            compute += "running" if up_ else "STOPPED"
         lines.append(
             f"  {c.name}: keystone {c.keystone_url} pid {c.keystone.pid or '-'} "
             f"{'running' if k_up else 'STOPPED'}; glance {c.glance_url} pid "
-            f"{c.glance.pid or '-'} {'running' if g_up else 'STOPPED'}; RSS {rss:.0f} MB"
+            f"{c.glance.pid or '-'} {'running' if g_up else 'STOPPED'}{compute}; "
+            f"RSS {rss:.0f} MB"
         )
     lines.append(f"  clouds.yaml: {state.clouds_yaml}")
     lines.append(f"  imagesync config: {state.config_file}")
@@ -399,7 +515,7 @@ def down(directory: Path | None = None) -> str:
         groups: dict[int, str] = {}
         if state is not None:
             for c in state.clouds:
-                for svc, marker in zip((c.keystone, c.glance), _markers(state, c), strict=True):
+                for _, svc, marker in _services(state, c):
                     if svc.pgid is not None:
                         groups[svc.pgid] = marker
         # Also whatever lab.json does not know of (an interrupted `up`, a lost lab.json).
@@ -407,7 +523,8 @@ def down(directory: Path | None = None) -> str:
         count = procs.stop_groups(groups)
         if state is not None:
             for c in state.clouds:
-                c.keystone.pid = c.keystone.pgid = c.glance.pid = c.glance.pgid = None
+                for _, svc in c.services():
+                    svc.pid = svc.pgid = None
             save_state(state)
     clouds = len(state.clouds) if state is not None else 0
     if count == 0:
@@ -432,6 +549,11 @@ def describe(info: LabInfo) -> str:
             f"region {c.region}  user {c.username}/project {c.project} (member); "
             f"admin: --os-cloud {c.name}-admin"
         )
+        if c.compute_url:
+            lines.append(
+                f"    compute: nova {c.compute_url}  placement {c.placement_url}  "
+                f"flavors {', '.join(f[0] for f in nova.FLAVORS)}"
+            )
     first = info.clouds[0].name if info.clouds else "lab1"
     lines += [
         "use it:",
