@@ -136,6 +136,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(func=cmd_check)
 
+    snap = sub.add_parser(
+        "snapshot", help="snapshot a server (Nova) as the newest version of an image name"
+    )
+    snap.add_argument("server", help="server id or unique name")
+    snap.add_argument("--cloud", required=True, metavar="CLOUD", help="the server's cloud")
+    snap.add_argument(
+        "--as",
+        dest="as_name",
+        metavar="NAME",
+        help="image name it is a version of (default: the server's base image's name)",
+    )
+    snap.add_argument(
+        "--stop", action="store_true", help="stop a running server first (left stopped)"
+    )
+    snap.add_argument("--wait", action="store_true", help="wait until the image is active")
+    snap.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="give up waiting after this long (default 600); the snapshot is removed",
+    )
+    snap.add_argument(
+        "--push", action="store_true", help="then propagate it as `push` does (implies --wait)"
+    )
+    snap.add_argument("--json", action="store_true")
+    snap.set_defaults(func=cmd_snapshot)
+
     sync = sub.add_parser("sync", help="one reconcile pass over every rule")
     sync.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
     sync.add_argument("--json", action="store_true")
@@ -240,6 +268,23 @@ def cmd_push(args: argparse.Namespace) -> int:
         targets=args.to,
         source=args.source,
         dry_run=args.dry_run,
+        as_json=args.json,
+    )
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from imagesync.commands import snapshot
+
+    config = _config(args)
+    return snapshot(
+        config,
+        args.server,
+        cloud=args.cloud,
+        name=args.as_name,
+        stop=args.stop,
+        wait=args.wait,
+        timeout=args.timeout,
+        push_after=args.push,
         as_json=args.json,
     )
 
