@@ -188,6 +188,7 @@ class _Start:
         self.failed = threading.Event()
         self._lock = threading.Lock()
         self.nova_builds: dict[str, Future[None]] = {}
+        self.nova_launched: set[str] = set()
         needs_nova = any(c.nova is not None for c in state.clouds)
         self.nova_tools = nova.find_tools() if needs_nova else None
 
@@ -289,27 +290,23 @@ class _Start:
                 self._guarded, nova.build_templates, nova_manage, placement_manage, d
             )
 
-    def _bring_up_nova(self, cloud: CloudState) -> None:
-        """Placement and Nova, restarted together on fresh databases unless both run."""
-        if cloud.nova is None or cloud.placement is None or self.nova_tools is None:
-            return
+    def _nova_running(self, cloud: CloudState) -> bool:
+        d = _cloud_dir(self.state, cloud)
+        assert cloud.nova is not None and cloud.placement is not None
+        return procs.is_running(cloud.nova.pid, str(nova.pid_file(d))) and procs.is_running(
+            cloud.placement.pid, str(nova.placement_pid_file(d))
+        )
+
+    def _launch_nova(self, cloud: CloudState) -> None:
+        """(Re)start Placement and Nova together on fresh databases (Nova's are new at every
+        start, so Placement's must be too). Nova waits by itself for Keystone and Placement
+        before starting its services: a warm start launches it while Keystone still starts."""
+        assert cloud.nova is not None and cloud.placement is not None
+        assert self.nova_tools is not None
         d = _cloud_dir(self.state, cloud)
         n_marker, p_marker = str(nova.pid_file(d)), str(nova.placement_pid_file(d))
-        n_up = procs.is_running(cloud.nova.pid, n_marker)
-        p_up = procs.is_running(cloud.placement.pid, p_marker)
-        if n_up and p_up and cloud.nova_built:
-            nova.wait_ready(
-                d,
-                cloud,
-                cloud.placement.pid or 0,
-                cloud.nova.pid or 0,
-                timeout=READY_TIMEOUT,
-                abort=self._check,
-            )
-            return
         if self.kinds.get(cloud.name) == "running":
             self.kinds[cloud.name] = "warm"
-        # Nova's databases are new at every start: Placement's must be new with them.
         procs.stop_groups(
             {
                 svc.pgid: marker
@@ -325,14 +322,39 @@ class _Start:
         if build is not None:
             build.result()
         self._check()
-        admin = keystone.admin_session(cloud)
         if not cloud.nova_built:
-            nova.register(d, cloud, admin)
+            nova.register(d, cloud, keystone.admin_session(cloud))
         nova.install_templates(d)
         self._record(
             cloud.placement, nova.start_placement(self.tools, placement_wsgi, d, cloud), p_marker
         )
         self._record(cloud.nova, nova.start_nova(d, cloud), n_marker)
+        self.nova_launched.add(cloud.name)
+
+    def _launch_nova_early(self, cloud: CloudState) -> None:
+        """On a warm start, launch a built cloud's Nova as soon as its Keystone is launched."""
+        if cloud.nova is None or not cloud.nova_built or self.nova_tools is None:
+            return
+        if not self._nova_running(cloud):
+            self._launch_nova(cloud)
+
+    def _bring_up_nova(self, cloud: CloudState) -> None:
+        """Placement and Nova up (Keystone is ready), and the flavors of a fresh start."""
+        if cloud.nova is None or cloud.placement is None or self.nova_tools is None:
+            return
+        d = _cloud_dir(self.state, cloud)
+        if cloud.name not in self.nova_launched:
+            if self._nova_running(cloud) and cloud.nova_built:
+                nova.wait_ready(
+                    d,
+                    cloud,
+                    cloud.placement.pid or 0,
+                    cloud.nova.pid or 0,
+                    timeout=READY_TIMEOUT,
+                    abort=self._check,
+                )
+                return
+            self._launch_nova(cloud)
         nova.wait_ready(
             d,
             cloud,
@@ -341,7 +363,7 @@ class _Start:
             timeout=READY_TIMEOUT,
             abort=self._check,
         )
-        nova.create_flavors(d, cloud, admin)
+        nova.create_flavors(d, cloud, keystone.admin_session(cloud))
         cloud.nova_built = True
 
     def _guarded(self, func: Callable[..., None], *args: Any) -> None:
@@ -419,6 +441,8 @@ class _Start:
         check()
         if not k_up:
             self._record(cloud.keystone, keystone.start(self.tools, d, cloud), k_marker)
+        if jobs is None:
+            self._launch_nova_early(cloud)
         keystone.wait_ready(d, cloud, cloud.keystone.pid or 0, timeout=READY_TIMEOUT, abort=check)
         if jobs is not None:
             check()

@@ -363,6 +363,11 @@ def start_nova(cloud_dir: Path, cloud: CloudState) -> int:
         fail_file(cloud_dir),
         "--port",
         str(cloud.nova.port),
+        # it starts its services only once these answer (compute reports to Placement)
+        "--wait-for",
+        cloud.keystone_url,
+        "--wait-for",
+        cloud.placement_url,
         "--pidfile",
         pid_file(cloud_dir),
     ]

@@ -126,12 +126,36 @@ class _Quiet(simple_server.WSGIRequestHandler):
         pass  # Nova logs every request itself
 
 
+def _wait_http(url: str, timeout: float = 120.0) -> None:
+    """Until ``url`` answers 200 or 300 (Keystone and Placement start alongside this)."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with opener.open(url, timeout=2.0) as resp:
+                if resp.status in (200, 300):
+                    return
+        except urllib.error.HTTPError as exc:
+            if exc.code in (200, 300):
+                return
+        except (OSError, ValueError):
+            pass
+        if time.monotonic() > deadline:
+            raise SystemExit(f"CRITICAL imagesync-lab: {url} did not answer in {timeout:.0f} s")
+        time.sleep(0.1)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="imagesync-lab-nova")
     ap.add_argument("--config-dir", type=Path, required=True)
     ap.add_argument("--ready-file", type=Path, required=True)
     ap.add_argument("--fail-file", type=Path, required=True)
     ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--wait-for", action="append", default=[], metavar="URL")
     ap.add_argument("--pidfile", type=Path, required=True)
     args = ap.parse_args(argv)
     args.pidfile.write_text(f"{os.getpid()}\n")
@@ -154,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     from nova.tests.fixtures.neutron import NeutronFixture
 
     NeutronFixture(_Test()).setUp()
+    for url in args.wait_for:
+        _wait_http(url)
 
     for binary, topic in (
         ("nova-conductor", "conductor"),
