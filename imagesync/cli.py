@@ -76,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="Keystone token lifetime (to test re-authentication)",
     )
+    up.add_argument(
+        "--nova",
+        type=_positive_int,
+        nargs="?",
+        const=1,
+        default=0,
+        metavar="N",
+        help="also run Placement + Nova (fake virt driver) in the first N clouds (N=1 if "
+        "omitted); costs about 320 MB of memory a cloud and 15 s on the first start",
+    )
     up.set_defaults(func=cmd_lab_up)
     st = labsub.add_parser("status", help="show the lab's services")
     st.add_argument("--dir", type=Path, default=None, help="lab directory")
@@ -126,6 +136,34 @@ def build_parser() -> argparse.ArgumentParser:
         help="always ask the sites; never answer from recorded state",
     )
     check.set_defaults(func=cmd_check)
+
+    snap = sub.add_parser(
+        "snapshot", help="snapshot a server (Nova) as the newest version of an image name"
+    )
+    snap.add_argument("server", help="server id or unique name")
+    snap.add_argument("--cloud", required=True, metavar="CLOUD", help="the server's cloud")
+    snap.add_argument(
+        "--as",
+        dest="as_name",
+        metavar="NAME",
+        help="image name it is a version of (default: the server's base image's name)",
+    )
+    snap.add_argument(
+        "--stop", action="store_true", help="stop a running server first (left stopped)"
+    )
+    snap.add_argument("--wait", action="store_true", help="wait until the image is active")
+    snap.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="give up waiting after this long (default 600); the snapshot is removed",
+    )
+    snap.add_argument(
+        "--push", action="store_true", help="then propagate it as `push` does (implies --wait)"
+    )
+    snap.add_argument("--json", action="store_true")
+    snap.set_defaults(func=cmd_snapshot)
 
     sync = sub.add_parser("sync", help="one reconcile pass over every rule")
     sync.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
@@ -197,6 +235,7 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
         token_expiration=args.token_expiration,
         # the lab's VOSpace service becomes the central store once imagesync can build the site
         vospace_store="vospace" in store_kinds(),
+        nova_clouds=args.nova,
     )
     print(lab.describe(info))
     return 0
@@ -233,6 +272,23 @@ def cmd_push(args: argparse.Namespace) -> int:
         targets=args.to,
         source=args.source,
         dry_run=args.dry_run,
+        as_json=args.json,
+    )
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    from imagesync.commands import snapshot
+
+    config = _config(args)
+    return snapshot(
+        config,
+        args.server,
+        cloud=args.cloud,
+        name=args.as_name,
+        stop=args.stop,
+        wait=args.wait,
+        timeout=args.timeout,
+        push_after=args.push,
         as_json=args.json,
     )
 

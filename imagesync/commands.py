@@ -362,3 +362,94 @@ def history(
         line = f"{when}  {r['name']}  {r['source']} → {r['target']}  {r['result']}  {size}{err}"
         print(printable(line))
     return 0
+
+
+def snapshot(
+    config: Config,
+    server: str,
+    *,
+    cloud: str,
+    name: str | None = None,
+    stop: bool = False,
+    wait: bool = False,
+    timeout: float = 600.0,
+    push_after: bool = False,
+    as_json: bool = False,
+) -> int:
+    """Snapshot a server as the newest version of ``name`` (default: its base image's name),
+    recorded as made by imagesync; with ``push_after``, propagate it as ``push`` does."""
+    import contextlib
+    import io
+
+    from imagesync.sites.glance import make_session
+    from imagesync.sites.nova import NovaSnapshots
+    from imagesync.snapshot import SnapshotFailed, take
+    from imagesync.state import State
+
+    cfg = config.clouds.get(cloud)
+    if cfg is None:
+        known = ", ".join(config.clouds) or "none"
+        raise UsageError(f"--cloud: no cloud called {cloud!r} (known: {known})")
+    if name is not None and push_after and rule_for(config.images, name) is None:
+        raise UsageError(f"--push: no image rule in {config.path} matches {name!r}")
+    state = State(config.state_dir)
+    try:
+        nova = NovaSnapshots(cfg, make_session(cfg))
+
+        def record(image_id: str, image_name: str) -> None:
+            state.record_made(cloud, image_id, image_name)
+
+        try:
+            result = take(
+                nova,
+                server,
+                name=name,
+                stop=stop,
+                wait=wait or push_after,
+                timeout=timeout,
+                record=record,
+            )
+        except SnapshotFailed as exc:
+            if as_json:
+                print(json.dumps({"ok": False, "error": str(exc)}, indent=2))
+            else:
+                print(printable(f"FAILED snapshot: {exc}"), file=sys.stderr)
+            return 1
+    finally:
+        state.close()
+    for w in result.warnings:
+        print(printable(f"warning: {w}"), file=sys.stderr)
+    out: dict[str, Any] = {
+        "ok": True,
+        "cloud": result.cloud,
+        "server": result.server_id,
+        "name": result.name,
+        "image_id": result.image_id,
+        "status": result.status,
+        "sha512": result.sha512,
+        "size": result.size,
+        "seconds": round(result.seconds, 2),
+        "stopped": result.stopped,
+        "warnings": result.warnings,
+    }
+    code = 0
+    if push_after:
+        # the same path as `push`; its JSON becomes part of this command's one JSON answer
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf) if as_json else contextlib.nullcontext():
+            code = push(config, result.name, as_json=as_json)
+        if as_json:
+            out["push"] = json.loads(buf.getvalue())
+            out["push"]["exit"] = code
+    if as_json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(
+            printable(
+                f"snapshot {result.image_id} of server {result.server_name or result.server_id} "
+                f"on {result.cloud}: {result.name}, {result.status} "
+                f"({result.seconds:.1f} s)"
+            ),
+            file=sys.stderr if push_after else sys.stdout,
+        )
+    return code

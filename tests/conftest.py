@@ -6,9 +6,11 @@ end. To reuse a lab that is already running (fast edit-test cycles)::
     imagesync lab up --clouds 3 --dir /tmp/testlab
     IMAGESYNC_TEST_LAB_DIR=/tmp/testlab pytest tests/integration
 
-(the lab is then left running). If the lab cannot start, the tests using it fail with the
-reason: integration tests never skip silently. Everything under tests/integration is marked
-``integration`` (``pytest -m "not integration"`` runs the fast tests only).
+(the lab is then left running). ``nova_lab`` is the same lab with Nova on lab1, started only
+when a test asks for it (``imagesync lab up --nova`` beforehand saves that start). If the lab
+cannot start, the tests using it fail with the reason: integration tests never skip silently.
+Everything under tests/integration is marked ``integration`` (``pytest -m "not integration"``
+runs the fast tests only).
 """
 
 from __future__ import annotations
@@ -70,6 +72,20 @@ def lab_vospace(lab: LabInfo) -> Iterator[LabVOSpace]:
     clear_faults(lab.vospace.directory)
     yield lab.vospace
     clear_faults(lab.vospace.directory)
+
+
+@pytest.fixture(scope="session")
+def nova_lab(lab: LabInfo) -> LabInfo:
+    """The lab, with Placement + Nova on lab1 (started on first use: ≈320 MB, ≈15 s cold,
+    a few seconds warm; only the tests that need compute pay for it)."""
+    from imagesync import lab as lab_mod
+
+    if lab.cloud("lab1").compute_url is not None:
+        return lab
+    try:
+        return lab_mod.up(clouds=len(lab.clouds), directory=lab.directory, nova_clouds=1)
+    except LabError as exc:
+        pytest.fail(f"Nova could not start in the lab: {exc}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

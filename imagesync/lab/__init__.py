@@ -13,21 +13,26 @@ DIRECTORY also gets ``clouds.yaml`` (labN: imagesync's member user, labN-admin: 
 pids). Beside the clouds runs one VOSpace 2.1 service (``vospace/``, see
 ``imagesync.lab.vospace``), described by ``LabInfo.vospace``. Needs the ``lab`` extra
 (glance, keystone, uwsgi); without it ``up`` raises LabError.
+``up(..., nova_clouds=N)`` also runs Placement and Nova (fake virt driver) in the first N clouds
+(≈320 MB each): see ``nova``.
 
 Modules: ``control`` (up/status/down), ``state`` (lab.json, the client files), ``keystone`` and
-``glance`` (one service each), ``procs`` (processes), ``clients`` (sessions for tests).
+``glance`` (one service each), ``nova`` and ``nova_service`` (compute), ``procs`` (processes),
+``clients`` (sessions, a Glance and a small Nova client for tests).
 """
 
 from __future__ import annotations
 
-from imagesync.lab.clients import glance_client, session
+from imagesync.lab.clients import LabCompute, compute_client, glance_client, session
 from imagesync.lab.control import default_dir, describe, down, info, status, up
 from imagesync.lab.state import LabCloud, LabInfo, LabVOSpace
 
 __all__ = [
     "LabCloud",
+    "LabCompute",
     "LabInfo",
     "LabVOSpace",
+    "compute_client",
     "default_dir",
     "describe",
     "down",

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from imagesync.errors import LabError
-from imagesync.lab import glance, keystone, procs
+from imagesync.lab import glance, keystone, nova, procs
 from imagesync.lab.state import (
     VOSPACE_RESOURCE_ID,
     CloudState,
@@ -58,6 +58,20 @@ def _markers(state: LabState, cloud: CloudState) -> tuple[str, str]:
     return str(keystone.pid_file(d)), str(glance.pid_file(d))
 
 
+_PID_FILES = {
+    "keystone": keystone.pid_file,
+    "glance": glance.pid_file,
+    "placement": nova.placement_pid_file,
+    "nova": nova.pid_file,
+}
+
+
+def _services(state: LabState, cloud: CloudState) -> list[tuple[str, ServiceState, str]]:
+    """Every service of a cloud: (name, its state, the marker in its argv)."""
+    d = _cloud_dir(state, cloud)
+    return [(name, svc, str(_PID_FILES[name](d))) for name, svc in cloud.services()]
+
+
 def _pool_size() -> int:
     return max(2, os.cpu_count() or 2)
 
@@ -79,6 +93,7 @@ def up(
     directory: Path | None = None,
     token_expiration: int | None = None,
     vospace_store: bool | None = None,
+    nova_clouds: int = 0,
 ) -> LabInfo:
     """Start the lab in ``directory`` (default: ``default_dir()``) with ``clouds`` clouds.
 
@@ -91,9 +106,13 @@ def up(
     ``vospace_store=True`` makes it the generated imagesync.yaml's central store (the caller
     says so when imagesync can build a VOSpace site: the lab does not look at the sites), False
     keeps the directory store, None keeps the lab's current choice.
+    new lab). ``nova_clouds`` gives the first N clouds compute (Placement + Nova, about
+    320 MB each; see imagesync.lab.nova); like clouds, compute is added, never taken away.
     """
     if clouds < 1:
         raise LabError("a lab needs at least one cloud")
+    if nova_clouds < 0:
+        raise LabError("the number of clouds with Nova cannot be negative")
     if token_expiration is not None and token_expiration < 1:
         raise LabError("the token expiration must be at least 1 second")
     tools = procs.find_tools()
@@ -108,7 +127,8 @@ def up(
             state.token_expiration = token_expiration
         if vospace_store is not None:
             state.vospace_store = vospace_store
-        _add_clouds(state, clouds)
+        _add_clouds(state, max(clouds, nova_clouds))
+        _add_nova(state, nova_clouds)
         _add_vospace(state)
         save_state(state)
         write_client_files(state)  # ports and passwords are known: clients may look already
@@ -139,12 +159,27 @@ def _add_clouds(state: LabState, count: int) -> None:
 def _add_vospace(state: LabState) -> None:
     if state.vospace is not None:
         return
-    used = {p for c in state.clouds for p in (c.keystone.port, c.glance.port)}
+    used = {svc.port for c in state.clouds for _, svc in c.services()}
     state.vospace = VOSpaceState(port=_new_ports(1, used)[0], token=secrets.token_urlsafe(24))
 
 
 def _vospace_marker(state: LabState) -> str:
     return str(vospace.pid_file(state.vospace_dir))
+
+
+def _add_nova(state: LabState, count: int) -> None:
+    wanting = [c for c in state.clouds[:count] if c.nova is None]
+    if not wanting:
+        return
+    used = {svc.port for c in state.clouds for _, svc in c.services()}
+    if state.vospace is not None:
+        used.add(state.vospace.port)
+    ports = _new_ports(2 * len(wanting), used)
+    for i, cloud in enumerate(wanting):
+        cloud.nova = ServiceState(port=ports[2 * i])
+        cloud.placement = ServiceState(port=ports[2 * i + 1])
+        cloud.nova_password = _password()
+        cloud.nova_built = False
 
 
 class _Aborted(Exception):
@@ -176,6 +211,10 @@ class _Start:
         self.kinds: dict[str, str] = {}
         self.failed = threading.Event()
         self._lock = threading.Lock()
+        self.nova_builds: dict[str, Future[None]] = {}
+        self.nova_launched: set[str] = set()
+        needs_nova = any(c.nova is not None for c in state.clouds)
+        self.nova_tools = nova.find_tools() if needs_nova else None
 
     def run(self) -> str:
         setup = ThreadPoolExecutor(_pool_size(), thread_name_prefix="lab-setup")
@@ -185,6 +224,7 @@ class _Start:
             for cloud in cold:
                 self._reset(cloud)
             jobs = self._submit_setup(setup, cold) if cold else None
+            self._submit_nova_builds(setup)
             futures = [
                 clouds.submit(self._bring_up, c, jobs if c in cold else None)
                 for c in self.state.clouds
@@ -207,7 +247,7 @@ class _Start:
             clouds.shutdown(wait=True, cancel_futures=True)
             procs.stop_groups(self.started)
             for c in self.state.clouds:
-                for svc in (c.keystone, c.glance):
+                for _, svc in c.services():
                     if svc.pgid in self.started:
                         svc.pid = svc.pgid = None
             v = self.state.vospace
@@ -267,8 +307,9 @@ class _Start:
         d = _cloud_dir(self.state, cloud)
         # Leftovers of an interrupted cold start: stop them and start afresh.
         procs.stop_groups(procs.lab_processes(d))
-        cloud.keystone.pid = cloud.keystone.pgid = None
-        cloud.glance.pid = cloud.glance.pgid = None
+        for _, svc in cloud.services():
+            svc.pid = svc.pgid = None
+        cloud.nova_built = False
         if d.exists():
             shutil.rmtree(d)
         d.mkdir(parents=True)
@@ -291,6 +332,96 @@ class _Start:
                 for args in keystone.key_setups()
             ]
         return jobs
+
+    def _submit_nova_builds(self, pool: ThreadPoolExecutor) -> None:
+        """Nova's and Placement's template databases (≈15 s) for clouds that lack them."""
+        if self.nova_tools is None:
+            return
+        nova_manage, placement_manage, _, paste = self.nova_tools
+        for cloud in self.state.clouds:
+            d = _cloud_dir(self.state, cloud)
+            if cloud.nova is None or nova.templates_built(d):
+                continue
+            nova.write_config(d, cloud, paste)
+            self.nova_builds[cloud.name] = pool.submit(
+                self._guarded, nova.build_templates, nova_manage, placement_manage, d
+            )
+
+    def _nova_running(self, cloud: CloudState) -> bool:
+        d = _cloud_dir(self.state, cloud)
+        assert cloud.nova is not None and cloud.placement is not None
+        return procs.is_running(cloud.nova.pid, str(nova.pid_file(d))) and procs.is_running(
+            cloud.placement.pid, str(nova.placement_pid_file(d))
+        )
+
+    def _launch_nova(self, cloud: CloudState) -> None:
+        """(Re)start Placement and Nova together on fresh databases (Nova's are new at every
+        start, so Placement's must be too). Nova waits by itself for Keystone and Placement
+        before starting its services: a warm start launches it while Keystone still starts."""
+        assert cloud.nova is not None and cloud.placement is not None
+        assert self.nova_tools is not None
+        d = _cloud_dir(self.state, cloud)
+        n_marker, p_marker = str(nova.pid_file(d)), str(nova.placement_pid_file(d))
+        if self.kinds.get(cloud.name) == "running":
+            self.kinds[cloud.name] = "warm"
+        procs.stop_groups(
+            {
+                svc.pgid: marker
+                for svc, marker in ((cloud.nova, n_marker), (cloud.placement, p_marker))
+                if svc.pgid is not None
+            }
+        )
+        cloud.nova.pid = cloud.nova.pgid = cloud.placement.pid = cloud.placement.pgid = None
+        _, _, placement_wsgi, paste = self.nova_tools
+        nova.write_config(d, cloud, paste)
+        nova.check_ports(cloud)
+        build = self.nova_builds.get(cloud.name)
+        if build is not None:
+            build.result()
+        self._check()
+        if not cloud.nova_built:
+            nova.register(d, cloud, keystone.admin_session(cloud))
+        nova.install_templates(d)
+        self._record(
+            cloud.placement, nova.start_placement(self.tools, placement_wsgi, d, cloud), p_marker
+        )
+        self._record(cloud.nova, nova.start_nova(d, cloud), n_marker)
+        self.nova_launched.add(cloud.name)
+
+    def _launch_nova_early(self, cloud: CloudState) -> None:
+        """On a warm start, launch a built cloud's Nova as soon as its Keystone is launched."""
+        if cloud.nova is None or not cloud.nova_built or self.nova_tools is None:
+            return
+        if not self._nova_running(cloud):
+            self._launch_nova(cloud)
+
+    def _bring_up_nova(self, cloud: CloudState) -> None:
+        """Placement and Nova up (Keystone is ready), and the flavors of a fresh start."""
+        if cloud.nova is None or cloud.placement is None or self.nova_tools is None:
+            return
+        d = _cloud_dir(self.state, cloud)
+        if cloud.name not in self.nova_launched:
+            if self._nova_running(cloud) and cloud.nova_built:
+                nova.wait_ready(
+                    d,
+                    cloud,
+                    cloud.placement.pid or 0,
+                    cloud.nova.pid or 0,
+                    timeout=READY_TIMEOUT,
+                    abort=self._check,
+                )
+                return
+            self._launch_nova(cloud)
+        nova.wait_ready(
+            d,
+            cloud,
+            cloud.placement.pid or 0,
+            cloud.nova.pid or 0,
+            timeout=READY_TIMEOUT,
+            abort=self._check,
+        )
+        nova.create_flavors(d, cloud, keystone.admin_session(cloud))
+        cloud.nova_built = True
 
     def _guarded(self, func: Callable[..., None], *args: Any) -> None:
         self._check()
@@ -326,11 +457,12 @@ class _Start:
                 d, cloud, cloud.glance.pid or 0, timeout=READY_TIMEOUT, abort=self._check
             )
             self.kinds[cloud.name] = "running"
+            self._bring_up_nova(cloud)
             return
         self.kinds[cloud.name] = "warm" if jobs is None else "cold"
         if jobs is None:
             # Processes of this cloud that lab.json does not know of would hold its ports.
-            known = {p for p in (cloud.keystone.pid, cloud.glance.pid) if p is not None}
+            known = {svc.pid for _, svc in cloud.services() if svc.pid is not None}
             procs.stop_groups({g: m for g, m in procs.lab_processes(d).items() if g not in known})
             keystone.write_config(d, self.state.token_expiration)
             glance.write_config(self.tools, d, cloud)
@@ -366,12 +498,15 @@ class _Start:
         check()
         if not k_up:
             self._record(cloud.keystone, keystone.start(self.tools, d, cloud), k_marker)
+        if jobs is None:
+            self._launch_nova_early(cloud)
         keystone.wait_ready(d, cloud, cloud.keystone.pid or 0, timeout=READY_TIMEOUT, abort=check)
         if jobs is not None:
             check()
             keystone.configure(d, cloud)
             cloud.built = True
         glance.wait_ready(d, cloud, cloud.glance.pid or 0, timeout=READY_TIMEOUT, abort=self._check)
+        self._bring_up_nova(cloud)
 
 
 def _raise_first(futures: list[Future[Any]]) -> None:
@@ -404,13 +539,11 @@ def _all_running(state: LabState) -> bool:
     v = state.vospace
     if v is None or not procs.is_running(v.pid, _vospace_marker(state)):
         return False
-    for c in state.clouds:
-        k_marker, g_marker = _markers(state, c)
-        if not (
-            procs.is_running(c.keystone.pid, k_marker) and procs.is_running(c.glance.pid, g_marker)
-        ):
-            return False
-    return True
+    return all(
+        procs.is_running(svc.pid, marker)
+        for c in state.clouds
+        for _, svc, marker in _services(state, c)
+    )
 
 
 def status(directory: Path | None = None) -> tuple[str, bool]:
@@ -433,10 +566,18 @@ def status(directory: Path | None = None) -> tuple[str, bool]:
         rss = (procs.rss_mb(c.keystone.pgid, k_marker) if k_up else 0.0) + (
             procs.rss_mb(c.glance.pgid, g_marker) if g_up else 0.0
         )
+        compute = ""
+        for name, svc, marker in _services(state, c)[2:]:
+            up_ = procs.is_running(svc.pid, marker)
+            all_up = all_up and up_
+            rss += procs.rss_mb(svc.pgid, marker) if up_ else 0.0
+            compute += f"; {name} port {svc.port} pid {svc.pid or '-'} "
+            compute += "running" if up_ else "STOPPED"
         lines.append(
             f"  {c.name}: keystone {c.keystone_url} pid {c.keystone.pid or '-'} "
             f"{'running' if k_up else 'STOPPED'}; glance {c.glance_url} pid "
-            f"{c.glance.pid or '-'} {'running' if g_up else 'STOPPED'}; RSS {rss:.0f} MB"
+            f"{c.glance.pid or '-'} {'running' if g_up else 'STOPPED'}{compute}; "
+            f"RSS {rss:.0f} MB"
         )
     v = state.vospace
     if v is None:
@@ -471,7 +612,7 @@ def down(directory: Path | None = None) -> str:
         groups: dict[int, str] = {}
         if state is not None:
             for c in state.clouds:
-                for svc, marker in zip((c.keystone, c.glance), _markers(state, c), strict=True):
+                for _, svc, marker in _services(state, c):
                     if svc.pgid is not None:
                         groups[svc.pgid] = marker
             if state.vospace is not None and state.vospace.pgid is not None:
@@ -481,7 +622,8 @@ def down(directory: Path | None = None) -> str:
         count = procs.stop_groups(groups)
         if state is not None:
             for c in state.clouds:
-                c.keystone.pid = c.keystone.pgid = c.glance.pid = c.glance.pgid = None
+                for _, svc in c.services():
+                    svc.pid = svc.pgid = None
             if state.vospace is not None:
                 state.vospace.pid = state.vospace.pgid = None
             save_state(state)
@@ -508,6 +650,11 @@ def describe(info: LabInfo) -> str:
             f"region {c.region}  user {c.username}/project {c.project} (member); "
             f"admin: --os-cloud {c.name}-admin"
         )
+        if c.compute_url:
+            lines.append(
+                f"    compute: nova {c.compute_url}  placement {c.placement_url}  "
+                f"flavors {', '.join(f[0] for f in nova.FLAVORS)}"
+            )
     first = info.clouds[0].name if info.clouds else "lab1"
     lines += [
         "use it:",

@@ -69,11 +69,18 @@ def package_dir(name: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def data_dirs(relative: str) -> list[Path]:
+    """Where a package's data file (``etc/...``) may have been installed."""
+    return [Path(sys.prefix) / relative, Path(sysconfig.get_path("data")) / relative]
+
+
+def python() -> Path:
+    """The interpreter running the lab (the venv's): runs the lab's own service modules."""
+    return Path(sys.executable)
+
+
 def _glance_paste_ini() -> Path | None:
-    candidates = [
-        Path(sys.prefix) / "etc/glance/glance-api-paste.ini",
-        Path(sysconfig.get_path("data")) / "etc/glance/glance-api-paste.ini",
-    ]
+    candidates = data_dirs("etc/glance/glance-api-paste.ini")
     return next((c for c in candidates if c.is_file()), None)
 
 
@@ -367,4 +374,32 @@ def wait_http(
             raise failure(f"{what} exited while starting", log)
         if time.monotonic() - start > timeout:
             raise failure(f"{what} did not answer {url} within {timeout:.0f} s", log)
+        time.sleep(0.1)
+
+
+def wait_file(
+    path: Path,
+    content: str,
+    *,
+    pid: int,
+    marker: str,
+    log: Path,
+    what: str,
+    timeout: float = 60.0,
+    abort: Callable[[], None] | None = None,
+) -> float:
+    """Wait until ``path`` holds ``content`` (a service's own readiness mark); as wait_http."""
+    start = time.monotonic()
+    while True:
+        try:
+            if path.read_text().strip() == content:
+                return time.monotonic() - start
+        except OSError:
+            pass
+        if abort is not None:
+            abort()
+        if not is_running(pid, marker):
+            raise failure(f"{what} exited while starting", log)
+        if time.monotonic() - start > timeout:
+            raise failure(f"{what} was not ready within {timeout:.0f} s", log)
         time.sleep(0.1)

@@ -40,6 +40,9 @@ class LabCloud:
     username: str
     password: str
     admin_password: str
+    #: Nova's API (``…/v2.1``) when the cloud has compute (``lab up --nova``), else None
+    compute_url: str | None = None
+    placement_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,13 @@ class CloudState:
     password: str
     #: set once db_sync, bootstrap and the catalog are done; until then a start is cold
     built: bool = False
+    #: Nova's API and Placement, when the cloud has compute (``lab up --nova``)
+    nova: ServiceState | None = None
+    placement: ServiceState | None = None
+    #: the nova and placement service users' password
+    nova_password: str = ""
+    #: set once Keystone knows Nova and Placement and the template databases exist
+    nova_built: bool = False
 
     @property
     def keystone_root(self) -> str:
@@ -125,6 +135,25 @@ class CloudState:
     def glance_url(self) -> str:
         return f"http://127.0.0.1:{self.glance.port}"
 
+    @property
+    def compute_url(self) -> str:
+        assert self.nova is not None
+        return f"http://127.0.0.1:{self.nova.port}/v2.1"
+
+    @property
+    def placement_url(self) -> str:
+        assert self.placement is not None
+        return f"http://127.0.0.1:{self.placement.port}"
+
+    def services(self) -> list[tuple[str, ServiceState]]:
+        """Every service of the cloud, by name (keystone, glance, and placement, nova)."""
+        out = [("keystone", self.keystone), ("glance", self.glance)]
+        if self.placement is not None:
+            out.append(("placement", self.placement))
+        if self.nova is not None:
+            out.append(("nova", self.nova))
+        return out
+
     def public(self) -> LabCloud:
         return LabCloud(
             name=self.name,
@@ -135,6 +164,8 @@ class CloudState:
             username=USERNAME,
             password=self.password,
             admin_password=self.admin_password,
+            compute_url=self.compute_url if self.nova is not None else None,
+            placement_url=self.placement_url if self.placement is not None else None,
         )
 
 
@@ -250,6 +281,10 @@ def load_state(directory: Path) -> LabState | None:
                 glance_password=c["glance_password"],
                 password=c["password"],
                 built=bool(c["built"]),
+                nova=ServiceState(**c["nova"]) if c.get("nova") else None,
+                placement=ServiceState(**c["placement"]) if c.get("placement") else None,
+                nova_password=c.get("nova_password", ""),
+                nova_built=bool(c.get("nova_built", False)),
             )
             for c in raw["clouds"]
         ]
@@ -284,6 +319,10 @@ def save_state(state: LabState) -> None:
                 "glance_password": c.glance_password,
                 "password": c.password,
                 "built": c.built,
+                "nova": service(c.nova) if c.nova is not None else None,
+                "placement": service(c.placement) if c.placement is not None else None,
+                "nova_password": c.nova_password,
+                "nova_built": c.nova_built,
             }
             for c in state.clouds
         ],

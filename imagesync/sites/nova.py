@@ -1,0 +1,216 @@
+"""A cloud's Nova, for snapshots: find a server, stop it, ``createImage``, watch the image.
+
+It shares the cloud's keystoneauth session (``sites.glance.make_session``): one token per
+cloud. Errors are classified at this boundary like Glance's (``sites.glance.classify``). What
+the answers mean, as seen on a real Nova 34 (../shared/reference/nova-recipe.md):
+
+- ``createImage`` at microversion ≥ 2.45 answers 202 with ``{"image_id": …}``; a second one
+  while the first runs answers 409 (task_state ``image_uploading``).
+- The image goes queued → saving → active while the server's task_state goes
+  ``image_snapshot`` → ``image_pending_upload`` → ``image_uploading`` → None.
+- A failed snapshot leaves almost no trace: Nova deletes the image (GET → 404, briefly
+  ``deleted``) and the server's task_state returns to None, without a fault. The instance
+  action of the request may carry a message; ``failure_detail`` reports what there is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+from keystoneauth1 import adapter as ks_adapter
+from keystoneauth1 import exceptions as ksexc
+from keystoneauth1 import session as ks_session
+
+from imagesync.config.types import CloudConfig
+from imagesync.errors import NotFound, SiteError, UsageError
+from imagesync.sites.glance import classify, make_session
+
+log = structlog.get_logger("imagesync.nova")
+
+#: 2.45: createImage answers with the image id in its body
+MICROVERSION = "2.45"
+
+
+@dataclass(frozen=True)
+class Server:
+    """What snapshotting needs to know of a server."""
+
+    id: str
+    name: str
+    status: str  # ACTIVE, SHUTOFF, ERROR, ...
+    task_state: str | None
+    image_id: str | None  # the image it was booted from ("" for a volume-booted server)
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    fault: str | None = None
+
+
+@dataclass(frozen=True)
+class SnapshotImage:
+    """The snapshot's image as Glance reports it; ``status`` "gone" when Glance has none."""
+
+    id: str
+    status: str
+    size: int | None = None
+    sha512: str | None = None
+    name: str | None = None
+
+
+def _server(raw: Mapping[str, Any]) -> Server:
+    image = raw.get("image")
+    fault = raw.get("fault")
+    return Server(
+        id=str(raw["id"]),
+        name=str(raw.get("name") or ""),
+        status=str(raw.get("status") or "UNKNOWN"),
+        task_state=raw.get("OS-EXT-STS:task_state") or None,
+        image_id=str(image["id"]) if isinstance(image, dict) and image.get("id") else None,
+        metadata={str(k): str(v) for k, v in (raw.get("metadata") or {}).items()},
+        fault=str(fault.get("message")) if isinstance(fault, dict) and fault else None,
+    )
+
+
+class NovaSnapshots:
+    """One cloud's compute API, as far as taking snapshots goes."""
+
+    def __init__(self, cfg: CloudConfig, session: ks_session.Session | None = None) -> None:
+        self.name = cfg.name
+        self.cfg = cfg
+        self.session = session or make_session(cfg)
+        self.compute = ks_adapter.Adapter(
+            self.session,
+            service_type="compute",
+            interface=cfg.interface,
+            region_name=cfg.region_name,
+            default_microversion=MICROVERSION,
+        )
+        self.image = ks_adapter.Adapter(
+            self.session,
+            service_type="image",
+            interface=cfg.interface,
+            region_name=cfg.region_name,
+            endpoint_override=cfg.endpoint_override,
+        )
+
+    def _call(self, what: str, method: str, url: str, adapter: Any = None, **kw: Any) -> Any:
+        try:
+            resp = (adapter or self.compute).request(url, method, raise_exc=True, **kw)
+        except ksexc.EndpointNotFound:
+            raise SiteError(
+                f"{what}: no compute (Nova) endpoint in the catalog for region "
+                f"{self.cfg.region_name or '(any)'}",
+                site=self.name,
+            ) from None
+        except Exception as exc:
+            raise classify(exc, self.name, what) from None
+        return resp
+
+    def find_server(self, ref: str) -> Server:
+        """A server of the project by id, else by exact name (which must be unique)."""
+        try:
+            return self.get_server(ref)
+        except NotFound:
+            pass
+        page = self._call(
+            f"find server {ref!r}", "GET", "/servers/detail", params={"name": f"^{ref}$"}
+        ).json()
+        found = [s for s in page.get("servers", []) if s.get("name") == ref]
+        if not found:
+            raise NotFound(f"no server {ref!r} on {self.name}", site=self.name)
+        if len(found) > 1:
+            ids = ", ".join(str(s["id"]) for s in found)
+            raise UsageError(f"{len(found)} servers are called {ref!r} on {self.name}: {ids}")
+        return _server(found[0])
+
+    def get_server(self, server_id: str) -> Server:
+        raw = self._call(f"get server {server_id}", "GET", f"/servers/{server_id}").json()
+        return _server(raw["server"])
+
+    def stop(self, server_id: str) -> None:
+        """Ask Nova to stop the server (it answers at once; the caller waits for SHUTOFF)."""
+        self._call(
+            f"stop server {server_id}",
+            "POST",
+            f"/servers/{server_id}/action",
+            json={"os-stop": None},
+        )
+
+    def create_image(self, server_id: str, name: str, metadata: Mapping[str, str]) -> str:
+        """``createImage``: the new image's id. Nova copies ``metadata`` into its properties."""
+        body = {"createImage": {"name": name, "metadata": dict(metadata)}}
+        resp = self._call(
+            f"snapshot server {server_id}", "POST", f"/servers/{server_id}/action", json=body
+        )
+        image_id = (resp.json() or {}).get("image_id")
+        if not image_id:
+            raise SiteError(
+                f"snapshot server {server_id}: Nova answered without an image id", site=self.name
+            )
+        return str(image_id)
+
+    def get_image(self, image_id: str) -> SnapshotImage:
+        """The snapshot's image; status "gone" when Glance has none (Nova deleted it)."""
+        try:
+            raw = self._call(f"get image {image_id}", "GET", f"/v2/images/{image_id}", self.image)
+        except NotFound:
+            return SnapshotImage(id=image_id, status="gone")
+        data = raw.json()
+        algo, value = data.get("os_hash_algo"), data.get("os_hash_value")
+        return SnapshotImage(
+            id=image_id,
+            status=str(data.get("status")),
+            size=data.get("size"),
+            sha512=str(value) if algo == "sha512" and value else None,
+            name=data.get("name"),
+        )
+
+    def image_name(self, image_id: str) -> str | None:
+        """The name of an image (a server's base image), or None if it is gone."""
+        img = self.get_image(image_id)
+        return img.name if img.status != "gone" else None
+
+    def delete_image(self, image_id: str) -> bool:
+        """Remove a failed snapshot's image; True if it is gone now."""
+        try:
+            self._call(f"delete image {image_id}", "DELETE", f"/v2/images/{image_id}", self.image)
+        except NotFound:
+            return True
+        except SiteError as exc:
+            log.warning(
+                "snapshot.cleanup_failed", site=self.name, image_id=image_id, error=str(exc)
+            )
+            return False
+        return True
+
+    def failure_detail(self, server_id: str) -> str | None:
+        """What Nova says went wrong with the server's last createImage: the server's fault,
+        or an error of the instance action's events; None when Nova says nothing."""
+        try:
+            server = self.get_server(server_id)
+            if server.fault:
+                return server.fault
+            actions = self._call(
+                f"actions of {server_id}", "GET", f"/servers/{server_id}/os-instance-actions"
+            ).json()
+            for action in actions.get("instanceActions", []):
+                if action.get("action") != "createImage":
+                    continue
+                if action.get("message"):
+                    return str(action["message"])
+                detail = self._call(
+                    f"action of {server_id}",
+                    "GET",
+                    f"/servers/{server_id}/os-instance-actions/{action['request_id']}",
+                ).json()
+                for event in detail.get("instanceAction", {}).get("events", []):
+                    if event.get("result") == "Error":
+                        return f"{event.get('event')}: {event.get('result')}"
+                return None
+        except SiteError as exc:
+            log.info("snapshot.no_detail", site=self.name, server=server_id, error=str(exc))
+        return None
+
+    def close(self) -> None:
+        pass
