@@ -14,6 +14,11 @@ no longer has is never handed out: the sites are asked instead. An account that 
 the credentials (a scheduler group that may read ``state_dir`` and the config, not
 clouds.yaml) gets the recorded answer as it is (``answered_from: recorded``), without reading
 any secret.
+
+Every inventory imagesync takes (``status``, ``push``, ``sync``, ``check --fresh``, each daemon
+pass) records what it found, so a cell any of them saw stale is not answered from afterwards.
+``--json`` says when the answer was taken (``as_of``, ISO 8601 UTC): the recorded time, or now
+when the sites were asked.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ import dataclasses
 import json
 import sys
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from imagesync.config.types import Config
 from imagesync.errors import ConfigError, NotFound, SiteError, UsageError
-from imagesync.model import printable
+from imagesync.model import format_time, printable
 from imagesync.state import RecordedCell, read_cell
 
 OK, MISSING, USAGE, UNKNOWN = 0, 1, 2, 3
@@ -179,8 +185,14 @@ def _recorded(config: Config, name: str, cloud: str) -> tuple[RecordedCell, dict
         "version": cell.newest,
         "sha512": cell.sha512,
         "answered_from": "recorded",
+        "as_of": _iso(cell.recorded),
         "age_seconds": round(age, 1),
     }
+
+
+def _iso(when: float) -> str:
+    """``as_of``: ISO 8601 UTC, to the second."""
+    return format_time(datetime.fromtimestamp(int(when), UTC))
 
 
 def _ask(
@@ -193,7 +205,6 @@ def _ask(
     deadline: float | None,
 ) -> int:
     from imagesync.engine import Engine
-    from imagesync.model import format_time
     from imagesync.plan import Action, Copy, Plan, Rule, TargetRule, plan_name, rule_for
     from imagesync.transfer import ErrorKind
 
@@ -212,6 +223,7 @@ def _ask(
                 **base,
                 "state": cell.state,
                 "answered_from": "sites",
+                "as_of": _iso(time.time()),
                 "version": format_time(a.newest.time) if a.newest else None,
                 "sha512": a.newest.sha512 if a.newest else None,
             }

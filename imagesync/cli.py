@@ -202,7 +202,7 @@ def _setup_logging(args: argparse.Namespace, config: Any = None) -> None:
 
 
 def cmd_config_check(args: argparse.Namespace) -> int:
-    from imagesync.sites.probe import check_connections
+    from imagesync.sites.probe import check_connections, check_state_dir
 
     config = _config(args)
     print(
@@ -211,7 +211,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     )
     if not args.connect:
         return 0
-    failed = 0
+    ok, detail = check_state_dir(config.state_dir)  # as the user running this command
+    print(f"  state_dir: {'ok' if ok else 'FAILED'} - {detail}")
+    failed = 0 if ok else 1
     for name, ok, detail in check_connections(config):
         print(f"  {name}: {'ok' if ok else 'FAILED'}{' - ' + detail if detail else ''}")
         failed += not ok

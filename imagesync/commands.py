@@ -16,7 +16,7 @@ from typing import Any
 
 from imagesync.config.types import Config
 from imagesync.engine import ActionResult, Engine, summarize
-from imagesync.errors import UsageError
+from imagesync.errors import ImageSyncError, UsageError
 from imagesync.model import SiteInventory, format_time, printable
 from imagesync.plan import (
     Action,
@@ -33,6 +33,37 @@ from imagesync.plan import (
     rule_for,
 )
 from imagesync.progress import ProgressBar, wants_progress
+
+
+class NoSuchImage(ImageSyncError):
+    """No reachable site has any image with the name asked for (a typo, most often): exit 1,
+    said in one line naming the sites asked and the closest names they hold."""
+
+
+def _no_such_image(
+    engine: Engine, name: str, inventories: Mapping[str, SiteInventory]
+) -> NoSuchImage | None:
+    """The error for a name no reachable site holds any image of (whoever owns it, whatever
+    its state), or None. Only then are the sites listed in full, for a suggestion."""
+    reachable = [s for s, inv in inventories.items() if inv.ok]
+    if any(r.name == name for s in reachable for r in inventories[s].images):
+        return None
+    if engine.state.cells(name):  # deleted everywhere since: check must stop answering it
+        from imagesync.plan import assess
+
+        engine.record([assess(name, inventories, engine.site_names)])
+    import difflib
+
+    known = {r.name for inv in engine.inventory_room.all(reachable).values() for r in inv.images}
+    known |= {r.pattern for r in engine.rules if not any(c in r.pattern for c in "*?[")}
+    close = difflib.get_close_matches(name, sorted(known - {name}), n=1)
+    text = f"no image named '{name}' on {', '.join(reachable) or 'any reachable site'}"
+    if close:
+        text += f" (did you mean '{close[0]}'?)"
+    unreachable = [s for s, inv in inventories.items() if not inv.ok]
+    if unreachable:
+        text += f"; not asked, unreachable: {', '.join(unreachable)}"
+    return NoSuchImage(printable(text))
 
 
 def _check_sites(config: Config, names: Sequence[str], what: str) -> None:
@@ -189,9 +220,12 @@ def _plan_and_run(
     engine = Engine(config)
     try:
         inventories = engine.inventories(name=name)
+        if name is not None and (missing := _no_such_image(engine, name, inventories)):
+            raise missing
         # a dry run changes nothing: not even crash leftovers are removed
         p = make_plan(inventories if dry_run else engine.recover(inventories))
         if dry_run:
+            engine.record(p.assessments)  # changes no site; what it found, check answers from
             _emit_plan(p, as_json)
             return None
         results = engine.execute(p, progress=None if as_json else _progress_factory())
@@ -250,6 +284,8 @@ def _cell_text(a: Assessment, site: str) -> str:
         return printable(f"current {c.image.short_id}{dup}")
     if c.state in ("stale", "mismatch") and c.have is not None:
         return f"{c.state} {format_time(c.have.time)}"
+    if c.state == "missing" and not c.required:
+        return "not required"  # no rule wants it there: nothing is wrong
     return c.state
 
 
@@ -272,17 +308,22 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
     engine = Engine(config)
     try:
         inventories = engine.inventories(name=name)
+        if name is not None and (missing := _no_such_image(engine, name, inventories)):
+            raise missing
+        rules = engine.rules
+        if name is not None:
+            from imagesync.plan import assess, rule_for
+
+            rule = rule_for(rules, name)
+            required = rule.sites if rule else ()
+            assessments = [assess(name, inventories, config.site_names, required=required)]
+        else:
+            assessments = plan(rules, inventories, config.site_names).assessments
+        # what status saw is what check answers from: a cell found stale here is never
+        # handed out as current afterwards (issue 11)
+        engine.record(assessments)
     finally:
         engine.close()
-    rules = engine.rules
-    if name is not None:
-        from imagesync.plan import assess, rule_for
-
-        rule = rule_for(rules, name)
-        required = rule.sites if rule else ()
-        assessments = [assess(name, inventories, config.site_names, required=required)]
-    else:
-        assessments = plan(rules, inventories, config.site_names).assessments
     if as_json:
         out = []
         for a in assessments:

@@ -2,6 +2,8 @@
 
     ImageSyncError                 base; str(e) is a message fit for a human, never a secret
     ├── ConfigError                the configuration is wrong: fix it as the message says (exit 2)
+    │   └── StateDirError          state_dir cannot be used by this user (permissions): the
+    │                              message names the path, its owner and the fix (exit 2)
     ├── UsageError                 the command line is wrong (exit 2)
     ├── LabError                   the local lab could not be started or is not installed
     ├── SiteError                  a site (cloud or store) failed; carries the site name
@@ -40,6 +42,15 @@ class ConfigError(ImageSyncError):
             parts.append(key)
         prefix = ": ".join(parts)
         super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class StateDirError(ConfigError):
+    """``state_dir`` (or its database) cannot be read or written by the user running
+    imagesync: a deployment mistake, fixed by running as the service user or by ``chown``."""
+
+    def __init__(self, message: str, *, path: str = "") -> None:
+        self.path = path
+        super().__init__(message)
 
 
 class UsageError(ImageSyncError):

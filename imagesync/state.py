@@ -21,6 +21,10 @@ One connection is shared by the daemon's transfer threads; a lock serialises its
 cells of a whole pass are written in one transaction: an idle pass over thousands of names
 must not pay one commit per (name, site).
 
+A state directory this user cannot use (a root-owned ``0750`` one, for a command run by
+another account) is a ``StateDirError`` when ``State`` opens it: one line naming the path, its
+owner and the fix (run as that user: ``sudo -u OWNER imagesync …``), never a traceback.
+
 ``read_cell`` is ``check``'s way in: it opens the database read-only and writes nothing (no
 WAL switch, no ``CREATE TABLE``, no ``-wal``/``-shm`` files), so a scheduler account that may
 only read ``state_dir`` can answer from it.
@@ -45,7 +49,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from imagesync.errors import LockBusy, LockDenied
+from imagesync.errors import LockBusy, LockDenied, StateDirError
 
 DIR_MODE = 0o750
 FILE_MODE = 0o640
@@ -115,6 +119,19 @@ def _make_dir(path: Path, *, parents: bool = False) -> None:
     except FileExistsError:
         return
     os.chmod(path, DIR_MODE)
+    _give_path_to_dir_owner(path)
+
+
+def _give_path_to_dir_owner(path: Path) -> None:
+    """Run as root in a state directory the service user owns, give what root just made
+    (``locks/``, ``instance-id``) to that user: otherwise one ``push`` by an administrator
+    locks the service out of its own state."""
+    if os.geteuid() != 0:
+        return
+    with contextlib.suppress(OSError):
+        st = os.stat(path.parent)
+        if st.st_uid != 0 or st.st_gid != 0:
+            os.chown(path, st.st_uid, st.st_gid)
 
 
 def _make_file(path: Path) -> None:
@@ -209,8 +226,15 @@ def read_cell(state_dir: Path, name: str, site: str) -> RecordedCell | None:
     page under us, the error below makes this "no recorded answer", never a wrong one.
     """
     db = Path(state_dir) / "imagesync.sqlite"
-    if not db.is_file():
-        return None
+    try:
+        if not db.is_file():
+            return None
+    except PermissionError as exc:  # a folder this account may not search
+        raise _state_dir_error(
+            Path(state_dir), Path(state_dir), "permission denied", read=True
+        ) from exc
+    if not os.access(db, os.R_OK):
+        raise _state_dir_error(Path(state_dir), db, "permission denied", read=True)
     live = Path(f"{db}-wal").exists() and Path(f"{db}-shm").exists()
     attempts = (False, True) if live else (True,)
     for immutable in attempts:
@@ -235,14 +259,87 @@ def _key(name: str, site: str) -> str:
     return f"{digest}.lock"
 
 
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _owner(path: Path) -> int | None:
+    """The owner of ``path``, or of its nearest parent that exists (stat needs no rights on
+    the object itself, only to search its parents)."""
+    for p in (path, *path.parents):
+        with contextlib.suppress(OSError):
+            return p.stat().st_uid
+    return None
+
+
+#: sqlite's messages for a database or folder this user may not write (it has no errno)
+_SQLITE_DENIED = ("readonly database", "unable to open database", "disk i/o error")
+
+
+def _state_dir_error(state_dir: Path, path: Path, why: str, *, read: bool = False) -> StateDirError:
+    """One line: what cannot be used, by whom, and the ways to fix it. ``read``: only
+    reading was wanted (``check`` from recorded state, by a scheduler account)."""
+    me = _user(os.geteuid())
+    owner_uid = _owner(state_dir)
+    owner = _user(owner_uid) if owner_uid is not None else None
+    where = "" if path == state_dir else f" ({path})"
+    if read:
+        fix = (
+            f"let {me} read it (a group that may read {state_dir} and its imagesync.sqlite), "
+            f"or run as {owner or 'the service user'}"
+        )
+    elif owner is not None and owner_uid != os.geteuid():
+        fix = (
+            f"it belongs to {owner}: run imagesync as that user (sudo -u {owner} imagesync …), "
+            f"or set state_dir to a folder {me} may write"
+        )
+    else:
+        fix = f"give it to {me} (chown -R {me}: {state_dir}) or set state_dir elsewhere"
+    verb = "read" if read else "use"
+    return StateDirError(
+        f"cannot {verb} the state directory {state_dir}{where} as user {me}: {why}; {fix}",
+        path=str(path),
+    )
+
+
+def _usable(state_dir: Path, db_path: Path) -> None:
+    """Raise StateDirError unless this user may write the folder and the database (sqlite
+    would open an unwritable database read-only without a word and fail at the first write)."""
+    for path, what in ((state_dir, os.W_OK | os.X_OK), (db_path, os.R_OK | os.W_OK)):
+        if path.exists() and not os.access(path, what):
+            raise _state_dir_error(state_dir, path, "permission denied")
+
+
 class State:
     """The sqlite database and lock directory under ``state_dir``."""
 
     def __init__(self, state_dir: Path) -> None:
         self.dir = Path(state_dir)
-        _make_dir(self.dir, parents=True)
-        _make_dir(self.dir / "locks")
         self.db_path = self.dir / "imagesync.sqlite"
+        try:
+            self._open()
+        except PermissionError as exc:
+            path = Path(exc.filename) if exc.filename else self.dir
+            raise _state_dir_error(self.dir, path, exc.strerror or str(exc)) from exc
+        except OSError as exc:
+            if exc.errno != errno.EROFS:
+                raise
+            path = Path(exc.filename) if exc.filename else self.dir
+            raise _state_dir_error(self.dir, path, exc.strerror or str(exc)) from exc
+        except sqlite3.OperationalError as exc:
+            if not any(s in str(exc).lower() for s in _SQLITE_DENIED):
+                raise
+            raise _state_dir_error(self.dir, self.db_path, str(exc)) from exc
+
+    def _open(self) -> None:
+        _make_dir(self.dir, parents=True)
+        _usable(self.dir, self.db_path)
+        _make_dir(self.dir / "locks")
         _make_file(self.db_path)  # so that sqlite opens a file with our mode, not the umask's
         self._db = sqlite3.connect(
             self.db_path, timeout=30, isolation_level=None, check_same_thread=False
@@ -305,6 +402,7 @@ class State:
         # none ever reads a half-written file.
         tmp = self.dir / f".instance-id.{candidate}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        _give_path_to_dir_owner(tmp)
         try:
             with os.fdopen(fd, "w") as f:
                 f.write(candidate + "\n")

@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 import structlog
 
 from imagesync.engine import ActionResult, Engine, Observer, Outcome
+from imagesync.errors import ImageSyncError
 from imagesync.metrics import Metrics
 from imagesync.model import printable
 from imagesync.plan import Assessment, Copy, Ignored, Retire, plan
@@ -177,6 +178,9 @@ def run_one_pass(
         results = eng.execute_concurrently(p, cancel=cancel, observer=watch)
         watch.metrics.observe_lag(p.assessments, results, time.time())
         return summarize_pass(started, time.monotonic() - t0, results, len(p.skips), unreachable)
+    except ImageSyncError as exc:  # expected (a state_dir this user cannot write): one line
+        log.error("pass.failed", error=str(exc))
+        return PassReport(started=started, seconds=time.monotonic() - t0, error=str(exc))
     except Exception as exc:  # the loop must survive anything one pass runs into
         log.exception("pass.failed", error=str(exc))
         return PassReport(

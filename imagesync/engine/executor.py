@@ -10,12 +10,16 @@ history row.
 
 One scheduler serves every caller. ``push`` and ``sync`` run a plan's copies one after
 another in the calling thread (so Ctrl-C unwinds through them and their cleanup), each
-fanning out to all its targets from one read of the source. The daemon splits each copy
-into one task per target and runs them concurrently: a task starts only when it can take a
-slot overall (``max_transfers``) and on every site it writes to (that site's
-``max_transfers``), and it never waits holding a slot, so tasks for a busy site wait while
-others pass them. The source is not charged a slot (a read stalled by a slow target would
-otherwise hold the source's slots too), and no site may take every overall slot.
+fanning out to all its targets from one read of the source. The daemon runs copies
+concurrently, also each fanning out from one read: a copy starts only when it can take a
+slot overall (``max_transfers``: one per copy, that is per read of a source) and one on
+every site it writes to (that site's ``max_transfers``). A copy whose targets are only
+partly free is split, not held back: the free targets start now from one read, the others
+wait as a copy of their own (a second read of the source, which is cheaper than a fast
+site idling behind a slow one). No task waits holding a slot, so copies for a busy site
+wait while others pass them. The source is not charged a slot (a read stalled by a slow
+target would otherwise hold the source's slots too), and no site may take every overall
+slot.
 """
 
 from __future__ import annotations
@@ -76,7 +80,10 @@ class Executor:
         cancel: threading.Event | None = None,
         observer: Observer | None = None,
     ) -> list[ActionResult]:
-        """Run the copies (``concurrency`` at a time), then, unless cancelled, retirements."""
+        """Run the copies (``concurrency`` at a time), then, unless cancelled, retirements.
+
+        ``split_targets`` makes one task per (copy, target) from the start: every target
+        then reads the source on its own (kept for measuring what grouping saves)."""
         observer = observer or Observer()
         copies = plan.copies
         if split_targets:
@@ -123,21 +130,28 @@ class Executor:
             while pending or running:
                 if cancel is not None and cancel.is_set():
                     pending.clear()
-                for index, task in list(pending):
-                    if running >= overall:
-                        break
-                    if all(busy[s] < limit(s) for s in task.targets):
-                        pending.remove((index, task))
-                        running += 1
-                        busy.update(task.targets)
-                        # daemon threads: a transfer stuck in a dead connection must not keep
-                        # the process alive after shutdown has cleaned up after it
-                        threading.Thread(
-                            target=work,
-                            args=(index, task),
-                            daemon=True,
-                            name=f"copy-{task.name[:20]}-{task.targets[0]}",
-                        ).start()
+                waiting: list[tuple[int, Copy]] = []
+                for index, task in pending:
+                    free = tuple(s for s in task.targets if busy[s] < limit(s))
+                    if running >= overall or not free:
+                        waiting.append((index, task))
+                        continue
+                    if len(free) < len(task.targets):
+                        # the targets at their site's limit wait, in the same place in line
+                        rest = tuple(s for s in task.targets if s not in free)
+                        waiting.append((index, dataclasses.replace(task, targets=rest)))
+                        task = dataclasses.replace(task, targets=free)
+                    running += 1
+                    busy.update(task.targets)
+                    # daemon threads: a transfer stuck in a dead connection must not keep
+                    # the process alive after shutdown has cleaned up after it
+                    threading.Thread(
+                        target=work,
+                        args=(index, task),
+                        daemon=True,
+                        name=f"copy-{task.name[:20]}-{task.targets[0]}",
+                    ).start()
+                pending = waiting
                 cond.wait(timeout=0.5)
         return [r for _, r in sorted(done, key=lambda x: x[0])]
 

@@ -133,6 +133,8 @@ class Engine:
     # -- execution -----------------------------------------------------------------------------
     def execute(self, plan: Plan, progress: ProgressFactory | None = None) -> list[ActionResult]:
         """``push``/``sync``: copies one after another, each read once for all its targets."""
+        if plan.copies:  # copies take long: what the inventory found holds meanwhile
+            self.record(plan.assessments)
         results = self.executor.run(plan, progress=progress)
         self.record(plan.assessments, results)
         return results
@@ -140,13 +142,14 @@ class Engine:
     def execute_concurrently(
         self, plan: Plan, *, cancel: threading.Event | None = None, observer: Observer | None = None
     ) -> list[ActionResult]:
-        """The daemon's: one task per (image, target), in parallel within the limits. Once
-        ``cancel`` is set no task starts, running ones abort (removing their uploads) and
-        retirements are not run."""
+        """The daemon's: copies in parallel within the limits, each read once for all the
+        targets that have a slot (``Executor``). Once ``cancel`` is set no task starts,
+        running ones abort (removing their uploads) and retirements are not run."""
+        if plan.copies:  # copies take long: what the inventory found holds meanwhile
+            self.record(plan.assessments)
         results = self.executor.run(
             plan,
             concurrency=max(1, self.config.max_transfers),
-            split_targets=True,
             cancel=cancel,
             observer=observer,
         )
@@ -167,5 +170,10 @@ class Engine:
         return self.executor.run_retire(retire)
 
     # -- recorded answers ----------------------------------------------------------------------
-    def record(self, assessments: Sequence[Assessment], results: Sequence[ActionResult]) -> None:
+    def record(
+        self, assessments: Sequence[Assessment], results: Sequence[ActionResult] = ()
+    ) -> None:
+        """Write what ``check`` answers from. Every inventory calls it (``status`` and a dry
+        run too, with no results): a cell it found stale must stop being answered "current"
+        at once, not once ``check_max_age`` has passed."""
         self.state.record_cells(recorded_cells(assessments, results, time.time()))
