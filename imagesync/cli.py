@@ -368,9 +368,15 @@ def _setup_logging(args: argparse.Namespace, config: Any = None) -> None:
 
     fmt = args.log_format or (config.log_format if config is not None else "auto")
     level = "debug" if args.verbose else (config.log_level if config is not None else "info")
-    # The daemon's log is its output (journald); other commands keep stdout for results.
+    daemon = args.command == "daemon"
+    # The daemon's log is its output (journald); other commands keep stdout for results. A
+    # person at a terminal reads the command's own output: only warnings and errors around
+    # it, unless -v.
     setup_logging(
-        fmt=fmt, level=level, stream=sys.stdout if args.command == "daemon" else sys.stderr
+        fmt=fmt,
+        level=level,
+        stream=sys.stdout if daemon else sys.stderr,
+        terminal_level=None if daemon or args.verbose else "warning",
     )
 
 
