@@ -333,14 +333,6 @@ class Executor:
             # Ctrl-C (SIGTERM for the CLI) in push or sync: copy_image aborted every upload
             # before this; history must still show the transfer (`history` lists it)
             interrupted = True
-            log.warning(
-                "copy.interrupted",
-                image=copy.name,
-                source=image.ref,
-                targets=targets,
-                bytes=read,
-                uploads="removed",
-            )
             self._record_unfinished(
                 copy,
                 image.ref,
@@ -357,6 +349,17 @@ class Executor:
             close = getattr(bar, "close", None)
             if close is not None:
                 close(interrupted=interrupted)
+            if interrupted:
+                # after the bar has ended its line; info: the person who pressed Ctrl-C reads
+                # the bar's own sentence, a log reader (JSON, not a terminal) this
+                log.info(
+                    "copy.interrupted",
+                    image=copy.name,
+                    source=image.ref,
+                    targets=targets,
+                    bytes=read,
+                    uploads="removed",
+                )
         self._report(copy, image, result, started)
         outcome = (
             Outcome.CANCELLED

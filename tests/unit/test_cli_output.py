@@ -402,6 +402,7 @@ def test_ctrl_c_ends_the_bar_line_removes_the_uploads_and_history_shows_it(
     assert "%" in bar.split("\r")[-1] and " ETA " in bar  # the bar's line, ended by a newline
     assert said == "img-one → b: interrupted: the uploads it had started were removed"
     assert (last, end) == ("imagesync: interrupted", "")
+    assert "copy.interrupted" not in out  # the bar said it: no log line inside the bar
     assert [p.name for p in (tmp_path / "b").rglob("*") if p.is_file()] == []
     # history lists it (it did not before: the interrupt skipped the recording)
     assert main(["-c", str(config), "history", "--json"]) == 0
