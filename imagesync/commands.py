@@ -14,8 +14,10 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+import structlog
+
 from imagesync.config.types import Config
-from imagesync.engine import ActionResult, Engine, summarize
+from imagesync.engine import ActionResult, Engine, Outcome, summarize
 from imagesync.errors import ImageSyncError, UsageError
 from imagesync.model import SiteInventory, format_time, printable
 from imagesync.plan import (
@@ -32,7 +34,15 @@ from imagesync.plan import (
     plan_name,
     rule_for,
 )
-from imagesync.progress import ProgressBar, wants_progress
+from imagesync.progress import (
+    ProgressBar,
+    human_bytes,
+    human_rate,
+    human_seconds,
+    wants_progress,
+)
+
+log = structlog.get_logger("imagesync.commands")
 
 
 class NoSuchImage(ImageSyncError):
@@ -140,13 +150,14 @@ def _print_results(results: Sequence[ActionResult]) -> None:
                 print(printable(f"ok     {r.action.name}: {r.detail}"))
             for t in r.targets:
                 if t.ok and t.image is not None:
+                    # the progress bar's units: sizes in KiB/MiB/GiB, the same rate
                     secs = r.copy.seconds if r.copy else 0.0
                     size = r.copy.bytes_read if r.copy else 0
-                    rate = size / secs / 1e6 if secs else 0.0
                     print(
                         printable(
                             f"copied {r.action.name} to {t.site}: {t.image.id} "
-                            f"({size} bytes, {secs:.1f}s, {rate:.0f} MB/s)"
+                            f"({human_bytes(size)} in {human_seconds(secs)}, "
+                            f"{human_rate(size, secs)})"
                         )
                     )
                 else:
@@ -192,17 +203,46 @@ def push(
         )
         return Plan(actions=actions, assessments=[assessment])
 
-    done = _plan_and_run(config, make_plan, name=name, dry_run=dry_run, as_json=as_json)
+    wanted = list(targets) if targets else list(rule.sites)
+    done = _plan_and_run(
+        config, make_plan, name=name, dry_run=dry_run, as_json=as_json, wanted=wanted
+    )
     if done is None:
         return 0
     p, results = done
-    if not as_json and not results and not p.skips:
-        print(
-            f"{printable(name)}: already current on {', '.join(targets if targets else rule.sites)}"
-        )
+    if not as_json:
+        current = [s for s, what in site_outcomes(p, results, wanted).items() if what == CURRENT]
+        if current:
+            print(f"{printable(name)}: already current on {', '.join(current)}")
     _, failed = summarize(results)
     blocking = [s for s in p.skips if s.site == "*" or s.why.blocks]
     return 1 if failed or blocking else 0
+
+
+CURRENT = "already current"
+
+
+def site_outcomes(
+    p: Plan, results: Sequence[ActionResult], wanted: Sequence[str]
+) -> dict[str, str]:
+    """What became of each wanted site: ``already current``, ``copied``, why it failed, or
+    why it was skipped (one name's push)."""
+    out: dict[str, str] = {}
+    for a in p.assessments:
+        for site, cell in a.cells.items():
+            if site in wanted and cell.state == "current":
+                out[site] = CURRENT
+    for r in results:
+        if not isinstance(r.action, Copy):
+            continue
+        if r.outcome is Outcome.NOTHING_TO_DO:  # another run copied it after we planned
+            out.update(dict.fromkeys(r.action.targets, CURRENT))
+        for t in r.targets:
+            out[t.site] = "copied" if t.ok else (t.error_kind.value if t.error_kind else "failed")
+    for s in p.skips:
+        if s.site in wanted:
+            out.setdefault(s.site, f"skipped: {s.reason}")
+    return {s: out[s] for s in wanted if s in out}
 
 
 def _plan_and_run(
@@ -212,10 +252,12 @@ def _plan_and_run(
     name: str | None,
     dry_run: bool,
     as_json: bool,
+    wanted: Sequence[str] | None = None,
 ) -> tuple[Plan, list[ActionResult]] | None:
     """Inventory, plan, and either print the plan (dry run: returns None) or run and report it.
 
-    A dry run changes nothing: not even crash leftovers are removed.
+    A dry run changes nothing: not even crash leftovers are removed. ``wanted``: the sites
+    one name's push is for; its JSON then says what became of each (``sites``).
     """
     engine = Engine(config)
     try:
@@ -224,6 +266,13 @@ def _plan_and_run(
             raise missing
         # a dry run changes nothing: not even crash leftovers are removed
         p = make_plan(inventories if dry_run else engine.recover(inventories))
+        log.debug(
+            "plan",
+            copies=len(p.copies),
+            retires=len(p.retires),
+            skips=len(p.skips),
+            unreachable=sorted(s for s, inv in inventories.items() if not inv.ok),
+        )
         if dry_run:
             engine.record(p.assessments)  # changes no site; what it found, check answers from
             _emit_plan(p, as_json)
@@ -236,6 +285,7 @@ def _plan_and_run(
             json.dumps(
                 {
                     **({"name": name} if name else {}),
+                    **({"sites": site_outcomes(p, results, wanted)} if wanted is not None else {}),
                     "results": [result_dict(r) for r in results],
                     "skipped": [action_dict(a) for a in p.skips],
                 },
@@ -273,7 +323,14 @@ def sync(config: Config, *, dry_run: bool = False, as_json: bool = False) -> int
     )
     if done is None:
         return 0
-    _, failed = summarize(done[1])
+    p, results = done
+    if not as_json and all(r.outcome is Outcome.NOTHING_TO_DO for r in results):
+        print(
+            "nothing to do: every image is current where its rule wants it"
+            if not p.skips
+            else "nothing to do (the skips above say what stays as it is)"
+        )
+    _, failed = summarize(results)
     return 1 if failed else 0
 
 
@@ -385,23 +442,83 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
     return 0
 
 
+#: history's columns: (header, key in the JSON row); the table and --json show the same fields
+HISTORY_FIELDS = (
+    ("STARTED", "started"),
+    ("NAME", "name"),
+    ("SOURCE", "source"),
+    ("TARGET", "target"),
+    ("RESULT", "result"),
+    ("SIZE", "bytes"),
+    ("TIME", "seconds"),
+    ("IMAGE ID", "image_id"),
+    ("ERROR", "error"),
+)
+
+
+def history_row(r: Mapping[str, Any]) -> dict[str, Any]:
+    """One recorded transfer or retirement as --json shows it: ISO times (UTC, Z), not epochs."""
+
+    def iso(when: float | None) -> str | None:
+        return None if when is None else format_time(datetime.fromtimestamp(when, UTC))
+
+    return {
+        "started": iso(r["started"]),
+        "finished": iso(r.get("finished")),
+        "name": r["name"],
+        "source": r["source"],
+        "target": r["target"],
+        "version": r.get("version"),
+        "result": r["result"],
+        "bytes": r.get("bytes"),
+        "seconds": r.get("seconds"),
+        "image_id": r.get("image_id"),
+        "sha512": r.get("sha512"),
+        "error": r.get("error"),
+    }
+
+
+def _history_cells(row: Mapping[str, Any]) -> list[str]:
+    source = str(row["source"])
+    site, _, image_id = source.partition(":")
+    cells = {
+        "started": str(row["started"])[:19] + "Z",  # to the second: YYYY-MM-DDTHH:MM:SSZ
+        "name": row["name"],
+        # ids are 36 characters: the first 8 tell them apart (status does the same)
+        "source": f"{site}:{image_id[:8]}" if image_id else site,
+        "target": row["target"],
+        "result": row["result"],
+        "bytes": human_bytes(row["bytes"]) if row["bytes"] is not None else "",
+        "seconds": human_seconds(row["seconds"]) if row["seconds"] is not None else "",
+        "image_id": (row["image_id"] or "")[:8],
+        "error": row["error"] or "",
+    }
+    return [printable(cells[key]) for _, key in HISTORY_FIELDS]
+
+
 def history(
     config: Config, name: str | None = None, *, as_json: bool = False, limit: int = 50
 ) -> int:
+    """The newest ``limit`` transfers and retirements (of ``name``), newest first: a table
+    (header, aligned columns, human sizes, ISO times), or the same fields as JSON."""
     from imagesync.state import State
 
-    rows = State(config.state_dir).history(name, limit)
+    rows = [history_row(r) for r in State(config.state_dir).history(name, limit)]
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print("no transfers recorded")
-    for r in rows:
-        when = datetime.fromtimestamp(r["started"], UTC).strftime("%Y-%m-%d %H:%M:%S")
-        size = f"{r['bytes']} B in {r['seconds']}s" if r.get("bytes") is not None else ""
-        err = f" — {r['error']}" if r.get("error") else ""
-        line = f"{when}  {r['name']}  {r['source']} → {r['target']}  {r['result']}  {size}{err}"
-        print(printable(line))
+        print("no transfers recorded" + (f" for {printable(name)}" if name else ""))
+        return 0
+    table = [[h for h, _ in HISTORY_FIELDS], *(_history_cells(r) for r in rows)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(HISTORY_FIELDS))]
+    right = {"SIZE", "TIME"}  # numbers line up on the right
+    for line in table:
+        cells = [
+            c.rjust(w) if h in right else c.ljust(w)
+            for c, w, (h, _) in zip(line, widths, HISTORY_FIELDS, strict=True)
+        ]
+        print("  ".join(cells).rstrip())
     return 0
 
 

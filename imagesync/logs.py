@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -62,6 +62,7 @@ from imagesync.secrets import (  # noqa: E402 - re-exported: logs is where calle
 
 __all__ = [
     "MASK",
+    "OncePerState",
     "captured_library_logs",
     "forget_secrets",
     "get_logger",
@@ -107,21 +108,30 @@ def _isatty(stream: TextIO) -> bool:
 _handler: logging.Handler | None = None
 
 
-def setup_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None = None) -> None:
+def setup_logging(
+    fmt: str = "auto",
+    level: str = "info",
+    stream: TextIO | None = None,
+    *,
+    terminal_level: str | None = None,
+) -> None:
     """Configure structlog and the standard ``logging`` module; safe to call more than once.
 
     ``fmt``: ``json`` (one JSON object a line: timestamp, level, logger, event, …), ``console``
     (human text), or ``auto`` (console on a terminal, JSON otherwise). ``stream`` defaults to
     stderr. Library loggers stay at WARNING (or ``level``, if higher).
+
+    ``terminal_level``: when ``stream`` is a terminal, log at least this level. A person
+    running ``push`` reads its progress bar and summary; info events around them (``copy.done``
+    and its nine keys) only repeat the summary. The CLI passes ``warning`` unless ``-v``.
     """
     global _handler
     if fmt not in FORMATS:
         raise ValueError(f"log format {fmt!r}: use one of: {', '.join(FORMATS)}")
-    try:
-        lvl = LEVELS[level.lower()]
-    except KeyError:
-        raise ValueError(f"log level {level!r}: use one of: {', '.join(LEVELS)}") from None
+    lvl = _level(level)
     out = stream if stream is not None else sys.stderr
+    if terminal_level is not None and _isatty(out):
+        lvl = max(lvl, _level(terminal_level))
     use_json = fmt == "json" or (fmt == "auto" and not _isatty(out))
 
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
@@ -174,6 +184,39 @@ def setup_logging(fmt: str = "auto", level: str = "info", stream: TextIO | None 
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
+
+
+def _level(name: str) -> int:
+    try:
+        return LEVELS[name.lower()]
+    except KeyError:
+        raise ValueError(f"log level {name!r}: use one of: {', '.join(LEVELS)}") from None
+
+
+class OncePerState:
+    """Say which events are worth logging again: one per key until its state changes.
+
+    The daemon meets the same facts every pass (an old version kept because imagesync did not
+    make it, a retirement the site cannot carry out); logging each on every pass buries what
+    changed. ``changed(key, state)`` is true the first time a key is seen and whenever its state
+    differs from the last one; :meth:`keep_only` forgets keys no longer seen, so a fact that
+    goes away and comes back is logged again. Callers log the repeats at debug level (``-v``).
+    Not thread-safe: one caller, one thread (the executor reports after its copies).
+    """
+
+    def __init__(self) -> None:
+        self._last: dict[Hashable, Hashable] = {}
+
+    def changed(self, key: Hashable, state: Hashable) -> bool:
+        if key in self._last and self._last[key] == state:
+            return False
+        self._last[key] = state
+        return True
+
+    def keep_only(self, keys: Iterable[Hashable]) -> None:
+        keep = set(keys)
+        for key in [k for k in self._last if k not in keep]:
+            del self._last[key]
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -312,8 +312,8 @@ def _read_text(path: Path) -> str:
         return data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(
-            "file not found: create it (see etc/imagesync.yaml.example), or point -c or "
-            f"${CONFIG_ENV} at your configuration",
+            "file not found: create it (`imagesync config example` prints an annotated "
+            f"one), or point -c or ${CONFIG_ENV} at your configuration",
             file=where,
         ) from None
     except PermissionError:

@@ -9,7 +9,8 @@ or raises one :class:`~imagesync.errors.ConfigError` whose message reads like
 path, ``$OS_CLIENT_CONFIG_FILE`` and ``secure.yaml`` work as for the ``openstack`` command.
 Every secret read is registered with :mod:`imagesync.secrets` so that logs mask it.
 
-The annotated example of every key is ``etc/imagesync.yaml.example``; the file reader is
+The annotated example of every key is ``imagesync/data/imagesync.yaml.example`` (printed by
+``imagesync config example``); the file reader is
 :mod:`imagesync.config.document`, image rules are :mod:`imagesync.config.rules`.
 """
 
@@ -504,8 +505,8 @@ def _top_document(doc: Document, data: object) -> dict[str, Any]:
     if data is None:
         doc.fail(
             None,
-            "the file is empty: it needs at least `clouds:` or `stores:` (see "
-            "etc/imagesync.yaml.example)",
+            "the file is empty: it needs at least `clouds:` or `stores:` "
+            "(`imagesync config example` prints an annotated one)",
         )
     if not isinstance(data, Mapping):
         doc.fail(

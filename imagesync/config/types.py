@@ -153,7 +153,8 @@ class Config:
 
 # --------------------------------------------------------------------------- schema
 # The keys and values a file may use. Kept beside the types they fill so that a new field and
-# its key are added together; etc/imagesync.yaml.example documents every one (a test checks).
+# its key are added together; the example (imagesync/data/imagesync.yaml.example) documents
+# every one (a test checks).
 
 TOP_KEYS = (
     "state_dir",
@@ -217,7 +218,7 @@ INTERFACES = ("public", "internal", "admin")
 LOG_FORMATS = ("auto", "json", "console")
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
-# The allowed range (low, high, inclusive) of each numeric setting; etc/imagesync.yaml.example
+# The allowed range (low, high, inclusive) of each numeric setting; the example configuration
 # says why each bound is where it is. A value outside is a mistake (0.001 for a poll interval,
 # 1000 for retries) that would hammer the clouds or never give up, so the file is refused.
 POLL_INTERVAL_RANGE = (1.0, 86400.0)  # 1s (tests, a lab) to 1d

@@ -30,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
+from typing import Any
 
 import structlog
 
@@ -39,6 +40,7 @@ from imagesync.engine.pool import SitePool
 from imagesync.engine.recovery import Recovery
 from imagesync.engine.results import ActionResult, Observer, Outcome
 from imagesync.errors import LockBusy, LockDenied, SiteError
+from imagesync.logs import OncePerState
 from imagesync.model import PROP_UPLOAD, ImageRecord, format_time
 from imagesync.plan import Copy, Plan, Retire, SkipReason
 from imagesync.retry import RetryPolicy
@@ -69,6 +71,9 @@ class Executor:
         self.state = state
         self.policy = policy
         self.clock = clock  # the wall clock upload markers are written in
+        # the daemon meets the same skips and kept retirements every pass: info once per
+        # change, debug otherwise
+        self._said = OncePerState()
 
     def run(
         self,
@@ -167,13 +172,20 @@ class Executor:
                 observer.retire_finished(r)
                 results.append(r)
         unreachable: Counter[str] = Counter()
+        seen: list[tuple[str, ...]] = [_kept_key(r) for r in plan.retires]
         for skip in plan.skips:
             if skip.why is SkipReason.UNREACHABLE:
                 unreachable[skip.site] += 1  # one line per site, not one per image
-            else:
-                log.info("skip", image=skip.name, site=skip.site, reason=skip.reason)
+                continue
+            # one name and site may have several (one per version kept): the reason is the fact
+            seen.append(key := ("skip", skip.name, skip.site, skip.reason))
+            event = log.info if self._said.changed(key, True) else log.debug
+            event("skip", image=skip.name, site=skip.site, reason=skip.reason)
         for site, count in unreachable.items():
-            log.warning("skip", site=site, images=count, reason=SkipReason.UNREACHABLE.value)
+            seen.append(site_key := ("skip", site))
+            event = log.warning if self._said.changed(site_key, "unreachable") else log.debug
+            event("skip", site=site, images=count, reason=SkipReason.UNREACHABLE.value)
+        self._said.keep_only(seen)
         return results
 
     # -- one copy ------------------------------------------------------------------------------
@@ -272,6 +284,16 @@ class Executor:
             image = source.get_image(copy.source_id)
         except SiteError as exc:
             log.error("copy.failed", image=copy.name, source=copy.source_site, error=str(exc))
+            # history shows the transfers that never got going too
+            self._record_unfinished(
+                copy,
+                f"{copy.source_site}:{copy.source_id}",
+                targets,
+                started,
+                0,
+                ErrorKind.SOURCE.value,
+                str(exc),
+            )
             return ActionResult(
                 copy,
                 False,
@@ -291,8 +313,11 @@ class Executor:
             new, properties={**new.properties, PROP_UPLOAD: marker.to_property()}
         )
         bar = progress(f"{copy.name} → {','.join(targets)}", image.size) if progress else None
+        read = 0
 
         def count(n: int) -> None:
+            nonlocal read
+            read += n
             observer.copy_progress(n)
             if bar is not None:
                 bar(n)
@@ -306,6 +331,7 @@ class Executor:
             bytes=image.size,
         )
         observer.copy_started(dataclasses.replace(copy, targets=tuple(targets)))
+        interrupted = False
         try:
             result = copy_image(
                 source,
@@ -317,12 +343,37 @@ class Executor:
                 watcher=_Leases(self.state, copy.name),
                 lease_expired=lambda: self.clock() >= marker.expires,
             )
+        except KeyboardInterrupt:
+            # Ctrl-C (SIGTERM for the CLI) in push or sync: copy_image aborted every upload
+            # before this; history must still show the transfer (`history` lists it)
+            interrupted = True
+            self._record_unfinished(
+                copy,
+                image.ref,
+                targets,
+                started,
+                read,
+                "interrupted",
+                "interrupted (Ctrl-C or SIGTERM): the upload was removed",
+            )
+            raise
         finally:
             for t in targets:  # imagesync changed these sites: list them fully next time
                 self.inventory.forget(t)
             close = getattr(bar, "close", None)
             if close is not None:
-                close()
+                close(interrupted=interrupted)
+            if interrupted:
+                # after the bar has ended its line; info: the person who pressed Ctrl-C reads
+                # the bar's own sentence, a log reader (JSON, not a terminal) this
+                log.info(
+                    "copy.interrupted",
+                    image=copy.name,
+                    source=image.ref,
+                    targets=targets,
+                    bytes=read,
+                    uploads="removed",
+                )
         self._report(copy, image, result, started)
         outcome = (
             Outcome.CANCELLED
@@ -341,6 +392,32 @@ class Executor:
             targets=result.targets + busy,
             outcome=outcome,
         )
+
+    def _record_unfinished(
+        self,
+        copy: Copy,
+        source: str,
+        targets: Sequence[str],
+        started: float,
+        nbytes: int,
+        result: str,
+        error: str,
+    ) -> None:
+        """One history row per target of a copy that ended without a CopyResult."""
+        now = time.time()
+        for t in targets:
+            self.state.record_transfer(
+                started=started,
+                finished=now,
+                name=copy.name,
+                source=source,
+                target=t,
+                version=format_time(copy.version.time),
+                bytes=nbytes,
+                seconds=round(now - started, 3),
+                result=result,
+                error=error,
+            )
 
     def _report(self, copy: Copy, image: ImageRecord, result: CopyResult, started: float) -> None:
         for tr in result.targets:
@@ -390,7 +467,7 @@ class Executor:
         hide = site.capabilities.hide
         if retire.mode == "hide" and hide is None:
             # Deleting is opt-in: a site that cannot hide keeps its old versions.
-            log.info(
+            self._kept_log(retire, "cannot hide")(
                 "retire.kept",
                 image=retire.name,
                 site=retire.site,
@@ -403,7 +480,7 @@ class Executor:
             with self.state.lock(retire.name, retire.site):
                 mode, why = self._retire_mode(retire, site)
                 if mode == "keep":
-                    log.info(
+                    self._kept_log(retire, why)(
                         "retire.kept",
                         image=retire.name,
                         site=retire.site,
@@ -449,6 +526,13 @@ class Executor:
         )
         return ActionResult(retire, True, detail)
 
+    def _kept_log(self, retire: Retire, why: str | None) -> Callable[..., Any]:
+        """info the first time (or when why changes), debug every pass after that."""
+        event: Callable[..., Any] = (
+            log.info if self._said.changed(_kept_key(retire), why) else log.debug
+        )
+        return event
+
     def _retire_mode(self, retire: Retire, site: Site) -> tuple[str, str | None]:
         """Under the lock: how to retire (``hide``, ``delete`` or ``keep``), and why not as
         the rule says. Deleting an image a server uses breaks its rebuild, evacuation and
@@ -470,6 +554,10 @@ class Executor:
         if site.capabilities.hide is None:
             return "keep", f"{why}, and it cannot hide images"
         return "hide", why
+
+
+def _kept_key(retire: Retire) -> tuple[str, ...]:
+    return ("retire.kept", retire.site, retire.image_id)
 
 
 def _failed(blocked: list[TargetResult]) -> list[TargetResult]:

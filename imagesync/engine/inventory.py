@@ -86,7 +86,16 @@ class Inventory:
         """One site's images (only those called ``name`` if given), or why it failed."""
         try:
             site = self.pool.get(site_name)
+            t0 = time.monotonic()
             images = self._list(site_name, name, incremental)
+            log.debug(
+                "inventory.listed",
+                site=site_name,
+                images=len(images),
+                name=name,
+                incremental=incremental,
+                seconds=round(time.monotonic() - t0, 3),
+            )
             if name is None:
                 suspect = self._suspect(site_name, images)
                 if suspect is not None:

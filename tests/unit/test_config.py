@@ -27,7 +27,8 @@ from imagesync.config.types import (
 from imagesync.errors import ConfigError
 from imagesync.sites.probe import check_connections
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "etc" / "imagesync.yaml.example"
+#: the example `imagesync config example` prints (etc/ holds a copy: test_cli_output)
+EXAMPLE = Path(__file__).resolve().parents[2] / "imagesync" / "data" / "imagesync.yaml.example"
 CLOUDS_YAML = """\
 clouds:
   cybera:
@@ -496,11 +497,10 @@ def test_clouds_yaml_entry_without_password(
     assert capsys.readouterr() == ("", "")  # openstacksdk printed nothing
 
 
-def test_example_file_loads(
-    tmp_path: Path, clouds_yaml: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("OS_CLIENT_CONFIG_FILE", str(clouds_yaml))
-    config = load_config(EXAMPLE)
+def test_example_file_loads(tmp_path: Path) -> None:
+    # installed as documented: the clouds.yaml it names (`clouds_yaml: clouds.yaml`) beside it
+    (tmp_path / "clouds.yaml").write_text((EXAMPLE.parent / "clouds.yaml.example").read_text())
+    config = load_config(write(tmp_path, EXAMPLE.read_text()))
     assert list(config.clouds) == ["cybera", "uvic"]
     assert config.clouds["cybera"].cloud == "cybera"
     assert config.clouds["uvic"].auth_type == "v3applicationcredential"
