@@ -2,10 +2,9 @@
 datastores): one ``harness`` fixture, parametrized over every kind of site.
 
 ``memory``, ``directory`` and ``vospace-stub`` (the VOSpace site over a small in-test service)
-need nothing and run in the fast unit run; ``glance`` is marked
-``integration`` and asks for the session's ``lab`` only when it runs (``vospace``: the lab's
-VOSpace service) (a new kind of site adds
-one factory here).
+need nothing and run in the fast unit run; ``glance`` and ``vospace`` (the lab's VOSpace
+service, ``lab.vospace``) are marked ``integration`` and ask for the session's ``lab`` only
+when they run. A new kind of site adds one factory here.
 """
 
 from __future__ import annotations
@@ -16,16 +15,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
 from imagesync.sites.base import Site
 from imagesync.sites.directory import DirectorySite
 from imagesync.sites.memory import Faults, memory_site
-
-if TYPE_CHECKING:
-    from tests.vospacelab import RunningVOSpace
 
 
 @dataclass
@@ -107,25 +102,18 @@ def _vospace_stub(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
     )
 
 
-@pytest.fixture(scope="session")
-def vospace_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningVOSpace]:
-    """The lab's VOSpace service (``imagesync.lab.vospace``), one per session."""
-    from tests.vospacelab import running_service
-
-    with running_service(tmp_path_factory.mktemp("vospace")) as running:
-        yield running
-
-
 def _vospace(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
     """The VOSpace site against the lab's VOSpace service (MoveNode, token from a file)."""
+    from imagesync.lab import LabVOSpace
     from imagesync.sites.vospace import VOSpaceSite
+    from tests.vospacelab import site_config
 
-    vo: RunningVOSpace = request.getfixturevalue("vospace_service")
+    vo: LabVOSpace = request.getfixturevalue("lab_vospace")
     closed = f"http://127.0.0.1:{_closed_port()}/capabilities"
     return Harness(
-        site=VOSpaceSite("store", vo.site_config()),
+        site=VOSpaceSite("store", site_config(vo)),
         broken=lambda: VOSpaceSite(
-            "broken", vo.site_config(capabilities_url=closed), sleep=lambda s: None
+            "broken", site_config(vo, capabilities_url=closed), sleep=lambda s: None
         ),
         settle=lambda: None,
     )
