@@ -5,7 +5,8 @@ one of its URLs leads through, see ``tests/vospacelab.py``).
 - a new version uploaded to one cloud reaches the store and the other clouds;
 - a version that only the store holds (as CANFAR's vmsave or vcp leave one) reaches every cloud;
 - a byte flipped between the store and imagesync is an integrity error, nothing left behind;
-- a storm of 503s (Retry-After) on the store delays the pass but does not fail it.
+- a storm of 503s (Retry-After) on the store delays the pass but does not fail it;
+- a store with ``compress: zstd`` keeps a smaller node, and the image its identity.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import dataclasses
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import requests
@@ -41,10 +43,15 @@ def proxied(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxiedVOSpace
 
 
 def config_with_store(
-    lab: LabInfo, store: LabVOSpace, tmp_path: Path, name: str, clouds: list[str]
+    lab: LabInfo,
+    store: LabVOSpace,
+    tmp_path: Path,
+    name: str,
+    clouds: list[str],
+    compress: Literal["zstd"] | None = None,
 ) -> Config:
     base = make_config(lab, tmp_path, name, clouds=clouds, store=False)
-    vault = StoreConfig("vault", "vospace", vospace=site_config(store))
+    vault = StoreConfig("vault", "vospace", vospace=site_config(store), compress=compress)
     rule = dataclasses.replace(base.images[0], stores=("vault",))
     return dataclasses.replace(base, stores={"vault": vault}, images=(rule,))
 
@@ -154,3 +161,26 @@ def test_a_503_storm_on_the_store_delays_but_does_not_fail_the_pass(
     set_faults(store.directory, [Fault("unavailable", times=5, retry_after=1)])
     assert sync(config) == 0
     assert in_store(store, name) == [(sha512(data), data)]
+
+
+def test_a_compressed_store_keeps_a_smaller_node_and_the_images_identity(
+    lab: LabInfo, lab_vospace: LabVOSpace, tmp_path: Path
+) -> None:
+    store = lab_vospace
+    name = uid("vo-zstd")
+    block = random_bytes(MB)
+    data = b"".join(block if i % 10 in (2, 5, 8) else bytes(MB) for i in range(10))  # 70% zeros
+    upload(lab, "lab1", name, data)
+    config = config_with_store(lab, store, tmp_path, name, ["lab1", "lab2"], compress="zstd")
+    assert push(config, name) == 0
+    assert in_store(store, name) == [(sha512(data), data)]  # decompressed, verified
+    (copy,) = images_named(lab, "lab2", name)
+    assert copy["os_hash_value"] == sha512(data)
+    site = VOSpaceSite("vault", site_config(store))
+    try:
+        (rec,) = site.list_images(name)
+        node = site.node(f"{site.root}/{rec.id}", "look")
+    finally:
+        site.close()
+    assert rec.id.endswith(".img.zst") and rec.size == len(data)
+    assert int(node.properties["ivo://ivoa.net/vospace/core#length"]) <= 0.35 * len(data)
