@@ -1,8 +1,13 @@
-"""Start the lab's VOSpace service (``imagesync.lab.vospace``) for the tests that need one,
-and build the VOSpace site configured for it (token in a file, as a user would keep it).
+"""The VOSpace service the tests drive, and the site configured for it (token in a file, as a
+user would keep it).
 
-Until ``imagesync lab up`` starts one beside the clouds, a test session starts its own in a
-temporary directory with :func:`running_service` and stops it at the end.
+Tests use the lab's service (``lab.vospace``; the ``lab_vospace`` fixture clears its fault
+rules around each test). One kind of test needs a service of its own: one with a fault proxy
+in front that every URL the service gives leads through (a byte flipped on the wire). The
+service writes its base URL, fixed when it is prepared, into its capabilities and into every
+transfer's endpoints, so a proxy put in front of the lab's service would see the first request
+only: the site would then talk to the service directly. :func:`proxied_service` prepares a
+service that believes the proxy's address is its own.
 """
 
 from __future__ import annotations
@@ -14,63 +19,61 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from imagesync.config.types import VOSpaceConfig
-from imagesync.lab import procs
-from imagesync.lab.vospace import ServiceConfig, service
+from imagesync.lab import LabVOSpace, procs
+from imagesync.lab.vospace import service
 from tests.faultproxy import VOSPACE_DATA, FaultProxy
 
 
+def site_config(
+    vo: LabVOSpace, *, capabilities_url: str | None = None, container: str | None = None
+) -> VOSpaceConfig:
+    """The VOSpace site's configuration for ``vo``: its container, its token file."""
+    return VOSpaceConfig(
+        container=container or vo.container,
+        capabilities_url=capabilities_url or vo.capabilities_url,
+        token_file=vo.token_file,
+        timeout=30.0,
+    )
+
+
 @dataclass(frozen=True)
-class RunningVOSpace:
-    """One running lab VOSpace service."""
+class ProxiedVOSpace:
+    """A service of its own behind ``proxy``: ``vospace.url`` is the proxy's."""
 
-    config: ServiceConfig
-    port: int
-    token_file: Path
-    #: in front of the service when asked for: every URL the service gives goes through it
-    proxy: FaultProxy | None = None
-
-    @property
-    def directory(self) -> Path:
-        return self.config.directory
-
-    @property
-    def capabilities_url(self) -> str:
-        return f"{self.config.base_url}/capabilities"
-
-    def container(self, path: str = service.CONTAINER) -> str:
-        return f"vos://{self.config.authority}/{path}"
-
-    def site_config(
-        self, *, capabilities_url: str | None = None, container: str | None = None
-    ) -> VOSpaceConfig:
-        return VOSpaceConfig(
-            container=container or self.container(),
-            capabilities_url=capabilities_url or self.capabilities_url,
-            token_file=self.token_file,
-            timeout=30.0,
-        )
+    vospace: LabVOSpace
+    proxy: FaultProxy
 
 
 @contextmanager
-def running_service(directory: Path, *, proxied: bool = False) -> Iterator[RunningVOSpace]:
-    """A lab VOSpace service on a free loopback port, token auth, until the block ends.
-
-    ``proxied``: a fault proxy in front of it, and the service told that the proxy's address
-    is its own, so that its capabilities and transfer endpoints all lead through the proxy.
-    """
+def proxied_service(directory: Path) -> Iterator[ProxiedVOSpace]:
+    """A lab VOSpace service on a free loopback port (token auth) with a fault proxy in front,
+    the service told that the proxy's address is its own, until the block ends."""
     directory.mkdir(parents=True, exist_ok=True)
     token = secrets.token_urlsafe(16)
     token_file = directory / "token"
     token_file.write_text(token + "\n")
     token_file.chmod(0o600)
     (port,) = procs.free_ports(1)
-    proxy = FaultProxy(port, VOSPACE_DATA) if proxied else None
-    config = service.prepare(directory / "service", proxy.port if proxy else port, token)
-    pid = service.start(config, port)
+    proxy = FaultProxy(port, VOSPACE_DATA)
     try:
-        service.wait_ready(config, pid)
-        yield RunningVOSpace(config, port, token_file, proxy)
+        config = service.prepare(directory / "service", proxy.port, token)
+        pid = service.start(config, port)
+        try:
+            service.wait_ready(config, pid)
+            yield ProxiedVOSpace(
+                LabVOSpace(
+                    url=config.base_url,
+                    capabilities_url=f"{config.base_url}/capabilities",
+                    resource_id=config.resource_id,
+                    authority=config.authority,
+                    container=f"vos://{config.authority}/{service.CONTAINER}",
+                    token=token,
+                    token_file=token_file,
+                    directory=config.directory,
+                ),
+                proxy,
+            )
+        finally:
+            procs.stop_groups({pid: str(service.pid_file(config.directory))})
     finally:
-        if proxy is not None:
-            proxy.close()
-        procs.stop_groups({pid: str(service.pid_file(config.directory))})
+        proxy.close()

@@ -29,6 +29,7 @@ from imagesync.config.types import (
     CADC_REGISTRY,
     CHECK_MAX_AGE_RANGE,
     CLOUD_KEYS,
+    COMPRESSIONS,
     CONFIG_ENV,
     DEFAULT_CONFIG_PATH,
     DEFAULT_EMPTY_LISTING_PASSES,
@@ -442,8 +443,9 @@ def _parse_store(doc: Document, name: str, raw: object, key: str) -> StoreConfig
     max_transfers = 2
     if "max_transfers" in body:
         max_transfers = _max_transfers(doc, body["max_transfers"], join(key, "max_transfers"))
+    compress = _compress(doc, body.get("compress"), join(key, "compress"))
     if kind != "directory":
-        return _parse_vospace(doc, name, body, key, max_transfers)
+        return replace(_parse_vospace(doc, name, body, key, max_transfers), compress=compress)
     doc.known_keys(body, key, DIRECTORY_KEYS)
     pkey = join(key, "path")
     if "path" not in body:
@@ -451,7 +453,17 @@ def _parse_store(doc: Document, name: str, raw: object, key: str) -> StoreConfig
     path = Path(doc.string(body["path"], pkey, "an absolute path")).expanduser()
     if not path.is_absolute():
         doc.fail(pkey, f"{str(path)!r} is relative: write an absolute path, like /srv/imagesync")
-    return StoreConfig(name=name, type="directory", path=path, max_transfers=max_transfers)
+    return StoreConfig(
+        name=name, type="directory", path=path, max_transfers=max_transfers, compress=compress
+    )
+
+
+def _compress(doc: Document, value: object, key: str) -> Literal["zstd"] | None:
+    """``compress: zstd`` (or ``none``, or absent: stored as they are)."""
+    if value is None or value is False:
+        return None
+    choice = doc.choice(value, key, (*COMPRESSIONS, "none"))
+    return "zstd" if choice == "zstd" else None
 
 
 def _parse_sites(

@@ -74,6 +74,7 @@ def _stores(config: Config) -> dict[str, Any]:
         if s.vospace is not None:
             body.update(_vospace(s.vospace))
         body["max_transfers"] = s.max_transfers
+        body["compress"] = s.compress or "none"
         stores[s.name] = body
     return stores
 

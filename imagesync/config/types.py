@@ -95,6 +95,9 @@ class StoreConfig:
     path: Path | None = None  # directory stores
     max_transfers: int = 2
     vospace: VOSpaceConfig | None = None  # vospace stores
+    #: how new images are stored: None (as they are) or "zstd" (one zstd frame each; the
+    #: image's size and hashes stay those of its uncompressed bytes)
+    compress: Literal["zstd"] | None = None
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,9 @@ CLOUD_COMMON_KEYS = (
 )
 CLOUD_KEYS = ("cloud", "auth", "auth_type", *CLOUD_COMMON_KEYS)
 STORE_TYPES = ("directory", "vospace")
-DIRECTORY_KEYS = ("type", "path", "max_transfers")
+#: what a store's ``compress:`` may be (besides ``none``)
+COMPRESSIONS = ("zstd",)
+DIRECTORY_KEYS = ("type", "path", "max_transfers", "compress")
 #: vospace: ``container`` is the node holding the images (``vos://authority~service/path``);
 #: the service is ``url`` (its capabilities URL, or its base URL) or ``resource_id`` looked up
 #: in ``registry``; ``certificate`` a PEM proxy certificate, ``token_file`` a bearer token's file
@@ -199,6 +204,7 @@ VOSPACE_KEYS = (
     "verify",
     "timeout",
     "max_transfers",
+    "compress",
 )
 RULE_KEYS = (
     "name",

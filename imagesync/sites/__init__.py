@@ -47,7 +47,7 @@ def _vospace(config: Config, name: str) -> Site:
         raise ConfigError(
             "a vospace store needs a container", file=_file(config), key=f"stores.{name}.container"
         )
-    return VOSpaceSite(name, store.vospace)
+    return VOSpaceSite(name, store.vospace, compress=store.compress)
 
 
 def _directory(config: Config, name: str) -> Site:
@@ -58,7 +58,7 @@ def _directory(config: Config, name: str) -> Site:
         raise ConfigError(
             "a directory store needs a path", file=_file(config), key=f"stores.{name}.path"
         )
-    return DirectorySite(name, store.path)
+    return DirectorySite(name, store.path, compress=store.compress)
 
 
 #: every kind of site imagesync builds, by name

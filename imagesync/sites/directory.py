@@ -27,6 +27,12 @@ malformed ``.json`` metadata file is renamed aside (``<file>.bad-<time>``) and r
 Publishing is crash-atomic (see ``_publish``): its commit point is one rename of the hidden
 metadata to the published name, so no crash leaves a published image that also looks like an
 upload to crash recovery.
+
+With ``compress: zstd`` the data file holds one zstd frame (``sites/compress.py``), made while
+the upload streams in; the metadata says so (``"compress": "zstd"``, and the file's
+``"stored_size"``), so the objects written before the setting changed stay readable. Size and
+hashes stay those of the uncompressed image: ``finish`` decompresses what the disk holds to
+hash it, and reads decompress while streaming (from an offset: from the start, skipping).
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from imagesync.model import (
     parse_time,
 )
 from imagesync.sites.base import Capabilities
+from imagesync.sites.compress import ZSTD, Compressor, decompressed
 
 log = structlog.get_logger("imagesync.directory")
 
@@ -160,8 +167,17 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _hash_file(path: Path) -> tuple[int, dict[str, str]]:
-    """Size and hashes of what ``path`` holds on disk (the caller has fsynced it)."""
+def _file_chunks(f: BinaryIO) -> Iterator[bytes]:
+    while chunk := f.read(CHUNK):
+        yield chunk
+
+
+def _hash_file(
+    path: Path, site: str, *, compressed_size: int | None = None
+) -> tuple[int, dict[str, str]]:
+    """Size and hashes of the image ``path`` holds on disk (the caller has fsynced it).
+    ``compressed_size``: it holds a zstd frame of that many uncompressed bytes (decompressed
+    to be hashed; a frame of another size is an error)."""
     sha512 = hashlib.sha512()
     md5 = hashlib.md5(usedforsecurity=False)
     size = 0
@@ -170,7 +186,12 @@ def _hash_file(path: Path) -> tuple[int, dict[str, str]]:
             # The pages are clean after fsync: dropping them makes the read below come from
             # the disk (or the NFS server), not from the copy the kernel still holds.
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        while chunk := f.read(CHUNK):
+        chunks = _file_chunks(f)
+        if compressed_size is not None:
+            chunks = decompressed(
+                chunks, size=compressed_size, what=f"reading back {path}", site=site
+            )
+        for chunk in chunks:
             sha512.update(chunk)
             md5.update(chunk)
             size += len(chunk)
@@ -189,6 +210,13 @@ class _DirWriter:
         self.size = 0
         self.finished = False
         self.created_at = datetime.now(UTC)
+        self.compressor = (
+            Compressor(new.size, what=f"writing {self.partial}", site=site.name)
+            if site.compress == ZSTD
+            else None
+        )
+        #: bytes the data file holds (compressed: less than ``size``), known after finish
+        self.stored_size: int | None = None
         _make_dir(self.folder)
         try:
             self._f = os.fdopen(_create_file(self.partial), "wb")
@@ -214,6 +242,9 @@ class _DirWriter:
             "visibility": self.new.visibility,
             "status": "active" if hashes is not None else "saving",
         }
+        if self.compressor is not None:
+            meta["compress"] = ZSTD
+            meta["stored_size"] = self.stored_size
         _write_atomic(self.meta_path, json.dumps(meta, indent=1).encode())
         return meta
 
@@ -224,9 +255,15 @@ class _DirWriter:
     def write(self, chunk: bytes) -> None:
         if self._f is None:
             raise SiteError(f"writing {self.partial}: the upload is closed", site=self.site.name)
+        if self.compressor is not None:
+            self.size += len(chunk)
+            chunk = self.compressor.compress(chunk)
+            if not chunk:
+                return  # zstd keeps it until its block is full
         with self.site._io(f"writing {self.partial}"):
             self._f.write(chunk)
-        self.size += len(chunk)
+        if self.compressor is None:
+            self.size += len(chunk)
 
     def finish(self) -> ImageRecord:
         f, self._f = self._f, None
@@ -234,12 +271,19 @@ class _DirWriter:
             raise SiteError(f"storing {self.partial}: the upload is closed", site=self.site.name)
         with self.site._io(f"storing {self.partial}"):
             try:
+                if self.compressor is not None:
+                    f.write(self.compressor.flush())
                 f.flush()
                 os.fsync(f.fileno())
             finally:
                 f.close()
+            self.stored_size = self.partial.stat().st_size
             # What the disk holds, not what we were handed, is what the copy is judged by.
-            self.size, hashes = _hash_file(self.partial)
+            self.size, hashes = _hash_file(
+                self.partial,
+                self.site.name,
+                compressed_size=self.compressor.size if self.compressor else None,
+            )
             # Unpublished: data stays under its partial name; the metadata sits beside it hidden.
             meta = self._write_meta(hashes)
         self.finished = True
@@ -279,9 +323,11 @@ class DirectorySite:
 
     kind = "directory"
 
-    def __init__(self, name: str, root: Path) -> None:
+    def __init__(self, name: str, root: Path, *, compress: str | None = None) -> None:
         self.name = name
         self.root = Path(root)
+        #: how new images are stored (None, or "zstd"); each image's metadata says how it was
+        self.compress = compress
         self.capabilities = Capabilities.fill(self, hashes=HASHES)
 
     @contextlib.contextmanager
@@ -441,12 +487,27 @@ class DirectorySite:
     def open(self, image: ImageRecord, offset: int = 0) -> Iterator[bytes]:
         folder, _ = self._find(image.id)
         path = folder / f"{image.id}.img"
+        meta_path = folder / f"{image.id}.json"
         try:
+            meta = json.loads(meta_path.read_bytes())
             f = open(path, "rb")  # noqa: SIM115 - closed by the generator
         except FileNotFoundError as exc:
             raise NotFound(f"cannot open {path}: {exc.strerror}", site=self.name) from exc
         except OSError as exc:
             raise os_error(exc, f"opening {path}", self.name) from exc
+        except ValueError as exc:
+            raise SiteError(
+                f"reading {meta_path}: malformed metadata ({exc!r})", site=self.name
+            ) from exc
+        if isinstance(meta, dict) and meta.get("compress") == ZSTD:
+            size = meta.get("size")
+            return decompressed(
+                self._chunks(f, path, 0),
+                offset=offset,
+                size=size if isinstance(size, int) else None,
+                what=f"reading {path}",
+                site=self.name,
+            )
         return self._chunks(f, path, offset)
 
     def _chunks(self, f: BinaryIO, path: Path, offset: int) -> Iterator[bytes]:

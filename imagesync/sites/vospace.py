@@ -32,6 +32,14 @@ publish, a server-side MoveNode); the bytes go to the endpoint a ``sync`` negoti
 compared with the md5 of what was sent. Publishing moves the node and removes the mark; every
 failure deletes the node, and a crash leftover still carries the mark, so recovery removes it.
 
+With ``compress: zstd`` the data node holds one zstd frame (``sites/compress.py``; its leaf
+ends in ``.zst``, so ``vcp`` and ``zstd -d`` give back the image), compressed in the upload's
+thread while it streams and sent chunked (its length is not known before the end). The node
+says so (``#compress=zstd``) and carries the uncompressed size (``#size``) beside the sha512 of
+the uncompressed bytes; the service's ``core#length`` and ``core#MD5`` are the stored frame's:
+the md5 is checked against the service's ``Digest`` as for any upload, but never reported as
+the image's. Reads decompress while streaming (from an offset: from the frame's start).
+
 Reads take the ``files`` shortcut where offered (else a pullFromVoSpace negotiation), ask for
 ``Range`` from an offset, and resume a read that was cut from where it stopped. Listings are
 paginated with ``limit`` and ``uri``. A 503's ``Retry-After`` becomes the TransientError's hint;
@@ -68,6 +76,7 @@ from imagesync.model import (
 )
 from imagesync.retry import RetryPolicy, call_with_retry
 from imagesync.sites.base import Capabilities
+from imagesync.sites.compress import SUFFIX, ZSTD, Compressor, decompressed
 from imagesync.sites.directory import check_name
 from imagesync.sites.vosproto import (
     CORE,
@@ -101,7 +110,16 @@ PAGE = 500  # children per listing page
 _UPLOAD_QUEUE_CHUNKS = 16
 _ABORT = object()
 _RESUMES = 3  # a cut read is resumed this many times in a row without progress
-_ATTRS = ("disk_format", "container_format", "min_disk", "min_ram", "visibility", "hidden")
+_ATTRS = (
+    "disk_format",
+    "container_format",
+    "min_disk",
+    "min_ram",
+    "visibility",
+    "hidden",
+    "compress",
+    "size",
+)
 _FORMAT_OF_EXT = {".qcow2": "qcow2", ".img": "raw", ".raw": "raw", ".vmdk": "vmdk", ".iso": "iso"}
 _HIDDEN = re.compile(r"^\.(.+)\.uploading$")
 _HEX32 = re.compile(r"^[0-9a-f]{32}$")
@@ -112,22 +130,30 @@ _HEX128 = re.compile(r"^[0-9a-f]{128}$")
 
 
 class _Body:
-    """The data PUT's body: the chunks ``write`` queues, sent as they come (once only).
+    """The data PUT's body: the chunks ``write`` queues, sent as they come (once only),
+    compressed on the way when ``compressor`` is given.
 
     ``len()`` gives the announced size so that requests sends a Content-Length rather than a
-    chunked body; ``started`` tells whether any byte was taken (until then another endpoint
-    may be tried)."""
+    chunked body (0, so chunked, when compressing: the frame's length is known only at its
+    end); ``started`` tells whether any byte was taken (until then another endpoint may be
+    tried)."""
 
-    def __init__(self, size: int | None) -> None:
+    def __init__(self, size: int | None, compressor: Compressor | None = None) -> None:
         self.q: queue.Queue[object] = queue.Queue(maxsize=_UPLOAD_QUEUE_CHUNKS)
         self.size = size
+        self.compressor = compressor
         self.started = False
-        self.md5 = hashlib.md5(usedforsecurity=False)
-        self.sha512 = hashlib.sha512()
-        self.sent = 0
+        self.md5 = hashlib.md5(usedforsecurity=False)  # of what is sent (the service's Digest)
+        self.sha512 = hashlib.sha512()  # of the image (before compression)
+        self.sent = 0  # bytes of the image taken
 
     def __len__(self) -> int:
-        return self.size or 0
+        return 0 if self.compressor is not None else self.size or 0
+
+    def __bool__(self) -> bool:
+        # requests sends ``data or {}``: a body of unknown length (len 0) must not count as
+        # no body at all, or an empty PUT goes out and the data is never taken
+        return True
 
     def __iter__(self) -> Iterator[bytes]:
         if self.started:
@@ -141,6 +167,10 @@ class _Body:
             if item is None:
                 if self.size and self.sent != self.size:
                     raise OSError(f"upload ended after {self.sent} of {self.size} bytes")
+                if self.compressor is not None:
+                    tail = self.compressor.flush()
+                    self.md5.update(tail)
+                    yield tail
                 return
             if item is _ABORT:
                 raise OSError("upload aborted by imagesync")
@@ -148,9 +178,11 @@ class _Body:
             self.sent += len(item)
             if self.size and self.sent > self.size:
                 raise OSError(f"more than the {self.size} bytes announced")
+            self.sha512.update(item)
+            if self.compressor is not None:
+                item = self.compressor.compress(item)
             # hashed as sent: what the service's Digest must match
             self.md5.update(item)
-            self.sha512.update(item)
             if item:
                 yield item
 
@@ -166,13 +198,14 @@ class VOSpaceWriter:
         path: str,
         endpoints: list[str],
         size: int | None,
+        compressor: Compressor | None = None,
     ) -> None:
         self.site = site
         self.name = name
         self.leaf = leaf
         self.path = path  # where the node is while uploading
         self.endpoints = endpoints
-        self.body = _Body(size)
+        self.body = _Body(size, compressor)
         self.response: requests.Response | None = None
         self.error: BaseException | None = None
         self.thread = threading.Thread(
@@ -183,6 +216,12 @@ class VOSpaceWriter:
     @property
     def image_id(self) -> str:
         return f"{self.name}/{self.leaf}"
+
+    @property
+    def stored_size(self) -> int:
+        """Bytes sent to the service so far: the stored frame's size once finished."""
+        c = self.body.compressor
+        return c.stored_size if c is not None else self.body.sent
 
     def _run(self) -> None:
         headers = {"Content-Type": "application/octet-stream"}
@@ -240,11 +279,13 @@ class VOSpaceWriter:
         if theirs is None:  # no Digest answered: the node's own md5 is the service's word
             theirs = self.site.md5_of(node)
         if theirs == ours:
-            # The service holds exactly the bytes hashed here: their sha512 is ours. Kept on
-            # the node, so that a listing reports it before publish (and vls shows it).
-            node = self.site.set_properties(
-                self.path, {IMAGE + "sha512": self.body.sha512.hexdigest()}, what
-            )
+            # The service holds exactly the bytes hashed here: their sha512 is ours (of the
+            # image, before compression). Kept on the node, so that a listing reports it before
+            # publish (and vls shows it).
+            props = {IMAGE + "sha512": self.body.sha512.hexdigest()}
+            if self.body.compressor is not None:
+                props[IMAGE + "size"] = str(self.body.sent)
+            node = self.site.set_properties(self.path, props, what)
             return self.site.record(self.name, node)
         log.warning(
             "upload.digest_mismatch",
@@ -254,9 +295,11 @@ class VOSpaceWriter:
             stored=theirs,
         )
         # Report only what the service says it stored: the transfer then sees the copy differ
-        # (or reads it back) and removes it as an integrity failure.
+        # (or reads it back) and removes it as an integrity failure. A compressed frame's md5
+        # is no hash of the image: nothing is claimed, so the transfer reads it back.
         rec = self.site.record(self.name, node)
-        return rec.with_(hashes={"md5": theirs} if theirs else {})
+        claim = {"md5": theirs} if theirs and self.body.compressor is None else {}
+        return rec.with_(hashes=claim)
 
     def abort(self) -> None:
         while self.thread.is_alive():
@@ -290,9 +333,12 @@ class VOSpaceSite:
         *,
         policy: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        compress: str | None = None,
     ) -> None:
         self.name = name
         self.cfg = cfg
+        #: how new images are stored (None, or "zstd"); each node says how it was
+        self.compress = compress
         self.policy = policy or SERVICE_RETRIES
         self.sleep = sleep
         self.container = cfg.container  # vos://authority~service/path
@@ -308,7 +354,10 @@ class VOSpaceSite:
         )
         self._service: Service | None = None
         self._lock = threading.Lock()
-        self.capabilities = Capabilities.fill(self, hashes=HASHES)
+        # a compressed node's md5 (the service's) is the frame's, not the image's
+        self.capabilities = Capabilities.fill(
+            self, hashes=HASHES if compress is None else {"sha512"}
+        )
 
     # -- HTTP -----------------------------------------------------------------------------
     def http(
@@ -483,8 +532,9 @@ class VOSpaceSite:
                 props[unquote(uri[len(PROPERTY) :])] = value
             elif uri.startswith(IMAGE) and uri[len(IMAGE) :] not in _ATTRS:
                 props["imagesync." + uri[len(IMAGE) :]] = value
+        compressed = p.get(IMAGE + "compress") == ZSTD
         hashes: dict[str, str] = {}
-        if (md5 := self.md5_of(node)) is not None:
+        if (md5 := self.md5_of(node)) is not None and not compressed:
             hashes["md5"] = md5
         sha = p.get(IMAGE + "sha512", "").lower()
         if _HEX128.match(sha):
@@ -498,7 +548,9 @@ class VOSpaceSite:
             or parse_time(p.get(CORE + "date"))
             or datetime.now(UTC)
         )
-        suffix = "." + leaf.rsplit(".", 1)[-1].lower() if "." in leaf else ""
+        plain = leaf.removesuffix(SUFFIX) if compressed else leaf
+        suffix = "." + plain.rsplit(".", 1)[-1].lower() if "." in plain else ""
+        size_prop = p.get(IMAGE + "size" if compressed else CORE + "length", "")
         disk_format = p.get(IMAGE + "disk_format") or _FORMAT_OF_EXT.get(suffix)
         return ImageRecord(
             site=self.name,
@@ -507,7 +559,7 @@ class VOSpaceSite:
             status=status,
             created_at=created,
             updated_at=parse_time(p.get(CORE + "mtime")) or parse_time(p.get(CORE + "date")),
-            size=int(p[CORE + "length"]) if p.get(CORE + "length", "").isdigit() else None,
+            size=int(size_prop) if size_prop.isdigit() else None,
             hashes=hashes,
             disk_format=disk_format,
             container_format=p.get(IMAGE + "container_format") or ("bare" if disk_format else None),
@@ -601,7 +653,16 @@ class VOSpaceSite:
 
     def open(self, image: ImageRecord, offset: int = 0) -> Iterator[bytes]:
         what = f"download {image.id}"
-        path, _ = self._locate(image.id, what)
+        path, node = self._locate(image.id, what)
+        if node.properties.get(IMAGE + "compress") == ZSTD:
+            # a frame is read from its start, whatever the offset (see sites/compress.py)
+            size = self.record(image.name, node).size
+            raw = self._open_raw(path, image, 0, what)
+            return decompressed(raw, offset=offset, size=size, what=what, site=self.name)
+        return self._open_raw(path, image, offset, what)
+
+    def _open_raw(self, path: str, image: ImageRecord, offset: int, what: str) -> Iterator[bytes]:
+        """The stored bytes from ``offset``, as the service holds them."""
         urls = self._read_urls(path, what)
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         last: SiteError | None = None
@@ -715,6 +776,8 @@ class VOSpaceSite:
         what = f"create image {name!r}"
         self._ensure_container(name, what)
         leaf = leaf_for(new, datetime.now(UTC))
+        if self.compress == ZSTD:
+            leaf += SUFFIX
         # hidden under a dot-name where the service can move it into place on publish;
         # otherwise at its final name, marked (and so hidden to imagesync) until then
         path = self._image_path(name, f".{leaf}.uploading" if svc.transfers else leaf)
@@ -726,6 +789,8 @@ class VOSpaceSite:
             IMAGE + "visibility": new.visibility,
         }
         props.update(_to_uris({**new.properties, PROP_STATE: STATE_UPLOADING}))
+        if self.compress == ZSTD:
+            props[IMAGE + "compress"] = ZSTD
         body = node_xml(
             self.vos_uri(path), "DataNode", {k: v for k, v in props.items() if v is not None}
         )
@@ -739,7 +804,12 @@ class VOSpaceSite:
         )
         try:
             endpoints = self._negotiate(path, "pushToVoSpace", what)
-            return VOSpaceWriter(self, name, leaf, path, endpoints, new.size)
+            compressor = (
+                Compressor(new.size, what=f"upload {name}/{leaf}", site=self.name)
+                if self.compress == ZSTD
+                else None
+            )
+            return VOSpaceWriter(self, name, leaf, path, endpoints, new.size, compressor)
         except BaseException:
             self.delete_quietly(path)
             raise

@@ -2,10 +2,9 @@
 datastores): one ``harness`` fixture, parametrized over every kind of site.
 
 ``memory``, ``directory`` and ``vospace-stub`` (the VOSpace site over a small in-test service)
-need nothing and run in the fast unit run; ``glance`` is marked
-``integration`` and asks for the session's ``lab`` only when it runs (``vospace``: the lab's
-VOSpace service) (a new kind of site adds
-one factory here).
+need nothing and run in the fast unit run; ``glance`` and ``vospace`` (the lab's VOSpace
+service, ``lab.vospace``) are marked ``integration`` and ask for the session's ``lab`` only
+when they run. A new kind of site adds one factory here.
 """
 
 from __future__ import annotations
@@ -16,16 +15,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 
 from imagesync.sites.base import Site
 from imagesync.sites.directory import DirectorySite
 from imagesync.sites.memory import Faults, memory_site
-
-if TYPE_CHECKING:
-    from tests.vospacelab import RunningVOSpace
 
 
 @dataclass
@@ -51,17 +46,21 @@ def _memory(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
     )  # microsecond clock
 
 
-def _directory(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
+def _directory(
+    request: pytest.FixtureRequest, tmp_path: Path, compress: str | None = None
+) -> Harness:
     def broken() -> Site:
         root = tmp_path / "gone"
         root.mkdir()
-        site = DirectorySite("broken", root)
+        site = DirectorySite("broken", root, compress=compress)
         shutil.rmtree(root)  # the store went away under a running site (unmounted, deleted)
         return site
 
     (tmp_path / "store").mkdir()
     return Harness(
-        site=DirectorySite("store", tmp_path / "store"), broken=broken, settle=lambda: None
+        site=DirectorySite("store", tmp_path / "store", compress=compress),
+        broken=broken,
+        settle=lambda: None,
     )
 
 
@@ -86,7 +85,9 @@ def _glance(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
     )  # Glance's times are whole seconds
 
 
-def _vospace_stub(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
+def _vospace_stub(
+    request: pytest.FixtureRequest, tmp_path: Path, compress: str | None = None
+) -> Harness:
     """The VOSpace site over the in-test stub service (``tests/vospacestub.py``)."""
     from imagesync.config.types import VOSpaceConfig
     from imagesync.sites.vospace import VOSpaceSite
@@ -99,7 +100,7 @@ def _vospace_stub(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
 
     def site(caps: str) -> Site:
         cfg = VOSpaceConfig(container="vos://example.org~store/images", capabilities_url=caps)
-        return VOSpaceSite("store", cfg, sleep=lambda s: None)
+        return VOSpaceSite("store", cfg, sleep=lambda s: None, compress=compress)
 
     closed = f"http://127.0.0.1:{_closed_port()}/capabilities"
     return Harness(
@@ -107,25 +108,23 @@ def _vospace_stub(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
     )
 
 
-@pytest.fixture(scope="session")
-def vospace_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningVOSpace]:
-    """The lab's VOSpace service (``imagesync.lab.vospace``), one per session."""
-    from tests.vospacelab import running_service
-
-    with running_service(tmp_path_factory.mktemp("vospace")) as running:
-        yield running
-
-
-def _vospace(request: pytest.FixtureRequest, tmp_path: Path) -> Harness:
+def _vospace(
+    request: pytest.FixtureRequest, tmp_path: Path, compress: str | None = None
+) -> Harness:
     """The VOSpace site against the lab's VOSpace service (MoveNode, token from a file)."""
+    from imagesync.lab import LabVOSpace
     from imagesync.sites.vospace import VOSpaceSite
+    from tests.vospacelab import site_config
 
-    vo: RunningVOSpace = request.getfixturevalue("vospace_service")
+    vo: LabVOSpace = request.getfixturevalue("lab_vospace")
     closed = f"http://127.0.0.1:{_closed_port()}/capabilities"
     return Harness(
-        site=VOSpaceSite("store", vo.site_config()),
+        site=VOSpaceSite("store", site_config(vo), compress=compress),
         broken=lambda: VOSpaceSite(
-            "broken", vo.site_config(capabilities_url=closed), sleep=lambda s: None
+            "broken",
+            site_config(vo, capabilities_url=closed),
+            sleep=lambda s: None,
+            compress=compress,
         ),
         settle=lambda: None,
     )
@@ -137,6 +136,10 @@ FACTORIES: dict[str, Callable[[pytest.FixtureRequest, Path], Harness]] = {
     "glance": _glance,
     "vospace-stub": _vospace_stub,
     "vospace": _vospace,
+    # compress: zstd (sites/compress.py): the same contract over stores that compress
+    "directory-zstd": lambda r, p: _directory(r, p, "zstd"),
+    "vospace-stub-zstd": lambda r, p: _vospace_stub(r, p, "zstd"),
+    "vospace-zstd": lambda r, p: _vospace(r, p, "zstd"),
 }
 
 
@@ -145,8 +148,11 @@ FACTORIES: dict[str, Callable[[pytest.FixtureRequest, Path], Harness]] = {
         "memory",
         "directory",
         "vospace-stub",
+        "directory-zstd",
+        "vospace-stub-zstd",
         pytest.param("glance", marks=pytest.mark.integration),
         pytest.param("vospace", marks=pytest.mark.integration),
+        pytest.param("vospace-zstd", marks=pytest.mark.integration),
     ]
 )
 def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
