@@ -1,4 +1,6 @@
-"""Prometheus metrics of the daemon, served on ``metrics_listen`` when it is set.
+"""Prometheus metrics of the daemon, served on ``metrics_listen`` when it is set, with the
+daemon's read-only status pages beside them (``/`` and ``/status.json``: the daemon passes
+them in as :class:`Page` makers, rendered by :mod:`imagesync.daemon.statuspage`).
 
 The metrics live in a private registry (not prometheus_client's global one), so two daemons in
 one test process, or a reload, never collide. They are fed from two places: the executor's
@@ -29,7 +31,8 @@ import contextlib
 import socket
 import socketserver
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
@@ -57,6 +60,51 @@ def parse_listen(listen: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise ValueError(f"{listen!r} is not host:port")
     return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class Page:
+    """One response of a read-only page: its type, body and extra headers."""
+
+    content_type: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+#: path → what makes its response, called once per request (in a handler thread)
+Pages = Mapping[str, Callable[[], Page]]
+
+METRICS_PATH = "/metrics"
+
+
+def _routes(metrics_app: Any, pages: Pages) -> Any:
+    """A WSGI app: ``/metrics`` to prometheus_client, the pages to their makers; read-only
+    (GET and HEAD), 404 for any other path."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes] | list[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        if path == METRICS_PATH:
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        make = pages.get(path)
+        if make is None:
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"not found\n"]
+        if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
+            start_response(
+                "405 Method Not Allowed",
+                [("Content-Type", "text/plain; charset=utf-8"), ("Allow", "GET, HEAD")],
+            )
+            return [b"read-only\n"]
+        page = make()
+        headers = [
+            ("Content-Type", page.content_type),
+            ("Content-Length", str(len(page.body))),
+            *page.headers,
+        ]
+        start_response("200 OK", headers)
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else [page.body]
+
+    return app
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -224,16 +272,18 @@ class Metrics(Observer):
         *,
         max_connections: int = MAX_CONNECTIONS,
         idle_timeout: float = IDLE_TIMEOUT,
+        pages: Pages | None = None,
     ) -> tuple[str, int]:
-        """Serve /metrics on ``listen`` (host:port) from a daemon thread; return the address
-        bound (port 0 picks a free one). Raises OSError when the address cannot be bound."""
+        """Serve /metrics, and ``pages`` (path → maker), on ``listen`` (host:port) from a
+        daemon thread; return the address bound (port 0 picks a free one). Raises OSError
+        when the address cannot be bound."""
         host, port = parse_listen(listen)
         # the family of the address as given (AF_INET6 for ::1), as prometheus_client does
         family, _, _, _, sockaddr = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
         server = _BoundedServer((str(sockaddr[0]), port), family, max_connections, idle_timeout)
-        server.set_app(make_wsgi_app(self.registry))
+        server.set_app(_routes(make_wsgi_app(self.registry), pages or {}))
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         self._server = server
         bound = server.server_address
