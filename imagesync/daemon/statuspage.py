@@ -54,7 +54,7 @@ main{padding:12px 20px}section{margin-bottom:22px}
 h2{font-size:15px;margin:0 0 6px;border-bottom:1px solid #d0d7de;padding-bottom:3px}
 table{border-collapse:collapse;background:#fff}
 th,td{border:1px solid #d0d7de;padding:4px 8px;text-align:left;vertical-align:top}
-th{background:#eaeef2;font-weight:600}
+th{background:#eaeef2;font-weight:600}td.mono{white-space:nowrap}
 td.cell{min-width:120px}.cell .st{font-weight:600}
 .mono,.cell .id{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:12px}
 .ver{font-size:12px;color:#444;font-weight:normal}
@@ -72,14 +72,17 @@ progress{width:180px;vertical-align:middle}
 # Fetch the page again and swap its <main> in; say since when the daemon does not answer.
 SCRIPT = """
 (function () {
-  var every = REFRESH * 1000, since = null, conn = document.getElementById("conn");
+  var every = REFRESH * 1000, since = null, n = 0, conn = document.getElementById("conn");
   function tick() {
     fetch(location.pathname, {cache: "no-store"}).then(function (r) {
       if (!r.ok) { throw new Error("HTTP " + r.status); }
       return r.text();
     }).then(function (text) {
       var next = new DOMParser().parseFromString(text, "text/html").getElementById("main");
-      if (next) { document.getElementById("main").replaceWith(document.adoptNode(next)); }
+      if (next) {
+        next.dataset.refreshes = String(++n);
+        document.getElementById("main").replaceWith(document.adoptNode(next));
+      }
       since = null; conn.textContent = ""; conn.className = "";
     }).catch(function () {
       since = since || new Date();
@@ -132,10 +135,21 @@ def short_time(iso: str | None) -> str:
     return f"{day} {clock.split('.')[0].rstrip('Z')}Z" if clock else iso
 
 
+def short_id(image_id: object) -> str:
+    """The part of an id that tells images apart: a Glance uuid's first 8 characters; a
+    store's leaf (its ids are ``name/leaf``, the name already in the row, and leaves begin
+    with the version's time, shown beside) by its end."""
+    text = str(image_id)
+    if "/" not in text:
+        return text[:8]
+    leaf = text.rsplit("/", 1)[-1]
+    return leaf if len(leaf) <= 16 else "…" + leaf[-13:]
+
+
 def _ref(ref: object) -> str:
     """``site:0123abcd`` from ``site:<full id>``."""
     site, _, image_id = str(ref).partition(":")
-    return f"{site}:{image_id[:8]}" if image_id else site
+    return f"{site}:{short_id(image_id)}" if image_id else site
 
 
 def _when(iso: str | None, now: datetime | None) -> str:
@@ -171,7 +185,7 @@ def _cell(name: str, site: str, cell: Mapping[str, Any], newest: Mapping[str, An
     classes = f"cell s-{e(state)}" + ("" if cell.get("required", True) else " notreq")
     parts = [f'<div class="st">{e(LABELS.get(state, state))}</div>']
     if image_id:
-        parts.append(f'<div class="id" title="{e(image_id)}">{e(str(image_id)[:8])}</div>')
+        parts.append(f'<div class="id" title="{e(image_id)}">{e(short_id(image_id))}</div>')
     if cell.get("duplicates"):
         parts.append(f'<div class="ver">+{len(cell["duplicates"])} duplicate(s)</div>')
     if version:
