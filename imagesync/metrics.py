@@ -10,12 +10,22 @@ itself never imports this module.
 
     imagesync_bytes_copied_total                       bytes of verified, published copies
     imagesync_copies_total{result="ok"|"failed"}       copies per target
+    imagesync_copy_failures_total{site,kind}           failed copies by target and error kind
+                                                       (integrity, transient, site, source,
+                                                       unexpected)
     imagesync_retires_total{result="ok"|"failed"}      retirements (hide or delete)
     imagesync_sync_lag_seconds{image,site}             now - newest version time where the
                                                        newest is not there yet; 0 when current
     imagesync_last_successful_poll_timestamp_seconds{site}
+    imagesync_site_reachable{site}                     1 when the last pass listed it, else 0
     imagesync_transfers_in_flight
     imagesync_passes_total{result="ok"|"failed"}, imagesync_last_pass_duration_seconds
+    imagesync_last_pass_timestamp_seconds              when the last pass ended (Unix time;
+                                                       before the first: when it started)
+    imagesync_poll_interval_seconds                    the configured poll interval
+
+``etc/grafana/imagesync.json`` and ``etc/prometheus/imagesync-alerts.yaml`` are built on these
+names (a unit test holds every expression there to the names exported here).
 
 The listener is bounded: at most :data:`MAX_CONNECTIONS` handler threads (a new connection
 past that closes the oldest, so idle or slow clients can neither pile up threads nor keep a
@@ -31,6 +41,7 @@ import contextlib
 import socket
 import socketserver
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -43,8 +54,12 @@ from imagesync.config.types import listens_on_loopback
 from imagesync.engine import ActionResult, Observer
 from imagesync.model import SiteInventory
 from imagesync.plan import Assessment, Copy, Retire
+from imagesync.transfer import ErrorKind
 
 log = structlog.get_logger("imagesync.metrics")
+
+#: the ``kind`` label values of imagesync_copy_failures_total
+FAILURE_KINDS = tuple(k.value for k in ErrorKind if k.counts_as_failure)
 
 #: handler threads at most: a scrape takes milliseconds, Prometheus opens one at a time
 MAX_CONNECTIONS = 8
@@ -173,6 +188,12 @@ class Metrics(Observer):
         self.copies = Counter(
             "imagesync_copies", "Copies to one target, by result", ["result"], registry=r
         )
+        self.copy_failures = Counter(
+            "imagesync_copy_failures",
+            "Copies that failed on a target, by target site and error kind",
+            ["site", "kind"],
+            registry=r,
+        )
         self.retires = Counter(
             "imagesync_retires", "Old versions retired, by result", ["result"], registry=r
         )
@@ -190,6 +211,12 @@ class Metrics(Observer):
             ["site"],
             registry=r,
         )
+        self.site_reachable = Gauge(
+            "imagesync_site_reachable",
+            "1 when the last pass could list the site, 0 when it could not",
+            ["site"],
+            registry=r,
+        )
         self.in_flight = Gauge("imagesync_transfers_in_flight", "Copies running now", registry=r)
         self.passes = Counter(
             "imagesync_passes", "Reconcile passes, by result", ["result"], registry=r
@@ -197,6 +224,19 @@ class Metrics(Observer):
         self.pass_seconds = Gauge(
             "imagesync_last_pass_duration_seconds",
             "How long the last reconcile pass took",
+            registry=r,
+        )
+        self.last_pass = Gauge(
+            "imagesync_last_pass_timestamp_seconds",
+            "When the last reconcile pass ended, or before the first when the daemon "
+            "started (Unix time)",
+            registry=r,
+        )
+        # so that "no pass for a long time" is measured from the start, not from 1970
+        self.last_pass.set(time.time())
+        self.poll_interval = Gauge(
+            "imagesync_poll_interval_seconds",
+            "The configured seconds between two passes (alerts on stopped passes use it)",
             registry=r,
         )
         for result in ("ok", "failed"):  # present from the start, so rate() works at once
@@ -221,6 +261,8 @@ class Metrics(Observer):
             elif t.error_kind is None or t.error_kind.counts_as_failure:
                 # busy: another imagesync is copying it; cancelled: we are stopping
                 self.copies.labels(result="failed").inc()
+                kind = t.error_kind.value if t.error_kind is not None else "unknown"
+                self.copy_failures.labels(site=t.site, kind=kind).inc()
 
     def retire_finished(self, result: ActionResult) -> None:
         if isinstance(result.action, Retire):
@@ -229,6 +271,9 @@ class Metrics(Observer):
     # -- once a pass ------------------------------------------------------------------------
     def observe_inventories(self, inventories: Mapping[str, SiteInventory]) -> None:
         for site, inv in inventories.items():
+            for kind in FAILURE_KINDS:  # at 0 before the first failure, so increase() sees it
+                self.copy_failures.labels(site=site, kind=kind)
+            self.site_reachable.labels(site=site).set(1 if inv.ok else 0)
             if inv.ok and inv.listed_at is not None:
                 self.last_poll.labels(site=site).set(inv.listed_at.timestamp())
 
@@ -257,9 +302,10 @@ class Metrics(Observer):
                     self.sync_lag.remove(image, site)
             self._lag_keys = seen
 
-    def observe_pass(self, ok: bool, seconds: float) -> None:
+    def observe_pass(self, ok: bool, seconds: float, now: float | None = None) -> None:
         self.passes.labels(result="ok" if ok else "failed").inc()
         self.pass_seconds.set(seconds)
+        self.last_pass.set(time.time() if now is None else now)
 
     # -- exposition --------------------------------------------------------------------------
     def exposition(self) -> bytes:

@@ -186,6 +186,7 @@ class Daemon:
                 key="metrics_listen",
                 reason="the metrics address changes at the next restart",
             )
+        self.metrics.poll_interval.set(new.poll_interval)
         if self.scheduler is not None and self.scheduler.running:
             if new.poll_interval != old.poll_interval:
                 self.scheduler.reschedule_job(JOB_ID, trigger="interval", seconds=new.poll_interval)
@@ -228,6 +229,7 @@ class Daemon:
     def run(self, *, install_signals: bool = True) -> int:
         """Run until stopped; return the exit code."""
         config = self.config
+        self.metrics.poll_interval.set(config.poll_interval)
         if config.metrics_listen:
             try:
                 host, port = self.metrics.serve(config.metrics_listen, pages=pages(self.live))
