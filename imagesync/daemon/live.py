@@ -8,7 +8,8 @@ when asked. :meth:`LiveStatus.document` puts it together as one JSON-ready docum
 (one function builds both: :func:`imagesync.engine.report.status_document`).
 
 Thread-safe: the pass thread, the transfer threads and the listener's handler threads all touch
-it, each under one lock held only to copy plain data in or out (rendering happens outside it).
+it, under a lock held only to copy plain data in or out (rendering happens outside it); the
+history cache has a lock of its own, so a read waiting on a busy database holds up no transfer.
 A copy in flight is keyed by the thread running it: the executor calls ``copy_started``,
 ``copy_progress`` and ``copy_finished`` from the thread that reads the source.
 """
