@@ -18,6 +18,7 @@ import structlog
 
 from imagesync.config.types import Config
 from imagesync.engine import ActionResult, Engine, Outcome, summarize
+from imagesync.engine.report import status_document
 from imagesync.errors import ImageSyncError, UsageError
 from imagesync.model import SiteInventory, format_time, printable
 from imagesync.plan import (
@@ -382,37 +383,7 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
     finally:
         engine.close()
     if as_json:
-        out = []
-        for a in assessments:
-            out.append(
-                {
-                    "name": a.name,
-                    "newest": {
-                        "version": format_time(a.newest.time),
-                        "sha512": a.newest.sha512,
-                        "origin": a.newest.origin,
-                    }
-                    if a.newest
-                    else None,
-                    "not_copyable": a.not_copyable,
-                    "sites": {
-                        s: {
-                            "state": c.state,
-                            "required": c.required,
-                            "image_id": c.image.id if c.image else None,
-                            "duplicates": list(c.duplicates),
-                            "have": format_time(c.have.time) if c.have else None,
-                        }
-                        for s, c in a.cells.items()
-                    },
-                    "ignored": [
-                        {"site": i.site, "image_id": i.image_id, "owner": i.owner}
-                        for i in a.ignored
-                    ],
-                }
-            )
-        errors = {s: inv.error for s, inv in inventories.items() if not inv.ok}
-        print(json.dumps({"images": out, "unreachable": errors}, indent=2))
+        print(json.dumps(status_document(assessments, inventories), indent=2))
         return 0
     sites = list(config.site_names)
     if not assessments:

@@ -1,4 +1,6 @@
-"""Prometheus metrics of the daemon, served on ``metrics_listen`` when it is set.
+"""Prometheus metrics of the daemon, served on ``metrics_listen`` when it is set, with the
+daemon's read-only status pages beside them (``/`` and ``/status.json``: the daemon passes
+them in as :class:`Page` makers, rendered by :mod:`imagesync.daemon.statuspage`).
 
 The metrics live in a private registry (not prometheus_client's global one), so two daemons in
 one test process, or a reload, never collide. They are fed from two places: the executor's
@@ -8,12 +10,22 @@ itself never imports this module.
 
     imagesync_bytes_copied_total                       bytes of verified, published copies
     imagesync_copies_total{result="ok"|"failed"}       copies per target
+    imagesync_copy_failures_total{site,kind}           failed copies by target and error kind
+                                                       (integrity, transient, site, source,
+                                                       unexpected)
     imagesync_retires_total{result="ok"|"failed"}      retirements (hide or delete)
     imagesync_sync_lag_seconds{image,site}             now - newest version time where the
                                                        newest is not there yet; 0 when current
     imagesync_last_successful_poll_timestamp_seconds{site}
+    imagesync_site_reachable{site}                     1 when the last pass listed it, else 0
     imagesync_transfers_in_flight
     imagesync_passes_total{result="ok"|"failed"}, imagesync_last_pass_duration_seconds
+    imagesync_last_pass_timestamp_seconds              when the last pass ended (Unix time;
+                                                       before the first: when it started)
+    imagesync_poll_interval_seconds                    the configured poll interval
+
+``etc/grafana/imagesync.json`` and ``etc/prometheus/imagesync-alerts.yaml`` are built on these
+names (a unit test holds every expression there to the names exported here).
 
 The listener is bounded: at most :data:`MAX_CONNECTIONS` handler threads (a new connection
 past that closes the oldest, so idle or slow clients can neither pile up threads nor keep a
@@ -29,7 +41,9 @@ import contextlib
 import socket
 import socketserver
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
@@ -40,8 +54,12 @@ from imagesync.config.types import listens_on_loopback
 from imagesync.engine import ActionResult, Observer
 from imagesync.model import SiteInventory
 from imagesync.plan import Assessment, Copy, Retire
+from imagesync.transfer import ErrorKind
 
 log = structlog.get_logger("imagesync.metrics")
+
+#: the ``kind`` label values of imagesync_copy_failures_total
+FAILURE_KINDS = tuple(k.value for k in ErrorKind if k.counts_as_failure)
 
 #: handler threads at most: a scrape takes milliseconds, Prometheus opens one at a time
 MAX_CONNECTIONS = 8
@@ -57,6 +75,51 @@ def parse_listen(listen: str) -> tuple[str, int]:
     if not host or not port.isdigit():
         raise ValueError(f"{listen!r} is not host:port")
     return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True)
+class Page:
+    """One response of a read-only page: its type, body and extra headers."""
+
+    content_type: str
+    body: bytes
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+#: path → what makes its response, called once per request (in a handler thread)
+Pages = Mapping[str, Callable[[], Page]]
+
+METRICS_PATH = "/metrics"
+
+
+def _routes(metrics_app: Any, pages: Pages) -> Any:
+    """A WSGI app: ``/metrics`` to prometheus_client, the pages to their makers; read-only
+    (GET and HEAD), 404 for any other path."""
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterator[bytes] | list[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        if path == METRICS_PATH:
+            return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+        make = pages.get(path)
+        if make is None:
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"not found\n"]
+        if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
+            start_response(
+                "405 Method Not Allowed",
+                [("Content-Type", "text/plain; charset=utf-8"), ("Allow", "GET, HEAD")],
+            )
+            return [b"read-only\n"]
+        page = make()
+        headers = [
+            ("Content-Type", page.content_type),
+            ("Content-Length", str(len(page.body))),
+            *page.headers,
+        ]
+        start_response("200 OK", headers)
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else [page.body]
+
+    return app
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -125,6 +188,12 @@ class Metrics(Observer):
         self.copies = Counter(
             "imagesync_copies", "Copies to one target, by result", ["result"], registry=r
         )
+        self.copy_failures = Counter(
+            "imagesync_copy_failures",
+            "Copies that failed on a target, by target site and error kind",
+            ["site", "kind"],
+            registry=r,
+        )
         self.retires = Counter(
             "imagesync_retires", "Old versions retired, by result", ["result"], registry=r
         )
@@ -142,6 +211,12 @@ class Metrics(Observer):
             ["site"],
             registry=r,
         )
+        self.site_reachable = Gauge(
+            "imagesync_site_reachable",
+            "1 when the last pass could list the site, 0 when it could not",
+            ["site"],
+            registry=r,
+        )
         self.in_flight = Gauge("imagesync_transfers_in_flight", "Copies running now", registry=r)
         self.passes = Counter(
             "imagesync_passes", "Reconcile passes, by result", ["result"], registry=r
@@ -149,6 +224,19 @@ class Metrics(Observer):
         self.pass_seconds = Gauge(
             "imagesync_last_pass_duration_seconds",
             "How long the last reconcile pass took",
+            registry=r,
+        )
+        self.last_pass = Gauge(
+            "imagesync_last_pass_timestamp_seconds",
+            "When the last reconcile pass ended, or before the first when the daemon "
+            "started (Unix time)",
+            registry=r,
+        )
+        # so that "no pass for a long time" is measured from the start, not from 1970
+        self.last_pass.set(time.time())
+        self.poll_interval = Gauge(
+            "imagesync_poll_interval_seconds",
+            "The configured seconds between two passes (alerts on stopped passes use it)",
             registry=r,
         )
         for result in ("ok", "failed"):  # present from the start, so rate() works at once
@@ -173,6 +261,8 @@ class Metrics(Observer):
             elif t.error_kind is None or t.error_kind.counts_as_failure:
                 # busy: another imagesync is copying it; cancelled: we are stopping
                 self.copies.labels(result="failed").inc()
+                kind = t.error_kind.value if t.error_kind is not None else "unknown"
+                self.copy_failures.labels(site=t.site, kind=kind).inc()
 
     def retire_finished(self, result: ActionResult) -> None:
         if isinstance(result.action, Retire):
@@ -181,6 +271,9 @@ class Metrics(Observer):
     # -- once a pass ------------------------------------------------------------------------
     def observe_inventories(self, inventories: Mapping[str, SiteInventory]) -> None:
         for site, inv in inventories.items():
+            for kind in FAILURE_KINDS:  # at 0 before the first failure, so increase() sees it
+                self.copy_failures.labels(site=site, kind=kind)
+            self.site_reachable.labels(site=site).set(1 if inv.ok else 0)
             if inv.ok and inv.listed_at is not None:
                 self.last_poll.labels(site=site).set(inv.listed_at.timestamp())
 
@@ -209,9 +302,10 @@ class Metrics(Observer):
                     self.sync_lag.remove(image, site)
             self._lag_keys = seen
 
-    def observe_pass(self, ok: bool, seconds: float) -> None:
+    def observe_pass(self, ok: bool, seconds: float, now: float | None = None) -> None:
         self.passes.labels(result="ok" if ok else "failed").inc()
         self.pass_seconds.set(seconds)
+        self.last_pass.set(time.time() if now is None else now)
 
     # -- exposition --------------------------------------------------------------------------
     def exposition(self) -> bytes:
@@ -224,16 +318,18 @@ class Metrics(Observer):
         *,
         max_connections: int = MAX_CONNECTIONS,
         idle_timeout: float = IDLE_TIMEOUT,
+        pages: Pages | None = None,
     ) -> tuple[str, int]:
-        """Serve /metrics on ``listen`` (host:port) from a daemon thread; return the address
-        bound (port 0 picks a free one). Raises OSError when the address cannot be bound."""
+        """Serve /metrics, and ``pages`` (path → maker), on ``listen`` (host:port) from a
+        daemon thread; return the address bound (port 0 picks a free one). Raises OSError
+        when the address cannot be bound."""
         host, port = parse_listen(listen)
         # the family of the address as given (AF_INET6 for ::1), as prometheus_client does
         family, _, _, _, sockaddr = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
         server = _BoundedServer((str(sockaddr[0]), port), family, max_connections, idle_timeout)
-        server.set_app(make_wsgi_app(self.registry))
+        server.set_app(_routes(make_wsgi_app(self.registry), pages or {}))
         threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
         self._server = server
         bound = server.server_address

@@ -6,6 +6,9 @@
   the thread that feeds the systemd watchdog only while it is.
 - :mod:`~imagesync.daemon.process`: the :class:`Daemon` process: scheduler, SIGTERM/SIGHUP,
   reload, sd_notify, shutdown with a grace period; :func:`run_daemon` for the CLI.
+- :mod:`~imagesync.daemon.live` and :mod:`~imagesync.daemon.statuspage`: what the daemon
+  knows right now (fed by the pass and the executor's hooks), served read-only by the metrics
+  listener as a status page (``/``) and ``/status.json``.
 """
 
 from imagesync.daemon.health import STALL_SECONDS, Health

@@ -16,13 +16,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import structlog
 
+from imagesync.daemon.live import LiveStatus
 from imagesync.engine import ActionResult, Engine, Observer, Outcome
 from imagesync.errors import ImageSyncError
 from imagesync.metrics import Metrics
-from imagesync.model import printable
+from imagesync.model import format_time, printable
 from imagesync.plan import Assessment, Copy, Ignored, Retire, plan
 from imagesync.transfer import ErrorKind
 
@@ -48,6 +50,22 @@ class PassReport:
     @property
     def ok(self) -> bool:
         return self.error is None and not self.failed and not self.retire_failed
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, for the status page."""
+        return {
+            "started": format_time(self.started),
+            "seconds": round(self.seconds, 3),
+            "ok": self.ok,
+            "copied": self.copied,
+            "failed": self.failed,
+            "retired": self.retired,
+            "retire_failed": self.retire_failed,
+            "skipped": self.skipped,
+            "unreachable": list(self.unreachable),
+            "cancelled": self.cancelled,
+            "error": self.error,
+        }
 
     def status(self) -> str:
         when = self.started.strftime("%H:%M:%S")
@@ -134,23 +152,30 @@ class IgnoredImages:
 
 
 class PassWatch(Observer):
-    """Forwards executor events to the metrics and counts each as a sign of life."""
+    """Forwards executor events to the metrics and the status page's live state, and counts
+    each as a sign of life."""
 
-    def __init__(self, metrics: Metrics, beat: Callable[[], None]) -> None:
+    def __init__(
+        self, metrics: Metrics, beat: Callable[[], None], live: LiveStatus | None = None
+    ) -> None:
         self.metrics = metrics
         self.beat = beat
+        self.live = live or LiveStatus()
         self.ignored = IgnoredImages()
 
     def copy_started(self, copy: Copy) -> None:
         self.beat()
         self.metrics.copy_started(copy)
+        self.live.copy_started(copy)
 
     def copy_progress(self, nbytes: int) -> None:
         self.beat()
+        self.live.copy_progress(nbytes)
 
     def copy_finished(self, result: ActionResult) -> None:
         self.beat()
         self.metrics.copy_finished(result)
+        self.live.copy_finished(result)
 
     def retire_finished(self, result: ActionResult) -> None:
         self.beat()
@@ -175,7 +200,9 @@ def run_one_pass(
         unreachable = tuple(s for s, inv in inventories.items() if not inv.ok)
         p = plan(eng.rules, inventories, eng.site_names)
         watch.ignored.observe(p.assessments)
+        watch.live.observe_plan(_site_kinds(eng), inventories, p.assessments)
         results = eng.execute_concurrently(p, cancel=cancel, observer=watch)
+        watch.live.observe_results(results)
         watch.metrics.observe_lag(p.assessments, results, time.time())
         return summarize_pass(started, time.monotonic() - t0, results, len(p.skips), unreachable)
     except ImageSyncError as exc:  # expected (a state_dir this user cannot write): one line
@@ -186,6 +213,14 @@ def run_one_pass(
         return PassReport(
             started=started, seconds=time.monotonic() - t0, error=f"{type(exc).__name__}: {exc}"
         )
+
+
+def _site_kinds(eng: Engine) -> dict[str, str]:
+    """Every site, in the configuration's order: a cloud or a store."""
+    return {
+        s: "cloud" if s in eng.config.clouds else "store" if s in eng.config.stores else "site"
+        for s in eng.site_names
+    }
 
 
 def log_report(report: PassReport) -> None:

@@ -37,7 +37,9 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from imagesync.config.load import load_config
 from imagesync.config.types import Config
 from imagesync.daemon.health import STALL_SECONDS, Clock, Health, feed_watchdog
+from imagesync.daemon.live import LiveStatus
 from imagesync.daemon.passes import PassReport, PassWatch, log_report, run_one_pass
+from imagesync.daemon.statuspage import pages
 from imagesync.engine import Engine
 from imagesync.errors import ImageSyncError
 from imagesync.metrics import Metrics
@@ -87,7 +89,10 @@ class Daemon:
         self._idle = threading.Event()  # no pass is running
         self._idle.set()
         self.health = Health(stall_seconds, clock=clock)
-        self._watch = PassWatch(self.metrics, self.beat)
+        #: what the status page shows: fed by the pass and the executor, read by the listener
+        self.live = LiveStatus()
+        self.live.read_history_from(self._history)
+        self._watch = PassWatch(self.metrics, self.beat, self.live)
 
     # -- one pass ----------------------------------------------------------------------------
     def beat(self) -> None:
@@ -110,6 +115,11 @@ class Daemon:
             self._engine, self._engine_config = engine, config
         return engine
 
+    def _history(self, limit: int) -> list[dict[str, Any]]:
+        """Recent transfers, from the current engine's state database (none before one)."""
+        engine = self._engine
+        return engine.state.history(limit=limit) if engine is not None else []
+
     def run_pass(self) -> PassReport | None:
         """Inventory every site, plan, execute. Never raises: a failed pass is reported."""
         # Busy first, then look at cancel: shutdown sets cancel, then waits until idle, so
@@ -125,6 +135,7 @@ class Daemon:
             self.health.pass_ended()
             self._idle.set()
         self.metrics.observe_pass(report.ok, report.seconds)
+        self.live.observe_report(report.as_dict())
         self.last_report = report
         log_report(report)
         self.notifier.status(report.status())
@@ -175,6 +186,7 @@ class Daemon:
                 key="metrics_listen",
                 reason="the metrics address changes at the next restart",
             )
+        self.metrics.poll_interval.set(new.poll_interval)
         if self.scheduler is not None and self.scheduler.running:
             if new.poll_interval != old.poll_interval:
                 self.scheduler.reschedule_job(JOB_ID, trigger="interval", seconds=new.poll_interval)
@@ -217,9 +229,10 @@ class Daemon:
     def run(self, *, install_signals: bool = True) -> int:
         """Run until stopped; return the exit code."""
         config = self.config
+        self.metrics.poll_interval.set(config.poll_interval)
         if config.metrics_listen:
             try:
-                host, port = self.metrics.serve(config.metrics_listen)
+                host, port = self.metrics.serve(config.metrics_listen, pages=pages(self.live))
             except (OSError, ValueError) as exc:
                 log.error("metrics.listen_failed", listen=config.metrics_listen, error=str(exc))
                 return 1

@@ -5,6 +5,7 @@
 - ``recovery``: removing crash leftovers, only where called by name;
 - ``executor``: runs a plan's copies within limits, then its retirements;
 - ``recording``: what ``check`` answers from, a pure function of plan + results;
+- ``report``: what ``status --json`` and the daemon's ``/status.json`` show (one function);
 - ``results``: typed outcomes and the observer hook;
 - ``facade``: ``Engine``, the rooms wired together for one process.
 

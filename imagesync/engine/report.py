@@ -1,0 +1,76 @@
+"""What ``status`` shows, as plain JSON-ready data.
+
+One function builds the names x sites document that ``imagesync status --json`` prints and the
+daemon's ``/status.json`` serves (with more keys of its own around it), so the two cannot drift
+apart. It is a pure function of assessments and inventories, like ``recording``; and like it,
+:func:`with_results` counts the copies a pass just made as current, so that what the daemon
+shows after a pass is what the next listing will find.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from imagesync.engine.results import ActionResult
+from imagesync.model import SiteInventory, format_time
+from imagesync.plan import Assessment
+
+
+def image_status(a: Assessment) -> dict[str, Any]:
+    """One name: its newest version and every site's cell."""
+    return {
+        "name": a.name,
+        "newest": {
+            "version": format_time(a.newest.time),
+            "sha512": a.newest.sha512,
+            "origin": a.newest.origin,
+        }
+        if a.newest
+        else None,
+        "not_copyable": a.not_copyable,
+        "sites": {
+            s: {
+                "state": c.state,
+                "required": c.required,
+                "image_id": c.image.id if c.image else None,
+                "duplicates": list(c.duplicates),
+                "have": format_time(c.have.time) if c.have else None,
+            }
+            for s, c in a.cells.items()
+        },
+        "ignored": [{"site": i.site, "image_id": i.image_id, "owner": i.owner} for i in a.ignored],
+    }
+
+
+def status_document(
+    assessments: Iterable[Assessment], inventories: Mapping[str, SiteInventory]
+) -> dict[str, Any]:
+    """``{"images": [...], "unreachable": {site: error}}``: what ``status --json`` prints."""
+    return {
+        "images": [image_status(a) for a in assessments],
+        "unreachable": {s: inv.error for s, inv in inventories.items() if not inv.ok},
+    }
+
+
+def with_results(
+    assessments: Sequence[Assessment], results: Sequence[ActionResult]
+) -> list[Assessment]:
+    """The assessments with every target a copy just reached marked current (its new id)."""
+    done = {
+        (r.action.name, t.site): t.image for r in results for t in r.targets if t.ok and t.image
+    }
+    if not done:
+        return list(assessments)
+    out = []
+    for a in assessments:
+        cells = dict(a.cells)
+        for site, cell in a.cells.items():
+            image = done.get((a.name, site))
+            if image is not None:
+                cells[site] = dataclasses.replace(
+                    cell, state="current", image=image, have=a.newest, duplicates=()
+                )
+        out.append(dataclasses.replace(a, cells=cells))
+    return out
