@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from imagesync.config.types import Config, ImageRule
 from imagesync.engine import Engine
 from imagesync.model import (
     PROP_ORIGIN,
@@ -24,6 +23,7 @@ from imagesync.model import (
 from imagesync.plan import Retire, Skip, TargetRule, plan, plan_name
 from imagesync.sites.base import Capabilities
 from imagesync.sites.memory import MemorySite
+from tests.unit.memconfig import memory_config
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -112,16 +112,7 @@ class NoHideSite(MemorySite):
 
 
 def _engine(tmp_path: Path, sites: dict[str, MemorySite], **rule: object) -> Engine:
-    config = Config(
-        path=tmp_path / "imagesync.yaml",
-        state_dir=tmp_path / "state",
-        poll_interval=60,
-        clouds={},
-        stores={},
-        images=(ImageRule(pattern="img*", clouds=tuple(sites), **rule),),  # type: ignore[arg-type]
-        transfer_retries=1,
-    )
-    return Engine(config, sites=sites)
+    return Engine(memory_config(tmp_path, sites, rule=rule), sites=sites)
 
 
 def test_a_site_that_cannot_hide_keeps_old_versions_unless_delete_is_configured(
