@@ -8,12 +8,18 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from imagesync.check import check
 from imagesync.commands import push
 from imagesync.lab import LabInfo
-from tests.integration.labcfg import cloud_config, make_config, random_bytes, uid, upload
+from tests.integration.labcfg import (
+    cloud_config,
+    make_config,
+    random_bytes,
+    uid,
+    upload,
+    write_yaml,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -88,33 +94,8 @@ def test_ensure_pushes_then_answers(
     assert images_named(lab, "lab2", name) == []  # only the cloud asked for
 
 
-def _yaml_config(lab: LabInfo, tmp_path: Path) -> Path:
-    c = lab.cloud("lab1")
-    doc = {
-        "state_dir": str(tmp_path / "state"),
-        "poll_interval": "1m",
-        "clouds": {
-            "lab1": {
-                "auth": {
-                    "auth_url": c.keystone_url,
-                    "username": c.username,
-                    "password": c.password,
-                    "project_name": c.project,
-                    "user_domain_name": "Default",
-                    "project_domain_name": "Default",
-                },
-                "region_name": c.region,
-            }
-        },
-        "images": [{"name": "*", "clouds": "all"}],
-    }
-    path = tmp_path / "imagesync.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
 def test_exit_2_for_usage_and_config_errors_through_the_cli(lab: LabInfo, tmp_path: Path) -> None:
-    path = _yaml_config(lab, tmp_path)
+    path = write_yaml(lab, tmp_path, "*", ["lab1"])
     cmd = [sys.executable, "-m", "imagesync.cli", "-c", str(path), "check", "x", "--cloud", "nope"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
