@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -107,6 +110,24 @@ def images_named(lab: LabInfo, cloud: str, name: str) -> list[dict[str, Any]]:
         filters = {"name": name, "visibility": "all", "os_hidden": hidden}
         out.extend(dict(i) for i in gc.images.list(filters=filters))
     return out
+
+
+def openstack_cli(lab: LabInfo, *args: str, as_json: bool = True) -> Any:
+    """Run the OpenStack CLI (an independent client) against the lab; its JSON parsed (None
+    when it printed nothing)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
+    env["OS_CLIENT_CONFIG_FILE"] = str(lab.clouds_yaml)
+    exe = Path(sys.executable).parent / "openstack"
+    done = subprocess.run(
+        [str(exe), *args, *(["-f", "json"] if as_json else [])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout) if done.stdout.strip() else None
 
 
 def random_bytes(n: int) -> bytes:
