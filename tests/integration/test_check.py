@@ -11,6 +11,7 @@ import pytest
 
 from imagesync.check import check
 from imagesync.commands import push
+from imagesync.config.types import Config
 from imagesync.lab import LabInfo
 from tests.integration.labcfg import (
     cloud_config,
@@ -24,13 +25,20 @@ from tests.integration.labcfg import (
 pytestmark = pytest.mark.integration
 
 
+def _pushed(lab: LabInfo, tmp_path: Path, prefix: str, size: int) -> tuple[str, Config]:
+    """A new image of ``size`` bytes uploaded to lab1 and pushed to lab2 (the sites of the
+    returned config)."""
+    name = uid(prefix)
+    upload(lab, "lab1", name, random_bytes(size))
+    config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False)
+    assert push(config, name) == 0
+    return name, config
+
+
 def test_exit_0_prints_the_image_id_to_boot(
     lab: LabInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    name = uid("chk")
-    upload(lab, "lab1", name, random_bytes(5000))
-    config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False)
-    assert push(config, name) == 0
+    name, config = _pushed(lab, tmp_path, "chk", 5000)
     capsys.readouterr()
     assert check(config, name, "lab2", fresh=True) == 0
     image_id = capsys.readouterr().out.strip()
@@ -141,10 +149,7 @@ def test_a_recorded_id_deleted_by_someone_else_is_never_handed_out(
 ) -> None:
     from imagesync.lab import glance_client
 
-    name = uid("chkdel")
-    upload(lab, "lab1", name, random_bytes(4000))
-    config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False)
-    assert push(config, name) == 0
+    name, config = _pushed(lab, tmp_path, "chkdel", 4000)
     capsys.readouterr()
     assert check(config, name, "lab2") == 0  # recorded, confirmed by one GET
     image_id = capsys.readouterr().out.strip()
