@@ -177,17 +177,25 @@ def make_tls(directory: Path) -> TLSFiles:
             ]
         )
 
+    def signed_by_ca(
+        subject: x509.Name, key: ec.EllipticCurvePrivateKey, ca: bool
+    ) -> x509.CertificateBuilder:
+        """A certificate builder for ``subject``'s ``key``, issued by the CA, valid ten years."""
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(until)
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = name("imagesync lab VOSpace CA")
     ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(until)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        signed_by_ca(ca_name, ca_key, ca=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -209,14 +217,7 @@ def make_tls(directory: Path) -> TLSFiles:
     def leaf(cn: str, server: bool) -> tuple[bytes, bytes]:
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
-            x509.CertificateBuilder()
-            .subject_name(name(cn))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now)
-            .not_valid_after(until)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            signed_by_ca(name(cn), key, ca=False)
             .add_extension(
                 x509.ExtendedKeyUsage(
                     [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
