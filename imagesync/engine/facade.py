@@ -164,6 +164,7 @@ class Engine:
         cancel: threading.Event | None = None,
         observer: Observer | None = None,
     ) -> ActionResult:
+        """One copy on its own (the daemon's tests and status page drive single copies)."""
         return self.executor.run_copy(copy, progress, cancel=cancel, observer=observer)
 
     def run_retire(self, retire: Retire) -> ActionResult:

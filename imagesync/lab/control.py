@@ -275,11 +275,7 @@ class _Start:
         else:
             # a service of this lab that lab.json does not know of would hold the port
             procs.stop_groups(procs.lab_processes(self.state.vospace_dir))
-            if not procs.port_is_free(v.port):
-                raise LabError(
-                    f"vospace's port {v.port} is taken by another program; stop it, or remove "
-                    "the lab directory for a fresh lab"
-                )
+            procs.require_free_port("vospace", v.port)
             self.kinds["vospace"] = "warm"
             pid = vospace.start(config, v.port)
             with self._lock:
@@ -400,18 +396,12 @@ class _Start:
         if cloud.nova is None or cloud.placement is None or self.nova_tools is None:
             return
         d = _cloud_dir(self.state, cloud)
-        if cloud.name not in self.nova_launched:
-            if self._nova_running(cloud) and cloud.nova_built:
-                nova.wait_ready(
-                    d,
-                    cloud,
-                    cloud.placement.pid or 0,
-                    cloud.nova.pid or 0,
-                    timeout=READY_TIMEOUT,
-                    abort=self._check,
-                )
-                return
+        # a built Nova left running by an earlier `up` keeps its flavors; one started here
+        # (now or early) is on fresh databases and needs them
+        started_here = cloud.name in self.nova_launched
+        if not started_here and not (self._nova_running(cloud) and cloud.nova_built):
             self._launch_nova(cloud)
+            started_here = True
         nova.wait_ready(
             d,
             cloud,
@@ -420,8 +410,9 @@ class _Start:
             timeout=READY_TIMEOUT,
             abort=self._check,
         )
-        nova.create_flavors(d, cloud, keystone.admin_session(cloud))
-        cloud.nova_built = True
+        if started_here:
+            nova.create_flavors(d, cloud, keystone.admin_session(cloud))
+            cloud.nova_built = True
 
     def _guarded(self, func: Callable[..., None], *args: Any) -> None:
         self._check()

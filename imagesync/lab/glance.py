@@ -12,7 +12,6 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from imagesync.errors import LabError
 from imagesync.lab import procs
 from imagesync.lab.state import CloudState, write_private
 
@@ -41,11 +40,11 @@ def images_dir(cloud_dir: Path) -> Path:
 
 
 def log_file(cloud_dir: Path) -> Path:
-    return cloud_dir / "logs" / "glance.log"
+    return procs.service_log(cloud_dir, "glance")
 
 
 def pid_file(cloud_dir: Path) -> Path:
-    return cloud_dir / "run" / "glance.pid"
+    return procs.service_pid_file(cloud_dir, "glance")
 
 
 def write_config(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> None:
@@ -53,8 +52,7 @@ def write_config(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> None
     g = home(cloud_dir)
     for sub in ("etc", "images", "staging", "tasks", "locks"):
         (g / sub).mkdir(parents=True, exist_ok=True)
-    (cloud_dir / "logs").mkdir(exist_ok=True)
-    (cloud_dir / "run").mkdir(exist_ok=True)
+    procs.make_service_dirs(cloud_dir)
     paste = etc(cloud_dir) / "glance-api-paste.ini"
     shutil.copyfile(tools.glance_paste, paste)
     write_private(
@@ -122,32 +120,21 @@ def db_sync(tools: procs.Tools, cloud_dir: Path) -> None:
 
 
 def start(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> int:
-    argv: list[str | Path] = [
+    argv = procs.uwsgi_argv(
         tools.uwsgi,
-        "--http11-socket",
-        f"{procs.LOOPBACK}:{cloud.glance.port}",
-        "--wsgi-file",
-        tools.glance_wsgi,
-        "--master",
-        "--processes",
-        "1",
-        "--threads",
-        "4",
-        "--lazy-apps",
-        "--die-on-term",
-        "--http-chunked-input",
-        "--http-auto-chunked",
-        "--http-raw-body",
-        "--chunked-input-limit",
-        "10000000",
-        "--need-app",
-        "--buffer-size",
-        "65535",
-        "--virtualenv",
         tools.venv,
-        "--pidfile",
+        ["--http11-socket", f"{procs.LOOPBACK}:{cloud.glance.port}"],
+        tools.glance_wsgi,
         pid_file(cloud_dir),
-    ]
+        # glanceclient uploads chunked
+        extra=[
+            "--http-chunked-input",
+            "--http-auto-chunked",
+            "--http-raw-body",
+            "--chunked-input-limit",
+            "10000000",
+        ],
+    )
     return procs.start_service(
         argv, log_file(cloud_dir), {"OS_GLANCE_CONFIG_DIR": str(etc(cloud_dir))}
     )
@@ -160,20 +147,8 @@ def wait_ready(
     timeout: float = 60.0,
     abort: Callable[[], None] | None = None,
 ) -> None:
-    procs.wait_http(
-        f"{cloud.glance_url}/versions",
-        pid=pid,
-        marker=str(pid_file(cloud_dir)),
-        log=log_file(cloud_dir),
-        what=f"{cloud.name}: glance",
-        timeout=timeout,
-        abort=abort,
-    )
+    procs.wait_service(cloud_dir, "glance", f"{cloud.glance_url}/versions", pid, timeout, abort)
 
 
 def check_port(cloud: CloudState) -> None:
-    if not procs.port_is_free(cloud.glance.port):
-        raise LabError(
-            f"{cloud.name}: glance's port {cloud.glance.port} is taken by "
-            "another program; stop it, or remove the lab directory for a fresh lab"
-        )
+    procs.require_free_port(f"{cloud.name}: glance", cloud.glance.port)

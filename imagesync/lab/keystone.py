@@ -16,7 +16,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from imagesync.errors import LabError
 from imagesync.lab import procs
 from imagesync.lab.state import ADMIN, PROJECT, REGION, USERNAME, CloudState
 
@@ -36,11 +35,11 @@ def db_file(cloud_dir: Path) -> Path:
 
 
 def log_file(cloud_dir: Path) -> Path:
-    return cloud_dir / "logs" / "keystone.log"
+    return procs.service_log(cloud_dir, "keystone")
 
 
 def pid_file(cloud_dir: Path) -> Path:
-    return cloud_dir / "run" / "keystone.pid"
+    return procs.service_pid_file(cloud_dir, "keystone")
 
 
 def write_config(cloud_dir: Path, token_expiration: int | None) -> None:
@@ -48,8 +47,7 @@ def write_config(cloud_dir: Path, token_expiration: int | None) -> None:
     k = home(cloud_dir)
     for sub in ("fernet-keys", "credential-keys", "locks"):
         (k / sub).mkdir(parents=True, exist_ok=True)
-    (cloud_dir / "logs").mkdir(exist_ok=True)
-    (cloud_dir / "run").mkdir(exist_ok=True)
+    procs.make_service_dirs(cloud_dir)
     token = f"expiration = {token_expiration}\n" if token_expiration is not None else ""
     conf_file(cloud_dir).write_text(f"""\
 # Written by `imagesync lab up`; rewritten at every start.
@@ -126,27 +124,13 @@ def bootstrap(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> None:
 
 
 def start(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> int:
-    argv: list[str | Path] = [
+    argv = procs.uwsgi_argv(
         tools.uwsgi,
-        "--http11-socket",
-        f"{procs.LOOPBACK}:{cloud.keystone.port}",
-        "--wsgi-file",
-        tools.keystone_wsgi,
-        "--master",
-        "--processes",
-        "1",
-        "--threads",
-        "4",
-        "--lazy-apps",
-        "--die-on-term",
-        "--need-app",
-        "--buffer-size",
-        "65535",
-        "--virtualenv",
         tools.venv,
-        "--pidfile",
+        ["--http11-socket", f"{procs.LOOPBACK}:{cloud.keystone.port}"],
+        tools.keystone_wsgi,
         pid_file(cloud_dir),
-    ]
+    )
     env = {
         "OS_KEYSTONE_CONFIG_DIR": str(home(cloud_dir)),
         "OS_KEYSTONE_CONFIG_FILES": "keystone.conf",
@@ -161,15 +145,7 @@ def wait_ready(
     timeout: float = 60.0,
     abort: Callable[[], None] | None = None,
 ) -> None:
-    procs.wait_http(
-        cloud.keystone_url,
-        pid=pid,
-        marker=str(pid_file(cloud_dir)),
-        log=log_file(cloud_dir),
-        what=f"{cloud.name}: keystone",
-        timeout=timeout,
-        abort=abort,
-    )
+    procs.wait_service(cloud_dir, "keystone", cloud.keystone_url, pid, timeout, abort)
 
 
 def admin_session(cloud: CloudState) -> Any:
@@ -226,8 +202,4 @@ def configure(cloud_dir: Path, cloud: CloudState) -> None:
 
 
 def check_port(cloud: CloudState) -> None:
-    if not procs.port_is_free(cloud.keystone.port):
-        raise LabError(
-            f"{cloud.name}: keystone's port {cloud.keystone.port} is taken by "
-            "another program; stop it, or remove the lab directory for a fresh lab"
-        )
+    procs.require_free_port(f"{cloud.name}: keystone", cloud.keystone.port)

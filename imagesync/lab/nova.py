@@ -75,11 +75,11 @@ def state_path(cloud_dir: Path) -> Path:
 
 
 def log_file(cloud_dir: Path) -> Path:
-    return cloud_dir / "logs" / "nova.log"
+    return procs.service_log(cloud_dir, "nova")
 
 
 def pid_file(cloud_dir: Path) -> Path:
-    return cloud_dir / "run" / "nova.pid"
+    return procs.service_pid_file(cloud_dir, "nova")
 
 
 def ready_file(cloud_dir: Path) -> Path:
@@ -99,11 +99,11 @@ def placement_db(cloud_dir: Path) -> Path:
 
 
 def placement_log(cloud_dir: Path) -> Path:
-    return cloud_dir / "logs" / "placement.log"
+    return procs.service_log(cloud_dir, "placement")
 
 
 def placement_pid_file(cloud_dir: Path) -> Path:
-    return cloud_dir / "run" / "placement.pid"
+    return procs.service_pid_file(cloud_dir, "placement")
 
 
 def templates_built(cloud_dir: Path) -> bool:
@@ -178,8 +178,7 @@ def write_config(cloud_dir: Path, cloud: CloudState, paste: Path) -> None:
     for sub in ("etc", "state", "instances", "locks", "templates"):
         (n / sub).mkdir(parents=True, exist_ok=True)
     p.mkdir(parents=True, exist_ok=True)
-    (cloud_dir / "logs").mkdir(exist_ok=True)
-    (cloud_dir / "run").mkdir(exist_ok=True)
+    procs.make_service_dirs(cloud_dir)
     shutil.copyfile(paste, etc(cloud_dir) / "api-paste.ini")
     write_private(
         conf_file(cloud_dir),
@@ -321,27 +320,13 @@ def install_templates(cloud_dir: Path) -> None:
 
 def start_placement(tools: procs.Tools, wsgi: Path, cloud_dir: Path, cloud: CloudState) -> int:
     assert cloud.placement is not None
-    argv: list[str | Path] = [
+    argv = procs.uwsgi_argv(
         tools.uwsgi,
-        "--http11-socket",
-        f"{procs.LOOPBACK}:{cloud.placement.port}",
-        "--wsgi-file",
-        wsgi,
-        "--master",
-        "--processes",
-        "1",
-        "--threads",
-        "4",
-        "--lazy-apps",
-        "--die-on-term",
-        "--need-app",
-        "--buffer-size",
-        "65535",
-        "--virtualenv",
         tools.venv,
-        "--pidfile",
+        ["--http11-socket", f"{procs.LOOPBACK}:{cloud.placement.port}"],
+        wsgi,
         placement_pid_file(cloud_dir),
-    ]
+    )
     return procs.start_service(
         argv, placement_log(cloud_dir), {"OS_PLACEMENT_CONFIG_DIR": str(placement_home(cloud_dir))}
     )
@@ -387,15 +372,7 @@ def wait_ready(
     abort: Callable[[], None] | None = None,
 ) -> None:
     """Placement answers, then the Nova process says all its services are up."""
-    procs.wait_http(
-        cloud.placement_url,
-        pid=placement_pid,
-        marker=str(placement_pid_file(cloud_dir)),
-        log=placement_log(cloud_dir),
-        what=f"{cloud.name}: placement",
-        timeout=timeout,
-        abort=abort,
-    )
+    procs.wait_service(cloud_dir, "placement", cloud.placement_url, placement_pid, timeout, abort)
     procs.wait_file(
         ready_file(cloud_dir),
         str(nova_pid),
@@ -410,11 +387,8 @@ def wait_ready(
 
 def check_ports(cloud: CloudState) -> None:
     for what, svc in (("nova", cloud.nova), ("placement", cloud.placement)):
-        if svc is not None and not procs.port_is_free(svc.port):
-            raise LabError(
-                f"{cloud.name}: {what}'s port {svc.port} is taken by another program; stop "
-                "it, or remove the lab directory for a fresh lab"
-            )
+        if svc is not None:
+            procs.require_free_port(f"{cloud.name}: {what}", svc.port)
 
 
 # --- Keystone and the compute API ------------------------------------------------------------

@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import sysconfig
@@ -209,6 +210,66 @@ def run_step(
 # --- services ----------------------------------------------------------------------------------
 
 
+def service_log(cloud_dir: Path, service: str) -> Path:
+    """A cloud's service writes its log to DIRECTORY/<cloud>/logs/<service>.log."""
+    return cloud_dir / "logs" / f"{service}.log"
+
+
+def service_pid_file(cloud_dir: Path, service: str) -> Path:
+    """A cloud's service's ``--pidfile`` (its process mark): DIRECTORY/<cloud>/run/<service>.pid."""
+    return cloud_dir / "run" / f"{service}.pid"
+
+
+def make_service_dirs(cloud_dir: Path) -> None:
+    """The logs/ and run/ directories of a cloud's services."""
+    (cloud_dir / "logs").mkdir(exist_ok=True)
+    (cloud_dir / "run").mkdir(exist_ok=True)
+
+
+def require_free_port(what: str, port: int) -> None:
+    """Fail, saying what to do, when ``port`` (``what``'s) is taken by another program."""
+    if not port_is_free(port):
+        raise LabError(
+            f"{what}'s port {port} is taken by another program; stop it, or remove the lab "
+            "directory for a fresh lab"
+        )
+
+
+def uwsgi_argv(
+    uwsgi: Path,
+    venv: Path,
+    socket: Sequence[str],
+    wsgi_file: Path,
+    pid_file: Path,
+    *,
+    threads: int = 4,
+    extra: Sequence[str] = (),
+) -> list[str | Path]:
+    """uwsgi serving one WSGI app: a master with one process of ``threads`` threads, the app
+    loaded in the worker (``--lazy-apps``), stopped by SIGTERM, marked by ``pid_file``."""
+    return [
+        uwsgi,
+        *socket,
+        "--wsgi-file",
+        wsgi_file,
+        "--master",
+        "--processes",
+        "1",
+        "--threads",
+        str(threads),
+        "--lazy-apps",
+        "--die-on-term",
+        "--need-app",
+        "--buffer-size",
+        "65535",
+        *extra,
+        "--virtualenv",
+        venv,
+        "--pidfile",
+        pid_file,
+    ]
+
+
 def start_service(argv: Sequence[str | Path], log: Path, env: Mapping[str, str]) -> int:
     """Start a long-running service in its own process group; returns its pid (= its pgid)."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -350,15 +411,20 @@ def wait_http(
     what: str,
     timeout: float = 60.0,
     abort: Callable[[], None] | None = None,
+    context: ssl.SSLContext | None = None,
 ) -> float:
     """Poll ``url`` until it answers 200 or 300; returns the seconds it took.
 
     Fails fast if the service exits, else after ``timeout`` seconds; the error carries the
     tail of the service's log. ``abort`` is called at every round: it may raise to give up.
+    ``context`` verifies an https service (the lab's own CA).
     """
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    start = time.monotonic()
-    while True:
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(*handlers)
+
+    def answers() -> bool:
         try:
             with opener.open(url, timeout=2.0) as resp:
                 code = resp.status
@@ -366,15 +432,9 @@ def wait_http(
             code = exc.code
         except (OSError, ValueError):
             code = 0
-        if code in (200, 300):
-            return time.monotonic() - start
-        if abort is not None:
-            abort()
-        if not is_running(pid, marker):
-            raise failure(f"{what} exited while starting", log)
-        if time.monotonic() - start > timeout:
-            raise failure(f"{what} did not answer {url} within {timeout:.0f} s", log)
-        time.sleep(0.1)
+        return code in (200, 300)
+
+    return _wait(answers, f"did not answer {url}", pid, marker, log, what, timeout, abort)
 
 
 def wait_file(
@@ -389,17 +449,54 @@ def wait_file(
     abort: Callable[[], None] | None = None,
 ) -> float:
     """Wait until ``path`` holds ``content`` (a service's own readiness mark); as wait_http."""
-    start = time.monotonic()
-    while True:
+
+    def marked() -> bool:
         try:
-            if path.read_text().strip() == content:
-                return time.monotonic() - start
+            return path.read_text().strip() == content
         except OSError:
-            pass
+            return False
+
+    return _wait(marked, "was not ready", pid, marker, log, what, timeout, abort)
+
+
+def _wait(
+    ready: Callable[[], bool],
+    not_ready: str,
+    pid: int,
+    marker: str,
+    log: Path,
+    what: str,
+    timeout: float,
+    abort: Callable[[], None] | None,
+) -> float:
+    """Poll ``ready`` every 0.1 s while the service runs; returns the seconds it took."""
+    start = time.monotonic()
+    while not ready():
         if abort is not None:
             abort()
         if not is_running(pid, marker):
             raise failure(f"{what} exited while starting", log)
         if time.monotonic() - start > timeout:
-            raise failure(f"{what} was not ready within {timeout:.0f} s", log)
+            raise failure(f"{what} {not_ready} within {timeout:.0f} s", log)
         time.sleep(0.1)
+    return time.monotonic() - start
+
+
+def wait_service(
+    cloud_dir: Path,
+    service: str,
+    url: str,
+    pid: int,
+    timeout: float,
+    abort: Callable[[], None] | None,
+) -> None:
+    """Wait for a cloud's service (with the usual log and pidfile) to answer ``url``."""
+    wait_http(
+        url,
+        pid=pid,
+        marker=str(service_pid_file(cloud_dir, service)),
+        log=service_log(cloud_dir, service),
+        what=f"{cloud_dir.name}: {service}",
+        timeout=timeout,
+        abort=abort,
+    )

@@ -12,13 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from imagesync.errors import ConfigError, UsageError
 
 if TYPE_CHECKING:
     from imagesync.config.types import Config
     from imagesync.sites.base import Site
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,22 +45,27 @@ def _vospace(config: Config, name: str) -> Site:
     from imagesync.sites.vospace import VOSpaceSite
 
     store = config.stores[name]
-    if store.vospace is None:  # the config loader requires it; a hand-built Config may not
-        raise ConfigError(
-            "a vospace store needs a container", file=_file(config), key=f"stores.{name}.container"
-        )
-    return VOSpaceSite(name, store.vospace, compress=store.compress)
+    return VOSpaceSite(
+        name, _required(config, name, "container", store.vospace), compress=store.compress
+    )
 
 
 def _directory(config: Config, name: str) -> Site:
     from imagesync.sites.directory import DirectorySite
 
     store = config.stores[name]
-    if store.path is None:  # the config loader requires it; a hand-built Config may not
+    return DirectorySite(name, _required(config, name, "path", store.path), compress=store.compress)
+
+
+def _required(config: Config, store: str, key: str, value: T | None) -> T:
+    """A store's setting its kind cannot do without: the config loader requires it, but a
+    hand-built Config may lack it."""
+    if value is None:
+        kind = config.stores[store].type
         raise ConfigError(
-            "a directory store needs a path", file=_file(config), key=f"stores.{name}.path"
+            f"a {kind} store needs a {key}", file=_file(config), key=f"stores.{store}.{key}"
         )
-    return DirectorySite(name, store.path, compress=store.compress)
+    return value
 
 
 #: every kind of site imagesync builds, by name

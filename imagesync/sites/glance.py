@@ -265,6 +265,19 @@ def make_session(cfg: CloudConfig) -> ks_session.Session:
     return ks_session.Session(auth=auth, verify=cfg.verify, timeout=cfg.timeout)
 
 
+def make_adapter(
+    session: ks_session.Session, cfg: CloudConfig, service_type: str, **extra: Any
+) -> ks_adapter.Adapter:
+    """An adapter for one of the cloud's services, on the cloud's interface and region."""
+    return ks_adapter.Adapter(
+        session,
+        service_type=service_type,
+        interface=cfg.interface,
+        region_name=cfg.region_name,
+        **extra,
+    )
+
+
 class _Body:
     """The upload's request body: the chunks ``GlanceWriter.write`` queues, sent as they are.
 
@@ -387,12 +400,8 @@ class GlanceSite:
         self.name = cfg.name
         self.cfg = cfg
         self.session = session or make_session(cfg)
-        self.adapter = ks_adapter.Adapter(
-            self.session,
-            service_type="image",
-            interface=cfg.interface,
-            region_name=cfg.region_name,
-            endpoint_override=cfg.endpoint_override,
+        self.adapter = make_adapter(
+            self.session, cfg, "image", endpoint_override=cfg.endpoint_override
         )
         self._client: Any = None
         self._client_lock = threading.Lock()
@@ -738,12 +747,7 @@ class GlanceSite:
             if not endpoint:
                 self._cannot_tell_locked("no compute endpoint in the service catalog")
                 return None
-            self._compute = ks_adapter.Adapter(
-                self.session,
-                service_type="compute",
-                interface=cfg.interface,
-                region_name=cfg.region_name,
-            )
+            self._compute = make_adapter(self.session, cfg, "compute")
             return self._compute
 
     def _cannot_tell(self, reason: str) -> None:

@@ -20,13 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from keystoneauth1 import adapter as ks_adapter
 from keystoneauth1 import exceptions as ksexc
 from keystoneauth1 import session as ks_session
 
 from imagesync.config.types import CloudConfig
 from imagesync.errors import NotFound, SiteError, UsageError
-from imagesync.sites.glance import classify, make_session
+from imagesync.sites.glance import classify, make_adapter, make_session
 
 log = structlog.get_logger("imagesync.nova")
 
@@ -79,19 +78,9 @@ class NovaSnapshots:
         self.name = cfg.name
         self.cfg = cfg
         self.session = session or make_session(cfg)
-        self.compute = ks_adapter.Adapter(
-            self.session,
-            service_type="compute",
-            interface=cfg.interface,
-            region_name=cfg.region_name,
-            default_microversion=MICROVERSION,
-        )
-        self.image = ks_adapter.Adapter(
-            self.session,
-            service_type="image",
-            interface=cfg.interface,
-            region_name=cfg.region_name,
-            endpoint_override=cfg.endpoint_override,
+        self.compute = make_adapter(self.session, cfg, "compute", default_microversion=MICROVERSION)
+        self.image = make_adapter(
+            self.session, cfg, "image", endpoint_override=cfg.endpoint_override
         )
 
     def _call(self, what: str, method: str, url: str, adapter: Any = None, **kw: Any) -> Any:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +19,33 @@ from imagesync.lab import LabInfo, glance_client
 from tests.faultproxy import FaultProxy
 
 
+def cloud_auth(lab: LabInfo, name: str, *, auth_url: str | None = None) -> dict[str, str]:
+    """The password auth of the lab's ordinary user on cloud ``name`` (a config's ``auth``)."""
+    c = lab.cloud(name)
+    return {
+        "auth_url": auth_url or c.keystone_url,
+        "username": c.username,
+        "password": c.password,
+        "project_name": c.project,
+        "user_domain_name": "Default",
+        "project_domain_name": "Default",
+    }
+
+
+def yaml_cloud(lab: LabInfo, name: str, **extra: Any) -> dict[str, Any]:
+    """Cloud ``name``'s entry under ``clouds:`` in an imagesync.yaml, with ``extra`` keys."""
+    return {"auth": cloud_auth(lab, name), "region_name": lab.cloud(name).region, **extra}
+
+
+def write_doc(tmp_path: Path, doc: dict[str, Any]) -> Path:
+    """``doc`` written as tmp_path/imagesync.yaml."""
+    import yaml
+
+    path = tmp_path / "imagesync.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
 def cloud_config(
     lab: LabInfo,
     name: str,
@@ -24,19 +54,11 @@ def cloud_config(
     auth_url: str | None = None,
     site_name: str | None = None,
 ) -> CloudConfig:
-    c = lab.cloud(name)
     return CloudConfig(
         name=site_name or name,
-        auth={
-            "auth_url": auth_url or c.keystone_url,
-            "username": c.username,
-            "password": c.password,
-            "project_name": c.project,
-            "user_domain_name": "Default",
-            "project_domain_name": "Default",
-        },
+        auth=cloud_auth(lab, name, auth_url=auth_url),
         auth_type="password",
-        region_name=c.region,
+        region_name=lab.cloud(name).region,
         interface="public",
         endpoint_override=endpoint_override,
         timeout=30.0,
@@ -90,6 +112,24 @@ def images_named(lab: LabInfo, cloud: str, name: str) -> list[dict[str, Any]]:
     return out
 
 
+def openstack_cli(lab: LabInfo, *args: str, as_json: bool = True) -> Any:
+    """Run the OpenStack CLI (an independent client) against the lab; its JSON parsed (None
+    when it printed nothing)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
+    env["OS_CLIENT_CONFIG_FILE"] = str(lab.clouds_yaml)
+    exe = Path(sys.executable).parent / "openstack"
+    done = subprocess.run(
+        [str(exe), *args, *(["-f", "json"] if as_json else [])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout) if done.stdout.strip() else None
+
+
 def random_bytes(n: int) -> bytes:
     return os.urandom(n)
 
@@ -104,31 +144,14 @@ def uid(prefix: str = "t") -> str:
 
 def write_yaml(lab: LabInfo, tmp_path: Path, pattern: str, clouds: list[str], **extra: Any) -> Path:
     """An imagesync.yaml for the CLI, with the lab's clouds given inline."""
-    import yaml
-
     doc: dict[str, Any] = {
         "state_dir": str(tmp_path / "state"),
         "poll_interval": "1m",
-        "clouds": {},
+        "clouds": {n: yaml_cloud(lab, n) for n in clouds},
         "images": [{"name": pattern, "clouds": "all"}],
     }
-    for n in clouds:
-        c = lab.cloud(n)
-        doc["clouds"][n] = {
-            "auth": {
-                "auth_url": c.keystone_url,
-                "username": c.username,
-                "password": c.password,
-                "project_name": c.project,
-                "user_domain_name": "Default",
-                "project_domain_name": "Default",
-            },
-            "region_name": c.region,
-        }
     doc.update(extra)
-    path = tmp_path / "imagesync.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    return write_doc(tmp_path, doc)
 
 
 @contextmanager

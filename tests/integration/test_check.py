@@ -8,23 +8,37 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from imagesync.check import check
 from imagesync.commands import push
+from imagesync.config.types import Config
 from imagesync.lab import LabInfo
-from tests.integration.labcfg import cloud_config, make_config, random_bytes, uid, upload
+from tests.integration.labcfg import (
+    cloud_config,
+    make_config,
+    random_bytes,
+    uid,
+    upload,
+    write_yaml,
+)
 
 pytestmark = pytest.mark.integration
+
+
+def _pushed(lab: LabInfo, tmp_path: Path, prefix: str, size: int) -> tuple[str, Config]:
+    """A new image of ``size`` bytes uploaded to lab1 and pushed to lab2 (the sites of the
+    returned config)."""
+    name = uid(prefix)
+    upload(lab, "lab1", name, random_bytes(size))
+    config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False)
+    assert push(config, name) == 0
+    return name, config
 
 
 def test_exit_0_prints_the_image_id_to_boot(
     lab: LabInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    name = uid("chk")
-    upload(lab, "lab1", name, random_bytes(5000))
-    config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False)
-    assert push(config, name) == 0
+    name, config = _pushed(lab, tmp_path, "chk", 5000)
     capsys.readouterr()
     assert check(config, name, "lab2", fresh=True) == 0
     image_id = capsys.readouterr().out.strip()
@@ -88,33 +102,8 @@ def test_ensure_pushes_then_answers(
     assert images_named(lab, "lab2", name) == []  # only the cloud asked for
 
 
-def _yaml_config(lab: LabInfo, tmp_path: Path) -> Path:
-    c = lab.cloud("lab1")
-    doc = {
-        "state_dir": str(tmp_path / "state"),
-        "poll_interval": "1m",
-        "clouds": {
-            "lab1": {
-                "auth": {
-                    "auth_url": c.keystone_url,
-                    "username": c.username,
-                    "password": c.password,
-                    "project_name": c.project,
-                    "user_domain_name": "Default",
-                    "project_domain_name": "Default",
-                },
-                "region_name": c.region,
-            }
-        },
-        "images": [{"name": "*", "clouds": "all"}],
-    }
-    path = tmp_path / "imagesync.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
 def test_exit_2_for_usage_and_config_errors_through_the_cli(lab: LabInfo, tmp_path: Path) -> None:
-    path = _yaml_config(lab, tmp_path)
+    path = write_yaml(lab, tmp_path, "*", ["lab1"])
     cmd = [sys.executable, "-m", "imagesync.cli", "-c", str(path), "check", "x", "--cloud", "nope"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
@@ -160,10 +149,7 @@ def test_a_recorded_id_deleted_by_someone_else_is_never_handed_out(
 ) -> None:
     from imagesync.lab import glance_client
 
-    name = uid("chkdel")
-    upload(lab, "lab1", name, random_bytes(4000))
-    config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False)
-    assert push(config, name) == 0
+    name, config = _pushed(lab, tmp_path, "chkdel", 4000)
     capsys.readouterr()
     assert check(config, name, "lab2") == 0  # recorded, confirmed by one GET
     image_id = capsys.readouterr().out.strip()

@@ -24,13 +24,12 @@ from typing import Any
 from urllib.parse import urlparse
 
 import pytest
-import yaml
 
 from imagesync.lab import LabInfo, glance_client
 from imagesync.model import PROP_ORIGIN, PROP_STATE
 from tests.daemonproc import DaemonProcess
 from tests.faultproxy import FaultProxy
-from tests.integration.labcfg import images_named, random_bytes, uid, upload
+from tests.integration.labcfg import images_named, random_bytes, uid, upload, write_doc, yaml_cloud
 
 pytestmark = pytest.mark.integration
 MB = 1 << 20
@@ -83,20 +82,7 @@ def write_config(
 ) -> Path:
     entries = {}
     for name in clouds or lab.names:
-        c = lab.cloud(name)
-        entry: dict[str, Any] = {
-            "auth": {
-                "auth_url": c.keystone_url,
-                "username": c.username,
-                "password": c.password,
-                "project_name": c.project,
-                "user_domain_name": "Default",
-                "project_domain_name": "Default",
-            },
-            "region_name": c.region,
-            "timeout": "5s",
-            "max_transfers": 2,
-        }
+        entry = yaml_cloud(lab, name, timeout="5s", max_transfers=2)
         entry.update((overrides or {}).get(name, {}))
         entries[name] = entry
     doc: dict[str, Any] = {
@@ -112,9 +98,7 @@ def write_config(
         doc["stores"] = {"archive": {"type": "directory", "path": str(tmp_path / "store")}}
     if metrics_port is not None:
         doc["metrics_listen"] = f"127.0.0.1:{metrics_port}"
-    path = tmp_path / "imagesync.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+    return write_doc(tmp_path, doc)
 
 
 @pytest.fixture

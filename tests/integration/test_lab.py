@@ -9,8 +9,6 @@ import http.server
 import io
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +24,7 @@ from imagesync import lab as lab_mod
 from imagesync.errors import LabError
 from imagesync.lab import LabInfo, procs
 from imagesync.sites import store_kinds
+from tests.integration.labcfg import openstack_cli
 
 pytestmark = pytest.mark.integration
 
@@ -51,19 +50,7 @@ def _processes_mentioning(path: Path) -> list[str]:
 
 def _openstack(lab: LabInfo, *args: str) -> Any:
     """Run the OpenStack CLI (an independent client) against the lab; parse its JSON."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
-    env["OS_CLIENT_CONFIG_FILE"] = str(lab.clouds_yaml)
-    exe = Path(sys.executable).parent / "openstack"
-    done = subprocess.run(
-        [str(exe), *args, "-f", "json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+    return openstack_cli(lab, *args)
 
 
 def _upload(gc: Any, name: str, data: bytes) -> str:

@@ -5,10 +5,7 @@ fail the way a real one does (Nova deletes the image); a restart leaves no proce
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,25 +14,13 @@ import pytest
 
 from imagesync.lab import LabInfo, compute_client, glance_client
 from imagesync.lab.nova import FAIL_KEY, snapshot_data
-from tests.integration.labcfg import upload
+from tests.integration.labcfg import openstack_cli, upload
 
 pytestmark = pytest.mark.integration
 
 
 def _openstack(lab: LabInfo, *args: str, as_json: bool = True) -> Any:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OS_")}
-    env["OS_CLIENT_CONFIG_FILE"] = str(lab.clouds_yaml)
-    exe = Path(sys.executable).parent / "openstack"
-    done = subprocess.run(
-        [str(exe), "--os-cloud", "lab1", *args, *(["-f", "json"] if as_json else [])],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout) if done.stdout.strip() else None
+    return openstack_cli(lab, "--os-cloud", "lab1", *args, as_json=as_json)
 
 
 def _gone_or_deleted(lab: LabInfo, image_id: str, timeout: float = 30.0) -> bool:

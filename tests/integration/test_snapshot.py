@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from imagesync import cli
 from imagesync.check import check
 from imagesync.commands import push
-from imagesync.lab import LabInfo, compute_client, glance_client
+from imagesync.lab import LabCompute, LabInfo, compute_client, glance_client
 from imagesync.lab.nova import FAIL_KEY, snapshot_data
 from imagesync.state import State
 from tests.integration.labcfg import (
@@ -37,16 +40,29 @@ def _snapshot(
     return code, json.loads(captured.out), captured.err
 
 
+@contextmanager
+def _server(
+    lab: LabInfo, name: str, image_id: str, *, stop: bool = True, **boot: Any
+) -> Iterator[tuple[LabCompute, dict[str, Any]]]:
+    """A server on lab1 booted from ``image_id`` (stopped unless ``stop`` is false), deleted
+    at the end."""
+    nova = compute_client(lab, "lab1")
+    server = nova.boot(name, image_id, **boot)
+    try:
+        if stop:
+            nova.stop(server["id"])
+        yield nova, server
+    finally:
+        nova.delete(server["id"])
+
+
 def test_a_shutoff_server_becomes_the_newest_version_of_its_image(
     nova_lab: LabInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     name = uid("snap")
     base = upload(nova_lab, "lab1", name, random_bytes(8192))
-    nova = compute_client(nova_lab, "lab1")
-    server = nova.boot(name, base["id"])
-    nova.stop(server["id"])
     config = write_yaml(nova_lab, tmp_path, name, ["lab1", "lab2"])
-    try:
+    with _server(nova_lab, name, base["id"]) as (_, server):
         code, out, err = _snapshot(capsys, config, server["id"], "--cloud", "lab1", "--wait")
         assert code == 0, err
         assert out["name"] == name and out["status"] == "active"  # its base image's name
@@ -60,8 +76,6 @@ def test_a_shutoff_server_becomes_the_newest_version_of_its_image(
             assert str(out["image_id"]) in state.made().get("lab1", frozenset())
         finally:
             state.close()
-    finally:
-        nova.delete(server["id"])
 
 
 def test_an_active_server_gets_a_warning_or_is_stopped_with_stop(
@@ -69,10 +83,8 @@ def test_an_active_server_gets_a_warning_or_is_stopped_with_stop(
 ) -> None:
     name = uid("snap")
     base = upload(nova_lab, "lab1", name, random_bytes(8192))
-    nova = compute_client(nova_lab, "lab1")
-    server = nova.boot(name, base["id"])
     config = write_yaml(nova_lab, tmp_path, name, ["lab1"])
-    try:
+    with _server(nova_lab, name, base["id"], stop=False) as (nova, server):
         code, out, err = _snapshot(
             capsys, config, name, "--cloud", "lab1", "--as", f"{name}-x", "--wait"
         )  # by name
@@ -83,8 +95,6 @@ def test_an_active_server_gets_a_warning_or_is_stopped_with_stop(
         code, out, err = _snapshot(capsys, config, server["id"], "--cloud", "lab1", "--stop")
         assert code == 0 and out["stopped"] is True and "warning" not in err
         assert nova.get(server["id"])["status"] == "SHUTOFF"  # left stopped
-    finally:
-        nova.delete(server["id"])
 
 
 def test_a_failing_snapshot_leaves_nothing_and_says_so(
@@ -92,11 +102,8 @@ def test_a_failing_snapshot_leaves_nothing_and_says_so(
 ) -> None:
     name = uid("snap")
     base = upload(nova_lab, "lab1", name, random_bytes(8192))
-    nova = compute_client(nova_lab, "lab1")
-    server = nova.boot(name, base["id"], metadata={FAIL_KEY: "snapshot"})
-    nova.stop(server["id"])
     config = write_yaml(nova_lab, tmp_path, name, ["lab1", "lab2"])
-    try:
+    with _server(nova_lab, name, base["id"], metadata={FAIL_KEY: "snapshot"}) as (nova, server):
         code, out, _ = _snapshot(
             capsys, config, server["id"], "--cloud", "lab1", "--wait", "--push"
         )
@@ -105,8 +112,6 @@ def test_a_failing_snapshot_leaves_nothing_and_says_so(
         assert [i["id"] for i in images_named(nova_lab, "lab1", name)] == [base["id"]]
         assert images_named(nova_lab, "lab2", name) == []  # nothing pushed
         assert nova.get(server["id"])["OS-EXT-STS:task_state"] is None
-    finally:
-        nova.delete(server["id"])
 
 
 def test_push_spreads_a_snapshot_of_a_copy_as_a_new_version(
@@ -121,11 +126,8 @@ def test_push_spreads_a_snapshot_of_a_copy_as_a_new_version(
     assert push(cfg, name) == 0
     (copy,) = images_named(nova_lab, "lab1", name)
     assert copy["imagesync.origin"] == f"lab2:{original['id']}"
-    nova = compute_client(nova_lab, "lab1")
-    server = nova.boot(name, copy["id"])
-    nova.stop(server["id"])
     config = write_yaml(nova_lab, tmp_path, name, ["lab1", "lab2"])
-    try:
+    with _server(nova_lab, name, copy["id"]) as (_, server):
         code, out, err = _snapshot(capsys, config, server["id"], "--cloud", "lab1", "--push")
         assert code == 0, err
         snap_id = str(out["image_id"])
@@ -139,5 +141,3 @@ def test_push_spreads_a_snapshot_of_a_copy_as_a_new_version(
         capsys.readouterr()
         assert check(cfg, name, "lab2", fresh=True) == 0
         assert capsys.readouterr().out.strip() == on_lab2[0]["id"]
-    finally:
-        nova.delete(server["id"])

@@ -27,6 +27,7 @@ from imagesync.sites.directory import DirectorySite
 from imagesync.sites.memory import MemorySite, MemoryWriter
 from imagesync.state import State
 from imagesync.transfer import ErrorKind, copy_image, new_image_for
+from tests.unit.memconfig import memory_config
 
 KB = 1000
 
@@ -76,17 +77,7 @@ class _Counted(HookWriter):
 
 
 def config_for(tmp_path: Path, sites: list[str], **kw: Any) -> Config:
-    rule: dict[str, Any] = kw.pop("rule", {})
-    return Config(
-        path=tmp_path / "imagesync.yaml",
-        state_dir=tmp_path / "state",
-        poll_interval=60,
-        clouds={},
-        stores={},
-        images=(ImageRule(pattern="img*", clouds=tuple(sites), **rule),),
-        transfer_retries=1,
-        **kw,
-    )
+    return memory_config(tmp_path, sites, **kw)
 
 
 def daemon_for(tmp_path: Path, sites: dict[str, MemorySite], **kw: Any) -> Daemon:

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from imagesync.config.types import Config, ImageRule
 from imagesync.engine import Engine
 from imagesync.model import (
     PROP_ORIGIN,
@@ -24,6 +23,7 @@ from imagesync.model import (
 from imagesync.plan import Retire, Skip, TargetRule, plan, plan_name
 from imagesync.sites.base import Capabilities
 from imagesync.sites.memory import MemorySite
+from tests.unit.memconfig import memory_config
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -112,16 +112,7 @@ class NoHideSite(MemorySite):
 
 
 def _engine(tmp_path: Path, sites: dict[str, MemorySite], **rule: object) -> Engine:
-    config = Config(
-        path=tmp_path / "imagesync.yaml",
-        state_dir=tmp_path / "state",
-        poll_interval=60,
-        clouds={},
-        stores={},
-        images=(ImageRule(pattern="img*", clouds=tuple(sites), **rule),),  # type: ignore[arg-type]
-        transfer_retries=1,
-    )
-    return Engine(config, sites=sites)
+    return Engine(memory_config(tmp_path, sites, rule=rule), sites=sites)
 
 
 def test_a_site_that_cannot_hide_keeps_old_versions_unless_delete_is_configured(
@@ -159,14 +150,9 @@ class CountedImages(tuple[ImageRecord, ...]):
             yield rec
 
 
-def test_planning_thousands_of_names_reads_each_record_a_few_times_not_once_a_name(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # An idle pass over thousands of names stays fast when planning groups the images by
-    # name once: a scan of every site per name would read n * n records (12 million here).
-    n = 2000
-    sites = ("a", "b", "c")
-    originals = [
+def _originals(n: int) -> list[ImageRecord]:
+    """``n`` originals on site a, each of its own name (img-0000, ...), of one size and hash."""
+    return [
         ImageRecord(
             site="a",
             id=f"a-{i}",
@@ -178,6 +164,16 @@ def test_planning_thousands_of_names_reads_each_record_a_few_times_not_once_a_na
         )
         for i in range(n)
     ]
+
+
+def test_planning_thousands_of_names_reads_each_record_a_few_times_not_once_a_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An idle pass over thousands of names stays fast when planning groups the images by
+    # name once: a scan of every site per name would read n * n records (12 million here).
+    n = 2000
+    sites = ("a", "b", "c")
+    originals = _originals(n)
     inventories = {"a": SiteInventory("a", CountedImages(originals))}
     for s in sites[1:]:
         inventories[s] = SiteInventory(
@@ -219,23 +215,7 @@ def test_recording_thousands_of_cells_is_one_transaction(
     n = 2000
     sites = ("a", "b", "c")
     rule = TargetRule(pattern="img-*", sites=sites)
-    inventories = {
-        "a": SiteInventory(
-            "a",
-            tuple(
-                ImageRecord(
-                    site="a",
-                    id=f"a-{i}",
-                    name=f"img-{i:04d}",
-                    status="active",
-                    created_at=T0,
-                    size=1,
-                    hashes={"sha512": "e" * 128},
-                )
-                for i in range(n)
-            ),
-        )
-    }
+    inventories = {"a": SiteInventory("a", tuple(_originals(n)))}
     inventories |= {s: SiteInventory(s) for s in sites[1:]}
     p = plan([rule], inventories, sites)
     engine = _engine(tmp_path, {s: MemorySite(s) for s in sites})

@@ -5,26 +5,18 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from imagesync.config.types import Config, ImageRule
 from imagesync.engine import Engine
 from imagesync.plan import plan
 from imagesync.sites.memory import ChangeListingMemorySite, Faults, MemorySite, memory_site
 from imagesync.state import State
+from tests.unit.memconfig import memory_config
 
 
 def make(
     tmp_path: Path, n: int = 3, *, list_changes: bool = False, **rule: object
 ) -> tuple[Engine, dict[str, MemorySite]]:
     sites = {f"c{i}": memory_site(f"c{i}", list_changes=list_changes) for i in range(1, n + 1)}
-    config = Config(
-        path=tmp_path / "imagesync.yaml",
-        state_dir=tmp_path / "state",
-        poll_interval=60,
-        clouds={},
-        stores={},
-        images=(ImageRule(pattern="img*", clouds=tuple(sites), **rule),),  # type: ignore[arg-type]
-        transfer_retries=1,
-    )
+    config = memory_config(tmp_path, sites, rule=rule)
     engine = Engine(config, sites=sites)
     engine.config = config
     return engine, sites

@@ -5,28 +5,21 @@ memory sites, with an injected clock (no wall-clock asserts)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from imagesync.config.types import Config, ImageRule
+from imagesync.config.types import Config
 from imagesync.engine import Engine
 from imagesync.engine.inventory import Inventory
 from imagesync.plan import Copy, plan
 from imagesync.sites.memory import ChangeListingMemorySite, MemorySite, memory_site
+from tests.unit.memconfig import memory_config
 
 
 def make(
-    tmp_path: Path, *, list_changes: bool = False, **settings: object
+    tmp_path: Path, *, list_changes: bool = False, **settings: Any
 ) -> tuple[Engine, dict[str, MemorySite]]:
     sites = {n: memory_site(n, list_changes=list_changes) for n in ("c1", "c2")}
-    config = Config(
-        path=tmp_path / "imagesync.yaml",
-        state_dir=tmp_path / "state",
-        poll_interval=300,
-        clouds={},
-        stores={},
-        images=(ImageRule(pattern="img*", clouds=tuple(sites)),),
-        transfer_retries=1,
-        **settings,  # type: ignore[arg-type]
-    )
+    config = memory_config(tmp_path, sites, poll_interval=300, **settings)
     return Engine(config, sites=sites), sites
 
 

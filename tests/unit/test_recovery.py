@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from imagesync.config.types import Config, ImageRule
 from imagesync.engine import Engine
 from imagesync.engine.marker import PROP_UPLOAD, SKEW_GRACE, UploadMarker, lease_seconds
 from imagesync.engine.results import Outcome
@@ -35,20 +34,13 @@ from imagesync.sites.directory import DirectorySite
 from imagesync.sites.memory import Faults, MemorySite
 from imagesync.state import State
 from imagesync.transfer import new_image_for
+from tests.unit.memconfig import memory_config
 
 KB = 1024
 
 
 def make(tmp_path: Path, sites: dict[str, Site], state: str = "state", **rule: Any) -> Engine:
-    config = Config(
-        path=tmp_path / "imagesync.yaml",
-        state_dir=tmp_path / state,
-        poll_interval=60,
-        clouds={},
-        stores={},
-        images=(ImageRule(pattern="img*", clouds=tuple(sites), **rule),),
-        transfer_retries=0,
-    )
+    config = memory_config(tmp_path, sites, rule=rule, state=state, transfer_retries=0)
     return Engine(config, sites=sites)
 
 

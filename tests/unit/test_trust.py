@@ -14,27 +14,20 @@ from structlog.testing import capture_logs
 from imagesync.commands import action_line
 from imagesync.config.load import load_config
 from imagesync.config.render import render_config
-from imagesync.config.types import Config, ImageRule
+from imagesync.config.types import Config
 from imagesync.daemon.passes import IgnoredImages
 from imagesync.engine import Engine
 from imagesync.errors import ConfigError
 from imagesync.plan import Assessment, Ignored, Skip, SkipReason, plan
 from imagesync.sites.memory import MemorySite
 from imagesync.state import State
+from tests.unit.memconfig import memory_config
 
 NOON = datetime(2026, 1, 1, 12, tzinfo=UTC)
 
 
 def _config(tmp_path: Path, sites: tuple[str, ...], **rule: object) -> Config:
-    return Config(
-        path=tmp_path / "imagesync.yaml",
-        state_dir=tmp_path / "state",
-        poll_interval=60,
-        clouds={},
-        stores={},
-        images=(ImageRule(pattern="img*", clouds=sites, **rule),),  # type: ignore[arg-type]
-        transfer_retries=1,
-    )
+    return memory_config(tmp_path, sites, rule=rule)
 
 
 def _pass(engine: Engine) -> None:

@@ -22,8 +22,6 @@ import datetime as dt
 import ipaddress
 import ssl
 import sys
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,28 +114,15 @@ def start(config: ServiceConfig, port: int) -> int:
             f"{procs.LOOPBACK}:{port}",
             "--http-chunked-input",
         ]
-    argv: list[str | Path] = [
+    argv = procs.uwsgi_argv(
         uwsgi,
-        *socket,
-        "--wsgi-file",
-        WSGI_FILE,
-        "--master",
-        "--processes",
-        "1",
-        "--threads",
-        "8",
-        "--lazy-apps",
-        "--die-on-term",
-        "--need-app",
-        "--buffer-size",
-        "65535",
-        "--http-timeout",
-        "600",
-        "--virtualenv",
         Path(sys.prefix),
-        "--pidfile",
+        socket,
+        WSGI_FILE,
         pid_file(d),
-    ]
+        threads=8,
+        extra=["--http-timeout", "600"],
+    )
     return procs.start_service(argv, log_file(d), {CONFIG_ENV: str(d / "service.json")})
 
 
@@ -148,9 +133,7 @@ def wait_ready(
     abort: Callable[[], None] | None = None,
 ) -> None:
     url = f"{config.base_url}/availability"
-    if url.startswith("https:"):
-        _wait_https(config, pid, url, timeout)
-        return
+    https = url.startswith("https:")
     procs.wait_http(
         url,
         pid=pid,
@@ -159,31 +142,11 @@ def wait_ready(
         what="vospace",
         timeout=timeout,
         abort=abort,
+        # verified against the lab's own CA
+        context=ssl.create_default_context(cafile=str(tls_files(config.directory).ca))
+        if https
+        else None,
     )
-
-
-def _wait_https(config: ServiceConfig, pid: int, url: str, timeout: float) -> None:
-    import time
-
-    ctx = ssl.create_default_context(cafile=str(tls_files(config.directory).ca))
-    marker = str(pid_file(config.directory))
-    start = time.monotonic()
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2.0, context=ctx) as resp:
-                if resp.status == 200:
-                    return
-        except urllib.error.HTTPError:
-            pass
-        except OSError:
-            pass
-        if not procs.is_running(pid, marker):
-            raise procs.failure("vospace exited while starting", log_file(config.directory))
-        if time.monotonic() - start > timeout:
-            raise procs.failure(
-                f"vospace did not answer {url} within {timeout:.0f} s", log_file(config.directory)
-            )
-        time.sleep(0.1)
 
 
 def registry_line(config: ServiceConfig) -> str:
@@ -214,17 +177,25 @@ def make_tls(directory: Path) -> TLSFiles:
             ]
         )
 
+    def signed_by_ca(
+        subject: x509.Name, key: ec.EllipticCurvePrivateKey, ca: bool
+    ) -> x509.CertificateBuilder:
+        """A certificate builder for ``subject``'s ``key``, issued by the CA, valid ten years."""
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now)
+            .not_valid_after(until)
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = name("imagesync lab VOSpace CA")
     ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(until)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        signed_by_ca(ca_name, ca_key, ca=True)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -246,14 +217,7 @@ def make_tls(directory: Path) -> TLSFiles:
     def leaf(cn: str, server: bool) -> tuple[bytes, bytes]:
         key = ec.generate_private_key(ec.SECP256R1())
         builder = (
-            x509.CertificateBuilder()
-            .subject_name(name(cn))
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now)
-            .not_valid_after(until)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            signed_by_ca(name(cn), key, ca=False)
             .add_extension(
                 x509.ExtendedKeyUsage(
                     [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
