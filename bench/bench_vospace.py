@@ -5,7 +5,8 @@ zstd``) against plain.
 Usage::
 
     .venv/bin/python bench/bench_vospace.py [--lab-dir DIR] [--size-gb 1] [--repeat 3]
-                                            [--only push|compress] [--results FILE]
+                                            [--only push|compress] [--also LABEL=TREE]
+                                            [--results FILE]
 
 Starts a lab (2 clouds and its VOSpace service; or reuses the lab running in ``--lab-dir``
 and leaves it running) and puts two generated raw images of ``--size-gb`` on lab1, each found
@@ -34,6 +35,10 @@ medians over ``--repeat`` rounds, and ratios paired within each round):
     to the store (the data node's ``core#length``) ≤ 35% of the image, and its throughput
     ≥ 0.9× the plain push's (paired).
 
+``--also LABEL=TREE`` adds ``imagesync push`` run from another source tree (``PYTHONPATH``,
+``python -m imagesync.cli``) to the push scenario as one more contender in the same rounds:
+a before/after of a change paired within each round, as ``bench_transfer.py --also``.
+
 Peak RSS is ``ru_maxrss`` from ``/usr/bin/time`` (the process tree; ``/proc`` VmHWM polling
 without it); CPU seconds are the contender's own. "MB" is 10^6 bytes, the image's "GB" a GiB.
 Results: a table and the goals on stdout, and ``bench/results/vospace.json``. Not part of
@@ -44,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -237,7 +243,7 @@ def _mb(kib: int | None) -> float | None:
 
 
 class Bench:
-    def __init__(self, info: LabInfo, work: Path) -> None:
+    def __init__(self, info: LabInfo, work: Path, also: Sequence[tuple[str, Path]] = ()) -> None:
         if info.vospace is None:
             raise RuntimeError(f"the lab in {info.directory} has no VOSpace service")
         self.info = info
@@ -245,6 +251,27 @@ class Bench:
         self.glance = Glance(info, "lab1")
         self.vos = VOSpace(info.vospace)
         self.env = {"OS_CLIENT_CONFIG_FILE": str(info.clouds_yaml), "PYTHONUNBUFFERED": "1"}
+        self.also = list(also)  # (label, source tree): more imagesync versions to compare
+
+    def _imagesync(self, tree: Path | None) -> tuple[list[str], dict[str, str]]:
+        """The command line and environment that run imagesync (from ``tree`` if given)."""
+        env = dict(self.env)
+        if tree is None:
+            return [IMAGESYNC], env
+        env["PYTHONPATH"] = str(tree)
+        return [sys.executable, "-m", "imagesync.cli"], env
+
+    def check_trees(self) -> None:
+        """Make sure each ``--also`` tree really runs its own imagesync, not the installed one."""
+        for label, tree in self.also:
+            _, env = self._imagesync(tree)
+            t = run_timed(
+                [sys.executable, "-c", "import imagesync; print(imagesync.__file__)"], env, cwd=tree
+            ).check(f"import imagesync from {tree}")
+            if not Path(t.stdout.strip()).resolve().is_relative_to(tree):
+                raise RuntimeError(
+                    f"--also {label}={tree}: imagesync comes from {t.stdout.strip()}, not the tree"
+                )
 
     def rename_source(self, image: dict[str, Any], prefix: str) -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:8]}"
@@ -283,13 +310,16 @@ class Bench:
         path.write_text(yaml.safe_dump(doc))
         return path
 
-    def imagesync_push(self, src: dict[str, Any], compress: str | None = None) -> Run:
+    def imagesync_push(
+        self, src: dict[str, Any], compress: str | None = None, tree: Path | None = None
+    ) -> Run:
         name = self.rename_source(src, "bench-vo-is")
         run_dir = self.work / name
         run_dir.mkdir()
         cfg = self._config(name, run_dir, compress)
+        cmd, env = self._imagesync(tree)
         t = run_timed(
-            [IMAGESYNC, "-c", str(cfg), "push", name, "--to", "vault", "--json"], self.env
+            [*cmd, "-c", str(cfg), "push", name, "--to", "vault", "--json"], env, cwd=tree
         ).check("imagesync push")
         out = json.loads(t.stdout)
         copies = [r for r in out["results"] if r["kind"] == "copy"]
@@ -489,8 +519,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=["push", "compress"],
         help="run only these scenarios (repeatable)",
     )
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="LABEL=TREE",
+        help="also run imagesync push from this source tree in the push scenario (repeatable)",
+    )
     p.add_argument("--results", type=Path, default=RESULTS, help="JSON results file")
     args = p.parse_args(argv)
+    also = [
+        (label, Path(tree).resolve()) for label, _, tree in (a.partition("=") for a in args.also)
+    ]
     scenarios = set(args.only or ["push", "compress"])
     if not shutil.which("curl"):
         p.error("the curl relay needs curl: apt-get install curl")
@@ -503,19 +543,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows: list[Row] = []
     try:
         with tempfile.TemporaryDirectory(prefix="imagesync-bench-vo-") as tmp:
-            bench = Bench(info, Path(tmp))
+            bench = Bench(info, Path(tmp), also)
+            bench.check_trees()
             if "push" in scenarios:
                 src = ensure_source(bench.glance, size, say)
                 say(f"push {args.size_gb:g} GB lab1 → VOSpace, {args.repeat} rounds")
-                rows += bench.rounds(
-                    "push",
-                    size,
-                    args.repeat,
-                    [
-                        ("imagesync push", lambda: bench.imagesync_push(src), False),
-                        ("curl relay", lambda: bench.curl_relay(src), True),
-                    ],
-                )
+                contenders: list[tuple[str, Callable[[], Run], bool]] = [
+                    ("imagesync push", lambda: bench.imagesync_push(src), False),
+                    ("curl relay", lambda: bench.curl_relay(src), True),
+                ]
+                contenders += [
+                    (
+                        f"imagesync push [{label}]",
+                        functools.partial(bench.imagesync_push, src, None, tree),
+                        False,
+                    )
+                    for label, tree in also
+                ]
+                rows += bench.rounds("push", size, args.repeat, contenders)
             if "compress" in scenarios:
                 zsrc = ensure_zero70(bench.glance, size)
                 say(f"compress: {args.size_gb:g} GB, 70% zero blocks, {args.repeat} rounds")

@@ -46,6 +46,7 @@ class StubFaults:
     unavailable: int = 0  # answer this many requests 503 with Retry-After
     retry_after: str = "0"
     wrong_digest: bool = False  # answer uploads with a Digest of other bytes
+    no_digest: bool = False  # answer uploads without a Digest (the node's core#MD5 tells)
     flip_upload: bool = False  # a byte of an upload arrives flipped (damaged on the way)
     cut_read_after: int | None = None  # close a data GET after this many bytes …
     cut_reads: int = 0  # … this many times
@@ -333,7 +334,8 @@ class StubVOSpace:
             digest = _digest(data + b"x" if self.faults.wrong_digest else data)
             node.data = data
             node.date = _now()
-            return self._answer(start, "201 Created", b"", [("Digest", digest)])
+            headers = [] if self.faults.no_digest else [("Digest", digest)]
+            return self._answer(start, "201 Created", b"", headers)
         body = bytes(node.data)
         m = re.fullmatch(r"bytes=(\d+)-", environ.get("HTTP_RANGE", ""))
         offset = int(m.group(1)) if m else 0

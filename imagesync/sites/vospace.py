@@ -28,17 +28,25 @@ inside a name's container is an image of that name too: the store is a source as
 Two-phase write: the data node is made with ``imagesync#state=uploading``, and where the
 service offers ``transfers`` under the hidden name ``.LEAF.uploading`` (moved to ``LEAF`` on
 publish, a server-side MoveNode); the bytes go to the endpoint a ``sync`` negotiation
-(pushToVoSpace) names, trying each in turn; the ``Digest: md5=`` the service answers is
-compared with the md5 of what was sent. Publishing moves the node and removes the mark; every
-failure deletes the node, and a crash leftover still carries the mark, so recovery removes it.
+(pushToVoSpace) names, trying each in turn, with a Content-Length (the size is known). The
+site hashes nothing itself: ``finish()`` reports the md5 the service computed of what it
+stored (the ``Digest: md5=`` it answers, else the node's ``core#MD5``), which the transfer
+compares with the md5 of the bytes it read from the source, an end-to-end check of the stored
+bytes; so ``capabilities.hashes`` is ``{"md5"}``. The sha512 (the image's identity) is the
+transfer's, stored as a node property at publish. (Computing a second sha512 here, only to
+report it, cost ~1.2 CPU s/GiB and checked nothing the service's md5 does not: see
+bench/README.md.) Publishing moves the node and removes the mark; every failure deletes the
+node, and a crash leftover still carries the mark, so recovery removes it.
 
 With ``compress: zstd`` the data node holds one zstd frame (``sites/compress.py``; its leaf
 ends in ``.zst``, so ``vcp`` and ``zstd -d`` give back the image), compressed in the upload's
 thread while it streams and sent chunked (its length is not known before the end). The node
 says so (``#compress=zstd``) and carries the uncompressed size (``#size``) beside the sha512 of
-the uncompressed bytes; the service's ``core#length`` and ``core#MD5`` are the stored frame's:
-the md5 is checked against the service's ``Digest`` as for any upload, but never reported as
-the image's. Reads decompress while streaming (from an offset: from the frame's start).
+the uncompressed bytes; the service's ``core#length`` and ``core#MD5`` are the stored frame's,
+never reported as the image's. There the upload thread hashes the frame (md5, checked against
+the service's ``Digest``) and the image fed to the compressor (sha512, which ``finish()``
+reports once the frame's md5 matched, so ``capabilities.hashes`` is ``{"sha512"}``). Reads
+decompress while streaming (from an offset: from the frame's start).
 
 Reads take the ``files`` shortcut where offered (else a pullFromVoSpace negotiation), ask for
 ``Range`` from an offset, and resume a read that was cut from where it stopped. Listings are
@@ -104,7 +112,10 @@ from imagesync.sites.vosproto import (
 
 log = structlog.get_logger("imagesync.vospace")
 
-HASHES = frozenset({"md5", "sha512"})
+#: what ``finish()`` reports: the service's md5 of a plain node; for a compressed one (whose
+#: md5 is the frame's) the sha512 of the image that went into the frame the service confirmed
+HASHES = frozenset({"md5"})
+HASHES_COMPRESSED = frozenset({"sha512"})
 CHUNK = 1 << 20
 PAGE = 500  # children per listing page
 _UPLOAD_QUEUE_CHUNKS = 16
@@ -136,15 +147,19 @@ class _Body:
     ``len()`` gives the announced size so that requests sends a Content-Length rather than a
     chunked body (0, so chunked, when compressing: the frame's length is known only at its
     end); ``started`` tells whether any byte was taken (until then another endpoint may be
-    tried)."""
+    tried).
+
+    Only a compressed body is hashed (``md5`` of the frame sent, ``sha512`` of the image): a
+    plain one is checked by the transfer against the service's md5, see the module's doc."""
 
     def __init__(self, size: int | None, compressor: Compressor | None = None) -> None:
         self.q: queue.Queue[object] = queue.Queue(maxsize=_UPLOAD_QUEUE_CHUNKS)
         self.size = size
         self.compressor = compressor
         self.started = False
-        self.md5 = hashlib.md5(usedforsecurity=False)  # of what is sent (the service's Digest)
-        self.sha512 = hashlib.sha512()  # of the image (before compression)
+        #: of the frame sent (the service's Digest) and of the image fed to the compressor
+        self.md5 = hashlib.md5(usedforsecurity=False) if compressor is not None else None
+        self.sha512 = hashlib.sha512() if compressor is not None else None
         self.sent = 0  # bytes of the image taken
 
     def __len__(self) -> int:
@@ -167,7 +182,7 @@ class _Body:
             if item is None:
                 if self.size and self.sent != self.size:
                     raise OSError(f"upload ended after {self.sent} of {self.size} bytes")
-                if self.compressor is not None:
+                if self.compressor is not None and self.md5 is not None:
                     tail = self.compressor.flush()
                     self.md5.update(tail)
                     yield tail
@@ -178,11 +193,10 @@ class _Body:
             self.sent += len(item)
             if self.size and self.sent > self.size:
                 raise OSError(f"more than the {self.size} bytes announced")
-            self.sha512.update(item)
-            if self.compressor is not None:
+            if self.compressor is not None and self.md5 is not None and self.sha512 is not None:
+                self.sha512.update(item)
                 item = self.compressor.compress(item)
-            # hashed as sent: what the service's Digest must match
-            self.md5.update(item)
+                self.md5.update(item)  # hashed as sent: what the service's Digest must match
             if item:
                 yield item
 
@@ -273,18 +287,26 @@ class VOSpaceWriter:
         what = f"upload {self.image_id}"
         if resp.status_code >= 300:
             raise classify_status(resp, self.site.name, what)
-        ours = self.body.md5.hexdigest()
         theirs = md5_from_digest(resp.headers.get("Digest"))
         node = self.site.node(self.path, what)
         if theirs is None:  # no Digest answered: the node's own md5 is the service's word
             theirs = self.site.md5_of(node)
+        if self.body.md5 is None:
+            # A plain node: the service's md5 of what it stored is the claim, compared by the
+            # transfer with the md5 of what it read (none answered: nothing is claimed, so
+            # the transfer reads the copy back).
+            rec = self.site.record(self.name, node)
+            return rec.with_(hashes={"md5": theirs} if theirs else {})
+        assert self.body.sha512 is not None
+        ours = self.body.md5.hexdigest()
         if theirs == ours:
-            # The service holds exactly the bytes hashed here: their sha512 is ours (of the
-            # image, before compression). Kept on the node, so that a listing reports it before
-            # publish (and vls shows it).
-            props = {IMAGE + "sha512": self.body.sha512.hexdigest()}
-            if self.body.compressor is not None:
-                props[IMAGE + "size"] = str(self.body.sent)
+            # The service holds exactly the frame made here of these bytes: their sha512 is
+            # the image's. Kept on the node, so that a listing reports it before publish (and
+            # vls shows it).
+            props = {
+                IMAGE + "sha512": self.body.sha512.hexdigest(),
+                IMAGE + "size": str(self.body.sent),
+            }
             node = self.site.set_properties(self.path, props, what)
             return self.site.record(self.name, node)
         log.warning(
@@ -294,12 +316,9 @@ class VOSpaceWriter:
             sent=ours,
             stored=theirs,
         )
-        # Report only what the service says it stored: the transfer then sees the copy differ
-        # (or reads it back) and removes it as an integrity failure. A compressed frame's md5
-        # is no hash of the image: nothing is claimed, so the transfer reads it back.
-        rec = self.site.record(self.name, node)
-        claim = {"md5": theirs} if theirs and self.body.compressor is None else {}
-        return rec.with_(hashes=claim)
+        # A compressed frame's md5 is no hash of the image: nothing is claimed, so the
+        # transfer reads the copy back (and finds it damaged) and removes it.
+        return self.site.record(self.name, node).with_(hashes={})
 
     def abort(self) -> None:
         while self.thread.is_alive():
@@ -354,9 +373,8 @@ class VOSpaceSite:
         )
         self._service: Service | None = None
         self._lock = threading.Lock()
-        # a compressed node's md5 (the service's) is the frame's, not the image's
         self.capabilities = Capabilities.fill(
-            self, hashes=HASHES if compress is None else {"sha512"}
+            self, hashes=HASHES if compress is None else HASHES_COMPRESSED
         )
 
     # -- HTTP -----------------------------------------------------------------------------
@@ -541,7 +559,8 @@ class VOSpaceSite:
             hashes["sha512"] = sha
         in_progress = props.get(PROP_STATE) == STATE_UPLOADING
         status = "active"
-        if node.busy or (in_progress and "sha512" not in hashes):
+        # an upload still under way has no hash yet (the service's md5 comes with the data)
+        if node.busy or (in_progress and not hashes):
             status = "saving"
         created = (
             parse_time(p.get(CORE + "ctime"))

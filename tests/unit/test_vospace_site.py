@@ -9,6 +9,7 @@ import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -123,19 +124,84 @@ def test_bytes_damaged_on_the_way_up_are_an_integrity_failure_that_leaves_nothin
     assert data_nodes(service) == []
 
 
-def test_the_stored_sha512_is_reported_only_when_the_digest_matches(
+class CountingHashlib:
+    """``hashlib`` as the site module sees it, counting the hashes it starts."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+
+    def md5(self, *args: Any, **kw: Any) -> Any:
+        self.started.append("md5")
+        return hashlib.md5(*args, **kw)
+
+    def sha512(self, *args: Any, **kw: Any) -> Any:
+        self.started.append("sha512")
+        return hashlib.sha512(*args, **kw)
+
+
+def test_a_plain_upload_claims_the_services_md5_and_hashes_nothing_itself(
+    service: StubVOSpace, server: StubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The transfer hashes what it reads (sha512 + md5) and compares its md5 with the one the
+    # service computed of what it stored: a second sha512 here (~1.2 CPU s/GiB) checked nothing.
+    counting = CountingHashlib()
+    monkeypatch.setattr(vospace, "hashlib", counting)
+    site = make_site(server)
+    assert site.capabilities.hashes == {"md5"}
+    w = site.create(new())
+    for i in range(0, len(DATA), 65536):
+        w.write(DATA[i : i + 65536])
+    rec = w.finish()
+    assert counting.started == []
+    assert rec.hashes == {"md5": hashlib.md5(DATA).hexdigest()}
+    (listed,) = site.list_images("sl6")
+    assert listed.in_progress and listed.status == "active"  # finished, not yet published
+
+
+def test_the_service_md5_is_claimed_as_answered_even_when_it_is_wrong(
     service: StubVOSpace, server: StubServer
 ) -> None:
     site = make_site(server)
-    service.faults.wrong_digest = True
+    service.faults.wrong_digest = True  # the service says it stored other bytes
+    source = MemorySite("src")
+    image = source.add("sl6", DATA)
+    result = copy_image(
+        source, image, [(site, new_image_for(image, image.version, "private"))], sleep=Sleeps()
+    )
+    (target,) = result.targets
+    assert not target.ok and target.error_kind is ErrorKind.INTEGRITY
+    assert data_nodes(service) == []
+
+
+def test_without_a_digest_the_nodes_md5_is_claimed(
+    service: StubVOSpace, server: StubServer
+) -> None:
+    site = make_site(server)
+    service.faults.no_digest = True
     w = site.create(new())
     w.write(DATA)
-    rec = w.finish()
-    assert "sha512" not in rec.hashes and rec.hashes["md5"] != hashlib.md5(DATA).hexdigest()
+    assert w.finish().hashes == {"md5": hashlib.md5(DATA).hexdigest()}
     w.abort()
-    service.faults.wrong_digest = False
-    rec = site.get_image(upload(site))
-    assert rec.hashes["sha512"] == hashlib.sha512(DATA).hexdigest()
+
+
+def test_a_copy_stores_the_transfers_sha512_on_the_node_at_publish(
+    service: StubVOSpace, server: StubServer
+) -> None:
+    site = make_site(server)
+    source = MemorySite("src")
+    image = source.add("sl6", DATA)
+    result = copy_image(
+        source, image, [(site, new_image_for(image, image.version, "private"))], sleep=Sleeps()
+    )
+    assert result.ok
+    (rec,) = site.list_images("sl6")
+    assert rec.counts and rec.hashes == {
+        "md5": hashlib.md5(DATA).hexdigest(),
+        "sha512": hashlib.sha512(DATA).hexdigest(),
+    }
+    (path,) = data_nodes(service)
+    props = service.nodes[path].props
+    assert props["ivo://imagesync/image#sha512"] == hashlib.sha512(DATA).hexdigest()
 
 
 def test_a_cut_read_is_resumed_with_range(service: StubVOSpace, server: StubServer) -> None:
