@@ -53,6 +53,7 @@ class FaultPlan:
     cuts: int = 0  # connections cut part-way through an upload or a download
     failed: int = 0  # requests answered with fail_status by the proxy
     lost: int = 0  # answers lost after Glance carried the request out
+    slowed: int = 0  # image data bodies slowed down (uploads and downloads)
 
 
 @dataclass
@@ -291,8 +292,10 @@ class _Conn:
                 plan.cuts += 1
                 return False
             if kind == "PUT-up" and plan.throttle_upload:
+                plan.slowed += start == 0
                 time.sleep(plan.throttle_upload * len(data) / 65536)
             if kind == "GET-down" and plan.download_rate:
+                plan.slowed += start == 0
                 time.sleep(len(data) / plan.download_rate)
             dst.sendall(data)
             offset[0] = end

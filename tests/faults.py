@@ -136,7 +136,7 @@ class Tally:
             f"{self.terms} SIGTERMs",
             f"  processes started: {counts(self.started)}",
             f"  faults armed: {counts(self.faults)}",
-            f"  faults that struck: {counts(self.fault_hits)}",
+            f"  what the faults did: {counts(self.fault_hits)}",
             f"  visible images verified: {self.verified} ({self.downloads} read and hashed)",
             f"  converged after every round (clean sync, then every site holds the newest; "
             f"status --json agreeing: {self.status_checks} rounds); rounds needing a second "
@@ -171,9 +171,11 @@ class Store:
             err = getattr(exc, "stderr", "") or str(exc)
             self.why_not = f"mount -t tmpfs not permitted ({err.strip()[:120]})"
         self.ballast = root / ".ballast"
+        self.filled = False
 
     def fill(self, leave: int) -> None:
         """Leave ``leave`` bytes free."""
+        self.filled = True
         st = os.statvfs(self.root)
         free = st.f_bavail * st.f_frsize
         if free > leave:
@@ -188,6 +190,7 @@ class Store:
 
     def empty(self) -> None:
         self.ballast.unlink(missing_ok=True)
+        self.filled = False
 
     def close(self) -> None:
         self.empty()
@@ -223,7 +226,7 @@ class Actors:
         self.started = 0  # numbers the output files
         self.reserved: set[int] = set()  # pids a trap waits for: random kills spare them
 
-    def _dir(self) -> Path:
+    def round_dir(self) -> Path:
         d = self.logs / f"round-{self.round:03d}"
         d.mkdir(parents=True, exist_ok=True)
         return d
@@ -247,7 +250,7 @@ class Actors:
         return p
 
     def start(self, kind: str, *args: str) -> Proc:
-        d = self._dir()
+        d = self.round_dir()
         self.started += 1
         n = self.started
         with (
@@ -297,7 +300,7 @@ class Actors:
         d = p.daemon
         if not d.closed:
             d.close()
-            with open(self._dir() / f"daemon-{p.pid}.log", "w") as f:
+            with open(self.round_dir() / f"daemon-{p.pid}.log", "w") as f:
                 for line in d.lines:
                     f.write(json.dumps(line) + "\n")
                 with contextlib.suppress(Exception):
@@ -320,7 +323,7 @@ class Actors:
 
     def run(self, *args: str, timeout: float = 300) -> tuple[int, str]:
         """A one-shot command to its end (the restart's sync, status): (exit code, stdout)."""
-        d = self._dir()
+        d = self.round_dir()
         with open(d / f"{args[0]}-{time.monotonic_ns()}.err", "wb") as err:
             done = subprocess.run(
                 [*self._command(), *args],
@@ -475,7 +478,7 @@ class StoreWatch(threading.Thread):
 class Options:
     rounds: int
     seed: int
-    window: float = 8.0  # seconds of faults and kills per round
+    window: float = 10.0  # seconds of faults and kills per round
     random_kills: int = 2  # per round
     names: int = 3
     min_size: int = 1 * MB
@@ -511,6 +514,7 @@ class FaultRun:
         self.zombies: set[str] = set()  # images Glance left half-deleted (faults_checks.zombies)
         self.source = self.clouds[0]  # where the latest version was uploaded
         self.order: dict[str, list[str]] = {}  # name -> sha512 of its versions, oldest first
+        self.timing = ""  # of the last round's checks
         rng = random.Random(f"{opts.seed}:kinds")
         kinds = [k for k in FAULT_KINDS if k != "full_disk" or self.store.mounted]
         cycle: list[str] = []
@@ -589,14 +593,15 @@ class FaultRun:
             leave = rng.choice([0, 64 * 1024, MB, 3 * MB])
             self.store.fill(leave)
             return f"full_disk(free {leave // 1024} KiB)"
-        # Aim where the traffic is: downloads come from the new version's cloud, uploads go
-        # to the others.
+        # Aim where the traffic is: downloads come from the new version's cloud, uploads
+        # (create, data, publish) go to the others, every process lists every cloud.
+        targets = [c for c in self.clouds if c != self.source]
         if kind in ("cut_download", "slow_download", "flip_download"):
             cloud = self.source
-        elif kind in ("cut_upload", "slow_upload", "flip_upload"):
-            cloud = rng.choice([c for c in self.clouds if c != self.source])
-        else:
+        elif kind == "http_5xx":
             cloud = rng.choice(self.clouds)
+        else:
+            cloud = rng.choice(targets)
         plan = self.proxies[cloud].plan
         if kind == "cut_upload":
             plan.cut_upload_after, plan.cut_times = rng.randint(0, 2 * MB), rng.randint(1, 3)
@@ -604,11 +609,14 @@ class FaultRun:
             plan.cut_download_after = rng.randint(0, 2 * MB)
             plan.cut_download_times = rng.randint(1, 3)
         elif kind == "lost_response":
-            plan.lose_methods = rng.choice([("PATCH",), ("POST",), ("PUT",), ("DELETE",), ()])
+            plan.lose_methods = rng.choice([("PATCH",), ("POST",), ("PUT",), ()])
             plan.lose_responses = rng.randint(1, 3)
         elif kind == "http_5xx":
             plan.fail_status = rng.choice([500, 502, 503, 504])
-            plan.fail_methods = rng.choice([(), ("GET",), ("PATCH",), ("PUT",), ("POST",)])
+            methods: list[tuple[str, ...]] = [(), ("GET",)]
+            if cloud != self.source:
+                methods += [("POST",), ("PUT",), ("PATCH",)]
+            plan.fail_methods = rng.choice(methods)
             plan.fail_requests = rng.randint(2, 12)
         elif kind == "slow_download":
             plan.download_rate = rng.choice([0.5, 1.0, 2.0]) * MB
@@ -621,15 +629,34 @@ class FaultRun:
         return f"{kind}@{cloud}"
 
     def _disarm(self) -> None:
-        for cloud, proxy in self.proxies.items():
-            old = proxy.plan
-            for what in ("flips", "cuts", "failed", "lost"):
-                n = getattr(old, what)
-                if n:
-                    self.tally.fault_hits[what] += n
+        """Every fault off; what struck counted."""
+        hits = {
+            "flips": "bytes flipped",
+            "cuts": "connections cut",
+            "failed": "requests answered 5xx",
+            "lost": "answers lost",
+            "slowed": "transfers slowed",
+        }
+        for proxy in self.proxies.values():
+            for what, label in hits.items():
+                self.tally.fault_hits[label] += getattr(proxy.plan, what)
             proxy.plan = FaultPlan()
-            _ = cloud
+        if self.store.filled:
+            self.tally.fault_hits["store full (ENOSPC seen)"] += self._enospc_seen()
         self.store.empty()
+
+    def _enospc_seen(self) -> int:
+        """Did imagesync run into the full store this round (its logs say so)?"""
+        needle = "the store is full"
+        folder = self.actors.round_dir()
+        found = 0
+        for f in folder.iterdir():
+            with contextlib.suppress(OSError):
+                found += needle in f.read_text(errors="replace")
+        for p in self.actors.procs:
+            if p.daemon is not None:
+                found += any(needle in json.dumps(x) for x in list(p.daemon.lines))
+        return min(found, 1)
 
     def _schedule(self, rng: random.Random, r: int) -> list[tuple[float, str, str]]:
         """The round's events: the faults armed from the start (the copies begin within a
@@ -644,7 +671,9 @@ class FaultRun:
         if rng.random() < 0.5:
             events.append((rng.uniform(0, w / 2), "spawn", rng.choice(["push", "sync"])))
         for _ in range(self.opts.random_kills):
-            events.append((rng.uniform(0.5, w / 2), "kill", rng.choice(["any", "leased"])))
+            # later in the window: the processes need seconds to start and list (more under
+            # load), and the faults should meet some copies before the kills do
+            events.append((rng.uniform(w * 0.3, w * 0.8), "kill", rng.choice(["any", "leased"])))
         if rng.random() < 0.5:
             events.append((rng.uniform(w / 4, w / 2), "upload", ""))
         return sorted(events)
@@ -671,6 +700,8 @@ class FaultRun:
         rng = random.Random(f"{self.opts.seed}:{r}")
         names = list(self.names)
         rng.shuffle(names)
+        self.actors.start_daemon()  # first: it takes seconds to start, the upload one
+        self.tally.started["daemon"] += 1
         log = [self._upload(rng, names[0])]
         deadline = time.monotonic() + self.opts.window
         trap_mode = TRAPS[(r + self.opts.seed) % len(TRAPS)]
@@ -678,8 +709,6 @@ class FaultRun:
         problems: list[str] = []
         watch = StoreWatch(self.eyes, self.guard, problems)
         watch.start()
-        self.actors.start_daemon()
-        self.tally.started["daemon"] += 1
         trap.start()
         kills = self._window(rng, r, names, deadline, log)
         trap.join()
@@ -707,7 +736,7 @@ class FaultRun:
         self.tally.violations.extend(f"round {r}: {problem}" for problem in problems)
         self.say(
             f"round {r:3d} ({t_check - t_round:4.1f}+{t_end - t_check:4.1f}s): {'; '.join(log)}; "
-            f"kills: {', '.join(kills) or '-'}; "
+            f"kills: {', '.join(kills) or '-'}; {self.timing}; "
             + ("ok" if not problems else f"{len(problems)} VIOLATIONS: {problems[:3]}")
         )
 
@@ -729,7 +758,7 @@ class FaultRun:
                 elif what == "spawn":
                     self._spawn(arg, names[0])
                 elif what == "kill":
-                    late = now > self.opts.window * 0.75
+                    late = now > self.opts.window * 0.9
                     done = self._kill_one(rng, arg, late)
                     if done is None:  # nobody to kill just now: try again shortly
                         events.append((now + 0.2, what, arg))
@@ -762,7 +791,9 @@ class FaultRun:
     def _restart_and_check(self, r: int) -> list[str]:
         """Restart (a clean sync: recovery), then every invariant."""
         problems: list[str] = []
+        t0 = time.monotonic()
         code, _ = self.actors.run("sync", "--json")
+        t1 = time.monotonic()
         survey = self.eyes.survey()
         bad = present(survey, self.guard.newest)
         if bad:
@@ -776,6 +807,7 @@ class FaultRun:
         problems.extend(f"not converged: {b}" for b in bad)
         if bad and code != 0:
             problems.append(f"the clean sync exited {code}")
+        t2 = time.monotonic()
         problems.extend(half_made(survey, self.state_db))
         for z in zombies(survey):
             self.zombies.add(f"{z.site}:{z.id}")
@@ -784,6 +816,9 @@ class FaultRun:
         problems.extend(self._glance_deletes())
         self.tally.verified = self.verifier.checked
         self.tally.downloads = self.verifier.downloads
+        self.timing = (
+            f"sync {t1 - t0:.1f}s, survey {t2 - t1:.1f}s, checks {time.monotonic() - t2:.1f}s"
+        )
         return problems
 
     def _final(self) -> None:

@@ -13,11 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from imagesync.engine import Engine
 from imagesync.lab import LabInfo
+from imagesync.model import PROP_STATE
+from imagesync.plan import plan
 from tests.faults import FAULT_KINDS, env_options, run
+from tests.integration.labcfg import images_named, make_config, proxied, random_bytes, uid, upload
 
 pytestmark = pytest.mark.integration
 CI_ROUNDS = 10
+KB = 1024
 
 
 def test_fault_suite_keeps_the_invariants(lab: LabInfo, tmp_path: Path) -> None:
@@ -34,3 +39,26 @@ def test_fault_suite_keeps_the_invariants(lab: LabInfo, tmp_path: Path) -> None:
         assert tally.boundary_kills >= 2, report
         kinds = [k for k in FAULT_KINDS if k != "full_disk" or tally.full_disk]
         assert all(tally.faults[k] >= 1 for k in kinds), report
+
+
+def test_a_publish_whose_answer_is_lost_keeps_the_copy(lab: LabInfo, tmp_path: Path) -> None:
+    """Found by the suite (seed 13, round 3): Glance applied the publish, the connection
+    dropped before its answer came back, and imagesync deleted the published copy."""
+    name = uid("lost")
+    upload(lab, "lab1", name, random_bytes(64 * KB))
+    with proxied(lab, "lab2") as (proxy, cloud):
+        proxy.plan.lose_methods, proxy.plan.lose_responses = ("PATCH",), 1
+        config = make_config(
+            lab, tmp_path, name, clouds=["lab1", "lab2"], overrides={"lab2": cloud}, store=False
+        )
+        engine = Engine(config)
+        try:
+            inventories = engine.recover(engine.inventories())
+            (result,) = engine.execute(plan(engine.rules, inventories, engine.site_names))
+        finally:
+            engine.close()
+    assert proxy.plan.lost == 1  # the publish's answer was lost
+    (copy,) = images_named(lab, "lab2", name)
+    assert copy["status"] == "active" and not copy["os_hidden"] and PROP_STATE not in copy
+    assert copy["id"] in proxy.published_ids() and proxy.deleted_ids() == {}
+    assert result.ok
