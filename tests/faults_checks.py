@@ -30,15 +30,33 @@ import hashlib
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from imagesync.lab import LabInfo, glance_client
 from imagesync.model import PROP_ORIGIN, PROP_SHA512, PROP_STATE, STATE_UPLOADING
 
 STORE = "archive"  # the directory store's site name in the suite's configuration
+T = TypeVar("T")
+
+
+def patiently(call: Callable[[], T], tries: int = 6) -> T:
+    """``call()``, again after a 5xx or a connection error: the lab's Glance answers 500 when
+    its sqlite is locked under load, and the suite's own eyes must not fail the run for it."""
+    from glanceclient import exc as gexc
+    from keystoneauth1 import exceptions as kexc
+
+    for attempt in range(tries):
+        try:
+            return call()
+        except (gexc.HTTPInternalServerError, gexc.HTTPServiceUnavailable, kexc.ConnectFailure):
+            if attempt == tries - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -101,7 +119,7 @@ class Eyes:
         from glanceclient import exc as gexc
 
         try:
-            raw = dict(self.client(cloud).images.get(image_id))
+            raw = patiently(lambda: dict(self.client(cloud).images.get(image_id)))
         except gexc.HTTPNotFound:
             return None
         return _glance_seen(cloud, raw)
@@ -112,17 +130,25 @@ class Eyes:
         for name in self.names:
             for hidden in ("false", "true"):
                 filters = {"name": name, "visibility": "all", "os_hidden": hidden}
-                out.extend(_glance_seen(cloud, dict(i)) for i in gc.images.list(filters=filters))
+
+                def listing(f: dict[str, str] = filters) -> list[dict[str, Any]]:
+                    return [dict(i) for i in gc.images.list(filters=f)]
+
+                out.extend(_glance_seen(cloud, i) for i in patiently(listing))
         return out
 
     def glance_sha512(self, cloud: str, image_id: str) -> tuple[str, int]:
         """Download and hash (sha512, bytes)."""
-        h = hashlib.sha512()
-        n = 0
-        for chunk in self.client(cloud).images.data(image_id):
-            h.update(chunk)
-            n += len(chunk)
-        return h.hexdigest(), n
+
+        def read() -> tuple[str, int]:
+            h = hashlib.sha512()
+            n = 0
+            for chunk in self.client(cloud).images.data(image_id):
+                h.update(chunk)
+                n += len(chunk)
+            return h.hexdigest(), n
+
+        return patiently(read)
 
     # -- the directory store -----------------------------------------------------------------
     def store_published(self, name: str, image_id: str) -> bool:
@@ -307,7 +333,9 @@ def half_made(survey: Survey, state_db: Path) -> list[str]:
         for img in images:
             if (site, img.id) in dead:
                 continue
-            if site != STORE and (img.uploading or img.status != "active"):
+            # imagesync's: marked as its upload, or carrying its provenance (a person's upload
+            # the lab's Glance failed is not imagesync's to clean)
+            if site != STORE and (img.uploading or (img.origin and img.status != "active")):
                 problems.append(
                     f"{site}:{img.id} ({img.name}) survived a restart: status {img.status}"
                     + (", marked uploading" if img.uploading else "")

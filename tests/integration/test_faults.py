@@ -30,6 +30,7 @@ def test_fault_suite_keeps_the_invariants(lab: LabInfo, tmp_path: Path) -> None:
     tally = run(lab, tmp_path / "faults", opts, lambda line: print(line, flush=True))
     report = tally.text()
     print(report)
+    assert tally.suite_error is None, report
     assert tally.rounds == opts.rounds
     assert not tally.violations, report
     assert tally.versions >= opts.rounds
