@@ -464,7 +464,8 @@ class State:
 
     # -- what imagesync made, and when it first saw each version ---------------------------
     def record_made(self, site: str, image_id: str, name: str, when: float | None = None) -> None:
-        """imagesync published this copy: retention may retire it one day."""
+        """imagesync made this copy (recorded when its upload begins): once it is published,
+        retention may retire it one day."""
         self._exec(
             "INSERT OR IGNORE INTO made VALUES (?,?,?,?)",
             (site, image_id, name, time.time() if when is None else when),

@@ -37,7 +37,7 @@ from typing import Protocol
 
 import structlog
 
-from imagesync.errors import Cancelled, IntegrityError, SiteError, TransientError
+from imagesync.errors import Cancelled, IntegrityError, NotFound, SiteError, TransientError
 from imagesync.model import (
     PROP_ORIGIN,
     PROP_SHA512,
@@ -428,14 +428,51 @@ def _settle(
     try:
         lv.result.image = lv.site.publish(stored.id, {PROP_SHA512: got["sha512"]})
     except Exception as exc:
-        lv.remove(stored.id)
-        _set_error(lv.result, exc)
-        _log_failed(lv.site.name, exc, _kind(exc))
-        return True
+        published = _failed_publish(lv, stored.id, exc)
+        if published is None:
+            return True
+        lv.result.image = published
     lv.result.ok = True
     with contextlib.suppress(Exception):  # published: a lease left behind is only re-checked
         lv.watcher.ended(lv.site.name, stored.id)
     return True
+
+
+def _failed_publish(lv: _Live, image_id: str, exc: Exception) -> ImageRecord | None:
+    """``publish`` raised: the record if the image was published all the same, else None
+    (the target's error set).
+
+    A failed publish may have happened: the site acted and its answer was lost (a connection
+    cut after Glance applied the update), or reading the image back afterwards failed. A
+    published copy is never deleted (recovery's rule, here too), so the image is read again:
+    still an upload, it is removed; published, the copy stands; when even that read fails,
+    it is left marked and leased for recovery, which re-reads it under the lock."""
+    try:
+        now: ImageRecord | None = lv.site.get_image(image_id)
+    except NotFound:
+        now = None
+    except Exception as err:
+        _set_error(lv.result, exc)
+        log.warning(
+            "copy.publish_unknown",
+            site=lv.site.name,
+            image_id=image_id,
+            error=str(exc),
+            reread_error=str(err),
+        )
+        return None
+    if now is not None and not now.in_progress:
+        log.info(
+            "copy.published_despite_error", site=lv.site.name, image_id=image_id, error=str(exc)
+        )
+        return now
+    if now is not None:
+        lv.remove(image_id)
+    else:
+        lv.watcher.ended(lv.site.name, image_id)
+    _set_error(lv.result, exc)
+    _log_failed(lv.site.name, exc, _kind(exc))
+    return None
 
 
 def _cancel_rest(live: Sequence[_Live]) -> None:

@@ -114,6 +114,11 @@ class DaemonProcess:
         code = self.proc.wait(timeout=timeout)
         return code, time.monotonic() - t0
 
+    @property
+    def closed(self) -> bool:
+        """Has :meth:`close` run (the process is gone and its socket closed)?"""
+        return self._done
+
     def stderr(self) -> str:
         """Everything the process wrote to stderr (once it has exited)."""
         assert self.proc.stderr is not None

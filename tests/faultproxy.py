@@ -2,27 +2,38 @@
 
 It forwards bytes unchanged except when its :class:`FaultPlan` says otherwise: flip one byte of
 an image upload body (``PUT …/file``) or download body (``GET …/file``), cut the connection
-part-way through an upload, slow uploads or downloads of image data down, or be a black hole
-(accept connections, never answer: a site whose every request times out). It understands
-Content-Length and chunked framing, so a flipped byte always lands in image data, never in
-HTTP framing. ``stop()`` closes the port and every connection (a site gone down); ``start()``
-opens the same port again (the site back, at the same address). Bounded: it serves loopback
-only and stops on close().
+part-way through an upload or a download, slow uploads or downloads of image data down, answer
+a burst of requests with a 5xx itself (without forwarding them), lose the answer to a request
+Glance did carry out (the connection drops after Glance answered: the client cannot tell
+whether it happened), or be a black hole (accept connections, never answer: a site whose every
+request times out). It understands Content-Length and chunked framing, so a flipped byte always
+lands in image data, never in HTTP framing. ``stop()`` closes the port and every connection (a
+site gone down); ``start()`` opens the same port again (the site back, at the same address).
+Bounded: it serves loopback only and stops on close().
+
+Every request Glance answered is kept in ``audit`` (method, path, status, and the body of small
+non-data requests), whether or not the answer reached the client: the fault suite reads from
+it which images were published and which were deleted (``published_ids``/``deleted_ids``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 _FILE = re.compile(rb"^(PUT|GET) /v2/images/[0-9a-f-]+/file ")
 #: the data endpoints of the lab's VOSpace service (``/data/…``, the ``/files/…`` shortcut)
 VOSPACE_DATA = re.compile(rb"^(PUT|GET) /(?:data|files)/\S+ ")
+_IMAGE_PATH = re.compile(r"^/v2/images/([0-9a-f-]{36})(/file)?$")
+#: bodies of requests up to this size are kept in the audit (JSON: create, update)
+_AUDIT_BODY = 1 << 16
 
 
 @dataclass
@@ -33,13 +44,85 @@ class FaultPlan:
     cut_times: int = 1
     throttle_upload: float = 0.0  # seconds to sleep per 64 KiB of upload data
     download_rate: float = 0.0  # bytes/s of image data downloaded; 0: as fast as it comes
+    cut_download_after: int | None = None  # close both sides after this many bytes downloaded
+    cut_download_times: int = 1
+    fail_requests: int = 0  # answer the next N requests with fail_status, not forwarding them
+    fail_status: int = 503
+    fail_methods: tuple[str, ...] = ()  # only requests with these methods fail (empty: any)
+    lose_responses: int = 0  # forward the next N requests, then drop the connection unanswered
+    lose_methods: tuple[str, ...] = ()  # only answers to these methods are lost (empty: any)
     blackhole: bool = False  # new connections are held open and never answered
     flips: int = 0  # how many flips happened
-    cuts: int = 0
+    cuts: int = 0  # connections cut part-way through an upload or a download
     #: called with each request line (``GET /v2/images?… HTTP/1.1``) before it is forwarded;
     #: it may act meanwhile (change the cloud behind the proxy's back), and may return a
     #: whole raw HTTP response to send instead of forwarding (the connection then closes)
     on_request: Callable[[bytes], bytes | None] | None = None
+    failed: int = 0  # requests answered with fail_status by the proxy
+    lost: int = 0  # answers lost after Glance carried the request out
+    slowed: int = 0  # image data bodies slowed down (uploads and downloads)
+
+
+@dataclass
+class Exchange:
+    """One request Glance answered (``status``), as the proxy saw it go by."""
+
+    method: str
+    path: str
+    body: bytes = b""
+    status: int = 0
+    delivered: bool = True  # did the answer reach the client (False: lost on purpose)
+    at: float = field(default_factory=time.monotonic)
+
+    @property
+    def image_id(self) -> str | None:
+        m = _IMAGE_PATH.match(self.path.split("?", 1)[0])
+        return m.group(1) if m else None
+
+    @property
+    def publishes(self) -> bool:
+        """A successful update that removed imagesync's ``uploading`` mark: a publish."""
+        if self.method != "PATCH" or not 200 <= self.status < 300:
+            return False
+        try:
+            ops = json.loads(self.body)
+        except ValueError:
+            return False
+        return any(
+            isinstance(op, dict)
+            and op.get("op") == "remove"
+            and op.get("path") == "/imagesync.state"
+            for op in (ops if isinstance(ops, list) else [])
+        )
+
+
+class _Dest(Protocol):
+    def sendall(self, data: bytes, /) -> None: ...
+
+
+class _Sink:
+    """A socket-like destination that keeps (up to a bound) or drops what it is sent."""
+
+    def __init__(self, keep: int = 0) -> None:
+        self.keep = keep
+        self.data = bytearray()
+
+    def sendall(self, data: bytes) -> None:
+        room = self.keep - len(self.data)
+        if room > 0:
+            self.data += data[:room]
+
+
+class _Tee:
+    """Send to ``dst`` and keep a bounded copy (a request body for the audit)."""
+
+    def __init__(self, dst: _Dest, sink: _Sink) -> None:
+        self.dst = dst
+        self.sink = sink
+
+    def sendall(self, data: bytes) -> None:
+        self.dst.sendall(data)
+        self.sink.sendall(data)
 
 
 class _Conn:
@@ -48,7 +131,7 @@ class _Conn:
         self.client = client
         self.upstream = socket.create_connection(("127.0.0.1", proxy.upstream_port))
         proxy._track(client, self.upstream)
-        self.requests: list[bytes] = []  # request lines awaiting their response
+        self.requests: list[Exchange] = []  # requests awaiting their response
         self.lock = threading.Lock()
 
     def run(self) -> None:
@@ -79,18 +162,21 @@ class _Conn:
                     self.client.sendall(canned)
                     break
                 if to_server:
-                    with self.lock:
-                        self.requests.append(first)
-                    match = self.proxy.data_path.match(first)
-                    kind = (match.group(1).decode() + "-up") if match else ""
-                    req = first
-                else:
-                    with self.lock:
-                        req = self.requests.pop(0) if self.requests else b""
-                    match = self.proxy.data_path.match(req)
-                    kind = "GET-down" if match and match.group(1) == b"GET" else ""
+                    if not self._request(reader, dst, head, first):
+                        break
+                    continue
+                with self.lock:
+                    ex = self.requests.pop(0) if self.requests else Exchange("", "")
+                req = f"{ex.method} {ex.path} ".encode()
+                match = self.proxy.data_path.match(req)
+                kind = "GET-down" if match and match.group(1) == b"GET" else ""
+                parts = head.split(b" ", 2)
+                ex.status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+                if self._lose(ex):
+                    break  # Glance did it; the client never hears so
+                self.proxy._audit(ex)
                 dst.sendall(head)
-                if not to_server and req.startswith(b"HEAD "):
+                if ex.method == "HEAD":
                     continue  # the answer to HEAD has headers only, whatever they announce
                 if not self._body(reader, dst, head, kind, to_server):
                     break
@@ -98,6 +184,52 @@ class _Conn:
             pass
         finally:
             self.close()
+
+    def _request(self, reader: object, dst: _Dest, head: bytes, first: bytes) -> bool:
+        """Forward one request (or answer it with a 5xx, per the plan); False: stop."""
+        words = first.decode("latin-1").split(" ")
+        ex = Exchange(words[0], words[1] if len(words) > 1 else "")
+        match = self.proxy.data_path.match(first)
+        kind = (match.group(1).decode() + "-up") if match else ""
+        plan = self.proxy.plan
+        with self.proxy._lock:
+            fail = plan.fail_requests > 0 and (
+                not plan.fail_methods or ex.method in plan.fail_methods
+            )
+            if fail:
+                plan.fail_requests -= 1
+                plan.failed += 1
+        if fail:
+            # Read the body (so the client is not cut off mid-send), answer, and hang up: the
+            # request never reached Glance.
+            self._body(reader, _Sink(), head, "", True)
+            status = plan.fail_status
+            self.client.sendall(
+                f"HTTP/1.1 {status} Injected\r\nContent-Type: text/plain\r\n"
+                f"Content-Length: 0\r\nConnection: close\r\n\r\n".encode()
+            )
+            return False
+        with self.lock:
+            self.requests.append(ex)
+        dst.sendall(head)
+        sink = _Sink(0 if kind else _AUDIT_BODY)
+        ok = self._body(reader, _Tee(dst, sink), head, kind, True)
+        ex.body = bytes(sink.data)
+        return ok
+
+    def _lose(self, ex: Exchange) -> bool:
+        plan = self.proxy.plan
+        with self.proxy._lock:
+            lose = plan.lose_responses > 0 and (
+                not plan.lose_methods or ex.method in plan.lose_methods
+            )
+            if lose:
+                plan.lose_responses -= 1
+                plan.lost += 1
+        if lose:
+            ex.delivered = False
+            self.proxy._audit(ex)
+        return lose
 
     @staticmethod
     def _read_head(reader: object) -> bytes | None:
@@ -110,9 +242,7 @@ class _Conn:
             if line in (b"\r\n", b"\n"):
                 return b"".join(lines)
 
-    def _body(
-        self, reader: object, dst: socket.socket, head: bytes, kind: str, to_server: bool
-    ) -> bool:
+    def _body(self, reader: object, dst: _Dest, head: bytes, kind: str, to_server: bool) -> bool:
         lower = head.lower()
         status = head.split(b" ", 2)[1] if not to_server and b" " in head else b""
         if not to_server and (status in (b"204", b"304") or status.startswith(b"1")):
@@ -141,9 +271,7 @@ class _Conn:
             return self._data(reader, dst, 1 << 62, kind, offset)
         return True
 
-    def _data(
-        self, reader: object, dst: socket.socket, size: int, kind: str, offset: list[int]
-    ) -> bool:
+    def _data(self, reader: object, dst: _Dest, size: int, kind: str, offset: list[int]) -> bool:
         plan = self.proxy.plan
         left = size
         while left > 0:
@@ -166,9 +294,20 @@ class _Conn:
                 plan.cut_times -= 1
                 plan.cuts += 1
                 return False  # drop the connection mid-body
+            if (
+                kind == "GET-down"
+                and plan.cut_download_after is not None
+                and plan.cut_download_times > 0
+                and end > plan.cut_download_after
+            ):
+                plan.cut_download_times -= 1
+                plan.cuts += 1
+                return False
             if kind == "PUT-up" and plan.throttle_upload:
+                plan.slowed += start == 0
                 time.sleep(plan.throttle_upload * len(data) / 65536)
             if kind == "GET-down" and plan.download_rate:
+                plan.slowed += start == 0
                 time.sleep(len(data) / plan.download_rate)
             dst.sendall(data)
             offset[0] = end
@@ -188,7 +327,27 @@ class FaultProxy:
         self._sock: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._lock = threading.Lock()
+        self.audit: list[Exchange] = []  # what Glance answered, in order
         self.start()
+
+    def _audit(self, ex: Exchange) -> None:
+        with self._lock:
+            self.audit.append(ex)
+
+    def published_ids(self) -> set[str]:
+        """Images a publish (update removing the uploading mark) succeeded for, at Glance."""
+        with self._lock:
+            return {ex.image_id for ex in self.audit if ex.publishes and ex.image_id}
+
+    def deleted_ids(self) -> dict[str, Exchange]:
+        """Images Glance was asked to delete (the first such request for each)."""
+        out: dict[str, Exchange] = {}
+        with self._lock:
+            for ex in self.audit:
+                iid = ex.image_id
+                if ex.method == "DELETE" and iid and not ex.path.endswith("/file"):
+                    out.setdefault(iid, ex)
+        return out
 
     @property
     def url(self) -> str:

@@ -422,7 +422,8 @@ class Executor:
     def _report(self, copy: Copy, image: ImageRecord, result: CopyResult, started: float) -> None:
         for tr in result.targets:
             if tr.ok and tr.image is not None:
-                # what retention may touch one day: only copies imagesync published
+                # what retention may touch one day (already recorded when the upload began,
+                # by _Leases.started; idempotent)
                 self.state.record_made(tr.site, tr.image.id, copy.name)
             self.state.record_transfer(
                 started=started,
@@ -573,6 +574,12 @@ class _Leases:
         self.name = name
 
     def started(self, site: str, image_id: str) -> None:
+        # Made by imagesync from its creation, not from the end of the copy: a kill -9 after
+        # publish() but before the copy returns (a fan-out still writing its other targets)
+        # would otherwise leave a published copy that retention never retires. Retention
+        # only looks at published images, so the id of an upload that never publishes is
+        # harmless here (found by the fault suite, tests/faults.py).
+        self.state.record_made(site, image_id, self.name)
         self.state.add_lease(site, image_id, self.name)
 
     def ended(self, site: str, image_id: str) -> None:

@@ -88,6 +88,38 @@ def test_kill_between_publish_and_dropping_the_lease_keeps_the_image(tmp_path: P
     assert not any(e["event"] == "cleanup.leftover" for e in logs)
 
 
+class Killed(BaseException):
+    """kill -9 at this point: nothing after it runs (no handler catches it)."""
+
+
+def test_a_copy_published_before_a_kill_is_retired_like_any_other(tmp_path: Path) -> None:
+    """A fan-out copy publishes on one target, then the process dies before the copy ends
+    (found by the fault suite, tests/faults.py): the published copy is still imagesync's, so
+    retention retires it when newer versions land, instead of keeping it visible forever."""
+    c1, c2, c3 = MemorySite("c1"), MemorySite("c2"), MemorySite("c3")
+    c1.add("img-a", b"v1" * KB, created=_now(-120))
+
+    def die_finishing(op: str, image_id: str | None) -> None:
+        if op == "finish":
+            raise Killed  # c2 (settled first) is published by now
+
+    c3.faults.hook = die_finishing
+    sites: dict[str, Site] = {"c1": c1, "c2": c2, "c3": c3}
+    engine = make(tmp_path, dict(sites), keep=1)
+    with pytest.raises(Killed):
+        engine.execute(plan(engine.rules, engine.inventories(), engine.site_names))
+    (copy,) = [s.rec for s in c2.images.values() if s.published]
+    c3.faults.hook = None
+    # the restart: a new process, the same state; then a newer version lands
+    engine = make(tmp_path, dict(sites), keep=1)
+    engine.execute(plan(engine.rules, engine.recover(engine.inventories()), engine.site_names))
+    c1.add("img-a", b"v2" * KB, created=_now(-60))
+    for _ in range(2):  # copy the new version; retire the old one where it is current
+        engine.execute(plan(engine.rules, engine.inventories(), engine.site_names))
+    assert copy.id in engine.state.made()["c2"]
+    assert c2.images[copy.id].rec.hidden  # retired (hidden), not kept visible forever
+
+
 def test_a_lease_whose_image_is_gone_is_dropped(tmp_path: Path) -> None:
     sites = {"c1": MemorySite("c1"), "c2": MemorySite("c2")}
     engine = make(tmp_path, dict(sites))

@@ -12,6 +12,7 @@ from typing import BinaryIO
 import pytest
 from structlog.testing import capture_logs
 
+from imagesync.errors import TransientError
 from imagesync.model import (
     PROP_ORIGIN,
     PROP_SHA512,
@@ -329,3 +330,78 @@ def test_a_source_failing_outside_the_hierarchy_aborts_every_target() -> None:
     assert all(t.error_kind == "unexpected" for t in result.targets)
     assert a.ended == ["abort"] and b.ended == ["abort"]
     assert a.images == {} and b.images == {}
+
+
+class _PublishFails(MemorySite):
+    """Publishing fails for the caller: after the site published (``applied``: the answer was
+    lost on the way back), or before; ``blind``: reading the image back fails too."""
+
+    def __init__(self, name: str, *, applied: bool, blind: bool = False) -> None:
+        super().__init__(name)
+        self.applied = applied
+        self.blind = blind
+        self.deletes: list[str] = []
+
+    def publish(self, image_id: str, properties: Mapping[str, str] | None = None) -> ImageRecord:
+        if self.applied:
+            super().publish(image_id, properties)
+        raise TransientError("connection reset by peer", site=self.name)
+
+    def get_image(self, image_id: str) -> ImageRecord:
+        if self.blind:
+            raise TransientError("503 Service Unavailable", site=self.name)
+        return super().get_image(image_id)
+
+    def delete(self, image_id: str) -> None:
+        self.deletes.append(image_id)
+        super().delete(image_id)
+
+
+class _Watcher:
+    def __init__(self) -> None:
+        self.leased: set[str] = set()
+
+    def started(self, site: str, image_id: str) -> None:
+        self.leased.add(image_id)
+
+    def ended(self, site: str, image_id: str) -> None:
+        self.leased.discard(image_id)
+
+
+def test_a_publish_whose_answer_was_lost_keeps_the_published_copy() -> None:
+    """Found by the fault suite (tests/faults.py): the answer to Glance's publish update was
+    lost after Glance applied it, and the copy, published and visible, was deleted."""
+    src, target = MemorySite("src"), _PublishFails("t", applied=True)
+    rec = src.add("img", DATA)
+    new = new_image_for(rec, rec.version, "private")
+    watcher = _Watcher()
+    result = copy_image(src, rec, [(target, new)], policy=FAST, watcher=watcher)
+    (stored,) = target.images.values()
+    assert target.deletes == [] and stored.published and bytes(stored.data) == DATA
+    assert result.ok and result.targets[0].image is not None
+    assert result.targets[0].image.id == stored.rec.id and not result.targets[0].image.in_progress
+    assert watcher.leased == set()
+
+
+def test_a_publish_that_failed_before_it_happened_removes_the_upload() -> None:
+    src, target = MemorySite("src"), _PublishFails("t", applied=False)
+    rec = src.add("img", DATA)
+    new = new_image_for(rec, rec.version, "private")
+    watcher = _Watcher()
+    result = copy_image(src, rec, [(target, new)], policy=RetryPolicy(attempts=1), watcher=watcher)
+    assert not result.ok and result.targets[0].error_kind == "transient"
+    assert target.images == {} and len(target.deletes) == 1 and watcher.leased == set()
+
+
+def test_a_failed_publish_that_cannot_be_told_is_left_to_recovery() -> None:
+    """Neither the publish nor reading the image back answered: it may be published, so it
+    is not deleted blind. It stays marked and leased; recovery re-reads it under the lock."""
+    src, target = MemorySite("src"), _PublishFails("t", applied=False, blind=True)
+    rec = src.add("img", DATA)
+    new = new_image_for(rec, rec.version, "private")
+    watcher = _Watcher()
+    result = copy_image(src, rec, [(target, new)], policy=RetryPolicy(attempts=1), watcher=watcher)
+    assert not result.ok and result.targets[0].error_kind == "transient"
+    (stored,) = target.images.values()
+    assert target.deletes == [] and not stored.published
+    assert watcher.leased == {stored.rec.id}
