@@ -410,7 +410,41 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
     for s, inv in inventories.items():
         if not inv.ok:
             print(printable(f"  {s}: unreachable: {inv.error}"), file=sys.stderr)
+    for line in _save_lines(config, name):
+        print(printable(line))
     return 0
+
+
+def _save_lines(config: Config, name: str | None) -> list[str]:
+    """The servers marked for save on shutdown (``imagesync.saving``), on the clouds that have
+    compute: what their metadata says (saved, refused, failed)."""
+    from imagesync.saving import marked_states
+    from imagesync.sites.glance import make_session
+    from imagesync.sites.nova import NovaSnapshots
+
+    lines = []
+    for cloud, cfg in config.clouds.items():
+        try:
+            nova = NovaSnapshots(cfg, make_session(cfg))
+            rows = marked_states(nova) if nova.has_compute() else []
+        except ImageSyncError as exc:
+            lines.append(f"  save on shutdown, {cloud}: cannot list servers: {exc}")
+            continue
+        for r in rows:
+            if name is not None and r["save_as"] != name:
+                continue
+            state = (
+                f"ERROR: {r['error']}"
+                if r["error"]
+                else f"saved {r['saved']}"
+                if r["saved"]
+                else "not saved yet"
+            )
+            lines.append(
+                f"  save on shutdown: {cloud} server {r['server_name']} ({r['server']}) "
+                f"as {r['save_as']} [{r['status']}]: {state}"
+            )
+    return lines
 
 
 #: history's columns: (header, key in the JSON row); the table and --json show the same fields

@@ -26,6 +26,8 @@ from imagesync.errors import ImageSyncError
 from imagesync.metrics import Metrics
 from imagesync.model import format_time, printable
 from imagesync.plan import Assessment, Copy, Ignored, Retire, plan
+from imagesync.saving import SaveOutcome, SaveState, save_marked
+from imagesync.snapshot import Clock
 from imagesync.transfer import ErrorKind
 
 # one logger name for the whole daemon package: the JSON log lines carry it
@@ -162,6 +164,8 @@ class PassWatch(Observer):
         self.beat = beat
         self.live = live or LiveStatus()
         self.ignored = IgnoredImages()
+        #: what the last pass's save step did (status page, tests)
+        self.saves: list[SaveOutcome] = []
 
     def copy_started(self, copy: Copy) -> None:
         self.beat()
@@ -194,6 +198,7 @@ def run_one_pass(
     t0 = time.monotonic()
     try:
         eng = engine()
+        watch.saves = save_step(eng, beat=watch.beat)
         inventories = eng.recover(eng.inventories(incremental=True))
         watch.beat()
         watch.metrics.observe_inventories(inventories)
@@ -213,6 +218,54 @@ def run_one_pass(
         return PassReport(
             started=started, seconds=time.monotonic() - t0, error=f"{type(exc).__name__}: {exc}"
         )
+
+
+#: how long one save-on-shutdown snapshot may take to become active
+SAVE_TIMEOUT = 600.0
+
+
+def save_step(
+    eng: Engine, *, beat: Callable[[], None], timeout: float = SAVE_TIMEOUT
+) -> list[SaveOutcome]:
+    """Snapshot the marked servers that were shut down, on every cloud that has compute, one
+    server at a time per cloud. A cloud whose Nova cannot be reached is logged and skipped:
+    saving never fails the pass (the copies still run)."""
+    from imagesync.sites.glance import make_session
+    from imagesync.sites.nova import NovaSnapshots
+
+    out: list[SaveOutcome] = []
+    for name, cfg in eng.config.clouds.items():
+        try:
+            nova = NovaSnapshots(cfg, make_session(cfg))
+            if not nova.has_compute():
+                continue
+
+            def record(image_id: str, image_name: str, cloud: str = name) -> None:
+                eng.state.record_made(cloud, image_id, image_name)
+
+            # waiting for a snapshot is a sign of life: the watchdog must not take it for a hang
+            clock = Clock(sleep=_beating_sleep(beat))
+            found = save_marked(nova, eng.rules, timeout=timeout, record=record, clock=clock)
+        except ImageSyncError as exc:
+            log.warning("save.cloud_failed", cloud=name, error=str(exc))
+            continue
+        finally:
+            beat()
+        if any(o.state is SaveState.SAVED for o in found):
+            eng.forget(name)  # list the cloud fully: the new version is in this pass's plan
+        for o in found:
+            if o.state in (SaveState.SAVED, SaveState.FAILED, SaveState.REFUSED):
+                log.info("save.outcome", **o.as_dict())
+        out.extend(found)
+    return out
+
+
+def _beating_sleep(beat: Callable[[], None]) -> Callable[[float], None]:
+    def sleep(seconds: float) -> None:
+        beat()
+        time.sleep(seconds)
+
+    return sleep
 
 
 def _site_kinds(eng: Engine) -> dict[str, str]:

@@ -15,6 +15,7 @@ the answers mean, as seen on a real Nova 34 (../shared/reference/nova-recipe.md)
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +45,7 @@ class Server:
     image_id: str | None  # the image it was booted from ("" for a volume-booted server)
     metadata: Mapping[str, str] = field(default_factory=dict)
     fault: str | None = None
+    updated: str | None = None  # Nova's last change of the server (ISO 8601, UTC)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,7 @@ def _server(raw: Mapping[str, Any]) -> Server:
         image_id=str(image["id"]) if isinstance(image, dict) and image.get("id") else None,
         metadata={str(k): str(v) for k, v in (raw.get("metadata") or {}).items()},
         fault=str(fault.get("message")) if isinstance(fault, dict) and fault else None,
+        updated=str(raw["updated"]) if raw.get("updated") else None,
     )
 
 
@@ -200,6 +203,64 @@ class NovaSnapshots:
         except SiteError as exc:
             log.info("snapshot.no_detail", site=self.name, server=server_id, error=str(exc))
         return None
+
+    def has_compute(self) -> bool:
+        """Whether the catalog has a compute endpoint (from the token: no call to Nova)."""
+        try:
+            return bool(
+                self.session.get_endpoint(
+                    service_type="compute",
+                    interface=self.cfg.interface,
+                    region_name=self.cfg.region_name,
+                )
+            )
+        except ksexc.EndpointNotFound:
+            return False
+        except Exception as exc:
+            raise classify(exc, self.name, "look for a compute endpoint") from None
+
+    def servers(self) -> list[Server]:
+        """Every server of the project (the scope of the cloud's credentials), with metadata."""
+        out: list[Server] = []
+        params: dict[str, str] = {}
+        while True:
+            page = self._call("list servers", "GET", "/servers/detail", params=params).json()
+            batch = page.get("servers", [])
+            out.extend(_server(s) for s in batch)
+            if not page.get("servers_links") or not batch:
+                return out
+            params = {"marker": str(batch[-1]["id"])}
+
+    def set_metadata(self, server_id: str, metadata: Mapping[str, str]) -> None:
+        """Add or replace these keys of the server's metadata (the others stay)."""
+        self._call(
+            f"set metadata of server {server_id}",
+            "POST",
+            f"/servers/{server_id}/metadata",
+            json={"metadata": dict(metadata)},
+        )
+
+    def delete_metadata(self, server_id: str, key: str) -> None:
+        """Remove one key of the server's metadata (absent already: fine)."""
+        with contextlib.suppress(NotFound):
+            self._call(
+                f"delete metadata {key} of server {server_id}",
+                "DELETE",
+                f"/servers/{server_id}/metadata/{key}",
+            )
+
+    def last_stopped(self, server_id: str) -> str | None:
+        """When the server was last stopped (the newest ``stop`` instance action's start,
+        ISO 8601 UTC as Nova writes it), or None when it never was by the API."""
+        actions = self._call(
+            f"actions of {server_id}", "GET", f"/servers/{server_id}/os-instance-actions"
+        ).json()
+        times = [
+            str(a["start_time"])
+            for a in actions.get("instanceActions", [])
+            if a.get("action") == "stop" and a.get("start_time")
+        ]
+        return max(times) if times else None
 
     def close(self) -> None:
         pass
