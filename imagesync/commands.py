@@ -410,9 +410,20 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
     for s, inv in inventories.items():
         if not inv.ok:
             print(printable(f"  {s}: unreachable: {inv.error}"), file=sys.stderr)
-    for line in _save_lines(config, name):
+    for line in [*_quarantine_lines(inventories), *_save_lines(config, name)]:
         print(printable(line))
     return 0
+
+
+def _quarantine_lines(inventories: Mapping[str, SiteInventory]) -> list[str]:
+    """The versions a boot test quarantined (``imagesync.boottest``): hidden where they are."""
+    return [
+        f"  {rec.name}: QUARANTINED on {inv.site} ({rec.id}): "
+        + rec.properties["imagesync.quarantined"]
+        for inv in inventories.values()
+        for rec in inv.images
+        if rec.hidden and "imagesync.quarantined" in rec.properties
+    ]
 
 
 def _save_lines(config: Config, name: str | None) -> list[str]:

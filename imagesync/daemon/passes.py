@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
+from imagesync.boottest import BootOutcome, run_boot_tests
 from imagesync.daemon.live import LiveStatus
 from imagesync.engine import ActionResult, Engine, Observer, Outcome
 from imagesync.errors import ImageSyncError
 from imagesync.metrics import Metrics
-from imagesync.model import format_time, printable
+from imagesync.model import SiteInventory, format_time, printable
 from imagesync.plan import Assessment, Copy, Ignored, Retire, plan
 from imagesync.saving import SaveOutcome, SaveState, save_marked
 from imagesync.snapshot import Clock
@@ -201,6 +202,12 @@ def run_one_pass(
         watch.saves = save_step(eng, beat=watch.beat)
         inventories = eng.recover(eng.inventories(incremental=True))
         watch.beat()
+        tested = boot_test_step(eng, inventories, beat=watch.beat)
+        watch.metrics.observe_boot_tests([t.result for t in tested])
+        if tested:  # list again: a tested version is marked, a failed one hidden
+            for cloud in {t.cloud for t in tested}:
+                eng.forget(cloud)
+            inventories = eng.recover(eng.inventories(incremental=True))
         watch.metrics.observe_inventories(inventories)
         unreachable = tuple(s for s, inv in inventories.items() if not inv.ok)
         p = plan(eng.rules, inventories, eng.site_names)
@@ -258,6 +265,37 @@ def save_step(
                 log.info("save.outcome", **o.as_dict())
         out.extend(found)
     return out
+
+
+def boot_test_step(
+    eng: Engine, inventories: Mapping[str, SiteInventory], *, beat: Callable[[], None]
+) -> list[BootOutcome]:
+    """The rules' boot tests (``imagesync.boottest``), before the plan lets a version spread.
+    A cloud whose Nova fails is logged: its versions wait (untested) for the next pass."""
+    from imagesync.sites.glance import make_session
+    from imagesync.sites.nova import NovaSnapshots
+
+    if not any(r.boot_test for r in eng.rules):
+        return []
+    novas: dict[str, NovaSnapshots] = {}
+
+    def nova_for(cloud: str) -> NovaSnapshots:
+        if cloud not in novas:
+            cfg = eng.config.clouds[cloud]
+            novas[cloud] = NovaSnapshots(cfg, make_session(cfg))
+        return novas[cloud]
+
+    try:
+        return run_boot_tests(
+            inventories,
+            eng.rules,
+            eng.site_names,
+            nova_for,
+            clock=Clock(sleep=_beating_sleep(beat)),
+        )
+    except ImageSyncError as exc:
+        log.warning("boot_test.failed_to_run", error=str(exc))
+        return []
 
 
 def _beating_sleep(beat: Callable[[], None]) -> Callable[[float], None]:

@@ -262,5 +262,56 @@ class NovaSnapshots:
         ]
         return max(times) if times else None
 
+    # -- the boot test (a rule's boot_test) ----------------------------------------------------
+    def flavor_id(self, flavor: str) -> str:
+        """A flavor's id, from its name or id."""
+        flavors = self._call("list flavors", "GET", "/flavors").json().get("flavors", [])
+        for f in flavors:
+            if flavor in (f.get("id"), f.get("name")):
+                return str(f["id"])
+        known = ", ".join(sorted(str(f.get("name")) for f in flavors)) or "none"
+        raise NotFound(f"no flavor {flavor!r} on {self.name} (known: {known})", site=self.name)
+
+    def boot(self, name: str, image_id: str, flavor_id: str) -> str:
+        """Create a server from the image, with no network: its id (Nova answers at once)."""
+        body = {
+            "server": {
+                "name": name,
+                "imageRef": image_id,
+                "flavorRef": flavor_id,
+                "networks": "none",
+                "metadata": {"imagesync.boot-test": image_id},
+            }
+        }
+        raw = self._call(f"boot image {image_id}", "POST", "/servers", json=body).json()
+        return str(raw["server"]["id"])
+
+    def delete_server(self, server_id: str) -> None:
+        with contextlib.suppress(NotFound):
+            self._call(f"delete server {server_id}", "DELETE", f"/servers/{server_id}")
+
+    def set_image_properties(self, image_id: str, props: Mapping[str, str]) -> None:
+        """Add or replace properties of an image (a JSON patch)."""
+        patch = [{"op": "add", "path": f"/{k}", "value": v} for k, v in props.items()]
+        self._call(
+            f"set properties of image {image_id}",
+            "PATCH",
+            f"/v2/images/{image_id}",
+            self.image,
+            json=patch,
+            headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
+        )
+
+    def hide_image(self, image_id: str) -> None:
+        """Hide an image (``os_hidden``): listed by nobody, booted by id only."""
+        self._call(
+            f"hide image {image_id}",
+            "PATCH",
+            f"/v2/images/{image_id}",
+            self.image,
+            json=[{"op": "replace", "path": "/os_hidden", "value": True}],
+            headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
+        )
+
     def close(self) -> None:
         pass
