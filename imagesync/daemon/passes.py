@@ -199,13 +199,17 @@ def run_one_pass(
     t0 = time.monotonic()
     try:
         eng = engine()
-        watch.saves = save_step(eng, beat=watch.beat)
         inventories = eng.recover(eng.inventories(incremental=True))
         watch.beat()
+        # only where Glance answered: an unreachable cloud costs its timeouts once, not twice
+        reachable = {s for s, inv in inventories.items() if inv.ok}
+        watch.saves = save_step(eng, reachable, beat=watch.beat)
         tested = boot_test_step(eng, inventories, beat=watch.beat)
         watch.metrics.observe_boot_tests([t.result for t in tested])
-        if tested:  # list again: a tested version is marked, a failed one hidden
-            for cloud in {t.cloud for t in tested}:
+        changed = {o.cloud for o in watch.saves if o.state is SaveState.SAVED}
+        changed |= {t.cloud for t in tested}
+        if changed:  # list again: a new snapshot, a version marked tested or hidden
+            for cloud in changed:
                 eng.forget(cloud)
             inventories = eng.recover(eng.inventories(incremental=True))
         watch.metrics.observe_inventories(inventories)
@@ -232,18 +236,23 @@ SAVE_TIMEOUT = 600.0
 
 
 def save_step(
-    eng: Engine, *, beat: Callable[[], None], timeout: float = SAVE_TIMEOUT
+    eng: Engine,
+    reachable: set[str],
+    *,
+    beat: Callable[[], None],
+    timeout: float = SAVE_TIMEOUT,
 ) -> list[SaveOutcome]:
     """Snapshot the marked servers that were shut down, on every cloud that has compute, one
     server at a time per cloud. A cloud whose Nova cannot be reached is logged and skipped:
     saving never fails the pass (the copies still run)."""
-    from imagesync.sites.glance import make_session
     from imagesync.sites.nova import NovaSnapshots
 
     out: list[SaveOutcome] = []
     for name, cfg in eng.config.clouds.items():
+        if name not in reachable:
+            continue
         try:
-            nova = NovaSnapshots(cfg, make_session(cfg))
+            nova = NovaSnapshots(cfg, _session(eng, name))
             if not nova.has_compute():
                 continue
 
@@ -258,8 +267,6 @@ def save_step(
             continue
         finally:
             beat()
-        if any(o.state is SaveState.SAVED for o in found):
-            eng.forget(name)  # list the cloud fully: the new version is in this pass's plan
         for o in found:
             if o.state in (SaveState.SAVED, SaveState.FAILED, SaveState.REFUSED):
                 log.info("save.outcome", **o.as_dict())
@@ -272,7 +279,6 @@ def boot_test_step(
 ) -> list[BootOutcome]:
     """The rules' boot tests (``imagesync.boottest``), before the plan lets a version spread.
     A cloud whose Nova fails is logged: its versions wait (untested) for the next pass."""
-    from imagesync.sites.glance import make_session
     from imagesync.sites.nova import NovaSnapshots
 
     if not any(r.boot_test for r in eng.rules):
@@ -282,7 +288,7 @@ def boot_test_step(
     def nova_for(cloud: str) -> NovaSnapshots:
         if cloud not in novas:
             cfg = eng.config.clouds[cloud]
-            novas[cloud] = NovaSnapshots(cfg, make_session(cfg))
+            novas[cloud] = NovaSnapshots(cfg, _session(eng, cloud))
         return novas[cloud]
 
     try:
@@ -296,6 +302,14 @@ def boot_test_step(
     except ImageSyncError as exc:
         log.warning("boot_test.failed_to_run", error=str(exc))
         return []
+
+
+def _session(eng: Engine, cloud: str) -> Any:  # a keystoneauth Session (sites only)
+    """The cloud's keystoneauth session: the Glance site's (one token a cloud), else a new one."""
+    from imagesync.sites.glance import make_session
+
+    session = getattr(eng.site(cloud), "session", None)
+    return session if session is not None else make_session(eng.config.clouds[cloud])
 
 
 def _beating_sleep(beat: Callable[[], None]) -> Callable[[float], None]:
