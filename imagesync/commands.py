@@ -410,7 +410,7 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
     for s, inv in inventories.items():
         if not inv.ok:
             print(printable(f"  {s}: unreachable: {inv.error}"), file=sys.stderr)
-    for line in [*_quarantine_lines(inventories), *_save_lines(config, name)]:
+    for line in [*_quarantine_lines(inventories), *_save_lines(config, name, inventories)]:
         print(printable(line))
     return 0
 
@@ -426,15 +426,19 @@ def _quarantine_lines(inventories: Mapping[str, SiteInventory]) -> list[str]:
     ]
 
 
-def _save_lines(config: Config, name: str | None) -> list[str]:
+def _save_lines(
+    config: Config, name: str | None, inventories: Mapping[str, SiteInventory]
+) -> list[str]:
     """The servers marked for save on shutdown (``imagesync.saving``), on the clouds that have
-    compute: what their metadata says (saved, refused, failed)."""
+    compute and answered this listing: what their metadata says (saved, refused, failed)."""
     from imagesync.saving import marked_states
     from imagesync.sites.glance import make_session
     from imagesync.sites.nova import NovaSnapshots
 
     lines = []
     for cloud, cfg in config.clouds.items():
+        if cloud not in inventories or not inventories[cloud].ok:
+            continue  # unreachable, said above; or not listed (status NAME lists them all)
         try:
             nova = NovaSnapshots(cfg, make_session(cfg))
             rows = marked_states(nova) if nova.has_compute() else []
