@@ -11,11 +11,12 @@ The server's own metadata is the record, so that its user reads it where they se
   image rule matches is refused without a snapshot; it is looked at again every pass, so a
   fixed mark or a new rule takes effect). Removed once a save succeeds.
 
-"Once per shutdown": the server is saved when it has not been saved (or tried) since it was
-last stopped, the start of its newest ``stop`` instance action (Nova's ``updated`` when there
-is none: a guest that powered itself off). A server booted and stopped again has a newer stop
-and is saved again; one that stays off is not. The times compared are Nova's and imagesync's
-clocks: the hosts are expected to keep time (NTP).
+"Once per shutdown": a SHUTOFF server is saved when it has not been saved (or tried) since it
+last booted (its newest create/start/reboot/... instance action): being off now, it has been
+shut down since. A server booted and stopped again is saved again; one that stays off is not;
+a guest that powered itself off counts like a stop (no stop action is needed). A server
+whose actions Nova does not list is saved once (imagesync.saved set: done). The times
+compared are Nova's and imagesync's clocks: the hosts are expected to keep time (NTP).
 
 Bounded: the servers of one cloud are saved one at a time (concurrency 1 per cloud), each
 within the snapshot timeout. Nothing here raises for one server's trouble: each outcome is a
@@ -87,7 +88,7 @@ class SaveNova(Nova, Protocol):
     def servers(self) -> list[Server]: ...
     def set_metadata(self, server_id: str, metadata: Mapping[str, str]) -> None: ...
     def delete_metadata(self, server_id: str, key: str) -> None: ...
-    def last_stopped(self, server_id: str) -> str | None: ...
+    def last_booted(self, server_id: str) -> str | None: ...
 
 
 def parse_time(text: str | None) -> datetime | None:
@@ -153,9 +154,9 @@ def save_server(
         return outcome(SaveState.REFUSED, error=reason)
     if server.status != "SHUTOFF" or server.task_state is not None:
         return outcome(SaveState.NOT_SHUTOFF)
-    stopped = parse_time(nova.last_stopped(server.id)) or parse_time(server.updated)
+    booted = parse_time(nova.last_booted(server.id))
     attempted = last_attempt(server)
-    if attempted is not None and (stopped is None or attempted >= stopped):
+    if attempted is not None and (booted is None or attempted >= booted):
         return outcome(SaveState.UP_TO_DATE)
     log.info("save.snapshotting", cloud=nova.name, server=server.id, name=name)
     started = now()

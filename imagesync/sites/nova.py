@@ -30,6 +30,24 @@ from imagesync.sites.glance import classify, make_adapter, make_session
 
 log = structlog.get_logger("imagesync.nova")
 
+#: instance actions after which a server has run (again): a save on shutdown is due once it
+#: is off again
+BOOTING_ACTIONS = frozenset(
+    {
+        "create",
+        "start",
+        "reboot",
+        "rebuild",
+        "unshelve",
+        "resume",
+        "unpause",
+        "evacuate",
+        "unrescue",
+        "restore",
+        "confirmResize",
+        "revertResize",
+    }
+)
 #: 2.45: createImage answers with the image id in its body
 MICROVERSION = "2.45"
 
@@ -45,7 +63,6 @@ class Server:
     image_id: str | None  # the image it was booted from ("" for a volume-booted server)
     metadata: Mapping[str, str] = field(default_factory=dict)
     fault: str | None = None
-    updated: str | None = None  # Nova's last change of the server (ISO 8601, UTC)
 
 
 @dataclass(frozen=True)
@@ -70,7 +87,6 @@ def _server(raw: Mapping[str, Any]) -> Server:
         image_id=str(image["id"]) if isinstance(image, dict) and image.get("id") else None,
         metadata={str(k): str(v) for k, v in (raw.get("metadata") or {}).items()},
         fault=str(fault.get("message")) if isinstance(fault, dict) and fault else None,
-        updated=str(raw["updated"]) if raw.get("updated") else None,
     )
 
 
@@ -249,16 +265,17 @@ class NovaSnapshots:
                 f"/servers/{server_id}/metadata/{key}",
             )
 
-    def last_stopped(self, server_id: str) -> str | None:
-        """When the server was last stopped (the newest ``stop`` instance action's start,
-        ISO 8601 UTC as Nova writes it), or None when it never was by the API."""
+    def last_booted(self, server_id: str) -> str | None:
+        """When the server was last started (the newest instance action that boots it:
+        create, start, reboot, rebuild, unshelve, ...: its start time, ISO 8601 UTC as Nova
+        writes it), or None when Nova lists none."""
         actions = self._call(
             f"actions of {server_id}", "GET", f"/servers/{server_id}/os-instance-actions"
         ).json()
         times = [
             str(a["start_time"])
             for a in actions.get("instanceActions", [])
-            if a.get("action") == "stop" and a.get("start_time")
+            if a.get("action") in BOOTING_ACTIONS and a.get("start_time")
         ]
         return max(times) if times else None
 

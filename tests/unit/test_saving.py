@@ -23,7 +23,7 @@ class MarkedNova(FakeNova):
     """One server, ``s1``, with metadata and a last stop time; metadata writes are counted."""
 
     metadata: dict[str, str] = field(default_factory=lambda: {SAVE_AS: "web-a"})
-    stopped_at: str | None = "2026-01-01T11:00:00.000000"
+    booted_at: str | None = "2026-01-01T11:00:00.000000"
     writes: list[dict[str, str]] = field(default_factory=list)
 
     def _server(self) -> Server:
@@ -39,8 +39,8 @@ class MarkedNova(FakeNova):
     def delete_metadata(self, server_id: str, key: str) -> None:
         self.metadata.pop(key, None)
 
-    def last_stopped(self, server_id: str) -> str | None:
-        return self.stopped_at
+    def last_booted(self, server_id: str) -> str | None:
+        return self.booted_at
 
 
 def _save(nova: MarkedNova) -> list[SaveState]:
@@ -59,7 +59,9 @@ def test_saved_once_per_shutdown_and_again_after_a_new_stop() -> None:
     assert nova.metadata[SAVED].startswith("snap1 ") and nova.calls.count("create web-a") == 1
     assert _save(nova) == [SaveState.UP_TO_DATE]  # stays off: not saved twice
     assert nova.calls.count("create web-a") == 1
-    nova.stopped_at = datetime.now(UTC).replace(year=2100).isoformat()  # booted, stopped again
+    nova.booted_at = (
+        datetime.now(UTC).replace(year=2100).isoformat()
+    )  # booted (and so stopped) again
     nova.image_states, nova.task_states = ["active"], [None]
     assert _save(nova) == [SaveState.SAVED]
     assert nova.calls.count("create web-a") == 2
