@@ -410,7 +410,56 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
     for s, inv in inventories.items():
         if not inv.ok:
             print(printable(f"  {s}: unreachable: {inv.error}"), file=sys.stderr)
+    for line in [*_quarantine_lines(inventories), *_save_lines(config, name, inventories)]:
+        print(printable(line))
     return 0
+
+
+def _quarantine_lines(inventories: Mapping[str, SiteInventory]) -> list[str]:
+    """The versions a boot test quarantined (``imagesync.boottest``): hidden where they are."""
+    return [
+        f"  {rec.name}: QUARANTINED on {inv.site} ({rec.id}): "
+        + rec.properties["imagesync.quarantined"]
+        for inv in inventories.values()
+        for rec in inv.images
+        if rec.hidden and "imagesync.quarantined" in rec.properties
+    ]
+
+
+def _save_lines(
+    config: Config, name: str | None, inventories: Mapping[str, SiteInventory]
+) -> list[str]:
+    """The servers marked for save on shutdown (``imagesync.saving``), on the clouds that have
+    compute and answered this listing: what their metadata says (saved, refused, failed)."""
+    from imagesync.saving import marked_states
+    from imagesync.sites.glance import make_session
+    from imagesync.sites.nova import NovaSnapshots
+
+    lines = []
+    for cloud, cfg in config.clouds.items():
+        if cloud not in inventories or not inventories[cloud].ok:
+            continue  # unreachable, said above; or not listed (status NAME lists them all)
+        try:
+            nova = NovaSnapshots(cfg, make_session(cfg))
+            rows = marked_states(nova) if nova.has_compute() else []
+        except ImageSyncError as exc:
+            lines.append(f"  save on shutdown, {cloud}: cannot list servers: {exc}")
+            continue
+        for r in rows:
+            if name is not None and r["save_as"] != name:
+                continue
+            state = (
+                f"ERROR: {r['error']}"
+                if r["error"]
+                else f"saved {r['saved']}"
+                if r["saved"]
+                else "not saved yet"
+            )
+            lines.append(
+                f"  save on shutdown: {cloud} server {r['server_name']} ({r['server']}) "
+                f"as {r['save_as']} [{r['status']}]: {state}"
+            )
+    return lines
 
 
 #: history's columns: (header, key in the JSON row); the table and --json show the same fields

@@ -197,6 +197,13 @@ class Metrics(Observer):
         self.retires = Counter(
             "imagesync_retires", "Old versions retired, by result", ["result"], registry=r
         )
+        self.boot_tests = Counter(
+            "imagesync_boot_tests",
+            "Boot tests of new versions (a rule's boot_test), by result: passed, or why the "
+            "version was quarantined (error, timeout)",
+            ["result"],
+            registry=r,
+        )
         self.sync_lag = Gauge(
             "imagesync_sync_lag_seconds",
             "Seconds since the newest version "
@@ -269,6 +276,10 @@ class Metrics(Observer):
             self.retires.labels(result="ok" if result.ok else "failed").inc()
 
     # -- once a pass ------------------------------------------------------------------------
+    def observe_boot_tests(self, results: Sequence[str]) -> None:
+        for result in results:
+            self.boot_tests.labels(result=result).inc()
+
     def observe_inventories(self, inventories: Mapping[str, SiteInventory]) -> None:
         for site, inv in inventories.items():
             for kind in FAILURE_KINDS:  # at 0 before the first failure, so increase() sees it

@@ -12,10 +12,12 @@ from typing import Any, Literal, cast
 
 from imagesync.config.document import Document, index, join, suggest
 from imagesync.config.types import (
+    BOOT_TEST_KEYS,
     ON_MISMATCH,
     RETIRE,
     RULE_KEYS,
     VISIBILITIES,
+    BootTest,
     ImageRule,
     describe,
 )
@@ -166,6 +168,9 @@ def parse_rule(
     on_mismatch = "report"
     if "on_mismatch" in body:
         on_mismatch = doc.choice(body["on_mismatch"], join(key, "on_mismatch"), ON_MISMATCH)
+    boot_test = None
+    if body.get("boot_test") is not None:
+        boot_test = _boot_test(doc, body["boot_test"], join(key, "boot_test"), rule_clouds)
     return ImageRule(
         pattern=pattern,
         clouds=rule_clouds,
@@ -175,7 +180,33 @@ def parse_rule(
         keep=keep,
         retire=cast(Literal["hide", "delete"], retire),
         on_mismatch=cast(Literal["report", "replace"], on_mismatch),
+        boot_test=boot_test,
     )
+
+
+def _boot_test(doc: Document, raw: object, key: str, rule_clouds: tuple[str, ...]) -> BootTest:
+    """``boot_test: {cloud: C, flavor: F, timeout: 300s}``: C must be one of the rule's clouds
+    (the version is booted where it first is, before it spreads)."""
+    body = doc.mapping(raw, key, "write `boot_test: {cloud: C, flavor: F, timeout: 300s}`")
+    doc.known_keys(body, key, BOOT_TEST_KEYS)
+    for required in ("cloud", "flavor"):
+        if required not in body:
+            doc.fail(
+                join(key, required),
+                f"missing: add it (boot_test needs {', '.join(BOOT_TEST_KEYS[:2])})",
+            )
+    cloud = doc.string(body["cloud"], join(key, "cloud"))
+    if cloud not in rule_clouds:
+        doc.fail(
+            join(key, "cloud"),
+            f"is {cloud!r}, not one of this rule's clouds ({', '.join(rule_clouds) or 'none'}): "
+            "name one of them",
+        )
+    flavor = doc.string(body["flavor"], join(key, "flavor"))
+    timeout = 300.0
+    if "timeout" in body:
+        timeout = doc.duration(body["timeout"], join(key, "timeout"), within=(10, 3600))
+    return BootTest(cloud=cloud, flavor=flavor, timeout=timeout)
 
 
 def parse_rules(

@@ -101,6 +101,15 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class BootTest:
+    """``boot_test:`` of a rule: boot a new version on ``cloud`` before it spreads."""
+
+    cloud: str
+    flavor: str
+    timeout: float = 300.0  # seconds until the server must be ACTIVE
+
+
+@dataclass(frozen=True)
 class ImageRule:
     """Which names must be where, and how to keep them."""
 
@@ -112,6 +121,7 @@ class ImageRule:
     keep: int | None = None  # retention per site: newest N versions; None = keep all
     retire: Literal["hide", "delete"] = "hide"
     on_mismatch: Literal["report", "replace"] = "report"
+    boot_test: BootTest | None = None
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -216,7 +226,9 @@ RULE_KEYS = (
     "keep",
     "retire",
     "on_mismatch",
+    "boot_test",
 )
+BOOT_TEST_KEYS = ("cloud", "flavor", "timeout")
 VISIBILITIES = ("private", "shared", "community", "public")
 RETIRE = ("hide", "delete")
 ON_MISMATCH = ("report", "replace")

@@ -13,19 +13,22 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
+from imagesync.boottest import BootOutcome, run_boot_tests
 from imagesync.daemon.live import LiveStatus
 from imagesync.engine import ActionResult, Engine, Observer, Outcome
 from imagesync.errors import ImageSyncError
 from imagesync.metrics import Metrics
-from imagesync.model import format_time, printable
+from imagesync.model import SiteInventory, format_time, printable
 from imagesync.plan import Assessment, Copy, Ignored, Retire, plan
+from imagesync.saving import SaveOutcome, SaveState, save_marked
+from imagesync.snapshot import Clock
 from imagesync.transfer import ErrorKind
 
 # one logger name for the whole daemon package: the JSON log lines carry it
@@ -162,6 +165,8 @@ class PassWatch(Observer):
         self.beat = beat
         self.live = live or LiveStatus()
         self.ignored = IgnoredImages()
+        #: what the last pass's save step did (status page, tests)
+        self.saves: list[SaveOutcome] = []
 
     def copy_started(self, copy: Copy) -> None:
         self.beat()
@@ -196,6 +201,17 @@ def run_one_pass(
         eng = engine()
         inventories = eng.recover(eng.inventories(incremental=True))
         watch.beat()
+        # only where Glance answered: an unreachable cloud costs its timeouts once, not twice
+        reachable = {s for s, inv in inventories.items() if inv.ok}
+        watch.saves = save_step(eng, reachable, beat=watch.beat)
+        tested = boot_test_step(eng, inventories, beat=watch.beat)
+        watch.metrics.observe_boot_tests([t.result for t in tested])
+        changed = {o.cloud for o in watch.saves if o.state is SaveState.SAVED}
+        changed |= {t.cloud for t in tested}
+        if changed:  # list again: a new snapshot, a version marked tested or hidden
+            for cloud in changed:
+                eng.forget(cloud)
+            inventories = eng.recover(eng.inventories(incremental=True))
         watch.metrics.observe_inventories(inventories)
         unreachable = tuple(s for s, inv in inventories.items() if not inv.ok)
         p = plan(eng.rules, inventories, eng.site_names)
@@ -213,6 +229,95 @@ def run_one_pass(
         return PassReport(
             started=started, seconds=time.monotonic() - t0, error=f"{type(exc).__name__}: {exc}"
         )
+
+
+#: how long one save-on-shutdown snapshot may take to become active
+SAVE_TIMEOUT = 600.0
+
+
+def save_step(
+    eng: Engine,
+    reachable: set[str],
+    *,
+    beat: Callable[[], None],
+    timeout: float = SAVE_TIMEOUT,
+) -> list[SaveOutcome]:
+    """Snapshot the marked servers that were shut down, on every cloud that has compute, one
+    server at a time per cloud. A cloud whose Nova cannot be reached is logged and skipped:
+    saving never fails the pass (the copies still run)."""
+    from imagesync.sites.nova import NovaSnapshots
+
+    out: list[SaveOutcome] = []
+    for name, cfg in eng.config.clouds.items():
+        if name not in reachable:
+            continue
+        try:
+            nova = NovaSnapshots(cfg, _session(eng, name))
+            if not nova.has_compute():
+                continue
+
+            def record(image_id: str, image_name: str, cloud: str = name) -> None:
+                eng.state.record_made(cloud, image_id, image_name)
+
+            # waiting for a snapshot is a sign of life: the watchdog must not take it for a hang
+            clock = Clock(sleep=_beating_sleep(beat))
+            found = save_marked(nova, eng.rules, timeout=timeout, record=record, clock=clock)
+        except ImageSyncError as exc:
+            log.warning("save.cloud_failed", cloud=name, error=str(exc))
+            continue
+        finally:
+            beat()
+        for o in found:
+            if o.state in (SaveState.SAVED, SaveState.FAILED, SaveState.REFUSED):
+                log.info("save.outcome", **o.as_dict())
+        out.extend(found)
+    return out
+
+
+def boot_test_step(
+    eng: Engine, inventories: Mapping[str, SiteInventory], *, beat: Callable[[], None]
+) -> list[BootOutcome]:
+    """The rules' boot tests (``imagesync.boottest``), before the plan lets a version spread.
+    A cloud whose Nova fails is logged: its versions wait (untested) for the next pass."""
+    from imagesync.sites.nova import NovaSnapshots
+
+    if not any(r.boot_test for r in eng.rules):
+        return []
+    novas: dict[str, NovaSnapshots] = {}
+
+    def nova_for(cloud: str) -> NovaSnapshots:
+        if cloud not in novas:
+            cfg = eng.config.clouds[cloud]
+            novas[cloud] = NovaSnapshots(cfg, _session(eng, cloud))
+        return novas[cloud]
+
+    try:
+        return run_boot_tests(
+            inventories,
+            eng.rules,
+            eng.site_names,
+            nova_for,
+            clock=Clock(sleep=_beating_sleep(beat)),
+        )
+    except ImageSyncError as exc:
+        log.warning("boot_test.failed_to_run", error=str(exc))
+        return []
+
+
+def _session(eng: Engine, cloud: str) -> Any:  # a keystoneauth Session (sites only)
+    """The cloud's keystoneauth session: the Glance site's (one token a cloud), else a new one."""
+    from imagesync.sites.glance import make_session
+
+    session = getattr(eng.site(cloud), "session", None)
+    return session if session is not None else make_session(eng.config.clouds[cloud])
+
+
+def _beating_sleep(beat: Callable[[], None]) -> Callable[[float], None]:
+    def sleep(seconds: float) -> None:
+        beat()
+        time.sleep(seconds)
+
+    return sleep
 
 
 def _site_kinds(eng: Engine) -> dict[str, str]:

@@ -15,6 +15,7 @@ the answers mean, as seen on a real Nova 34 (../shared/reference/nova-recipe.md)
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,24 @@ from imagesync.sites.glance import classify, make_adapter, make_session
 
 log = structlog.get_logger("imagesync.nova")
 
+#: instance actions after which a server has run (again): a save on shutdown is due once it
+#: is off again
+BOOTING_ACTIONS = frozenset(
+    {
+        "create",
+        "start",
+        "reboot",
+        "rebuild",
+        "unshelve",
+        "resume",
+        "unpause",
+        "evacuate",
+        "unrescue",
+        "restore",
+        "confirmResize",
+        "revertResize",
+    }
+)
 #: 2.45: createImage answers with the image id in its body
 MICROVERSION = "2.45"
 
@@ -200,6 +219,116 @@ class NovaSnapshots:
         except SiteError as exc:
             log.info("snapshot.no_detail", site=self.name, server=server_id, error=str(exc))
         return None
+
+    def has_compute(self) -> bool:
+        """Whether the catalog has a compute endpoint (from the token: no call to Nova)."""
+        try:
+            return bool(
+                self.session.get_endpoint(
+                    service_type="compute",
+                    interface=self.cfg.interface,
+                    region_name=self.cfg.region_name,
+                )
+            )
+        except ksexc.EndpointNotFound:
+            return False
+        except Exception as exc:
+            raise classify(exc, self.name, "look for a compute endpoint") from None
+
+    def servers(self) -> list[Server]:
+        """Every server of the project (the scope of the cloud's credentials), with metadata."""
+        out: list[Server] = []
+        params: dict[str, str] = {}
+        while True:
+            page = self._call("list servers", "GET", "/servers/detail", params=params).json()
+            batch = page.get("servers", [])
+            out.extend(_server(s) for s in batch)
+            if not page.get("servers_links") or not batch:
+                return out
+            params = {"marker": str(batch[-1]["id"])}
+
+    def set_metadata(self, server_id: str, metadata: Mapping[str, str]) -> None:
+        """Add or replace these keys of the server's metadata (the others stay)."""
+        self._call(
+            f"set metadata of server {server_id}",
+            "POST",
+            f"/servers/{server_id}/metadata",
+            json={"metadata": dict(metadata)},
+        )
+
+    def delete_metadata(self, server_id: str, key: str) -> None:
+        """Remove one key of the server's metadata (absent already: fine)."""
+        with contextlib.suppress(NotFound):
+            self._call(
+                f"delete metadata {key} of server {server_id}",
+                "DELETE",
+                f"/servers/{server_id}/metadata/{key}",
+            )
+
+    def last_booted(self, server_id: str) -> str | None:
+        """When the server was last started (the newest instance action that boots it:
+        create, start, reboot, rebuild, unshelve, ...: its start time, ISO 8601 UTC as Nova
+        writes it), or None when Nova lists none."""
+        actions = self._call(
+            f"actions of {server_id}", "GET", f"/servers/{server_id}/os-instance-actions"
+        ).json()
+        times = [
+            str(a["start_time"])
+            for a in actions.get("instanceActions", [])
+            if a.get("action") in BOOTING_ACTIONS and a.get("start_time")
+        ]
+        return max(times) if times else None
+
+    # -- the boot test (a rule's boot_test) ----------------------------------------------------
+    def flavor_id(self, flavor: str) -> str:
+        """A flavor's id, from its name or id."""
+        flavors = self._call("list flavors", "GET", "/flavors").json().get("flavors", [])
+        for f in flavors:
+            if flavor in (f.get("id"), f.get("name")):
+                return str(f["id"])
+        known = ", ".join(sorted(str(f.get("name")) for f in flavors)) or "none"
+        raise NotFound(f"no flavor {flavor!r} on {self.name} (known: {known})", site=self.name)
+
+    def boot(self, name: str, image_id: str, flavor_id: str) -> str:
+        """Create a server from the image, with no network: its id (Nova answers at once)."""
+        body = {
+            "server": {
+                "name": name,
+                "imageRef": image_id,
+                "flavorRef": flavor_id,
+                "networks": "none",
+                "metadata": {"imagesync.boot-test": image_id},
+            }
+        }
+        raw = self._call(f"boot image {image_id}", "POST", "/servers", json=body).json()
+        return str(raw["server"]["id"])
+
+    def delete_server(self, server_id: str) -> None:
+        with contextlib.suppress(NotFound):
+            self._call(f"delete server {server_id}", "DELETE", f"/servers/{server_id}")
+
+    def set_image_properties(self, image_id: str, props: Mapping[str, str]) -> None:
+        """Add or replace properties of an image (a JSON patch)."""
+        patch = [{"op": "add", "path": f"/{k}", "value": v} for k, v in props.items()]
+        self._call(
+            f"set properties of image {image_id}",
+            "PATCH",
+            f"/v2/images/{image_id}",
+            self.image,
+            json=patch,
+            headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
+        )
+
+    def hide_image(self, image_id: str) -> None:
+        """Hide an image (``os_hidden``): listed by nobody, booted by id only."""
+        self._call(
+            f"hide image {image_id}",
+            "PATCH",
+            f"/v2/images/{image_id}",
+            self.image,
+            json=[{"op": "replace", "path": "/os_hidden", "value": True}],
+            headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
+        )
 
     def close(self) -> None:
         pass

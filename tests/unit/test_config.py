@@ -773,3 +773,38 @@ def test_metrics_listen_beyond_loopback_must_be_meant(
     assert config.metrics_listen == listen.strip("'")
     assert config.metrics_listen_public is public
     assert f"metrics_listen_public: {str(public).lower()}" in render_config(config)
+
+
+BOOT_TEST = """
+clouds:
+  uvic: {c}
+  arbutus: {c}
+images:
+  - name: web
+    clouds: [uvic, arbutus]
+    boot_test: {bt}
+"""
+
+
+def test_boot_test_is_read_with_a_default_timeout(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, BOOT_TEST.format(c=inline(), bt="{cloud: uvic, flavor: m1}")))
+    bt = cfg.images[0].boot_test
+    assert bt is not None and (bt.cloud, bt.flavor, bt.timeout) == ("uvic", "m1", 300.0)
+    text = BOOT_TEST.format(c=inline(), bt="{cloud: arbutus, flavor: m1, timeout: 2m}")
+    assert load_config(write(tmp_path, text)).images[0].boot_test.timeout == 120.0  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("bt", "key", "says"),
+    [
+        ("{cloud: elsewhere, flavor: m1}", "boot_test.cloud", "not one of this rule's clouds"),
+        ("{cloud: uvic}", "boot_test.flavor", "missing"),
+        ("{cloud: uvic, flavor: m1, timeout: 0}", "boot_test.timeout", "zero"),
+        ("{cloud: uvic, flavor: m1, size: 3}", "boot_test.size", ""),
+    ],
+)
+def test_boot_test_mistakes_name_the_key(tmp_path: Path, bt: str, key: str, says: str) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, BOOT_TEST.format(c=inline(), bt=bt)))
+    assert exc.value.key is not None and exc.value.key.endswith(key), exc.value.key
+    assert says in str(exc.value)
