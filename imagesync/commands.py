@@ -449,7 +449,9 @@ def _save_lines(
             if name is not None and r["save_as"] != name:
                 continue
             state = (
-                f"ERROR: {r['error']}"
+                f"SAVING: {r['saving']}"
+                if r.get("saving")
+                else f"ERROR: {r['error']}"
                 if r["error"]
                 else f"saved {r['saved']}"
                 if r["saved"]

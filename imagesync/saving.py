@@ -25,6 +25,7 @@ within the snapshot timeout. Nothing here raises for one server's trouble: each 
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,9 @@ SAVE_AS = "imagesync.save-as"
 SAVED = "imagesync.saved"
 TRIED = "imagesync.save-tried"
 SAVE_ERROR = "imagesync.save-error"
+#: while a save runs: "snapshotting since T", then "waiting for active: IMAGE since T"
+#: (removed when it ends), so that ``status`` and ``openstack server show`` say what is going on
+SAVING = "imagesync.saving"
 #: Nova refuses metadata values longer than this
 MAX_VALUE = 255
 
@@ -160,13 +164,25 @@ def save_server(
         return outcome(SaveState.UP_TO_DATE)
     log.info("save.snapshotting", cloud=nova.name, server=server.id, name=name)
     started = now()
+    nova.set_metadata(server.id, {SAVING: f"snapshotting since {_stamp(started)}"})
+
+    def made(image_id: str, image_name: str) -> None:
+        record(image_id, image_name)
+        with contextlib.suppress(ImageSyncError):  # the state shown is a courtesy
+            nova.set_metadata(
+                server.id, {SAVING: f"waiting for active: {image_id} since {_stamp(started)}"}
+            )
+
     try:
-        result = take(nova, server.id, name=name, timeout=timeout, clock=clock, record=record)
+        result = take(nova, server.id, name=name, timeout=timeout, clock=clock, record=made)
     except ImageSyncError as exc:
         reason = f"snapshot failed: {exc}"
         log.warning("save.failed", cloud=nova.name, server=server.id, name=name, error=str(exc))
         _set_error(nova, server, reason, started)
         return outcome(SaveState.FAILED, error=reason)
+    finally:
+        with contextlib.suppress(ImageSyncError):
+            nova.delete_metadata(server.id, SAVING)
     nova.set_metadata(server.id, {SAVED: f"{result.image_id} {_stamp(started)}"})
     if SAVE_ERROR in server.metadata:
         nova.delete_metadata(server.id, SAVE_ERROR)
@@ -229,6 +245,7 @@ def marked_states(nova: SaveNova) -> list[dict[str, str]]:
                 "status": s.status,
                 "saved": s.metadata.get(SAVED, ""),
                 "error": s.metadata.get(SAVE_ERROR, ""),
+                "saving": s.metadata.get(SAVING, ""),
             }
         )
     return rows

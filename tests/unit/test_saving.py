@@ -88,3 +88,21 @@ def test_a_failed_snapshot_is_not_retried_for_the_same_shutdown() -> None:
     assert "snapshot failed" in nova.metadata[SAVE_ERROR] and TRIED in nova.metadata
     assert _save(nova) == [SaveState.UP_TO_DATE]
     assert nova.calls.count("create web-a") == 1
+
+
+def test_a_save_in_progress_is_shown_on_the_server_and_cleared() -> None:
+    from imagesync.saving import SAVING
+
+    nova = MarkedNova()
+    seen: list[str] = []
+    writes = nova.set_metadata
+
+    def spy(server_id: str, metadata: Mapping[str, str]) -> None:
+        writes(server_id, metadata)
+        if SAVING in metadata:
+            seen.append(metadata[SAVING].split(" since ")[0])
+
+    nova.set_metadata = spy  # type: ignore[method-assign]
+    assert _save(nova) == [SaveState.SAVED]
+    assert seen == ["snapshotting", "waiting for active: snap1"]
+    assert SAVING not in nova.metadata  # cleared once the save ended
