@@ -19,7 +19,7 @@ What goes through which client, and why (measurements: bench/README.md):
 - listing as JSON pages of up to 1000 images straight through the session (no per-image
   schema validation: an idle pass over thousands of images must be fast);
 - image data through the session: downloads stream with Range support, and an upload of known
-  size is sent with a Content-Length (see ``_Body``), which costs Glance under uwsgi far less
+  size is sent with a Content-Length (see ``GlanceWriter``), which costs Glance under uwsgi far less
   CPU than glanceclient's always-chunked body (1 GB copy: 0.88 → 1.07 of a curl relay).
 
 Uploads are invisible until published: the image is created with ``os_hidden=true`` and the
@@ -31,8 +31,6 @@ never sent twice: a 401 in the middle of one fails it as transient, for the engi
 
 from __future__ import annotations
 
-import contextlib
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -59,6 +57,7 @@ from imagesync.model import (
     parse_time,
 )
 from imagesync.sites.base import Capabilities
+from imagesync.sites.upload import QueueBody, QueuedUpload
 
 log = structlog.get_logger("imagesync.glance")
 T = TypeVar("T")
@@ -94,16 +93,10 @@ RESERVED = frozenset(
     }
 )
 RESERVED_PREFIXES = ("os_glance",)
-# Chunks (1 MiB as transfer reads them) queued per target. A chunk is one bytes object shared
-# by every target's queue, so memory stays bounded by this depth, not by depth x targets; 16
-# rather than 8 lets one target fall behind the others for a moment without stalling them
-# (measured in a 1→3 fan-out: 0.82 → 0.88 of the curl relays' speed, peak RSS 78 → 85 MB).
-_UPLOAD_QUEUE_CHUNKS = 16
 #: images per listing page (Glance's default maximum), and the most pages one listing may
 #: take: 10 million images, far beyond any cloud's, so more means a ``next`` link gone wrong
 PAGE_SIZE = 1000
 MAX_PAGES = 10_000
-_ABORT = object()
 
 
 def is_reserved(key: str) -> bool:
@@ -278,56 +271,19 @@ def make_adapter(
     )
 
 
-class _Body:
-    """The upload's request body: the chunks ``GlanceWriter.write`` queues, sent as they are.
+class GlanceWriter(QueuedUpload):
+    """One upload to Glance, fed by ``write`` while a thread PUTs the image's data.
 
-    With the size known, ``len()`` gives it and requests sends a plain body with a
-    Content-Length, not a chunked one: Glance under uwsgi reads a chunked body through a
-    buffer that it re-slices for every read (``glance.common.wsgi._UWSGIChunkFile``), which
-    costs the server a copy of up to a whole chunk per 64 KiB it stores, on the one thread
-    that also hashes and writes the image (measured: bench/README.md). Iterated once only: a
-    body that is half sent cannot be replayed (a re-sent request fails instead).
-    """
-
-    def __init__(self, size: int | None) -> None:
-        self.q: queue.Queue[object] = queue.Queue(maxsize=_UPLOAD_QUEUE_CHUNKS)
-        self.size = size
-        self._iterated = False
-
-    def __len__(self) -> int:
-        return self.size or 0  # 0: unknown (or empty): requests sends it chunked
-
-    def __iter__(self) -> Iterator[bytes]:
-        if self._iterated:
-            raise ConnectionError("upload body already sent once: cannot replay it")
-        self._iterated = True
-        return self._chunks()
-
-    def _chunks(self) -> Iterator[bytes]:
-        sent = 0
-        while True:
-            item = self.q.get()
-            if item is None:
-                if self.size and sent != self.size:
-                    raise OSError(f"upload ended after {sent} of {self.size} bytes")
-                return
-            if item is _ABORT:
-                raise OSError("upload aborted by imagesync")
-            assert isinstance(item, bytes)
-            sent += len(item)
-            if self.size and sent > self.size:
-                raise OSError(f"more than the {self.size} bytes announced")
-            if item:
-                yield item
-
-
-class GlanceWriter:
-    """One upload to Glance, fed by ``write`` while a thread runs ``images.upload``."""
+    The body is a ``QueueBody`` of known size, so requests sends a Content-Length, not a
+    chunked body: Glance under uwsgi reads a chunked body through a buffer that it re-slices
+    for every read (``glance.common.wsgi._UWSGIChunkFile``), which costs the server a copy of
+    up to a whole chunk per 64 KiB it stores, on the one thread that also hashes and writes
+    the image (measured: bench/README.md). A body half sent is never replayed."""
 
     def __init__(self, site: GlanceSite, image_id: str, size: int | None) -> None:
         self.site = site
         self._id = image_id
-        self.body = _Body(size or None)
+        self.body = QueueBody(size or None)
         self.error: BaseException | None = None
         self.thread = threading.Thread(
             target=self._run, args=(size,), daemon=True, name=f"upload-{site.name}-{image_id[:8]}"
@@ -340,7 +296,7 @@ class GlanceWriter:
 
     def _run(self, size: int | None) -> None:
         # Through the session, not glanceclient's images.upload: glanceclient turns any
-        # file-like body into a chunked one (see _Body).
+        # file-like body into a chunked one (see the class's doc).
         headers = {"Content-Type": "application/octet-stream"}
         if size is not None:
             headers["x-openstack-image-size"] = str(size)
@@ -353,41 +309,21 @@ class GlanceWriter:
         if self.error is not None:
             raise classify(self.error, self.site.name, f"upload {self._id}")
 
+    def _closed(self) -> SiteError:
+        return TransientError(
+            f"upload {self._id}: connection closed by the server", site=self.site.name
+        )
+
     def write(self, chunk: bytes) -> None:
-        while True:
-            self._raise_if_failed()
-            if not self.thread.is_alive():
-                self._raise_if_failed()
-                raise TransientError(
-                    f"upload {self._id}: connection closed by the server", site=self.site.name
-                )
-            try:
-                self.body.q.put(chunk, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+        self._put(chunk)
 
     def finish(self) -> ImageRecord:
-        while self.thread.is_alive():
-            try:
-                self.body.q.put(None, timeout=0.5)
-                break
-            except queue.Full:
-                continue
-        self.thread.join()
-        self._raise_if_failed()
+        self._end()
         return self.site.wait_active(self._id)
 
     def abort(self) -> None:
         # Wake the upload thread with an error so that its request fails, then delete.
-        while self.thread.is_alive():
-            try:
-                self.body.q.put(_ABORT, timeout=0.2)
-                break
-            except queue.Full:
-                with contextlib.suppress(queue.Empty):
-                    self.body.q.get_nowait()
-        self.thread.join(timeout=max(self.site.cfg.timeout, 5.0))
+        self._wake(timeout=max(self.site.cfg.timeout, 5.0))
         self.site.delete_quietly(self._id)
 
 

@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import queue
 import re
 import threading
 import time
@@ -86,6 +85,7 @@ from imagesync.retry import RetryPolicy, call_with_retry
 from imagesync.sites.base import Capabilities
 from imagesync.sites.compress import SUFFIX, ZSTD, Compressor, decompressed
 from imagesync.sites.directory import check_name
+from imagesync.sites.upload import QueueBody, QueuedUpload
 from imagesync.sites.vosproto import (
     CORE,
     IMAGE,
@@ -118,8 +118,6 @@ HASHES = frozenset({"md5"})
 HASHES_COMPRESSED = frozenset({"sha512"})
 CHUNK = 1 << 20
 PAGE = 500  # children per listing page
-_UPLOAD_QUEUE_CHUNKS = 16
-_ABORT = object()
 _RESUMES = 3  # a cut read is resumed this many times in a row without progress
 _ATTRS = (
     "disk_format",
@@ -140,69 +138,42 @@ _HEX128 = re.compile(r"^[0-9a-f]{128}$")
 # --------------------------------------------------------------------------- the upload
 
 
-class _Body:
-    """The data PUT's body: the chunks ``write`` queues, sent as they come (once only),
-    compressed on the way when ``compressor`` is given.
-
-    ``len()`` gives the announced size so that requests sends a Content-Length rather than a
-    chunked body (0, so chunked, when compressing: the frame's length is known only at its
-    end); ``started`` tells whether any byte was taken (until then another endpoint may be
-    tried).
-
-    Only a compressed body is hashed (``md5`` of the frame sent, ``sha512`` of the image): a
-    plain one is checked by the transfer against the service's md5, see the module's doc."""
+class _Body(QueueBody):
+    """The data PUT's body (``QueueBody``), compressed on the way when ``compressor`` is
+    given: then sent chunked (the frame's length is known only at its end) and hashed (``md5``
+    of the frame sent, ``sha512`` of the image). A plain one is checked by the transfer
+    against the service's md5, see the module's doc."""
 
     def __init__(self, size: int | None, compressor: Compressor | None = None) -> None:
-        self.q: queue.Queue[object] = queue.Queue(maxsize=_UPLOAD_QUEUE_CHUNKS)
-        self.size = size
+        super().__init__(size)
         self.compressor = compressor
-        self.started = False
         #: of the frame sent (the service's Digest) and of the image fed to the compressor
         self.md5 = hashlib.md5(usedforsecurity=False) if compressor is not None else None
         self.sha512 = hashlib.sha512() if compressor is not None else None
-        self.sent = 0  # bytes of the image taken
 
     def __len__(self) -> int:
-        return 0 if self.compressor is not None else self.size or 0
+        return 0 if self.compressor is not None else super().__len__()
 
-    def __bool__(self) -> bool:
-        # requests sends ``data or {}``: a body of unknown length (len 0) must not count as
-        # no body at all, or an empty PUT goes out and the data is never taken
-        return True
+    def transform(self, chunk: bytes) -> bytes:
+        if self.compressor is None or self.md5 is None or self.sha512 is None:
+            return chunk
+        self.sha512.update(chunk)
+        frame = self.compressor.compress(chunk)
+        self.md5.update(frame)  # hashed as sent: what the service's Digest must match
+        return frame
 
-    def __iter__(self) -> Iterator[bytes]:
-        if self.started:
-            raise ConnectionError("upload body already sent once: cannot replay it")
-        self.started = True
-        return self._chunks()
-
-    def _chunks(self) -> Iterator[bytes]:
-        while True:
-            item = self.q.get()
-            if item is None:
-                if self.size and self.sent != self.size:
-                    raise OSError(f"upload ended after {self.sent} of {self.size} bytes")
-                if self.compressor is not None and self.md5 is not None:
-                    tail = self.compressor.flush()
-                    self.md5.update(tail)
-                    yield tail
-                return
-            if item is _ABORT:
-                raise OSError("upload aborted by imagesync")
-            assert isinstance(item, bytes)
-            self.sent += len(item)
-            if self.size and self.sent > self.size:
-                raise OSError(f"more than the {self.size} bytes announced")
-            if self.compressor is not None and self.md5 is not None and self.sha512 is not None:
-                self.sha512.update(item)
-                item = self.compressor.compress(item)
-                self.md5.update(item)  # hashed as sent: what the service's Digest must match
-            if item:
-                yield item
+    def tail(self) -> bytes:
+        if self.compressor is None or self.md5 is None:
+            return b""
+        end = self.compressor.flush()
+        self.md5.update(end)
+        return end
 
 
-class VOSpaceWriter:
+class VOSpaceWriter(QueuedUpload):
     """One upload: ``write`` feeds a thread that PUTs to the negotiated endpoints."""
+
+    body: _Body
 
     def __init__(
         self,
@@ -257,31 +228,18 @@ class VOSpaceWriter:
         if self.error is not None:
             raise classify(self.error, self.site.name, f"upload {self.image_id}")
 
+    def _closed(self) -> SiteError:
+        return TransientError(
+            f"upload {self.image_id}: the service answered before the data was sent"
+            + (f" ({self.response.status_code})" if self.response is not None else ""),
+            site=self.site.name,
+        )
+
     def write(self, chunk: bytes) -> None:
-        while True:
-            self._raise_if_failed()
-            if not self.thread.is_alive():
-                self._raise_if_failed()
-                raise TransientError(
-                    f"upload {self.image_id}: the service answered before the data was sent"
-                    + (f" ({self.response.status_code})" if self.response is not None else ""),
-                    site=self.site.name,
-                )
-            try:
-                self.body.q.put(chunk, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+        self._put(chunk)
 
     def finish(self) -> ImageRecord:
-        while self.thread.is_alive():
-            try:
-                self.body.q.put(None, timeout=0.5)
-                break
-            except queue.Full:
-                continue
-        self.thread.join()
-        self._raise_if_failed()
+        self._end()
         resp = self.response
         assert resp is not None
         what = f"upload {self.image_id}"
@@ -321,14 +279,7 @@ class VOSpaceWriter:
         return self.site.record(self.name, node).with_(hashes={})
 
     def abort(self) -> None:
-        while self.thread.is_alive():
-            try:
-                self.body.q.put(_ABORT, timeout=0.2)
-                break
-            except queue.Full:
-                with contextlib.suppress(queue.Empty):
-                    self.body.q.get_nowait()
-        self.thread.join(timeout=max(self.site.cfg.timeout, 5.0))
+        self._wake(timeout=max(self.site.cfg.timeout, 5.0))
         self.site.delete_quietly(self.path)
 
 
