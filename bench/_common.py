@@ -22,12 +22,14 @@ import re
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import requests
 
@@ -320,3 +322,63 @@ def imagesync_config(
     path.write_text(yaml.safe_dump(doc))
     path.chmod(0o600)
     return path
+
+
+# -- running imagesync from another source tree (``--also LABEL=TREE``), side by side ---------
+def imagesync_command(
+    env: Mapping[str, str], imagesync: str, tree: Path | None
+) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment that run imagesync (from ``tree``, run in it)."""
+    out = dict(env)
+    if tree is None:
+        return [imagesync], out
+    out["PYTHONPATH"] = str(tree)
+    return [sys.executable, "-m", "imagesync.cli"], out
+
+
+def check_trees(also: Sequence[tuple[str, Path]], env: Mapping[str, str]) -> None:
+    """Make sure each ``--also`` tree really runs its own imagesync, not the installed one."""
+    for label, tree in also:
+        _, tree_env = imagesync_command(env, "", tree)
+        t = run_timed(
+            [sys.executable, "-c", "import imagesync; print(imagesync.__file__)"],
+            tree_env,
+            cwd=tree,
+        ).check(f"import imagesync from {tree}")
+        if not Path(t.stdout.strip()).resolve().is_relative_to(tree):
+            raise RuntimeError(
+                f"--also {label}={tree}: imagesync comes from {t.stdout.strip()}, not from the tree"
+            )
+
+
+def rename_image(glance: Glance, image: dict[str, Any], prefix: str) -> str:
+    """Give the source a name never used before (a metadata call: the bytes stay)."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    r = glance.http.patch(
+        f"{glance.url}/v2/images/{image['id']}",
+        timeout=60,
+        json=[{"op": "replace", "path": "/name", "value": name}],
+        headers={
+            "X-Auth-Token": glance.token(),
+            "Content-Type": "application/openstack-images-v2.1-json-patch",
+        },
+    )
+    r.raise_for_status()
+    image["name"] = name
+    return name
+
+
+class HasSeconds(Protocol):
+    @property
+    def seconds(self) -> float: ...
+
+
+class HasRuns(Protocol):
+    @property
+    def runs(self) -> Sequence[HasSeconds]: ...
+
+
+def paired(row: HasRuns, base: HasRuns) -> float:
+    """Median over rounds of (baseline time / row time) within the same round: the machine's
+    background load drifts between rounds, much less between two neighbouring runs."""
+    return median([b.seconds / r.seconds for r, b in zip(row.runs, base.runs, strict=False)])

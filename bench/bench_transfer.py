@@ -66,9 +66,13 @@ from _common import (  # the script's own directory is on sys.path
     ServerCPU,
     Timed,
     UwsgiLog,
+    check_trees,
     ensure_source,
+    imagesync_command,
     imagesync_config,
     median,
+    paired,
+    rename_image,
     run_timed,
 )
 
@@ -148,23 +152,6 @@ class Bench:
         self.env = {"OS_CLIENT_CONFIG_FILE": str(info.clouds_yaml), "PYTHONUNBUFFERED": "1"}
 
     # -- helpers --------------------------------------------------------------------------------
-    def rename_source(self, image: dict[str, Any], prefix: str) -> str:
-        """Give the source a name never used before (a metadata call: the bytes stay)."""
-        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-        g = self.glance["lab1"]
-        r = g.http.patch(
-            f"{g.url}/v2/images/{image['id']}",
-            timeout=60,
-            json=[{"op": "replace", "path": "/name", "value": name}],
-            headers={
-                "X-Auth-Token": g.token(),
-                "Content-Type": "application/openstack-images-v2.1-json-patch",
-            },
-        )
-        r.raise_for_status()
-        image["name"] = name
-        return name
-
     def clean(self, name: str, clouds: Sequence[str]) -> None:
         for c in clouds:
             self.glance[c].delete_named(name)
@@ -192,13 +179,13 @@ class Bench:
         self, src: dict[str, Any], targets: Sequence[str], tree: Path | None = None
     ) -> Run:
         """``imagesync push`` (the installed one, or the one in source ``tree``)."""
-        name = self.rename_source(src, "bench-is")
+        name = rename_image(self.glance["lab1"], src, "bench-is")
         run_dir = self.work / name
         run_dir.mkdir()
         cfg = imagesync_config(
             self.info, run_dir / "imagesync.yaml", name, ["lab1", *targets], run_dir / "state"
         )
-        cmd, env = self._imagesync(tree)
+        cmd, env = imagesync_command(self.env, IMAGESYNC, tree)
         cmd += ["-c", str(cfg), "push", name, "--json"]
         for target in targets:
             cmd += ["--to", target]
@@ -324,27 +311,6 @@ class Bench:
                 )
         return rows
 
-    def _imagesync(self, tree: Path | None) -> tuple[list[str], dict[str, str]]:
-        """The command line and environment that run imagesync (from ``tree``, run in it)."""
-        env = dict(self.env)
-        if tree is None:
-            return [IMAGESYNC], env
-        env["PYTHONPATH"] = str(tree)
-        return [sys.executable, "-m", "imagesync.cli"], env
-
-    def check_trees(self) -> None:
-        """Make sure each ``--also`` tree really runs its own imagesync, not the installed one."""
-        for label, tree in self.also:
-            _, env = self._imagesync(tree)
-            t = run_timed(
-                [sys.executable, "-c", "import imagesync; print(imagesync.__file__)"], env, cwd=tree
-            ).check(f"import imagesync from {tree}")
-            if not Path(t.stdout.strip()).resolve().is_relative_to(tree):
-                raise RuntimeError(
-                    f"--also {label}={tree}: imagesync comes from "
-                    f"{t.stdout.strip()}, not from the tree"
-                )
-
     def _pushes(
         self, src: dict[str, Any], targets: Sequence[str]
     ) -> list[tuple[str, Callable[[], Run], bool]]:
@@ -449,12 +415,6 @@ def _mb(t: Timed) -> float | None:
 # -- report ----------------------------------------------------------------------------------------
 def _baseline(rows: Sequence[Row], row: Row) -> Row | None:
     return next((b for b in rows if b.scenario == row.scenario and b.baseline), None)
-
-
-def paired(row: Row, base: Row) -> float:
-    """Median over rounds of (baseline time / row time) within the same round: the machine's
-    background load drifts between rounds, much less between two neighbouring runs."""
-    return median([b.seconds / r.seconds for r, b in zip(row.runs, base.runs, strict=False)])
 
 
 def table(rows: Sequence[Row]) -> list[dict[str, Any]]:
@@ -675,7 +635,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for label, _, tree in (a.partition("=") for a in args.also)
             ]
             bench = Bench(info, Path(tmp), also)
-            bench.check_trees()
+            check_trees(bench.also, bench.env)
             if scenarios & {"copy", "fanout"}:
                 src = ensure_source(bench.glance["lab1"], size, say)
                 if "copy" in scenarios:

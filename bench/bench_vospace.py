@@ -71,10 +71,14 @@ from _common import (  # the script's own directory is on sys.path
     GB,
     Glance,
     MiB,
+    check_trees,
     ensure_source,
     generated_chunks,
+    imagesync_command,
     imagesync_config,
     median,
+    paired,
+    rename_image,
     run_timed,
 )
 
@@ -253,42 +257,6 @@ class Bench:
         self.env = {"OS_CLIENT_CONFIG_FILE": str(info.clouds_yaml), "PYTHONUNBUFFERED": "1"}
         self.also = list(also)  # (label, source tree): more imagesync versions to compare
 
-    def _imagesync(self, tree: Path | None) -> tuple[list[str], dict[str, str]]:
-        """The command line and environment that run imagesync (from ``tree`` if given)."""
-        env = dict(self.env)
-        if tree is None:
-            return [IMAGESYNC], env
-        env["PYTHONPATH"] = str(tree)
-        return [sys.executable, "-m", "imagesync.cli"], env
-
-    def check_trees(self) -> None:
-        """Make sure each ``--also`` tree really runs its own imagesync, not the installed one."""
-        for label, tree in self.also:
-            _, env = self._imagesync(tree)
-            t = run_timed(
-                [sys.executable, "-c", "import imagesync; print(imagesync.__file__)"], env, cwd=tree
-            ).check(f"import imagesync from {tree}")
-            if not Path(t.stdout.strip()).resolve().is_relative_to(tree):
-                raise RuntimeError(
-                    f"--also {label}={tree}: imagesync comes from {t.stdout.strip()}, not the tree"
-                )
-
-    def rename_source(self, image: dict[str, Any], prefix: str) -> str:
-        name = f"{prefix}-{uuid.uuid4().hex[:8]}"
-        g = self.glance
-        r = g.http.patch(
-            f"{g.url}/v2/images/{image['id']}",
-            timeout=60,
-            json=[{"op": "replace", "path": "/name", "value": name}],
-            headers={
-                "X-Auth-Token": g.token(),
-                "Content-Type": "application/openstack-images-v2.1-json-patch",
-            },
-        )
-        r.raise_for_status()
-        image["name"] = name
-        return name
-
     def _config(self, name: str, run_dir: Path, compress: str | None) -> Path:
         """One rule, lab1 and the VOSpace store (``compress`` as given)."""
         vo = self.info.vospace
@@ -313,11 +281,11 @@ class Bench:
     def imagesync_push(
         self, src: dict[str, Any], compress: str | None = None, tree: Path | None = None
     ) -> Run:
-        name = self.rename_source(src, "bench-vo-is")
+        name = rename_image(self.glance, src, "bench-vo-is")
         run_dir = self.work / name
         run_dir.mkdir()
         cfg = self._config(name, run_dir, compress)
-        cmd, env = self._imagesync(tree)
+        cmd, env = imagesync_command(self.env, IMAGESYNC, tree)
         t = run_timed(
             [*cmd, "-c", str(cfg), "push", name, "--to", "vault", "--json"], env, cwd=tree
         ).check("imagesync push")
@@ -390,11 +358,6 @@ class Bench:
                     f"CPU {run.cpu_seconds or 0:.1f}s{stored}"
                 )
         return rows
-
-
-def paired(row: Row, base: Row) -> float:
-    """Median over rounds of (base's time / row's time): throughput relative to the base."""
-    return median([b.seconds / r.seconds for r, b in zip(row.runs, base.runs, strict=True)])
 
 
 def report(rows: Sequence[Row], size: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -544,7 +507,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="imagesync-bench-vo-") as tmp:
             bench = Bench(info, Path(tmp), also)
-            bench.check_trees()
+            check_trees(bench.also, bench.env)
             if "push" in scenarios:
                 src = ensure_source(bench.glance, size, say)
                 say(f"push {args.size_gb:g} GB lab1 → VOSpace, {args.repeat} rounds")
