@@ -337,6 +337,12 @@ def is_running(pid: int | None, marker: str) -> bool:
     if pid is None:
         return False
     _reap()
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        # Started by this process: its handle is the truth. The argv check is for services
+        # another process started (pids read back from lab.json); a service may rewrite its
+        # argv while it starts, and the check once took a starting keystone for a dead one.
+        return child.poll() is None
     st = _stat(pid)
     return st is not None and st[0] != "Z" and marker in cmdline(pid)
 
