@@ -21,7 +21,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from html import escape
 from typing import Any
@@ -236,10 +236,18 @@ def _matrix(doc: Mapping[str, Any]) -> str:
         f'<span class="s-{e(state)}" title="{e(why)}">{e(label)}</span>'
         for state, label, why in STATES
     )
+    return _table("matrix", "<th>name</th>" + head, rows) + f'<p class="legend">{legend}</p>'
+
+
+def _th(*labels: str) -> str:
+    return "".join(f"<th>{label}</th>" for label in labels)
+
+
+def _table(table_id: str, head: str, rows: Iterable[str]) -> str:
+    """One table of the page: its id (what the script and the tests find it by), head, rows."""
     return (
-        f'<table id="matrix"><thead><tr><th>name</th>{head}</tr></thead>'
+        f'<table id="{table_id}"><thead><tr>{head}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table>"
-        f'<p class="legend">{legend}</p>'
     )
 
 
@@ -264,11 +272,8 @@ def _in_flight(doc: Mapping[str, Any]) -> str:
             f"<td>{bar}</td><td>{e(human_size(done))} of {e(human_size(size))}</td>"
             f"<td>{e(_duration(float(f.get('seconds') or 0)))}</td></tr>"
         )
-    return (
-        '<table id="in-flight"><thead><tr><th>name</th><th>version</th><th>from → to</th>'
-        "<th>progress</th><th>read</th><th>running</th></tr></thead>"
-        f"<tbody>{''.join(rows)}</tbody></table>"
-    )
+    head = _th("name", "version", "from → to", "progress", "read", "running")
+    return _table("in-flight", head, rows)
 
 
 def _sites(doc: Mapping[str, Any], now: datetime | None) -> str:
@@ -284,10 +289,7 @@ def _sites(doc: Mapping[str, Any], now: datetime | None) -> str:
             f'<tr data-site="{e(site)}"><td>{e(site)}</td><td>{e(s.get("kind"))}</td>'
             f"<td>{health}</td><td>{_when(s.get('last_listed'), now)}</td></tr>"
         )
-    return (
-        '<table id="sites"><thead><tr><th>site</th><th>kind</th><th>health</th>'
-        f"<th>last successful listing</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
-    )
+    return _table("sites", _th("site", "kind", "health", "last successful listing"), rows)
 
 
 def _last_pass(doc: Mapping[str, Any], now: datetime | None) -> str:
@@ -323,11 +325,7 @@ def _history(doc: Mapping[str, Any]) -> str:
             f"<td>{e(_ref(r.get('source')))} → {e(r.get('target'))}</td><td>{result}</td>"
             f"<td>{e(size)}</td><td>{e(secs)}</td></tr>"
         )
-    return (
-        '<table id="history"><thead><tr><th>started</th><th>name</th><th>from → to</th>'
-        "<th>result</th><th>size</th><th>took</th></tr></thead>"
-        f"<tbody>{''.join(out)}</tbody></table>"
-    )
+    return _table("history", _th("started", "name", "from → to", "result", "size", "took"), out)
 
 
 def render(doc: Mapping[str, Any]) -> str:
