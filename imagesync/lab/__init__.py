@@ -16,9 +16,10 @@ pids). Beside the clouds runs one VOSpace 2.1 service (``vospace/``, see
 ``up(..., nova_clouds=N)`` also runs Placement and Nova (fake virt driver) in the first N clouds
 (≈320 MB each): see ``nova``.
 
-Modules: ``control`` (up/status/down), ``state`` (lab.json, the client files), ``keystone`` and
-``glance`` (one service each), ``nova`` and ``nova_service`` (compute), ``procs`` (processes),
-``clients`` (sessions, a Glance and a small Nova client for tests).
+Modules: ``control`` (up/status/down), ``start`` (bringing the clouds up), ``state`` (lab.json,
+the client files), ``keystone`` and ``glance`` (one service each), ``nova`` and ``nova_service``
+(compute), ``procs`` (processes), ``clients`` (sessions, a Glance and a small Nova client for
+tests).
 """
 
 from __future__ import annotations
