@@ -8,8 +8,9 @@ starts one beside the clouds; tests can start their own::
     pid = service.start(config, port); service.wait_ready(config, pid)
     set_faults(directory, [Fault("unavailable", times=2, retry_after=1)])
 
-Modules: ``app`` (the WSGI application), ``storage`` (sqlite tree + blobs), ``xmldoc`` (the
-documents), ``faults`` (run-time fault hooks), ``service`` (uwsgi, TLS material), ``wsgi``.
+Modules: ``app`` (the WSGI application), ``wsgiio`` (its HTTP plumbing), ``storage`` (sqlite
+tree + blobs), ``xmldoc`` (the documents), ``faults`` (run-time fault hooks), ``service``
+(uwsgi, TLS material), ``wsgi``.
 """
 
 from __future__ import annotations

@@ -14,21 +14,17 @@ Uploads are read from ``wsgi.input`` a chunk at a time while hashed, into a new 
 replaces the node's bytes only once complete and verified (``Digest`` mismatch → 412);
 downloads are iterators over the file (``Range`` → 206). What CADC's ``vos`` client relies on is
 written down in ``shared/reference/vos-client-recipe.md``; comments here name the quirks.
+The HTTP plumbing under it (status lines, ``Digest``, ``Range``, bodies) is :mod:`.wsgiio`.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import hmac
-import itertools
 import json
 import os
-import re
-import socket
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from email.utils import formatdate
 from pathlib import Path
@@ -38,14 +34,23 @@ from urllib.parse import parse_qs, quote, unquote
 from imagesync.lab.vospace import faults as faultmod
 from imagesync.lab.vospace import storage, xmldoc
 from imagesync.lab.vospace.storage import Invalid, NotFound, Store, StoreError
+from imagesync.lab.vospace.wsgiio import (
+    FileBody,
+    Headers,
+    HTTPError,
+    StartResponse,
+    body_framing,
+    byte_range,
+    md5_digest,
+    parse_digest,
+    read_small,
+    request_body,
+    status_line,
+    stream_xml,
+)
 
-CHUNK = 1024 * 1024
-MAX_XML = 1024 * 1024  # node and transfer documents are small: refuse anything bigger
 CONFIG_ENV = "IMAGESYNC_VOSPACE_CONFIG"
 CONFIG_FILE = "service.json"
-
-StartResponse = Callable[..., Any]
-Headers = list[tuple[str, str]]
 
 
 @dataclass(frozen=True)
@@ -83,75 +88,6 @@ class ServiceConfig:
         raw = json.loads(path.read_text())
         raw["directory"] = Path(raw["directory"])
         return cls(**raw)
-
-
-class HTTPError(Exception):
-    def __init__(self, status: int, text: str, headers: Headers | None = None) -> None:
-        super().__init__(text)
-        self.status = status
-        self.text = text
-        self.headers = headers or []
-
-
-_REASONS = {
-    200: "OK",
-    201: "Created",
-    204: "No Content",
-    206: "Partial Content",
-    303: "See Other",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    409: "Conflict",
-    412: "Precondition Failed",
-    413: "Request Entity Too Large",
-    416: "Range Not Satisfiable",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
-
-
-def _status(code: int) -> str:
-    return f"{code} {_REASONS.get(code, 'Status')}"
-
-
-def md5_digest(hex_md5: str) -> str:
-    """RFC 3230 ``Digest`` value: ``md5=`` and the base64 of the 16 raw bytes."""
-    return "md5=" + base64.b64encode(bytes.fromhex(hex_md5)).decode()
-
-
-def _parse_digest(header: str) -> str | None:
-    """The md5 (hex) named by a ``Digest`` header, or None if it names none."""
-    for part in header.split(","):
-        algo, _, value = part.strip().partition("=")
-        if algo.strip().lower() == "md5" and value:
-            try:
-                return base64.b64decode(value.strip(), validate=True).hex()
-            except ValueError:
-                raise HTTPError(400, "InvalidArgument malformed md5 Digest") from None
-    return None
-
-
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
-
-
-def _byte_range(header: str, length: int) -> tuple[int, int] | None:
-    """(first, last) inclusive for a single-range ``Range`` header; None to serve it whole."""
-    m = _RANGE.match(header.strip())
-    if not m or (not m.group(1) and not m.group(2)):
-        return None  # several ranges or another unit: RFC 9110 lets us send the whole thing
-    if not m.group(1):
-        suffix = int(m.group(2))
-        if suffix == 0:
-            raise HTTPError(416, "range not satisfiable", [("Content-Range", f"bytes */{length}")])
-        return max(0, length - suffix), length - 1
-    first = int(m.group(1))
-    last = int(m.group(2)) if m.group(2) else length - 1
-    if first >= length or last < first:
-        raise HTTPError(416, "range not satisfiable", [("Content-Range", f"bytes */{length}")])
-    return first, min(last, length - 1)
 
 
 class VOSpaceApp:
@@ -277,16 +213,16 @@ class VOSpaceApp:
                 # limit=0: the node alone (the client asks so before every listing)
                 children = (self._view(c) for c in self.store.children(path, start_name, limit))
             pieces = (s.encode() for s in xmldoc.node_document(self._view(node), children))
-            return _stream_xml(environ, start, pieces)
+            return stream_xml(environ, start, pieces)
         if method == "PUT":
-            parsed = xmldoc.parse_node(_read_small(environ))
+            parsed = xmldoc.parse_node(read_small(environ))
             if self._path_of_uri(parsed.uri) != path:
                 raise Invalid("InvalidURI", f"the node's uri {parsed.uri} is not /{path}")
             node = self.store.create(path, parsed.type, parsed.properties, parsed.target)
             # the node in the body: the client's empty-file upload parses it
             return self._xml(start, 201, "".join(xmldoc.node_document(self._view(node), [])))
         if method == "POST":
-            parsed = xmldoc.parse_node(_read_small(environ))
+            parsed = xmldoc.parse_node(read_small(environ))
             node = self.store.set_properties(path, parsed.properties, parsed.deleted)
             return self._xml(start, 200, "".join(xmldoc.node_document(self._view(node), [])))
         if method == "DELETE":
@@ -299,7 +235,7 @@ class VOSpaceApp:
     def _sync(self, environ: dict[str, Any], start: StartResponse, method: str) -> Iterable[bytes]:
         params = {k.upper(): v for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
         ctype = environ.get("CONTENT_TYPE", "")
-        body = _read_small(environ) if method == "POST" else b""
+        body = read_small(environ) if method == "POST" else b""
         if "form-urlencoded" in ctype:
             params.update({k.upper(): v for k, v in parse_qs(body.decode()).items()})
         if "TARGET" in params:
@@ -362,7 +298,7 @@ class VOSpaceApp:
         if tail == "phase" and method == "GET":
             return self._text(start, 200, job.phase, [], method)
         if tail == "phase" and method == "POST":
-            form = parse_qs(_read_small(environ).decode())
+            form = parse_qs(read_small(environ).decode())
             if form.get("PHASE", [""])[0].upper() == "RUN" and job.phase == "PENDING":
                 self._run_move(job)
             return self._redirect(start, f"{self.base}/transfers/{job.id}")
@@ -376,7 +312,7 @@ class VOSpaceApp:
 
     def _new_move(self, environ: dict[str, Any], start: StartResponse) -> Iterable[bytes]:
         """An async transfer: only MoveNode (direction = a vos:// URI, keepBytes false)."""
-        transfer = xmldoc.parse_transfer(_read_small(environ))
+        transfer = xmldoc.parse_transfer(read_small(environ))
         if not transfer.direction.startswith("vos://") or transfer.keep_bytes:
             raise Invalid("InvalidArgument", "async transfers here only move nodes")
         src = self._path_of_uri(transfer.target)
@@ -431,7 +367,7 @@ class VOSpaceApp:
             status, first, count = 200, 0, length
             rng = environ.get("HTTP_RANGE")
             if rng:
-                span = _byte_range(rng, length)
+                span = byte_range(rng, length)
                 if span is not None:
                     first, last = span
                     status, count = 206, last - first + 1
@@ -440,16 +376,14 @@ class VOSpaceApp:
         except BaseException:
             f.close()
             raise
-        start(_status(status), headers)
+        start(status_line(status), headers)
         if method == "HEAD":
             f.close()
             return []
-        return _FileBody(f, first, count, found.get("slow"), found.get("cut"), environ)
+        return FileBody(f, first, count, found.get("slow"), found.get("cut"), environ)
 
     def _write(self, environ: dict[str, Any], start: StartResponse, path: str) -> Iterable[bytes]:
-        length_header = environ.get("CONTENT_LENGTH", "")
-        length = int(length_header) if length_header.strip() else None
-        chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
+        length, chunked = body_framing(environ)
         if environ.get("HTTP_X_PUT_TXN_OP", "").lower() == "start" and not length and not chunked:
             # CADC's client opens a segmented upload with an empty PUT. Not answering with
             # x-put-txn-id makes it fall back to one plain PUT: nothing to create or truncate.
@@ -458,14 +392,14 @@ class VOSpaceApp:
             op = environ.get("HTTP_X_PUT_TXN_OP", "").lower()
             if op not in ("", "start"):
                 raise HTTPError(400, f"InvalidArgument segmented uploads are not offered ({op})")
-        expected = _parse_digest(environ.get("HTTP_DIGEST", ""))
+        expected = parse_digest(environ.get("HTTP_DIGEST", ""))
         self.store.check_writable(path)
         blob, part = self.store.new_blob()
         md5 = hashlib.md5()
         size = 0
         try:
             with part.open("wb") as out:
-                for chunk in _input(environ, length, chunked):
+                for chunk in request_body(environ, length, chunked):
                     md5.update(chunk)
                     out.write(chunk)
                     size += len(chunk)
@@ -490,7 +424,7 @@ class VOSpaceApp:
     def _xml(self, start: StartResponse, code: int, doc: str) -> Iterable[bytes]:
         data = doc.encode()
         start(
-            _status(code),
+            status_line(code),
             [("Content-Type", "text/xml; charset=utf-8"), ("Content-Length", str(len(data)))],
         )
         return [data]
@@ -500,7 +434,7 @@ class VOSpaceApp:
     ) -> Iterable[bytes]:
         data = text.encode()  # no newline: the client compares job phases as strings
         start(
-            _status(code),
+            status_line(code),
             [
                 ("Content-Type", "text/plain; charset=utf-8"),
                 ("Content-Length", str(len(data))),
@@ -510,39 +444,12 @@ class VOSpaceApp:
         return [] if method == "HEAD" else [data]
 
     def _redirect(self, start: StartResponse, location: str) -> Iterable[bytes]:
-        start(_status(303), [("Location", location), ("Content-Length", "0")])
+        start(status_line(303), [("Location", location), ("Content-Length", "0")])
         return []
 
 
 _CHALLENGE: Headers = [("WWW-Authenticate", 'Bearer realm="imagesync-lab-vospace"')]
 _PROTOCOLS = (xmldoc.PROTO_GET, xmldoc.PROTO_PUT, xmldoc.PROTO_SGET, xmldoc.PROTO_SPUT)
-
-
-def _stream_xml(
-    environ: dict[str, Any], start: StartResponse, pieces: Iterator[bytes]
-) -> Iterable[bytes]:
-    """A listing with a Content-Length when it is small (keep-alive clients need one), else
-    streamed and delimited by closing the connection: never rendered whole in memory."""
-    head: list[bytes] = []
-    size = 0
-    for piece in pieces:
-        head.append(piece)
-        size += len(piece)
-        if size > MAX_XML:
-            break
-    else:
-        start(
-            _status(200),
-            [("Content-Type", "text/xml; charset=utf-8"), ("Content-Length", str(size))],
-        )
-        return head
-    headers = [("Content-Type", "text/xml; charset=utf-8")]
-    if "uwsgi.version" in environ:
-        # uwsgi's http11 socket would keep the connection open after a body of unknown
-        # length; WSGI servers like wsgiref close it anyway (and refuse hop-by-hop headers)
-        headers.append(("Connection", "close"))
-    start(_status(200), headers)
-    return itertools.chain(head, pieces)
 
 
 def _int(value: str | None, name: str) -> int | None:
@@ -559,96 +466,6 @@ def _int(value: str | None, name: str) -> int | None:
 
 def _filename(name: str) -> str:
     return name.replace('"', "_").replace("\\", "_") or "root"
-
-
-def _read_small(environ: dict[str, Any]) -> bytes:
-    length = environ.get("CONTENT_LENGTH", "")
-    chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
-    data = bytearray()
-    for chunk in _input(environ, int(length) if length.strip() else None, chunked):
-        data += chunk
-        if len(data) > MAX_XML:
-            raise HTTPError(413, "RequestEntityTooLarge documents are limited to 1 MiB")
-    return bytes(data)
-
-
-def _input(environ: dict[str, Any], length: int | None, chunked: bool) -> Iterator[bytes]:
-    """The request body a chunk at a time (never all of it at once)."""
-    stream = environ["wsgi.input"]
-    if length is None and not chunked:
-        return
-    if chunked and length is None and "uwsgi.version" in environ:
-        # uwsgi (--http-chunked-input) leaves a chunked body raw: it is read chunk by chunk
-        import uwsgi
-
-        while chunk := uwsgi.chunked_read(600):
-            yield chunk
-        return
-    left = length
-    while left is None or left > 0:
-        chunk = stream.read(CHUNK if left is None else min(CHUNK, left))
-        if not chunk:
-            return
-        if left is not None:
-            left -= len(chunk)
-        yield chunk
-
-
-class _FileBody:
-    """A data response's body: ``count`` bytes of ``f`` from ``first``, a chunk at a time,
-    slowed down or cut short when a fault says so."""
-
-    def __init__(
-        self,
-        f: Any,
-        first: int,
-        count: int,
-        slow: faultmod.Fault | None,
-        cut: faultmod.Fault | None,
-        environ: dict[str, Any],
-    ) -> None:
-        self.f = f
-        self.first = first
-        self.count = count
-        self.slow = slow
-        self.cut = cut
-        self.environ = environ
-
-    def __iter__(self) -> Iterator[bytes]:
-        self.f.seek(self.first)
-        left = self.count
-        sent = 0
-        while left > 0:
-            size = min(CHUNK, left)
-            if self.cut is not None:
-                size = min(size, max(0, self.cut.after_bytes - sent)) or size
-            if self.slow is not None:
-                time.sleep(self.slow.delay)
-            chunk = self.f.read(size)
-            if not chunk:
-                break
-            yield chunk
-            sent += len(chunk)
-            left -= len(chunk)
-            if self.cut is not None and sent >= self.cut.after_bytes and left > 0:
-                _cut_connection(self.environ)
-                return
-
-    def close(self) -> None:
-        self.f.close()
-
-
-def _cut_connection(environ: dict[str, Any]) -> None:
-    """Close the client's connection mid-body (a fault hook): under uwsgi, shut the socket
-    down so the client sees a short read at once instead of waiting for its timeout."""
-    with contextlib.suppress(Exception):
-        import uwsgi
-
-        fd = uwsgi.connection_fd()
-        sock = socket.socket(fileno=os.dup(fd))
-        sock.shutdown(socket.SHUT_RDWR)
-        sock.close()
-    raise ConnectionAbortedError("fault hook: connection cut")
 
 
 def make_app(config: ServiceConfig) -> VOSpaceApp:
