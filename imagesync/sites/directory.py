@@ -38,8 +38,6 @@ hash it, and reads decompress while streaming (from an offset: from the start, s
 from __future__ import annotations
 
 import contextlib
-import errno
-import hashlib
 import json
 import os
 import tempfile
@@ -51,7 +49,7 @@ from typing import Any, BinaryIO
 
 import structlog
 
-from imagesync.errors import NotFound, SiteError, TransientError
+from imagesync.errors import NotFound, SiteError
 from imagesync.model import (
     PROP_STATE,
     STATE_UPLOADING,
@@ -62,40 +60,24 @@ from imagesync.model import (
 )
 from imagesync.sites.base import Capabilities
 from imagesync.sites.compress import ZSTD, Compressor, decompressed
+from imagesync.sites.files import (
+    CHUNK,
+    create_file,
+    fsync_dir,
+    hash_file,
+    make_dir,
+    os_error,
+    write_atomic,
+)
 
 log = structlog.get_logger("imagesync.directory")
 
-CHUNK = 1 << 20
 HASHES = frozenset({"sha512", "md5"})
 NAME_MAX = 255  # bytes: Linux's limit for one path component on every common file system
-FILE_MODE = 0o640
-DIR_MODE = 0o750
 _BAD_CHARS = set("/\\\0") | {chr(c) for c in range(32)}
 
-# Worth retrying: what a soft NFS mount, a server failing over or a busy disk answers.
-_TRANSIENT = frozenset({errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.EAGAIN, errno.EINTR})
-_HINTS = {
-    errno.ENOSPC: "the store is full: free space on it or grow it",
-    errno.EDQUOT: "the store's quota is exhausted: raise it or free space",
-    errno.EACCES: "permission denied: the user imagesync runs as must be able to write the store",
-    errno.EPERM: "permission denied: the user imagesync runs as must be able to write the store",
-    errno.EROFS: "the store is mounted read-only",
-    errno.ENAMETOOLONG: "a path is too long for this file system",
-    errno.EIO: "I/O error (a failing disk, or an NFS server not answering)",
-    errno.ESTALE: "stale NFS file handle (the server restarted or the export changed)",
-}
 # What a metadata file that is not imagesync's JSON raises when it is read into a record.
 _MALFORMED = (ValueError, KeyError, TypeError, AttributeError)
-
-
-def os_error(exc: OSError, what: str, site: str) -> SiteError:
-    """The SiteError for ``exc``, saying what failed and, when known, what to do."""
-    detail = exc.strerror or str(exc)
-    hint = _HINTS.get(exc.errno or 0)
-    message = f"{what}: {detail}" + (f" ({hint})" if hint else "")
-    if exc.errno in _TRANSIENT:
-        return TransientError(message, site=site)
-    return SiteError(message, site=site)
 
 
 def check_name(name: str) -> str:
@@ -124,80 +106,6 @@ def _check_id(image_id: str) -> str:
     return image_id
 
 
-def _create_file(path: Path) -> int:
-    """Create ``path`` (it must not exist) with FILE_MODE whatever the umask; return its fd."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, FILE_MODE)
-    try:
-        os.fchmod(fd, FILE_MODE)  # the umask narrowed (or widened nothing of) what open gave
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _make_dir(path: Path) -> None:
-    """Create the folder ``path`` with DIR_MODE whatever the umask (an existing one is kept)."""
-    try:
-        os.mkdir(path, DIR_MODE)
-    except FileExistsError:
-        return
-    os.chmod(path, DIR_MODE)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the renames in ``folder`` durable: a rename is only on disk once its directory is."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with os.fdopen(_create_file(tmp), "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):  # a full disk must not leave temp files behind
-            tmp.unlink()
-        raise
-
-
-def _file_chunks(f: BinaryIO) -> Iterator[bytes]:
-    while chunk := f.read(CHUNK):
-        yield chunk
-
-
-def _hash_file(
-    path: Path, site: str, *, compressed_size: int | None = None
-) -> tuple[int, dict[str, str]]:
-    """Size and hashes of the image ``path`` holds on disk (the caller has fsynced it).
-    ``compressed_size``: it holds a zstd frame of that many uncompressed bytes (decompressed
-    to be hashed; a frame of another size is an error)."""
-    sha512 = hashlib.sha512()
-    md5 = hashlib.md5(usedforsecurity=False)
-    size = 0
-    with open(path, "rb") as f:
-        if hasattr(os, "posix_fadvise"):
-            # The pages are clean after fsync: dropping them makes the read below come from
-            # the disk (or the NFS server), not from the copy the kernel still holds.
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        chunks = _file_chunks(f)
-        if compressed_size is not None:
-            chunks = decompressed(
-                chunks, size=compressed_size, what=f"reading back {path}", site=site
-            )
-        for chunk in chunks:
-            sha512.update(chunk)
-            md5.update(chunk)
-            size += len(chunk)
-    return size, {"sha512": sha512.hexdigest(), "md5": md5.hexdigest()}
-
-
 class _DirWriter:
     def __init__(self, site: DirectorySite, new: NewImage) -> None:
         self.site = site
@@ -217,9 +125,9 @@ class _DirWriter:
         )
         #: bytes the data file holds (compressed: less than ``size``), known after finish
         self.stored_size: int | None = None
-        _make_dir(self.folder)
+        make_dir(self.folder)
         try:
-            self._f = os.fdopen(_create_file(self.partial), "wb")
+            self._f = os.fdopen(create_file(self.partial), "wb")
             self._write_meta(None)
         except BaseException:
             self._discard()  # a marker or data file made before the failure must not stay
@@ -245,7 +153,7 @@ class _DirWriter:
         if self.compressor is not None:
             meta["compress"] = ZSTD
             meta["stored_size"] = self.stored_size
-        _write_atomic(self.meta_path, json.dumps(meta, indent=1).encode())
+        write_atomic(self.meta_path, json.dumps(meta, indent=1).encode())
         return meta
 
     @property
@@ -279,7 +187,7 @@ class _DirWriter:
                 f.close()
             self.stored_size = self.partial.stat().st_size
             # What the disk holds, not what we were handed, is what the copy is judged by.
-            self.size, hashes = _hash_file(
+            self.size, hashes = hash_file(
                 self.partial,
                 self.site.name,
                 compressed_size=self.compressor.size if self.compressor else None,
@@ -553,11 +461,11 @@ class DirectorySite:
         meta["properties"].pop(PROP_STATE, None)
         meta["status"] = "active"
         meta["properties"].update(properties or {})
-        _write_atomic(hidden_meta, json.dumps(meta, indent=1).encode())
+        write_atomic(hidden_meta, json.dumps(meta, indent=1).encode())
         os.replace(folder / f".{image_id}.img.partial", folder / f"{image_id}.img")
-        _fsync_dir(folder)
+        fsync_dir(folder)
         os.replace(hidden_meta, folder / f"{image_id}.json")
-        _fsync_dir(folder)
+        fsync_dir(folder)
         return self._record(meta)
 
     def delete(self, image_id: str) -> None:
@@ -573,7 +481,7 @@ class DirectorySite:
                 f".{image_id}.img.partial",
             ):
                 (folder / p).unlink(missing_ok=True)
-            for tmp in folder.glob(f".*{image_id}*.tmp"):  # a crash inside _write_atomic
+            for tmp in folder.glob(f".*{image_id}*.tmp"):  # a crash inside write_atomic
                 tmp.unlink(missing_ok=True)
         self._prune(folder)
 
@@ -583,7 +491,7 @@ class DirectorySite:
         with self._io(f"hiding image {image_id}"):
             meta = json.loads(meta_path.read_bytes())
             meta["hidden"] = True
-            _write_atomic(meta_path, json.dumps(meta, indent=1).encode())
+            write_atomic(meta_path, json.dumps(meta, indent=1).encode())
 
     def images_in_use(self) -> set[str]:
         """Empty: no server boots from a store, so ``retire: delete`` may delete here."""
