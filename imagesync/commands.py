@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from imagesync.config.types import Config
+from imagesync.config.types import CloudConfig, Config
 from imagesync.engine import ActionResult, Engine, Outcome, summarize
-from imagesync.engine.report import status_document
+from imagesync.engine.report import action_dict, result_dict, status_document
 from imagesync.errors import ImageSyncError, UsageError
 from imagesync.model import SiteInventory, format_time, printable
 from imagesync.plan import (
@@ -29,7 +29,6 @@ from imagesync.plan import (
     Plan,
     Retire,
     Rule,
-    Skip,
     TargetRule,
     plan,
     plan_name,
@@ -42,6 +41,9 @@ from imagesync.progress import (
     human_seconds,
     wants_progress,
 )
+
+if TYPE_CHECKING:
+    from imagesync.snapshot import SnapshotResult
 
 log = structlog.get_logger("imagesync.commands")
 
@@ -90,23 +92,6 @@ def _progress_factory() -> Callable[[str, int | None], Callable[[int], None] | N
     return lambda label, total: ProgressBar(label, total)
 
 
-def action_dict(a: Action) -> dict[str, Any]:
-    d: dict[str, Any] = {"kind": a.kind, "name": a.name}
-    if isinstance(a, Copy):
-        d.update(
-            source=f"{a.source_site}:{a.source_id}",
-            targets=list(a.targets),
-            version=format_time(a.version.time),
-            sha512=a.version.sha512,
-            reason=a.reason,
-        )
-    elif isinstance(a, Retire):
-        d.update(site=a.site, image_id=a.image_id, mode=a.mode, reason=a.reason)
-    elif isinstance(a, Skip):
-        d.update(site=a.site, reason=a.reason)
-    return d
-
-
 def action_line(a: Action) -> str:
     """One line for people; printable whatever the sites named things."""
     if isinstance(a, Copy):
@@ -119,29 +104,6 @@ def action_line(a: Action) -> str:
     else:
         line = f"skip   {a.name} on {a.site}: {a.reason}"
     return printable(line)
-
-
-def result_dict(r: ActionResult) -> dict[str, Any]:
-    d = action_dict(r.action)
-    d["ok"] = r.ok
-    if r.detail:
-        d["detail"] = r.detail
-    if r.copy is not None:
-        d["bytes"] = r.copy.bytes_read
-        d["seconds"] = round(r.copy.seconds, 3)
-        d["sha512"] = r.copy.sha512
-    if r.targets:
-        d["results"] = [
-            {
-                "site": t.site,
-                "ok": t.ok,
-                "image_id": t.image.id if t.image else None,
-                "error": t.error,
-                "kind": t.error_kind,
-            }
-            for t in r.targets
-        ]
-    return d
 
 
 def _print_results(results: Sequence[ActionResult]) -> None:
@@ -389,14 +351,9 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
     if not assessments:
         print("no managed images found" + (f" named {name!r}" if name else ""))
     rows = [[printable(a.name)] + [_cell_text(a, s) for s in sites] for a in assessments]
-    widths = [max([len("NAME")] + [len(r[0]) for r in rows])]
-    for i, s in enumerate(sites, start=1):
-        widths.append(max([len(s)] + [len(r[i]) for r in rows]))
-    header = ["NAME", *sites]
     if assessments:
-        print("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
-        for r in rows:
-            print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)))
+        for line in _aligned([["NAME", *sites], *rows]):
+            print(line)
         for a in assessments:
             if a.newest:
                 print(
@@ -410,7 +367,9 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
     for s, inv in inventories.items():
         if not inv.ok:
             print(printable(f"  {s}: unreachable: {inv.error}"), file=sys.stderr)
-    for line in [*_quarantine_lines(inventories), *_save_lines(config, name, inventories)]:
+    from imagesync.saving import save_status_lines  # imports Nova's client: only here
+
+    for line in [*_quarantine_lines(inventories), *save_status_lines(config, name, inventories)]:
         print(printable(line))
     return 0
 
@@ -424,44 +383,6 @@ def _quarantine_lines(inventories: Mapping[str, SiteInventory]) -> list[str]:
         for rec in inv.images
         if rec.hidden and "imagesync.quarantined" in rec.properties
     ]
-
-
-def _save_lines(
-    config: Config, name: str | None, inventories: Mapping[str, SiteInventory]
-) -> list[str]:
-    """The servers marked for save on shutdown (``imagesync.saving``), on the clouds that have
-    compute and answered this listing: what their metadata says (saved, refused, failed)."""
-    from imagesync.saving import marked_states
-    from imagesync.sites.glance import make_session
-    from imagesync.sites.nova import NovaSnapshots
-
-    lines = []
-    for cloud, cfg in config.clouds.items():
-        if cloud not in inventories or not inventories[cloud].ok:
-            continue  # unreachable, said above; or not listed (status NAME lists them all)
-        try:
-            nova = NovaSnapshots(cfg, make_session(cfg))
-            rows = marked_states(nova) if nova.has_compute() else []
-        except ImageSyncError as exc:
-            lines.append(f"  save on shutdown, {cloud}: cannot list servers: {exc}")
-            continue
-        for r in rows:
-            if name is not None and r["save_as"] != name:
-                continue
-            state = (
-                f"SAVING: {r['saving']}"
-                if r.get("saving")
-                else f"ERROR: {r['error']}"
-                if r["error"]
-                else f"saved {r['saved']}"
-                if r["saved"]
-                else "not saved yet"
-            )
-            lines.append(
-                f"  save on shutdown: {cloud} server {r['server_name']} ({r['server']}) "
-                f"as {r['save_as']} [{r['status']}]: {state}"
-            )
-    return lines
 
 
 #: history's columns: (header, key in the JSON row); the table and --json show the same fields
@@ -533,15 +454,23 @@ def history(
         print("no transfers recorded" + (f" for {printable(name)}" if name else ""))
         return 0
     table = [[h for h, _ in HISTORY_FIELDS], *(_history_cells(r) for r in rows)]
-    widths = [max(len(line[i]) for line in table) for i in range(len(HISTORY_FIELDS))]
-    right = {"SIZE", "TIME"}  # numbers line up on the right
-    for line in table:
-        cells = [
-            c.rjust(w) if h in right else c.ljust(w)
-            for c, w, (h, _) in zip(line, widths, HISTORY_FIELDS, strict=True)
-        ]
-        print("  ".join(cells).rstrip())
+    numbers = {i for i, (h, _) in enumerate(HISTORY_FIELDS) if h in ("SIZE", "TIME")}
+    for line in _aligned(table, right=numbers):
+        print(line.rstrip())
     return 0
+
+
+def _aligned(table: Sequence[Sequence[str]], right: Collection[int] = ()) -> list[str]:
+    """A table's rows (the header first) as lines, its columns two spaces apart and as wide as
+    their widest cell; the columns numbered in ``right`` (numbers) line up on the right."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return [
+        "  ".join(
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in table
+    ]
 
 
 def snapshot(
@@ -561,10 +490,7 @@ def snapshot(
     import contextlib
     import io
 
-    from imagesync.sites.glance import make_session
-    from imagesync.sites.nova import NovaSnapshots
-    from imagesync.snapshot import SnapshotFailed, take
-    from imagesync.state import State
+    from imagesync.snapshot import SnapshotFailed
 
     cfg = config.clouds.get(cloud)
     if cfg is None:
@@ -572,46 +498,19 @@ def snapshot(
         raise UsageError(f"--cloud: no cloud called {cloud!r} (known: {known})")
     if name is not None and push_after and rule_for(config.images, name) is None:
         raise UsageError(f"--push: no image rule in {config.path} matches {name!r}")
-    state = State(config.state_dir)
     try:
-        nova = NovaSnapshots(cfg, make_session(cfg))
-
-        def record(image_id: str, image_name: str) -> None:
-            state.record_made(cloud, image_id, image_name)
-
-        try:
-            result = take(
-                nova,
-                server,
-                name=name,
-                stop=stop,
-                wait=wait or push_after,
-                timeout=timeout,
-                record=record,
-            )
-        except SnapshotFailed as exc:
-            if as_json:
-                print(json.dumps({"ok": False, "error": str(exc)}, indent=2))
-            else:
-                print(printable(f"FAILED snapshot: {exc}"), file=sys.stderr)
-            return 1
-    finally:
-        state.close()
+        result = _take_snapshot(
+            config, cfg, server, name=name, stop=stop, wait=wait or push_after, timeout=timeout
+        )
+    except SnapshotFailed as exc:
+        if as_json:
+            print(json.dumps({"ok": False, "error": str(exc)}, indent=2))
+        else:
+            print(printable(f"FAILED snapshot: {exc}"), file=sys.stderr)
+        return 1
     for w in result.warnings:
         print(printable(f"warning: {w}"), file=sys.stderr)
-    out: dict[str, Any] = {
-        "ok": True,
-        "cloud": result.cloud,
-        "server": result.server_id,
-        "name": result.name,
-        "image_id": result.image_id,
-        "status": result.status,
-        "sha512": result.sha512,
-        "size": result.size,
-        "seconds": round(result.seconds, 2),
-        "stopped": result.stopped,
-        "warnings": result.warnings,
-    }
+    out = result.as_dict()
     code = 0
     if push_after:
         # the same path as `push`; its JSON becomes part of this command's one JSON answer
@@ -633,3 +532,31 @@ def snapshot(
             file=sys.stderr if push_after else sys.stdout,
         )
     return code
+
+
+def _take_snapshot(
+    config: Config,
+    cfg: CloudConfig,
+    server: str,
+    *,
+    name: str | None,
+    stop: bool,
+    wait: bool,
+    timeout: float,
+) -> SnapshotResult:
+    """Take the snapshot on cloud ``cfg``, recorded in the state as made by imagesync."""
+    from imagesync.sites.glance import make_session
+    from imagesync.sites.nova import NovaSnapshots
+    from imagesync.snapshot import take
+    from imagesync.state import State
+
+    state = State(config.state_dir)
+    try:
+        nova = NovaSnapshots(cfg, make_session(cfg))
+
+        def record(image_id: str, image_name: str) -> None:
+            state.record_made(cfg.name, image_id, image_name)
+
+        return take(nova, server, name=name, stop=stop, wait=wait, timeout=timeout, record=record)
+    finally:
+        state.close()

@@ -34,8 +34,9 @@ from typing import Protocol
 
 import structlog
 
-from imagesync.config.types import ImageRule
+from imagesync.config.types import Config, ImageRule
 from imagesync.errors import ImageSyncError
+from imagesync.model import SiteInventory
 from imagesync.plan import rule_for
 from imagesync.sites.nova import Server
 from imagesync.snapshot import Clock, Nova, take
@@ -249,3 +250,41 @@ def marked_states(nova: SaveNova) -> list[dict[str, str]]:
             }
         )
     return rows
+
+
+def save_status_lines(
+    config: Config, name: str | None, inventories: Mapping[str, SiteInventory]
+) -> list[str]:
+    """For ``status``: the servers marked for save on shutdown, on the clouds that have
+    compute and answered this listing (``inventories``), and what their metadata says (saved,
+    refused, failed); only those saved as ``name`` when it is given."""
+    from imagesync.sites.glance import make_session
+    from imagesync.sites.nova import NovaSnapshots
+
+    lines = []
+    for cloud, cfg in config.clouds.items():
+        if cloud not in inventories or not inventories[cloud].ok:
+            continue  # unreachable, said above; or not listed (status NAME lists them all)
+        try:
+            nova = NovaSnapshots(cfg, make_session(cfg))
+            rows = marked_states(nova) if nova.has_compute() else []
+        except ImageSyncError as exc:
+            lines.append(f"  save on shutdown, {cloud}: cannot list servers: {exc}")
+            continue
+        for r in rows:
+            if name is not None and r["save_as"] != name:
+                continue
+            state = (
+                f"SAVING: {r['saving']}"
+                if r.get("saving")
+                else f"ERROR: {r['error']}"
+                if r["error"]
+                else f"saved {r['saved']}"
+                if r["saved"]
+                else "not saved yet"
+            )
+            lines.append(
+                f"  save on shutdown: {cloud} server {r['server_name']} ({r['server']}) "
+                f"as {r['save_as']} [{r['status']}]: {state}"
+            )
+    return lines

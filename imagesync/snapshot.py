@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -67,6 +67,22 @@ class SnapshotResult:
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
     stopped: bool = False  # imagesync stopped the server first (--stop)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``snapshot --json`` answer of a snapshot that was taken."""
+        return {
+            "ok": True,
+            "cloud": self.cloud,
+            "server": self.server_id,
+            "name": self.name,
+            "image_id": self.image_id,
+            "status": self.status,
+            "sha512": self.sha512,
+            "size": self.size,
+            "seconds": round(self.seconds, 2),
+            "stopped": self.stopped,
+            "warnings": self.warnings,
+        }
 
 
 @dataclass(frozen=True)
@@ -129,25 +145,7 @@ def take(
     deadline = start + timeout
     server = nova.find_server(server_ref)
     target = name or default_name(nova, server)
-    warnings: list[str] = []
-    stopped = False
-    if server.status != "SHUTOFF":
-        if stop:
-            log.info("snapshot.stopping", cloud=nova.name, server=server.id)
-            if server.status == "ACTIVE":
-                nova.stop(server.id)
-            server = _wait_shutoff(nova, server.id, deadline, clock)
-            stopped = True
-        else:
-            warnings.append(
-                f"server {server.name or server.id} is {server.status}, not SHUTOFF: its disk "
-                "may be inconsistent (use --stop to stop it first)"
-            )
-    if server.task_state is not None:
-        raise SnapshotFailed(
-            f"{nova.name}: server {server.name or server.id} is busy ({server.task_state}): "
-            "try again when it is done"
-        )
+    server, stopped, warnings = _quiesce(nova, server, stop, deadline, clock)
     image_id = nova.create_image(server.id, target, {})
     log.info("snapshot.created", cloud=nova.name, server=server.id, image_id=image_id, name=target)
     if record is not None:
@@ -170,6 +168,34 @@ def take(
     result.seconds = clock.now() - start
     log.info("snapshot.active", cloud=nova.name, image_id=image_id, seconds=result.seconds)
     return result
+
+
+def _quiesce(
+    nova: Nova, server: Server, stop: bool, deadline: float, clock: Clock
+) -> tuple[Server, bool, list[str]]:
+    """The server ready to be snapshotted: (it, whether imagesync stopped it, warnings).
+    Stopped first with ``stop``, else snapshotted as it is, with a warning when it runs;
+    SnapshotFailed when a task of its own is under way."""
+    warnings: list[str] = []
+    stopped = False
+    if server.status != "SHUTOFF":
+        if stop:
+            log.info("snapshot.stopping", cloud=nova.name, server=server.id)
+            if server.status == "ACTIVE":
+                nova.stop(server.id)
+            server = _wait_shutoff(nova, server.id, deadline, clock)
+            stopped = True
+        else:
+            warnings.append(
+                f"server {server.name or server.id} is {server.status}, not SHUTOFF: its disk "
+                "may be inconsistent (use --stop to stop it first)"
+            )
+    if server.task_state is not None:
+        raise SnapshotFailed(
+            f"{nova.name}: server {server.name or server.id} is busy ({server.task_state}): "
+            "try again when it is done"
+        )
+    return server, stopped, warnings
 
 
 def _watch(

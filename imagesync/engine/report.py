@@ -1,4 +1,5 @@
-"""What ``status`` shows, as plain JSON-ready data.
+"""What ``status`` shows, and the plans and results ``push``/``sync`` show, as plain JSON-ready
+data.
 
 One function builds the names x sites document that ``imagesync status --json`` prints and the
 daemon's ``/status.json`` serves (with more keys of its own around it), so the two cannot drift
@@ -15,7 +16,7 @@ from typing import Any
 
 from imagesync.engine.results import ActionResult
 from imagesync.model import SiteInventory, format_time
-from imagesync.plan import Assessment
+from imagesync.plan import Action, Assessment, Copy, Retire, Skip
 
 
 def image_status(a: Assessment) -> dict[str, Any]:
@@ -74,3 +75,45 @@ def with_results(
                 )
         out.append(dataclasses.replace(a, cells=cells))
     return out
+
+
+def action_dict(a: Action) -> dict[str, Any]:
+    """One planned action as ``--json`` shows it (a dry run's plan, a skip)."""
+    d: dict[str, Any] = {"kind": a.kind, "name": a.name}
+    if isinstance(a, Copy):
+        d.update(
+            source=f"{a.source_site}:{a.source_id}",
+            targets=list(a.targets),
+            version=format_time(a.version.time),
+            sha512=a.version.sha512,
+            reason=a.reason,
+        )
+    elif isinstance(a, Retire):
+        d.update(site=a.site, image_id=a.image_id, mode=a.mode, reason=a.reason)
+    elif isinstance(a, Skip):
+        d.update(site=a.site, reason=a.reason)
+    return d
+
+
+def result_dict(r: ActionResult) -> dict[str, Any]:
+    """One action's result as ``push``/``sync --json`` show it: the action, and each target's."""
+    d = action_dict(r.action)
+    d["ok"] = r.ok
+    if r.detail:
+        d["detail"] = r.detail
+    if r.copy is not None:
+        d["bytes"] = r.copy.bytes_read
+        d["seconds"] = round(r.copy.seconds, 3)
+        d["sha512"] = r.copy.sha512
+    if r.targets:
+        d["results"] = [
+            {
+                "site": t.site,
+                "ok": t.ok,
+                "image_id": t.image.id if t.image else None,
+                "error": t.error,
+                "kind": t.error_kind,
+            }
+            for t in r.targets
+        ]
+    return d
