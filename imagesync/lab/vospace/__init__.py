@@ -10,7 +10,7 @@ starts one beside the clouds; tests can start their own::
 
 Modules: ``app`` (the WSGI application), ``wsgiio`` (its HTTP plumbing), ``storage`` (sqlite
 tree + blobs), ``xmldoc`` (the documents), ``faults`` (run-time fault hooks), ``service``
-(uwsgi, TLS material), ``wsgi``.
+(uwsgi, its files), ``tls`` (its certificates), ``wsgi``.
 """
 
 from __future__ import annotations

@@ -18,8 +18,6 @@ Layout of DIRECTORY (the service's directory, ``LAB/vospace`` in a lab)::
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
-import ipaddress
 import ssl
 import sys
 from collections.abc import Callable
@@ -159,96 +157,14 @@ def registry_line(config: ServiceConfig) -> str:
 
 def make_tls(directory: Path) -> TLSFiles:
     """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by it."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from imagesync.lab.vospace.tls import CertificateAuthority
 
     files = tls_files(directory)
     files.ca.parent.mkdir(parents=True, exist_ok=True)
-    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
-    until = now + dt.timedelta(days=3650)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name(
-            [
-                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "imagesync lab"),
-                x509.NameAttribute(NameOID.COMMON_NAME, cn),
-            ]
-        )
-
-    def signed_by_ca(
-        subject: x509.Name, key: ec.EllipticCurvePrivateKey, ca: bool
-    ) -> x509.CertificateBuilder:
-        """A certificate builder for ``subject``'s ``key``, issued by the CA, valid ten years."""
-        return (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(ca_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now)
-            .not_valid_after(until)
-            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-        )
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = name("imagesync lab VOSpace CA")
-    ca = (
-        signed_by_ca(ca_name, ca_key, ca=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-
-    def leaf(cn: str, server: bool) -> tuple[bytes, bytes]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            signed_by_ca(name(cn), key, ca=False)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-            )
-        )
-        if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [
-                        x509.IPAddress(ipaddress.ip_address(procs.LOOPBACK)),
-                        x509.DNSName("localhost"),
-                    ]
-                ),
-                critical=False,
-            )
-        cert = builder.sign(ca_key, hashes.SHA256())
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.TraditionalOpenSSL,
-            serialization.NoEncryption(),
-        )
-        return cert.public_bytes(serialization.Encoding.PEM), key_pem
-
-    server_cert, server_key = leaf("127.0.0.1", server=True)
-    client_cert, client_key = leaf("imagesync-lab-user", server=False)
-    files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    ca = CertificateAuthority()
+    server_cert, server_key = ca.issue("127.0.0.1", server=True)
+    client_cert, client_key = ca.issue("imagesync-lab-user", server=False)
+    files.ca.write_bytes(ca.pem)
     files.server_cert.write_bytes(server_cert)
     _write_private(files.server_key, server_key)
     _write_private(files.client_pem, client_cert + client_key)
