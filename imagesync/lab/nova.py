@@ -172,23 +172,14 @@ password = {cloud.nova_password}
 """
 
 
-def write_config(cloud_dir: Path, cloud: CloudState, paste: Path) -> None:
-    """nova.conf and placement.conf (0600: they hold the service users' password)."""
-    n, p = home(cloud_dir), placement_home(cloud_dir)
-    for sub in ("etc", "state", "instances", "locks", "templates"):
-        (n / sub).mkdir(parents=True, exist_ok=True)
-    p.mkdir(parents=True, exist_ok=True)
-    procs.make_service_dirs(cloud_dir)
-    shutil.copyfile(paste, etc(cloud_dir) / "api-paste.ini")
-    write_private(
-        conf_file(cloud_dir),
-        f"""\
+#: nova.conf, filled in by write_config (str.format)
+_NOVA_CONF = """\
 # Written by `imagesync lab up --nova`; rewritten at every start.
 [DEFAULT]
-host = {cloud.name}
+host = {host}
 my_ip = 127.0.0.1
-state_path = {n / "state"}
-instances_path = {n / "instances"}
+state_path = {state}
+instances_path = {instances}
 # in-memory messaging: every Nova service runs in the one lab process
 transport_url = fake:/
 compute_driver = fake.ImagesyncLabDriver
@@ -197,29 +188,29 @@ debug = False
 vif_plugging_timeout = 0
 
 [wsgi]
-api_paste_config = {etc(cloud_dir) / "api-paste.ini"}
+api_paste_config = {paste}
 
 [api]
 auth_strategy = keystone
 
 [api_database]
-connection = sqlite:///{n / "nova_api.sqlite"}
+connection = sqlite:///{api_db}
 
 [database]
-connection = sqlite:///{n / "nova_cell1.sqlite"}
+connection = sqlite:///{cell_db}
 
 [keystone_authtoken]
-{_authtoken(cloud, "nova")}
+{authtoken}
 [placement]
-{_auth_section(cloud, "nova")}
+{auth}
 [glance]
-region_name = {REGION}
+region_name = {region}
 valid_interfaces = public
 
 [neutron]
-{_auth_section(cloud, "nova")}
+{auth}
 [oslo_concurrency]
-lock_path = {n / "locks"}
+lock_path = {locks}
 
 [oslo_messaging_notifications]
 driver = noop
@@ -238,11 +229,10 @@ enabled = False
 
 [serial_console]
 enabled = False
-""",
-    )
-    write_private(
-        placement_conf(cloud_dir),
-        f"""\
+"""
+
+#: placement.conf, filled in by write_config (str.format)
+_PLACEMENT_CONF = """\
 # Written by `imagesync lab up --nova`; rewritten at every start.
 [DEFAULT]
 debug = False
@@ -251,12 +241,38 @@ debug = False
 auth_strategy = keystone
 
 [placement_database]
-connection = sqlite:///{placement_db(cloud_dir)}
+connection = sqlite:///{db}
 
 [keystone_authtoken]
-{_authtoken(cloud, "placement")}
-""",
+{authtoken}
+"""
+
+
+def write_config(cloud_dir: Path, cloud: CloudState, paste: Path) -> None:
+    """nova.conf and placement.conf (0600: they hold the service users' password)."""
+    n, p = home(cloud_dir), placement_home(cloud_dir)
+    for sub in ("etc", "state", "instances", "locks", "templates"):
+        (n / sub).mkdir(parents=True, exist_ok=True)
+    p.mkdir(parents=True, exist_ok=True)
+    procs.make_service_dirs(cloud_dir)
+    shutil.copyfile(paste, etc(cloud_dir) / "api-paste.ini")
+    nova_conf = _NOVA_CONF.format(
+        host=cloud.name,
+        state=n / "state",
+        instances=n / "instances",
+        paste=etc(cloud_dir) / "api-paste.ini",
+        api_db=n / "nova_api.sqlite",
+        cell_db=n / "nova_cell1.sqlite",
+        authtoken=_authtoken(cloud, "nova"),
+        auth=_auth_section(cloud, "nova"),
+        region=REGION,
+        locks=n / "locks",
     )
+    write_private(conf_file(cloud_dir), nova_conf)
+    placement = _PLACEMENT_CONF.format(
+        db=placement_db(cloud_dir), authtoken=_authtoken(cloud, "placement")
+    )
+    write_private(placement_conf(cloud_dir), placement)
 
 
 # --- the template databases -------------------------------------------------------------------
