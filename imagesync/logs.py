@@ -125,7 +125,6 @@ def setup_logging(
     running ``push`` reads its progress bar and summary; info events around them (``copy.done``
     and its nine keys) only repeat the summary. The CLI passes ``warning`` unless ``-v``.
     """
-    global _handler
     if fmt not in FORMATS:
         raise ValueError(f"log format {fmt!r}: use one of: {', '.join(FORMATS)}")
     lvl = _level(level)
@@ -134,44 +133,15 @@ def setup_logging(
         lvl = max(lvl, _level(terminal_level))
     use_json = fmt == "json" or (fmt == "auto" and not _isatty(out))
 
-    timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     pre_chain: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
-        timestamper,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
-    renderer: Any
-    if use_json:
-        renderer = _json_renderer
-    else:
-        renderer = structlog.dev.ConsoleRenderer(
-            colors=_isatty(out), exception_formatter=structlog.dev.plain_traceback
-        )
-    formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=pre_chain,
-        processors=[
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            # Tracebacks become text here so that mask_secrets sees them (never rich's
-            # show_locals, which would print local variables such as passwords).
-            structlog.processors.format_exc_info,
-            mask_secrets,
-            renderer,
-        ],
-    )
     handler = logging.StreamHandler(out)
-    handler.setFormatter(formatter)
-
-    root = logging.getLogger()
-    if _handler is not None:
-        root.removeHandler(_handler)
-    root.addHandler(handler)
-    root.setLevel(lvl)
-    _handler = handler
-    for name in LIBRARY_LOGGERS:
-        logging.getLogger(name).setLevel(max(logging.WARNING, lvl))
-    logging.captureWarnings(True)
-
+    handler.setFormatter(_formatter(pre_chain, use_json=use_json, colors=_isatty(out)))
+    _install(handler, lvl)
     structlog.configure(
         processors=[
             structlog.stdlib.filter_by_level,
@@ -184,6 +154,44 @@ def setup_logging(
         wrapper_class=structlog.stdlib.BoundLogger,
         cache_logger_on_first_use=False,
     )
+
+
+def _formatter(
+    pre_chain: list[Any], *, use_json: bool, colors: bool
+) -> structlog.stdlib.ProcessorFormatter:
+    """The one formatter of both structlog's events and the standard library's records."""
+    renderer: Any
+    if use_json:
+        renderer = _json_renderer
+    else:
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=colors, exception_formatter=structlog.dev.plain_traceback
+        )
+    return structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=pre_chain,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            # Tracebacks become text here so that mask_secrets sees them (never rich's
+            # show_locals, which would print local variables such as passwords).
+            structlog.processors.format_exc_info,
+            mask_secrets,
+            renderer,
+        ],
+    )
+
+
+def _install(handler: logging.Handler, lvl: int) -> None:
+    """``handler`` replaces the one an earlier call installed on the root logger."""
+    global _handler
+    root = logging.getLogger()
+    if _handler is not None:
+        root.removeHandler(_handler)
+    root.addHandler(handler)
+    root.setLevel(lvl)
+    _handler = handler
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, lvl))
+    logging.captureWarnings(True)
 
 
 def _level(name: str) -> int:
