@@ -181,7 +181,19 @@ class Metrics(Observer):
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        self._declare_copies(self.registry)
+        self._declare_sites(self.registry)
+        self._declare_passes(self.registry)
+        for result in ("ok", "failed"):  # present from the start, so rate() works at once
+            self.copies.labels(result=result)
+            self.retires.labels(result=result)
+            self.passes.labels(result=result)
+        self._lag_keys: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        self._server: Any = None
+
+    def _declare_copies(self, r: CollectorRegistry) -> None:
+        """What the transfers did: bytes, copies and failures, retirements, boot tests."""
         self.bytes_copied = Counter(
             "imagesync_bytes_copied", "Bytes of verified copies published on a target", registry=r
         )
@@ -204,6 +216,10 @@ class Metrics(Observer):
             ["result"],
             registry=r,
         )
+        self.in_flight = Gauge("imagesync_transfers_in_flight", "Copies running now", registry=r)
+
+    def _declare_sites(self, r: CollectorRegistry) -> None:
+        """How the sites are: lag behind the newest version, last listing, reachable."""
         self.sync_lag = Gauge(
             "imagesync_sync_lag_seconds",
             "Seconds since the newest version "
@@ -224,7 +240,9 @@ class Metrics(Observer):
             ["site"],
             registry=r,
         )
-        self.in_flight = Gauge("imagesync_transfers_in_flight", "Copies running now", registry=r)
+
+    def _declare_passes(self, r: CollectorRegistry) -> None:
+        """The reconcile passes: results, duration, when the last ended, the interval."""
         self.passes = Counter(
             "imagesync_passes", "Reconcile passes, by result", ["result"], registry=r
         )
@@ -246,13 +264,6 @@ class Metrics(Observer):
             "The configured seconds between two passes (alerts on stopped passes use it)",
             registry=r,
         )
-        for result in ("ok", "failed"):  # present from the start, so rate() works at once
-            self.copies.labels(result=result)
-            self.retires.labels(result=result)
-            self.passes.labels(result=result)
-        self._lag_keys: set[tuple[str, str]] = set()
-        self._lock = threading.Lock()
-        self._server: Any = None
 
     # -- executor callbacks (transfer threads) ------------------------------------------------
     def copy_started(self, copy: Copy) -> None:
