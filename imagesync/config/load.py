@@ -155,15 +155,7 @@ def _settings(doc: Document, top: Mapping[str, Any]) -> _Settings:
     if "full_list_interval" in top:
         out["full_list_interval"] = _full_list_interval(doc, top["full_list_interval"])
     if "empty_listing_passes" in top:
-        out["empty_listing_passes"] = doc.integer(
-            top["empty_listing_passes"], "empty_listing_passes", 1
-        )
-        if out["empty_listing_passes"] > EMPTY_LISTING_PASSES_MAX:
-            doc.fail(
-                "empty_listing_passes",
-                f"is {out['empty_listing_passes']}: at most {EMPTY_LISTING_PASSES_MAX} "
-                "(1 believes an empty listing at once)",
-            )
+        out["empty_listing_passes"] = _empty_listing_passes(doc, top["empty_listing_passes"])
     if "max_transfers" in top:
         out["max_transfers"] = parse_max_transfers(doc, top["max_transfers"], "max_transfers")
     if "transfer_retries" in top:
@@ -171,22 +163,7 @@ def _settings(doc: Document, top: Mapping[str, Any]) -> _Settings:
         out["transfer_retries"] = doc.integer(
             top["transfer_retries"], "transfer_retries", low, maximum=high
         )
-    if "metrics_listen_public" in top:
-        if not isinstance(top["metrics_listen_public"], bool):
-            doc.fail(
-                "metrics_listen_public",
-                f"is {describe(top['metrics_listen_public'])}; write true or false",
-            )
-        out["metrics_listen_public"] = top["metrics_listen_public"]
-    if top.get("metrics_listen") is not None:
-        listen = out["metrics_listen"] = _listen(doc, top["metrics_listen"], "metrics_listen")
-        if not out["metrics_listen_public"] and not listens_on_loopback(listen):
-            doc.fail(
-                "metrics_listen",
-                f"{listen!r} is reachable from other hosts, and the metrics "
-                "name every image and site: listen on 127.0.0.1 or [::1] (scrape through a "
-                "proxy or tunnel), or add `metrics_listen_public: true` if that is meant",
-            )
+    out["metrics_listen"], out["metrics_listen_public"] = _metrics_listen(doc, top)
     if "log_format" in top:
         out["log_format"] = cast(
             Literal["auto", "json", "console"],
@@ -195,6 +172,36 @@ def _settings(doc: Document, top: Mapping[str, Any]) -> _Settings:
     if "log_level" in top:
         out["log_level"] = doc.choice(top["log_level"], "log_level", LOG_LEVELS)
     return out
+
+
+def _empty_listing_passes(doc: Document, value: object) -> int:
+    passes = doc.integer(value, "empty_listing_passes", 1)
+    if passes > EMPTY_LISTING_PASSES_MAX:
+        doc.fail(
+            "empty_listing_passes",
+            f"is {passes}: at most {EMPTY_LISTING_PASSES_MAX} "
+            "(1 believes an empty listing at once)",
+        )
+    return passes
+
+
+def _metrics_listen(doc: Document, top: Mapping[str, Any]) -> tuple[str | None, bool]:
+    """(metrics_listen, metrics_listen_public): an address other hosts can reach only when
+    the file says that is meant."""
+    public = top.get("metrics_listen_public", False)
+    if not isinstance(public, bool):
+        doc.fail("metrics_listen_public", f"is {describe(public)}; write true or false")
+    if top.get("metrics_listen") is None:
+        return None, public
+    listen = _listen(doc, top["metrics_listen"], "metrics_listen")
+    if not public and not listens_on_loopback(listen):
+        doc.fail(
+            "metrics_listen",
+            f"{listen!r} is reachable from other hosts, and the metrics "
+            "name every image and site: listen on 127.0.0.1 or [::1] (scrape through a "
+            "proxy or tunnel), or add `metrics_listen_public: true` if that is meant",
+        )
+    return listen, public
 
 
 def _full_list_interval(doc: Document, value: object) -> float:

@@ -325,6 +325,31 @@ def _parse_vospace(
             ckey, f"missing: add it (the container holding the images, like {_CONTAINER_EXAMPLE})"
         )
     container = _vos_container(doc, body["container"], ckey)
+    caps, resource_id, registry = _vospace_service(doc, body, key)
+    token_file, certificate = _vospace_credentials(doc, body, key)
+    vospace = VOSpaceConfig(
+        container=container,
+        capabilities_url=caps,
+        resource_id=resource_id,
+        registry=registry,
+        token_file=token_file,
+        certificate=certificate,
+    )
+    if "verify" in body:
+        vospace = replace(vospace, verify=doc.verify(body["verify"], join(key, "verify")))
+    if "timeout" in body:
+        vospace = replace(
+            vospace,
+            timeout=doc.duration(body["timeout"], join(key, "timeout"), within=TIMEOUT_RANGE),
+        )
+    return StoreConfig(name=name, type="vospace", max_transfers=max_transfers, vospace=vospace)
+
+
+def _vospace_service(
+    doc: Document, body: Mapping[str, Any], key: str
+) -> tuple[str | None, str | None, str]:
+    """Where the VOSpace service is: (capabilities URL, resource ID, registry), the first
+    two exclusive (neither: the container's authority is looked up in the registry)."""
     caps: str | None = None
     if body.get("url") is not None:
         # a capabilities URL, or the service's base URL (VOSI puts capabilities under it)
@@ -346,6 +371,13 @@ def _parse_vospace(
         registry = text if "://" in text else str(_existing_file(doc, text, gkey, "fix the path"))
         if "://" in text:
             registry = doc.url(text, gkey, CADC_REGISTRY)
+    return caps, resource_id, registry
+
+
+def _vospace_credentials(
+    doc: Document, body: Mapping[str, Any], key: str
+) -> tuple[Path | None, Path | None]:
+    """(token_file, certificate): at most one of them (neither: anonymous)."""
     token_file = certificate = None
     if body.get("token_file") is not None:
         token_file = _existing_file(
@@ -360,22 +392,7 @@ def _parse_vospace(
         )
     if token_file is not None and certificate is not None:
         doc.fail(key, "has both token_file: and certificate: keep one")
-    vospace = VOSpaceConfig(
-        container=container,
-        capabilities_url=caps,
-        resource_id=resource_id,
-        registry=registry,
-        token_file=token_file,
-        certificate=certificate,
-    )
-    if "verify" in body:
-        vospace = replace(vospace, verify=doc.verify(body["verify"], join(key, "verify")))
-    if "timeout" in body:
-        vospace = replace(
-            vospace,
-            timeout=doc.duration(body["timeout"], join(key, "timeout"), within=TIMEOUT_RANGE),
-        )
-    return StoreConfig(name=name, type="vospace", max_transfers=max_transfers, vospace=vospace)
+    return token_file, certificate
 
 
 def _parse_store(doc: Document, name: str, raw: object, key: str) -> StoreConfig:
