@@ -131,6 +131,24 @@ def _set_error(nova: SaveNova, server: Server, reason: str, tried: datetime | No
     nova.set_metadata(server.id, meta)
 
 
+def _not_due(
+    nova: SaveNova, server: Server, rules: Sequence[ImageRule], name: str
+) -> tuple[SaveState, str | None] | None:
+    """Why the server is not saved now: (its state, the error it is refused with, if any);
+    None when it is due. A refusal is written on the server, where its user looks."""
+    if rule_for(rules, name) is None:
+        reason = f"refused: no image rule of imagesync matches {name!r}"
+        _set_error(nova, server, reason, None)
+        return SaveState.REFUSED, reason
+    if server.status != "SHUTOFF" or server.task_state is not None:
+        return SaveState.NOT_SHUTOFF, None
+    booted = parse_time(nova.last_booted(server.id))
+    attempted = last_attempt(server)
+    if attempted is not None and (booted is None or attempted >= booted):
+        return SaveState.UP_TO_DATE, None
+    return None
+
+
 def save_server(
     nova: SaveNova,
     server: Server,
@@ -153,16 +171,10 @@ def save_server(
     ) -> SaveOutcome:
         return SaveOutcome(nova.name, server.id, server.name, name, state, image_id, error, seconds)
 
-    if rule_for(rules, name) is None:
-        reason = f"refused: no image rule of imagesync matches {name!r}"
-        _set_error(nova, server, reason, None)
-        return outcome(SaveState.REFUSED, error=reason)
-    if server.status != "SHUTOFF" or server.task_state is not None:
-        return outcome(SaveState.NOT_SHUTOFF)
-    booted = parse_time(nova.last_booted(server.id))
-    attempted = last_attempt(server)
-    if attempted is not None and (booted is None or attempted >= booted):
-        return outcome(SaveState.UP_TO_DATE)
+    not_due = _not_due(nova, server, rules, name)
+    if not_due is not None:
+        state, reason = not_due
+        return outcome(state, error=reason)
     log.info("save.snapshotting", cloud=nova.name, server=server.id, name=name)
     started = now()
     nova.set_metadata(server.id, {SAVING: f"snapshotting since {_stamp(started)}"})
