@@ -29,6 +29,18 @@ def _image_bytes(size: int) -> bytes:
     return os.urandom(size)
 
 
+def _upload_new_version(info: lab.LabInfo) -> None:
+    """What a user does outside imagesync: a new version of NAME on lab1, with glanceclient."""
+    data = _image_bytes(8 << 20)
+    gc = lab.glance_client(info, "lab1")
+    img = gc.images.create(
+        name=NAME, disk_format="raw", container_format="bare", os_distro="demo-linux"
+    )
+    gc.images.upload(img["id"], io.BytesIO(data), image_size=len(data))
+    img = gc.images.get(img["id"])
+    print(f"  lab1: {img['id']} {img['size']} bytes, sha512 {img['os_hash_value'][:16]}…")
+
+
 def run_demo(directory: Path | None = None, keep: bool = False) -> int:
     from imagesync.check import check
     from imagesync.commands import status, sync
@@ -48,22 +60,14 @@ def run_demo(directory: Path | None = None, keep: bool = False) -> int:
         config = load_config(info.config_file)
 
         _section(f"2. imagesync -c {info.config_file} config check --connect")
-        failed = 0
-        for site, ok, detail in check_connections(config):
+        results = check_connections(config)
+        for site, ok, detail in results:
             print(f"  {site}: {'ok' if ok else 'FAILED'} - {detail}")
-            failed += not ok
-        if failed:
+        if not all(ok for _, ok, _ in results):
             return 1
 
         _section(f"3. a user uploads a new version of {NAME!r} to lab1 (glanceclient)")
-        data = _image_bytes(8 << 20)
-        gc = lab.glance_client(info, "lab1")
-        img = gc.images.create(
-            name=NAME, disk_format="raw", container_format="bare", os_distro="demo-linux"
-        )
-        gc.images.upload(img["id"], io.BytesIO(data), image_size=len(data))
-        img = gc.images.get(img["id"])
-        print(f"  lab1: {img['id']} {img['size']} bytes, sha512 {img['os_hash_value'][:16]}…")
+        _upload_new_version(info)
 
         _section(f"4. imagesync -c {info.config_file} sync   (one pass of the main job)")
         code = sync(config)
