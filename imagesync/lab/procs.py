@@ -1,4 +1,5 @@
-"""Processes of the lab: finding the tools, starting services, readiness, memory, stopping.
+"""Processes of the lab: finding the tools, starting services, readiness, memory, stopping,
+and the file locks they share.
 
 Every service runs as its own process group (``start_new_session=True``), so a uwsgi master and
 its workers are stopped together with one ``killpg``. Every service's argv carries a
@@ -10,6 +11,7 @@ Only Linux is supported (``/proc``).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import importlib.util
 import itertools
 import os
@@ -23,7 +25,7 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -506,3 +508,15 @@ def wait_service(
         timeout=timeout,
         abort=abort,
     )
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if missing): one process at a time, be it
+    another thread, a test process or a service's worker."""
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -8,7 +8,6 @@ openstacksdk and imagesync itself. Files holding secrets are written mode 0600.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from typing import Any
 
 from imagesync.config.types import VOSPACE_KEYS
 from imagesync.errors import LabError
+from imagesync.lab import procs
 from imagesync.lab.vospace import service as vospace_service
 
 STATE_FILE = "lab.json"
@@ -343,12 +343,8 @@ def save_state(state: LabState) -> None:
 def locked(directory: Path) -> Iterator[None]:
     """Hold DIRECTORY/.lock: one ``up``/``down`` at a time per lab."""
     directory.mkdir(parents=True, exist_ok=True)
-    with (directory / ".lock").open("w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with procs.file_lock(directory / ".lock"):
+        yield
 
 
 def _q(value: object) -> str:

@@ -16,13 +16,14 @@ Faults (each matches an HTTP ``method`` and a ``path`` substring, both optional)
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
+
+from imagesync.lab import procs
 
 FAULTS_FILE = "faults.json"
 Kind = Literal["unavailable", "slow", "cut", "wrong_digest"]
@@ -93,14 +94,9 @@ def _with_times(rule: Fault, times: int) -> Fault:
     return Fault(**{**asdict(rule), "times": times})
 
 
-@contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    with (directory / ".faults.lock").open("a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+def _locked(directory: Path) -> contextlib.AbstractContextManager[None]:
+    """The fault file is read and rewritten by the test and by every service worker."""
+    return procs.file_lock(directory / ".faults.lock")
 
 
 def _read(directory: Path) -> list[Fault]:
