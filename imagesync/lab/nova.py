@@ -389,16 +389,15 @@ def wait_ready(
 ) -> None:
     """Placement answers, then the Nova process says all its services are up."""
     procs.wait_service(cloud_dir, "placement", cloud.placement_url, placement_pid, timeout, abort)
-    procs.wait_file(
-        ready_file(cloud_dir),
-        str(nova_pid),
-        pid=nova_pid,
-        marker=str(pid_file(cloud_dir)),
-        log=log_file(cloud_dir),
-        what=f"{cloud.name}: nova",
-        timeout=timeout,
-        abort=abort,
+    nova = procs.Starting(
+        nova_pid,
+        str(pid_file(cloud_dir)),
+        log_file(cloud_dir),
+        f"{cloud.name}: nova",
+        timeout,
+        abort,
     )
+    procs.wait_file(ready_file(cloud_dir), str(nova_pid), nova)
 
 
 def check_ports(cloud: CloudState) -> None:

@@ -410,23 +410,37 @@ def stop_groups(groups: Mapping[int, str], *, grace: float = 10.0) -> int:
     return count
 
 
-def wait_http(
-    url: str,
-    *,
-    pid: int,
-    marker: str,
-    log: Path,
-    what: str,
-    timeout: float = 60.0,
-    abort: Callable[[], None] | None = None,
-    context: ssl.SSLContext | None = None,
-) -> float:
-    """Poll ``url`` until it answers 200 or 300; returns the seconds it took.
+@dataclass(frozen=True)
+class Starting:
+    """A service being waited for: its process (``pid`` and the ``marker`` in its argv), its
+    ``log`` (its tail is quoted when it fails), what to call it, and how long to wait.
+    ``abort`` is called at every round: it may raise to give up."""
 
-    Fails fast if the service exits, else after ``timeout`` seconds; the error carries the
-    tail of the service's log. ``abort`` is called at every round: it may raise to give up.
-    ``context`` verifies an https service (the lab's own CA).
-    """
+    pid: int
+    marker: str
+    log: Path
+    what: str
+    timeout: float = 60.0
+    abort: Callable[[], None] | None = None
+
+    def wait(self, ready: Callable[[], bool], not_ready: str) -> float:
+        """Poll ``ready`` every 0.1 s while the service runs; returns the seconds it took.
+        Fails fast if the service exits, else after ``timeout`` seconds."""
+        start = time.monotonic()
+        while not ready():
+            if self.abort is not None:
+                self.abort()
+            if not is_running(self.pid, self.marker):
+                raise failure(f"{self.what} exited while starting", self.log)
+            if time.monotonic() - start > self.timeout:
+                raise failure(f"{self.what} {not_ready} within {self.timeout:.0f} s", self.log)
+            time.sleep(0.1)
+        return time.monotonic() - start
+
+
+def wait_http(url: str, service: Starting, context: ssl.SSLContext | None = None) -> float:
+    """Poll ``url`` until it answers 200 or 300; returns the seconds it took. ``context``
+    verifies an https service (the lab's own CA)."""
     handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]
     if context is not None:
         handlers.append(urllib.request.HTTPSHandler(context=context))
@@ -442,20 +456,10 @@ def wait_http(
             code = 0
         return code in (200, 300)
 
-    return _wait(answers, f"did not answer {url}", pid, marker, log, what, timeout, abort)
+    return service.wait(answers, f"did not answer {url}")
 
 
-def wait_file(
-    path: Path,
-    content: str,
-    *,
-    pid: int,
-    marker: str,
-    log: Path,
-    what: str,
-    timeout: float = 60.0,
-    abort: Callable[[], None] | None = None,
-) -> float:
+def wait_file(path: Path, content: str, service: Starting) -> float:
     """Wait until ``path`` holds ``content`` (a service's own readiness mark); as wait_http."""
 
     def marked() -> bool:
@@ -464,30 +468,7 @@ def wait_file(
         except OSError:
             return False
 
-    return _wait(marked, "was not ready", pid, marker, log, what, timeout, abort)
-
-
-def _wait(
-    ready: Callable[[], bool],
-    not_ready: str,
-    pid: int,
-    marker: str,
-    log: Path,
-    what: str,
-    timeout: float,
-    abort: Callable[[], None] | None,
-) -> float:
-    """Poll ``ready`` every 0.1 s while the service runs; returns the seconds it took."""
-    start = time.monotonic()
-    while not ready():
-        if abort is not None:
-            abort()
-        if not is_running(pid, marker):
-            raise failure(f"{what} exited while starting", log)
-        if time.monotonic() - start > timeout:
-            raise failure(f"{what} {not_ready} within {timeout:.0f} s", log)
-        time.sleep(0.1)
-    return time.monotonic() - start
+    return service.wait(marked, "was not ready")
 
 
 def wait_service(
@@ -499,15 +480,9 @@ def wait_service(
     abort: Callable[[], None] | None,
 ) -> None:
     """Wait for a cloud's service (with the usual log and pidfile) to answer ``url``."""
-    wait_http(
-        url,
-        pid=pid,
-        marker=str(service_pid_file(cloud_dir, service)),
-        log=service_log(cloud_dir, service),
-        what=f"{cloud_dir.name}: {service}",
-        timeout=timeout,
-        abort=abort,
-    )
+    marker = str(service_pid_file(cloud_dir, service))
+    log = service_log(cloud_dir, service)
+    wait_http(url, Starting(pid, marker, log, f"{cloud_dir.name}: {service}", timeout, abort))
 
 
 @contextlib.contextmanager

@@ -132,19 +132,11 @@ def wait_ready(
 ) -> None:
     url = f"{config.base_url}/availability"
     https = url.startswith("https:")
-    procs.wait_http(
-        url,
-        pid=pid,
-        marker=str(pid_file(config.directory)),
-        log=log_file(config.directory),
-        what="vospace",
-        timeout=timeout,
-        abort=abort,
-        # verified against the lab's own CA
-        context=ssl.create_default_context(cafile=str(tls_files(config.directory).ca))
-        if https
-        else None,
-    )
+    d = config.directory
+    service = procs.Starting(pid, str(pid_file(d)), log_file(d), "vospace", timeout, abort)
+    # verified against the lab's own CA
+    context = ssl.create_default_context(cafile=str(tls_files(d).ca)) if https else None
+    procs.wait_http(url, service, context)
 
 
 def registry_line(config: ServiceConfig) -> str:
