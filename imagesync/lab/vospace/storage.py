@@ -178,6 +178,13 @@ class Store:
         row = db.execute(f"SELECT {_COLUMNS} FROM nodes WHERE path = ?", (path,)).fetchone()
         return None if row is None else _row(row)
 
+    @classmethod
+    def _existing(cls, db: sqlite3.Connection, path: str) -> Node:
+        node = cls._get(db, path)
+        if node is None:
+            raise NotFound("NodeNotFound", f"/{path}")
+        return node
+
     def require(self, path: str) -> Node:
         node = self.get(path)
         if node is None:
@@ -246,9 +253,7 @@ class Store:
 
     def set_properties(self, path: str, props: dict[str, str], deleted: set[str]) -> Node:
         with self._tx() as db:
-            node = self._get(db, path)
-            if node is None:
-                raise NotFound("NodeNotFound", f"/{path}")
+            node = self._existing(db, path)
             merged = dict(node.props)
             merged.update(_mutable(props))
             for uri in deleted:
@@ -261,9 +266,7 @@ class Store:
         if not path:
             raise Invalid("PermissionDenied", "the root container cannot be deleted")
         with self._tx() as db:
-            node = self._get(db, path)
-            if node is None:
-                raise NotFound("NodeNotFound", f"/{path}")
+            node = self._existing(db, path)
             if (
                 node.type == "ContainerNode"
                 and db.execute("SELECT 1 FROM nodes WHERE parent = ? LIMIT 1", (path,)).fetchone()
@@ -331,9 +334,7 @@ class Store:
         if not src:
             raise Invalid("PermissionDenied", "the root container cannot be moved")
         with self._tx() as db:
-            node = self._get(db, src)
-            if node is None:
-                raise NotFound("NodeNotFound", f"/{src}")
+            node = self._existing(db, src)
             existing = self._get(db, dest)
             if existing is not None and existing.type == "ContainerNode":
                 dest = f"{dest}/{node.name}" if dest else node.name
