@@ -21,15 +21,10 @@ from tests.faultproxy import FaultProxy
 
 def cloud_auth(lab: LabInfo, name: str, *, auth_url: str | None = None) -> dict[str, str]:
     """The password auth of the lab's ordinary user on cloud ``name`` (a config's ``auth``)."""
-    c = lab.cloud(name)
-    return {
-        "auth_url": auth_url or c.keystone_url,
-        "username": c.username,
-        "password": c.password,
-        "project_name": c.project,
-        "user_domain_name": "Default",
-        "project_domain_name": "Default",
-    }
+    auth = lab.cloud(name).password_auth()
+    if auth_url:
+        auth["auth_url"] = auth_url
+    return auth
 
 
 def yaml_cloud(lab: LabInfo, name: str, **extra: Any) -> dict[str, Any]:
