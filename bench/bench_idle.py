@@ -215,14 +215,7 @@ def bench_config(lab: LabInfo, state_dir: Path) -> Config:
         c = lab.cloud(name)
         clouds[name] = CloudConfig(
             name=name,
-            auth={
-                "auth_url": c.keystone_url,
-                "username": c.username,
-                "password": c.password,
-                "project_name": c.project,
-                "user_domain_name": "Default",
-                "project_domain_name": "Default",
-            },
+            auth=c.password_auth(),
             auth_type="password",
             region_name=c.region,
             timeout=60.0,

@@ -45,8 +45,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import platform
 import shlex
 import shutil
 import sys
@@ -54,29 +52,13 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import requests
-from _common import (  # the script's own directory is on sys.path
-    GB,
-    Glance,
-    MiB,
-    ServerCPU,
-    Timed,
-    UwsgiLog,
-    check_trees,
-    ensure_source,
-    imagesync_command,
-    imagesync_config,
-    median,
-    paired,
-    rename_image,
-    run_timed,
-)
+import _common
+from _common import GB, T0, Glance, MiB, say  # the script's own directory is on sys.path
 
-from imagesync import lab
 from imagesync.lab import LabInfo
 
 HERE = Path(__file__).resolve().parent
@@ -95,48 +77,17 @@ RSS_GROWTH_MAX_MB = 10.0  # "not growing with size": 4 GB peak within 10 MB of t
 CHECK_RECORDED_MAX = 0.25
 CHECK_FRESH_MAX = 1.0
 
-_T0 = time.monotonic()
-
-
-def say(text: str) -> None:
-    print(f"[{time.monotonic() - _T0:6.0f}s] {text}", flush=True)
-
 
 @dataclass
-class Run:
-    """One run of one contender."""
+class Run(_common.Run):
+    """One run of one contender, with what the Glance servers did for it."""
 
-    seconds: float
-    rss_mb: float | None
-    cpu_seconds: float | None = None  # the contender's processes, user + system
     server_cpu_seconds: float | None = None  # the source and target Glance servers
-    transfer_seconds: float | None = None  # imagesync's own copy time (from --json)
     source_reads: int | None = None  # data requests the source Glance served
     source_bytes: int | None = None
 
 
-@dataclass
-class Row:
-    """One contender in one scenario: its runs and their medians."""
-
-    scenario: str
-    contender: str
-    nbytes: int
-    runs: list[Run] = field(default_factory=list)
-    baseline: bool = False
-
-    @property
-    def seconds(self) -> float:
-        return median([r.seconds for r in self.runs])
-
-    @property
-    def rss_mb(self) -> float | None:
-        values = [r.rss_mb for r in self.runs if r.rss_mb is not None]
-        return max(values) if values else None
-
-    @property
-    def mb_s(self) -> float | None:
-        return self.nbytes / self.seconds / 1e6 if self.nbytes else None
+Row = _common.Row[Run]
 
 
 class Bench:
@@ -147,8 +98,8 @@ class Bench:
         self.work = work
         self.also = list(also)  # (label, source tree): more imagesync versions to compare
         self.glance = {c.name: Glance(info, c.name) for c in info.clouds}
-        self.source_log = UwsgiLog(info.directory, "lab1")
-        self.servers = ServerCPU(info.directory, [c.name for c in info.clouds])
+        self.source_log = _common.UwsgiLog(info.directory, "lab1")
+        self.servers = _common.ServerCPU(info.directory, [c.name for c in info.clouds])
         self.env = {"OS_CLIENT_CONFIG_FILE": str(info.clouds_yaml), "PYTHONUNBUFFERED": "1"}
 
     # -- helpers --------------------------------------------------------------------------------
@@ -179,18 +130,18 @@ class Bench:
         self, src: dict[str, Any], targets: Sequence[str], tree: Path | None = None
     ) -> Run:
         """``imagesync push`` (the installed one, or the one in source ``tree``)."""
-        name = rename_image(self.glance["lab1"], src, "bench-is")
+        name = _common.rename_image(self.glance["lab1"], src, "bench-is")
         run_dir = self.work / name
         run_dir.mkdir()
-        cfg = imagesync_config(
+        cfg = _common.imagesync_config(
             self.info, run_dir / "imagesync.yaml", name, ["lab1", *targets], run_dir / "state"
         )
-        cmd, env = imagesync_command(self.env, IMAGESYNC, tree)
+        cmd, env = _common.imagesync_command(self.env, IMAGESYNC, tree)
         cmd += ["-c", str(cfg), "push", name, "--json"]
         for target in targets:
             cmd += ["--to", target]
         self.source_log.mark()
-        t = run_timed(cmd, env, cwd=tree).check("imagesync push")
+        t = _common.run_timed(cmd, env, cwd=tree).check("imagesync push")
         reads, nbytes = self.source_log.served_since_mark(str(src["id"]))
         out = json.loads(t.stdout)
         copies = [r for r in out["results"] if r["kind"] == "copy"]
@@ -222,7 +173,7 @@ class Bench:
         else:
             script = " ".join(f"( {c} ) & p{i}=$!;" for i, c in enumerate(cmds))
             script += " " + " && ".join(f"wait $p{i}" for i in range(len(cmds)))
-        t = run_timed(script).check("curl relay")
+        t = _common.run_timed(script).check("curl relay")
         reads, nbytes = self.source_log.served_since_mark(str(src["id"]))
         for target in targets:
             images = self.glance[target].named(name)
@@ -238,7 +189,7 @@ class Bench:
         name = f"bench-osc-{uuid.uuid4().hex[:8]}"
         with tempfile.TemporaryDirectory(dir=self.work) as tmp:
             path = Path(tmp) / "image.raw"
-            save = run_timed(
+            save = _common.run_timed(
                 [
                     OPENSTACK,
                     "--os-cloud",
@@ -251,7 +202,7 @@ class Bench:
                 ],
                 self.env,
             ).check("openstack image save")
-            create = run_timed(
+            create = _common.run_timed(
                 [
                     OPENSTACK,
                     "--os-cloud",
@@ -287,29 +238,30 @@ class Bench:
         repeat: int,
         contenders: Sequence[tuple[str, Callable[[], Run], bool]],
     ) -> list[Row]:
-        rows = [Row(scenario, label, nbytes, baseline=base) for label, _, base in contenders]
-        for i in range(repeat):
-            order = list(range(len(contenders)))
-            if i % 2:
-                order.reverse()
-            for k in order:
-                label, fn, _ = contenders[k]
+        def with_servers(fn: Callable[[], Run]) -> Callable[[], Run]:
+            def run() -> Run:
                 before = self.servers.seconds()
-                run = fn()
-                run.server_cpu_seconds = round(self.servers.seconds() - before, 2)
-                rows[k].runs.append(run)
-                extra = (
-                    f", imagesync's copy {run.transfer_seconds:.1f}s"
-                    if run.transfer_seconds is not None
-                    else ""
-                )
-                rate = f" ({nbytes / run.seconds / 1e6:.0f} MB/s)" if nbytes else ""
-                say(
-                    f"  {scenario} round {i + 1}/{repeat}: {label}: {run.seconds:.2f}s{rate}, "
-                    f"peak RSS {run.rss_mb or 0:.0f} MB, CPU {run.cpu_seconds or 0:.1f}s, "
-                    f"Glance servers' CPU {run.server_cpu_seconds:.1f}s{extra}"
-                )
-        return rows
+                out = fn()
+                out.server_cpu_seconds = round(self.servers.seconds() - before, 2)
+                return out
+
+            return run
+
+        def detail(run: Run, nbytes: int) -> str:
+            extra = (
+                f", imagesync's copy {run.transfer_seconds:.1f}s"
+                if run.transfer_seconds is not None
+                else ""
+            )
+            return f", Glance servers' CPU {run.server_cpu_seconds:.1f}s{extra}"
+
+        return _common.rounds(
+            scenario,
+            nbytes,
+            repeat,
+            [(label, with_servers(fn), base) for label, fn, base in contenders],
+            detail,
+        )
 
     def _pushes(
         self, src: dict[str, Any], targets: Sequence[str]
@@ -369,14 +321,14 @@ class Bench:
         g1.upload_generated(str(img["id"]), 8 * MiB)
         run_dir = self.work / name
         run_dir.mkdir()
-        cfg = imagesync_config(
+        cfg = _common.imagesync_config(
             self.info, run_dir / "imagesync.yaml", name, ["lab1", "lab2"], run_dir / "state"
         )
         base = [IMAGESYNC, "-c", str(cfg), "check", name, "--cloud", "lab2"]
-        run_timed([IMAGESYNC, "-c", str(cfg), "push", name], self.env).check("push")
+        _common.run_timed([IMAGESYNC, "-c", str(cfg), "push", name], self.env).check("push")
         copy_id = self.glance["lab2"].named(name)[0]["id"]
         for extra, want in (([], "recorded"), (["--fresh"], "sites")):
-            t = run_timed([*base, *extra, "--json"], self.env).check("check")
+            t = _common.run_timed([*base, *extra, "--json"], self.env).check("check")
             got = json.loads(t.stdout)
             if got.get("answered_from") != want or got.get("image_id") != copy_id:
                 raise RuntimeError(f"imagesync check {extra}: {got}")
@@ -391,7 +343,7 @@ class Bench:
 
         def timed(cmd: list[str]) -> Callable[[], Run]:
             def run() -> Run:
-                t = run_timed(cmd, self.env).check(shlex.join(cmd[:4]))
+                t = _common.run_timed(cmd, self.env).check(shlex.join(cmd[:4]))
                 return Run(t.seconds, _mb(t), t.cpu)
 
             return run
@@ -405,10 +357,10 @@ class Bench:
 
 def _med(values: Sequence[float | None]) -> float | None:
     known = [v for v in values if v is not None]
-    return round(median(known), 2) if known else None
+    return round(_common.median(known), 2) if known else None
 
 
-def _mb(t: Timed) -> float | None:
+def _mb(t: _common.Timed) -> float | None:
     return t.rss_kb / 1024 if t.rss_kb is not None else None
 
 
@@ -424,7 +376,7 @@ def table(rows: Sequence[Row]) -> list[dict[str, Any]]:
     for r in rows:
         base = _baseline(rows, r)
         ratio = base.seconds / r.seconds if base is not None else None
-        pair = paired(r, base) if base is not None else None
+        pair = _common.paired(r, base) if base is not None else None
         out.append(
             {
                 "scenario": r.scenario,
@@ -463,7 +415,7 @@ def goals(rows: Sequence[Row], size: int) -> list[dict[str, Any]]:
     # Judged on the paired ratio (see ``paired``); the ratio of the medians is shown too.
     push, relay = find("copy 1→1", "imagesync push"), find("copy 1→1", "curl relay")
     if push and relay:
-        ratio, pair = relay.seconds / push.seconds, paired(push, relay)
+        ratio, pair = relay.seconds / push.seconds, _common.paired(push, relay)
         goal(
             f"copy {size / GB:g} GB: ≥ {COPY_RATIO_MIN}× the curl relay's throughput",
             f"{pair:.2f}× paired, {ratio:.2f}× of medians ({push.mb_s:.0f} vs "
@@ -475,7 +427,7 @@ def goals(rows: Sequence[Row], size: int) -> list[dict[str, Any]]:
         find("fan-out 1→3", "3 parallel curl relays"),
     )
     if fan and relays:
-        ratio, pair = fan.seconds / relays.seconds, 1 / paired(fan, relays)
+        ratio, pair = fan.seconds / relays.seconds, 1 / _common.paired(fan, relays)
         goal(
             f"fan-out 1→3: ≤ {FANOUT_TIME_MAX}× the time of 3 parallel curl relays",
             f"{pair:.2f}× paired, {ratio:.2f}× of medians ({fan.seconds:.1f} vs "
@@ -487,14 +439,11 @@ def goals(rows: Sequence[Row], size: int) -> list[dict[str, Any]]:
         goal(
             "fan-out 1→3: the source is read once", f"source requests/bytes per push: {reads}", once
         )
-    pushes = [r for r in rows if r.contender == "imagesync push" and r.rss_mb is not None]
-    if pushes:
-        peak = max(r.rss_mb or 0.0 for r in pushes)
-        goal(
-            f"push peak RSS ≤ {RSS_MAX_MB:.0f} MB",
-            ", ".join(f"{r.scenario} {r.nbytes / GB:g} GB: {r.rss_mb:.0f} MB" for r in pushes),
-            peak <= RSS_MAX_MB,
-        )
+    out += _common.rss_goal(
+        [r for r in rows if r.contender == "imagesync push"],
+        RSS_MAX_MB,
+        lambda r: f"{r.scenario} {r.nbytes / GB:g} GB",
+    )
     small, large = find("copy 1→1", "imagesync push"), find("big 1→1", "imagesync push")
     if small and large and small.rss_mb and large.rss_mb:
         growth = large.rss_mb - small.rss_mb
@@ -525,88 +474,28 @@ def goals(rows: Sequence[Row], size: int) -> list[dict[str, Any]]:
     return out
 
 
-def render(table_rows: Sequence[dict[str, Any]], goal_rows: Sequence[dict[str, Any]]) -> str:
-    head = [
-        "scenario",
-        "contender",
-        "runs",
-        "seconds (median)",
-        "MB/s",
-        "× curl relay",
-        "× curl, paired",
-        "peak RSS MB",
-        "CPU s",
-        "Glance CPU s",
-    ]
-    cells = [
-        [
-            r["scenario"],
-            r["contender"],
-            str(r["runs"]),
-            f"{r['seconds']:.2f}",
-            f"{r['mb_s']:.0f}" if r["mb_s"] else "",
-            f"{r['ratio_vs_curl']:.2f}" if r["ratio_vs_curl"] is not None else "",
-            f"{r['paired_ratio_vs_curl']:.2f}" if r["paired_ratio_vs_curl"] is not None else "",
-            f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "",
-            f"{r['cpu_seconds']:.1f}" if r["cpu_seconds"] is not None else "",
-            f"{r['server_cpu_seconds']:.1f}" if r["server_cpu_seconds"] is not None else "",
-        ]
-        for r in table_rows
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(c) + " |" for c in cells]
-    lines += ["", "| goal | measured | result |", "|---|---|---|"]
-    lines += [
-        f"| {g['goal']} | {g['measured']} | {'PASS' if g['pass'] else 'FAIL'} |" for g in goal_rows
-    ]
-    return "\n".join(lines)
-
-
-def machine() -> dict[str, Any]:
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpus": os.cpu_count(),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "requests": requests.__version__,
-    }
+COLUMNS = _common.columns(
+    [("× curl relay", "ratio_vs_curl", ".2f"), ("× curl, paired", "paired_ratio_vs_curl", ".2f")],
+    [("Glance CPU s", "server_cpu_seconds", ".1f")],
+)
 
 
 # -- main ------------------------------------------------------------------------------------------
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument(
-        "--lab-dir",
-        type=Path,
-        default=None,
-        help="lab directory (a running lab there is reused and left running)",
+    _common.add_common_options(
+        p,
+        RESULTS,
+        "also run imagesync from this source tree (a checkout with a candidate "
+        "change) as another contender, side by side (repeatable)",
     )
-    p.add_argument("--size-gb", type=float, default=1.0, help="image size, GiB (default 1)")
     p.add_argument("--big-gb", type=float, default=4.0, help="big image size, GiB (default 4)")
-    p.add_argument("--repeat", type=int, default=3, help="rounds per scenario (default 3)")
     p.add_argument("--quick", action="store_true", help="skip the big image")
     p.add_argument(
         "--only",
         action="append",
         choices=["copy", "fanout", "big", "check"],
         help="run only these scenarios (repeatable)",
-    )
-    p.add_argument("--results", type=Path, default=RESULTS, help="JSON results file")
-    p.add_argument(
-        "--also",
-        action="append",
-        default=[],
-        metavar="LABEL=TREE",
-        help="also run imagesync from this source tree (a checkout with a candidate "
-        "change) as another contender, side by side (repeatable)",
     )
     args = p.parse_args(argv)
     scenarios = set(args.only or ["copy", "fanout", "big", "check"])
@@ -620,70 +509,48 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick:
         scenarios.discard("big")
 
-    lab_dir = (args.lab_dir or Path(tempfile.mkdtemp(prefix="imagesync-bench-lab-"))).resolve()
-    current = lab.info(lab_dir)
-    reuse = current is not None and current.start_kind == "running"
-    say(f"lab in {lab_dir} ({'reusing the running lab' if reuse else 'starting'})")
-    info = lab.up(clouds=max(CLOUDS, len(current.clouds) if current else 0), directory=lab_dir)
-    say(f"lab up ({info.start_kind}, {info.start_seconds:.0f}s)")
     rows: list[Row] = []
     size = int(args.size_gb * GB)
-    try:
-        with tempfile.TemporaryDirectory(prefix="imagesync-bench-") as tmp:
-            also = [
-                (label, Path(tree).resolve())
-                for label, _, tree in (a.partition("=") for a in args.also)
-            ]
-            bench = Bench(info, Path(tmp), also)
-            check_trees(bench.also, bench.env)
-            if scenarios & {"copy", "fanout"}:
-                src = ensure_source(bench.glance["lab1"], size, say)
-                if "copy" in scenarios:
-                    say(f"copy {args.size_gb:g} GB lab1 → lab2, {args.repeat} rounds")
-                    rows += bench.copy(src, args.repeat)
-                if "fanout" in scenarios:
-                    say(
-                        f"fan-out {args.size_gb:g} GB lab1 → lab2, lab3, lab4, {args.repeat} rounds"
-                    )
-                    rows += bench.fanout(src, args.repeat)
-            if "big" in scenarios:
-                big = ensure_source(bench.glance["lab1"], int(args.big_gb * GB), say)
-                say(f"big: {args.big_gb:g} GB lab1 → lab2")
-                rows += bench.big(big)
-            if "check" in scenarios:
-                say("check: recorded, --fresh, openstack image show")
-                rows += bench.check(max(5, args.repeat))
-    finally:
-        if not reuse:
-            say("stopping the lab")
-            lab.down(lab_dir)
-            if args.lab_dir is None:
-                shutil.rmtree(lab_dir, ignore_errors=True)
-    total = time.monotonic() - _T0
+    with (
+        _common.bench_lab(args.lab_dir, CLOUDS) as info,
+        tempfile.TemporaryDirectory(prefix="imagesync-bench-") as tmp,
+    ):
+        bench = Bench(info, Path(tmp), _common.also_trees(args.also))
+        _common.check_trees(bench.also, bench.env)
+        if scenarios & {"copy", "fanout"}:
+            src = _common.ensure_source(bench.glance["lab1"], size, say)
+            if "copy" in scenarios:
+                say(f"copy {args.size_gb:g} GB lab1 → lab2, {args.repeat} rounds")
+                rows += bench.copy(src, args.repeat)
+            if "fanout" in scenarios:
+                say(f"fan-out {args.size_gb:g} GB lab1 → lab2, lab3, lab4, {args.repeat} rounds")
+                rows += bench.fanout(src, args.repeat)
+        if "big" in scenarios:
+            big = _common.ensure_source(bench.glance["lab1"], int(args.big_gb * GB), say)
+            say(f"big: {args.big_gb:g} GB lab1 → lab2")
+            rows += bench.big(big)
+        if "check" in scenarios:
+            say("check: recorded, --fresh, openstack image show")
+            rows += bench.check(max(5, args.repeat))
+    total = time.monotonic() - T0
     table_rows, goal_rows = table(rows), goals(rows, size)
-    text = render(table_rows, goal_rows)
+    text = _common.markdown(COLUMNS, table_rows, goal_rows)
     print()
     print(text)
     print(f"\nwhole run: {total:.0f}s")
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(
-        json.dumps(
-            {
-                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "command": shlex.join(["bench/bench_transfer.py", *(argv or sys.argv[1:])]),
-                "size_bytes": size,
-                "big_bytes": int(args.big_gb * GB) if "big" in scenarios else None,
-                "repeat": args.repeat,
-                "machine": machine(),
-                "total_seconds": round(total, 1),
-                "rows": table_rows,
-                "goals": goal_rows,
-                "runs": [asdict(r) for r in rows],
-            },
-            indent=2,
-            ensure_ascii=False,
-        )
-        + "\n"
+    _common.write_results(
+        args.results,
+        "bench/bench_transfer.py",
+        argv,
+        {
+            "size_bytes": size,
+            "big_bytes": int(args.big_gb * GB) if "big" in scenarios else None,
+            "repeat": args.repeat,
+            "total_seconds": round(total, 1),
+            "rows": table_rows,
+            "goals": goal_rows,
+            "runs": [asdict(r) for r in rows],
+        },
     )
     print(f"results: {args.results}")
     return 0 if all(g["pass"] for g in goal_rows) else 1

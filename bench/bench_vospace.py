@@ -48,11 +48,8 @@ the test suite; see bench/README.md for the figures and what they mean.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
-import os
-import platform
 import shlex
 import shutil
 import sys
@@ -61,28 +58,15 @@ import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import _common
 import requests
 import yaml
-from _common import (  # the script's own directory is on sys.path
-    GB,
-    Glance,
-    MiB,
-    check_trees,
-    ensure_source,
-    generated_chunks,
-    imagesync_command,
-    imagesync_config,
-    median,
-    paired,
-    rename_image,
-    run_timed,
-)
+from _common import GB, T0, Glance, MiB, say  # the script's own directory is on sys.path
 
-from imagesync import lab
 from imagesync.lab import LabInfo, LabVOSpace
 
 HERE = Path(__file__).resolve().parent
@@ -97,16 +81,10 @@ RSS_MAX_MB = 100.0
 STORED_FRACTION_MAX = 0.35  # bytes written to a compressed store / image size (70% zeros)
 COMPRESSED_RATIO_MIN = 0.9  # compressed push throughput / plain push throughput, paired
 
-_T0 = time.monotonic()
-
-
-def say(text: str) -> None:
-    print(f"[{time.monotonic() - _T0:6.0f}s] {text}", flush=True)
-
 
 def zero70_chunks(size: int) -> Iterator[bytes]:
     """``size`` bytes in 1 MiB blocks: 70% zeros, 30% not compressible (blocks 2, 5, 8 of 10)."""
-    random = generated_chunks(size)
+    random = _common.generated_chunks(size)
     zero = bytes(MiB)
     sent = i = 0
     while sent < size:
@@ -115,28 +93,6 @@ def zero70_chunks(size: int) -> Iterator[bytes]:
         yield block[:n]
         sent += n
         i += 1
-
-
-def ensure_zero70(glance: Glance, size: int) -> dict[str, Any]:
-    """The ``zero70`` source on ``glance`` (made once, found again by its tag)."""
-    tag = f"bench-src-zero70-{size // MiB}m"
-    for img in glance.find({"tag": tag}):
-        if img.get("status") == "active" and img.get("size") == size:
-            return img
-        glance.delete(str(img["id"]))
-    say(f"  uploading the {size / GB:g} GB 70%-zero source image {tag} ...")
-    img = glance.create(tag, tags=[tag])
-    r = glance.http.put(
-        f"{glance.url}/v2/images/{img['id']}/file",
-        data=zero70_chunks(size),
-        timeout=3600,
-        headers={"X-Auth-Token": glance.token(), "Content-Type": "application/octet-stream"},
-    )
-    r.raise_for_status()
-    img = glance.get(str(img["id"]))
-    if img.get("status") != "active" or img.get("size") != size:
-        raise RuntimeError(f"source image {img['id']}: {img.get('status')}, {img.get('size')}")
-    return img
 
 
 class VOSpace:
@@ -216,30 +172,13 @@ class VOSpace:
 
 
 @dataclass
-class Run:
-    seconds: float
-    rss_mb: float | None
-    cpu_seconds: float | None = None
-    transfer_seconds: float | None = None  # imagesync's own copy time (from --json)
+class Run(_common.Run):
+    """One run of one contender, with what the store holds afterwards."""
+
     stored_bytes: int | None = None  # what the store holds for the image afterwards
 
 
-@dataclass
-class Row:
-    scenario: str
-    contender: str
-    nbytes: int
-    runs: list[Run] = field(default_factory=list)
-    baseline: bool = False
-
-    @property
-    def seconds(self) -> float:
-        return median([r.seconds for r in self.runs])
-
-    @property
-    def rss_mb(self) -> float | None:
-        values = [r.rss_mb for r in self.runs if r.rss_mb is not None]
-        return max(values) if values else None
+Row = _common.Row[Run]
 
 
 def _mb(kib: int | None) -> float | None:
@@ -261,7 +200,7 @@ class Bench:
         """One rule, lab1 and the VOSpace store (``compress`` as given)."""
         vo = self.info.vospace
         assert vo is not None
-        path = imagesync_config(
+        path = _common.imagesync_config(
             self.info, run_dir / "imagesync.yaml", name, ["lab1"], run_dir / "state"
         )
         doc = yaml.safe_load(path.read_text())
@@ -281,12 +220,12 @@ class Bench:
     def imagesync_push(
         self, src: dict[str, Any], compress: str | None = None, tree: Path | None = None
     ) -> Run:
-        name = rename_image(self.glance, src, "bench-vo-is")
+        name = _common.rename_image(self.glance, src, "bench-vo-is")
         run_dir = self.work / name
         run_dir.mkdir()
         cfg = self._config(name, run_dir, compress)
-        cmd, env = imagesync_command(self.env, IMAGESYNC, tree)
-        t = run_timed(
+        cmd, env = _common.imagesync_command(self.env, IMAGESYNC, tree)
+        t = _common.run_timed(
             [*cmd, "-c", str(cfg), "push", name, "--to", "vault", "--json"], env, cwd=tree
         ).check("imagesync push")
         out = json.loads(t.stdout)
@@ -324,40 +263,17 @@ class Bench:
             f"curl -sfS -H @{down} {self.glance.url}/v2/images/{src['id']}/file"
             f" | curl -sfS -T - -H @{up} -X PUT {shlex.quote(url)} -o /dev/null"
         )
-        t = run_timed(script).check("curl relay")
+        t = _common.run_timed(script).check("curl relay")
         nodes = self.vos.data_nodes(name)
         self.vos.delete_name(name)
         if nodes.get(leaf) != src["size"]:
             raise RuntimeError(f"curl relay: the store holds {nodes}, not {src['size']} bytes")
         return Run(t.seconds, _mb(t.rss_kb), t.cpu, stored_bytes=nodes[leaf])
 
-    def rounds(
-        self,
-        scenario: str,
-        nbytes: int,
-        repeat: int,
-        contenders: Sequence[tuple[str, Callable[[], Run], bool]],
-    ) -> list[Row]:
-        rows = [Row(scenario, label, nbytes, baseline=base) for label, _, base in contenders]
-        for i in range(repeat):
-            order = list(range(len(contenders)))
-            if i % 2:
-                order.reverse()
-            for k in order:
-                label, fn, _ = contenders[k]
-                run = fn()
-                rows[k].runs.append(run)
-                stored = (
-                    f", stored {run.stored_bytes / nbytes:.1%}"
-                    if run.stored_bytes is not None
-                    else ""
-                )
-                say(
-                    f"  {scenario} round {i + 1}/{repeat}: {label}: {run.seconds:.2f}s "
-                    f"({nbytes / run.seconds / 1e6:.0f} MB/s), peak RSS {run.rss_mb or 0:.0f} MB, "
-                    f"CPU {run.cpu_seconds or 0:.1f}s{stored}"
-                )
-        return rows
+
+def stored(run: Run, nbytes: int) -> str:
+    """How much of the image the store holds after ``run`` (said after every run)."""
+    return "" if run.stored_bytes is None else f", stored {run.stored_bytes / nbytes:.1%}"
 
 
 def report(rows: Sequence[Row], size: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -374,10 +290,10 @@ def report(rows: Sequence[Row], size: int) -> tuple[list[dict[str, Any]], list[d
                 "runs": len(r.runs),
                 "seconds": round(r.seconds, 2),
                 "mb_s": round(r.nbytes / r.seconds / 1e6, 1),
-                "paired_vs_baseline": round(paired(r, base), 3) if base else None,
+                "paired_vs_baseline": round(_common.paired(r, base), 3) if base else None,
                 "baseline": base.contender if base else None,
                 "peak_rss_mb": round(r.rss_mb, 1) if r.rss_mb is not None else None,
-                "cpu_seconds": round(median([x.cpu_seconds or 0.0 for x in r.runs]), 1),
+                "cpu_seconds": round(_common.median([x.cpu_seconds or 0.0 for x in r.runs]), 1),
                 "stored_fraction": round(max(stored) / r.nbytes, 4) if stored else None,
             }
         )
@@ -385,23 +301,11 @@ def report(rows: Sequence[Row], size: int) -> tuple[list[dict[str, Any]], list[d
     def goal(name: str, measured: str, ok: bool) -> None:
         goals.append({"goal": name, "measured": measured, "pass": ok})
 
-    push, relay = by.get(("push", "imagesync push")), by.get(("push", "curl relay"))
-    if push and relay:
-        ratio = paired(push, relay)
-        goal(
-            f"push Glance → VOSpace ≥ {PUSH_RATIO_MIN}× a curl \\| curl relay",
-            f"{ratio:.2f}× paired, {relay.seconds / push.seconds:.2f}× of medians "
-            f"({push.seconds:.1f} vs {relay.seconds:.1f} s)",
-            ratio >= PUSH_RATIO_MIN,
-        )
-    pushes = [r for r in rows if r.contender.startswith("imagesync") and r.rss_mb is not None]
-    if pushes:
-        peak = max(r.rss_mb or 0.0 for r in pushes)
-        goal(
-            f"push peak RSS ≤ {RSS_MAX_MB:.0f} MB",
-            ", ".join(f"{r.scenario}/{r.contender}: {r.rss_mb:.0f} MB" for r in pushes),
-            peak <= RSS_MAX_MB,
-        )
+    goals += _common.rss_goal(
+        [r for r in rows if r.contender.startswith("imagesync")],
+        RSS_MAX_MB,
+        lambda r: f"{r.scenario}/{r.contender}",
+    )
     plain, zstd = by.get(("compress", "push, plain store")), by.get(("compress", "push, zstd"))
     if zstd:
         written = max(x.stored_bytes or 0 for x in zstd.runs)
@@ -410,167 +314,111 @@ def report(rows: Sequence[Row], size: int) -> tuple[list[dict[str, Any]], list[d
             f"{written / size:.1%} ({written / 1e6:.0f} MB of {size / 1e6:.0f} MB)",
             written <= STORED_FRACTION_MAX * size,
         )
-    if plain and zstd:
-        ratio = paired(zstd, plain)
-        goal(
+    # the throughput goals, each judged on the ratio paired within rounds
+    for what, row, base, minimum in (
+        (
+            f"push Glance → VOSpace ≥ {PUSH_RATIO_MIN}× a curl \\| curl relay",
+            by.get(("push", "imagesync push")),
+            by.get(("push", "curl relay")),
+            PUSH_RATIO_MIN,
+        ),
+        (
             f"compressed push ≥ {COMPRESSED_RATIO_MIN}× the throughput of a plain push",
-            f"{ratio:.2f}× paired, {plain.seconds / zstd.seconds:.2f}× of medians "
-            f"({zstd.seconds:.1f} vs {plain.seconds:.1f} s)",
-            ratio >= COMPRESSED_RATIO_MIN,
-        )
+            zstd,
+            plain,
+            COMPRESSED_RATIO_MIN,
+        ),
+    ):
+        if row and base:
+            ratio, measured = _common.speed_vs(row, base)
+            goal(what, measured, ratio >= minimum)
     return table, goals
 
 
-def render(table: Sequence[dict[str, Any]], goals: Sequence[dict[str, Any]]) -> str:
-    head = [
-        "scenario",
-        "contender",
-        "runs",
-        "s (median)",
-        "MB/s",
-        "× baseline, paired",
-        "peak RSS MB",
-        "CPU s",
-        "stored / image",
-    ]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in table:
-        cells = [
-            r["scenario"],
-            r["contender"],
-            str(r["runs"]),
-            f"{r['seconds']:.2f}",
-            f"{r['mb_s']:.0f}",
-            f"{r['paired_vs_baseline']:.2f}" if r["paired_vs_baseline"] is not None else "",
-            f"{r['peak_rss_mb']:.0f}" if r["peak_rss_mb"] is not None else "",
-            f"{r['cpu_seconds']:.1f}",
-            f"{r['stored_fraction']:.1%}" if r["stored_fraction"] is not None else "",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "| goal | measured | result |", "|---|---|---|"]
-    lines += [
-        f"| {g['goal']} | {g['measured']} | {'PASS' if g['pass'] else 'FAIL'} |" for g in goals
-    ]
-    return "\n".join(lines)
-
-
-def machine() -> dict[str, Any]:
-    load: list[str] = []
-    with contextlib.suppress(OSError):
-        load = Path("/proc/loadavg").read_text().split()[:3]
-    return {
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "loadavg_at_end": load,
-    }
+COLUMNS = _common.columns(
+    [("× baseline, paired", "paired_vs_baseline", ".2f")],
+    [("stored / image", "stored_fraction", ".1%")],
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument(
-        "--lab-dir",
-        type=Path,
-        default=None,
-        help="lab directory (a running lab there is reused and left running)",
+    _common.add_common_options(
+        p,
+        RESULTS,
+        "also run imagesync push from this source tree in the push scenario (repeatable)",
     )
-    p.add_argument("--size-gb", type=float, default=1.0, help="image size, GiB (default 1)")
-    p.add_argument("--repeat", type=int, default=3, help="rounds per scenario (default 3)")
     p.add_argument(
         "--only",
         action="append",
         choices=["push", "compress"],
         help="run only these scenarios (repeatable)",
     )
-    p.add_argument(
-        "--also",
-        action="append",
-        default=[],
-        metavar="LABEL=TREE",
-        help="also run imagesync push from this source tree in the push scenario (repeatable)",
-    )
-    p.add_argument("--results", type=Path, default=RESULTS, help="JSON results file")
     args = p.parse_args(argv)
-    also = [
-        (label, Path(tree).resolve()) for label, _, tree in (a.partition("=") for a in args.also)
-    ]
+    also = _common.also_trees(args.also)
     scenarios = set(args.only or ["push", "compress"])
     if not shutil.which("curl"):
         p.error("the curl relay needs curl: apt-get install curl")
-    lab_dir = (args.lab_dir or Path(tempfile.mkdtemp(prefix="imagesync-bench-lab-"))).resolve()
-    current = lab.info(lab_dir)
-    reuse = current is not None and current.start_kind == "running"
-    say(f"lab in {lab_dir} ({'reusing the running lab' if reuse else 'starting'})")
-    info = lab.up(clouds=max(2, len(current.clouds) if current else 0), directory=lab_dir)
     size = int(args.size_gb * GB)
     rows: list[Row] = []
-    try:
-        with tempfile.TemporaryDirectory(prefix="imagesync-bench-vo-") as tmp:
-            bench = Bench(info, Path(tmp), also)
-            check_trees(bench.also, bench.env)
-            if "push" in scenarios:
-                src = ensure_source(bench.glance, size, say)
-                say(f"push {args.size_gb:g} GB lab1 → VOSpace, {args.repeat} rounds")
-                contenders: list[tuple[str, Callable[[], Run], bool]] = [
-                    ("imagesync push", lambda: bench.imagesync_push(src), False),
-                    ("curl relay", lambda: bench.curl_relay(src), True),
-                ]
-                contenders += [
-                    (
-                        f"imagesync push [{label}]",
-                        functools.partial(bench.imagesync_push, src, None, tree),
-                        False,
-                    )
-                    for label, tree in also
-                ]
-                rows += bench.rounds("push", size, args.repeat, contenders)
-            if "compress" in scenarios:
-                zsrc = ensure_zero70(bench.glance, size)
-                say(f"compress: {args.size_gb:g} GB, 70% zero blocks, {args.repeat} rounds")
-                rows += bench.rounds(
-                    "compress",
-                    size,
-                    args.repeat,
-                    [
-                        ("push, plain store", lambda: bench.imagesync_push(zsrc), True),
-                        ("push, zstd", lambda: bench.imagesync_push(zsrc, "zstd"), False),
-                    ],
+    with (
+        _common.bench_lab(args.lab_dir, 2) as info,
+        tempfile.TemporaryDirectory(prefix="imagesync-bench-vo-") as tmp,
+    ):
+        bench = Bench(info, Path(tmp), also)
+        _common.check_trees(bench.also, bench.env)
+        if "push" in scenarios:
+            src = _common.ensure_source(bench.glance, size, say)
+            say(f"push {args.size_gb:g} GB lab1 → VOSpace, {args.repeat} rounds")
+            contenders: list[tuple[str, Callable[[], Run], bool]] = [
+                ("imagesync push", lambda: bench.imagesync_push(src), False),
+                ("curl relay", lambda: bench.curl_relay(src), True),
+            ]
+            contenders += [
+                (
+                    f"imagesync push [{label}]",
+                    functools.partial(bench.imagesync_push, src, None, tree),
+                    False,
                 )
-    finally:
-        if not reuse:
-            say("stopping the lab")
-            lab.down(lab_dir)
-            if args.lab_dir is None:
-                shutil.rmtree(lab_dir, ignore_errors=True)
+                for label, tree in also
+            ]
+            rows += _common.rounds("push", size, args.repeat, contenders, stored)
+        if "compress" in scenarios:
+            zsrc = _common.ensure_source(bench.glance, size, say, "zero70", zero70_chunks)
+            say(f"compress: {args.size_gb:g} GB, 70% zero blocks, {args.repeat} rounds")
+            rows += _common.rounds(
+                "compress",
+                size,
+                args.repeat,
+                [
+                    ("push, plain store", lambda: bench.imagesync_push(zsrc), True),
+                    ("push, zstd", lambda: bench.imagesync_push(zsrc, "zstd"), False),
+                ],
+                stored,
+            )
     table, goals = report(rows, size)
     print()
-    print(render(table, goals))
-    total = time.monotonic() - _T0
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(
-        json.dumps(
-            {
-                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "command": shlex.join(["bench/bench_vospace.py", *(argv or sys.argv[1:])]),
-                "size_bytes": size,
-                "repeat": args.repeat,
-                "machine": machine(),
-                "total_seconds": round(total, 1),
-                "rows": table,
-                "goals": goals,
-                "runs": [
-                    {
-                        "scenario": r.scenario,
-                        "contender": r.contender,
-                        "runs": [asdict(x) for x in r.runs],
-                    }
-                    for r in rows
-                ],
-            },
-            indent=2,
-            ensure_ascii=False,
-        )
-        + "\n"
+    print(_common.markdown(COLUMNS, table, goals))
+    total = time.monotonic() - T0
+    _common.write_results(
+        args.results,
+        "bench/bench_vospace.py",
+        argv,
+        {
+            "size_bytes": size,
+            "repeat": args.repeat,
+            "total_seconds": round(total, 1),
+            "rows": table,
+            "goals": goals,
+            "runs": [
+                {
+                    "scenario": r.scenario,
+                    "contender": r.contender,
+                    "runs": [asdict(x) for x in r.runs],
+                }
+                for r in rows
+            ],
+        },
     )
     print(f"\nwhole run: {total:.0f}s\nresults: {args.results}")
     return 0 if all(g["pass"] for g in goals) else 1

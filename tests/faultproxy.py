@@ -62,6 +62,31 @@ class FaultPlan:
     lost: int = 0  # answers lost after Glance carried the request out
     slowed: int = 0  # image data bodies slowed down (uploads and downloads)
 
+    def take_failure(self, method: str) -> bool:
+        """Answer this request (of ``method``) with ``fail_status``? (One of them used.)"""
+        return self._take("fail_requests", self.fail_methods, "failed", method)
+
+    def take_loss(self, method: str) -> bool:
+        """Lose the answer to this request (of ``method``)? (One of them used.)"""
+        return self._take("lose_responses", self.lose_methods, "lost", method)
+
+    def take_cut(self, kind: str, end: int) -> bool:
+        """Cut the connection now that ``end`` bytes of ``kind`` data went by? (One used.)"""
+        after, left = {
+            "PUT-up": (self.cut_upload_after, "cut_times"),
+            "GET-down": (self.cut_download_after, "cut_download_times"),
+        }.get(kind, (None, ""))
+        return after is not None and end > after and self._take(left, (), "cuts", "")
+
+    def _take(self, left: str, methods: tuple[str, ...], used: str, method: str) -> bool:
+        """Use one of the counted faults in field ``left`` on a request of ``method`` (when
+        ``methods`` names it, or names none), counting it in field ``used``."""
+        if getattr(self, left) <= 0 or (methods and method not in methods):
+            return False
+        setattr(self, left, getattr(self, left) - 1)
+        setattr(self, used, getattr(self, used) + 1)
+        return True
+
 
 @dataclass
 class Exchange:
@@ -193,12 +218,7 @@ class _Conn:
         kind = (match.group(1).decode() + "-up") if match else ""
         plan = self.proxy.plan
         with self.proxy._lock:
-            fail = plan.fail_requests > 0 and (
-                not plan.fail_methods or ex.method in plan.fail_methods
-            )
-            if fail:
-                plan.fail_requests -= 1
-                plan.failed += 1
+            fail = plan.take_failure(ex.method)
         if fail:
             # Read the body (so the client is not cut off mid-send), answer, and hang up: the
             # request never reached Glance.
@@ -218,14 +238,8 @@ class _Conn:
         return ok
 
     def _lose(self, ex: Exchange) -> bool:
-        plan = self.proxy.plan
         with self.proxy._lock:
-            lose = plan.lose_responses > 0 and (
-                not plan.lose_methods or ex.method in plan.lose_methods
-            )
-            if lose:
-                plan.lose_responses -= 1
-                plan.lost += 1
+            lose = self.proxy.plan.take_loss(ex.method)
         if lose:
             ex.delivered = False
             self.proxy._audit(ex)
@@ -285,24 +299,8 @@ class _Conn:
                 buf[flip_at - start] ^= 0x01
                 data = bytes(buf)
                 plan.flips += 1
-            if (
-                kind == "PUT-up"
-                and plan.cut_upload_after is not None
-                and plan.cut_times > 0
-                and end > plan.cut_upload_after
-            ):
-                plan.cut_times -= 1
-                plan.cuts += 1
+            if plan.take_cut(kind, end):
                 return False  # drop the connection mid-body
-            if (
-                kind == "GET-down"
-                and plan.cut_download_after is not None
-                and plan.cut_download_times > 0
-                and end > plan.cut_download_after
-            ):
-                plan.cut_download_times -= 1
-                plan.cuts += 1
-                return False
             if kind == "PUT-up" and plan.throttle_upload:
                 plan.slowed += start == 0
                 time.sleep(plan.throttle_upload * len(data) / 65536)

@@ -210,14 +210,7 @@ class FaultRun:
             assert port is not None
             self.proxies[name] = FaultProxy(port)
             clouds[name] = {
-                "auth": {
-                    "auth_url": c.keystone_url,
-                    "username": c.username,
-                    "password": c.password,
-                    "project_name": c.project,
-                    "user_domain_name": "Default",
-                    "project_domain_name": "Default",
-                },
+                "auth": c.password_auth(),
                 "region_name": c.region,
                 "endpoint_override": self.proxies[name].url,
                 "timeout": "10s",

@@ -44,6 +44,17 @@ class LabCloud:
     compute_url: str | None = None
     placement_url: str | None = None
 
+    def password_auth(self) -> dict[str, str]:
+        """The password auth of the imagesync member user: a config's ``auth`` mapping."""
+        return {
+            "auth_url": self.keystone_url,
+            "username": self.username,
+            "password": self.password,
+            "project_name": self.project,
+            "user_domain_name": "Default",
+            "project_domain_name": "Default",
+        }
+
 
 @dataclass(frozen=True)
 class LabVOSpace:

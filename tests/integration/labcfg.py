@@ -1,4 +1,5 @@
-"""Build imagesync configurations pointing at the test lab's real clouds (and proxies)."""
+"""Build imagesync configurations pointing at the test lab's real clouds (and proxies), and
+make what the tests act on there as a person would: images, and servers on Nova."""
 
 from __future__ import annotations
 
@@ -15,21 +16,16 @@ from typing import Any
 from urllib.parse import urlparse
 
 from imagesync.config.types import CloudConfig, Config, ImageRule, StoreConfig
-from imagesync.lab import LabInfo, glance_client
+from imagesync.lab import LabCompute, LabInfo, compute_client, glance_client
 from tests.faultproxy import FaultProxy
 
 
 def cloud_auth(lab: LabInfo, name: str, *, auth_url: str | None = None) -> dict[str, str]:
     """The password auth of the lab's ordinary user on cloud ``name`` (a config's ``auth``)."""
-    c = lab.cloud(name)
-    return {
-        "auth_url": auth_url or c.keystone_url,
-        "username": c.username,
-        "password": c.password,
-        "project_name": c.project,
-        "user_domain_name": "Default",
-        "project_domain_name": "Default",
-    }
+    auth = lab.cloud(name).password_auth()
+    if auth_url:
+        auth["auth_url"] = auth_url
+    return auth
 
 
 def yaml_cloud(lab: LabInfo, name: str, **extra: Any) -> dict[str, Any]:
@@ -100,6 +96,30 @@ def upload(lab: LabInfo, cloud: str, name: str, data: bytes, **props: str) -> di
 
     gc.images.upload(img["id"], io.BytesIO(data), image_size=len(data))
     return dict(gc.images.get(img["id"]))
+
+
+def fresh_image(
+    lab: LabInfo, prefix: str, size: int = 8192, cloud: str = "lab1"
+) -> tuple[str, dict[str, Any]]:
+    """A name never used before, and an image of ``size`` random bytes uploaded under it."""
+    name = uid(prefix)
+    return name, upload(lab, cloud, name, random_bytes(size))
+
+
+@contextmanager
+def nova_server(
+    lab: LabInfo, name: str, image_id: str, *, stop: bool = False, **boot: Any
+) -> Iterator[tuple[LabCompute, str]]:
+    """A server on lab1's Nova booted from ``image_id`` (then stopped, with ``stop``) and its
+    id; deleted at the end."""
+    nova = compute_client(lab, "lab1")
+    server_id = str(nova.boot(name, image_id, **boot)["id"])
+    try:
+        if stop:
+            nova.stop(server_id)
+        yield nova, server_id
+    finally:
+        nova.delete(server_id)
 
 
 def images_named(lab: LabInfo, cloud: str, name: str) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ from imagesync.config.types import BootTest
 from imagesync.daemon import Daemon
 from imagesync.lab import LabInfo, glance_client
 from imagesync.lab.nova import fail_file
-from tests.integration.labcfg import images_named, make_config, random_bytes, uid, upload
+from tests.integration.labcfg import fresh_image, images_named, make_config, random_bytes, upload
 
 pytestmark = pytest.mark.integration
 
@@ -25,8 +25,7 @@ pytestmark = pytest.mark.integration
 def test_a_version_boots_before_it_spreads_and_one_that_does_not_is_quarantined(
     nova_lab: LabInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    name = uid("boot")
-    v1 = upload(nova_lab, "lab1", name, random_bytes(8192))
+    name, v1 = fresh_image(nova_lab, "boot")
     cfg = make_config(
         nova_lab,
         tmp_path,

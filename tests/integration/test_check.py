@@ -15,6 +15,7 @@ from imagesync.config.types import Config
 from imagesync.lab import LabInfo
 from tests.integration.labcfg import (
     cloud_config,
+    fresh_image,
     make_config,
     random_bytes,
     uid,
@@ -28,8 +29,7 @@ pytestmark = pytest.mark.integration
 def _pushed(lab: LabInfo, tmp_path: Path, prefix: str, size: int) -> tuple[str, Config]:
     """A new image of ``size`` bytes uploaded to lab1 and pushed to lab2 (the sites of the
     returned config)."""
-    name = uid(prefix)
-    upload(lab, "lab1", name, random_bytes(size))
+    name, _ = fresh_image(lab, prefix, size)
     config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False)
     assert push(config, name) == 0
     return name, config
@@ -54,8 +54,7 @@ def test_exit_0_prints_the_image_id_to_boot(
 def test_exit_1_when_missing_or_stale(
     lab: LabInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    name = uid("chk1")
-    upload(lab, "lab1", name, random_bytes(3000))
+    name, _ = fresh_image(lab, "chk1", 3000)
     config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], store=False)
     assert check(config, name, "lab2") == 1
     assert "missing" in capsys.readouterr().err
@@ -91,8 +90,7 @@ def test_exit_3_when_the_cloud_is_unreachable(
 def test_ensure_pushes_then_answers(
     lab: LabInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    name = uid("ens")
-    upload(lab, "lab1", name, random_bytes(20000))
+    name, _ = fresh_image(lab, "ens", 20000)
     config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2", "lab3"], store=False)
     assert check(config, name, "lab3", ensure=True, timeout=120) == 0
     image_id = capsys.readouterr().out.strip()

@@ -13,7 +13,14 @@ from imagesync.check import check
 from imagesync.commands import push, status, sync
 from imagesync.lab import LabInfo, glance_client
 from imagesync.model import PROP_ORIGIN, PROP_SHA512, PROP_VERSION
-from tests.integration.labcfg import images_named, make_config, random_bytes, sha512, uid, upload
+from tests.integration.labcfg import (
+    fresh_image,
+    images_named,
+    make_config,
+    random_bytes,
+    sha512,
+    uid,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -31,8 +38,7 @@ def foreign_upload(lab: LabInfo, cloud: str, name: str, data: bytes, **props: st
 def test_another_projects_image_is_never_copied_retired_or_answered(
     lab: LabInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    name = uid("trust")
-    ours = upload(lab, "lab1", name, random_bytes(3000))
+    name, ours = fresh_image(lab, "trust", 3000)
     config = make_config(
         lab, tmp_path, name, clouds=["lab1", "lab2"], store=False, keep=1, retire="delete"
     )

@@ -1,7 +1,8 @@
 """The configuration the engine and daemon unit tests run on: in-memory sites, no clouds.
 
 One home for the ``Config`` those tests build by hand (the sites come in through
-``Engine(config, sites=...)``), so a new required field is added here once.
+``Engine(config, sites=...)``), so a new required field is added here once; and for the
+``clouds.yaml`` entry the configuration tests read (:func:`cybera_clouds_yaml`).
 """
 
 from __future__ import annotations
@@ -34,3 +35,17 @@ def memory_config(
         transfer_retries=transfer_retries,
         **settings,
     )
+
+
+def cybera_clouds_yaml(password: str, more: str = "") -> str:
+    """A clouds.yaml whose entry ``cybera`` logs in with ``password`` (a secret the tests
+    look for in what is printed); ``more`` is the rest of the entry, then more entries."""
+    return f"""\
+clouds:
+  cybera:
+    auth:
+      auth_url: https://keystone.cybera.example:5000/v3
+      username: alice
+      password: {password}
+      project_name: canfar
+{more}"""

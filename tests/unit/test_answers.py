@@ -37,6 +37,7 @@ from imagesync.plan import plan
 from imagesync.sites.directory import DirectorySite
 from imagesync.sites.memory import MemorySite
 from imagesync.state import State
+from tests.unit.memconfig import memory_config
 
 KB = 1000
 
@@ -71,15 +72,22 @@ def upload(root: Path, site: str, name: str, data: bytes) -> str:
     return rec.id
 
 
+@pytest.fixture
+def pushed(tmp_path: Path) -> Config:
+    """Directory stores a and b; ``img-test`` (v1) uploaded to a and pushed to b."""
+    config = stores_config(tmp_path)
+    upload(tmp_path / "a", "a", "img-test", b"v1" * 500)
+    assert push(config, "img-test") == 0
+    return config
+
+
 # --------------------------------------------------------------------------- 1: check
 
 
 def test_status_that_finds_a_copy_stale_stops_check_answering_it(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pushed: Config, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = stores_config(tmp_path)
-    upload(tmp_path / "a", "a", "img-test", b"v1" * 500)
-    assert push(config, "img-test") == 0
+    config = pushed
     assert check(config, "img-test", "b") == 0
     old_id = capsys.readouterr().out.strip()
     upload(tmp_path / "a", "a", "img-test", b"v2" * 500)  # a newer version, on a only
@@ -91,12 +99,8 @@ def test_status_that_finds_a_copy_stale_stops_check_answering_it(
     assert old_id not in captured.out and "stale" in captured.err
 
 
-def test_a_dry_run_records_what_it_found_too(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    config = stores_config(tmp_path)
-    upload(tmp_path / "a", "a", "img-test", b"v1" * 500)
-    assert push(config, "img-test") == 0
+def test_a_dry_run_records_what_it_found_too(pushed: Config, tmp_path: Path) -> None:
+    config = pushed
     upload(tmp_path / "a", "a", "img-test", b"v2" * 500)
     assert push(config, "img-test", dry_run=True) == 0
     state = State(config.state_dir)
@@ -105,11 +109,9 @@ def test_a_dry_run_records_what_it_found_too(
 
 
 def test_check_json_says_as_of_when_the_answer_was_taken(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    pushed: Config, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = stores_config(tmp_path)
-    upload(tmp_path / "a", "a", "img-test", b"v1" * 500)
-    assert push(config, "img-test") == 0
+    config = pushed
     recorded = State(config.state_dir).cell("img-test", "b")
     assert recorded is not None
     capsys.readouterr()
@@ -134,7 +136,7 @@ def test_a_daemon_pass_records_before_its_copies_run(tmp_path: Path) -> None:
             return super().create(new)
 
     sites: dict[str, MemorySite] = {"c1": MemorySite("c1"), "c2": Slow("c2")}
-    engine = Engine(mem_config(tmp_path, ["c1", "c2"]), sites=sites)
+    engine = Engine(memory_config(tmp_path, ["c1", "c2"]), sites=sites)
     sites["c1"].add("img-a", b"x" * 3 * KB)
     p = plan(engine.rules, engine.inventories(), engine.site_names)
     engine.execute_concurrently(p)
@@ -159,26 +161,13 @@ class CountingSite(MemorySite):
             yield chunk
 
 
-def mem_config(tmp_path: Path, sites: list[str], **kw: Any) -> Config:
-    return Config(
-        path=tmp_path / "imagesync.yaml",
-        state_dir=tmp_path / "state",
-        poll_interval=60,
-        clouds={},
-        stores={},
-        images=(ImageRule(pattern="img*", clouds=tuple(sites)),),
-        transfer_retries=1,
-        **kw,
-    )
-
-
 def daemon_pass_reads(tmp_path: Path, targets: int, *, split: bool = False) -> tuple[int, int]:
     """(bytes the source served, copy.start events) for one daemon pass to ``targets``."""
     names = ["src", *[f"t{i}" for i in range(targets)]]
     src = CountingSite("src")
     sites: dict[str, MemorySite] = {"src": src, **{n: MemorySite(n) for n in names[1:]}}
     src.add("img-a", os.urandom(300 * KB))
-    engine = Engine(mem_config(tmp_path / f"{targets}{split}", names), sites=sites)
+    engine = Engine(memory_config(tmp_path / f"{targets}{split}", names), sites=sites)
     p = plan(engine.rules, engine.inventories(), engine.site_names)
     with capture_logs() as logs:
         if split:  # what the daemon did before issue 11: one task per target
@@ -211,11 +200,11 @@ def test_a_target_at_its_limit_is_split_off_and_waits_alone(tmp_path: Path) -> N
     for i in range(2):
         sites["c1"].add(f"img-{i}", os.urandom(3 * KB))
     # img-0 and img-1 are on c3 already: their copies need only the slow site
-    first = Engine(mem_config(tmp_path / "first", ["c1", "c3"]), sites=sites)
+    first = Engine(memory_config(tmp_path / "first", ["c1", "c3"]), sites=sites)
     first.execute(plan(first.rules, first.inventories(), first.site_names))
     sites["c1"].add("img-2", os.urandom(3 * KB))
     # every site may take 2 transfers at once (overall 3, one left to the others)
-    engine = Engine(mem_config(tmp_path, list(sites), max_transfers=3), sites=sites)
+    engine = Engine(memory_config(tmp_path, list(sites), max_transfers=3), sites=sites)
     p = plan(engine.rules, engine.inventories(), engine.site_names)
     assert [c.targets for c in p.copies] == [("slow",), ("slow",), ("slow", "c3")]
     done: list[Any] = []

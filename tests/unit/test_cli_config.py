@@ -16,20 +16,13 @@ from pathlib import Path
 import pytest
 
 from imagesync.cli import main
+from tests.unit.memconfig import cybera_clouds_yaml
 
 GOOD_CLOUD = (
     "{auth: {auth_url: 'https://k.example.org:5000/v3', username: u, password: pw-1234, "
     "project_name: p}}"
 )
-CLOUDS_YAML = """\
-clouds:
-  cybera:
-    auth:
-      auth_url: https://keystone.cybera.example:5000/v3
-      username: alice
-      password: clouds-yaml-Secret-42
-      project_name: canfar
-"""
+CLOUDS_YAML = cybera_clouds_yaml("clouds-yaml-Secret-42")
 
 # (id, config text, key path the message must name, a fragment of the fix)
 # {clouds_yaml} is replaced by the path of a valid clouds.yaml defining the entry `cybera`.

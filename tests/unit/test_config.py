@@ -26,17 +26,13 @@ from imagesync.config.types import (
 )
 from imagesync.errors import ConfigError
 from imagesync.sites.probe import check_connections
+from tests.unit.memconfig import cybera_clouds_yaml
 
 #: the example `imagesync config example` prints (etc/ holds a copy: test_cli_output)
 EXAMPLE = Path(__file__).resolve().parents[2] / "imagesync" / "data" / "imagesync.yaml.example"
-CLOUDS_YAML = """\
-clouds:
-  cybera:
-    auth:
-      auth_url: https://keystone.cybera.example:5000/v3
-      username: alice
-      password: cybera-Secret-77
-      project_name: canfar
+CLOUDS_YAML = cybera_clouds_yaml(
+    "cybera-Secret-77",
+    """\
       user_domain_name: Default
       project_domain_name: Default
     region_name: Calgary
@@ -50,7 +46,8 @@ clouds:
       application_credential_id: mid
       application_credential_secret: multi-Secret-88
     auth_type: v3applicationcredential
-"""
+""",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -142,16 +139,24 @@ def test_format_duration_is_short() -> None:
 
 
 @pytest.mark.parametrize(
-    ("key", "text", "seconds"),
+    ("key", "value", "read"),
     [
+        # durations
         ("poll_interval", "90s", 90.0),
         ("check_max_age", "0", 0.0),
         ("check_max_age", "2m", 120.0),
+        # bounds include their ends
+        ("poll_interval", "1s", 1.0),
+        ("poll_interval", "1d", 86400.0),
+        ("check_max_age", "1d", 86400.0),
+        ("max_transfers", "64", 64),
+        ("transfer_retries", "20", 20),
+        ("transfer_retries", "0", 0),
     ],
 )
-def test_duration_keys(tmp_path: Path, key: str, text: str, seconds: float) -> None:
-    path = write(tmp_path, f"{key}: {text}\nstores: {{a: {{type: directory, path: /srv}}}}\n")
-    assert getattr(load_config(path), key) == seconds
+def test_a_top_level_value_is_read(tmp_path: Path, key: str, value: str, read: float) -> None:
+    path = write(tmp_path, f"{key}: {value}\nstores: {{a: {{type: directory, path: /srv}}}}\n")
+    assert getattr(load_config(path), key) == read
 
 
 # --------------------------------------------------------------------------- path & defaults
@@ -715,22 +720,6 @@ def test_the_file_size_is_bounded(tmp_path: Path) -> None:
     path.write_bytes(b"stores: {}\n" + b"#" * document.MAX_CONFIG_BYTES)
     with pytest.raises(ConfigError, match="larger than 256 KiB"):
         load_config(path)
-
-
-@pytest.mark.parametrize(
-    ("key", "value", "allowed"),
-    [
-        ("poll_interval", "1s", 1.0),
-        ("poll_interval", "1d", 86400.0),
-        ("check_max_age", "1d", 86400.0),
-        ("max_transfers", "64", 64),
-        ("transfer_retries", "20", 20),
-        ("transfer_retries", "0", 0),
-    ],
-)
-def test_bounds_include_their_ends(tmp_path: Path, key: str, value: str, allowed: float) -> None:
-    path = write(tmp_path, f"{key}: {value}\nstores: {{s: {{type: directory, path: /srv}}}}\n")
-    assert getattr(load_config(path), key) == allowed
 
 
 def test_a_totp_passcode_is_masked_and_registered(tmp_path: Path) -> None:

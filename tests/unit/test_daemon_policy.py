@@ -14,15 +14,13 @@ import pytest
 from imagesync.engine import Engine
 from imagesync.model import (
     PROP_ORIGIN,
-    PROP_SHA512,
-    PROP_VERSION,
     ImageRecord,
     SiteInventory,
-    format_time,
 )
 from imagesync.plan import Retire, Skip, TargetRule, plan, plan_name
 from imagesync.sites.base import Capabilities
 from imagesync.sites.memory import MemorySite
+from tests.unit.marks import copy_marks
 from tests.unit.memconfig import memory_config
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -38,11 +36,7 @@ def copy_rec(
     origin: bool = True,
 ) -> ImageRecord:
     t = T0 + timedelta(days=i)
-    props = (
-        {PROP_ORIGIN: f"x:{i}", PROP_VERSION: format_time(t), PROP_SHA512: f"{i:x}" * 128}
-        if origin
-        else {}
-    )
+    props = copy_marks(f"x:{i}", t, f"{i:x}" * 128) if origin else {}
     return ImageRecord(
         site=site,
         id=f"{site}-{name}-{i}",
@@ -120,14 +114,12 @@ def test_a_site_that_cannot_hide_keeps_old_versions_unless_delete_is_configured(
 ) -> None:
     for mode, survivors in (("hide", 2), ("delete", 1)):
         site = NoHideSite("a")
-        old = site.add(
-            "img", b"old", created=T0, props={PROP_ORIGIN: "x:1", PROP_VERSION: format_time(T0)}
-        )
+        old = site.add("img", b"old", created=T0, props=copy_marks("x:1", T0))
         site.add(
             "img",
             b"new",
             created=T0 + timedelta(days=1),
-            props={PROP_ORIGIN: "x:2", PROP_VERSION: format_time(T0 + timedelta(days=1))},
+            props=copy_marks("x:2", T0 + timedelta(days=1)),
         )
         engine = _engine(tmp_path / mode, {"a": site}, keep=1, retire=mode)
         engine.state.record_made("a", old.id, "img")  # as if imagesync had copied it there
@@ -183,11 +175,7 @@ def test_planning_thousands_of_names_reads_each_record_a_few_times_not_once_a_na
                     site=s,
                     id=f"{s}-{i}",
                     created_at=T0 + timedelta(minutes=1),
-                    properties={
-                        PROP_ORIGIN: o.ref,
-                        PROP_VERSION: format_time(T0),
-                        PROP_SHA512: "e" * 128,
-                    },
+                    properties=copy_marks(o.ref, T0, "e" * 128),
                 )
                 for i, o in enumerate(originals)
             ),

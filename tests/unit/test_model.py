@@ -6,9 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from imagesync.model import (
     PROP_ORIGIN,
-    PROP_SHA512,
     PROP_STATE,
-    PROP_VERSION,
     ImageRecord,
     SiteInventory,
     format_time,
@@ -16,6 +14,7 @@ from imagesync.model import (
     parse_time,
     printable,
 )
+from tests.unit.marks import copy_marks
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 SHA = "a" * 128
@@ -47,7 +46,7 @@ def test_copy_carries_the_originals_version() -> None:
         site="c2",
         id="x",
         created_at=later,
-        properties={PROP_ORIGIN: "c1:id1", PROP_VERSION: format_time(T0), PROP_SHA512: SHA},
+        properties=copy_marks("c1:id1", T0, SHA),
     )
     assert copy.version.origin == "c1:id1"
     assert copy.version.time == T0
@@ -57,7 +56,7 @@ def test_copy_carries_the_originals_version() -> None:
 def test_a_copy_never_looks_newer_than_it_was_made() -> None:
     copy = rec(
         created_at=T0,
-        properties={PROP_ORIGIN: "c9:z", PROP_VERSION: format_time(T0 + timedelta(days=1))},
+        properties=copy_marks("c9:z", T0 + timedelta(days=1)),
     )
     assert copy.version.time == T0
 
@@ -96,7 +95,7 @@ def test_parse_time_handles_glance_and_z() -> None:
     assert format_time(T0) == "2026-01-01T00:00:00Z"
 
 
-COPY_PROPS = {PROP_ORIGIN: "c1:id1", PROP_VERSION: format_time(T0), PROP_SHA512: SHA}
+COPY_PROPS = copy_marks("c1:id1", T0, SHA)
 SNAP_SHA = "c" * 128
 
 

@@ -5,16 +5,9 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, datetime, timedelta
 
-from imagesync.model import (
-    PROP_ORIGIN,
-    PROP_SHA512,
-    PROP_STATE,
-    PROP_VERSION,
-    ImageRecord,
-    SiteInventory,
-    format_time,
-)
+from imagesync.model import PROP_ORIGIN, PROP_STATE, ImageRecord, SiteInventory
 from imagesync.plan import Copy, Retire, Skip, SkipReason, TargetRule, assess, plan, plan_name
+from tests.unit.marks import copy_marks
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 SITES = ("a", "b", "c", "store")
@@ -42,13 +35,7 @@ def img(
     _n += 1
     props: dict[str, str] = dict(kw.pop("props", {}) or {})  # type: ignore[call-overload]
     if copy_of:
-        props.update(
-            {
-                PROP_ORIGIN: copy_of,
-                PROP_VERSION: format_time(version or t),
-                PROP_SHA512: sha(digest),
-            }
-        )
+        props.update(copy_marks(copy_of, version or t, sha(digest)))
     return ImageRecord(
         site=site,
         id=f"{site}-{_n:04d}",

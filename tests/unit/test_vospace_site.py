@@ -20,7 +20,7 @@ from imagesync.retry import RetryPolicy
 from imagesync.sites import vospace
 from imagesync.sites.memory import MemorySite
 from imagesync.sites.vospace import VOSpaceSite
-from imagesync.transfer import ErrorKind, copy_image, new_image_for
+from imagesync.transfer import CopyResult, ErrorKind, copy_image, new_image_for
 from tests.vospacestub import StubNode, StubServer, StubVOSpace
 
 DATA = os.urandom(200_000)
@@ -68,6 +68,14 @@ def upload(site: VOSpaceSite, data: bytes = DATA, name: str = "sl6") -> str:
     return w.finish().id
 
 
+def copy_in(site: VOSpaceSite) -> CopyResult:
+    """``DATA`` copied as ``sl6`` from a memory site into ``site`` (imagesync's own copy)."""
+    source = MemorySite("src")
+    image = source.add("sl6", DATA)
+    target = new_image_for(image, image.version, "private")
+    return copy_image(source, image, [(site, target)], sleep=Sleeps())
+
+
 def data_nodes(service: StubVOSpace) -> list[str]:
     return sorted(p for p, n in service.nodes.items() if n.kind == "DataNode")
 
@@ -109,17 +117,20 @@ def test_a_503_that_outlasts_the_retries_is_transient_with_the_hint(
     assert caught.value.retry_after == 9.0 and caught.value.site == "vo"
 
 
-def test_bytes_damaged_on_the_way_up_are_an_integrity_failure_that_leaves_nothing(
-    service: StubVOSpace, server: StubServer
+@pytest.mark.parametrize(
+    "fault",
+    [
+        # bytes damaged on the way up: the service's Digest then differs from what was sent
+        pytest.param("flip_upload", id="bytes-damaged-on-the-way-up"),
+        # the service says it stored other bytes: its md5 is claimed as answered, and wrong
+        pytest.param("wrong_digest", id="the-service-md5-is-wrong"),
+    ],
+)
+def test_a_digest_unlike_the_bytes_sent_is_an_integrity_failure_that_leaves_nothing(
+    service: StubVOSpace, server: StubServer, fault: str
 ) -> None:
-    site = make_site(server)
-    source = MemorySite("src")
-    image = source.add("sl6", DATA)
-    service.faults.flip_upload = True  # the service's Digest then differs from what was sent
-    result = copy_image(
-        source, image, [(site, new_image_for(image, image.version, "private"))], sleep=Sleeps()
-    )
-    (target,) = result.targets
+    setattr(service.faults, fault, True)
+    (target,) = copy_in(make_site(server)).targets
     assert not target.ok and target.error_kind is ErrorKind.INTEGRITY
     assert data_nodes(service) == []
 
@@ -158,21 +169,6 @@ def test_a_plain_upload_claims_the_services_md5_and_hashes_nothing_itself(
     assert listed.in_progress and listed.status == "active"  # finished, not yet published
 
 
-def test_the_service_md5_is_claimed_as_answered_even_when_it_is_wrong(
-    service: StubVOSpace, server: StubServer
-) -> None:
-    site = make_site(server)
-    service.faults.wrong_digest = True  # the service says it stored other bytes
-    source = MemorySite("src")
-    image = source.add("sl6", DATA)
-    result = copy_image(
-        source, image, [(site, new_image_for(image, image.version, "private"))], sleep=Sleeps()
-    )
-    (target,) = result.targets
-    assert not target.ok and target.error_kind is ErrorKind.INTEGRITY
-    assert data_nodes(service) == []
-
-
 def test_without_a_digest_the_nodes_md5_is_claimed(
     service: StubVOSpace, server: StubServer
 ) -> None:
@@ -188,12 +184,7 @@ def test_a_copy_stores_the_transfers_sha512_on_the_node_at_publish(
     service: StubVOSpace, server: StubServer
 ) -> None:
     site = make_site(server)
-    source = MemorySite("src")
-    image = source.add("sl6", DATA)
-    result = copy_image(
-        source, image, [(site, new_image_for(image, image.version, "private"))], sleep=Sleeps()
-    )
-    assert result.ok
+    assert copy_in(site).ok
     (rec,) = site.list_images("sl6")
     assert rec.counts and rec.hashes == {
         "md5": hashlib.md5(DATA).hexdigest(),
