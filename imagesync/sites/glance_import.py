@@ -112,7 +112,8 @@ class WebDownload:
             if self.clock() > deadline:
                 raise TransientError(f"{what}: still {status}: timed out", site=site.name)
             self.sleep(delay)
-            delay = min(delay * 1.5, 2.0)
+            # a GET every half second at most: an import ending just after a poll is seen soon
+            delay = min(delay * 1.5, 0.5)
 
     def _raw(self, image_id: str, what: str) -> dict[str, Any]:
         site = self.site
