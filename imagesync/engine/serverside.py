@@ -132,7 +132,7 @@ def copy_image(
     for site, new in targets:
         why = why_relay(source.capabilities, site.capabilities, sha512, image.size)
         importer = site.capabilities.url_import
-        if why is None and importer is not None and not importer.imports_urls():
+        if why is None and importer is not None and not _offers(site, importer):
             why = WhyRelay.NOT_OFFERED
         if why is None and not asked:
             asked = True
@@ -175,6 +175,15 @@ def copy_image(
     return result
 
 
+def _offers(site: Site, importer: URLImporting) -> bool:
+    """The target's (cached) answer; a bug in asking it means a relay, not a failed copy."""
+    try:
+        return importer.imports_urls()
+    except Exception as exc:
+        log.error("copy.import_probe_crashed", site=site.name, error=str(exc), exc_info=True)
+        return False
+
+
 def _share(source: Site, image: ImageRecord) -> SharedURL | None:
     share = source.capabilities.share_url
     if share is None:
@@ -183,6 +192,9 @@ def _share(source: Site, image: ImageRecord) -> SharedURL | None:
         url = share(image)
     except SiteError as exc:
         log.info("copy.no_shared_url", image=image.ref, error=str(exc))
+        return None
+    except Exception as exc:  # a bug: the relay still copies
+        log.error("copy.share_crashed", image=image.ref, error=str(exc), exc_info=True)
         return None
     if url is not None and image.size is not None and url.size != image.size:
         log.info("copy.no_shared_url", image=image.ref, error="the URL serves another size")

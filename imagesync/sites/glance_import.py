@@ -89,7 +89,10 @@ class WebDownload:
             site.adapter.post(f"/v2/images/{image_id}/import", json=body)
         except Exception as exc:
             err = classify(exc, site.name, what)
-            raise type(err)(url.scrub(str(err)), site=site.name) from None
+            # Glance may echo the URL in its answer: scrubbed; not chained (the library's
+            # exception holds the URL too)
+            message = url.scrub(str(err).removeprefix(f"{site.name}: "))
+            raise type(err)(message, site=site.name) from None
         deadline = self.clock() + site.cfg.timeout + url.size / MIN_RATE
         active_since: float | None = None
         delay = 0.1

@@ -58,3 +58,13 @@ def test_the_grant_is_masked_wherever_the_url_is_shown() -> None:
     assert url.shown == "http://h:1/data/preauth:…/c/img.qcow2" and url.secret == "123.abcdef"
     signed = mask("https://h/f?sig=XYZ")
     assert signed.shown == "https://h/f?…" and "XYZ" not in repr(signed)
+
+
+def test_a_grant_in_any_log_line_or_error_is_masked() -> None:
+    """Defence in depth: a traceback or a library's message that quotes the URL whole."""
+    from imagesync.logs import redact
+
+    line = "GET http://h:1/data/preauth:1764460800.9f3a2b/c/img.qcow2 failed: 'preauth:abc'"
+    out = redact(line)
+    assert "9f3a2b" not in out and "abc'" not in out and "/c/img.qcow2" in out
+    assert redact("http://h/data/preauth:…/c") == "http://h/data/preauth:…/c"  # shown form kept
