@@ -1,5 +1,5 @@
 """The lab VOSpace service's pre-authorized URLs (lab/vospace/preauth.py), CADC's style: a
-pull's first endpoint carries a grant in its path and is read without credentials; a grant
+pull is offered an endpoint with a grant in its path and is read without credentials; a grant
 works for its own node only, for reading only, and not after it expires."""
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ def test_a_pull_offers_a_pre_authorized_url_that_needs_no_credentials(tmp_path: 
     svc = Client(tmp_path)
     assert svc("PUT", "/data/f", b"0123456789").status == 201
     assert svc("PUT", "/data/g", b"other").status == 201
-    first, plain = _pull_endpoints(svc, "f")
-    assert plain == "http://svc/data/f" and "/data/preauth:" in first
-    path = first.removeprefix("http://svc")
+    plain, granted = _pull_endpoints(svc, "f")
+    assert plain == "http://svc/data/f" and "/data/preauth:" in granted
+    path = granted.removeprefix("http://svc")
     assert svc("GET", path, token=None).body == b"0123456789"
     assert svc("HEAD", path, token=None).headers["Content-Length"] == "10"
     assert svc("GET", "/data/f", token=None).status == 401  # the plain one still needs them

@@ -368,9 +368,11 @@ class VOSpaceApp:
         plain = [(p, self.data_url(job.target)) for p in wanted]
         if push:
             return plain
-        # as CADC does: a pull's first endpoint carries a grant (lab/vospace/preauth.py)
+        # as CADC does, a pull is offered an endpoint with a grant in its path, which works
+        # without credentials (lab/vospace/preauth.py); last, so that clients holding
+        # credentials keep reading the plain one
         grant = preauth.issue(self.config.directory, job.target)
-        return [(wanted[0], f"{self.base}/data/{grant}/{quote(job.target)}"), *plain]
+        return [*plain, (wanted[0], f"{self.base}/data/{grant}/{quote(job.target)}")]
 
     def _transfers(
         self, environ: dict[str, Any], start: StartResponse, method: str, rest: str
