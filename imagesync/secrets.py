@@ -76,6 +76,9 @@ _PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # holding an unescaped '@' (https://user:p@ss@host/) is masked whole; so is a user name
     # holding one (https://alice@example.org:pw@host/).
     (re.compile(r"""(://[^/\s:'"]+:)[^/?#\s'"]*(@)"""), r"\g<1>" + MASK + r"\g<2>"),
+    # A grant in a URL's path, as CADC's pre-authorized endpoints carry one (…/preauth:TOKEN/…):
+    # anyone holding it may read the file (sites/vospace_share.py)
+    (re.compile(r"""(preauth:)[^/?#\s'"…]+"""), r"\g<1>" + MASK),
 )
 
 

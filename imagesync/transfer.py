@@ -104,6 +104,9 @@ class TargetResult:
     error_kind: ErrorKind | None = None
     attempts: int = 0
     retry_after: float | None = None  # the site's hint, when it gave one
+    #: how the bytes got there: "relay" (through imagesync) or a server-side import's method
+    #: (engine.serverside: "web-download")
+    via: str = "relay"
 
 
 @dataclass

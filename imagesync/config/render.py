@@ -45,6 +45,8 @@ def _clouds(config: Config) -> dict[str, Any]:
             entry["endpoint_override"] = c.endpoint_override
         # always shown: [] says that only imagesync's own project's images count
         entry["trusted_owners"] = list(c.trusted_owners)
+        if not c.server_side:
+            entry["server_side"] = False
         clouds[c.name] = entry
     return clouds
 

@@ -59,6 +59,7 @@ class CloudSpec:
     max_transfers: int = 2
     endpoint_override: str | None = None
     trusted_owners: tuple[str, ...] = ()
+    server_side: bool = True
 
 
 _OWNERS_HINT = "write a list of project ids, like [0123456789abcdef0123456789abcdef]"
@@ -110,6 +111,14 @@ def _parse_cloud(doc: Document, name: str, raw: object, key: str) -> CloudSpec:
             doc, body["max_transfers"], join(key, "max_transfers")
         )
     spec.trusted_owners = _owners(doc, body.get("trusted_owners"), join(key, "trusted_owners"))
+    if "server_side" in body:
+        if not isinstance(body["server_side"], bool):
+            doc.fail(
+                join(key, "server_side"),
+                f"is {describe(body['server_side'])}; write true (let Glance fetch from the "
+                "source itself when it can) or false (always relay the bytes)",
+            )
+        spec.server_side = body["server_side"]
     if body.get("endpoint_override") is not None:
         spec.endpoint_override = doc.url(
             body["endpoint_override"], join(key, "endpoint_override"), "https://glance.example:9292"
@@ -219,6 +228,7 @@ def resolve_cloud_entries(
                 max_transfers=spec.max_transfers,
                 endpoint_override=spec.endpoint_override,
                 trusted_owners=spec.trusted_owners,
+                server_side=spec.server_side,
             )
         else:
             assert found is not None
@@ -275,6 +285,7 @@ def _from_clouds_yaml(doc: Document, spec: CloudSpec, clouds: CloudsYaml) -> Clo
         max_transfers=spec.max_transfers,
         endpoint_override=spec.endpoint_override or resolved.image_endpoint,
         trusted_owners=spec.trusted_owners,
+        server_side=spec.server_side,
     )
 
 

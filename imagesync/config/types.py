@@ -49,6 +49,9 @@ class CloudConfig:
     #: project ids whose images count as versions here besides the project imagesync
     #: authenticates as (whose images always count); every other owner's are ignored
     trusted_owners: tuple[str, ...] = ()
+    #: let this cloud's Glance fetch an image itself (``web-download``) from a URL the source
+    #: hands out, when it offers that import method; false: imagesync always relays the bytes
+    server_side: bool = True
 
 
 #: where CADC clients look up a VOSpace resource ID (``ivo://authority/service``): a list of
@@ -194,6 +197,7 @@ CLOUD_COMMON_KEYS = (
     "max_transfers",
     "endpoint_override",
     "trusted_owners",
+    "server_side",
 )
 CLOUD_KEYS = ("cloud", "auth", "auth_type", *CLOUD_COMMON_KEYS)
 STORE_TYPES = ("directory", "vospace")

@@ -39,6 +39,7 @@ from imagesync.engine.marker import UploadMarker
 from imagesync.engine.pool import SitePool
 from imagesync.engine.recovery import Recovery
 from imagesync.engine.results import ActionResult, Observer, Outcome
+from imagesync.engine.serverside import copy_image
 from imagesync.errors import LockBusy, LockDenied, SiteError
 from imagesync.logs import OncePerState
 from imagesync.model import PROP_UPLOAD, ImageRecord, format_time
@@ -46,7 +47,7 @@ from imagesync.plan import Copy, Plan, Retire, SkipReason
 from imagesync.retry import RetryPolicy
 from imagesync.sites.base import Site
 from imagesync.state import State
-from imagesync.transfer import CopyResult, ErrorKind, TargetResult, copy_image, new_image_for
+from imagesync.transfer import CopyResult, ErrorKind, TargetResult, new_image_for
 
 log = structlog.get_logger("imagesync.execute")
 
@@ -333,6 +334,7 @@ class Executor:
         observer.copy_started(dataclasses.replace(copy, targets=tuple(targets)))
         interrupted = False
         try:
+            # server-side where the sites allow it (engine.serverside), else relayed
             result = copy_image(
                 source,
                 image,

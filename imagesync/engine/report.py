@@ -113,6 +113,8 @@ def result_dict(r: ActionResult) -> dict[str, Any]:
                 "image_id": t.image.id if t.image else None,
                 "error": t.error,
                 "kind": t.error_kind,
+                # relay (through imagesync) or the target's own import (web-download)
+                "via": t.via if t.ok else None,
             }
             for t in r.targets
         ]

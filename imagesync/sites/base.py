@@ -4,10 +4,10 @@ capabilities filled from them.
 The engine (transfer, plan, execute) is written once against :class:`Site`, as rclone's
 ``fs.Fs`` lets ``fs/sync`` ignore which backend it drives. An optional ability is a small
 protocol of its own (:class:`Hiding`, :class:`ChangeListing`, :class:`InUseReporting`,
-:class:`OwnerReporting`; later snapshots): a site that lacks the ability simply lacks the
-method. :meth:`Capabilities.fill`
-turns the ones a site implements into bound callables, once, when the site is built and
-without any network I/O (rclone's ``Features.Fill``), so the engine asks
+:class:`OwnerReporting`, :class:`URLSharing`, :class:`URLImporting`; later snapshots): a
+site that lacks the ability simply lacks the method. :meth:`Capabilities.fill` turns the
+ones a site implements into bound callables, once, when the site is built and without any
+network I/O (rclone's ``Features.Fill``), so the engine asks
 ``if (hide := site.capabilities.hide) is not None: hide(image_id)`` and never ``isinstance``.
 
 Writing is push-style and two-phase, so nothing half-made is ever visible:
@@ -87,6 +87,60 @@ class OwnerReporting(Protocol):
         authenticates as, plus those the configuration trusts. May ask the site once."""
 
 
+@dataclass(frozen=True)
+class SharedURL:
+    """A URL from which anyone holding it may read one image's bytes for a while (a VOSpace
+    pre-authorized endpoint). ``url`` is a secret (it carries the grant): show ``shown``."""
+
+    url: str
+    #: the URL with its secret part replaced: what logs and errors may contain
+    shown: str
+    #: the number of bytes the URL serves (as the source's service says)
+    size: int
+    #: the secret part alone (the grant), scrubbed wherever it shows up
+    secret: str = ""
+
+    def __repr__(self) -> str:  # never print the grant, not even in a traceback's locals
+        return f"SharedURL({self.shown!r}, size={self.size})"
+
+    def scrub(self, text: str) -> str:
+        """``text`` with the URL, and its secret part anywhere, replaced."""
+        text = text.replace(self.url, self.shown)
+        return text.replace(self.secret, "…") if self.secret else text
+
+
+@runtime_checkable
+class URLSharing(Protocol):
+    """A source that can hand out a URL another service may fetch an image from without
+    imagesync's credentials (VOSpace: a pre-authorized transfer endpoint)."""
+
+    def share_url(self, image: ImageRecord) -> SharedURL | None:
+        """A URL serving exactly ``image``'s stored bytes, checked to work without
+        credentials; None when it cannot offer one for this image (it logs why). Raises
+        SiteError only for a failure worth reporting (the caller relays the bytes then)."""
+
+
+@runtime_checkable
+class URLImporting(Protocol):
+    """A target that can fetch an image itself from a URL (Glance's ``web-download``)."""
+
+    def imports_urls(self) -> bool:
+        """Whether it can now: asked of the service once (a lazy probe), then remembered; a
+        cloud configured with ``server_side: false`` answers False without asking."""
+
+    def create_for_import(self, new: NewImage) -> str:
+        """Make the same invisible, marked placeholder :meth:`Site.create` makes, with no
+        upload; return its id."""
+
+    def import_url(
+        self, image_id: str, url: SharedURL, should_stop: Callable[[], bool]
+    ) -> ImageRecord:
+        """Have the placeholder fetch ``url`` and wait until it holds the bytes: the
+        unpublished record with the hashes the site computed. Raises SiteError when the
+        import failed or timed out (the caller deletes the placeholder), Cancelled when
+        ``should_stop()``. Messages never contain ``url.url``."""
+
+
 # A later Snapshotting protocol (Nova: snapshot a server into an image) joins the ones above,
 # with its field in Capabilities and its line in Capabilities.fill.
 
@@ -105,6 +159,10 @@ class Capabilities:
     images_in_use: Callable[[], set[str] | None] | None = None
     #: None: every image there is imagesync's to count (stores)
     trusted_owners: Callable[[], frozenset[str]] | None = None
+    #: a source that hands out URLs for its images (:class:`URLSharing`)
+    share_url: Callable[[ImageRecord], SharedURL | None] | None = None
+    #: a target that may fetch images from URLs itself (:class:`URLImporting`): the site
+    url_import: URLImporting | None = None
 
     @classmethod
     def fill(cls, site: object, *, hashes: Iterable[str] = ()) -> Capabilities:
@@ -119,6 +177,8 @@ class Capabilities:
             list_changed=site.list_changed if isinstance(site, ChangeListing) else None,
             images_in_use=site.images_in_use if isinstance(site, InUseReporting) else None,
             trusted_owners=site.trusted_owners if isinstance(site, OwnerReporting) else None,
+            share_url=site.share_url if isinstance(site, URLSharing) else None,
+            url_import=site if isinstance(site, URLImporting) else None,
         )
 
 

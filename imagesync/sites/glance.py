@@ -56,7 +56,8 @@ from imagesync.model import (
     format_time,
     parse_time,
 )
-from imagesync.sites.base import Capabilities
+from imagesync.sites.base import Capabilities, SharedURL
+from imagesync.sites.glance_import import WebDownload
 from imagesync.sites.upload import QueueBody, QueuedUpload
 
 log = structlog.get_logger("imagesync.glance")
@@ -347,6 +348,7 @@ class GlanceSite:
         self._compute: ks_adapter.Adapter | None = None
         self._no_in_use: str | None = None
         self._in_use_lock = threading.Lock()
+        self._importer = WebDownload(self)
         self.capabilities = Capabilities.fill(self, hashes={"md5", "sha512"})
 
     @property
@@ -576,6 +578,11 @@ class GlanceSite:
             resp.close()
 
     def create(self, new: NewImage) -> GlanceWriter:
+        return GlanceWriter(self, self.create_for_import(new), new.size)
+
+    def create_for_import(self, new: NewImage) -> str:
+        """The invisible, marked placeholder every copy starts with (``create``'s, and a
+        server-side import's: see sites/glance_import.py); its id."""
         fields: dict[str, Any] = {
             "name": new.name,
             "disk_format": new.disk_format or "raw",
@@ -591,7 +598,16 @@ class GlanceSite:
         raw = self._call(f"create image {new.name}", lambda: self.client.images.create(**fields))
         image_id = str(raw["id"])
         log.debug("image.created", site=self.name, image_id=image_id, name=new.name)
-        return GlanceWriter(self, image_id, new.size)
+        return image_id
+
+    # -- server-side import (web-download): sites/glance_import.py ------------------------
+    def imports_urls(self) -> bool:
+        return self._importer.available()
+
+    def import_url(
+        self, image_id: str, url: SharedURL, should_stop: Callable[[], bool]
+    ) -> ImageRecord:
+        return self._importer.run(image_id, url, should_stop)
 
     def publish(self, image_id: str, properties: Mapping[str, str] | None = None) -> ImageRecord:
         extra = {k: v for k, v in (properties or {}).items() if not is_reserved(k)}

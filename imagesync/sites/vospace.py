@@ -82,10 +82,11 @@ from imagesync.model import (
     parse_time,
 )
 from imagesync.retry import RetryPolicy, call_with_retry
-from imagesync.sites.base import Capabilities
+from imagesync.sites.base import Capabilities, SharedURL
 from imagesync.sites.compress import SUFFIX, ZSTD, Compressor, decompressed
 from imagesync.sites.directory import check_name
 from imagesync.sites.upload import QueueBody, QueuedUpload
+from imagesync.sites.vospace_share import share
 from imagesync.sites.vosproto import (
     CORE,
     IMAGE,
@@ -630,6 +631,11 @@ class VOSpaceSite:
             raw = self._open_raw(path, image, 0, what)
             return decompressed(raw, offset=offset, size=size, what=what, site=self.name)
         return self._open_raw(path, image, offset, what)
+
+    def share_url(self, image: ImageRecord) -> SharedURL | None:
+        """A pre-authorized URL of the image's bytes (sites/vospace_share.py), or None."""
+        path, node = self._locate(image.id, f"share {image.id}")
+        return share(self, image, path, node.properties.get(IMAGE + "compress") == ZSTD)
 
     def _open_raw(self, path: str, image: ImageRecord, offset: int, what: str) -> Iterator[bytes]:
         """The stored bytes from ``offset``, as the service holds them."""

@@ -214,7 +214,9 @@ def test_a_target_at_its_limit_is_split_off_and_waits_alone(tmp_path: Path) -> N
         try:
             # img-2 found slow at its limit: its copy to c3 did not wait for slow
             for _ in range(400):
-                if any(s.rec.name == "img-2" for s in sites["c3"].images.values()):
+                # ...once both copies to slow have started (threads lag on a loaded host)
+                started = getattr(sites["slow"], "active", 0) == 2
+                if started and any(s.rec.name == "img-2" for s in sites["c3"].images.values()):
                     break
                 gate.wait(0.025)
             assert any(s.rec.name == "img-2" for s in sites["c3"].images.values())

@@ -151,8 +151,10 @@ def test_a_stuck_site_holds_only_its_own_slots_and_later_copies_pass_it(tmp_path
     try:
         deadline = time.monotonic() + 10
         later = names[2:]  # img-0 and img-1 hold the stuck site's two slots
-        while time.monotonic() < deadline and not all(
-            len(visible(sites[s], n)) == 1 for s in ("c3", "c4") for n in later
+        # (and the first two copies have started on the stuck site: threads lag on a loaded host)
+        while time.monotonic() < deadline and not (
+            all(len(visible(sites[s], n)) == 1 for s in ("c3", "c4") for n in later)
+            and getattr(sites["stuck"], "active", 0) == 2
         ):
             time.sleep(0.02)
         # every later copy reached the healthy sites while the stuck site holds its uploads

@@ -9,6 +9,7 @@ Endpoints (under the service's base URL, ``{base}``)::
     POST /transfers, POST /transfers/{job}/phase   async MoveNode (keepBytes=false)
     HEAD|GET|PUT /data/{path}                  the bytes; Digest: md5=<base64> on every answer
     HEAD|GET /files/{path}                     the files-proto shortcut (200 with the bytes)
+    HEAD|GET /data/preauth:{grant}/{path}      a pull's pre-authorized URL (no credentials)
 
 Uploads are read from ``wsgi.input`` a chunk at a time while hashed, into a new blob that
 replaces the node's bytes only once complete and verified (``Digest`` mismatch → 412);
@@ -32,7 +33,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote
 
 from imagesync.lab.vospace import faults as faultmod
-from imagesync.lab.vospace import storage, xmldoc
+from imagesync.lab.vospace import preauth, storage, xmldoc
 from imagesync.lab.vospace.storage import Invalid, NotFound, Store, StoreError
 from imagesync.lab.vospace.wsgiio import (
     FileBody,
@@ -132,6 +133,8 @@ class VOSpaceApp:
             return self._xml(start, 200, doc)
         if head == "availability" and method == "GET":
             return self._xml(start, 200, xmldoc.availability())
+        if head in ("data", "files") and rest.startswith(preauth.PREFIX):
+            return self._preauth_read(environ, start, method, rest, found)
         self._authenticate(environ)
         if head == "nodes":
             return self._nodes(environ, start, method, storage.normalize(rest))
@@ -166,6 +169,23 @@ class VOSpaceApp:
             return  # uwsgi verified the certificate against the lab's CA
         if self.config.auth_required:
             raise HTTPError(401, "NotAuthenticated credentials required", _CHALLENGE)
+
+    def _preauth_read(
+        self,
+        environ: dict[str, Any],
+        start: StartResponse,
+        method: str,
+        rest: str,
+        found: dict[faultmod.Kind, faultmod.Fault],
+    ) -> Iterable[bytes]:
+        """A read through a pre-authorized URL (lab/vospace/preauth.py): no credentials."""
+        grant, _, node = rest.partition("/")
+        path = storage.normalize(node)
+        if method not in ("GET", "HEAD"):
+            raise HTTPError(405, f"method {method} not allowed on a pre-authorized URL")
+        if not preauth.valid(self.config.directory, unquote(grant), path):
+            raise HTTPError(403, "PermissionDenied the pre-authorized URL is invalid or expired")
+        return self._read(environ, start, method, path, found)
 
     # ---- URIs
 
@@ -281,7 +301,14 @@ class VOSpaceApp:
                 if push
                 else (xmldoc.PROTO_SGET if secure else xmldoc.PROTO_GET)
             ]
-        return [(p, self.data_url(job.target)) for p in wanted]
+        plain = [(p, self.data_url(job.target)) for p in wanted]
+        if push:
+            return plain
+        # as CADC does, a pull is offered an endpoint with a grant in its path, which works
+        # without credentials (lab/vospace/preauth.py); last, so that clients holding
+        # credentials keep reading the plain one
+        grant = preauth.issue(self.config.directory, job.target)
+        return [*plain, (wanted[0], f"{self.base}/data/{grant}/{quote(job.target)}")]
 
     def _transfers(
         self, environ: dict[str, Any], start: StartResponse, method: str, rest: str
@@ -380,7 +407,8 @@ class VOSpaceApp:
         if method == "HEAD":
             f.close()
             return []
-        return FileBody(f, first, count, found.get("slow"), found.get("cut"), environ)
+        body = FileBody(f, first, count, found.get("slow"), found.get("cut"), environ)
+        return faultmod.Corrupting(body) if "corrupt" in found else body
 
     def _write(self, environ: dict[str, Any], start: StartResponse, path: str) -> Iterable[bytes]:
         length, chunked = body_framing(environ)

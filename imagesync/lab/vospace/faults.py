@@ -10,7 +10,9 @@ Faults (each matches an HTTP ``method`` and a ``path`` substring, both optional)
 - ``unavailable``: answer 503 with ``Retry-After: <retry_after>`` instead of serving;
 - ``slow``: data responses sleep ``delay`` seconds before each chunk;
 - ``cut``: a data response closes the connection after ``after_bytes`` bytes of its body;
-- ``wrong_digest``: data responses carry a ``Digest`` that does not match the bytes.
+- ``wrong_digest``: data responses carry a ``Digest`` that does not match the bytes;
+- ``corrupt``: data responses serve other bytes (each chunk's first byte flipped), with the
+  right length and headers: what a target importing from the URL must catch itself.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,8 +28,8 @@ from typing import Literal
 from imagesync.lab import procs
 
 FAULTS_FILE = "faults.json"
-Kind = Literal["unavailable", "slow", "cut", "wrong_digest"]
-KINDS: tuple[Kind, ...] = ("unavailable", "slow", "cut", "wrong_digest")
+Kind = Literal["unavailable", "slow", "cut", "wrong_digest", "corrupt"]
+KINDS: tuple[Kind, ...] = ("unavailable", "slow", "cut", "wrong_digest", "corrupt")
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,7 @@ def clear_faults(directory: Path) -> None:
 
 
 #: the kinds that act on a data response only (they are not used up by other requests)
-DATA_KINDS: frozenset[Kind] = frozenset({"slow", "cut", "wrong_digest"})
+DATA_KINDS: frozenset[Kind] = frozenset({"slow", "cut", "wrong_digest", "corrupt"})
 
 
 def take(directory: Path, method: str, path: str, *, data: bool) -> dict[Kind, Fault]:
@@ -112,3 +114,19 @@ def _write(directory: Path, rules: list[Fault]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps({"rules": [asdict(r) for r in rules]}, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+class Corrupting:
+    """A data response's body with each chunk's first byte flipped (the ``corrupt`` fault)."""
+
+    def __init__(self, body: Iterable[bytes]) -> None:
+        self.body = body
+
+    def __iter__(self) -> Iterator[bytes]:
+        for chunk in self.body:
+            yield bytes([chunk[0] ^ 0xFF]) + chunk[1:] if chunk else chunk
+
+    def close(self) -> None:
+        close = getattr(self.body, "close", None)
+        if close is not None:
+            close()
