@@ -34,6 +34,7 @@ from typing import Any
 
 import structlog
 
+from imagesync.convert import Scratch, copy_with_formats
 from imagesync.engine.inventory import Inventory
 from imagesync.engine.marker import UploadMarker
 from imagesync.engine.pool import SitePool
@@ -46,7 +47,7 @@ from imagesync.plan import Copy, Plan, Retire, SkipReason
 from imagesync.retry import RetryPolicy
 from imagesync.sites.base import Site
 from imagesync.state import State
-from imagesync.transfer import CopyResult, ErrorKind, TargetResult, copy_image, new_image_for
+from imagesync.transfer import CopyResult, ErrorKind, TargetResult, new_image_for
 
 log = structlog.get_logger("imagesync.execute")
 
@@ -333,10 +334,12 @@ class Executor:
         observer.copy_started(dataclasses.replace(copy, targets=tuple(targets)))
         interrupted = False
         try:
-            result = copy_image(
+            result = copy_with_formats(
                 source,
                 image,
                 [(self.pool.get(t), new) for t in targets],
+                accepted=self._disk_formats,
+                scratch=self._scratch(),
                 policy=self.policy,
                 progress=count,
                 cancel=cancel,
@@ -392,6 +395,15 @@ class Executor:
             targets=result.targets + busy,
             outcome=outcome,
         )
+
+    def _disk_formats(self, site: str) -> tuple[str, ...]:
+        """The formats ``site`` accepts, preferred first; () takes any as it is."""
+        cloud = self.pool.config.clouds.get(site)
+        return cloud.disk_formats if cloud is not None else ()
+
+    def _scratch(self) -> Scratch:
+        conv = self.pool.config.conversion
+        return Scratch(conv.directory(self.pool.config.state_dir), conv.scratch_max_size)
 
     def _record_unfinished(
         self,
