@@ -339,7 +339,8 @@ def _cell_text(a: Assessment, site: str) -> str:
     c = a.cells[site]
     if c.state == "current" and c.image is not None:
         dup = f" (+{len(c.duplicates)} dup)" if c.duplicates else ""
-        return printable(f"current {c.image.short_id}{dup}")
+        conv = f" ({c.image.disk_format}, converted)" if c.image.converted else ""
+        return printable(f"current {c.image.short_id}{conv}{dup}")
     if c.state in ("stale", "mismatch") and c.have is not None:
         return f"{c.state} {format_time(c.have.time)}"
     if c.state == "missing" and not c.required:

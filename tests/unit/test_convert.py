@@ -187,3 +187,54 @@ def test_the_scratch_budget_is_shared_by_concurrent_conversions(tmp_path: Path) 
         assert "6.0 MiB of it taken by other conversions" in str(err.value)
     with b.room("third") as three:
         three.need(10 * MB, "all of it")  # released when the first ended
+
+
+def test_through_the_engine_a_converted_copy_is_current_and_retention_works(
+    qemu_img: Path, tmp_path: Path
+) -> None:
+    """Two passes and two versions: each reaches the raw-only site converted, its cell is
+    current (what check answers), and the old converted copy is retired like any copy."""
+    import dataclasses
+    import time
+
+    from imagesync.config.types import CloudConfig, ConversionConfig
+    from imagesync.engine import Engine
+    from imagesync.plan import plan
+    from tests.unit.memconfig import memory_config
+
+    sites = {"c1": MemorySite("c1"), "c2": MemorySite("c2")}
+    config = memory_config(tmp_path, sites, rule={"keep": 1})
+    ceph = CloudConfig(name="c2", auth={}, auth_type="password", disk_formats=("raw",))
+    config = dataclasses.replace(
+        config,
+        clouds={"c2": ceph},
+        conversion=ConversionConfig(tmp_path / "scratch", 64 * MB),
+    )
+    engine = Engine(config, sites=sites)
+
+    def one_pass() -> None:
+        p = plan(engine.rules, engine.recover(engine.inventories(engine.site_names)), ["c1", "c2"])
+        results = engine.execute(p)
+        assert all(r.ok for r in results), results
+        engine.record(p.assessments, results)
+
+    (tmp_path / "v1").mkdir()
+    v1 = _add(sites["c1"], make_image(qemu_img, tmp_path / "v1", "qcow2"), "qcow2")
+    v1 = sites["c1"].images[v1.id].rec = v1.with_(name="img-a")
+    one_pass()
+    one_pass()  # nothing more to do: the converted copy counts as the version
+    assert len(sites["c2"].images) == 1
+    assert [h["result"] for h in engine.state.history("img-a")] == ["ok"]
+    cell = engine.state.cell("img-a", "c2")
+    assert cell is not None and cell.state == "current"
+
+    time.sleep(0.01)
+    (tmp_path / "v2").mkdir()
+    v2 = _add(sites["c1"], make_image(qemu_img, tmp_path / "v2", "qcow2"), "qcow2")
+    sites["c1"].images[v2.id].rec = v2.with_(name="img-a")
+    one_pass()  # the new version, converted
+    one_pass()  # c2 is current: its old converted copy is retired (hidden)
+    recs = [s.rec for s in sites["c2"].images.values()]
+    assert all(r.converted and r.disk_format == "raw" for r in recs) and len(recs) == 2
+    (hidden,) = [r for r in recs if r.hidden]
+    assert hidden.version.same_as(v1.version)
