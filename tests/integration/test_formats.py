@@ -76,7 +76,16 @@ def test_a_version_reaches_a_cloud_in_the_format_it_wants(
     assert copy["os_hash_value"] == copy[PROP_CONVERTED_SHA512] == sha512(got)
     (tmp_path / "a").write_bytes(data)
     (tmp_path / "b").write_bytes(got)
-    compare = [qemu_img, "compare", "-f", have, "-F", wants, tmp_path / "a", tmp_path / "b"]
+    compare: list[str | Path] = [
+        qemu_img,
+        "compare",
+        "-f",
+        have,
+        "-F",
+        wants,
+        tmp_path / "a",
+        tmp_path / "b",
+    ]
     assert subprocess.run(compare, capture_output=True, check=False).returncode == 0
 
     capsys.readouterr()
