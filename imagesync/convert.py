@@ -283,7 +283,9 @@ def copy_with_formats(
     )
     started = time.monotonic()
     if plain or not converting:
-        result = copy_image(source, image, plain, progress=progress, **kwargs)
+        view, plain = _as_is(image, plain)
+        result = copy_image(source, view, plain, progress=progress, **kwargs)
+        result.source, result.version = image, image.version
     else:
         result = CopyResult(source=image, version=image.version)
     done = {t.site: t for t in result.targets} | refused
@@ -295,6 +297,27 @@ def copy_with_formats(
     result.targets = [done[s.name] for s, _ in targets]
     result.seconds = time.monotonic() - started
     return result
+
+
+def _as_is(
+    image: ImageRecord, targets: list[tuple[Site, NewImage]]
+) -> tuple[ImageRecord, list[tuple[Site, NewImage]]]:
+    """What ``copy_image`` is given for targets taking ``image`` as it is. A converted copy
+    as the source (no copy holding the original's bytes is left) is checked against its own
+    sha512, and its copies keep the version's identity and the conversion marks."""
+    if not image.converted or not targets:
+        return image, targets
+    own = image.properties.get(PROP_CONVERTED_SHA512, "")
+    identity = image.version.sha512 or ""
+    marks = {PROP_CONVERTED_FROM: image.properties[PROP_CONVERTED_FROM], PROP_CONVERTED_SHA512: own}
+    view = image.with_(properties={**image.properties, PROP_SHA512: own})
+    return view, [
+        (
+            _Identity(site, identity),
+            dataclasses.replace(new, properties={**new.properties, **marks}),
+        )
+        for site, new in targets
+    ]
 
 
 def _convert_copy(

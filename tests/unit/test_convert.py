@@ -238,3 +238,26 @@ def test_through_the_engine_a_converted_copy_is_current_and_retention_works(
     assert all(r.converted and r.disk_format == "raw" for r in recs) and len(recs) == 2
     (hidden,) = [r for r in recs if r.hidden]
     assert hidden.version.same_as(v1.version)
+
+
+def test_a_converted_copy_as_the_only_source_keeps_the_identity(
+    qemu_img: Path, tmp_path: Path
+) -> None:
+    """The original is gone: the raw copy is the source, as it is to a site that takes raw and
+    converted back to qcow2 for one that does not; both stay the same version."""
+    data = make_image(qemu_img, tmp_path, "qcow2")
+    src, ceph = MemorySite("src"), MemorySite("ceph")
+    rec = _add(src, data, "qcow2")
+    scratch = Scratch(tmp_path / "s", 64 * MB)
+    assert _copy(src, rec, {ceph: ("raw",)}, scratch).ok
+    (conv,) = ceph.images.values()
+    raw_plain, back = MemorySite("raw-plain"), MemorySite("back")
+    result = _copy(ceph, conv.rec, {raw_plain: (), back: ("qcow2",)}, scratch)
+    assert result.ok, result.targets
+    for site, fmt in ((raw_plain, "raw"), (back, "qcow2")):
+        (stored,) = site.images.values()
+        assert stored.rec.disk_format == fmt and stored.rec.provenance_ok
+        assert stored.rec.version.same_as(rec.version)
+        assert stored.rec.properties[PROP_SHA512] == hashlib.sha512(data).hexdigest()
+    (copy,) = raw_plain.images.values()
+    assert copy.rec.properties[PROP_CONVERTED_SHA512] == conv.rec.hashes["sha512"]
