@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import shutil
@@ -119,16 +120,37 @@ class Scratch:
 
     @contextlib.contextmanager
     def room(self, what: str) -> Iterator[_Room]:
-        """A private subdirectory and its reservation, both gone on exit."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """A private subdirectory and its reservation, both gone on exit.
+
+        Each room holds an exclusive ``flock`` on its ``.lock`` file while in use, so the
+        rooms a killed process left behind (nobody holds their lock) are removed here, by
+        whichever process converts next, and a live one's (the daemon's while ``push`` runs)
+        never are."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._sweep()
         path = self.directory / f"convert-{uuid.uuid4().hex[:12]}"
-        path.mkdir()
+        path.mkdir(mode=0o700)  # the images may be private: the room is imagesync's alone
+        lock = (path / ".lock").open("w")
+        fcntl.flock(lock, fcntl.LOCK_EX)
         room = _Room(self, path, what)
         try:
             yield room
         finally:
             shutil.rmtree(path, ignore_errors=True)
+            lock.close()
             room.release()
+
+    def _sweep(self) -> None:
+        for old in self.directory.glob("convert-*"):
+            try:
+                with (old / ".lock").open("a") as f:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    log.info("convert.leftover_removed", path=str(old))
+                    shutil.rmtree(old, ignore_errors=True)
+            except BlockingIOError:
+                continue  # another process is converting there
+            except OSError:
+                shutil.rmtree(old, ignore_errors=True)  # no lock file: never got going
 
     def _take(self, delta: int, total: int, what: str, detail: str) -> None:
         with self._budget.lock:

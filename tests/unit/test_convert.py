@@ -261,3 +261,19 @@ def test_a_converted_copy_as_the_only_source_keeps_the_identity(
         assert stored.rec.properties[PROP_SHA512] == hashlib.sha512(data).hexdigest()
     (copy,) = raw_plain.images.values()
     assert copy.rec.properties[PROP_CONVERTED_SHA512] == conv.rec.hashes["sha512"]
+
+
+def test_rooms_a_killed_process_left_are_removed_and_live_ones_kept(tmp_path: Path) -> None:
+    import fcntl
+
+    stale, live = tmp_path / "convert-stale", tmp_path / "convert-live"
+    for old in (stale, live):
+        old.mkdir()
+        (old / "original").write_bytes(b"x" * 1000)
+        (old / ".lock").touch()
+    with (live / ".lock").open("w") as held:  # another process, converting now
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with Scratch(tmp_path, 64 * MB).room("next") as room:
+            assert room.path.exists()
+            assert not stale.exists() and (live / "original").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["convert-live"]
