@@ -306,7 +306,7 @@ def test_a_converted_copy_shows_as_current_in_its_format() -> None:
     cell = {"state": "current", "required": True, "image_id": "abcdef0123", "duplicates": []}
     doc: dict[str, Any] = {
         "generated": "2030-01-01T01:00:00Z",
-        "sites": {},
+        "sites": {s: {"kind": "glance", "reachable": True} for s in ("ceph", "other")},
         "images": [
             {
                 "name": "img",
