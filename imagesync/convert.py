@@ -152,13 +152,13 @@ class Scratch:
             except OSError:
                 shutil.rmtree(old, ignore_errors=True)  # no lock file: never got going
 
-    def _take(self, delta: int, total: int, what: str, detail: str) -> None:
+    def _take(self, delta: int, total: int, held: int, detail: str) -> None:
         with self._budget.lock:
-            others = self._budget.reserved
-            if others + delta > self.max_size:
+            others = self._budget.reserved - held  # what this conversion holds is its own
+            if self._budget.reserved + delta > self.max_size:
                 busy = f" ({_size(others)} of it taken by other conversions)" if others else ""
                 raise ConversionFailed(
-                    f"scratch space too small: {what} needs {_size(total)} in "
+                    f"scratch space too small: it needs {_size(total)} in "
                     f"{self.directory} ({detail}), but conversion.scratch_max_size is "
                     f"{_size(self.max_size)}{busy}: raise scratch_max_size (and make room "
                     "on that disk), or give this cloud a disk_formats: entry that takes "
@@ -167,7 +167,7 @@ class Scratch:
             free = self._free(self.directory)
             if delta > free:
                 raise ConversionFailed(
-                    f"scratch space too small: {what} needs {_size(total)} in "
+                    f"scratch space too small: it needs {_size(total)} in "
                     f"{self.directory} ({detail}), but its disk has only {_size(free)} "
                     "free: free some space there or point conversion.scratch_dir at a "
                     "larger disk"
@@ -192,7 +192,7 @@ class _Room:
         """Hold ``total`` bytes in all (more or less than now); raise ConversionFailed when
         the scratch directory cannot give them."""
         if total > self.held:
-            self.scratch._take(total - self.held, total, self.what, detail)
+            self.scratch._take(total - self.held, total, self.held, detail)
         else:
             self.scratch._give(self.held - total)
         self.held = total

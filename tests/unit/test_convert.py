@@ -127,6 +127,8 @@ def test_a_scratch_too_small_says_so_before_downloading_it_all(
     assert not t.ok and t.error_kind is ErrorKind.CONVERSION
     assert t.error is not None and "scratch space too small" in t.error
     assert "16.0 MiB (its virtual size)" in t.error and "scratch_max_size is 8.0 MiB" in t.error
+    assert t.error.startswith("converting img (qcow2 → raw): scratch space too small: it needs")
+    assert "other conversions" not in t.error  # its own reservation is not someone else's
     assert dst.images == {} and list((tmp_path / "s").iterdir()) == []
 
 
