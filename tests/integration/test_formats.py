@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from imagesync.commands import push, status
+from imagesync.commands import push, status, sync
 from imagesync.config.types import Config, ConversionConfig
 from imagesync.lab import LabInfo, glance_client
 from imagesync.model import PROP_CONVERTED_FROM, PROP_CONVERTED_SHA512, PROP_ORIGIN, PROP_SHA512
@@ -63,6 +63,10 @@ def test_a_version_reaches_a_cloud_in_the_format_it_wants(
     data = make_image(qemu_img, tmp_path / "disk", have, virtual=8 * MB)
     orig = _upload(lab, "lab1", name, data, have)
     config = _config(lab, tmp_path, name, wants)
+    capsys.readouterr()
+    assert sync(config, dry_run=True) == 0  # says what will happen, does nothing
+    assert f"; lab2: converted from {have} to {wants}" in capsys.readouterr().out
+    assert images_named(lab, "lab2", name) == []
     assert push(config, name) == 0
 
     (copy,) = images_named(lab, "lab2", name)
