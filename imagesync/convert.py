@@ -90,21 +90,14 @@ def _size(n: int) -> str:
 # --------------------------------------------------------------------------- scratch space
 
 
-class _Budget:
-    """What the conversions of this process have reserved in one scratch directory."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.reserved = 0
-
-
-_budgets: dict[Path, _Budget] = {}
-_budgets_lock = threading.Lock()
-
-
 class Scratch:
-    """A bounded scratch directory: ``reserve`` before writing, so that concurrent
-    conversions together stay within ``max_size`` and the disk's free space."""
+    """A bounded scratch directory: a conversion holds room there before writing, so that the
+    conversions running at once, in every process sharing the directory (the daemon and a
+    ``push``), together stay within ``max_size`` and the disk's free space.
+
+    Each conversion works in a room (``convert-*``) that says in its ``.reserved`` file how
+    much it holds; rooms are counted, created and removed under an ``flock`` of the
+    directory's ``.budget.lock``."""
 
     def __init__(
         self,
@@ -115,30 +108,35 @@ class Scratch:
         self.directory = directory
         self.max_size = max_size
         self._free = free or (lambda p: shutil.disk_usage(p).free)
-        with _budgets_lock:
-            self._budget = _budgets.setdefault(directory.absolute(), _Budget())
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with (self.directory / ".budget.lock").open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
 
     @contextlib.contextmanager
     def room(self, what: str) -> Iterator[_Room]:
-        """A private subdirectory and its reservation, both gone on exit.
+        """A private subdirectory holding nothing yet; it is gone on exit.
 
         Each room holds an exclusive ``flock`` on its ``.lock`` file while in use, so the
         rooms a killed process left behind (nobody holds their lock) are removed here, by
         whichever process converts next, and a live one's (the daemon's while ``push`` runs)
         never are."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._sweep()
         path = self.directory / f"convert-{uuid.uuid4().hex[:12]}"
-        path.mkdir(mode=0o700)  # the images may be private: the room is imagesync's alone
-        lock = (path / ".lock").open("w")
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        with self._locked():
+            self._sweep()
+            path.mkdir(mode=0o700)  # the images may be private: the room is imagesync's alone
+            lock = (path / ".lock").open("w")
+            fcntl.flock(lock, fcntl.LOCK_EX)
         room = _Room(self, path, what)
         try:
             yield room
         finally:
-            shutil.rmtree(path, ignore_errors=True)
+            with self._locked():
+                shutil.rmtree(path, ignore_errors=True)
             lock.close()
-            room.release()
 
     def _sweep(self) -> None:
         for old in self.directory.glob("convert-*"):
@@ -148,35 +146,41 @@ class Scratch:
                     log.info("convert.leftover_removed", path=str(old))
                     shutil.rmtree(old, ignore_errors=True)
             except BlockingIOError:
-                continue  # another process is converting there
+                continue  # another conversion is working there
             except OSError:
                 shutil.rmtree(old, ignore_errors=True)  # no lock file: never got going
 
-    def _take(self, delta: int, total: int, held: int, detail: str) -> None:
-        with self._budget.lock:
-            others = self._budget.reserved - held  # what this conversion holds is its own
-            if self._budget.reserved + delta > self.max_size:
-                busy = f" ({_size(others)} of it taken by other conversions)" if others else ""
-                raise ConversionFailed(
-                    f"scratch space too small: it needs {_size(total)} in "
-                    f"{self.directory} ({detail}), but conversion.scratch_max_size is "
-                    f"{_size(self.max_size)}{busy}: raise scratch_max_size (and make room "
-                    "on that disk), or give this cloud a disk_formats: entry that takes "
-                    "the image as it is"
-                )
-            free = self._free(self.directory)
-            if delta > free:
-                raise ConversionFailed(
-                    f"scratch space too small: it needs {_size(total)} in "
-                    f"{self.directory} ({detail}), but its disk has only {_size(free)} "
-                    "free: free some space there or point conversion.scratch_dir at a "
-                    "larger disk"
-                )
-            self._budget.reserved += delta
+    def _held_by_others(self, mine: Path) -> int:
+        total = 0
+        for other in self.directory.glob("convert-*"):
+            if other != mine:
+                with contextlib.suppress(OSError, ValueError):
+                    total += int((other / ".reserved").read_text() or 0)
+        return total
 
-    def _give(self, amount: int) -> None:
-        with self._budget.lock:
-            self._budget.reserved -= amount
+    def _hold(self, room: _Room, total: int, detail: str) -> None:
+        with self._locked():
+            if total > room.held:
+                others = self._held_by_others(room.path)
+                if others + total > self.max_size:
+                    busy = f" ({_size(others)} of it held by other conversions)" if others else ""
+                    raise ConversionFailed(
+                        f"scratch space too small: it needs {_size(total)} in "
+                        f"{self.directory} ({detail}), but conversion.scratch_max_size is "
+                        f"{_size(self.max_size)}{busy}: raise scratch_max_size (and make "
+                        "room on that disk), or give this cloud a disk_formats: entry that "
+                        "takes the image as it is"
+                    )
+                free = self._free(self.directory)
+                if total - room.held > free:
+                    raise ConversionFailed(
+                        f"scratch space too small: it needs {_size(total)} in "
+                        f"{self.directory} ({detail}), but its disk has only {_size(free)} "
+                        "free: free some space there or point conversion.scratch_dir at a "
+                        "larger disk"
+                    )
+            (room.path / ".reserved").write_text(str(total))
+            room.held = total
 
 
 class _Room:
@@ -191,15 +195,7 @@ class _Room:
     def need(self, total: int, detail: str) -> None:
         """Hold ``total`` bytes in all (more or less than now); raise ConversionFailed when
         the scratch directory cannot give them."""
-        if total > self.held:
-            self.scratch._take(total - self.held, total, self.held, detail)
-        else:
-            self.scratch._give(self.held - total)
-        self.held = total
-
-    def release(self) -> None:
-        self.scratch._give(self.held)
-        self.held = 0
+        self.scratch._hold(self, total, detail)
 
 
 # --------------------------------------------------------------------------- qemu-img

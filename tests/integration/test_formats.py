@@ -101,7 +101,7 @@ def test_a_version_reaches_a_cloud_in_the_format_it_wants(
     history = len(State(config.state_dir).history(name))
     assert push(config, name) == 0
     assert len(State(config.state_dir).history(name)) == history
-    assert list((tmp_path / "scratch").iterdir()) == []
+    assert list((tmp_path / "scratch").glob("convert-*")) == []
 
 
 def test_a_scratch_space_too_small_says_so_and_leaves_nothing(
@@ -119,6 +119,6 @@ def test_a_scratch_space_too_small_says_so_and_leaves_nothing(
     assert "scratch space too small" in text and "32.0 MiB (its virtual size)" in text, text
     assert "Traceback" not in text
     assert images_named(lab, "lab2", name) == []  # not even a hidden upload
-    assert list((tmp_path / "scratch").iterdir()) == []
+    assert list((tmp_path / "scratch").glob("convert-*")) == []
     (row,) = State(config.state_dir).history(name)
     assert row["result"] == "conversion" and "scratch_max_size is 8.0 MiB" in row["error"]

@@ -99,7 +99,7 @@ def test_qcow2_to_raw_and_as_is_from_one_call(qemu_img: Path, tmp_path: Path) ->
     assert props[PROP_CONVERTED_SHA512] == own == conv.rec.hashes["sha512"]
     assert conv.rec.version.same_as(rec.version) and conv.rec.provenance_ok
     assert _compare(qemu_img, data, "qcow2", raw, "raw", tmp_path) == 0
-    assert list((tmp_path / "scratch").iterdir()) == []  # nothing left in the scratch space
+    assert list((tmp_path / "scratch").glob("convert-*")) == []  # nothing left in the scratch space
 
 
 def test_raw_to_qcow2(qemu_img: Path, tmp_path: Path) -> None:
@@ -129,7 +129,7 @@ def test_a_scratch_too_small_says_so_before_downloading_it_all(
     assert "16.0 MiB (its virtual size)" in t.error and "scratch_max_size is 8.0 MiB" in t.error
     assert t.error.startswith("converting img (qcow2 → raw): scratch space too small: it needs")
     assert "other conversions" not in t.error  # its own reservation is not someone else's
-    assert dst.images == {} and list((tmp_path / "s").iterdir()) == []
+    assert dst.images == {} and list((tmp_path / "s").glob("convert-*")) == []
 
 
 def test_the_disk_free_space_bounds_it_too(qemu_img: Path, tmp_path: Path) -> None:
@@ -186,7 +186,7 @@ def test_the_scratch_budget_is_shared_by_concurrent_conversions(tmp_path: Path) 
         one.need(6 * MB, "6 MiB")
         with b.room("second") as two, pytest.raises(ConversionFailed) as err:
             two.need(6 * MB, "6 MiB")
-        assert "6.0 MiB of it taken by other conversions" in str(err.value)
+        assert "6.0 MiB of it held by other conversions" in str(err.value)
     with b.room("third") as three:
         three.need(10 * MB, "all of it")  # released when the first ended
 
@@ -278,4 +278,18 @@ def test_rooms_a_killed_process_left_are_removed_and_live_ones_kept(tmp_path: Pa
         with Scratch(tmp_path, 64 * MB).room("next") as room:
             assert room.path.exists()
             assert not stale.exists() and (live / "original").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["convert-live"]
+    assert sorted(p.name for p in tmp_path.glob("convert-*")) == ["convert-live"]
+
+
+def test_another_process_s_conversion_counts_against_the_bound(tmp_path: Path) -> None:
+    import fcntl
+
+    live = tmp_path / "convert-other"  # the daemon converting while a push runs
+    live.mkdir()
+    (live / ".reserved").write_text(str(6 * MB))
+    with (live / ".lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with Scratch(tmp_path, 10 * MB).room("push") as room, pytest.raises(ConversionFailed):
+            room.need(6 * MB, "6 MiB")
+    with Scratch(tmp_path, 10 * MB).room("push") as room:
+        room.need(6 * MB, "6 MiB")  # that process is gone: its room no longer counts
