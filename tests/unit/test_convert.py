@@ -293,3 +293,29 @@ def test_another_process_s_conversion_counts_against_the_bound(tmp_path: Path) -
             room.need(6 * MB, "6 MiB")
     with Scratch(tmp_path, 10 * MB).room("push") as room:
         room.need(6 * MB, "6 MiB")  # that process is gone: its room no longer counts
+
+
+def test_a_failed_download_is_retried_and_corrupt_bytes_are_never_converted(
+    qemu_img: Path, tmp_path: Path
+) -> None:
+    from imagesync.errors import TransientError
+    from imagesync.sites.memory import Faults
+
+    data = make_image(qemu_img, tmp_path, "qcow2")
+    fails = [1]
+
+    def once(op: str, image_id: str | None) -> None:
+        if op == "open" and fails:
+            fails.pop()
+            raise TransientError("connection reset")
+
+    src, dst = MemorySite("src", Faults(hook=once)), MemorySite("dst")
+    rec = _add(src, data, "qcow2")
+    assert _copy(src, rec, {dst: ("raw",)}, Scratch(tmp_path / "s", 64 * MB)).ok
+    assert src.reads == 1 and len(dst.images) == 1  # the second open read it
+
+    bad, dst2 = MemorySite("bad", Faults(corrupt_read=True)), MemorySite("dst2")
+    rec = _add(bad, data, "qcow2")
+    (t,) = _copy(bad, rec, {dst2: ("raw",)}, Scratch(tmp_path / "s", 64 * MB)).targets
+    assert t.error_kind is ErrorKind.CONVERSION and "are not the version's" in (t.error or "")
+    assert dst2.images == {}
