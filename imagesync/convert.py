@@ -213,8 +213,10 @@ def qemu_img() -> str:
     return found
 
 
-def _run(args: Sequence[str], cancel: threading.Event | None, ok: tuple[int, ...] = (0,)) -> str:
-    """Run qemu-img; stop it when ``cancel`` is set. Returns its output."""
+def _run(
+    args: Sequence[str], cancel: threading.Event | None, ok: tuple[int, ...] = (0,)
+) -> tuple[int, str]:
+    """Run qemu-img; stop it when ``cancel`` is set. Returns its exit code and output."""
     try:
         proc = subprocess.Popen(
             list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -233,12 +235,13 @@ def _run(args: Sequence[str], cancel: threading.Event | None, ok: tuple[int, ...
     if proc.returncode not in ok:
         last = (err.strip().splitlines() or ["no output"])[-1]
         raise ConversionFailed(f"qemu-img {args[1]} failed ({proc.returncode}): {last}")
-    return out
+    return proc.returncode, out
 
 
 def _info(tool: str, path: Path, fmt: str) -> dict[str, Any]:
-    out = _run([tool, "info", "--output=json", "-f", fmt, str(path)], None)
-    info: dict[str, Any] = json.loads(out)
+    info: dict[str, Any] = json.loads(
+        _run([tool, "info", "--output=json", "-f", fmt, str(path)], None)[1]
+    )
     data_file = info.get("format-specific", {}).get("data", {}).get("data-file")
     if info.get("backing-filename") or info.get("full-backing-filename") or data_file:
         raise ConversionFailed(
@@ -249,9 +252,8 @@ def _info(tool: str, path: Path, fmt: str) -> dict[str, Any]:
 
 
 def _measure(tool: str, path: Path, src: str, dst: str) -> int:
-    out = json.loads(
-        _run([tool, "measure", "--output=json", "-f", src, "-O", dst, str(path)], None)
-    )
+    argv = [tool, "measure", "--output=json", "-f", src, "-O", dst, str(path)]
+    out = json.loads(_run(argv, None)[1])
     return int(out["required"])
 
 
@@ -402,18 +404,19 @@ def _convert_copy(
         msg = f"{what}: {exc}"
         log.error("convert.failed", image=image.name, to=fmt, targets=names, error=msg)
         result.targets = [TargetResult(n, error=msg, error_kind=kind, attempts=1) for n in names]
+    except Exception as exc:  # a bug: these targets fail, the copy's others are unaffected
+        msg = f"{what}: unexpected error: {exc!r}"
+        log.error("convert.failed", image=image.name, to=fmt, targets=names, exc_info=True)
+        result.targets = [
+            TargetResult(n, error=msg, error_kind=ErrorKind.UNEXPECTED, attempts=1) for n in names
+        ]
     return result
 
 
 def _compare(tool: str, a: Path, b: Path, fa: str, fb: str, cancel: threading.Event | None) -> int:
+    """0: the same guest-visible data; 1: different (a failure of compare itself raises)."""
     args = [tool, "compare", "-f", QEMU_FORMATS[fa], "-F", QEMU_FORMATS[fb], str(a), str(b)]
-    try:
-        _run(args, cancel, ok=(0,))
-    except ConversionFailed:
-        # tell "different" (1) from a failure of compare itself (2+), which raises
-        _run(args, cancel, ok=(0, 1))
-        return 1
-    return 0
+    return _run(args, cancel, ok=(0, 1))[0]
 
 
 def _sha512(path: Path, cancel: threading.Event | None) -> str:

@@ -319,3 +319,43 @@ def test_a_failed_download_is_retried_and_corrupt_bytes_are_never_converted(
     (t,) = _copy(bad, rec, {dst2: ("raw",)}, Scratch(tmp_path / "s", 64 * MB)).targets
     assert t.error_kind is ErrorKind.CONVERSION and "are not the version's" in (t.error or "")
     assert dst2.images == {}
+
+
+def test_a_conversion_qemu_img_compare_rejects_is_never_uploaded(
+    qemu_img: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import imagesync.convert as convert
+
+    real = convert._run
+
+    def differ(args: list[str], cancel: object, ok: tuple[int, ...] = (0,)) -> tuple[int, str]:
+        if args[1] == "compare":  # as if convert had written other data: compare with that
+            other = tmp_path / "other.raw"
+            other.write_bytes(os.urandom(4 * MB))
+            tool, _, f, fa, big_f, _fb, original, _converted = args
+            args = [tool, "compare", f, fa, big_f, "raw", original, str(other)]
+        return real(args, None, ok)
+
+    monkeypatch.setattr(convert, "_run", differ)
+    data = make_image(qemu_img, tmp_path, "qcow2")
+    src, dst = MemorySite("src"), MemorySite("dst")
+    rec = _add(src, data, "qcow2")
+    (t,) = _copy(src, rec, {dst: ("raw",)}, Scratch(tmp_path / "s", 64 * MB)).targets
+    assert t.error_kind is ErrorKind.CONVERSION and "qemu-img compare found" in (t.error or "")
+    assert dst.images == {}
+
+
+def test_a_bug_fails_the_converted_targets_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import imagesync.convert as convert
+
+    def broken() -> str:
+        raise KeyError("bug")
+
+    monkeypatch.setattr(convert, "qemu_img", broken)
+    src, dst, plain = MemorySite("src"), MemorySite("dst"), MemorySite("plain")
+    rec = _add(src, b"x" * 1000, "qcow2")
+    result = _copy(src, rec, {dst: ("raw",), plain: ()}, Scratch(tmp_path / "s", 64 * MB))
+    by = {t.site: t for t in result.targets}
+    assert by["plain"].ok and by["dst"].error_kind is ErrorKind.UNEXPECTED
