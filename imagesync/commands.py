@@ -20,7 +20,7 @@ from imagesync.config.types import CloudConfig, Config
 from imagesync.engine import ActionResult, Engine, Outcome, summarize
 from imagesync.engine.report import action_dict, result_dict, status_document
 from imagesync.errors import ImageSyncError, UsageError
-from imagesync.model import SiteInventory, format_time, printable
+from imagesync.model import SiteInventory, choose_format, format_time, printable
 from imagesync.plan import (
     Action,
     Assessment,
@@ -238,7 +238,7 @@ def _plan_and_run(
         )
         if dry_run:
             engine.record(p.assessments)  # changes no site; what it found, check answers from
-            _emit_plan(p, as_json)
+            _emit_plan(p, as_json, config)
             return None
         results = engine.execute(p, progress=None if as_json else _progress_factory())
     finally:
@@ -265,14 +265,38 @@ def _plan_and_run(
     return p, results
 
 
-def _emit_plan(p: Plan, as_json: bool) -> None:
+def _emit_plan(p: Plan, as_json: bool, config: Config) -> None:
+    formats = _conversions(p, config)
     if as_json:
-        print(json.dumps({"actions": [action_dict(a) for a in p.actions]}, indent=2))
+        actions = [action_dict(a) for a in p.actions]
+        for a, d in zip(p.actions, actions, strict=True):
+            if isinstance(a, Copy) and formats.get(a.name):
+                d["formats"] = formats[a.name]
+        print(json.dumps({"actions": actions}, indent=2))
         return
     if not p.actions:
         print("nothing to do")
     for a in p.actions:
-        print(action_line(a))
+        notes = formats.get(a.name, {}) if isinstance(a, Copy) else {}
+        print(action_line(a) + "".join(printable(f"; {t}: {n}") for t, n in notes.items()))
+
+
+def _conversions(p: Plan, config: Config) -> dict[str, dict[str, str]]:
+    """name → {target: what happens to its format}, for the copies whose target cloud wants
+    another disk format (``disk_formats:``): a dry run says so before anything is copied."""
+    sources = {a.name: a.source for a in p.assessments if a.source is not None}
+    out: dict[str, dict[str, str]] = {}
+    for c in p.copies:
+        src = sources.get(c.name)
+        fmt = src.disk_format if src is not None else None
+        for t in c.targets:
+            cloud = config.clouds.get(t)
+            choice = choose_format(fmt, cloud.disk_formats if cloud is not None else ())
+            if choice.convert_to is not None:
+                out.setdefault(c.name, {})[t] = f"converted from {fmt} to {choice.convert_to}"
+            elif choice.refused is not None:
+                out.setdefault(c.name, {})[t] = f"will fail: {choice.refused}"
+    return out
 
 
 def sync(config: Config, *, dry_run: bool = False, as_json: bool = False) -> int:
@@ -301,7 +325,8 @@ def _cell_text(a: Assessment, site: str) -> str:
     c = a.cells[site]
     if c.state == "current" and c.image is not None:
         dup = f" (+{len(c.duplicates)} dup)" if c.duplicates else ""
-        return printable(f"current {c.image.short_id}{dup}")
+        conv = f" ({c.image.disk_format}, converted)" if c.image.converted else ""
+        return printable(f"current {c.image.short_id}{conv}{dup}")
     if c.state in ("stale", "mismatch") and c.have is not None:
         return f"{c.state} {format_time(c.have.time)}"
     if c.state == "missing" and not c.required:

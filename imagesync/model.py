@@ -24,8 +24,23 @@ PROP_STATE = "imagesync.state"
 STATE_UPLOADING = "uploading"
 #: who owns an unpublished upload and until when (see imagesync.engine.marker)
 PROP_UPLOAD = "imagesync.upload"
+#: on a copy imagesync converted to another disk format (see imagesync.convert): the original's
+#: ``FORMAT:SHA512``; ``imagesync.sha512`` stays the original's (a version's identity), and
+#: the copy's own sha512 (its stored bytes) is in ``imagesync.converted_sha512``
+PROP_CONVERTED_FROM = "imagesync.converted_from"
+PROP_CONVERTED_SHA512 = "imagesync.converted_sha512"
 
-PROVENANCE_KEYS = frozenset({PROP_ORIGIN, PROP_VERSION, PROP_SHA512, PROP_STATE, PROP_UPLOAD})
+PROVENANCE_KEYS = frozenset(
+    {
+        PROP_ORIGIN,
+        PROP_VERSION,
+        PROP_SHA512,
+        PROP_STATE,
+        PROP_UPLOAD,
+        PROP_CONVERTED_FROM,
+        PROP_CONVERTED_SHA512,
+    }
+)
 #: what Nova writes on an image it made from a server (snapshot or backup); Nova also copies
 #: every property of the server's base image, imagesync's marks included
 PROP_IMAGE_TYPE = "image_type"
@@ -183,14 +198,26 @@ class ImageRecord:
         return props.get(PROP_IMAGE_TYPE) in SNAPSHOT_TYPES or bool(props.get(PROP_INSTANCE_UUID))
 
     @property
+    def converted(self) -> bool:
+        """A copy imagesync converted to another disk format: the same version as its
+        original (``imagesync.sha512`` is the original's), other bytes."""
+        return PROP_CONVERTED_FROM in self.properties
+
+    @property
     def provenance_ok(self) -> bool:
         """Do imagesync's provenance marks describe this very record? Only when present, not
         inherited by a Nova snapshot, and not contradicted by the site's own sha512 of the bytes
-        it stores (a user who changed a copy and uploaded it with the same properties)."""
+        it stores (a user who changed a copy and uploaded it with the same properties). A
+        converted copy's bytes are checked against its own recorded sha512, not the
+        original's."""
         props = self.properties
         if PROP_ORIGIN not in props or self.is_server_image:
             return False
         claimed, own = props.get(PROP_SHA512), self.hashes.get("sha512")
+        if self.converted:
+            claimed = props.get(PROP_CONVERTED_SHA512)
+            if not claimed:  # a converted copy must say which bytes it holds
+                return False
         return not (claimed and own and claimed.lower() != own.lower())
 
     @functools.cached_property
@@ -207,7 +234,9 @@ class ImageRecord:
             vtime = parse_time(props.get(PROP_VERSION)) or self.created_at
             # A copy whose claimed version is newer than its own creation is lying: clamp it.
             vtime = min(vtime, self.created_at)
-            sha = props.get(PROP_SHA512) or self.hashes.get("sha512")
+            # a converted copy's own bytes are not the version's: only the mark names it
+            own = None if self.converted else self.hashes.get("sha512")
+            sha = props.get(PROP_SHA512) or own
         else:  # an original: its own origin, its own creation time, its own bytes
             vtime = self.created_at
             sha = self.hashes.get("sha512")
@@ -297,3 +326,54 @@ class SiteInventory:
     def foreign(self, name: str) -> list[ImageRecord]:
         """The images called ``name`` owned by someone imagesync does not trust here."""
         return [i for i in self.images if i.name == name and not self.trusts(i)]
+
+
+# --------------------------------------------------------------------------- disk formats
+
+#: the disk formats Glance knows (``disk_format``); a cloud's ``disk_formats:`` names some
+DISK_FORMATS = ("raw", "qcow2", "vmdk", "vdi", "vhd", "vhdx", "iso", "ploop", "ami", "ari", "aki")
+#: those ``qemu-img`` converts between, with qemu's own name for each (Glance's vhd is vpc)
+QEMU_FORMATS: Mapping[str, str] = {
+    "raw": "raw",
+    "qcow2": "qcow2",
+    "vmdk": "vmdk",
+    "vdi": "vdi",
+    "vhd": "vpc",
+    "vhdx": "vhdx",
+}
+
+
+@dataclass(frozen=True)
+class FormatChoice:
+    """How a version reaches one target: as it is (``convert_to`` None), converted to
+    ``convert_to``, or not at all (``refused`` says why, for people)."""
+
+    convert_to: str | None = None
+    refused: str | None = None
+
+    @property
+    def as_is(self) -> bool:
+        return self.convert_to is None and self.refused is None
+
+
+def choose_format(source_format: str | None, accepted: tuple[str, ...]) -> FormatChoice:
+    """Which format a version in ``source_format`` takes on a site that accepts ``accepted``
+    (preferred first; empty: anything, as it is). Pure: the executor acts on the answer."""
+    if not accepted or source_format in accepted:
+        return FormatChoice()
+    wants = "/".join(accepted)
+    if source_format is None:
+        return FormatChoice(refused=f"the site accepts only {wants} and the source has no format")
+    if source_format not in QEMU_FORMATS:
+        return FormatChoice(
+            refused=f"the site accepts only {wants}, and a {source_format} image "
+            "cannot be converted (qemu-img converts only "
+            f"{', '.join(QEMU_FORMATS)})"
+        )
+    for fmt in accepted:
+        if fmt in QEMU_FORMATS:
+            return FormatChoice(convert_to=fmt)
+    return FormatChoice(
+        refused=f"the site accepts only {wants}: none is a format qemu-img writes "
+        f"({', '.join(QEMU_FORMATS)})"
+    )

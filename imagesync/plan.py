@@ -247,6 +247,9 @@ def assess(
             source = sorted(
                 copyable,
                 key=lambda r: (
+                    # a converted copy holds other bytes than the version's sha512 names:
+                    # copy from one holding the original's bytes whenever there is one
+                    r.converted,
                     r.site != origin_site,
                     order.get(r.site, len(order)),
                     r.created_at,

@@ -65,6 +65,7 @@ class ErrorKind(StrEnum):
     SOURCE = "source"  # reading the source failed
     CANCELLED = "cancelled"  # the daemon is stopping: the upload was removed
     BUSY = "busy"  # another imagesync holds the (name, site) lock
+    CONVERSION = "conversion"  # the disk format conversion failed (imagesync.convert)
     UNEXPECTED = "unexpected"  # a bug: logged with its traceback
 
     @property

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal, TypedDict, cast
 
 from imagesync.config.document import Document, read_document
+from imagesync.config.formats import parse_conversion, with_disk_formats
 from imagesync.config.rules import parse_rules
 from imagesync.config.sites import parse_max_transfers, parse_sites, resolve_cloud_entries
 from imagesync.config.types import (
@@ -256,4 +257,13 @@ def load_config(
             sp.name: CloudConfig(name=sp.name, auth={}, auth_type="unresolved", cloud=sp.entry)
             for sp in specs
         }
-    return Config(path=file.absolute(), clouds=clouds, stores=stores, images=rules, **settings)
+    clouds = with_disk_formats(doc, raw_clouds, clouds)
+    conversion = parse_conversion(doc, top.get("conversion"))
+    return Config(
+        path=file.absolute(),
+        clouds=clouds,
+        stores=stores,
+        images=rules,
+        conversion=conversion,
+        **settings,
+    )

@@ -47,6 +47,8 @@ def _clouds(config: Config) -> dict[str, Any]:
         entry["trusted_owners"] = list(c.trusted_owners)
         if not c.server_side:
             entry["server_side"] = False
+        if c.disk_formats:
+            entry["disk_formats"] = list(c.disk_formats)
         clouds[c.name] = entry
     return clouds
 
@@ -81,6 +83,15 @@ def _stores(config: Config) -> dict[str, Any]:
     return stores
 
 
+def _conversion(config: Config) -> dict[str, Any]:
+    conv = config.conversion
+    body: dict[str, Any] = {}
+    if conv.scratch_dir is not None:  # unset follows state_dir
+        body["scratch_dir"] = str(conv.scratch_dir)
+    body["scratch_max_size"] = conv.scratch_max_size
+    return body
+
+
 def render_config(config: Config) -> str:
     """The effective configuration as YAML: clouds resolved, durations normalised, every secret
     shown as ``********``."""
@@ -96,6 +107,7 @@ def render_config(config: Config) -> str:
         "metrics_listen_public": config.metrics_listen_public,
         "log_format": config.log_format,
         "log_level": config.log_level,
+        "conversion": _conversion(config),
         "clouds": _clouds(config),
         "stores": _stores(config),
         "images": [

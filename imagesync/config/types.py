@@ -52,6 +52,9 @@ class CloudConfig:
     #: let this cloud's Glance fetch an image itself (``web-download``) from a URL the source
     #: hands out, when it offers that import method; false: imagesync always relays the bytes
     server_side: bool = True
+    #: the disk formats this cloud accepts, preferred first; () accepts any (as they are).
+    #: A version in another format is converted on its way here (imagesync.convert)
+    disk_formats: tuple[str, ...] = ()
 
 
 #: where CADC clients look up a VOSpace resource ID (``ivo://authority/service``): a list of
@@ -131,6 +134,24 @@ class ImageRule:
         return self.clouds + self.stores
 
 
+#: ``conversion: scratch_max_size`` when the file does not set it
+DEFAULT_SCRATCH_MAX_SIZE = 20 * 1024**3
+
+
+@dataclass(frozen=True)
+class ConversionConfig:
+    """``conversion:``: where disk formats are converted (qcow2 needs random access, so an
+    image is downloaded, converted and uploaded through files) and how much room that may
+    take at once (the original plus its converted copy, for every conversion running)."""
+
+    #: None: ``<state_dir>/scratch``
+    scratch_dir: Path | None = None
+    scratch_max_size: int = DEFAULT_SCRATCH_MAX_SIZE  # bytes
+
+    def directory(self, state_dir: Path) -> Path:
+        return self.scratch_dir if self.scratch_dir is not None else state_dir / "scratch"
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole effective configuration."""
@@ -151,6 +172,7 @@ class Config:
     empty_listing_passes: int = DEFAULT_EMPTY_LISTING_PASSES  # see engine.inventory
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "info"
+    conversion: ConversionConfig = ConversionConfig()
 
     @property
     def site_names(self) -> tuple[str, ...]:
@@ -188,7 +210,9 @@ TOP_KEYS = (
     "empty_listing_passes",
     "log_format",
     "log_level",
+    "conversion",
 )
+CONVERSION_KEYS = ("scratch_dir", "scratch_max_size")
 CLOUD_COMMON_KEYS = (
     "region_name",
     "interface",
@@ -198,6 +222,7 @@ CLOUD_COMMON_KEYS = (
     "endpoint_override",
     "trusted_owners",
     "server_side",
+    "disk_formats",
 )
 CLOUD_KEYS = ("cloud", "auth", "auth_type", *CLOUD_COMMON_KEYS)
 STORE_TYPES = ("directory", "vospace")

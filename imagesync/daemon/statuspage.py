@@ -186,6 +186,8 @@ def _cell(name: str, site: str, cell: Mapping[str, Any], newest: Mapping[str, An
     parts = [f'<div class="st">{e(LABELS.get(state, state))}</div>']
     if image_id:
         parts.append(f'<div class="id" title="{e(image_id)}">{e(short_id(image_id))}</div>')
+    if cell.get("converted_to"):  # the same version, in the format this cloud wants
+        parts.append(f'<div class="ver">{e(cell["converted_to"])}, converted</div>')
     if cell.get("duplicates"):
         parts.append(f'<div class="ver">+{len(cell["duplicates"])} duplicate(s)</div>')
     if version:

@@ -34,6 +34,7 @@ from typing import Any
 
 import structlog
 
+from imagesync.convert import Scratch, copy_with_formats
 from imagesync.engine.inventory import Inventory
 from imagesync.engine.marker import UploadMarker
 from imagesync.engine.pool import SitePool
@@ -334,16 +335,20 @@ class Executor:
         observer.copy_started(dataclasses.replace(copy, targets=tuple(targets)))
         interrupted = False
         try:
+            # converted where a target wants another format (imagesync.convert); the rest
             # server-side where the sites allow it (engine.serverside), else relayed
-            result = copy_image(
+            result = copy_with_formats(
                 source,
                 image,
                 [(self.pool.get(t), new) for t in targets],
+                accepted=self._disk_formats,
+                scratch=self._scratch(),
                 policy=self.policy,
                 progress=count,
                 cancel=cancel,
                 watcher=_Leases(self.state, copy.name),
                 lease_expired=lambda: self.clock() >= marker.expires,
+                plain_copy=copy_image,
             )
         except KeyboardInterrupt:
             # Ctrl-C (SIGTERM for the CLI) in push or sync: copy_image aborted every upload
@@ -394,6 +399,15 @@ class Executor:
             targets=result.targets + busy,
             outcome=outcome,
         )
+
+    def _disk_formats(self, site: str) -> tuple[str, ...]:
+        """The formats ``site`` accepts, preferred first; () takes any as it is."""
+        cloud = self.pool.config.clouds.get(site)
+        return cloud.disk_formats if cloud is not None else ()
+
+    def _scratch(self) -> Scratch:
+        conv = self.pool.config.conversion
+        return Scratch(conv.directory(self.pool.config.state_dir), conv.scratch_max_size)
 
     def _record_unfinished(
         self,

@@ -38,6 +38,8 @@ def image_status(a: Assessment) -> dict[str, Any]:
                 "image_id": c.image.id if c.image else None,
                 "duplicates": list(c.duplicates),
                 "have": format_time(c.have.time) if c.have else None,
+                # a converted copy (another disk format) of the same version: still current
+                "converted_to": c.image.disk_format if c.image and c.image.converted else None,
             }
             for s, c in a.cells.items()
         },

@@ -188,6 +188,7 @@ def test_everything_from_sites_is_escaped() -> None:
         "image_id": HOSTILE,
         "duplicates": [HOSTILE],
         "have": HOSTILE,
+        "converted_to": HOSTILE,
     }
     doc: dict[str, Any] = {
         "generated": "2030-01-01T00:00:00Z",
@@ -299,3 +300,22 @@ def test_times_are_shown_with_their_age() -> None:
     }
     page = render(doc)
     assert "2030-01-01 00:59:30Z</span> (30s ago)" in page
+
+
+def test_a_converted_copy_shows_as_current_in_its_format() -> None:
+    cell = {"state": "current", "required": True, "image_id": "abcdef0123", "duplicates": []}
+    doc: dict[str, Any] = {
+        "generated": "2030-01-01T01:00:00Z",
+        "sites": {s: {"kind": "glance", "reachable": True} for s in ("ceph", "other")},
+        "images": [
+            {
+                "name": "img",
+                "newest": {"version": "2030-01-01T00:00:00Z", "sha512": None, "origin": "a:1"},
+                "not_copyable": None,
+                "sites": {"ceph": {**cell, "converted_to": "raw"}, "other": cell},
+                "ignored": [],
+            }
+        ],
+    }
+    page = render(doc)
+    assert page.count("raw, converted") == 1 and page.count('data-state="current"') == 2
