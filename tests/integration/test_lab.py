@@ -4,6 +4,7 @@ separate, web-download works from loopback, and up/down/up leaves nothing behind
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import http.server
 import io
@@ -261,16 +262,7 @@ def test_a_failed_start_stops_what_it_started_and_shows_the_log(
     real = procs.find_tools
 
     def tools_with_a_broken_glance() -> procs.Tools:
-        t = real()
-        return procs.Tools(
-            venv=t.venv,
-            uwsgi=t.uwsgi,
-            keystone_manage=t.keystone_manage,
-            glance_manage=t.glance_manage,
-            keystone_wsgi=t.keystone_wsgi,
-            glance_wsgi=broken,
-            glance_paste=t.glance_paste,
-        )
+        return dataclasses.replace(real(), glance_wsgi=broken)
 
     monkeypatch.setattr(procs, "find_tools", tools_with_a_broken_glance)
     directory = tmp_path / "failing"

@@ -95,10 +95,15 @@ def in_store(store: LabVOSpace, name: str) -> list[tuple[str, bytes]]:
         site.close()
 
 
+@pytest.fixture
+def store(lab_vospace: LabVOSpace) -> LabVOSpace:
+    """The VOSpace store the tests sync with: the lab's service, no fault rules."""
+    return lab_vospace
+
+
 def test_a_new_version_on_one_cloud_reaches_the_store_and_the_other_cloud(
-    lab: LabInfo, lab_vospace: LabVOSpace, tmp_path: Path
+    lab: LabInfo, store: LabVOSpace, tmp_path: Path
 ) -> None:
-    store = lab_vospace
     name = uid("vo-new")
     data = random_bytes(3 * MB + 17)
     orig = upload(lab, "lab1", name, data, os_distro="centos")
@@ -113,9 +118,8 @@ def test_a_new_version_on_one_cloud_reaches_the_store_and_the_other_cloud(
 
 
 def test_a_version_only_in_the_store_reaches_every_cloud(
-    lab: LabInfo, lab_vospace: LabVOSpace, tmp_path: Path
+    lab: LabInfo, store: LabVOSpace, tmp_path: Path
 ) -> None:
-    store = lab_vospace
     name = uid("vo-only")
     data = random_bytes(2 * MB + 5)
     write_as_another_client(store, name, "vmsave-2024.img", data)
@@ -150,9 +154,8 @@ def test_a_byte_flipped_between_the_store_and_imagesync_is_an_integrity_error(
 
 
 def test_a_503_storm_on_the_store_delays_but_does_not_fail_the_pass(
-    lab: LabInfo, lab_vospace: LabVOSpace, tmp_path: Path
+    lab: LabInfo, store: LabVOSpace, tmp_path: Path
 ) -> None:
-    store = lab_vospace
     name = uid("vo-503")
     data = random_bytes(MB + 3)
     upload(lab, "lab1", name, data)
@@ -164,9 +167,8 @@ def test_a_503_storm_on_the_store_delays_but_does_not_fail_the_pass(
 
 
 def test_a_compressed_store_keeps_a_smaller_node_and_the_images_identity(
-    lab: LabInfo, lab_vospace: LabVOSpace, tmp_path: Path
+    lab: LabInfo, store: LabVOSpace, tmp_path: Path
 ) -> None:
-    store = lab_vospace
     name = uid("vo-zstd")
     block = random_bytes(MB)
     data = b"".join(block if i % 10 in (2, 5, 8) else bytes(MB) for i in range(10))  # 70% zeros

@@ -560,21 +560,26 @@ images:
     assert dataclasses.replace(again, path=config.path) == config
 
 
-def test_render_masks_secrets_by_key_without_registration() -> None:
-    logs.forget_secrets()
-    config = Config(
+def one_cloud(cloud: CloudConfig, state_dir: Path = Path("/s")) -> Config:
+    """A configuration of ``cloud`` alone: no stores, no rules, no file."""
+    return Config(
         path=None,
-        state_dir=Path("/s"),
+        state_dir=state_dir,
         poll_interval=60,
         stores={},
         images=(),
-        clouds={
-            "c": CloudConfig(
-                name="c",
-                auth_type="token",
-                auth={"auth_url": "https://k/v3", "token": "tkn-Value-1", "project_id": "p"},
-            )
-        },
+        clouds={cloud.name: cloud},
+    )
+
+
+def test_render_masks_secrets_by_key_without_registration() -> None:
+    logs.forget_secrets()
+    config = one_cloud(
+        CloudConfig(
+            name="c",
+            auth_type="token",
+            auth={"auth_url": "https://k/v3", "token": "tkn-Value-1", "project_id": "p"},
+        )
     )
     text = render_config(config)
     assert "tkn-Value-1" not in text and "token: '********'" in text
@@ -604,24 +609,18 @@ def test_check_connections_directory_stores(tmp_path: Path) -> None:
 
 
 def test_check_connections_unreachable_cloud(tmp_path: Path) -> None:
-    config = Config(
-        path=None,
-        state_dir=tmp_path,
-        poll_interval=60,
-        stores={},
-        images=(),
-        clouds={
-            "c": CloudConfig(
-                name="c",
-                auth_type="v3applicationcredential",
-                timeout=5,
-                auth={
-                    "auth_url": "http://127.0.0.1:1/v3",
-                    "application_credential_id": "i",
-                    "application_credential_secret": "unreach-Secret-3",
-                },
-            )
-        },
+    config = one_cloud(
+        CloudConfig(
+            name="c",
+            auth_type="v3applicationcredential",
+            timeout=5,
+            auth={
+                "auth_url": "http://127.0.0.1:1/v3",
+                "application_credential_id": "i",
+                "application_credential_secret": "unreach-Secret-3",
+            },
+        ),
+        tmp_path,
     )
     [(name, ok, detail)] = check_connections(config)
     assert (name, ok) == ("c", False)

@@ -42,12 +42,7 @@ def test_md5_only_image_has_unknown_sha512() -> None:
 
 def test_copy_carries_the_originals_version() -> None:
     later = T0 + timedelta(days=3)
-    copy = rec(
-        site="c2",
-        id="x",
-        created_at=later,
-        properties=copy_marks("c1:id1", T0, SHA),
-    )
+    copy = rec(site="c2", id="x", created_at=later, properties=copy_marks("c1:id1", T0, SHA))
     assert copy.version.origin == "c1:id1"
     assert copy.version.time == T0
     assert copy.version.same_as(rec(hashes={"sha512": SHA}).version)
