@@ -25,6 +25,12 @@ STATE_UPLOADING = "uploading"
 #: who owns an unpublished upload and until when (see imagesync.engine.marker)
 PROP_UPLOAD = "imagesync.upload"
 
+#: a rule's boot test: ``passed <time>`` on the image that was booted (imagesync.boottest)
+PROP_BOOT_TEST = "imagesync.boot-test"
+#: why a version failed its boot test; on any trusted image of a version, that version is no
+#: longer a version of its name: never copied, never answered, never retires an older one
+PROP_QUARANTINED = "imagesync.quarantined"
+
 PROVENANCE_KEYS = frozenset({PROP_ORIGIN, PROP_VERSION, PROP_SHA512, PROP_STATE, PROP_UPLOAD})
 #: what Nova writes on an image it made from a server (snapshot or backup); Nova also copies
 #: every property of the server's base image, imagesync's marks included
