@@ -18,7 +18,7 @@ import structlog
 
 from imagesync.config.types import Config
 from imagesync.engine import ActionResult, Engine, Outcome, summarize
-from imagesync.engine.report import status_document
+from imagesync.engine.report import quarantine_rows, status_document
 from imagesync.errors import ImageSyncError, UsageError
 from imagesync.model import SiteInventory, format_time, printable
 from imagesync.plan import (
@@ -382,8 +382,10 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
         engine.record(assessments)
     finally:
         engine.close()
+    saves, save_errors = _save_rows(config, name, inventories)
     if as_json:
-        print(json.dumps(status_document(assessments, inventories), indent=2))
+        doc = status_document(assessments, inventories)
+        print(json.dumps({**doc, "saves": saves, "save_errors": save_errors}, indent=2))
         return 0
     sites = list(config.site_names)
     if not assessments:
@@ -410,32 +412,32 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
     for s, inv in inventories.items():
         if not inv.ok:
             print(printable(f"  {s}: unreachable: {inv.error}"), file=sys.stderr)
-    for line in [*_quarantine_lines(inventories), *_save_lines(config, name, inventories)]:
+    quarantined = [
+        f"  {q['name']}: QUARANTINED on {q['site']} ({q['image_id']}): {q['reason']}"
+        for q in quarantine_rows(inventories)
+    ]
+    saved = [
+        f"  save on shutdown: {r['cloud']} server {r['server_name']} ({r['server']}) "
+        f"as {r['save_as']} [{r['status']}]: {r['state']}"
+        for r in saves
+    ]
+    for line in [*quarantined, *saved, *save_errors]:
         print(printable(line))
     return 0
 
 
-def _quarantine_lines(inventories: Mapping[str, SiteInventory]) -> list[str]:
-    """The versions a boot test quarantined (``imagesync.boottest``): hidden where they are."""
-    return [
-        f"  {rec.name}: QUARANTINED on {inv.site} ({rec.id}): "
-        + rec.properties["imagesync.quarantined"]
-        for inv in inventories.values()
-        for rec in inv.images
-        if rec.hidden and "imagesync.quarantined" in rec.properties
-    ]
-
-
-def _save_lines(
+def _save_rows(
     config: Config, name: str | None, inventories: Mapping[str, SiteInventory]
-) -> list[str]:
+) -> tuple[list[dict[str, str]], list[str]]:
     """The servers marked for save on shutdown (``imagesync.saving``), on the clouds that have
-    compute and answered this listing: what their metadata says (saved, refused, failed)."""
+    compute and answered this listing: what their metadata says (``state``: saving, error,
+    saved or not saved yet); and a line for each cloud whose servers could not be listed."""
     from imagesync.saving import marked_states
     from imagesync.sites.glance import make_session
     from imagesync.sites.nova import NovaSnapshots
 
-    lines = []
+    out: list[dict[str, str]] = []
+    errors: list[str] = []
     for cloud, cfg in config.clouds.items():
         if cloud not in inventories or not inventories[cloud].ok:
             continue  # unreachable, said above; or not listed (status NAME lists them all)
@@ -443,7 +445,7 @@ def _save_lines(
             nova = NovaSnapshots(cfg, make_session(cfg))
             rows = marked_states(nova) if nova.has_compute() else []
         except ImageSyncError as exc:
-            lines.append(f"  save on shutdown, {cloud}: cannot list servers: {exc}")
+            errors.append(f"  save on shutdown, {cloud}: cannot list servers: {exc}")
             continue
         for r in rows:
             if name is not None and r["save_as"] != name:
@@ -457,11 +459,8 @@ def _save_lines(
                 if r["saved"]
                 else "not saved yet"
             )
-            lines.append(
-                f"  save on shutdown: {cloud} server {r['server_name']} ({r['server']}) "
-                f"as {r['save_as']} [{r['status']}]: {state}"
-            )
-    return lines
+            out.append({**r, "state": state})
+    return out, errors
 
 
 #: history's columns: (header, key in the JSON row); the table and --json show the same fields

@@ -204,6 +204,7 @@ def run_one_pass(
         # only where Glance answered: an unreachable cloud costs its timeouts once, not twice
         reachable = {s for s, inv in inventories.items() if inv.ok}
         watch.saves = save_step(eng, reachable, beat=watch.beat)
+        watch.live.observe_saves([o.as_dict() for o in watch.saves])
         tested = boot_test_step(eng, inventories, beat=watch.beat)
         watch.metrics.observe_boot_tests([t.result for t in tested])
         changed = {o.cloud for o in watch.saves if o.state is SaveState.SAVED}
