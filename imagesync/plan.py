@@ -459,7 +459,8 @@ def _plan_name(
         return a, [
             Skip(name, "*", SkipReason.NO_VERSION, "no active version on any reachable site")
         ]
-    if rule.boot_test is not None and not targets:
+    # explicit targets (push --to, check --ensure) wait too: no path spreads an untested version
+    if rule.boot_test is not None:
         wait = awaiting_boot_test(a, inventories, rule.boot_test.cloud)
         if wait is not None:
             return a, _hold_for_boot_test(rule, a, wait, required)

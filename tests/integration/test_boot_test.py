@@ -19,7 +19,14 @@ from imagesync.config.types import BootTest
 from imagesync.daemon import Daemon
 from imagesync.lab import LabInfo, glance_client
 from imagesync.lab.nova import fail_file
-from tests.integration.labcfg import images_named, make_config, random_bytes, uid, upload
+from tests.integration.labcfg import (
+    images_named,
+    make_config,
+    openstack_cli,
+    random_bytes,
+    uid,
+    upload,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -125,6 +132,20 @@ def test_a_version_from_another_cloud_is_booted_on_the_test_cloud_before_it_spre
         (q,) = [q for q in doc["quarantined"] if q["name"] == name]
         assert (q["site"], q["image_id"], q["origin"]) == ("lab1", bad[0]["id"], f"lab2:{v2['id']}")
         assert "saves" in doc
+
+        # released (README): the mark removed, the version is booted again and spreads
+        failing.unlink()
+        bad_id = bad[0]["id"]
+        args = ("image", "unset", "--property", QUARANTINED, bad_id)
+        openstack_cli(nova_lab, "--os-cloud", "lab1", *args, as_json=False)
+        assert _pass_ok(daemon)
+        released = glance_client(nova_lab, "lab1").images.get(bad_id)
+        assert released["os_hidden"] is False and released[TESTED].startswith("passed")
+        assert {i["imagesync.origin"] for i in images_named(nova_lab, "lab3", name)} == {
+            f"lab2:{v1['id']}",
+            f"lab2:{v2['id']}",
+        }
+        assert _stored(store) == 2
     finally:
         failing.unlink(missing_ok=True)
         daemon.shutdown()

@@ -9,7 +9,16 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from imagesync.model import PROP_BOOT_TEST, PROP_QUARANTINED, ImageRecord
-from imagesync.plan import BOOT_TEST_PENDING, Copy, Retire, Skip, SkipReason, TargetRule, plan
+from imagesync.plan import (
+    BOOT_TEST_PENDING,
+    Copy,
+    Retire,
+    Skip,
+    SkipReason,
+    TargetRule,
+    plan,
+    plan_name,
+)
 from tests.unit.test_plan import SITES, T0, img, inv
 
 
@@ -121,3 +130,15 @@ def test_rules_without_a_boot_test_are_unchanged() -> None:
     rule = TargetRule(pattern="img*", sites=("a", "b", "c", "store"))
     (copy,) = plan([rule], inv(*_v1_everywhere(), v2), SITES).copies
     assert set(copy.targets) == {"a", "c", "store"} and not copy.hidden
+
+
+def test_explicit_targets_wait_for_the_boot_test_too() -> None:
+    """``push --to c`` or ``check --ensure --cloud c``: the version still goes to the boot
+    test's cloud first, never straight to c."""
+    v2 = img("b", digest="2", t=LATER)
+    _, actions = plan_name("img", RULE, inv(*_v1_everywhere(), v2), SITES, targets=["c"])
+    copies = [a for a in actions if isinstance(a, Copy)]
+    assert [(c.targets, c.hidden) for c in copies] == [(("a",), True)]
+    assert [(a.site, a.why) for a in actions if isinstance(a, Skip)] == [
+        ("c", SkipReason.BOOT_TEST)
+    ]
