@@ -13,7 +13,9 @@ version no version to the planner (``plan.quarantined_versions``) wherever it is
 retiring nothing, and ``check`` keeps answering the previous good version, on every cloud,
 including the one where a user uploaded the failing original (imagesync never hides an image
 it did not make, so that original stays visible; imagesync just does not vouch for it). The
-test server is always deleted. Tests run inside the pass, one at a time.
+test server is always deleted. Tests run inside the pass, one at a time; a pass that has
+just placed a boot test's copy runs a second round (test, plan, copy) so that the version
+spreads in that pass (``daemon.passes.run_one_pass``).
 
 Releasing a quarantine: remove the mark (``openstack image unset --property
 imagesync.quarantined IMAGE``): the version is tested again on the next pass; delete the

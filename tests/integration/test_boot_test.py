@@ -22,7 +22,6 @@ from imagesync.lab.nova import fail_file
 from tests.integration.labcfg import (
     images_named,
     make_config,
-    openstack_cli,
     random_bytes,
     uid,
     upload,
@@ -98,21 +97,18 @@ def test_a_version_from_another_cloud_is_booted_on_the_test_cloud_before_it_spre
     daemon = Daemon(cfg)
     failing = fail_file(nova_lab.directory / "lab1")
     try:
-        assert _pass_ok(daemon)  # to lab1 only, hidden: nothing else moves
-        (held,) = images_named(nova_lab, "lab1", name)
-        assert held["os_hidden"] is True and held["imagesync.origin"] == f"lab2:{v1['id']}"
-        assert images_named(nova_lab, "lab3", name) == [] and _stored(store) == 0
-        assert _pass_ok(daemon)  # booted, shown, spread in the same pass
+        # one pass: copied to lab1 alone (hidden), booted there, shown, then spread
+        report = daemon.run_pass()
+        assert report is not None and report.ok and report.copied == 3, report
         (tested,) = images_named(nova_lab, "lab1", name)
-        assert tested["id"] == held["id"] and tested["os_hidden"] is False
-        assert tested[TESTED].startswith("passed")
+        assert tested["imagesync.origin"] == f"lab2:{v1['id']}"
+        assert tested["os_hidden"] is False and tested[TESTED].startswith("passed")
         (copy3,) = images_named(nova_lab, "lab3", name)
         assert _stored(store) == 1
 
         failing.write_text("boot\n")
         v2 = upload(nova_lab, "lab2", name, random_bytes(8192))
-        assert _pass_ok(daemon)  # v2 to lab1, hidden
-        assert _pass_ok(daemon)  # booted: fails, quarantined
+        assert _pass_ok(daemon)  # v2 to lab1, hidden; booted: fails, quarantined
         bad = [i for i in images_named(nova_lab, "lab1", name) if i["id"] != tested["id"]]
         assert len(bad) == 1 and bad[0]["os_hidden"] is True
         assert "boot test on lab1 failed" in bad[0][QUARANTINED]
@@ -136,8 +132,9 @@ def test_a_version_from_another_cloud_is_booted_on_the_test_cloud_before_it_spre
         # released (README): the mark removed, the version is booted again and spreads
         failing.unlink()
         bad_id = bad[0]["id"]
-        args = ("image", "unset", "--property", QUARANTINED, bad_id)
-        openstack_cli(nova_lab, "--os-cloud", "lab1", *args, as_json=False)
+        # what `openstack image unset --property imagesync.quarantined ID` sends (the CLI
+        # alone would add seconds of start-up to this test)
+        glance_client(nova_lab, "lab1").images.update(bad_id, remove_props=[QUARANTINED])
         assert _pass_ok(daemon)
         released = glance_client(nova_lab, "lab1").images.get(bad_id)
         assert released["os_hidden"] is False and released[TESTED].startswith("passed")
