@@ -142,3 +142,10 @@ def test_explicit_targets_wait_for_the_boot_test_too() -> None:
     assert [(a.site, a.why) for a in actions if isinstance(a, Skip)] == [
         ("c", SkipReason.BOOT_TEST)
     ]
+
+
+def test_a_version_first_seen_in_the_store_also_goes_to_the_boot_test_cloud_first() -> None:
+    v2 = img("store", digest="2", t=LATER)
+    copies, retires, skips = _plan(*_v1_everywhere(), v2)
+    assert [(c.source_site, c.targets, c.hidden) for c in copies] == [("store", ("a",), True)]
+    assert retires == [] and {s.site for s in skips} == {"b", "c"}
