@@ -60,6 +60,7 @@ class SaveState(enum.Enum):
     FAILED = "failed"  # the snapshot failed (why: the error)
     REFUSED = "refused"  # NAME matches no image rule
     UP_TO_DATE = "up to date"  # saved since its last shutdown already
+    SAVING = "saving"  # under way (only ever seen live, by the status page)
     NOT_SHUTOFF = "not shutoff"  # running (or busy): nothing to do yet
 
 
@@ -139,6 +140,7 @@ def save_server(
     record: Callable[[str, str], None],
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     clock: Clock | None = None,
+    saving: Callable[[SaveOutcome, str], None] = lambda o, what: None,
 ) -> SaveOutcome:
     """Look at one marked server; snapshot it if it is due. Raises only SiteError (Nova
     unreachable while reading or writing the server's metadata)."""
@@ -165,13 +167,14 @@ def save_server(
     log.info("save.snapshotting", cloud=nova.name, server=server.id, name=name)
     started = now()
     nova.set_metadata(server.id, {SAVING: f"snapshotting since {_stamp(started)}"})
+    saving(outcome(SaveState.SAVING), f"snapshotting since {_stamp(started)}")
 
     def made(image_id: str, image_name: str) -> None:
         record(image_id, image_name)
+        what = f"waiting for active: {image_id} since {_stamp(started)}"
+        saving(outcome(SaveState.SAVING, image_id=image_id), what)
         with contextlib.suppress(ImageSyncError):  # the state shown is a courtesy
-            nova.set_metadata(
-                server.id, {SAVING: f"waiting for active: {image_id} since {_stamp(started)}"}
-            )
+            nova.set_metadata(server.id, {SAVING: what})
 
     try:
         result = take(nova, server.id, name=name, timeout=timeout, clock=clock, record=made)
@@ -204,6 +207,7 @@ def save_marked(
     timeout: float,
     record: Callable[[str, str], None],
     clock: Clock | None = None,
+    saving: Callable[[SaveOutcome, str], None] = lambda o, what: None,
 ) -> list[SaveOutcome]:
     """Every marked server of one cloud, one at a time (concurrency 1 per cloud). A server
     whose metadata cannot be read or written is logged and left for the next pass."""
@@ -213,7 +217,15 @@ def save_marked(
             continue
         try:
             out.append(
-                save_server(nova, server, rules, timeout=timeout, record=record, clock=clock)
+                save_server(
+                    nova,
+                    server,
+                    rules,
+                    timeout=timeout,
+                    record=record,
+                    clock=clock,
+                    saving=saving,
+                )
             )
         except ImageSyncError as exc:
             log.warning("save.error", cloud=nova.name, server=server.id, error=str(exc))

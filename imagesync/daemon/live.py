@@ -100,6 +100,14 @@ class LiveStatus(Observer):
         with self._lock:
             self._saves = [dict(s) for s in saves]
 
+    def observe_saving(self, save: Mapping[str, Any]) -> None:
+        """A save on shutdown is under way (``state`` saving, ``saving`` says how far): its
+        server's row replaces the last pass's until the pass's step ends."""
+        with self._lock:
+            key = (save.get("cloud"), save.get("server"))
+            rows = [s for s in self._saves if (s.get("cloud"), s.get("server")) != key]
+            self._saves = [*rows, dict(save)]
+
     def observe_results(self, results: Sequence[ActionResult]) -> None:
         """The pass's copies ended: the targets they reached are current now."""
         with self._lock:

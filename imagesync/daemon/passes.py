@@ -203,7 +203,7 @@ def run_one_pass(
         watch.beat()
         # only where Glance answered: an unreachable cloud costs its timeouts once, not twice
         reachable = {s for s, inv in inventories.items() if inv.ok}
-        watch.saves = save_step(eng, reachable, beat=watch.beat)
+        watch.saves = save_step(eng, reachable, beat=watch.beat, live=watch.live)
         watch.live.observe_saves([o.as_dict() for o in watch.saves])
         changed = {o.cloud for o in watch.saves if o.state is SaveState.SAVED}
         results: list[ActionResult] = []
@@ -268,6 +268,7 @@ def save_step(
     *,
     beat: Callable[[], None],
     timeout: float = SAVE_TIMEOUT,
+    live: LiveStatus | None = None,
 ) -> list[SaveOutcome]:
     """Snapshot the marked servers that were shut down, on every cloud that has compute, one
     server at a time per cloud. A cloud whose Nova cannot be reached is logged and skipped:
@@ -275,6 +276,11 @@ def save_step(
     from imagesync.sites.nova import NovaSnapshots
 
     out: list[SaveOutcome] = []
+
+    def saving(o: SaveOutcome, what: str) -> None:  # the status page shows it while it runs
+        if live is not None:
+            live.observe_saving({**o.as_dict(), "saving": what})
+
     for name, cfg in eng.config.clouds.items():
         if name not in reachable:
             continue
@@ -288,7 +294,9 @@ def save_step(
 
             # waiting for a snapshot is a sign of life: the watchdog must not take it for a hang
             clock = Clock(sleep=_beating_sleep(beat))
-            found = save_marked(nova, eng.rules, timeout=timeout, record=record, clock=clock)
+            found = save_marked(
+                nova, eng.rules, timeout=timeout, record=record, clock=clock, saving=saving
+            )
         except ImageSyncError as exc:
             log.warning("save.cloud_failed", cloud=name, error=str(exc))
             continue

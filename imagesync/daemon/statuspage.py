@@ -287,6 +287,7 @@ def _held(doc: Mapping[str, Any]) -> str:
         f"<td>{e(s.get('server_name'))}</td><td>{e(s.get('name'))}</td>"
         f'<td class="{"bad" if s.get("error") else "ok"}">{e(s.get("state"))}'
         f"{' ' + e(s.get('image_id')) if s.get('image_id') else ''}"
+        f"{': ' + e(s.get('saving')) if s.get('saving') else ''}"
         f"{': ' + e(s.get('error')) if s.get('error') else ''}</td></tr>"
         for s in doc.get("saves", [])
     ]
