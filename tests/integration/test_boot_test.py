@@ -128,6 +128,7 @@ def test_a_version_from_another_cloud_is_booted_on_the_test_cloud_before_it_spre
         (q,) = [q for q in doc["quarantined"] if q["name"] == name]
         assert (q["site"], q["image_id"], q["origin"]) == ("lab1", bad[0]["id"], f"lab2:{v2['id']}")
         assert "saves" in doc
+        assert q in daemon.live.document()["quarantined"]  # the daemon's page and status.json
 
         # released (README): the mark removed, the version is booted again and spreads
         failing.unlink()
