@@ -1,18 +1,25 @@
 """The boot test: a rule's ``boot_test: {cloud, flavor, timeout}`` boots a new version on the
 cloud before it spreads; a version that does not boot is quarantined.
 
-Run by the daemon's pass between listing and planning. A version is tested while exactly one
-site holds it (its first copy) and that site is the boot test's cloud; the image then gets
-``imagesync.boot-test=passed <time>`` and the plan spreads it as usual. A version that fails
-(the server goes to ERROR, or is not ACTIVE within the timeout) is quarantined where it is:
-hidden, with ``imagesync.quarantined=<why>``. Hidden, it is no version to the planner
-(``plan._visible_versions``): it is not copied, it retires nothing (retention counts only
-visible versions) and ``check`` keeps answering the previous good version. The test server
-is always deleted.
+Run by the daemon's pass between listing and planning. The planner holds a newest version
+that has not passed (``plan.awaiting_boot_test``): it copies it to the boot test's cloud only,
+hidden and marked ``imagesync.boot-test=pending``, and copies or retires nothing else of
+that name. This step boots the version's image on that cloud (the original, when the version
+first appeared there, or that hidden copy); it then gets ``imagesync.boot-test=passed
+<time>`` (a hidden copy is shown) and the plan spreads it as usual. A version that fails (the
+server goes to ERROR, or is not ACTIVE within the timeout) is quarantined: the booted image
+is marked ``imagesync.quarantined=<why>`` and hidden if imagesync made it. The mark makes the
+version no version to the planner (``plan.quarantined_versions``) wherever it is: not copied,
+retiring nothing, and ``check`` keeps answering the previous good version, on every cloud,
+including the one where a user uploaded the failing original (imagesync never hides an image
+it did not make, so that original stays visible; imagesync just does not vouch for it). The
+test server is always deleted. Tests run inside the pass, one at a time; a pass that has
+just placed a boot test's copy runs a second round (test, plan, copy) so that the version
+spreads in that pass (``daemon.passes.run_one_pass``).
 
-Limits (said plainly): a version whose first copy is on another site than the boot test's
-cloud is not tested (logged ``boot_test.elsewhere``) and spreads; the test runs inside the
-pass, one at a time.
+Releasing a quarantine: remove the mark (``openstack image unset --property
+imagesync.quarantined IMAGE``): the version is tested again on the next pass; delete the
+hidden copy instead and it is copied and tested again.
 """
 
 from __future__ import annotations
@@ -26,15 +33,15 @@ import structlog
 
 from imagesync.config.types import ImageRule
 from imagesync.errors import ImageSyncError
-from imagesync.model import ImageRecord, SiteInventory
-from imagesync.plan import assess, names_in, rule_for
+from imagesync.model import PROP_BOOT_TEST, PROP_QUARANTINED, ImageRecord, SiteInventory
+from imagesync.plan import assess, awaiting_boot_test, by_name, names_in, rule_for
 from imagesync.sites.nova import Server
 from imagesync.snapshot import Clock
 
 log = structlog.get_logger("imagesync.boottest")
 
-TESTED = "imagesync.boot-test"
-QUARANTINED = "imagesync.quarantined"
+TESTED = PROP_BOOT_TEST
+QUARANTINED = PROP_QUARANTINED
 POLL = 1.0
 
 
@@ -57,6 +64,7 @@ class BootNova(Protocol):
     def delete_server(self, server_id: str) -> None: ...
     def set_image_properties(self, image_id: str, props: Mapping[str, str]) -> None: ...
     def hide_image(self, image_id: str) -> None: ...
+    def show_image(self, image_id: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -111,43 +119,49 @@ def run_boot_tests(
     """Test every newest version that waits for its boot test; what became of each."""
     clock = clock or Clock()
     out: list[BootOutcome] = []
+    named = by_name(inventories)
     for name in names_in(inventories, rules):
         rule = rule_for(rules, name)
         if rule is None or rule.boot_test is None:
             continue
         bt = rule.boot_test
-        a = assess(name, inventories, site_names, required=rule.sites)
-        holders = [c for c in a.cells.values() if c.state == "current" and c.image is not None]
-        if a.newest is None or len(holders) != 1:
-            continue  # nothing yet, or spread already (tested before it spread)
-        rec = holders[0].image
-        assert rec is not None
-        if TESTED in rec.properties:
-            continue
-        if rec.site != bt.cloud:
-            log.warning(
-                "boot_test.elsewhere",
-                image=name,
-                site=rec.site,
-                cloud=bt.cloud,
-                reason="the version's first copy is not on the boot test's cloud: not tested",
-            )
-            continue
-        nova = nova_for(bt.cloud)
-        t0 = clock.now()
-        log.info("boot_test.start", image=name, cloud=bt.cloud, image_id=rec.id)
-        try:
-            _boot(nova, rec, bt.flavor, bt.timeout, clock)
-        except ImageSyncError as exc:
-            reason = f"boot test on {bt.cloud} failed: {exc}"[:250]
-            nova.set_image_properties(rec.id, {QUARANTINED: reason})
-            nova.hide_image(rec.id)
-            log.warning("boot_test.quarantined", image=name, image_id=rec.id, reason=reason)
-            result = exc.result if isinstance(exc, BootFailed) else "error"
-            out.append(BootOutcome(name, bt.cloud, rec.id, False, reason, clock.now() - t0, result))
-            continue
-        stamp = now().strftime("%Y-%m-%dT%H:%M:%SZ")
-        nova.set_image_properties(rec.id, {TESTED: f"passed {stamp}"})
-        log.info("boot_test.passed", image=name, image_id=rec.id, seconds=clock.now() - t0)
-        out.append(BootOutcome(name, bt.cloud, rec.id, True, None, clock.now() - t0))
+        sliced = named(name)
+        a = assess(name, sliced, site_names, required=rule.sites)
+        wait = awaiting_boot_test(a, sliced, bt.cloud)
+        if wait is None or wait.image is None:
+            continue  # nothing waits, or its copy to the boot test's cloud is still to come
+        rec = wait.image
+        made = rec.id in sliced[bt.cloud].made
+        out.append(_test_one(nova_for(bt.cloud), rec, bt.flavor, bt.timeout, made, clock, now))
     return out
+
+
+def _test_one(
+    nova: BootNova,
+    rec: ImageRecord,
+    flavor: str,
+    timeout: float,
+    made: bool,
+    clock: Clock,
+    now: Callable[[], datetime],
+) -> BootOutcome:
+    """Boot ``rec``; mark it passed (and show it, if it was hidden for the test) or quarantined
+    (and hide it, if imagesync made it)."""
+    t0 = clock.now()
+    log.info("boot_test.start", image=rec.name, cloud=nova.name, image_id=rec.id)
+    try:
+        _boot(nova, rec, flavor, timeout, clock)
+    except ImageSyncError as exc:
+        reason = f"boot test on {nova.name} failed: {exc}"[:250]
+        nova.set_image_properties(rec.id, {QUARANTINED: reason})
+        if made and not rec.hidden:
+            nova.hide_image(rec.id)
+        log.warning("boot_test.quarantined", image=rec.name, image_id=rec.id, reason=reason)
+        result = exc.result if isinstance(exc, BootFailed) else "error"
+        return BootOutcome(rec.name, nova.name, rec.id, False, reason, clock.now() - t0, result)
+    stamp = now().strftime("%Y-%m-%dT%H:%M:%SZ")
+    nova.set_image_properties(rec.id, {TESTED: f"passed {stamp}"})
+    if rec.hidden:
+        nova.show_image(rec.id)
+    log.info("boot_test.passed", image=rec.name, image_id=rec.id, seconds=clock.now() - t0)
+    return BootOutcome(rec.name, nova.name, rec.id, True, None, clock.now() - t0)

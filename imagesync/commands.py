@@ -18,7 +18,7 @@ import structlog
 
 from imagesync.config.types import CloudConfig, Config
 from imagesync.engine import ActionResult, Engine, Outcome, summarize
-from imagesync.engine.report import action_dict, result_dict, status_document
+from imagesync.engine.report import action_dict, quarantine_rows, result_dict, status_document
 from imagesync.errors import ImageSyncError, UsageError
 from imagesync.model import SiteInventory, choose_format, format_time, printable
 from imagesync.plan import (
@@ -369,8 +369,12 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
         engine.record(assessments)
     finally:
         engine.close()
+    from imagesync.saving import save_rows  # imports Nova's client: only here
+
+    saves, save_errors = save_rows(config, name, inventories)
     if as_json:
-        print(json.dumps(status_document(assessments, inventories), indent=2))
+        doc = status_document(assessments, inventories)
+        print(json.dumps({**doc, "saves": saves, "save_errors": save_errors}, indent=2))
         return 0
     sites = list(config.site_names)
     if not assessments:
@@ -392,22 +396,18 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
     for s, inv in inventories.items():
         if not inv.ok:
             print(printable(f"  {s}: unreachable: {inv.error}"), file=sys.stderr)
-    from imagesync.saving import save_status_lines  # imports Nova's client: only here
-
-    for line in [*_quarantine_lines(inventories), *save_status_lines(config, name, inventories)]:
+    quarantined = [
+        f"  {q['name']}: QUARANTINED on {q['site']} ({q['image_id']}): {q['reason']}"
+        for q in quarantine_rows(inventories)
+    ]
+    saved = [
+        f"  save on shutdown: {r['cloud']} server {r['server_name']} ({r['server']}) "
+        f"as {r['save_as']} [{r['status']}]: {r['state']}"
+        for r in saves
+    ]
+    for line in [*quarantined, *saved, *save_errors]:
         print(printable(line))
     return 0
-
-
-def _quarantine_lines(inventories: Mapping[str, SiteInventory]) -> list[str]:
-    """The versions a boot test quarantined (``imagesync.boottest``): hidden where they are."""
-    return [
-        f"  {rec.name}: QUARANTINED on {inv.site} ({rec.id}): "
-        + rec.properties["imagesync.quarantined"]
-        for inv in inventories.values()
-        for rec in inv.images
-        if rec.hidden and "imagesync.quarantined" in rec.properties
-    ]
 
 
 #: history's columns: (header, key in the JSON row); the table and --json show the same fields

@@ -30,6 +30,12 @@ PROP_UPLOAD = "imagesync.upload"
 PROP_CONVERTED_FROM = "imagesync.converted_from"
 PROP_CONVERTED_SHA512 = "imagesync.converted_sha512"
 
+#: a rule's boot test: ``passed <time>`` on the image that was booted (imagesync.boottest)
+PROP_BOOT_TEST = "imagesync.boot-test"
+#: why a version failed its boot test; on any trusted image of a version, that version is no
+#: longer a version of its name: never copied, never answered, never retires an older one
+PROP_QUARANTINED = "imagesync.quarantined"
+
 PROVENANCE_KEYS = frozenset(
     {
         PROP_ORIGIN,

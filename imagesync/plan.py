@@ -14,7 +14,12 @@ Vocabulary
   (ties: sha512, then origin);
 - a site's *cell* for a name says whether it holds the newest version (current), an older
   one (stale), a conflicting one with the same version time (mismatch), nothing (missing),
-  or why we cannot say (unreachable, in-flight, not-copyable).
+  or why we cannot say (unreachable, in-flight, not-copyable);
+- a version some trusted image marks ``imagesync.quarantined`` failed its boot test: it is no
+  version at all (the previous good one stays newest, is copied and answered, and is not
+  retired by it); a newest version that waits for its rule's boot test is copied to the boot
+  test's cloud only, hidden, and everything else for its name (copies, retention) is held
+  until that copy passes (``awaiting_boot_test``, run by ``imagesync.boottest``).
 """
 
 from __future__ import annotations
@@ -26,11 +31,18 @@ from enum import StrEnum
 from fnmatch import fnmatchcase
 from typing import Literal, Protocol, TypeVar
 
-from imagesync.model import ImageRecord, SiteInventory, Version
+from imagesync.model import PROP_BOOT_TEST, PROP_QUARANTINED, ImageRecord, SiteInventory, Version
 
 CellState = Literal[
     "current", "stale", "missing", "mismatch", "unreachable", "in-flight", "not-copyable"
 ]
+
+
+class BootTestRule(Protocol):
+    """What the planner needs of a rule's ``boot_test``: the cloud it boots on."""
+
+    @property
+    def cloud(self) -> str: ...
 
 
 class Rule(Protocol):
@@ -50,6 +62,8 @@ class Rule(Protocol):
     def retire(self) -> str: ...
     @property
     def on_mismatch(self) -> str: ...
+    @property
+    def boot_test(self) -> BootTestRule | None: ...
 
 
 @dataclass(frozen=True)
@@ -63,6 +77,7 @@ class TargetRule:
     keep: int | None = None
     retire: str = "hide"
     on_mismatch: str = "report"
+    boot_test: BootTestRule | None = None
 
 
 class SkipReason(StrEnum):
@@ -77,6 +92,7 @@ class SkipReason(StrEnum):
     NOT_OURS = "not made by imagesync"  # beyond retention, but kept: imagesync did not make it
     PROTECTED = "protected"
     IN_USE = "in use"
+    BOOT_TEST = "awaiting boot test"  # held until the newest version boots on the rule's cloud
 
     @property
     def blocks(self) -> bool:
@@ -118,6 +134,8 @@ class Assessment:
     versions: tuple[Version, ...] = ()
     #: images with this name owned by projects imagesync does not trust: left entirely alone
     ignored: tuple[Ignored, ...] = ()
+    #: versions a boot test quarantined (``imagesync.quarantined``): not versions of the name
+    quarantined: tuple[Version, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -130,6 +148,8 @@ class Copy:
     visibility: str
     reason: str
     kind: Literal["copy"] = "copy"
+    #: published hidden: the copy a boot test boots before the version may spread
+    hidden: bool = False
 
 
 @dataclass(frozen=True)
@@ -214,6 +234,33 @@ def _pick(records: Sequence[ImageRecord]) -> ImageRecord:
     return sorted(records, key=lambda r: (r.created_at, r.id))[0]
 
 
+def quarantined_versions(records: Iterable[ImageRecord]) -> list[Version]:
+    """The versions a boot test quarantined: any complete record (hidden or not) that carries
+    the mark. The mark stays on the copy that failed, so the version stays quarantined while
+    its original elsewhere is still visible (imagesync never hides what it did not make)."""
+    return [v for v, _ in group_versions(r for r in records if r.counts and _quarantined(r))]
+
+
+def _quarantined(rec: ImageRecord) -> bool:
+    return bool(rec.properties.get(PROP_QUARANTINED))
+
+
+#: ``imagesync.boot-test`` on the copy made for a boot test, from its creation until it passes
+#: (so that the copy never counts as the version having spread, even if it is briefly visible)
+BOOT_TEST_PENDING = "pending"
+
+
+def _pending(rec: ImageRecord) -> bool:
+    return rec.properties.get(PROP_BOOT_TEST) == BOOT_TEST_PENDING
+
+
+def _good(records: Iterable[ImageRecord], quarantined: Sequence[Version]) -> list[ImageRecord]:
+    """The visible versions' records, without those of a quarantined version."""
+    return [
+        r for r in _visible_versions(records) if not any(r.version.same_as(q) for q in quarantined)
+    ]
+
+
 def assess(
     name: str,
     inventories: Mapping[str, SiteInventory],
@@ -232,69 +279,20 @@ def assess(
         if inv.ok
         for r in sorted(inv.foreign(name), key=lambda r: r.id)
     )
-    groups = group_versions(_visible_versions(records))
+    quarantined = quarantined_versions(records)
+    groups = group_versions(_good(records, quarantined))
     newest: Version | None = groups[0][0] if groups else None
     holders = groups[0][1] if groups else []
-    source: ImageRecord | None = None
-    not_copyable: str | None = None
-    if holders:
-        copyable = [r for r in holders if r.not_copyable_reason is None]
-        if prefer_source is not None:
-            copyable = [r for r in copyable if r.site == prefer_source]
-        if copyable:
-            origin_site = newest.origin.split(":", 1)[0] if newest else ""
-            order = {s: i for i, s in enumerate(sites)}
-            source = sorted(
-                copyable,
-                key=lambda r: (
-                    # a converted copy holds other bytes than the version's sha512 names:
-                    # copy from one holding the original's bytes whenever there is one
-                    r.converted,
-                    r.site != origin_site,
-                    order.get(r.site, len(order)),
-                    r.created_at,
-                    r.id,
-                ),
-            )[0]
-        else:
-            reasons = {r.not_copyable_reason for r in holders if r.not_copyable_reason}
-            not_copyable = "; ".join(sorted(reasons)) or (
-                f"not on {prefer_source}" if prefer_source else "no copyable image"
-            )
-
+    source, not_copyable = _source(newest, holders, sites, prefer_source)
     cells: dict[str, Cell] = {}
     for site in sites:
         inv = inventories.get(site)
         req = site in required
         if inv is None or not inv.ok:
             cells[site] = Cell(site, "unreachable", required=req)
-            continue
-        mine = inv.trusted(name)
-        visible = _visible_versions(mine)
-        same = [r for r in visible if newest is not None and r.version.same_as(newest)]
-        if same:
-            best = _pick(same)
-            cells[site] = Cell(
-                site,
-                "current",
-                image=best,
-                have=newest,
-                required=req,
-                duplicates=tuple(r.id for r in same if r.id != best.id),
-            )
-            continue
-        if any(r.in_progress for r in mine):
-            cells[site] = Cell(site, "in-flight", required=req)
-            continue
-        have = group_versions(visible)[0][0] if visible else None
-        if have is not None and newest is not None and have.time == newest.time:
-            cells[site] = Cell(site, "mismatch", have=have, required=req)
-        elif not_copyable is not None and newest is not None:
-            cells[site] = Cell(site, "not-copyable", have=have, required=req)
-        elif have is not None:
-            cells[site] = Cell(site, "stale", have=have, required=req)
         else:
-            cells[site] = Cell(site, "missing", required=req)
+            mine = inv.trusted(name)
+            cells[site] = _cell(site, mine, _good(mine, quarantined), newest, not_copyable, req)
     return Assessment(
         name=name,
         newest=newest,
@@ -303,7 +301,108 @@ def assess(
         cells=cells,
         versions=tuple(g[0] for g in groups),
         ignored=ignored,
+        quarantined=tuple(quarantined),
     )
+
+
+def _source(
+    newest: Version | None,
+    holders: Sequence[ImageRecord],
+    sites: Sequence[str],
+    prefer_source: str | None,
+) -> tuple[ImageRecord | None, str | None]:
+    """A copyable record of the newest version (its original's site first, then the sites'
+    display order), or why there is none."""
+    if not holders or newest is None:
+        return None, None
+    copyable = [r for r in holders if r.not_copyable_reason is None]
+    if prefer_source is not None:
+        copyable = [r for r in copyable if r.site == prefer_source]
+    if not copyable:
+        reasons = {r.not_copyable_reason for r in holders if r.not_copyable_reason}
+        return None, "; ".join(sorted(reasons)) or (
+            f"not on {prefer_source}" if prefer_source else "no copyable image"
+        )
+    origin_site = newest.origin.split(":", 1)[0]
+    order = {s: i for i, s in enumerate(sites)}
+    return sorted(
+        copyable,
+        key=lambda r: (
+            # a converted copy holds other bytes than the version's sha512 names: copy from
+            # one holding the original's bytes whenever there is one
+            r.converted,
+            r.site != origin_site,
+            order.get(r.site, len(order)),
+            r.created_at,
+            r.id,
+        ),
+    )[0], None
+
+
+def _cell(
+    site: str,
+    mine: Sequence[ImageRecord],
+    visible: Sequence[ImageRecord],
+    newest: Version | None,
+    not_copyable: str | None,
+    req: bool,
+) -> Cell:
+    """One reachable site's cell, from its trusted records (``visible``: those that count)."""
+    same = [r for r in visible if newest is not None and r.version.same_as(newest)]
+    if same:
+        best = _pick(same)
+        dups = tuple(r.id for r in same if r.id != best.id)
+        return Cell(site, "current", image=best, have=newest, required=req, duplicates=dups)
+    if any(r.in_progress for r in mine):
+        return Cell(site, "in-flight", required=req)
+    have = group_versions(visible)[0][0] if visible else None
+    if have is not None and newest is not None and have.time == newest.time:
+        return Cell(site, "mismatch", have=have, required=req)
+    if not_copyable is not None and newest is not None:
+        return Cell(site, "not-copyable", have=have, required=req)
+    if have is not None:
+        return Cell(site, "stale", have=have, required=req)
+    return Cell(site, "missing", required=req)
+
+
+@dataclass(frozen=True)
+class BootTestWait:
+    """The newest version of a name waits for its rule's boot test on ``cloud``."""
+
+    name: str
+    version: Version
+    cloud: str
+    #: the image to boot there: the version's original on that cloud, or the hidden copy
+    #: imagesync made there for the test; None while no such image exists yet
+    image: ImageRecord | None
+
+
+def awaiting_boot_test(
+    a: Assessment, inventories: Mapping[str, SiteInventory], cloud: str
+) -> BootTestWait | None:
+    """Does the newest version still wait for its boot test on ``cloud``? Not once any of its
+    images says it passed, nor when it is visible on two sites already (it spread before the
+    rule asked for a test: testing it now would hold nothing back)."""
+    if a.newest is None:
+        return None
+    newest = a.newest
+    holders = [
+        r
+        for inv in inventories.values()
+        if inv.ok
+        for r in inv.trusted(a.name)
+        if r.counts and r.version.same_as(newest)
+    ]
+    if any(r.properties.get(PROP_BOOT_TEST, "").startswith("passed") for r in holders):
+        return None
+    if len({r.site for r in holders if not r.hidden and not _pending(r)}) > 1:
+        return None
+    on_cloud = inventories.get(cloud)
+    made = on_cloud.made if on_cloud is not None else frozenset()
+    # hidden: only the copy imagesync made for the test (another hidden image is no one's
+    # to boot: retired, or someone's own)
+    there = [r for r in holders if r.site == cloud and (not r.hidden or r.id in made)]
+    return BootTestWait(a.name, newest, cloud, _pick(there) if there else None)
 
 
 def by_name(
@@ -368,6 +467,11 @@ def _plan_name(
         return a, [
             Skip(name, "*", SkipReason.NO_VERSION, "no active version on any reachable site")
         ]
+    # explicit targets (push --to, check --ensure) wait too: no path spreads an untested version
+    if rule.boot_test is not None:
+        wait = awaiting_boot_test(a, inventories, rule.boot_test.cloud)
+        if wait is not None:
+            return a, _hold_for_boot_test(rule, a, wait, required)
     wanted, actions = _wanted(name, rule, a, required)
     if rule.min_copies and not targets:
         actions.extend(_min_copies(name, rule, a, all_sites, wanted))
@@ -390,6 +494,41 @@ def _plan_name(
         )
     actions.extend(_retention(name, rule, a, inventories))
     return a, actions
+
+
+def _hold_for_boot_test(
+    rule: Rule, a: Assessment, wait: BootTestWait, required: Sequence[str]
+) -> list[Action]:
+    """The newest version waits for its boot test: copy it (hidden) to the boot test's cloud
+    if it is not there yet; hold every other copy and every retirement of this name."""
+    actions: list[Action] = []
+    cell = a.cells.get(wait.cloud)
+    if wait.image is not None:
+        why = f"booting {wait.version.short()} on {wait.cloud} ({wait.image.short_id}) first"
+    elif cell is not None and cell.state in _LEFT_ALONE:
+        why = f"{wait.cloud} must boot {wait.version.short()} first; " + _LEFT_ALONE[cell.state][1]
+    elif a.source is None:
+        why = f"{wait.cloud} must boot {wait.version.short()} first; not copyable: {a.not_copyable}"
+    else:
+        why = f"copied to {wait.cloud} first, hidden, to boot it"
+        actions.append(
+            Copy(
+                name=a.name,
+                version=wait.version,
+                source_site=a.source.site,
+                source_id=a.source.id,
+                targets=(wait.cloud,),
+                visibility=rule.visibility,
+                reason=f"boot test on {wait.cloud} before it spreads",
+                hidden=True,
+            )
+        )
+    actions.extend(
+        Skip(a.name, site, SkipReason.BOOT_TEST, why)
+        for site in required
+        if site != wait.cloud and a.cells[site].state != "current"
+    )
+    return actions
 
 
 #: cells the planner leaves alone, and why
@@ -464,13 +603,13 @@ def _retention(
         if inv is None or not inv.ok:
             continue
         if rule.on_mismatch == "replace" and cell.state == "current":
-            for rec in _visible_versions(inv.trusted(name)):
+            for rec in _good(inv.trusted(name), a.quarantined):
                 v = rec.version
                 if a.newest and v.time == a.newest.time and not v.same_as(a.newest):
                     out.extend(_retire_one(name, site, rec, rule, inv, "replaced: mismatch"))
         if rule.keep is None or cell.state != "current":
             continue
-        groups = group_versions(_visible_versions(inv.trusted(name)))
+        groups = group_versions(_good(inv.trusted(name), a.quarantined))
         for version, members in groups[rule.keep :]:
             for rec in members:
                 out.extend(

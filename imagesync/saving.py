@@ -61,6 +61,7 @@ class SaveState(enum.Enum):
     FAILED = "failed"  # the snapshot failed (why: the error)
     REFUSED = "refused"  # NAME matches no image rule
     UP_TO_DATE = "up to date"  # saved since its last shutdown already
+    SAVING = "saving"  # under way (only ever seen live, by the status page)
     NOT_SHUTOFF = "not shutoff"  # running (or busy): nothing to do yet
 
 
@@ -158,6 +159,7 @@ def save_server(
     record: Callable[[str, str], None],
     now: Callable[[], datetime] = lambda: datetime.now(UTC),
     clock: Clock | None = None,
+    saving: Callable[[SaveOutcome, str], None] = lambda o, what: None,
 ) -> SaveOutcome:
     """Look at one marked server; snapshot it if it is due. Raises only SiteError (Nova
     unreachable while reading or writing the server's metadata)."""
@@ -178,13 +180,14 @@ def save_server(
     log.info("save.snapshotting", cloud=nova.name, server=server.id, name=name)
     started = now()
     nova.set_metadata(server.id, {SAVING: f"snapshotting since {_stamp(started)}"})
+    saving(outcome(SaveState.SAVING), f"snapshotting since {_stamp(started)}")
 
     def made(image_id: str, image_name: str) -> None:
         record(image_id, image_name)
+        what = f"waiting for active: {image_id} since {_stamp(started)}"
+        saving(outcome(SaveState.SAVING, image_id=image_id), what)
         with contextlib.suppress(ImageSyncError):  # the state shown is a courtesy
-            nova.set_metadata(
-                server.id, {SAVING: f"waiting for active: {image_id} since {_stamp(started)}"}
-            )
+            nova.set_metadata(server.id, {SAVING: what})
 
     try:
         result = take(nova, server.id, name=name, timeout=timeout, clock=clock, record=made)
@@ -217,6 +220,7 @@ def save_marked(
     timeout: float,
     record: Callable[[str, str], None],
     clock: Clock | None = None,
+    saving: Callable[[SaveOutcome, str], None] = lambda o, what: None,
 ) -> list[SaveOutcome]:
     """Every marked server of one cloud, one at a time (concurrency 1 per cloud). A server
     whose metadata cannot be read or written is logged and left for the next pass."""
@@ -226,7 +230,15 @@ def save_marked(
             continue
         try:
             out.append(
-                save_server(nova, server, rules, timeout=timeout, record=record, clock=clock)
+                save_server(
+                    nova,
+                    server,
+                    rules,
+                    timeout=timeout,
+                    record=record,
+                    clock=clock,
+                    saving=saving,
+                )
             )
         except ImageSyncError as exc:
             log.warning("save.error", cloud=nova.name, server=server.id, error=str(exc))
@@ -264,16 +276,18 @@ def marked_states(nova: SaveNova) -> list[dict[str, str]]:
     return rows
 
 
-def save_status_lines(
+def save_rows(
     config: Config, name: str | None, inventories: Mapping[str, SiteInventory]
-) -> list[str]:
+) -> tuple[list[dict[str, str]], list[str]]:
     """For ``status``: the servers marked for save on shutdown, on the clouds that have
-    compute and answered this listing (``inventories``), and what their metadata says (saved,
-    refused, failed); only those saved as ``name`` when it is given."""
+    compute and answered this listing (``inventories``), and what their metadata says
+    (``state``: saving, error, saved or not saved yet); only those saved as ``name`` when it
+    is given. Also a line for each cloud whose servers could not be listed."""
     from imagesync.sites.glance import make_session
     from imagesync.sites.nova import NovaSnapshots
 
-    lines = []
+    out: list[dict[str, str]] = []
+    errors: list[str] = []
     for cloud, cfg in config.clouds.items():
         if cloud not in inventories or not inventories[cloud].ok:
             continue  # unreachable, said above; or not listed (status NAME lists them all)
@@ -281,7 +295,7 @@ def save_status_lines(
             nova = NovaSnapshots(cfg, make_session(cfg))
             rows = marked_states(nova) if nova.has_compute() else []
         except ImageSyncError as exc:
-            lines.append(f"  save on shutdown, {cloud}: cannot list servers: {exc}")
+            errors.append(f"  save on shutdown, {cloud}: cannot list servers: {exc}")
             continue
         for r in rows:
             if name is not None and r["save_as"] != name:
@@ -295,8 +309,5 @@ def save_status_lines(
                 if r["saved"]
                 else "not saved yet"
             )
-            lines.append(
-                f"  save on shutdown: {cloud} server {r['server_name']} ({r['server']}) "
-                f"as {r['save_as']} [{r['status']}]: {state}"
-            )
-    return lines
+            out.append({**r, "state": state})
+    return out, errors

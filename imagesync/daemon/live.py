@@ -70,6 +70,7 @@ class LiveStatus(Observer):
         self._last_listed: dict[str, datetime] = {}
         self._flights: dict[int, _Flight] = {}
         self._report: dict[str, Any] | None = None
+        self._saves: list[dict[str, Any]] = []
         self._history: HistoryReader | None = None
         self._history_rows: list[dict[str, Any]] = []  # the last read, kept when a read fails
 
@@ -92,6 +93,20 @@ class LiveStatus(Observer):
             # a site no longer configured (reload) is no longer shown
             for site in set(self._last_listed) - set(kinds):
                 del self._last_listed[site]
+
+    def observe_saves(self, saves: Sequence[Mapping[str, Any]]) -> None:
+        """What the pass's save-on-shutdown step found: one row per marked server
+        (:meth:`imagesync.saving.SaveOutcome.as_dict`)."""
+        with self._lock:
+            self._saves = [dict(s) for s in saves]
+
+    def observe_saving(self, save: Mapping[str, Any]) -> None:
+        """A save on shutdown is under way (``state`` saving, ``saving`` says how far): its
+        server's row replaces the last pass's until the pass's step ends."""
+        with self._lock:
+            key = (save.get("cloud"), save.get("server"))
+            rows = [s for s in self._saves if (s.get("cloud"), s.get("server")) != key]
+            self._saves = [*rows, dict(save)]
 
     def observe_results(self, results: Sequence[ActionResult]) -> None:
         """The pass's copies ended: the targets they reached are current now."""
@@ -164,6 +179,7 @@ class LiveStatus(Observer):
             last_listed = dict(self._last_listed)
             flights = [replace(f) for f in self._flights.values()]
             report = dict(self._report) if self._report is not None else None
+            saves = [dict(s) for s in self._saves]
             reader = self._history
         now = self.clock()
         flying = {(f.name, t) for f in flights for t in f.targets}
@@ -206,6 +222,7 @@ class LiveStatus(Observer):
                 for f in sorted(flights, key=lambda f: (f.started, f.name))
             ],
             "last_pass": report,
+            "saves": saves,
         }
         # its own lock: a read waiting on a busy database must not hold up the transfers
         with self._history_lock:

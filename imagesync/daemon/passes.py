@@ -203,23 +203,32 @@ def run_one_pass(
         watch.beat()
         # only where Glance answered: an unreachable cloud costs its timeouts once, not twice
         reachable = {s for s, inv in inventories.items() if inv.ok}
-        watch.saves = save_step(eng, reachable, beat=watch.beat)
-        tested = boot_test_step(eng, inventories, beat=watch.beat)
-        watch.metrics.observe_boot_tests([t.result for t in tested])
+        watch.saves = save_step(eng, reachable, beat=watch.beat, live=watch.live)
+        watch.live.observe_saves([o.as_dict() for o in watch.saves])
         changed = {o.cloud for o in watch.saves if o.state is SaveState.SAVED}
-        changed |= {t.cloud for t in tested}
-        if changed:  # list again: a new snapshot, a version marked tested or hidden
-            for cloud in changed:
-                eng.forget(cloud)
-            inventories = eng.recover(eng.inventories(incremental=True))
-        watch.metrics.observe_inventories(inventories)
+        results: list[ActionResult] = []
+        # A second round only when the first just put a boot test's copy in place (a version
+        # from another site): it is booted now, and spreads in this pass if it passes, not a
+        # poll interval later.
+        for _ in range(2):
+            if changed:  # list again: a new snapshot, a boot test's copy
+                inventories = _relist(eng, changed)
+            tested = boot_test_step(eng, inventories, beat=watch.beat)
+            watch.metrics.observe_boot_tests([t.result for t in tested])
+            if tested:  # list again: a version marked tested, shown or hidden
+                inventories = _relist(eng, {t.cloud for t in tested})
+            watch.metrics.observe_inventories(inventories)
+            p = plan(eng.rules, inventories, eng.site_names)
+            watch.ignored.observe(p.assessments)
+            watch.live.observe_plan(_site_kinds(eng), inventories, p.assessments)
+            done = eng.execute_concurrently(p, cancel=cancel, observer=watch)
+            watch.live.observe_results(done)
+            watch.metrics.observe_lag(p.assessments, done, time.time())
+            results += done
+            changed = _test_copies_placed(done)
+            if not changed or cancel.is_set():
+                break
         unreachable = tuple(s for s, inv in inventories.items() if not inv.ok)
-        p = plan(eng.rules, inventories, eng.site_names)
-        watch.ignored.observe(p.assessments)
-        watch.live.observe_plan(_site_kinds(eng), inventories, p.assessments)
-        results = eng.execute_concurrently(p, cancel=cancel, observer=watch)
-        watch.live.observe_results(results)
-        watch.metrics.observe_lag(p.assessments, results, time.time())
         return summarize_pass(started, time.monotonic() - t0, results, len(p.skips), unreachable)
     except ImageSyncError as exc:  # expected (a state_dir this user cannot write): one line
         log.error("pass.failed", error=str(exc))
@@ -229,6 +238,24 @@ def run_one_pass(
         return PassReport(
             started=started, seconds=time.monotonic() - t0, error=f"{type(exc).__name__}: {exc}"
         )
+
+
+def _relist(eng: Engine, changed: set[str]) -> dict[str, SiteInventory]:
+    """Every inventory again, the ``changed`` sites listed in full (imagesync changed them)."""
+    for site in changed:
+        eng.forget(site)
+    return eng.recover(eng.inventories(incremental=True))
+
+
+def _test_copies_placed(results: Sequence[ActionResult]) -> set[str]:
+    """The sites where a boot test's copy (``Copy.hidden``) was just published."""
+    return {
+        t.site
+        for r in results
+        if isinstance(r.action, Copy) and r.action.hidden
+        for t in r.targets
+        if t.ok
+    }
 
 
 #: how long one save-on-shutdown snapshot may take to become active
@@ -241,6 +268,7 @@ def save_step(
     *,
     beat: Callable[[], None],
     timeout: float = SAVE_TIMEOUT,
+    live: LiveStatus | None = None,
 ) -> list[SaveOutcome]:
     """Snapshot the marked servers that were shut down, on every cloud that has compute, one
     server at a time per cloud. A cloud whose Nova cannot be reached is logged and skipped:
@@ -248,6 +276,11 @@ def save_step(
     from imagesync.sites.nova import NovaSnapshots
 
     out: list[SaveOutcome] = []
+
+    def saving(o: SaveOutcome, what: str) -> None:  # the status page shows it while it runs
+        if live is not None:
+            live.observe_saving({**o.as_dict(), "saving": what})
+
     for name, cfg in eng.config.clouds.items():
         if name not in reachable:
             continue
@@ -261,7 +294,9 @@ def save_step(
 
             # waiting for a snapshot is a sign of life: the watchdog must not take it for a hang
             clock = Clock(sleep=_beating_sleep(beat))
-            found = save_marked(nova, eng.rules, timeout=timeout, record=record, clock=clock)
+            found = save_marked(
+                nova, eng.rules, timeout=timeout, record=record, clock=clock, saving=saving
+            )
         except ImageSyncError as exc:
             log.warning("save.cloud_failed", cloud=name, error=str(exc))
             continue

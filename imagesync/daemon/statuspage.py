@@ -278,6 +278,41 @@ def _in_flight(doc: Mapping[str, Any]) -> str:
     return _table("in-flight", head, rows)
 
 
+def _held(doc: Mapping[str, Any]) -> str:
+    """The quarantined versions (a failed boot test) and what the last pass's save on
+    shutdown found for each marked server."""
+    quarantined = [
+        f'<tr data-name="{e(q["name"])}" data-site="{e(q["site"])}"><td>{e(q["name"])}</td>'
+        f'<td>{e(q["site"])}:<span class="mono" title="{e(q["image_id"])}">'
+        f"{e(short_id(q['image_id']))}</span>{' (hidden)' if q.get('hidden') else ''}</td>"
+        f'<td class="mono">{e(short_time(q.get("version")))}</td>'
+        f'<td class="bad">{e(q.get("reason"))}</td></tr>'
+        for q in doc.get("quarantined", [])
+    ]
+    saves = [
+        f'<tr data-server="{e(s.get("server"))}"><td>{e(s.get("cloud"))}</td>'
+        f"<td>{e(s.get('server_name'))}</td><td>{e(s.get('name'))}</td>"
+        f'<td class="{"bad" if s.get("error") else "ok"}">{e(s.get("state"))}'
+        f"{' ' + e(s.get('image_id')) if s.get('image_id') else ''}"
+        f"{': ' + e(s.get('saving')) if s.get('saving') else ''}"
+        f"{': ' + e(s.get('error')) if s.get('error') else ''}</td></tr>"
+        for s in doc.get("saves", [])
+    ]
+    out = (
+        '<table id="quarantined"><thead><tr><th>quarantined</th><th>image</th><th>version</th>'
+        f"<th>why</th></tr></thead><tbody>{''.join(quarantined)}</tbody></table>"
+        if quarantined
+        else '<p class="muted" id="no-quarantine">no version quarantined</p>'
+    )
+    out += (
+        '<table id="saves"><thead><tr><th>cloud</th><th>server</th><th>save as</th>'
+        f"<th>last pass</th></tr></thead><tbody>{''.join(saves)}</tbody></table>"
+        if saves
+        else '<p class="muted" id="no-saves">no server marked for save on shutdown</p>'
+    )
+    return out
+
+
 def _sites(doc: Mapping[str, Any], now: datetime | None) -> str:
     rows = []
     for site, s in doc.get("sites", {}).items():
@@ -353,6 +388,7 @@ def render(doc: Mapping[str, Any]) -> str:
         '<a href="status.json">status.json</a> · <a href="metrics">metrics</a></p>'
         f"<section><h2>Images × sites</h2>{_matrix(doc)}</section>"
         f"<section><h2>Transfers in flight</h2>{_in_flight(doc)}</section>"
+        f"<section><h2>Boot tests and saves</h2>{_held(doc)}</section>"
         f"<section><h2>Sites</h2>{_sites(doc, now)}</section>"
         f"<section><h2>Last pass</h2>{_last_pass(doc, now)}</section>"
         f"<section><h2>Recent transfers</h2>{_history(doc)}</section>"

@@ -43,8 +43,8 @@ from imagesync.engine.results import ActionResult, Observer, Outcome
 from imagesync.engine.serverside import copy_image
 from imagesync.errors import LockBusy, LockDenied, SiteError
 from imagesync.logs import OncePerState
-from imagesync.model import PROP_UPLOAD, ImageRecord, format_time
-from imagesync.plan import Copy, Plan, Retire, SkipReason
+from imagesync.model import PROP_BOOT_TEST, PROP_UPLOAD, ImageRecord, format_time
+from imagesync.plan import BOOT_TEST_PENDING, Copy, Plan, Retire, SkipReason
 from imagesync.retry import RetryPolicy
 from imagesync.sites.base import Site
 from imagesync.state import State
@@ -311,8 +311,9 @@ class Executor:
         # Name this instance as the uploads' owner, so that another one leaves them alone
         # until the lease expires (engine.marker); the copy never publishes after that.
         marker = UploadMarker.new(self.state.instance_id, self.clock(), image.size)
+        extra = {PROP_BOOT_TEST: BOOT_TEST_PENDING} if copy.hidden else {}
         new = dataclasses.replace(
-            new, properties={**new.properties, PROP_UPLOAD: marker.to_property()}
+            new, properties={**new.properties, **extra, PROP_UPLOAD: marker.to_property()}
         )
         bar = progress(f"{copy.name} → {','.join(targets)}", image.size) if progress else None
         read = 0
@@ -382,6 +383,8 @@ class Executor:
                     uploads="removed",
                 )
         self._report(copy, image, result, started)
+        if copy.hidden:
+            self._hide_published(copy, result)
         outcome = (
             Outcome.CANCELLED
             if result.cancelled
@@ -408,6 +411,20 @@ class Executor:
     def _scratch(self) -> Scratch:
         conv = self.pool.config.conversion
         return Scratch(conv.directory(self.pool.config.state_dir), conv.scratch_max_size)
+
+    def _hide_published(self, copy: Copy, result: CopyResult) -> None:
+        """A boot test's copy (``Copy.hidden``) is hidden as soon as it is published, under
+        the copy's lock; it carries ``imagesync.boot-test=pending`` from its creation, so even
+        if this fails (logged), the planner never counts it as the version having spread."""
+        for t in result.targets:
+            hide = self.pool.get(t.site).capabilities.hide
+            if not t.ok or t.image is None or hide is None:
+                continue
+            try:
+                hide(t.image.id)
+                t.image = t.image.with_(hidden=True)
+            except SiteError as exc:
+                log.warning("copy.hide_failed", image=copy.name, site=t.site, error=str(exc))
 
     def _record_unfinished(
         self,

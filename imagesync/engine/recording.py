@@ -21,7 +21,8 @@ def recorded_cells(
     done: dict[tuple[str, str], ImageRecord] = {}
     for r in results:
         for t in r.targets:
-            if t.ok and t.image is not None:
+            # a boot test's copy, hidden until it boots, is not a copy check may answer
+            if t.ok and t.image is not None and not t.image.hidden:
                 done[(r.action.name, t.site)] = t.image
     cells: list[RecordedCell] = []
     for a in assessments:

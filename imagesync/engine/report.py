@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from imagesync.engine.results import ActionResult
-from imagesync.model import SiteInventory, format_time
+from imagesync.model import PROP_QUARANTINED, SiteInventory, format_time
 from imagesync.plan import Action, Assessment, Copy, Retire, Skip
 
 
@@ -50,11 +50,33 @@ def image_status(a: Assessment) -> dict[str, Any]:
 def status_document(
     assessments: Iterable[Assessment], inventories: Mapping[str, SiteInventory]
 ) -> dict[str, Any]:
-    """``{"images": [...], "unreachable": {site: error}}``: what ``status --json`` prints."""
+    """``{"images": [...], "unreachable": {site: error}, "quarantined": [...]}``: what
+    ``status --json`` prints."""
     return {
         "images": [image_status(a) for a in assessments],
         "unreachable": {s: inv.error for s, inv in inventories.items() if not inv.ok},
+        "quarantined": quarantine_rows(inventories),
     }
+
+
+def quarantine_rows(inventories: Mapping[str, SiteInventory]) -> list[dict[str, Any]]:
+    """The images a boot test quarantined (``imagesync.quarantined``): the version they hold
+    is not copied, not answered and retires nothing (``plan.quarantined_versions``)."""
+    return [
+        {
+            "name": rec.name,
+            "site": site,
+            "image_id": rec.id,
+            "version": format_time(rec.version.time),
+            "origin": rec.version.origin,
+            "hidden": rec.hidden,
+            "reason": rec.properties[PROP_QUARANTINED],
+        }
+        for site, inv in inventories.items()
+        if inv.ok
+        for rec in sorted(inv.images, key=lambda r: (r.name, r.id))
+        if rec.properties.get(PROP_QUARANTINED) and inv.trusts(rec)
+    ]
 
 
 def with_results(
@@ -62,7 +84,10 @@ def with_results(
 ) -> list[Assessment]:
     """The assessments with every target a copy just reached marked current (its new id)."""
     done = {
-        (r.action.name, t.site): t.image for r in results for t in r.targets if t.ok and t.image
+        (r.action.name, t.site): t.image
+        for r in results
+        for t in r.targets
+        if t.ok and t.image and not t.image.hidden  # a boot test's copy is not current yet
     }
     if not done:
         return list(assessments)

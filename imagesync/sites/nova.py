@@ -330,5 +330,16 @@ class NovaSnapshots:
             headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
         )
 
+    def show_image(self, image_id: str) -> None:
+        """Un-hide an image: a boot test's copy that passed becomes the version on its cloud."""
+        self._call(
+            f"show image {image_id}",
+            "PATCH",
+            f"/v2/images/{image_id}",
+            self.image,
+            json=[{"op": "replace", "path": "/os_hidden", "value": False}],
+            headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
+        )
+
     def close(self) -> None:
         pass

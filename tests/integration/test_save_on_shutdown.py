@@ -7,6 +7,7 @@ that no rule matches is refused on the server and shown by ``status``."""
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -126,3 +127,8 @@ def test_a_name_outside_the_rules_is_refused_on_the_server_and_in_status(
         assert status(daemon.config) == 0
         out = capsys.readouterr().out
         assert sid in out and "refused" in out
+        assert status(daemon.config, as_json=True) == 0  # and in status --json, and on the page
+        (row,) = [r for r in json.loads(capsys.readouterr().out)["saves"] if r["server"] == sid]
+        assert row["save_as"] == stray and row["state"].startswith("ERROR: refused")
+        (live,) = [r for r in daemon.live.document()["saves"] if r["server"] == sid]
+        assert live["state"] == "refused" and stray in live["error"]

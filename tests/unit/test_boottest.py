@@ -1,7 +1,8 @@
 """The boot test's decisions (imagesync.boottest.run_boot_tests) against a scripted Nova, on
-an injected clock: only a version held by one site, on the boot test's cloud, and not tested
-yet is booted; passed marks it; ERROR or a timeout quarantines it (marked and hidden); the test
-server is deleted every time."""
+an injected clock: only a newest version that waits for its test (``plan.awaiting_boot_test``)
+and has an image on the boot test's cloud (its original, or the hidden copy imagesync made) is
+booted; passed marks it (and shows a hidden copy); ERROR or a timeout quarantines it (marked;
+hidden only if imagesync made it); the test server is deleted every time."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class BootingNova:
     deleted: list[str] = field(default_factory=list)
     props: dict[str, dict[str, str]] = field(default_factory=dict)
     hidden: list[str] = field(default_factory=list)
+    shown: list[str] = field(default_factory=list)
 
     def flavor_id(self, flavor: str) -> str:
         return "1"
@@ -49,6 +51,9 @@ class BootingNova:
 
     def hide_image(self, image_id: str) -> None:
         self.hidden.append(image_id)
+
+    def show_image(self, image_id: str) -> None:
+        self.shown.append(image_id)
 
 
 def _run(nova: BootingNova, *records: object) -> list[tuple[bool, str]]:
@@ -76,16 +81,37 @@ def test_tested_spread_or_elsewhere_versions_are_not_booted() -> None:
     first = img("a", digest="2")
     spread = img("b", digest="2", copy_of=f"a:{first.id}")
     assert _run(nova, first, spread) == []  # held by two sites: tested before it spread
-    assert _run(nova, img("b", digest="3")) == []  # first copy not on the boot test's cloud
+    # first copy not on the boot test's cloud: the planner copies it there first
+    assert _run(nova, img("b", digest="3")) == []
     assert nova.booted == []
+
+
+def test_the_hidden_copy_made_on_the_cloud_is_booted_and_shown_when_it_passes() -> None:
+    nova = BootingNova()
+    first = img("b", digest="5")
+    held = img("a", digest="5", copy_of=f"b:{first.id}", hidden=True, props={TESTED: "pending"})
+    assert _run(nova, first, held) == [(True, "passed")]
+    assert nova.booted == [held.id] and nova.shown == [held.id]
+    assert nova.props[held.id][TESTED].startswith("passed")
+
+
+def test_a_failing_copy_stays_hidden_and_the_users_original_is_only_marked() -> None:
+    nova = BootingNova(states=["ERROR"])
+    first = img("b", digest="6")
+    held = img("a", digest="6", copy_of=f"b:{first.id}", hidden=True, props={TESTED: "pending"})
+    assert _run(nova, first, held) == [(False, "error")]
+    assert QUARANTINED in nova.props[held.id] and first.id not in nova.props
+    assert nova.hidden == [] and nova.shown == []  # hidden already; the original is the user's
 
 
 def test_error_or_timeout_quarantines_and_still_deletes_the_server() -> None:
     nova = BootingNova(states=["BUILD", "ERROR"])
     v = img("a")
     assert _run(nova, v) == [(False, "error")]
-    assert nova.hidden == [v.id] and "no host" in nova.props[v.id][QUARANTINED]
+    # the user's own upload: marked, never hidden (imagesync hides only what it made)
+    assert nova.hidden == [] and "no host" in nova.props[v.id][QUARANTINED]
     slow = BootingNova(states=["BUILD"])
-    w = img("a", digest="4")
-    assert _run(slow, w) == [(False, "timeout")]
+    origin = img("b", digest="4")
+    w = img("a", digest="4", copy_of=f"b:{origin.id}", props={TESTED: "pending"})
+    assert _run(slow, origin, w) == [(False, "timeout")]  # a test copy left visible: hidden
     assert slow.hidden == [w.id] and slow.deleted == ["srv1"]

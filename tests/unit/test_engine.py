@@ -156,3 +156,30 @@ def _changes(site: MemorySite) -> int:
     """How many incremental listings ``site`` has answered."""
     assert isinstance(site, ChangeListingMemorySite)
     return site.changed_calls
+
+
+def test_a_boot_test_copy_is_published_hidden_marked_pending_and_not_answered(
+    tmp_path: Path,
+) -> None:
+    """A version from c1 with the boot test on c2: the copy to c2 ends hidden, marked
+    pending, and is not a cell check answers; nothing else moves until it passed."""
+    from imagesync.config.types import BootTest
+    from imagesync.model import PROP_BOOT_TEST
+    from imagesync.plan import BOOT_TEST_PENDING
+
+    engine, sites = make(tmp_path, boot_test=BootTest("c2", "tiny"))
+    sites["c1"].add("img-a", os.urandom(3000))
+    p, results = one_pass(engine, ["img-a"])
+    assert [(c.targets, c.hidden) for c in p.copies] == [(("c2",), True)]
+    assert all(r.ok for r in results) and sites["c3"].images == {}
+    (held,) = sites["c2"].list_images("img-a")
+    assert held.hidden and held.properties[PROP_BOOT_TEST] == BOOT_TEST_PENDING
+    cell = engine.state.cell("img-a", "c2")
+    assert cell is None or cell.state != "current"
+    p2, results2 = one_pass(engine, ["img-a"])  # held: no second copy, nothing spreads
+    assert p2.copies == [] and results2 == [] and sites["c3"].images == {}
+    sites["c2"]._change(
+        held.id, hidden=False, properties={**held.properties, PROP_BOOT_TEST: "passed"}
+    )
+    p3, _ = one_pass(engine, ["img-a"])
+    assert [c.targets for c in p3.copies] == [("c3",)] and len(sites["c3"].images) == 1

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from imagesync.config.types import ImageRule
-from imagesync.saving import SAVE_AS, SAVE_ERROR, SAVED, TRIED, SaveState, save_marked
+from imagesync.saving import SAVE_AS, SAVE_ERROR, SAVED, TRIED, SaveOutcome, SaveState, save_marked
 from imagesync.sites.nova import Server
 from tests.unit.test_snapshot import FakeClock, FakeNova, _clock
 
@@ -106,3 +106,23 @@ def test_a_save_in_progress_is_shown_on_the_server_and_cleared() -> None:
     assert _save(nova) == [SaveState.SAVED]
     assert seen == ["snapshotting", "waiting for active: snap1"]
     assert SAVING not in nova.metadata  # cleared once the save ended
+
+
+def test_a_save_under_way_is_shown_live_on_the_status_page() -> None:
+    """The daemon's page learns of a save while it runs (snapshotting, then waiting for the
+    image), not only from the pass's outcome afterwards."""
+    from imagesync.daemon.live import LiveStatus
+
+    live = LiveStatus()
+    seen: list[tuple[str, str]] = []
+
+    def saving(o: SaveOutcome, what: str) -> None:
+        live.observe_saving({**o.as_dict(), "saving": what})
+        (row,) = live.document()["saves"]
+        seen.append((row["state"], row["saving"].split(" since ")[0]))
+
+    nova = MarkedNova()
+    save_marked(
+        nova, RULES, timeout=60, record=lambda i, n: None, clock=_clock(FakeClock()), saving=saving
+    )
+    assert seen == [("saving", "snapshotting"), ("saving", "waiting for active: snap1")]

@@ -225,6 +225,27 @@ def test_everything_from_sites_is_escaped() -> None:
             }
         ],
         "last_pass": {"started": HOSTILE, "error": HOSTILE, "seconds": HOSTILE},
+        "quarantined": [
+            {
+                "name": HOSTILE,
+                "site": HOSTILE,
+                "image_id": HOSTILE,
+                "version": HOSTILE,
+                "hidden": True,
+                "reason": HOSTILE,
+            }
+        ],
+        "saves": [
+            {
+                "cloud": HOSTILE,
+                "server": HOSTILE,
+                "server_name": HOSTILE,
+                "name": HOSTILE,
+                "state": HOSTILE,
+                "image_id": HOSTILE,
+                "error": HOSTILE,
+            }
+        ],
         "history": [
             {
                 "started": HOSTILE,
@@ -319,3 +340,28 @@ def test_a_converted_copy_shows_as_current_in_its_format() -> None:
     }
     page = render(doc)
     assert page.count("raw, converted") == 1 and page.count('data-state="current"') == 2
+
+
+def test_quarantines_and_saves_are_in_the_document_and_on_the_page() -> None:
+    """A version a boot test quarantined and the last pass's save-on-shutdown outcomes are in
+    ``/status.json`` (``quarantined`` as ``status --json`` has it) and on the page."""
+    from imagesync.model import PROP_QUARANTINED, SiteInventory
+    from imagesync.saving import SaveOutcome, SaveState
+    from tests.unit.test_plan import img
+
+    good = img("a", digest="1")
+    bad = img("a", digest="2", hidden=True, props={PROP_QUARANTINED: "boot test on a failed"})
+    inventories = {"a": SiteInventory("a", (good, bad))}
+    live = LiveStatus()
+    live.observe_plan({"a": "cloud"}, inventories, plan([], inventories, ["a"]).assessments)
+    saved = SaveOutcome("a", "srv-1", "vm", "img", SaveState.SAVED, image_id="snap-1")
+    live.observe_saves([saved.as_dict()])
+    doc = live.document()
+    (q,) = doc["quarantined"]
+    assert (q["image_id"], q["hidden"], q["reason"]) == (bad.id, True, "boot test on a failed")
+    assert doc["quarantined"] == status_document([], inventories)["quarantined"]
+    assert doc["saves"] == [saved.as_dict()]
+    page = parse(render(doc))
+    assert any(t == "table" and a.get("id") == "quarantined" for t, a in page.tags)
+    assert any(t == "tr" and a.get("data-server") == "srv-1" for t, a in page.tags)
+    assert "boot test on a failed" in render(doc) and "snap-1" in render(doc)
