@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.daemonproc import DaemonProcess
@@ -225,27 +225,21 @@ class Actors:
 # -- the boundary trap ----------------------------------------------------------------------
 
 
+@dataclass(eq=False, repr=False)  # a thread's identity and repr stay the thread's own
 class Trap(threading.Thread):
     """Kills one process at the lease boundary (see the module's docstring)."""
 
-    def __init__(
-        self,
-        mode: str,
-        state_db: Path,
-        eyes: Eyes,
-        actors: Actors,
-        deadline: float,
-        clouds: set[str],
-    ) -> None:
+    mode: str
+    state_db: Path
+    eyes: Eyes
+    actors: Actors
+    deadline: float
+    clouds: set[str]
+    hit: bool = field(default=False, init=False)
+    detail: str = field(default="", init=False)
+
+    def __post_init__(self) -> None:
         super().__init__(daemon=True)
-        self.mode = mode
-        self.state_db = state_db
-        self.eyes = eyes
-        self.actors = actors
-        self.deadline = deadline
-        self.clouds = clouds
-        self.hit = False
-        self.detail = ""
 
     def run(self) -> None:
         try:

@@ -31,6 +31,11 @@ from tests.daemonproc import DaemonProcess
 from tests.faultproxy import FaultProxy
 from tests.integration.labcfg import images_named, random_bytes, uid, upload, write_doc, yaml_cloud
 
+#: a fixture that puts a fault proxy in front of a cloud's Glance (closed after the test)
+Proxies = Callable[[str], FaultProxy]
+#: a fixture that starts an ``imagesync daemon`` process on a config (stopped after the test)
+Daemons = Callable[[Path], DaemonProcess]
+
 pytestmark = pytest.mark.integration
 MB = 1 << 20
 POLL = 2.0
@@ -46,7 +51,7 @@ def _port(url: str) -> int:
 
 
 @pytest.fixture
-def proxies(lab: LabInfo) -> Iterator[Callable[[str], FaultProxy]]:
+def proxies(lab: LabInfo) -> Iterator[Proxies]:
     made: list[FaultProxy] = []
 
     def make(cloud: str) -> FaultProxy:
@@ -102,7 +107,7 @@ def write_config(
 
 
 @pytest.fixture
-def daemons() -> Iterator[Callable[[Path], DaemonProcess]]:
+def daemons() -> Iterator[Daemons]:
     made: list[DaemonProcess] = []
 
     def start(config: Path) -> DaemonProcess:
@@ -187,7 +192,7 @@ def scrape(port: int) -> str:
 
 
 def test_cold_start_converges_and_a_new_version_spreads_within_a_poll(
-    lab: LabInfo, tmp_path: Path, daemons: Callable[[Path], DaemonProcess]
+    lab: LabInfo, tmp_path: Path, daemons: Daemons
 ) -> None:
     prefix = uid("conv")
     data = {
@@ -272,13 +277,16 @@ def test_cold_start_converges_and_a_new_version_spreads_within_a_poll(
     assert "Traceback" not in d.stderr()
 
 
-def _slow_copy_setup(
+def _copy_under_way(
     lab: LabInfo,
     tmp_path: Path,
-    proxies: Callable[[str], FaultProxy],
+    proxies: Proxies,
+    daemons: Daemons,
     size: int = 24 * MB,
     rate: float = 1.5 * MB,
-) -> tuple[str, bytes, Path, FaultProxy]:
+) -> tuple[str, bytes, Path, FaultProxy, DaemonProcess]:
+    """A daemon copying a new image from lab1 (behind a slow proxy) to lab2 and the store,
+    once both copies are under way: (name, bytes, config, the proxy, the daemon)."""
     name = uid("slow")
     data = random_bytes(size)
     upload(lab, "lab1", name, data)
@@ -290,7 +298,13 @@ def _slow_copy_setup(
         [{"name": name, "clouds": ["lab1", "lab2"], "store": "archive"}],
         overrides={"lab1": {"endpoint_override": proxy.url}},
     )
-    return name, data, config, proxy
+    daemon = daemons(config)
+    wait_until(
+        lambda: _in_flight(lab, tmp_path, name),
+        60,
+        "the copies to lab2 and the store are under way",
+    )
+    return name, data, config, proxy, daemon
 
 
 def _in_flight(lab: LabInfo, tmp_path: Path, name: str) -> bool:
@@ -300,18 +314,9 @@ def _in_flight(lab: LabInfo, tmp_path: Path, name: str) -> bool:
 
 
 def test_kill_9_during_a_copy_then_restart_cleans_up_and_completes(
-    lab: LabInfo,
-    tmp_path: Path,
-    proxies: Callable[[str], FaultProxy],
-    daemons: Callable[[Path], DaemonProcess],
+    lab: LabInfo, tmp_path: Path, proxies: Proxies, daemons: Daemons
 ) -> None:
-    name, data, config, proxy = _slow_copy_setup(lab, tmp_path, proxies)
-    first = daemons(config)
-    wait_until(
-        lambda: _in_flight(lab, tmp_path, name),
-        60,
-        "the copies to lab2 and the store are under way",
-    )
+    name, data, config, proxy, first = _copy_under_way(lab, tmp_path, proxies, daemons)
     first.proc.kill()  # kill -9: no chance to clean up
     first.proc.wait(timeout=10)
     # what a crash leaves: a hidden upload on lab2, a partial file in the store
@@ -339,14 +344,9 @@ def test_kill_9_during_a_copy_then_restart_cleans_up_and_completes(
 
 
 def test_sigterm_during_a_copy_exits_quickly_and_leaves_nothing(
-    lab: LabInfo,
-    tmp_path: Path,
-    proxies: Callable[[str], FaultProxy],
-    daemons: Callable[[Path], DaemonProcess],
+    lab: LabInfo, tmp_path: Path, proxies: Proxies, daemons: Daemons
 ) -> None:
-    name, _, config, _ = _slow_copy_setup(lab, tmp_path, proxies)
-    d = daemons(config)
-    wait_until(lambda: _in_flight(lab, tmp_path, name), 60, "the copies are under way")
+    name, _, _, _, d = _copy_under_way(lab, tmp_path, proxies, daemons)
     code, seconds = d.terminate()
     print(f"\nSIGTERM during a copy: exited {code} in {seconds:.2f}s")
     assert code == 0 and seconds < 30
@@ -359,10 +359,7 @@ def test_sigterm_during_a_copy_exits_quickly_and_leaves_nothing(
 
 
 def test_a_site_down_during_a_pass_does_not_stop_the_others_and_is_repaired(
-    lab: LabInfo,
-    tmp_path: Path,
-    proxies: Callable[[str], FaultProxy],
-    daemons: Callable[[Path], DaemonProcess],
+    lab: LabInfo, tmp_path: Path, proxies: Proxies, daemons: Daemons
 ) -> None:
     name = uid("down")
     data = random_bytes(MB)
@@ -403,7 +400,7 @@ def test_a_site_down_during_a_pass_does_not_stop_the_others_and_is_repaired(
 
 
 def test_retention_keep_2_hides_the_oldest_and_spares_protected(
-    lab: LabInfo, tmp_path: Path, daemons: Callable[[Path], DaemonProcess]
+    lab: LabInfo, tmp_path: Path, daemons: Daemons
 ) -> None:
     prefix = uid("keep")
     hide, delete, guarded = f"{prefix}-hide", f"{prefix}-delete", f"{prefix}-protected"

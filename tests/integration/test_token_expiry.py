@@ -11,16 +11,7 @@ import pytest
 from imagesync import lab as lab_mod
 from imagesync.commands import push
 from imagesync.lab import LabInfo
-from tests.integration.labcfg import (
-    cloud_config,
-    images_named,
-    make_config,
-    proxied,
-    random_bytes,
-    sha512,
-    uid,
-    upload,
-)
+from tests.integration import labcfg
 
 pytestmark = pytest.mark.integration
 TOKEN_SECONDS = 4
@@ -40,23 +31,23 @@ def test_token_expires_mid_transfer_and_the_copy_succeeds(
     lab: LabInfo, short_token_lab: LabInfo, tmp_path: Path
 ) -> None:
     """Source: the session lab's lab1; target: a cloud whose tokens live 4 seconds."""
-    name = uid("tok")
-    data = random_bytes(2 << 20)
-    upload(lab, "lab1", name, data)
-    with proxied(short_token_lab, "lab1") as (proxy, _):
+    name = labcfg.uid("tok")
+    data = labcfg.random_bytes(2 << 20)
+    labcfg.upload(lab, "lab1", name, data)
+    with labcfg.proxied(short_token_lab, "lab1") as (proxy, _):
         # 2 MiB at 0.15 s per 64 KiB: the upload lasts ~5 s, longer than a token lives.
         proxy.plan.throttle_upload = 0.15
-        short = cloud_config(
+        short = labcfg.cloud_config(
             short_token_lab, "lab1", endpoint_override=proxy.url, site_name="short"
         )
-        config = make_config(
+        config = labcfg.make_config(
             lab, tmp_path, name, clouds=["lab1", "short"], store=False, overrides={"short": short}
         )
         started = time.monotonic()
         assert push(config, name) == 0
         assert time.monotonic() - started > TOKEN_SECONDS
-    (copy,) = images_named(short_token_lab, "lab1", name)
-    assert copy["status"] == "active" and copy["os_hash_value"] == sha512(data)
+    (copy,) = labcfg.images_named(short_token_lab, "lab1", name)
+    assert copy["status"] == "active" and copy["os_hash_value"] == labcfg.sha512(data)
 
 
 def test_tokens_really_expire_in_this_lab(short_token_lab: LabInfo) -> None:
