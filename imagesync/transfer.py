@@ -38,6 +38,7 @@ from typing import Protocol
 import structlog
 
 from imagesync.errors import Cancelled, IntegrityError, NotFound, SiteError, TransientError
+from imagesync.hashing import MultiHasher
 from imagesync.model import (
     PROP_ORIGIN,
     PROP_SHA512,
@@ -317,17 +318,15 @@ def _stream(
 ) -> tuple[int, dict[str, str]]:
     """Read the source once, hash it and hand each chunk to every live target; a target that
     fails is dropped from ``live``. Returns the bytes read and their digests."""
-    sha512 = hashlib.sha512()
-    md5 = hashlib.md5(usedforsecurity=False) if need_md5 else None
+    # each algorithm hashes in a thread of its own, beside the reads and the uploads
+    hasher = MultiHasher(["sha512", "md5"] if need_md5 else ["sha512"])
     nbytes = 0
     stream: Iterator[bytes] | None = None
     try:
         stream = source.open(image)
         for chunk in stream:
             _check(cancel)
-            sha512.update(chunk)
-            if md5 is not None:
-                md5.update(chunk)
+            hasher.update(chunk)
             nbytes += len(chunk)
             _fan_out(chunk, live)
             if progress is not None:
@@ -335,6 +334,7 @@ def _stream(
             if not live:
                 break
         _check(cancel)
+        got = hasher.hexdigests()
     except BaseException as exc:
         for lv in live:
             lv.abort()
@@ -348,12 +348,10 @@ def _stream(
             raise _Unexpected(f"reading {image.ref}: {exc!r}") from exc
         raise
     finally:
+        hasher.close()
         close = getattr(stream, "close", None)
         if close is not None:
             close()
-    got = {"sha512": sha512.hexdigest()}
-    if md5 is not None:
-        got["md5"] = md5.hexdigest()
     return nbytes, got
 
 

@@ -74,6 +74,7 @@ import structlog
 
 from imagesync.config.types import VOSpaceConfig
 from imagesync.errors import Conflict, NotFound, SiteError, TransientError
+from imagesync.hashing import MultiHasher
 from imagesync.model import (
     PROP_STATE,
     STATE_UPLOADING,
@@ -150,7 +151,9 @@ class _Body(QueueBody):
         self.compressor = compressor
         #: of the frame sent (the service's Digest) and of the image fed to the compressor
         self.md5 = hashlib.md5(usedforsecurity=False) if compressor is not None else None
-        self.sha512 = hashlib.sha512() if compressor is not None else None
+        # the image's sha512 in a thread of its own, beside zstd and the frame's md5 (ended
+        # by the writer's finish or abort)
+        self.sha512 = MultiHasher(["sha512"]) if compressor is not None else None
 
     def __len__(self) -> int:
         return 0 if self.compressor is not None else super().__len__()
@@ -240,7 +243,13 @@ class VOSpaceWriter(QueuedUpload):
         self._put(chunk)
 
     def finish(self) -> ImageRecord:
-        self._end()
+        hasher = self.body.sha512
+        try:
+            self._end()
+            image_sha512 = hasher.hexdigests()["sha512"] if hasher is not None else None
+        finally:
+            if hasher is not None:  # whatever finish answers, no hashing thread outlives it
+                hasher.close()
         resp = self.response
         assert resp is not None
         what = f"upload {self.image_id}"
@@ -256,14 +265,14 @@ class VOSpaceWriter(QueuedUpload):
             # the transfer reads the copy back).
             rec = self.site.record(self.name, node)
             return rec.with_(hashes={"md5": theirs} if theirs else {})
-        assert self.body.sha512 is not None
+        assert image_sha512 is not None
         ours = self.body.md5.hexdigest()
         if theirs == ours:
             # The service holds exactly the frame made here of these bytes: their sha512 is
             # the image's. Kept on the node, so that a listing reports it before publish (and
             # vls shows it).
             props = {
-                IMAGE + "sha512": self.body.sha512.hexdigest(),
+                IMAGE + "sha512": image_sha512,
                 IMAGE + "size": str(self.body.sent),
             }
             node = self.site.set_properties(self.path, props, what)
@@ -281,6 +290,8 @@ class VOSpaceWriter(QueuedUpload):
 
     def abort(self) -> None:
         self._wake(timeout=max(self.site.cfg.timeout, 5.0))
+        if self.body.sha512 is not None:
+            self.body.sha512.close()
         self.site.delete_quietly(self.path)
 
 

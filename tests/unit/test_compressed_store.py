@@ -189,6 +189,30 @@ def test_a_flipped_byte_in_a_compressed_vospace_node_is_detected(
         b"".join(site.open(rec))
 
 
+def _hash_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("hash-")]
+
+
+def test_a_compressed_vospace_upload_hashes_the_image_in_a_thread_that_ends_with_it(
+    stub: StubVOSpace, request: pytest.FixtureRequest
+) -> None:
+    """The image's sha512 is taken beside zstd and the frame's md5 (imagesync.hashing); its
+    thread ends when the upload is finished, and when it is aborted."""
+    site = _vospace(stub, request)
+    w = site.create(NewImage("sl6", "raw", "bare", 0, 0, {PROP_ORIGIN: "x:1"}, len(DATA)))
+    assert _hash_threads() == ["hash-sha512"]
+    for i in range(0, len(DATA), BLOCK):
+        w.write(DATA[i : i + BLOCK])
+    assert w.finish().hashes == {"sha512": SHA512}
+    assert _hash_threads() == []
+    w = site.create(NewImage("sl6", "raw", "bare", 0, 0, {PROP_ORIGIN: "x:1"}, len(DATA)))
+    w.write(DATA[:BLOCK])
+    w.abort()
+    assert _hash_threads() == []
+
+
 # ----------------------------------------------------------------------- configuration
 
 

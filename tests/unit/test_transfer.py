@@ -120,25 +120,23 @@ def test_source_md5_mismatch_is_an_integrity_error() -> None:
 
 def test_md5_is_computed_only_when_it_can_decide(monkeypatch: pytest.MonkeyPatch) -> None:
     import imagesync.transfer as transfer
+    from imagesync.hashing import MultiHasher
 
-    made = []
-    real = hashlib.md5
+    made: list[list[str]] = []
 
-    def counting_md5(*a: object, **kw: object) -> object:
-        made.append(1)
-        return real(*a, **kw)  # type: ignore[arg-type]
+    def recording(algorithms: list[str]) -> MultiHasher:
+        made.append(list(algorithms))
+        return MultiHasher(algorithms)
 
-    import types
-
-    # a stand-in hashlib for transfer.py alone (the sites hash with the real one)
-    fake = types.SimpleNamespace(sha512=hashlib.sha512, md5=counting_md5)
-    monkeypatch.setattr(transfer, "hashlib", fake)
+    # the hasher transfer.py makes (the sites hash with their own)
+    monkeypatch.setattr(transfer, "MultiHasher", recording)
     _copy(MemorySite("src"), [MemorySite("t1")])  # both sides report sha512: md5 decides nothing
-    assert made == []
+    assert made == [["sha512"]]
     src, dst = MemorySite("src"), MemorySite("dst")
-    rec = src.add("img", DATA, hashes={"md5": real(DATA).hexdigest()})  # md5-only source
+    real = hashlib.md5(DATA, usedforsecurity=False).hexdigest()
+    rec = src.add("img", DATA, hashes={"md5": real})  # md5-only source
     result = copy_image(src, rec, [(dst, new_image_for(rec, rec.version, "private"))], policy=FAST)
-    assert result.ok and made == [1]
+    assert result.ok and made == [["sha512"], ["sha512", "md5"]]
 
 
 def test_a_copy_retry_waits_as_long_as_the_site_asked() -> None:
@@ -405,3 +403,23 @@ def test_a_failed_publish_that_cannot_be_told_is_left_to_recovery() -> None:
     (stored,) = target.images.values()
     assert target.deletes == [] and not stored.published
     assert watcher.leased == {stored.rec.id}
+
+
+def test_no_hashing_thread_outlives_a_copy_whose_source_failed() -> None:
+    """Each algorithm hashes in a thread of its own (imagesync.hashing): a read cut part-way
+    abandons the hasher, and its threads end with the attempt (every retry included)."""
+    import threading
+
+    class Cut(MemorySite):
+        def open(self, image: ImageRecord, offset: int = 0) -> Iterator[bytes]:
+            stream = super().open(image, offset)
+            yield next(stream)
+            raise TransientError("connection reset", site=self.name)
+
+    src, dst = Cut("src"), MemorySite("dst")
+    rec = src.add("img", DATA * 8, hashes={"md5": hashlib.md5(DATA * 8).hexdigest()})
+    result = copy_image(src, rec, [(dst, new_image_for(rec, rec.version, "private"))], policy=FAST)
+    assert not result.ok
+    assert result.targets[0].attempts == FAST.attempts
+    assert not [t for t in threading.enumerate() if t.name.startswith("hash-")]
+    assert dst.list_images() == []
