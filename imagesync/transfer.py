@@ -271,7 +271,7 @@ def _attempt(
     need_md5 = "sha512" not in _expected(image, version) or any(
         "sha512" not in lv.site.capabilities.hashes for lv in live
     )
-    fan = _FanOut(source, image, live, tuning or Tuning(), cancel, result)
+    fan = _FanOut(source, image, live, tuning or Tuning(), cancel, result, progress)
     nbytes, got = _stream(source, image, fan, progress, cancel, need_md5)
     result.bytes_read = max(result.bytes_read, nbytes)
     if not fan.ready and fan.second is None:
@@ -290,7 +290,7 @@ def _attempt(
         if not _settle_all(fan.ready, got, nbytes, cancel, lease_expired):
             _cancel_rest(fan.stop_second())
         elif fan.second is not None:
-            _settle_all(fan.second.wait(), got, nbytes, cancel, lease_expired)
+            _settle_all(fan.second.wait(fan.pulse), got, nbytes, cancel, lease_expired)
     except BaseException:
         # Ctrl-C (or a bug in the watcher) while settling: the detached targets still being
         # written wait for finish or abort (a Glance upload thread).
@@ -306,24 +306,46 @@ def _settle_all(
     cancel: threading.Event | None,
     lease_expired: Callable[[], bool] | None,
 ) -> bool:
-    """Settle each target in turn; False when cancelled (the rest were aborted)."""
-    for i, lv in enumerate(live):
-        if cancel is not None and cancel.is_set():
-            # Not finished yet: abort rather than wait for the site to settle the upload.
-            # Targets already published stay published (and are reported so).
-            _cancel_rest(live[i:])
-            return False
+    """Settle every target, each in a thread of its own: a slow upload's ``finish`` (its site
+    still taking the last bytes) must not hold up a fast one's publish. False when cancelled
+    (the targets not settled yet were aborted)."""
+    if len(live) == 1:
+        return _settle_one(live[0], got, nbytes, cancel, lease_expired)
+    outcome: dict[int, bool | BaseException] = {}
+
+    def one(i: int) -> None:
         try:
-            settled = _settle(lv, got, nbytes, cancel, lease_expired)
-        except BaseException:
-            # Ctrl-C (or a bug in the watcher) while settling one target: the targets not
-            # settled yet are still waiting for finish or abort (a Glance upload thread).
-            _cancel_rest(live[i + 1 :])
-            raise
-        if not settled:
-            _cancel_rest(live[i + 1 :])
-            return False
-    return True
+            outcome[i] = _settle_one(live[i], got, nbytes, cancel, lease_expired)
+        except BaseException as exc:  # a bug in the watcher: raised again below, once every
+            outcome[i] = exc  # other target is settled (they are independent)
+
+    threads = [
+        threading.Thread(target=one, args=(i,), daemon=True, name=f"settle-{lv.site.name}")
+        for i, lv in enumerate(live)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for value in outcome.values():
+        if isinstance(value, BaseException):
+            raise value
+    return all(outcome.values())
+
+
+def _settle_one(
+    lv: _Live,
+    got: Mapping[str, str],
+    nbytes: int,
+    cancel: threading.Event | None,
+    lease_expired: Callable[[], bool] | None,
+) -> bool:
+    if cancel is not None and cancel.is_set():
+        # Not finished yet: abort rather than wait for the site to settle the upload.
+        # Targets already published stay published (and are reported so).
+        _cancel_rest([lv])
+        return False
+    return _settle(lv, got, nbytes, cancel, lease_expired)
 
 
 def _open_targets(
@@ -476,6 +498,7 @@ class _Feed:
         self.tick = tuning.tick
         self.q: queue.Queue[bytes | None] = queue.Queue(maxsize=tuning.queue_chunks)
         self.sent = 0  # bytes queued for this target: where a second read takes it up
+        self.written = 0  # bytes its upload took: signs of life (see _FanOut.pulse)
         self.error: Exception | None = None
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"feed-{live.site.name}")
         self.thread.start()
@@ -489,8 +512,9 @@ class _Feed:
             except Exception as exc:
                 self.error = exc
                 return
+            self.written += len(chunk)
 
-    def end(self, cancel: threading.Event | None) -> Exception | None:
+    def end(self, cancel: threading.Event | None, pulse: Callable[[], None]) -> Exception | None:
         """No more chunks: wait until every queued one is written; the write's failure."""
         while self.thread.is_alive():
             try:
@@ -498,21 +522,22 @@ class _Feed:
                 break
             except queue.Full:
                 _check(cancel)
+                pulse()
         while self.thread.is_alive():
             self.thread.join(timeout=self.tick)
             _check(cancel)
+            pulse()
         _check(cancel)  # the thread may have stopped for it, with chunks left unwritten
         return self.error
 
     def stop(self) -> None:
-        """Write no more (what is queued is dropped); the caller aborts the upload, which also
-        ends a write blocked in a stuck upload."""
+        """Write no more (what is queued is dropped). Not waited for: the caller aborts the
+        upload, which also ends a write blocked in a stuck one (whose failure is ignored)."""
         with contextlib.suppress(queue.Empty):
             while True:
                 self.q.get_nowait()
         with contextlib.suppress(queue.Full):
             self.q.put_nowait(None)
-        self.thread.join(timeout=1.0)
 
 
 class _Read:
@@ -526,7 +551,12 @@ class _Read:
         self.lock = threading.Lock()  # feeds may join from another thread (the first read)
         self.stopped = threading.Event()
 
-    def hand(self, chunk: bytes, detach: Callable[[_Feed], bool] | None = None) -> None:
+    def hand(
+        self,
+        chunk: bytes,
+        detach: Callable[[_Feed], bool] | None = None,
+        pulse: Callable[[], None] = lambda: None,
+    ) -> None:
         with self.lock:
             start, feeds = self.pos, list(self.feeds)
             self.pos += len(chunk)
@@ -534,11 +564,17 @@ class _Read:
             if feed.sent >= start + len(chunk):
                 continue  # joined ahead of this read: it has these bytes already
             data = chunk[feed.sent - start :] if feed.sent > start else chunk
-            if not self._put(feed, data, detach):
+            if not self._put(feed, data, detach, pulse):
                 with self.lock:
                     self.feeds.remove(feed)
 
-    def _put(self, feed: _Feed, data: bytes, detach: Callable[[_Feed], bool] | None) -> bool:
+    def _put(
+        self,
+        feed: _Feed,
+        data: bytes,
+        detach: Callable[[_Feed], bool] | None,
+        pulse: Callable[[], None],
+    ) -> bool:
         """Queue ``data`` for one target, waiting while its queue is full; False when the
         target left this read (its upload failed, or ``detach`` took it)."""
         full_since: float | None = None
@@ -554,6 +590,7 @@ class _Read:
             except queue.Full:
                 pass
             _check(self.cancel)
+            pulse()
             if self.stopped.is_set():
                 raise _Stopped
             if detach is None:
@@ -564,13 +601,13 @@ class _Read:
             if now - full_since >= self.tuning.detach_after and starved and detach(feed):
                 return False
 
-    def drain(self) -> list[_Live]:
+    def drain(self, pulse: Callable[[], None]) -> list[_Live]:
         """The read is over: every target still on it writes what is queued; those whose
         upload failed fail. Returns the others."""
         with self.lock:
             feeds = list(self.feeds)
         for feed in feeds:
-            err = feed.end(self.cancel)  # Cancelled: stop_feeds() still finds the rest
+            err = feed.end(self.cancel, pulse)  # Cancelled: stop_feeds() still finds the rest
             if err is not None:
                 with self.lock:
                     self.feeds.remove(feed)
@@ -627,12 +664,14 @@ class _SecondRead(_Read):
                 self.closed = True
             stream.close()
 
-    def wait(self) -> list[_Live]:
+    def wait(self, pulse: Callable[[], None]) -> list[_Live]:
         """The targets this read gave every byte to, once it is over (those it failed are
         failed: a source that failed them fails them as ``source``, retried alone)."""
-        self.thread.join()
+        while self.thread.is_alive():
+            self.thread.join(timeout=self.tuning.tick)
+            pulse()
         if self.error is None:
-            return self.drain()
+            return self.drain(pulse)
         live = self.stop_feeds()
         if isinstance(self.error, Cancelled):
             _cancel_rest(live)
@@ -667,6 +706,7 @@ class _FanOut:
         tuning: Tuning,
         cancel: threading.Event | None,
         result: CopyResult,
+        progress: Progress | None = None,
     ) -> None:
         self.source, self.image, self.tuning, self.cancel = source, image, tuning, cancel
         self.result = result
@@ -675,6 +715,18 @@ class _FanOut:
         self.second: _SecondRead | None = None
         self.ready: list[_Live] = []  # set by end(): every byte written, from the first read
         self._count_lock = threading.Lock()
+        self.progress = progress
+        self._feeds = list(self.first.feeds)  # detached ones too: the same objects
+        self._written = 0
+
+    def pulse(self) -> None:
+        """A sign of life while the reader waits for its targets: ``progress(0)`` when an upload
+        took bytes since the last call. Only from the copy's own thread (the daemon's health
+        and status page follow the thread that reads the source)."""
+        written = sum(f.written for f in self._feeds)
+        if written != self._written and self.progress is not None:
+            self._written = written
+            self.progress(0)
 
     def count(self, resumed: bool) -> None:
         with self._count_lock:
@@ -687,7 +739,7 @@ class _FanOut:
         return bool(self.first.feeds) or (self.second is not None and not self.second.closed)
 
     def hand(self, chunk: bytes) -> None:
-        self.first.hand(chunk, self._detach)
+        self.first.hand(chunk, self._detach, self.pulse)
 
     def _detach(self, feed: _Feed) -> bool:
         if self.second is None:
@@ -699,7 +751,7 @@ class _FanOut:
         return True
 
     def end(self) -> None:
-        self.ready = self.first.drain()
+        self.ready = self.first.drain(self.pulse)
 
     def stop_second(self) -> list[_Live]:
         """Stop the second read; the uploads it was writing (not aborted yet)."""

@@ -221,3 +221,29 @@ def test_a_failed_second_read_fails_only_the_detached_target_which_is_retried_al
     assert by_site["slow"].attempts == 2  # re-sent alone, from a fresh read
     assert src.offsets[0] == 0 and src.offsets[-1] == 0 and len(src.offsets) == 3
     assert _holds(fast) == DATA and _holds(slow) == DATA
+
+
+def test_a_write_stuck_at_cancel_is_aborted_and_the_copy_returns() -> None:
+    """A write that neither moves nor fails no longer holds the copy: the reader sees the
+    cancel, aborts the upload (which ends a real stuck one) and returns."""
+    stuck_gate = threading.Event()  # opened only after the copy returned
+    cancel = threading.Event()
+
+    writing = threading.Event()
+
+    def hook(op: str, image_id: str | None) -> None:
+        if op == "write":
+            writing.set()
+            cancel.set()  # SIGTERM arrives while this write hangs
+            stuck_gate.wait(HOLD)
+            writing.clear()
+
+    stuck = MemorySite("stuck", Faults(hook=hook))
+    src = MemorySite("src")
+    rec = src.add("img", DATA)
+    new = new_image_for(rec, rec.version, "private")
+    result = copy_image(src, rec, [(stuck, new)], cancel=cancel, tuning=QUICK)
+    returned_while_stuck = writing.is_set()
+    stuck_gate.set()
+    assert returned_while_stuck
+    assert result.cancelled and stuck.images == {}
