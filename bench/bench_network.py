@@ -207,7 +207,7 @@ def fanout(bench: Bench, src: dict[str, Any], contenders: Any, n: int) -> dict[s
     say(f"  lab2 solo {solo.published['lab2']:.1f}s: lab3 capped at {rate / MiB:.1f} MiB/s")
     slow = {"lab3"}
     runs: dict[str, Callable[..., Push]] = {
-        "solo-store": lambda tree: bench.push(src, [STORE], tree, slow),
+        "solo-archive": lambda tree: bench.push(src, [STORE], tree, slow),
         "solo-lab2": lambda tree: bench.push(src, ["lab2"], tree, slow),
         "solo-lab3": lambda tree: bench.push(src, ["lab3"], tree, slow),
         "fan-out": lambda tree: bench.push(src, [STORE, "lab2", "lab3"], tree, slow),

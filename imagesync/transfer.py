@@ -499,9 +499,19 @@ class _Feed:
         self.q: queue.Queue[bytes | None] = queue.Queue(maxsize=tuning.queue_chunks)
         self.sent = 0  # bytes queued for this target: where a second read takes it up
         self.written = 0  # bytes its upload took: signs of life (see _FanOut.pulse)
+        #: since when every hand-over to it found its queue full (None: it had room), and
+        #: what it had written then
+        self.full_since: float | None = None
+        self.written_then = 0
         self.error: Exception | None = None
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"feed-{live.site.name}")
         self.thread.start()
+
+    def rate(self, now: float) -> float:
+        """Bytes per second its upload has taken since it fell behind."""
+        if self.full_since is None:
+            return float("inf")
+        return (self.written - self.written_then) / max(now - self.full_since, 1e-3)
 
     def _run(self) -> None:
         while (chunk := self.q.get()) is not None:
@@ -577,7 +587,7 @@ class _Read:
     ) -> bool:
         """Queue ``data`` for one target, waiting while its queue is full; False when the
         target left this read (its upload failed, or ``detach`` took it)."""
-        full_since: float | None = None
+        waited = False
         while True:
             if feed.error is not None:
                 feed.stop()
@@ -586,19 +596,24 @@ class _Read:
             try:
                 feed.q.put(data, timeout=self.tuning.tick)
                 feed.sent += len(data)
+                if not waited:
+                    feed.full_since = None  # it had room: not behind
                 return True
             except queue.Full:
-                pass
+                waited = True
             _check(self.cancel)
             pulse()
             if self.stopped.is_set():
                 raise _Stopped
             if detach is None:
                 continue
+            # Behind: its queue was full at every hand-over for a while (a throttled link takes
+            # a chunk now and then, so one wait alone is short), and it holds another back.
             now = time.monotonic()
-            full_since = now if full_since is None else full_since
+            if feed.full_since is None:
+                feed.full_since, feed.written_then = now, feed.written
             starved = any(f.q.empty() for f in self.feeds if f is not feed)
-            if now - full_since >= self.tuning.detach_after and starved and detach(feed):
+            if now - feed.full_since >= self.tuning.detach_after and starved and detach(feed):
                 return False
 
     def drain(self, pulse: Callable[[], None]) -> list[_Live]:
@@ -629,6 +644,7 @@ class _SecondRead(_Read):
 
     def __init__(self, source: Site, image: ImageRecord, fan: _FanOut, first: _Feed) -> None:
         super().__init__(fan.tuning, fan.cancel, start=first.sent)
+        self.start, self.t0 = first.sent, time.monotonic()
         self.source, self.image = source, image
         self.feeds.append(first)
         self.closed = False  # takes no more targets
@@ -639,8 +655,13 @@ class _SecondRead(_Read):
         self.thread.start()
 
     def take(self, feed: _Feed) -> bool:
+        """Serve ``feed`` too, if this read has not passed its offset and goes about as fast
+        (a target twice as fast as the slow ones here is better off held a little on the
+        first read than held to their pace)."""
+        now = time.monotonic()
         with self.lock:
-            if self.closed or self.pos > feed.sent:
+            rate = (self.pos - self.start) / max(now - self.t0, 1e-3)
+            if self.closed or self.pos > feed.sent or feed.rate(now) > 2 * rate:
                 return False
             self.feeds.append(feed)
             return True
