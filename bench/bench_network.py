@@ -89,10 +89,13 @@ class Watch(threading.Thread):
         )
 
     def run(self) -> None:
-        while not self.done.is_set():
+        while True:
+            last = self.done.is_set()  # one more look after the push ended: nothing missed
             for t in self.targets:
                 if t not in self.seen and self._published(t):
                     self.seen[t] = time.monotonic() - self.t0
+            if last:
+                return
             self.done.wait(0.2)
 
 

@@ -107,12 +107,12 @@ class _NoWatcher:
 class Tuning:
     """How a copy streams: passed in (tests make it quick), the defaults suit real links."""
 
-    #: chunks (1 MiB as the sites read them) queued per target; a chunk is one bytes object
-    #: shared by every queue, so a read holds at most about this many chunks
-    queue_chunks: int = 4
+    #: chunks (1 MiB as the sites read them) queued per target, in front of the site's own
+    #: upload queue; a chunk is one bytes object shared by every queue of a read
+    queue_chunks: int = 2
     #: seconds a target's queue may stay full, while another target waits for data, before
-    #: that target is detached onto the second read
-    detach_after: float = 2.0
+    #: that target is detached onto the second read (the others wait that long for it)
+    detach_after: float = 0.5
     #: how many times one read of the source may be resumed after a cut
     resumes: int = 3
     #: how often a blocked hand-over looks at failures, cancellation and lag (seconds)
