@@ -1,15 +1,24 @@
 """Streaming copy: one reader, N writers, hashing on the fly, verify, publish or clean up.
 
 The source is read once; each chunk is hashed (sha512; md5 too when a side lacks sha512)
-and handed to every live target writer (bounded queues, so memory does not grow with image
-size). When the stream ends the digests are compared with everything the source claimed (its
+and handed to every live target through a bounded queue of its own (a thread per target writes
+from it), so memory does not grow with image size. A target that falls behind (its queue full
+for ``Tuning.detach_after`` while another target waits for data) is *detached*: it is served
+from then on by a second read of the source from the offset it reached (``Site.open(image,
+offset)``: Range), shared by every target detached later, so fast targets finish and publish at
+their own speed; the source is read at most twice per copy. A read that is cut mid-stream
+resumes from where it stopped (``Tuning.resumes`` times per read), after checking that the
+source is still the same image (size, hashes, version), while the uploads keep streaming from
+their queues. When the stream ends the digests are compared with everything the source claimed (its
 own hashes, size, provenance) and with what each target reports it stored. A target that
 fails or mismatches is deleted (nothing half-made is left) while the others carry on; only
 verified copies are published, with the provenance marks (``imagesync.origin``,
 ``.version``, ``.sha512``).
 
 Transient failures are retried with the shared policy (``retry.py``): a failed target alone
-is re-sent from a fresh read of the source; a failed source read retries every target.
+is re-sent from a fresh read of the source; a source read that failed beyond its resumes
+retries every target it served. The bytes a detached target got from the second read are not
+hashed again: what it stored is compared with the digests of the first, whole read.
 
 One target never takes the others down: any exception a target's site raises while creating,
 writing, finishing or publishing (a ``SiteError``, or a bug outside the hierarchy, which counts
@@ -28,9 +37,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -95,6 +105,22 @@ class _NoWatcher:
         pass
 
 
+@dataclass(frozen=True)
+class Tuning:
+    """How a copy streams: passed in (tests make it quick), the defaults suit real links."""
+
+    #: chunks (1 MiB as the sites read them) queued per target, in front of the site's own
+    #: upload queue; a chunk is one bytes object shared by every queue of a read
+    queue_chunks: int = 2
+    #: seconds a target's queue may stay full, while another target waits for data, before
+    #: that target is detached onto the second read (the others wait that long for it)
+    detach_after: float = 0.5
+    #: how many times one read of the source may be resumed after a cut
+    resumes: int = 3
+    #: how often a blocked hand-over looks at failures, cancellation and lag (seconds)
+    tick: float = 0.05
+
+
 @dataclass
 class TargetResult:
     """What happened on one target."""
@@ -121,6 +147,10 @@ class CopyResult:
     seconds: float = 0.0
     sha512: str | None = None
     targets: list[TargetResult] = field(default_factory=list)
+    #: reads of the source started (a second one serves detached targets) and cuts resumed
+    reads: int = 0
+    resumes: int = 0
+    detached: list[str] = field(default_factory=list)  # targets served by a second read
 
     @property
     def ok(self) -> bool:
@@ -231,9 +261,11 @@ def _attempt(
     cancel: threading.Event | None = None,
     watcher: UploadWatcher | None = None,
     lease_expired: Callable[[], bool] | None = None,
+    tuning: Tuning | None = None,
 ) -> list[TargetResult]:
-    """One pass: stream once to every target. Raises TransientError when the source failed,
-    Cancelled (after removing every upload it started) when ``cancel`` was set."""
+    """One pass: stream to every target (those that fell behind from a second read). Raises
+    TransientError when the first read failed, Cancelled (after removing every upload it
+    started) when ``cancel`` was set."""
     results = [TargetResult(site=site.name) for site, _ in targets]
     live = _open_targets(targets, results, cancel, watcher or _NoWatcher())
     if not live:
@@ -244,36 +276,81 @@ def _attempt(
     need_md5 = "sha512" not in _expected(image, version) or any(
         "sha512" not in lv.site.capabilities.hashes for lv in live
     )
-    nbytes, got = _stream(source, image, live, progress, cancel, need_md5)
+    fan = _FanOut(source, image, live, tuning or Tuning(), cancel, result, progress)
+    nbytes, got = _stream(source, image, fan, progress, cancel, need_md5)
     result.bytes_read = max(result.bytes_read, nbytes)
-    if not live:
-        return results
+    if not fan.ready and fan.second is None:
+        return results  # every target failed while the source was read
     result.sha512 = got["sha512"]
-    # 1. Did the source deliver the bytes it claims to hold?
-    problems = _source_problems(image, version, nbytes, got)
-    if problems:
-        err = IntegrityError(f"{image.ref}: " + "; ".join(problems))
-        for lv in live:
-            _fail(lv, err, ErrorKind.INTEGRITY)
-        return results
-    # 2. Did each target store exactly these bytes? Then publish it.
-    for i, lv in enumerate(live):
-        if cancel is not None and cancel.is_set():
-            # Not finished yet: abort rather than wait for the site to settle the upload.
-            # Targets already published stay published (and are reported so).
-            _cancel_rest(live[i:])
-            break
-        try:
-            settled = _settle(lv, got, nbytes, cancel, lease_expired)
-        except BaseException:
-            # Ctrl-C (or a bug in the watcher) while settling one target: the targets not
-            # settled yet are still waiting for finish or abort (a Glance upload thread).
-            _cancel_rest(live[i + 1 :])
-            raise
-        if not settled:
-            _cancel_rest(live[i + 1 :])
-            break
+    try:
+        # 1. Did the source deliver the bytes it claims to hold?
+        problems = _source_problems(image, version, nbytes, got)
+        if problems:
+            err = IntegrityError(f"{image.ref}: " + "; ".join(problems))
+            for lv in fan.ready + fan.stop_second():
+                _fail(lv, err, ErrorKind.INTEGRITY)
+            return results
+        # 2. Did each target store exactly these bytes? Then publish it: those that got every
+        # byte from the first read now, those detached once the second read has served them.
+        if not _settle_all(fan.ready, got, nbytes, cancel, lease_expired):
+            _cancel_rest(fan.stop_second())
+        elif fan.second is not None:
+            _settle_all(fan.second.wait(fan.pulse), got, nbytes, cancel, lease_expired)
+    except BaseException:
+        # Ctrl-C (or a bug in the watcher) while settling: the detached targets still being
+        # written wait for finish or abort (a Glance upload thread).
+        _cancel_rest(fan.stop_second())
+        raise
     return results
+
+
+def _settle_all(
+    live: Sequence[_Live],
+    got: Mapping[str, str],
+    nbytes: int,
+    cancel: threading.Event | None,
+    lease_expired: Callable[[], bool] | None,
+) -> bool:
+    """Settle every target, each in a thread of its own: a slow upload's ``finish`` (its site
+    still taking the last bytes) must not hold up a fast one's publish. False when cancelled
+    (the targets not settled yet were aborted)."""
+    if len(live) == 1:
+        return _settle_one(live[0], got, nbytes, cancel, lease_expired)
+    outcome: dict[int, bool | BaseException] = {}
+
+    def one(i: int) -> None:
+        try:
+            outcome[i] = _settle_one(live[i], got, nbytes, cancel, lease_expired)
+        except BaseException as exc:  # a bug in the watcher: raised again below, once every
+            outcome[i] = exc  # other target is settled (they are independent)
+
+    threads = [
+        threading.Thread(target=one, args=(i,), daemon=True, name=f"settle-{lv.site.name}")
+        for i, lv in enumerate(live)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for value in outcome.values():
+        if isinstance(value, BaseException):
+            raise value
+    return all(outcome.values())
+
+
+def _settle_one(
+    lv: _Live,
+    got: Mapping[str, str],
+    nbytes: int,
+    cancel: threading.Event | None,
+    lease_expired: Callable[[], bool] | None,
+) -> bool:
+    if cancel is not None and cancel.is_set():
+        # Not finished yet: abort rather than wait for the site to settle the upload.
+        # Targets already published stay published (and are reported so).
+        _cancel_rest([lv])
+        return False
+    return _settle(lv, got, nbytes, cancel, lease_expired)
 
 
 def _open_targets(
@@ -311,33 +388,34 @@ def _open_targets(
 def _stream(
     source: Site,
     image: ImageRecord,
-    live: list[_Live],
+    fan: _FanOut,
     progress: Progress | None,
     cancel: threading.Event | None,
     need_md5: bool,
 ) -> tuple[int, dict[str, str]]:
-    """Read the source once, hash it and hand each chunk to every live target; a target that
-    fails is dropped from ``live``. Returns the bytes read and their digests."""
+    """Read the whole source once (resuming a cut read), hash it and hand each chunk to the
+    targets still on this read (``fan``: one that falls behind is detached onto a second read).
+    Every target left on this read has written every byte when it returns (``fan.ready``).
+    Returns the bytes read and their digests."""
     # each algorithm hashes in a thread of its own, beside the reads and the uploads
     hasher = MultiHasher(["sha512", "md5"] if need_md5 else ["sha512"])
     nbytes = 0
-    stream: Iterator[bytes] | None = None
+    stream = _read_from(source, image, 0, fan.tuning, fan.count)
     try:
-        stream = source.open(image)
         for chunk in stream:
             _check(cancel)
             hasher.update(chunk)
             nbytes += len(chunk)
-            _fan_out(chunk, live)
+            fan.hand(chunk)
             if progress is not None:
                 progress(len(chunk))
-            if not live:
+            if not fan.busy:
                 break
         _check(cancel)
+        fan.end()
         got = hasher.hexdigests()
     except BaseException as exc:
-        for lv in live:
-            lv.abort()
+        live = fan.abort_all()
         if isinstance(exc, SiteError):
             for lv in live:
                 lv.result.error, lv.result.error_kind = str(exc), ErrorKind.SOURCE
@@ -349,19 +427,366 @@ def _stream(
         raise
     finally:
         hasher.close()
-        close = getattr(stream, "close", None)
-        if close is not None:
-            close()
+        stream.close()
     return nbytes, got
 
 
-def _fan_out(chunk: bytes, live: list[_Live]) -> None:
-    for lv in list(live):
+def _read_from(
+    source: Site, image: ImageRecord, offset: int, tuning: Tuning, count: Callable[[bool], None]
+) -> Generator[bytes, None, None]:
+    """The source's bytes from ``offset``. A read cut part-way (a TransientError: a dropped
+    connection) is opened again from where it stopped, ``tuning.resumes`` times, once the
+    source shows it still holds the same image; ``count(resumed)`` hears of every open."""
+    pos, resumes = offset, 0
+    while True:
+        stream: Iterator[bytes] | None = None
         try:
-            lv.writer.write(chunk)
-        except Exception as exc:
-            _fail(lv, exc, _kind(exc))
-            live.remove(lv)
+            count(resumes > 0)
+            stream = source.open(image, pos)
+            for chunk in stream:
+                pos += len(chunk)
+                yield chunk
+            return
+        except TransientError as exc:
+            if resumes >= tuning.resumes:
+                raise
+            resumes += 1
+            log.info(
+                "copy.source_resumed", source=image.ref, offset=pos, resume=resumes, error=str(exc)
+            )
+            _same_image(source, image)
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+
+
+def _same_image(source: Site, image: ImageRecord) -> None:
+    """Before a cut read resumes: the source must still hold the image whose first bytes were
+    read (same size, hashes and version), or the bytes spliced together would be no image."""
+    now = source.get_image(image.id)
+    changed = [
+        what
+        for what, before, after in (
+            ("status", image.status, now.status),
+            ("size", image.size, now.size),
+            ("hashes", dict(image.hashes), dict(now.hashes)),
+            ("version", _mark(image), _mark(now)),
+        )
+        if before != after
+    ]
+    if changed:
+        raise SiteError(
+            f"{image.ref} changed while it was read ({', '.join(changed)}): not resumed",
+            site=source.name,
+        )
+
+
+def _mark(image: ImageRecord) -> tuple[str | None, ...]:
+    return tuple(image.properties.get(k) for k in (PROP_ORIGIN, PROP_VERSION, PROP_SHA512))
+
+
+class _Stopped(Exception):
+    """A read was told to stop (the copy is being given up)."""
+
+
+class _Feed:
+    """One target's bounded queue of chunks and the thread that writes them to its upload, so
+    that a slow target blocks only its own queue, and how far behind it is can be seen."""
+
+    def __init__(self, live: _Live, tuning: Tuning, cancel: threading.Event | None) -> None:
+        self.live = live
+        self.cancel = cancel
+        self.tick = tuning.tick
+        self.q: queue.Queue[bytes | None] = queue.Queue(maxsize=tuning.queue_chunks)
+        self.sent = 0  # bytes queued for this target: where a second read takes it up
+        self.written = 0  # bytes its upload took: signs of life (see _FanOut.pulse)
+        #: since when every hand-over to it found its queue full (None: it had room), and
+        #: what it had written then
+        self.full_since: float | None = None
+        self.written_then = 0
+        self.error: Exception | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"feed-{live.site.name}")
+        self.thread.start()
+
+    def rate(self, now: float) -> float:
+        """Bytes per second its upload has taken since it fell behind."""
+        if self.full_since is None:
+            return float("inf")
+        return (self.written - self.written_then) / max(now - self.full_since, 1e-3)
+
+    def _run(self) -> None:
+        while (chunk := self.q.get()) is not None:
+            if self.cancel is not None and self.cancel.is_set():
+                return  # not one more chunk: whoever reads sees the cancel and aborts
+            try:
+                self.live.writer.write(chunk)
+            except Exception as exc:
+                self.error = exc
+                return
+            self.written += len(chunk)
+
+    def end(self, cancel: threading.Event | None, pulse: Callable[[], None]) -> Exception | None:
+        """No more chunks: wait until every queued one is written; the write's failure."""
+        while self.thread.is_alive():
+            try:
+                self.q.put(None, timeout=self.tick)
+                break
+            except queue.Full:
+                _check(cancel)
+                pulse()
+        while self.thread.is_alive():
+            self.thread.join(timeout=self.tick)
+            _check(cancel)
+            pulse()
+        _check(cancel)  # the thread may have stopped for it, with chunks left unwritten
+        return self.error
+
+    def stop(self) -> None:
+        """Write no more (what is queued is dropped). Not waited for: the caller aborts the
+        upload, which also ends a write blocked in a stuck one (whose failure is ignored)."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.q.get_nowait()
+        with contextlib.suppress(queue.Full):
+            self.q.put_nowait(None)
+
+
+class _Read:
+    """One read of the source and the feeds it hands each chunk to, at ``pos``."""
+
+    def __init__(self, tuning: Tuning, cancel: threading.Event | None, start: int = 0) -> None:
+        self.tuning = tuning
+        self.cancel = cancel
+        self.pos = start  # offset of the next chunk
+        self.feeds: list[_Feed] = []
+        self.lock = threading.Lock()  # feeds may join from another thread (the first read)
+        self.stopped = threading.Event()
+
+    def hand(
+        self,
+        chunk: bytes,
+        detach: Callable[[_Feed], bool] | None = None,
+        pulse: Callable[[], None] = lambda: None,
+    ) -> None:
+        with self.lock:
+            start, feeds = self.pos, list(self.feeds)
+            self.pos += len(chunk)
+        for feed in feeds:
+            if feed.sent >= start + len(chunk):
+                continue  # joined ahead of this read: it has these bytes already
+            data = chunk[feed.sent - start :] if feed.sent > start else chunk
+            if not self._put(feed, data, detach, pulse):
+                with self.lock:
+                    self.feeds.remove(feed)
+
+    def _put(
+        self,
+        feed: _Feed,
+        data: bytes,
+        detach: Callable[[_Feed], bool] | None,
+        pulse: Callable[[], None],
+    ) -> bool:
+        """Queue ``data`` for one target, waiting while its queue is full; False when the
+        target left this read (its upload failed, or ``detach`` took it)."""
+        waited = False
+        while True:
+            if feed.error is not None:
+                feed.stop()
+                _fail(feed.live, feed.error, _kind(feed.error))
+                return False
+            try:
+                feed.q.put(data, timeout=self.tuning.tick)
+                feed.sent += len(data)
+                if not waited:
+                    feed.full_since = None  # it had room: not behind
+                return True
+            except queue.Full:
+                waited = True
+            _check(self.cancel)
+            pulse()
+            if self.stopped.is_set():
+                raise _Stopped
+            if detach is None:
+                continue
+            # Behind: its queue was full at every hand-over for a while (a throttled link takes
+            # a chunk now and then, so one wait alone is short), and it holds another back.
+            now = time.monotonic()
+            if feed.full_since is None:
+                feed.full_since, feed.written_then = now, feed.written
+            starved = any(f.q.empty() for f in self.feeds if f is not feed)
+            if now - feed.full_since >= self.tuning.detach_after and starved and detach(feed):
+                return False
+
+    def drain(self, pulse: Callable[[], None]) -> list[_Live]:
+        """The read is over: every target still on it writes what is queued; those whose
+        upload failed fail. Returns the others."""
+        with self.lock:
+            feeds = list(self.feeds)
+        for feed in feeds:
+            err = feed.end(self.cancel, pulse)  # Cancelled: stop_feeds() still finds the rest
+            if err is not None:
+                with self.lock:
+                    self.feeds.remove(feed)
+                _fail(feed.live, err, _kind(err))
+        return self.stop_feeds()  # every thread has ended: only takes them off this read
+
+    def stop_feeds(self) -> list[_Live]:
+        """Stop every target's writing (not aborted yet): their uploads."""
+        with self.lock:
+            feeds, self.feeds = self.feeds, []
+        for feed in feeds:
+            feed.stop()
+        return [f.live for f in feeds]
+
+
+class _SecondRead(_Read):
+    """The read serving the targets that fell behind, in a thread of its own, from the offset
+    the first of them reached; others join it if it has not passed their offset yet."""
+
+    def __init__(self, source: Site, image: ImageRecord, fan: _FanOut, first: _Feed) -> None:
+        super().__init__(fan.tuning, fan.cancel, start=first.sent)
+        self.start, self.t0 = first.sent, time.monotonic()
+        self.source, self.image = source, image
+        self.feeds.append(first)
+        self.closed = False  # takes no more targets
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(
+            target=self._run, args=(fan.count,), daemon=True, name=f"read-{source.name}"
+        )
+        self.thread.start()
+
+    def take(self, feed: _Feed) -> bool:
+        """Serve ``feed`` too, if this read has not passed its offset and goes about as fast
+        (a target twice as fast as the slow ones here is better off held a little on the
+        first read than held to their pace)."""
+        now = time.monotonic()
+        with self.lock:
+            rate = (self.pos - self.start) / max(now - self.t0, 1e-3)
+            if self.closed or self.pos > feed.sent or feed.rate(now) > 2 * rate:
+                return False
+            self.feeds.append(feed)
+            return True
+
+    def _run(self, count: Callable[[bool], None]) -> None:
+        stream = _read_from(self.source, self.image, self.pos, self.tuning, count)
+        try:
+            for chunk in stream:
+                _check(self.cancel)
+                if self.stopped.is_set():
+                    return
+                self.hand(chunk)
+                with self.lock:
+                    if not self.feeds:  # every target on it failed
+                        self.closed = True
+                        return
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            with self.lock:
+                self.closed = True
+            stream.close()
+
+    def wait(self, pulse: Callable[[], None]) -> list[_Live]:
+        """The targets this read gave every byte to, once it is over (those it failed are
+        failed: a source that failed them fails them as ``source``, retried alone)."""
+        while self.thread.is_alive():
+            self.thread.join(timeout=self.tuning.tick)
+            pulse()
+        if self.error is None:
+            return self.drain(pulse)
+        live = self.stop_feeds()
+        if isinstance(self.error, Cancelled):
+            _cancel_rest(live)
+        elif isinstance(self.error, SiteError):
+            err = TransientError(
+                f"reading {self.image.ref} from offset {self.pos}: {self.error}",
+                site=self.source.name,
+            )
+            for lv in live:
+                _fail(lv, err, ErrorKind.SOURCE)
+        else:
+            log.error("copy.source_failed", source=self.image.ref, exc_info=self.error)
+            for lv in live:
+                _fail(lv, self.error, ErrorKind.UNEXPECTED)
+        return []
+
+    def stop(self) -> list[_Live]:
+        self.stopped.set()
+        self.thread.join()
+        return self.stop_feeds()
+
+
+class _FanOut:
+    """The targets of one attempt: those on the first read of the source, and the second read
+    that those which fell behind were detached onto (at most one: two reads per copy)."""
+
+    def __init__(
+        self,
+        source: Site,
+        image: ImageRecord,
+        live: Sequence[_Live],
+        tuning: Tuning,
+        cancel: threading.Event | None,
+        result: CopyResult,
+        progress: Progress | None = None,
+    ) -> None:
+        self.source, self.image, self.tuning, self.cancel = source, image, tuning, cancel
+        self.result = result
+        self.first = _Read(tuning, cancel)
+        self.first.feeds = [_Feed(lv, tuning, cancel) for lv in live]
+        self.second: _SecondRead | None = None
+        self.ready: list[_Live] = []  # set by end(): every byte written, from the first read
+        self._count_lock = threading.Lock()
+        self.progress = progress
+        self._feeds = list(self.first.feeds)  # detached ones too: the same objects
+        self._written = 0
+
+    def pulse(self) -> None:
+        """A sign of life while the reader waits for its targets: ``progress(0)`` when an upload
+        took bytes since the last call. Only from the copy's own thread (the daemon's health
+        and status page follow the thread that reads the source)."""
+        written = sum(f.written for f in self._feeds)
+        if written != self._written and self.progress is not None:
+            self._written = written
+            self.progress(0)
+
+    def count(self, resumed: bool) -> None:
+        with self._count_lock:
+            self.result.reads += not resumed
+            self.result.resumes += resumed
+
+    @property
+    def busy(self) -> bool:
+        """Is any target still being served (the first read must go on, to hash for them)?"""
+        return bool(self.first.feeds) or (self.second is not None and not self.second.closed)
+
+    def hand(self, chunk: bytes) -> None:
+        self.first.hand(chunk, self._detach, self.pulse)
+
+    def _detach(self, feed: _Feed) -> bool:
+        if self.second is None:
+            self.second = _SecondRead(self.source, self.image, self, feed)
+        elif not self.second.take(feed):
+            return False  # the second read is past it: it stays on the first
+        self.result.detached.append(feed.live.site.name)
+        log.info("copy.detached", site=feed.live.site.name, offset=feed.sent)
+        return True
+
+    def end(self) -> None:
+        self.ready = self.first.drain(self.pulse)
+
+    def stop_second(self) -> list[_Live]:
+        """Stop the second read; the uploads it was writing (not aborted yet)."""
+        return self.second.stop() if self.second is not None else []
+
+    def abort_all(self) -> list[_Live]:
+        """Give up: abort every upload still being written or waiting to be settled."""
+        live = self.first.stop_feeds() + self.ready + self.stop_second()
+        self.ready = []
+        for lv in live:
+            lv.abort()
+        return live
 
 
 def _source_problems(
@@ -531,8 +956,10 @@ def copy_image(
     cancel: threading.Event | None = None,
     watcher: UploadWatcher | None = None,
     lease_expired: Callable[[], bool] | None = None,
+    tuning: Tuning | None = None,
 ) -> CopyResult:
-    """Copy ``image`` from ``source`` to every target, reading the source once per attempt.
+    """Copy ``image`` from ``source`` to every target, reading the source once per attempt
+    (twice when a target fell behind the others; ``tuning`` says when and how).
 
     When ``cancel`` is set the copy stops at the next chunk, removes every upload it made and
     returns with the unfinished targets marked ``cancelled`` (targets already published stay).
@@ -550,7 +977,16 @@ def copy_image(
         attempt += 1
         try:
             outcome = _attempt(
-                source, image, version, pending, progress, result, cancel, watcher, lease_expired
+                source,
+                image,
+                version,
+                pending,
+                progress,
+                result,
+                cancel,
+                watcher,
+                lease_expired,
+                tuning,
             )
         except TransientError as exc:
             outcome = [

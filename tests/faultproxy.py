@@ -2,7 +2,9 @@
 
 It forwards bytes unchanged except when its :class:`FaultPlan` says otherwise: flip one byte of
 an image upload body (``PUT …/file``) or download body (``GET …/file``), cut the connection
-part-way through an upload or a download, slow uploads or downloads of image data down, answer
+part-way through an upload or a download (also at given image offsets, a ranged download
+counted from its Content-Range), slow uploads or downloads of image data down (a link capped
+at so many bytes/s: the benchmarks' throttled cloud), answer
 a burst of requests with a 5xx itself (without forwarding them), lose the answer to a request
 Glance did carry out (the connection drops after Glance answered: the client cannot tell
 whether it happened), or be a black hole (accept connections, never answer: a site whose every
@@ -46,6 +48,11 @@ class FaultPlan:
     download_rate: float = 0.0  # bytes/s of image data downloaded; 0: as fast as it comes
     cut_download_after: int | None = None  # close both sides after this many bytes downloaded
     cut_download_times: int = 1
+    #: image offsets (not body offsets: a Range answer starts at its Content-Range) at which
+    #: a download is cut, each once, in order
+    cut_download_at: list[int] = field(default_factory=list)
+    upload_rate: float = 0.0  # bytes/s of image data uploaded; 0: as fast as it comes
+    downloaded: int = 0  # bytes of image data the proxy passed on to downloading clients
     fail_requests: int = 0  # answer the next N requests with fail_status, not forwarding them
     fail_status: int = 503
     fail_methods: tuple[str, ...] = ()  # only requests with these methods fail (empty: any)
@@ -154,6 +161,10 @@ class _Conn:
     def __init__(self, proxy: FaultProxy, client: socket.socket) -> None:
         self.proxy = proxy
         self.client = client
+        if proxy.plan.upload_rate:
+            # a capped link holds a small window, not the megabytes loopback buffers in the
+            # kernel (which would let a sender run far ahead of the cap)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 17)
         self.upstream = socket.create_connection(("127.0.0.1", proxy.upstream_port))
         proxy._track(client, self.upstream)
         self.requests: list[Exchange] = []  # requests awaiting their response
@@ -203,7 +214,8 @@ class _Conn:
                 dst.sendall(head)
                 if ex.method == "HEAD":
                     continue  # the answer to HEAD has headers only, whatever they announce
-                if not self._body(reader, dst, head, kind, to_server):
+                start = _range_start(head) if kind else 0
+                if not self._body(reader, dst, head, kind, to_server, start):
                     break
         except OSError:
             pass
@@ -256,7 +268,9 @@ class _Conn:
             if line in (b"\r\n", b"\n"):
                 return b"".join(lines)
 
-    def _body(self, reader: object, dst: _Dest, head: bytes, kind: str, to_server: bool) -> bool:
+    def _body(
+        self, reader: object, dst: _Dest, head: bytes, kind: str, to_server: bool, start: int = 0
+    ) -> bool:
         lower = head.lower()
         status = head.split(b" ", 2)[1] if not to_server and b" " in head else b""
         if not to_server and (status in (b"204", b"304") or status.startswith(b"1")):
@@ -276,16 +290,20 @@ class _Conn:
                     dst.sendall(size_line + trailer)
                     return True
                 dst.sendall(size_line)
-                if not self._data(reader, dst, size, kind, offset):
+                if not self._data(reader, dst, size, kind, offset, start):
                     return False
                 dst.sendall(reader.read(2))  # type: ignore[attr-defined]
         elif m:
-            return self._data(reader, dst, int(m.group(1)), kind, offset)
+            return self._data(reader, dst, int(m.group(1)), kind, offset, start)
         elif not to_server:  # body until close
-            return self._data(reader, dst, 1 << 62, kind, offset)
+            return self._data(reader, dst, 1 << 62, kind, offset, start)
         return True
 
-    def _data(self, reader: object, dst: _Dest, size: int, kind: str, offset: list[int]) -> bool:
+    def _data(
+        self, reader: object, dst: _Dest, size: int, kind: str, offset: list[int], image_at: int
+    ) -> bool:
+        """Pass ``size`` bytes of a body on (``offset``: how far into the body, ``image_at``:
+        the image offset the body starts at), with the plan's faults."""
         plan = self.proxy.plan
         left = size
         while left > 0:
@@ -301,6 +319,20 @@ class _Conn:
                 plan.flips += 1
             if plan.take_cut(kind, end):
                 return False  # drop the connection mid-body
+            if (
+                kind == "GET-down"
+                and plan.cut_download_at
+                and image_at + end > plan.cut_download_at[0]
+            ):
+                keep = plan.cut_download_at.pop(0) - image_at - start
+                if keep > 0:
+                    dst.sendall(data[:keep])
+                    plan.downloaded += keep
+                plan.cuts += 1
+                return False
+            if kind == "PUT-up" and plan.upload_rate:
+                plan.slowed += start == 0
+                time.sleep(len(data) / plan.upload_rate)
             if kind == "PUT-up" and plan.throttle_upload:
                 plan.slowed += start == 0
                 time.sleep(plan.throttle_upload * len(data) / 65536)
@@ -308,9 +340,17 @@ class _Conn:
                 plan.slowed += start == 0
                 time.sleep(len(data) / plan.download_rate)
             dst.sendall(data)
+            if kind == "GET-down":
+                plan.downloaded += len(data)
             offset[0] = end
             left -= len(data)
         return True
+
+
+def _range_start(head: bytes) -> int:
+    """The image offset a response's body starts at (its Content-Range; 0 without one)."""
+    m = re.search(rb"\r\ncontent-range:\s*bytes\s+(\d+)-", head.lower())
+    return int(m.group(1)) if m else 0
 
 
 class FaultProxy:

@@ -16,10 +16,13 @@ from collections.abc import Iterator
 from imagesync.errors import SiteError
 
 # Chunks (1 MiB as transfer reads them) queued per target. A chunk is one bytes object shared
-# by every target's queue, so memory stays bounded by this depth, not by depth x targets; 16
-# rather than 8 lets one target fall behind the others for a moment without stalling them
-# (measured in a 1→3 fan-out: 0.82 → 0.88 of the curl relays' speed, peak RSS 78 → 85 MB).
-QUEUE_CHUNKS = 16
+# by every target's queue of one read, so memory stays bounded by this depth, not by depth x
+# targets. It was 16 so that one target could fall behind the others for a moment without
+# stalling them (a 1→3 fan-out: 0.82 → 0.88 of the curl relays' speed, peak RSS 78 → 85 MB);
+# transfer.py now gives each target a queue of its own in front of this one and detaches one
+# that stays behind onto a second read, whose queues hold other chunks: 8 keeps a fan-out with
+# a slow cloud under 100 MB (bench/README.md, bench_network.py: 111 → 94 MB).
+QUEUE_CHUNKS = 8
 _END = None
 _ABORT = object()
 

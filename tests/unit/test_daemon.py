@@ -24,7 +24,7 @@ from imagesync.model import NewImage
 from imagesync.notify import Notifier
 from imagesync.plan import plan
 from imagesync.sites.directory import DirectorySite
-from imagesync.sites.memory import MemorySite, MemoryWriter
+from imagesync.sites.memory import Faults, MemorySite, MemoryWriter
 from imagesync.state import State
 from imagesync.transfer import ErrorKind, copy_image, new_image_for
 from tests.unit.memconfig import memory_config
@@ -305,9 +305,15 @@ def test_stopping_during_a_pass_cancels_it_at_the_next_chunk(tmp_path: Path) -> 
 
 
 def test_a_stuck_transfer_at_shutdown_has_its_uploads_removed(tmp_path: Path) -> None:
-    gate = threading.Event()  # never opened: the upload hangs like a dead connection
-    stuck = HookSite("c2", gate.wait)
-    sites: dict[str, MemorySite] = {"c1": MemorySite("c1"), "c2": stuck}
+    gate = threading.Event()  # never opened: the source read hangs like a dead connection
+
+    def hang_reads(op: str, image_id: str | None) -> None:
+        if op == "open":
+            gate.wait()
+
+    # (a stuck upload no longer holds a pass: the transfer aborts it, see test_transfer)
+    stuck = MemorySite("c2")
+    sites: dict[str, MemorySite] = {"c1": MemorySite("c1", Faults(hook=hang_reads)), "c2": stuck}
     sites["c1"].add("img-a", os.urandom(5 * KB))
     exits: list[int] = []
     d = daemon_for(tmp_path, sites, grace_seconds=0.5, hard_exit=exits.append)
@@ -481,6 +487,10 @@ def test_the_running_daemon_is_healthy_only_while_its_pass_shows_life(tmp_path: 
         assert not d.healthy()
         held.go[0].set()  # one chunk goes through: a sign of life
         assert held.reached[1].wait(10)
+        # the reader notices (a target's thread wrote) within a tick of its wait
+        deadline = time.monotonic() + 10
+        while not d.healthy() and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert d.healthy()
         held.go[1].set()
         deadline = time.monotonic() + 10
