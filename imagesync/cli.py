@@ -220,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run Placement + Nova (fake virt driver) in the first N clouds (N=1 if "
         "omitted); costs about 320 MB of memory a cloud and 15 s on the first start",
     )
+    up.add_argument(
+        "--etcd",
+        action="store_true",
+        help="also run a real etcd (Debian's etcd-server) and name it as the generated "
+        "config's coordination URL, for several daemons to share the work",
+    )
     up.set_defaults(func=cmd_lab_up)
     st = _command(
         labsub,
@@ -474,6 +480,7 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
         # the lab's VOSpace service becomes the central store once imagesync can build the site
         vospace_store="vospace" in store_kinds(),
         nova_clouds=args.nova,
+        with_etcd=args.etcd,
     )
     print(lab.describe(info))
     return 0

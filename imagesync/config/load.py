@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, TypedDict, cast
 
+from imagesync.config.coordination import parse_coordination
 from imagesync.config.document import Document, index, join, read_document, suggest
 from imagesync.config.rules import parse_rules
 from imagesync.config.types import (
@@ -670,4 +671,12 @@ def load_config(
             sp.name: CloudConfig(name=sp.name, auth={}, auth_type="unresolved", cloud=sp.entry)
             for sp in specs
         }
-    return Config(path=file.absolute(), clouds=clouds, stores=stores, images=rules, **settings)
+    coordination = parse_coordination(doc, top.get("coordination"))
+    return Config(
+        path=file.absolute(),
+        clouds=clouds,
+        stores=stores,
+        images=rules,
+        coordination=coordination,
+        **settings,
+    )

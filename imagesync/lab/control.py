@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from imagesync.errors import LabError
-from imagesync.lab import glance, keystone, nova, procs
+from imagesync.lab import etcd, glance, keystone, nova, procs
 from imagesync.lab.state import (
     VOSPACE_RESOURCE_ID,
     CloudState,
+    EtcdState,
     LabInfo,
     LabState,
     ServiceState,
@@ -94,6 +95,7 @@ def up(
     token_expiration: int | None = None,
     vospace_store: bool | None = None,
     nova_clouds: int = 0,
+    with_etcd: bool = False,
 ) -> LabInfo:
     """Start the lab in ``directory`` (default: ``default_dir()``) with ``clouds`` clouds.
 
@@ -108,6 +110,8 @@ def up(
     keeps the directory store, None keeps the lab's current choice.
     new lab). ``nova_clouds`` gives the first N clouds compute (Placement + Nova, about
     320 MB each; see imagesync.lab.nova); like clouds, compute is added, never taken away.
+    ``with_etcd`` adds a real etcd (``imagesync.lab.etcd``) and names it in imagesync.yaml's
+    ``coordination``; like compute, it is added, never taken away.
     """
     if clouds < 1:
         raise LabError("a lab needs at least one cloud")
@@ -130,6 +134,11 @@ def up(
         _add_clouds(state, max(clouds, nova_clouds))
         _add_nova(state, nova_clouds)
         _add_vospace(state)
+        if with_etcd and state.etcd is None:
+            etcd.find_binary()  # before anything starts: say which package is missing
+            used = {svc.port for c in state.clouds for _, svc in c.services()}
+            ports = _new_ports(2, used | ({state.vospace.port} if state.vospace else set()))
+            state.etcd = EtcdState(port=ports[0], peer_port=ports[1])
         save_state(state)
         write_client_files(state)  # ports and passwords are known: clients may look already
         kind = _Start(tools, state, restart_keystone=restart_keystone).run()
@@ -230,6 +239,7 @@ class _Start:
                 for c in self.state.clouds
             ]
             try:
+                self._bring_up_etcd()
                 self._bring_up_vospace()  # meanwhile, here: it starts in about a second
             except _Aborted:
                 pass  # a cloud failed: its error is the one _raise_first reports
@@ -253,6 +263,9 @@ class _Start:
             v = self.state.vospace
             if v is not None and v.pgid in self.started:
                 v.pid = v.pgid = None
+            e = self.state.etcd
+            if e is not None and e.pgid in self.started:
+                e.pid = e.pgid = None
             save_state(self.state)
             if isinstance(exc, OSError):
                 raise LabError(
@@ -283,6 +296,21 @@ class _Start:
                 self.started[pid] = marker
         self._check()
         vospace.wait_ready(config, v.pid or 0, timeout=READY_TIMEOUT, abort=self._check)
+
+    def _bring_up_etcd(self) -> None:
+        e = self.state.etcd
+        if e is None:
+            return
+        d = self.state.directory
+        if not procs.is_running(e.pid, etcd.marker(d)):
+            procs.stop_groups(etcd.processes(d))  # one lab.json lost would hold the port
+            procs.require_free_port("etcd", e.port)
+            pid = etcd.start(d, e.port, e.peer_port)
+            with self._lock:
+                e.pid = e.pgid = pid
+                self.started[pid] = etcd.marker(d)
+        self._check()
+        etcd.wait_ready(d, e.port, e.pid or 0, timeout=READY_TIMEOUT)
 
     def _is_built(self, cloud: CloudState) -> bool:
         d = _cloud_dir(self.state, cloud)
@@ -583,6 +611,13 @@ def status(directory: Path | None = None) -> tuple[str, bool]:
             f"  vospace: {v.url} ({VOSPACE_RESOURCE_ID}) pid {v.pid or '-'} "
             f"{'running' if v_up else 'STOPPED'}; RSS {rss:.0f} MB"
         )
+    if state.etcd is not None:
+        e_up = procs.is_running(state.etcd.pid, etcd.marker(directory))
+        all_up = all_up and e_up
+        lines.append(
+            f"  etcd: {etcd.client_url(state.etcd.port)} pid {state.etcd.pid or '-'} "
+            f"{'running' if e_up else 'STOPPED'}"
+        )
     lines.append(f"  clouds.yaml: {state.clouds_yaml}")
     lines.append(f"  imagesync config: {state.config_file}")
     if not all_up:
@@ -608,6 +643,9 @@ def down(directory: Path | None = None) -> str:
                         groups[svc.pgid] = marker
             if state.vospace is not None and state.vospace.pgid is not None:
                 groups[state.vospace.pgid] = _vospace_marker(state)
+            if state.etcd is not None and state.etcd.pgid is not None:
+                groups[state.etcd.pgid] = etcd.marker(directory)
+        groups.update(etcd.processes(directory))
         # Also whatever lab.json does not know of (an interrupted `up`, a lost lab.json).
         groups.update(procs.lab_processes(directory))
         count = procs.stop_groups(groups)
@@ -617,6 +655,8 @@ def down(directory: Path | None = None) -> str:
                     svc.pid = svc.pgid = None
             if state.vospace is not None:
                 state.vospace.pid = state.vospace.pgid = None
+            if state.etcd is not None:
+                state.etcd.pid = state.etcd.pgid = None
             save_state(state)
     clouds = len(state.clouds) if state is not None else 0
     if count == 0:
@@ -663,6 +703,7 @@ def describe(info: LabInfo) -> str:
             if info.vospace
             else []
         ),
+        *([f"  coordination (etcd): {info.coordination_url}"] if info.coordination_url else []),
         f"stop it: imagesync lab down --dir {info.directory}  (data is kept: the next "
         "`up` is warm)",
     ]
