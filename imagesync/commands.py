@@ -382,8 +382,10 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
         engine.record(assessments)
     finally:
         engine.close()
+    group = _group(config, [a.name for a in assessments])
     if as_json:
-        print(json.dumps(status_document(assessments, inventories), indent=2))
+        extra = {"coordination": group} if group is not None else {}
+        print(json.dumps(status_document(assessments, inventories) | extra, indent=2))
         return 0
     sites = list(config.site_names)
     if not assessments:
@@ -410,9 +412,38 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
     for s, inv in inventories.items():
         if not inv.ok:
             print(printable(f"  {s}: unreachable: {inv.error}"), file=sys.stderr)
-    for line in [*_quarantine_lines(inventories), *_save_lines(config, name, inventories)]:
+    for line in [
+        *_quarantine_lines(inventories),
+        *_save_lines(config, name, inventories),
+        *(_group_lines(group) if group is not None else []),
+    ]:
         print(printable(line))
     return 0
+
+
+def _group(config: Config, names: list[str]) -> dict[str, Any] | None:
+    """Several daemons (``coordination:``): who drives which name; None for one host."""
+    if config.coordination is None:
+        return None
+    from imagesync.coordination import describe_group
+
+    return describe_group(config.coordination, names)
+
+
+def _group_lines(group: Mapping[str, Any]) -> list[str]:
+    """The coordination lines of ``status``: health, members and how many names each drives,
+    the uploads in flight."""
+    lines = [f"coordination: {group['url']} group {group['group']}: {group['health']}"]
+    owners = list(group["owners"].values())
+    for m in group["members"]:
+        lines.append(f"  member {m}: drives {owners.count(m)} of {len(owners)} names")
+    if not group["members"]:
+        lines.append("  no live member: no daemon is driving any name")
+    for u in group["uploads"]:
+        lines.append(
+            f"  uploading {u.get('name')} to {u['site']} ({u['image_id']}) by {u.get('member')}"
+        )
+    return lines
 
 
 def _quarantine_lines(inventories: Mapping[str, SiteInventory]) -> list[str]:

@@ -96,6 +96,16 @@ def default_member_id(instance_id: str) -> str:
     return f"{socket.gethostname()[:60]}:{instance_id[:8]}"
 
 
+def lease_of(cfg: CoordinationConfig) -> float:
+    """The TTL that holds: the URL's own lock/membership timeouts where it sets them (the
+    shorter), else ``lease_timeout``. The heartbeat and may_act follow it."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    query = dict(parse_qsl(urlsplit(cfg.url).query))
+    given = [float(query[k]) for k in ("lock_timeout", "membership_timeout") if k in query]
+    return min(given) if given else cfg.lease_timeout
+
+
 def tooz_url(cfg: CoordinationConfig) -> str:
     """The URL tooz gets: the lease timeout as the driver's lock and membership TTLs, unless
     the URL sets them itself."""
@@ -162,13 +172,14 @@ class Coordinator:
         self._heart: threading.Thread | None = None
         self.calls = 0
         self.group = cfg.group.encode()
+        self.lease = lease_of(cfg)
 
     # -- life --------------------------------------------------------------------------------
     def start(self, *, join: bool = True) -> None:
         """Connect (and, for a daemon, join the partitioned group). Raises ConfigError when
         the service cannot be reached at all: a daemon must not start alone by mistake."""
         with warnings.catch_warnings():  # futurist (under tooz) warns about eventlet
-            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore")
             from tooz import coordination as tc
 
         if self._driver is None:
@@ -197,11 +208,11 @@ class Coordinator:
         self._started = True
         self._heart = threading.Thread(target=self._beat, name="coordination-heart", daemon=True)
         self._heart.start()
-        log.info(
+        (log.info if join else log.debug)(
             "coordination.started",
             url=self.cfg.display_url,
             member=self.member_id,
-            lease_timeout=self.cfg.lease_timeout,
+            lease=self.lease,
         )
 
     def stop(self) -> None:
@@ -215,7 +226,7 @@ class Coordinator:
                 self._driver.leave_partitioned_group(self._partitioner)
         with contextlib.suppress(Exception):
             self._driver.stop()
-        log.info("coordination.left", member=self.member_id)
+        (log.info if self._joined else log.debug)("coordination.left", member=self.member_id)
 
     def _call_ok(self) -> None:
         with self._mutex:
@@ -224,7 +235,7 @@ class Coordinator:
 
     def _beat(self) -> None:
         """Refresh membership and lock leases every quarter lease; record each success."""
-        period = max(0.2, self.cfg.lease_timeout / 4)
+        period = max(0.2, self.lease / 4)
         while not self._stop.wait(period):
             try:
                 self._driver.heartbeat()
@@ -270,7 +281,7 @@ class Coordinator:
         return may_act(
             self.clock(),
             self._last_ok,
-            self.cfg.lease_timeout,
+            self.lease,
             member=in_ring and (not self._joined or self.member_id in self._members),
             started=self._started,
         )
@@ -412,6 +423,28 @@ class Coordinator:
             calls=self.calls,
             held_locks=held,
         )
+
+
+def describe_group(cfg: CoordinationConfig, names: list[str]) -> dict[str, Any]:
+    """For ``imagesync status`` (any host, not a member): the live members, which member
+    drives each of ``names`` (the ring every member computes), the uploads in flight and
+    whether the service answers. Never raises."""
+    import os
+
+    out: dict[str, Any] = {"url": cfg.display_url, "group": cfg.group}
+    viewer = Coordinator(cfg, f"status-{socket.gethostname()[:40]}-{os.getpid()}")
+    try:
+        viewer.start(join=False)
+        members = sorted(m.decode() for m in viewer._driver.get_members(viewer.group).get(10))
+        out["health"] = "ok"
+    except Exception as exc:
+        out["health"] = f"unreachable ({type(exc).__name__})"
+        members = []
+    out["members"] = members
+    out["owners"] = {n: owner_of(n, members) for n in names}
+    out["uploads"] = viewer.uploads() if members else []
+    viewer.stop()
+    return out
 
 
 class _Lockable(Protocol):

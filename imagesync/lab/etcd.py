@@ -50,13 +50,13 @@ def client_url(port: int) -> str:
     return f"http://{procs.LOOPBACK}:{port}"
 
 
-def coordination_url(port: int, timeout: int = 5) -> str:
-    """The tooz URL the generated imagesync.yaml names. Short TTLs (``timeout`` seconds for
-    locks and membership): a dead lab member's names move within seconds, not half a minute."""
-    return (
-        f"etcd3+http://{procs.LOOPBACK}:{port}"
-        f"?timeout={timeout}&lock_timeout={timeout}&membership_timeout={timeout}"
-    )
+#: the lab's lease timeout: a dead lab member's names move within seconds, not half a minute
+LEASE_SECONDS = 5
+
+
+def coordination_url(port: int) -> str:
+    """The tooz URL the generated imagesync.yaml names (with ``lease_timeout: 5s``)."""
+    return f"etcd3+http://{procs.LOOPBACK}:{port}"
 
 
 def start(lab_dir: Path, port: int, peer_port: int) -> int:

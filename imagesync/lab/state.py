@@ -427,7 +427,11 @@ def write_client_files(state: LabState) -> None:
         "    store: archive",
     ]
     if state.etcd is not None:  # several daemons on this config coordinate through it
-        config += ["coordination:", f"  url: {_q(etcd_service.coordination_url(state.etcd.port))}"]
+        config += [
+            "coordination:",
+            f"  url: {_q(etcd_service.coordination_url(state.etcd.port))}",
+            f"  lease_timeout: {etcd_service.LEASE_SECONDS}s",
+        ]
     write_private(state.config_file, "\n".join(config) + "\n")
     state.store_dir.mkdir(exist_ok=True)
     (d / "state").mkdir(exist_ok=True)
