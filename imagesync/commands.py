@@ -9,6 +9,7 @@ them through ``model.printable`` (no terminal escape sequences); JSON escapes th
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from typing import Any
 import structlog
 
 from imagesync.config.types import Config
+from imagesync.coordination import Coordinator
 from imagesync.engine import ActionResult, Engine, Outcome, summarize
 from imagesync.engine.report import status_document
 from imagesync.errors import ImageSyncError, UsageError
@@ -246,6 +248,21 @@ def site_outcomes(
     return {s: out[s] for s in wanted if s in out}
 
 
+def _coordinate(engine: Engine) -> Coordinator | None:
+    """``push``/``sync`` on a coordinated deployment take the daemons' locks in the service
+    (without joining the group: they drive no names of their own)."""
+    cfg = engine.config.coordination
+    if cfg is None:
+        return None
+    from imagesync.coordination import default_member_id
+
+    member = f"{cfg.member_id or default_member_id(engine.state.instance_id)}-cli-{os.getpid()}"
+    coordinator = Coordinator(cfg, member, instance_id=engine.state.instance_id)
+    coordinator.start(join=False)
+    engine.coordinate(coordinator)
+    return coordinator
+
+
 def _plan_and_run(
     config: Config,
     make_plan: Callable[[Mapping[str, SiteInventory]], Plan],
@@ -261,6 +278,7 @@ def _plan_and_run(
     one name's push is for; its JSON then says what became of each (``sites``).
     """
     engine = Engine(config)
+    coordinator = None if dry_run else _coordinate(engine)
     try:
         inventories = engine.inventories(name=name)
         if name is not None and (missing := _no_such_image(engine, name, inventories)):
@@ -281,6 +299,8 @@ def _plan_and_run(
         results = engine.execute(p, progress=None if as_json else _progress_factory())
     finally:
         engine.close()
+        if coordinator is not None:
+            coordinator.stop()
     if as_json:
         print(
             json.dumps(

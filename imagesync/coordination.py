@@ -156,9 +156,12 @@ class Coordinator:
         *,
         clock: Callable[[], float] = time.monotonic,
         driver: Any = None,
+        instance_id: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.member_id = member_id
+        #: the state_dir's instance id, which upload markers name (engine.marker)
+        self.instance_id = instance_id
         self.clock = clock
         self._driver = driver  # a tooz coordinator (tests may pass their own)
         self._partitioner: Any = None
@@ -193,6 +196,7 @@ class Coordinator:
         try:
             self._driver.start(start_heart=False)  # our heartbeat: it records successes
             self._call_ok()
+            self._register_instance()
             if join:
                 self._partitioner = self._driver.join_partitioned_group(
                     self.group, partitions=PARTITIONS
@@ -349,6 +353,32 @@ class Coordinator:
         return True
 
     # -- upload leases -----------------------------------------------------------------------
+    def _instance_key(self, instance: str) -> str:
+        return f"/imagesync/{self.cfg.group}/instances/{instance}"
+
+    def _register_instance(self) -> None:
+        """Say, for good, that uploads marked with this instance id are made under this
+        group's locks and leases: only those may be removed as soon as their lease is gone.
+        Another instance's (another group's, or one running without coordination) keep the
+        marker's own long lease (engine.marker)."""
+        client = getattr(self._driver, "client", None)
+        if client is None or self.instance_id is None:
+            return
+        client.put(self._instance_key(self.instance_id), self.member_id)
+        self._call_ok()
+
+    def knows_instance(self, instance: str) -> bool:
+        """Is ``instance`` a member (now or once) of this group? False when it cannot tell."""
+        client = getattr(self._driver, "client", None)
+        if client is None:
+            return False
+        try:
+            values = client.get(self._instance_key(instance))
+            self._call_ok()
+        except Exception:
+            return False
+        return bool(values)
+
     def _upload_key(self, site: str, image_id: str) -> str:
         return f"/imagesync/{self.cfg.group}/uploads/{site}/{image_id}"
 

@@ -128,7 +128,7 @@ class Daemon:
             cfg = config.coordination
             assert cfg is not None
             member = cfg.member_id or default_member_id(engine.state.instance_id)
-            coordinator = Coordinator(cfg, member)
+            coordinator = Coordinator(cfg, member, instance_id=engine.state.instance_id)
             coordinator.start(join=True)
             self.coordinator = coordinator
         return self.coordinator

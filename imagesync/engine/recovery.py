@@ -158,12 +158,14 @@ class Recovery:
         return Verdict.REMOVED, rec
 
     def _foreign_live(self, site_name: str, image_id: str, marker: UploadMarker) -> bool:
-        """Must another instance's upload be left alone? Coordinated: while its lease in the
-        service lives (it dies with the owner's lock), or when that cannot be told now;
-        alone: while its marker's long lease (engine.marker) has not expired."""
-        if self.coordinator is not None:
-            alive = self.coordinator.upload_alive(site_name, image_id)
+        """Must another instance's upload be left alone? A member of this group's: while its
+        lease in the service lives (it dies with the owner's lock), or when that cannot be told
+        now; any other's: while its marker's long lease (engine.marker) has not expired."""
+        coord = self.coordinator
+        if coord is not None and coord.knows_instance(marker.instance):
+            alive = coord.upload_alive(site_name, image_id)
             return alive is not False
+        # not one of this group's members: its upload is not leased in our service
         return marker.live_for_others(self.clock())
 
     def remove_own_uploads(self) -> int:

@@ -178,8 +178,10 @@ class Clock:
 CFG = CoordinationConfig(url="etcd3+http://127.0.0.1:2379", lease_timeout=30.0)
 
 
-def member(backend: Backend, name: str, clock: Callable[[], float]) -> Coordinator:
-    c = Coordinator(CFG, name, clock=clock, driver=FakeDriver(backend, name))
+def member(
+    backend: Backend, name: str, clock: Callable[[], float], instance: str | None = None
+) -> Coordinator:
+    c = Coordinator(CFG, name, clock=clock, driver=FakeDriver(backend, name), instance_id=instance)
     c.start(join=True)
     return c
 
@@ -314,8 +316,8 @@ def test_a_dead_members_upload_is_removed_only_after_its_lease_expired(tmp_path:
 
     # member m2 (its own state_dir) starts a copy and dies in the middle: its upload and its
     # lease are left; the lock's lease (and the upload lease attached to it) still run
-    dead = member(backend, "m2", clock)
     dead_eng = Engine(mem_config(tmp_path, "state-m2"), sites={"c1": src, "c2": dst})
+    dead = member(backend, "m2", clock, dead_eng.state.instance_id)
     dead_eng.coordinate(dead)
     copy = plan(dead_eng.rules, dead_eng.inventories(), dead_eng.site_names).copies[0]
 
@@ -357,7 +359,7 @@ def test_a_dead_members_upload_is_removed_only_after_its_lease_expired(tmp_path:
     c.stop()
 
 
-def test_a_foreign_upload_with_a_live_lease_is_kept_even_with_its_lock_free(
+def test_a_foreign_upload_is_kept_while_its_lease_lives_or_when_not_of_this_group(
     tmp_path: Path,
 ) -> None:
     """The upload lease, not the lock alone, decides (its key outlives a released lock only
@@ -367,13 +369,22 @@ def test_a_foreign_upload_with_a_live_lease_is_kept_even_with_its_lock_free(
     src, dst = MemorySite("c1"), MemorySite("c2")
     src.add("img-a", b"x" * 3000)
     marker = json.dumps(
-        {"host": "h2", "instance": "other", "pid": 1, "started": 1, "expires": 2},
+        {"host": "h2", "instance": "other", "pid": 1, "started": 1, "expires": 4e9},
         separators=(",", ":"),
     )
     rec = dst.add("img-a", b"", props={PROP_STATE: STATE_UPLOADING, PROP_UPLOAD: marker})
     backend.client.kv[f"/imagesync/imagesync/uploads/c2/{rec.id}"] = b"{}"
     eng = Engine(mem_config(tmp_path), sites={"c1": src, "c2": dst})
     eng.coordinate(c)
+    eng.recover(eng.inventories())
+    # "other" is not known as a member of this group: the marker's own lease rules (6 h)
+    del backend.client.kv[f"/imagesync/imagesync/uploads/c2/{rec.id}"]
+    eng.forget("c2")
+    eng.recover(eng.inventories())
+    assert [r.id for r in dst.list_images("img-a")] == [rec.id]
+    backend.client.kv["/imagesync/imagesync/instances/other"] = b"m2"
+    backend.client.kv[f"/imagesync/imagesync/uploads/c2/{rec.id}"] = b"{}"
+    eng.forget("c2")
     eng.recover(eng.inventories())
     assert [r.id for r in dst.list_images("img-a")] == [rec.id]
     del backend.client.kv[f"/imagesync/imagesync/uploads/c2/{rec.id}"]
@@ -471,3 +482,38 @@ def test_the_coordination_url_never_shows_its_credentials(tmp_path: Path) -> Non
     assert "s3cretpw" not in str(exc.value)
     c = Coordinator(CoordinationConfig(url="etcd3+http://u:s3cretpw@127.0.0.1:1"), "m")
     assert "s3cretpw" not in repr(c.status().as_dict())
+
+
+def test_a_lab_with_etcd_names_it_in_its_config_and_remembers_it(tmp_path: Path) -> None:
+    from imagesync.lab.state import (
+        CloudState,
+        EtcdState,
+        LabState,
+        ServiceState,
+        load_state,
+        save_state,
+        write_client_files,
+    )
+
+    state = LabState(
+        directory=tmp_path,
+        clouds=[
+            CloudState(
+                name="lab1",
+                keystone=ServiceState(port=1),
+                glance=ServiceState(port=2),
+                admin_password="a" * 8,
+                glance_password="g" * 8,
+                password="p" * 8,
+            )
+        ],
+        etcd=EtcdState(port=2379, peer_port=2380, pid=42, pgid=42),
+    )
+    save_state(state)
+    assert load_state(tmp_path) == state
+    write_client_files(state)
+    cfg = load_config(state.config_file)
+    assert cfg.coordination == CoordinationConfig(
+        url="etcd3+http://127.0.0.1:2379", lease_timeout=5.0
+    )
+    assert state.info(0.0, "running").coordination_url == "etcd3+http://127.0.0.1:2379"
