@@ -9,6 +9,7 @@ them through ``model.printable`` (no terminal escape sequences); JSON escapes th
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from imagesync.config.types import CloudConfig, Config
+from imagesync.coordination import Coordinator
 from imagesync.engine import ActionResult, Engine, Outcome, summarize
 from imagesync.engine.report import action_dict, quarantine_rows, result_dict, status_document
 from imagesync.errors import ImageSyncError, UsageError
@@ -208,6 +210,21 @@ def site_outcomes(
     return {s: out[s] for s in wanted if s in out}
 
 
+def _coordinate(engine: Engine) -> Coordinator | None:
+    """``push``/``sync`` on a coordinated deployment take the daemons' locks in the service
+    (without joining the group: they drive no names of their own)."""
+    cfg = engine.config.coordination
+    if cfg is None:
+        return None
+    from imagesync.coordination import default_member_id
+
+    member = f"{cfg.member_id or default_member_id(engine.state.instance_id)}-cli-{os.getpid()}"
+    coordinator = Coordinator(cfg, member, instance_id=engine.state.instance_id)
+    coordinator.start(join=False)
+    engine.coordinate(coordinator)
+    return coordinator
+
+
 def _plan_and_run(
     config: Config,
     make_plan: Callable[[Mapping[str, SiteInventory]], Plan],
@@ -223,6 +240,7 @@ def _plan_and_run(
     one name's push is for; its JSON then says what became of each (``sites``).
     """
     engine = Engine(config)
+    coordinator = None if dry_run else _coordinate(engine)
     try:
         inventories = engine.inventories(name=name)
         if name is not None and (missing := _no_such_image(engine, name, inventories)):
@@ -243,6 +261,8 @@ def _plan_and_run(
         results = engine.execute(p, progress=None if as_json else _progress_factory())
     finally:
         engine.close()
+        if coordinator is not None:
+            coordinator.stop()
     if as_json:
         print(
             json.dumps(
@@ -372,9 +392,11 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
     from imagesync.saving import save_rows  # imports Nova's client: only here
 
     saves, save_errors = save_rows(config, name, inventories)
+    group = _group(config, [a.name for a in assessments])
     if as_json:
         doc = status_document(assessments, inventories)
-        print(json.dumps({**doc, "saves": saves, "save_errors": save_errors}, indent=2))
+        extra = {"coordination": group} if group is not None else {}
+        print(json.dumps({**doc, "saves": saves, "save_errors": save_errors, **extra}, indent=2))
         return 0
     sites = list(config.site_names)
     if not assessments:
@@ -405,9 +427,39 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
         f"as {r['save_as']} [{r['status']}]: {r['state']}"
         for r in saves
     ]
-    for line in [*quarantined, *saved, *save_errors]:
+    for line in [
+        *quarantined,
+        *saved,
+        *save_errors,
+        *(_group_lines(group) if group is not None else []),
+    ]:
         print(printable(line))
     return 0
+
+
+def _group(config: Config, names: list[str]) -> dict[str, Any] | None:
+    """Several daemons (``coordination:``): who drives which name; None for one host."""
+    if config.coordination is None:
+        return None
+    from imagesync.coordination import describe_group
+
+    return describe_group(config.coordination, names)
+
+
+def _group_lines(group: Mapping[str, Any]) -> list[str]:
+    """The coordination lines of ``status``: health, members and how many names each drives,
+    the uploads in flight."""
+    lines = [f"coordination: {group['url']} group {group['group']}: {group['health']}"]
+    owners = list(group["owners"].values())
+    for m in group["members"]:
+        lines.append(f"  member {m}: drives {owners.count(m)} of {len(owners)} names")
+    if not group["members"]:
+        lines.append("  no live member: no daemon is driving any name")
+    for u in group["uploads"]:
+        lines.append(
+            f"  uploading {u.get('name')} to {u['site']} ({u['image_id']}) by {u.get('member')}"
+        )
+    return lines
 
 
 #: history's columns: (header, key in the JSON row); the table and --json show the same fields

@@ -51,6 +51,7 @@ import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest, make_wsgi_app
 
 from imagesync.config.types import listens_on_loopback
+from imagesync.coordination import CoordinationStatus, Health
 from imagesync.engine import ActionResult, Observer
 from imagesync.model import SiteInventory
 from imagesync.plan import Assessment, Copy, Retire
@@ -240,6 +241,21 @@ class Metrics(Observer):
             ["site"],
             registry=r,
         )
+        # several daemons (coordination:): is this member allowed to act, how many members
+        # it sees, how many calls it made to the service (per pass: the rate)
+        self.coordination_ok = Gauge(
+            "imagesync_coordination_ok",
+            "1 when this member may act (fresh heartbeat, in the group), 0 when it may not",
+            registry=r,
+        )
+        self.coordination_members = Gauge(
+            "imagesync_coordination_members", "Live members of the group", registry=r
+        )
+        self.coordination_calls = Gauge(
+            "imagesync_coordination_calls",
+            "Calls to the coordination service since start",
+            registry=r,
+        )
 
     def _declare_passes(self, r: CollectorRegistry) -> None:
         """The reconcile passes: results, duration, when the last ended, the interval."""
@@ -323,6 +339,11 @@ class Metrics(Observer):
                 with contextlib.suppress(KeyError):  # already gone
                     self.sync_lag.remove(image, site)
             self._lag_keys = seen
+
+    def observe_coordination(self, status: CoordinationStatus) -> None:
+        self.coordination_ok.set(1 if status.health is Health.OK else 0)
+        self.coordination_members.set(len(status.members))
+        self.coordination_calls.set(status.calls)
 
     def observe_pass(self, ok: bool, seconds: float, now: float | None = None) -> None:
         self.passes.labels(result="ok" if ok else "failed").inc()

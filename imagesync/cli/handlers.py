@@ -88,6 +88,7 @@ def cmd_lab_up(args: argparse.Namespace) -> int:
         # the lab's VOSpace service becomes the central store once imagesync can build the site
         vospace_store="vospace" in store_kinds(),
         nova_clouds=args.nova,
+        with_etcd=args.etcd,
     )
     print(lab.describe(info))
     return 0

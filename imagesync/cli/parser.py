@@ -243,6 +243,12 @@ LAB = Command(
                     "(N=1 if omitted); costs about 320 MB of memory a cloud and 15 s on the "
                     "first start",
                 ),
+                _arg(
+                    "--etcd",
+                    action="store_true",
+                    help="also run a real etcd (Debian's etcd-server) and name it as the "
+                    "generated config's coordination URL, for several daemons to share the work",
+                ),
             ),
             cmd_lab_up,
         ),

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypedDict, cast
 
+from imagesync.config.coordination import parse_coordination
 from imagesync.config.document import Document, read_document
 from imagesync.config.formats import parse_conversion, with_disk_formats
 from imagesync.config.rules import parse_rules
@@ -259,11 +260,13 @@ def load_config(
         }
     clouds = with_disk_formats(doc, raw_clouds, clouds)
     conversion = parse_conversion(doc, top.get("conversion"))
+    coordination = parse_coordination(doc, top.get("coordination"))
     return Config(
         path=file.absolute(),
         clouds=clouds,
         stores=stores,
         images=rules,
         conversion=conversion,
+        coordination=coordination,
         **settings,
     )

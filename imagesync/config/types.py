@@ -152,6 +152,42 @@ class ConversionConfig:
         return self.scratch_dir if self.scratch_dir is not None else state_dir / "scratch"
 
 
+#: the default TTL of a member's locks and membership in the coordination service
+DEFAULT_LEASE_TIMEOUT = 30.0
+LEASE_TIMEOUT_RANGE = (2.0, 3600.0)
+
+
+@dataclass(frozen=True)
+class CoordinationConfig:
+    """Several daemons sharing the work through tooz (``coordination:``; absent = one host,
+    local locks). ``url`` may hold credentials: show ``display_url``, never ``url``."""
+
+    url: str  # the tooz backend URL, e.g. etcd3+http://etcd.example.org:2379
+    #: TTL of the upload locks and of membership: a dead member's names and locks are free
+    #: this long after its last heartbeat (sent every half of it)
+    lease_timeout: float = DEFAULT_LEASE_TIMEOUT
+    #: this daemon's stable name in the group; None: host name + instance id of state_dir
+    member_id: str | None = None
+    group: str = "imagesync"
+
+    @property
+    def display_url(self) -> str:
+        """The URL without user, password or secret query values, for logs and status."""
+        from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+        parts = urlsplit(self.url)
+        host = parts.hostname or ""
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+        query = urlencode(
+            [
+                (k, "********" if any(w in k.lower() for w in ("pass", "secret", "token")) else v)
+                for k, v in parse_qsl(parts.query)
+            ]
+        )
+        return urlunsplit((parts.scheme, host, parts.path, query, ""))
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole effective configuration."""
@@ -173,6 +209,8 @@ class Config:
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "info"
     conversion: ConversionConfig = ConversionConfig()
+    #: several daemons sharing the work (``imagesync.coordination``); None: this host alone
+    coordination: CoordinationConfig | None = None
 
     @property
     def site_names(self) -> tuple[str, ...]:
@@ -211,8 +249,10 @@ TOP_KEYS = (
     "log_format",
     "log_level",
     "conversion",
+    "coordination",
 )
 CONVERSION_KEYS = ("scratch_dir", "scratch_max_size")
+COORDINATION_KEYS = ("url", "lease_timeout", "member_id", "group")
 CLOUD_COMMON_KEYS = (
     "region_name",
     "interface",

@@ -11,6 +11,7 @@ watchdog. Images ignored because another project owns them are logged when that 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,12 +22,13 @@ from typing import Any
 import structlog
 
 from imagesync.boottest import BootOutcome, run_boot_tests
+from imagesync.coordination import CLOUD_STEPS_KEY, CoordinationStatus, Health
 from imagesync.daemon.live import LiveStatus
 from imagesync.engine import ActionResult, Engine, Observer, Outcome
 from imagesync.errors import ImageSyncError
 from imagesync.metrics import Metrics
 from imagesync.model import SiteInventory, format_time, printable
-from imagesync.plan import Assessment, Copy, Ignored, Retire, plan
+from imagesync.plan import Assessment, Copy, Ignored, Plan, Retire, plan
 from imagesync.saving import SaveOutcome, SaveState, save_marked
 from imagesync.snapshot import Clock
 from imagesync.transfer import ErrorKind
@@ -167,6 +169,8 @@ class PassWatch(Observer):
         self.ignored = IgnoredImages()
         #: what the last pass's save step did (status page, tests)
         self.saves: list[SaveOutcome] = []
+        #: the coordination as the last pass saw it (None: this host alone)
+        self.coordination: CoordinationStatus | None = None
 
     def copy_started(self, copy: Copy) -> None:
         self.beat()
@@ -199,11 +203,24 @@ def run_one_pass(
     t0 = time.monotonic()
     try:
         eng = engine()
-        inventories = eng.recover(eng.inventories(incremental=True))
+        coord = eng.coordinator
+        acting, why_not = True, None
+        if coord is not None:  # several members: this pass drives only the names it owns
+            health = coord.refresh()
+            acting = health is Health.OK
+            why_not = None if acting else f"coordination: {health.value}; not changing anything"
+            watch.coordination = coord.status()
+            watch.metrics.observe_coordination(watch.coordination)
+            if not acting:
+                log.warning("pass.not_acting", reason=health.value)
+        inventories = eng.inventories(incremental=True)
+        if acting:
+            inventories = eng.recover(inventories)
         watch.beat()
         # only where Glance answered: an unreachable cloud costs its timeouts once, not twice
         reachable = {s for s, inv in inventories.items() if inv.ok}
-        watch.saves = save_step(eng, reachable, beat=watch.beat, live=watch.live)
+        steps = acting and (coord is None or coord.owns(CLOUD_STEPS_KEY))
+        watch.saves = save_step(eng, reachable, beat=watch.beat, live=watch.live) if steps else []
         watch.live.observe_saves([o.as_dict() for o in watch.saves])
         changed = {o.cloud for o in watch.saves if o.state is SaveState.SAVED}
         results: list[ActionResult] = []
@@ -213,12 +230,14 @@ def run_one_pass(
         for _ in range(2):
             if changed:  # list again: a new snapshot, a boot test's copy
                 inventories = _relist(eng, changed)
-            tested = boot_test_step(eng, inventories, beat=watch.beat)
+            tested = boot_test_step(eng, inventories, beat=watch.beat) if steps else []
             watch.metrics.observe_boot_tests([t.result for t in tested])
             if tested:  # list again: a version marked tested, shown or hidden
                 inventories = _relist(eng, {t.cloud for t in tested})
             watch.metrics.observe_inventories(inventories)
             p = plan(eng.rules, inventories, eng.site_names)
+            if coord is not None:  # the names other members own are theirs to change
+                p = owned_only(p, coord.owns if acting else lambda _name: False)
             watch.ignored.observe(p.assessments)
             watch.live.observe_plan(_site_kinds(eng), inventories, p.assessments)
             done = eng.execute_concurrently(p, cancel=cancel, observer=watch)
@@ -229,7 +248,8 @@ def run_one_pass(
             if not changed or cancel.is_set():
                 break
         unreachable = tuple(s for s, inv in inventories.items() if not inv.ok)
-        return summarize_pass(started, time.monotonic() - t0, results, len(p.skips), unreachable)
+        report = summarize_pass(started, time.monotonic() - t0, results, len(p.skips), unreachable)
+        return report if why_not is None else dataclasses.replace(report, error=why_not)
     except ImageSyncError as exc:  # expected (a state_dir this user cannot write): one line
         log.error("pass.failed", error=str(exc))
         return PassReport(started=started, seconds=time.monotonic() - t0, error=str(exc))
@@ -256,6 +276,15 @@ def _test_copies_placed(results: Sequence[ActionResult]) -> set[str]:
         for t in r.targets
         if t.ok
     }
+
+
+def owned_only(p: Plan, owns: Callable[[str], bool]) -> Plan:
+    """PURE: the plan's copies and retirements of the names this member owns (the others'
+    owners run them); every assessment stays, so ``check`` answers for all names here."""
+    return Plan(
+        actions=[a for a in p.actions if not isinstance(a, Copy | Retire) or owns(a.name)],
+        assessments=p.assessments,
+    )
 
 
 #: how long one save-on-shutdown snapshot may take to become active

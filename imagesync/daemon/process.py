@@ -36,6 +36,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from imagesync.config.load import load_config
 from imagesync.config.types import Config
+from imagesync.coordination import Coordinator, default_member_id
 from imagesync.daemon.health import STALL_SECONDS, Clock, Health, feed_watchdog
 from imagesync.daemon.live import LiveStatus
 from imagesync.daemon.passes import PassReport, PassWatch, log_report, run_one_pass
@@ -93,6 +94,8 @@ class Daemon:
         self.live = LiveStatus()
         self.live.read_history_from(self._history)
         self._watch = PassWatch(self.metrics, self.beat, self.live)
+        #: several daemons sharing the work (coordination:), joined with the first engine
+        self.coordinator: Coordinator | None = None
 
     # -- one pass ----------------------------------------------------------------------------
     def beat(self) -> None:
@@ -111,9 +114,24 @@ class Daemon:
             old.close()
             old.state.close()
         engine = self.engine_factory(config)
+        if config.coordination is not None:
+            engine.coordinate(self._coordinator(config, engine))
         with self._lock:
             self._engine, self._engine_config = engine, config
         return engine
+
+    def _coordinator(self, config: Config, engine: Engine) -> Coordinator:
+        """This daemon's membership, joined once (a reload keeps it; a changed coordination
+        section takes a restart). Raises ConfigError when the service cannot be reached: the
+        pass fails and the next one tries again."""
+        if self.coordinator is None:
+            cfg = config.coordination
+            assert cfg is not None
+            member = cfg.member_id or default_member_id(engine.state.instance_id)
+            coordinator = Coordinator(cfg, member, instance_id=engine.state.instance_id)
+            coordinator.start(join=True)
+            self.coordinator = coordinator
+        return self.coordinator
 
     def _history(self, limit: int) -> list[dict[str, Any]]:
         """Recent transfers, from the current engine's state database (none before one)."""
@@ -313,6 +331,8 @@ class Daemon:
         if engine is not None:
             engine.close()
             engine.state.close()
+        if self.coordinator is not None:  # our names move to the others at once
+            self.coordinator.stop()
         log.info("daemon.stopped", seconds=round(time.monotonic() - t0, 2))
         return 0
 

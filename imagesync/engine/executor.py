@@ -35,6 +35,7 @@ from typing import Any
 import structlog
 
 from imagesync.convert import Scratch, copy_with_formats
+from imagesync.coordination import Coordinator, locked
 from imagesync.engine.inventory import Inventory
 from imagesync.engine.marker import UploadMarker
 from imagesync.engine.pool import SitePool
@@ -73,6 +74,9 @@ class Executor:
         self.state = state
         self.policy = policy
         self.clock = clock  # the wall clock upload markers are written in
+        #: several daemons sharing the work: locks in the service, ownership checked before
+        #: each side effect (None: this host alone, local locks)
+        self.coordinator: Coordinator | None = None
         # the daemon meets the same skips and kept retirements every pass: info once per
         # change, debug otherwise
         self._said = OncePerState()
@@ -240,7 +244,7 @@ class Executor:
         busy: list[TargetResult] = []
         for t in copy.targets:
             try:
-                locks.enter_context(self.state.lock(copy.name, t))
+                locks.enter_context(locked(self.state, self.coordinator, copy.name, t))
             except LockDenied as exc:
                 # Not someone else's turn but a broken lock file: a failure of this (name,
                 # site) alone, reported with its path and fix; the other targets go on.
@@ -281,6 +285,22 @@ class Executor:
         observer: Observer,
     ) -> ActionResult:
         started = time.time()
+        coord = self.coordinator
+        if coord is not None:  # before creating anything: is each lock still ours?
+            lost = [t for t in targets if not coord.holds(copy.name, t)]
+            busy = busy + [
+                TargetResult(site=t, error="lock lost", error_kind=ErrorKind.BUSY) for t in lost
+            ]
+            targets = [t for t in targets if t not in lost]
+            if not targets:
+                return ActionResult(copy, False, "busy", targets=busy, outcome=Outcome.BUSY)
+
+        def lease_expired() -> bool:
+            # before publishing: the marker's lease, and (coordinated) every lock still ours
+            if self.clock() >= marker.expires:
+                return True
+            return coord is not None and not all(coord.holds(copy.name, t) for t in targets)
+
         try:
             source = self.pool.get(copy.source_site)
             image = source.get_image(copy.source_id)
@@ -347,8 +367,8 @@ class Executor:
                 policy=self.policy,
                 progress=count,
                 cancel=cancel,
-                watcher=_Leases(self.state, copy.name),
-                lease_expired=lambda: self.clock() >= marker.expires,
+                watcher=_Leases(self.state, copy.name, coord),
+                lease_expired=lease_expired,
                 plain_copy=copy_image,
             )
         except KeyboardInterrupt:
@@ -511,8 +531,12 @@ class Executor:
             )
             return ActionResult(retire, True, "kept: the site cannot hide", outcome=Outcome.KEPT)
         try:
-            with self.state.lock(retire.name, retire.site):
+            with locked(self.state, self.coordinator, retire.name, retire.site):
                 mode, why = self._retire_mode(retire, site)
+                if self.coordinator is not None and not self.coordinator.holds(
+                    retire.name, retire.site
+                ):
+                    raise LockBusy(f"{retire.name} on {retire.site}: lock lost")
                 if mode == "keep":
                     self._kept_log(retire, why)(
                         "retire.kept",
@@ -602,9 +626,10 @@ def _failed(blocked: list[TargetResult]) -> list[TargetResult]:
 class _Leases:
     """Records each upload of one image name as a lease while it is half-made."""
 
-    def __init__(self, state: State, name: str) -> None:
+    def __init__(self, state: State, name: str, coordinator: Coordinator | None = None) -> None:
         self.state = state
         self.name = name
+        self.coordinator = coordinator
 
     def started(self, site: str, image_id: str) -> None:
         # Made by imagesync from its creation, not from the end of the copy: a kill -9 after
@@ -614,6 +639,10 @@ class _Leases:
         # harmless here (found by the fault suite, tests/faults.py).
         self.state.record_made(site, image_id, self.name)
         self.state.add_lease(site, image_id, self.name)
+        if self.coordinator is not None:  # who makes what where, for every member to see
+            self.coordinator.record_upload(self.name, site, image_id)
 
     def ended(self, site: str, image_id: str) -> None:
         self.state.drop_lease(site, image_id)
+        if self.coordinator is not None:
+            self.coordinator.drop_upload(site, image_id)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 from imagesync.config.types import Config, ImageRule
+from imagesync.coordination import Coordinator
 from imagesync.engine.executor import Executor, ProgressFactory
 from imagesync.engine.inventory import Inventory
 from imagesync.engine.pool import SitePool
@@ -59,6 +60,16 @@ class Engine:
         self.executor = Executor(
             self.pool, self.inventory_room, self.recovery, self.state, self.policy
         )
+
+    @property
+    def coordinator(self) -> Coordinator | None:
+        return self.executor.coordinator
+
+    def coordinate(self, coordinator: Coordinator | None) -> None:
+        """Share the work with other members through ``coordinator`` (imagesync.coordination):
+        locks in the service, ownership checked before every side effect."""
+        self.executor.coordinator = coordinator
+        self.recovery.coordinator = coordinator
 
     @property
     def rules(self) -> Sequence[ImageRule]:

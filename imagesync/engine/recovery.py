@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import structlog
 
+from imagesync.coordination import Coordinator, locked
 from imagesync.engine.inventory import Inventory
 from imagesync.engine.marker import UploadMarker
 from imagesync.engine.pool import SitePool
@@ -65,6 +66,9 @@ class Recovery:
         self.state = state
         self.inventory = inventory
         self.clock = clock  # compared with other instances' lease expiries (wall clock)
+        #: several daemons: another member's upload is kept while its lease (in the service)
+        #: lives, and nothing is deleted unless the lock is still ours
+        self.coordinator: Coordinator | None = None
 
     def recover(self, inventories: Mapping[str, SiteInventory]) -> dict[str, SiteInventory]:
         """Remove uploads a crashed run left half-made; return the inventories without them.
@@ -124,19 +128,22 @@ class Recovery:
             log.info("cleanup.kept_published", site=site_name, image=name, image_id=image_id)
             return Verdict.PUBLISHED, rec
         marker = UploadMarker.of(rec)
-        if (
-            marker is not None
-            and marker.instance != self.state.instance_id
-            and marker.live_for_others(self.clock())
-        ):
+        if marker is not None and marker.instance != self.state.instance_id:
+            foreign_live = self._foreign_live(site_name, image_id, marker)
+        else:
+            foreign_live = False
+        coord = self.coordinator
+        if not foreign_live and coord is not None and not coord.holds(name, site_name):
+            foreign_live = True  # no longer sure the lock is ours: delete nothing
+        if foreign_live:
             log.info(
                 "cleanup.kept_foreign",
                 site=site_name,
                 image=name,
                 image_id=image_id,
-                host=marker.host,
-                instance=marker.instance,
-                expires=marker.expires,
+                host=marker.host if marker else None,
+                instance=marker.instance if marker else None,
+                expires=marker.expires if marker else None,
             )
             return Verdict.FOREIGN, rec
         site.delete(image_id)
@@ -149,6 +156,17 @@ class Recovery:
             owner=marker.instance if marker is not None else None,
         )
         return Verdict.REMOVED, rec
+
+    def _foreign_live(self, site_name: str, image_id: str, marker: UploadMarker) -> bool:
+        """Must another instance's upload be left alone? A member of this group's: while its
+        lease in the service lives (it dies with the owner's lock), or when that cannot be told
+        now; any other's: while its marker's long lease (engine.marker) has not expired."""
+        coord = self.coordinator
+        if coord is not None and coord.knows_instance(marker.instance):
+            alive = coord.upload_alive(site_name, image_id)
+            return alive is not False
+        # not one of this group's members: its upload is not leased in our service
+        return marker.live_for_others(self.clock())
 
     def remove_own_uploads(self) -> int:
         """Delete every upload this process has leased (last resort at shutdown, when a
@@ -215,7 +233,7 @@ class Recovery:
     ) -> tuple[Verdict, ImageRecord | None] | None:
         """Take the lock and settle; None when the lock is held or the site failed."""
         try:
-            with self.state.lock(name, site_name):
+            with locked(self.state, self.coordinator, name, site_name):
                 return self.settle(site_name, name, image_id)
         except LockBusy:
             return None

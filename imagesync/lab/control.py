@@ -13,11 +13,12 @@ import time
 from pathlib import Path
 
 from imagesync.errors import LabError
-from imagesync.lab import glance, keystone, nova, procs
+from imagesync.lab import etcd, glance, keystone, nova, procs
 from imagesync.lab.start import Start, cloud_dir, markers, vospace_marker
 from imagesync.lab.state import (
     VOSPACE_RESOURCE_ID,
     CloudState,
+    EtcdState,
     LabInfo,
     LabState,
     ServiceState,
@@ -73,6 +74,7 @@ def up(
     token_expiration: int | None = None,
     vospace_store: bool | None = None,
     nova_clouds: int = 0,
+    with_etcd: bool = False,
 ) -> LabInfo:
     """Start the lab in ``directory`` (default: ``default_dir()``) with ``clouds`` clouds.
 
@@ -87,6 +89,8 @@ def up(
     keeps the directory store, None keeps the lab's current choice.
     new lab). ``nova_clouds`` gives the first N clouds compute (Placement + Nova, about
     320 MB each; see imagesync.lab.nova); like clouds, compute is added, never taken away.
+    ``with_etcd`` adds a real etcd (``imagesync.lab.etcd``) and names it in imagesync.yaml's
+    ``coordination``; like compute, it is added, never taken away.
     """
     if clouds < 1:
         raise LabError("a lab needs at least one cloud")
@@ -109,6 +113,11 @@ def up(
         _add_clouds(state, max(clouds, nova_clouds))
         _add_nova(state, nova_clouds)
         _add_vospace(state)
+        if with_etcd and state.etcd is None:
+            etcd.find_binary()  # before anything starts: say which package is missing
+            used = {svc.port for c in state.clouds for _, svc in c.services()}
+            ports = _new_ports(2, used | ({state.vospace.port} if state.vospace else set()))
+            state.etcd = EtcdState(port=ports[0], peer_port=ports[1])
         save_state(state)
         write_client_files(state)  # ports and passwords are known: clients may look already
         kind = Start(tools, state, restart_keystone=restart_keystone).run()
@@ -222,6 +231,13 @@ def status(directory: Path | None = None) -> tuple[str, bool]:
             f"  vospace: {v.url} ({VOSPACE_RESOURCE_ID}) pid {v.pid or '-'} "
             f"{'running' if v_up else 'STOPPED'}; RSS {rss:.0f} MB"
         )
+    if state.etcd is not None:
+        e_up = procs.is_running(state.etcd.pid, etcd.marker(directory))
+        all_up = all_up and e_up
+        lines.append(
+            f"  etcd: {etcd.client_url(state.etcd.port)} pid {state.etcd.pid or '-'} "
+            f"{'running' if e_up else 'STOPPED'}"
+        )
     lines.append(f"  clouds.yaml: {state.clouds_yaml}")
     lines.append(f"  imagesync config: {state.config_file}")
     if not all_up:
@@ -247,6 +263,9 @@ def down(directory: Path | None = None) -> str:
                         groups[svc.pgid] = marker
             if state.vospace is not None and state.vospace.pgid is not None:
                 groups[state.vospace.pgid] = vospace_marker(state)
+            if state.etcd is not None and state.etcd.pgid is not None:
+                groups[state.etcd.pgid] = etcd.marker(directory)
+        groups.update(etcd.processes(directory))
         # Also whatever lab.json does not know of (an interrupted `up`, a lost lab.json).
         groups.update(procs.lab_processes(directory))
         count = procs.stop_groups(groups)
@@ -256,6 +275,8 @@ def down(directory: Path | None = None) -> str:
                     svc.pid = svc.pgid = None
             if state.vospace is not None:
                 state.vospace.pid = state.vospace.pgid = None
+            if state.etcd is not None:
+                state.etcd.pid = state.etcd.pgid = None
             save_state(state)
     clouds = len(state.clouds) if state is not None else 0
     if count == 0:
@@ -302,6 +323,7 @@ def describe(info: LabInfo) -> str:
             if info.vospace
             else []
         ),
+        *([f"  coordination (etcd): {info.coordination_url}"] if info.coordination_url else []),
         f"stop it: imagesync lab down --dir {info.directory}  (data is kept: the next "
         "`up` is warm)",
     ]

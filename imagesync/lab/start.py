@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from imagesync.errors import LabError
-from imagesync.lab import glance, keystone, nova, procs
+from imagesync.lab import etcd, glance, keystone, nova, procs
 from imagesync.lab.state import CloudState, LabState, ServiceState, save_state
 from imagesync.lab.vospace import service as vospace
 
@@ -91,6 +91,7 @@ class Start:
                 for c in self.state.clouds
             ]
             try:
+                self._bring_up_etcd()
                 self._bring_up_vospace()  # meanwhile, here: it starts in about a second
             except _Aborted:
                 pass  # a cloud failed: its error is the one _raise_first reports
@@ -114,6 +115,9 @@ class Start:
             v = self.state.vospace
             if v is not None and v.pgid in self.started:
                 v.pid = v.pgid = None
+            e = self.state.etcd
+            if e is not None and e.pgid in self.started:
+                e.pid = e.pgid = None
             save_state(self.state)
             if isinstance(exc, OSError):
                 raise LabError(
@@ -144,6 +148,21 @@ class Start:
                 self.started[pid] = marker
         self._check()
         vospace.wait_ready(config, v.pid or 0, timeout=READY_TIMEOUT, abort=self._check)
+
+    def _bring_up_etcd(self) -> None:
+        e = self.state.etcd
+        if e is None:
+            return
+        d = self.state.directory
+        if not procs.is_running(e.pid, etcd.marker(d)):
+            procs.stop_groups(etcd.processes(d))  # one lab.json lost would hold the port
+            procs.require_free_port("etcd", e.port)
+            pid = etcd.start(d, e.port, e.peer_port)
+            with self._lock:
+                e.pid = e.pgid = pid
+                self.started[pid] = etcd.marker(d)
+        self._check()
+        etcd.wait_ready(d, e.port, e.pid or 0, timeout=READY_TIMEOUT)
 
     def _is_built(self, cloud: CloudState) -> bool:
         d = cloud_dir(self.state, cloud)

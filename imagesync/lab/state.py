@@ -17,6 +17,7 @@ from typing import Any
 
 from imagesync.config.types import VOSPACE_KEYS
 from imagesync.errors import LabError
+from imagesync.lab import etcd as etcd_service
 from imagesync.lab import procs
 from imagesync.lab.vospace import service as vospace_service
 
@@ -93,6 +94,8 @@ class LabInfo:
     start_seconds: float
     start_kind: str
     vospace: LabVOSpace | None = None
+    #: the tooz URL of the lab's etcd (``lab up --etcd``), as imagesync.yaml names it
+    coordination_url: str | None = None
 
     def cloud(self, name: str) -> LabCloud:
         for c in self.clouds:
@@ -194,6 +197,17 @@ class VOSpaceState:
         return f"http://127.0.0.1:{self.port}"
 
 
+@dataclass
+class EtcdState:
+    """The lab's etcd (``lab up --etcd``): its client and peer ports and, while it runs, its
+    pid (= its pgid)."""
+
+    port: int
+    peer_port: int
+    pid: int | None = None
+    pgid: int | None = None
+
+
 VOSPACE_DIR = "vospace"
 VOSPACE_AUTHORITY = vospace_service.AUTHORITY
 VOSPACE_RESOURCE_ID = "ivo://" + VOSPACE_AUTHORITY.replace("~", "/")
@@ -211,6 +225,9 @@ class LabState:
     vospace: VOSpaceState | None = None
     #: the generated imagesync.yaml's central store is the VOSpace service (else a directory)
     vospace_store: bool = False
+    #: a real etcd for coordinating several daemons (``lab up --etcd``); its URL goes into
+    #: the generated imagesync.yaml as ``coordination.url``
+    etcd: EtcdState | None = None
 
     @property
     def clouds_yaml(self) -> Path:
@@ -257,6 +274,9 @@ class LabState:
             start_seconds=start_seconds,
             start_kind=start_kind,
             vospace=self.vospace_info(),
+            coordination_url=None
+            if self.etcd is None
+            else etcd_service.coordination_url(self.etcd.port),
         )
 
 
@@ -306,6 +326,7 @@ def load_state(directory: Path) -> LabState | None:
             token_expiration=raw.get("token_expiration"),
             vospace=VOSpaceState(**vospace) if vospace else None,
             vospace_store=bool(raw.get("vospace_store", False)),
+            etcd=EtcdState(**raw["etcd"]) if raw.get("etcd") else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise LabError(
@@ -346,6 +367,14 @@ def save_state(state: LabState) -> None:
             "pgid": state.vospace.pgid,
         },
         "vospace_store": state.vospace_store,
+        "etcd": None
+        if state.etcd is None
+        else {
+            "port": state.etcd.port,
+            "peer_port": state.etcd.peer_port,
+            "pid": state.etcd.pid,
+            "pgid": state.etcd.pgid,
+        },
     }
     write_private(state.directory / STATE_FILE, json.dumps(raw, indent=2) + "\n")
 
@@ -404,6 +433,12 @@ def write_client_files(state: LabState) -> None:
         "    clouds: all",
         "    store: archive",
     ]
+    if state.etcd is not None:  # several daemons on this config coordinate through it
+        config += [
+            "coordination:",
+            f"  url: {_q(etcd_service.coordination_url(state.etcd.port))}",
+            f"  lease_timeout: {etcd_service.LEASE_SECONDS}s",
+        ]
     write_private(state.config_file, "\n".join(config) + "\n")
     state.store_dir.mkdir(exist_ok=True)
     (d / "state").mkdir(exist_ok=True)
