@@ -1,7 +1,7 @@
 """A cloud's Nova, for snapshots: find a server, stop it, ``createImage``, watch the image.
 
-It shares the cloud's keystoneauth session (``sites.glance.make_session``): one token per
-cloud. Errors are classified at this boundary like Glance's (``sites.glance.classify``). What
+It shares the cloud's keystoneauth session (``sites.openstack.make_session``): one token per
+cloud. Errors are classified at this boundary like Glance's (``sites.openstack.classify``). What
 the answers mean, as seen on a real Nova 34 (../shared/reference/nova-recipe.md):
 
 - ``createImage`` at microversion ≥ 2.45 answers 202 with ``{"image_id": …}``; a second one
@@ -26,7 +26,7 @@ from keystoneauth1 import session as ks_session
 
 from imagesync.config.types import CloudConfig
 from imagesync.errors import NotFound, SiteError, UsageError
-from imagesync.sites.glance import classify, make_adapter, make_session
+from imagesync.sites.openstack import classify, make_adapter, make_session
 
 log = structlog.get_logger("imagesync.nova")
 

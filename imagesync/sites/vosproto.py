@@ -322,3 +322,8 @@ class Token:
         if not value:
             raise AuthError(f"the token file {self.path} is empty", site=site)
         return value
+
+
+def url_path(path: str) -> str:
+    """``/a/b c`` → ``/a/b%20c``: each segment of a node's path quoted."""
+    return "/" + "/".join(quote_segment(p) for p in path.strip("/").split("/"))
