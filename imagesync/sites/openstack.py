@@ -15,16 +15,9 @@ from keystoneauth1 import loading as ks_loading
 from keystoneauth1 import session as ks_session
 
 from imagesync.config.types import CloudConfig
-from imagesync.errors import AuthError, Conflict, NotFound, SiteError, TransientError
+from imagesync.errors import AuthError, SiteError, TransientError
 from imagesync.logs import redact
-
-
-def _retry_after(response: Any) -> float | None:
-    try:
-        value = response.headers.get("Retry-After")
-        return float(value) if value is not None else None
-    except (AttributeError, TypeError, ValueError):
-        return None
+from imagesync.sites.httpstatus import status_error
 
 
 def classify(exc: BaseException, site: str, what: str) -> SiteError:
@@ -50,7 +43,10 @@ def classify(exc: BaseException, site: str, what: str) -> SiteError:
     if isinstance(exc, (ksexc.MissingAuthPlugin, ksexc.AuthPluginException)) and status is None:
         return AuthError(f"{what}: authentication is not configured: {detail}", site=site)
     if status is not None:
-        return _by_status(status, response, site, what, detail) or SiteError(text, site=site)
+        refused = "check the credentials and roles"
+        shown = f": {detail}" if detail else ""
+        err = status_error(status, site, what, refused=refused, detail=shown, response=response)
+        return err or SiteError(text, site=site)
     if isinstance(
         exc,
         (
@@ -66,23 +62,6 @@ def classify(exc: BaseException, site: str, what: str) -> SiteError:
     if isinstance(exc, ksexc.ClientException):
         return SiteError(text, site=site)
     return SiteError(text, site=site)
-
-
-def _by_status(status: int, response: Any, site: str, what: str, detail: str) -> SiteError | None:
-    """The error an HTTP status means, or None for a plain SiteError."""
-    if status in (401, 403):
-        return AuthError(f"{what}: refused ({status}): check the credentials and roles", site=site)
-    if status == 404:
-        return NotFound(f"{what}: not found", site=site)
-    if status == 409:
-        return Conflict(f"{what}: conflict (409): {detail}", site=site)
-    if status == 413:
-        return SiteError(f"{what}: too large for the cloud's quota (413)", site=site)
-    if status >= 500 or status in (408, 429):
-        return TransientError(
-            f"{what}: server error {status}", site=site, retry_after=_retry_after(response)
-        )
-    return None
 
 
 def _oneline(text: object) -> str:
