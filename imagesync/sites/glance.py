@@ -49,10 +49,10 @@ from imagesync.errors import AuthError, NotFound, SiteError, TransientError
 from imagesync.logs import redact
 from imagesync.model import (
     PROP_STATE,
-    STATE_UPLOADING,
     ImageRecord,
     NewImage,
     format_time,
+    marked_uploading,
     parse_time,
 )
 from imagesync.sites.base import Capabilities, SharedURL
@@ -444,8 +444,9 @@ class GlanceSite:
             "visibility": new.visibility,
             "os_hidden": True,
         }
-        props = {k: str(v) for k, v in new.properties.items() if not is_reserved(k)}
-        props[PROP_STATE] = STATE_UPLOADING
+        props = marked_uploading(
+            {k: str(v) for k, v in new.properties.items() if not is_reserved(k)}
+        )
         fields.update(props)
         raw = self._call(f"create image {new.name}", lambda: self.client.images.create(**fields))
         image_id = str(raw["id"])
