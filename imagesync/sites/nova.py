@@ -310,34 +310,26 @@ class NovaSnapshots:
     def set_image_properties(self, image_id: str, props: Mapping[str, str]) -> None:
         """Add or replace properties of an image (a JSON patch)."""
         patch = [{"op": "add", "path": f"/{k}", "value": v} for k, v in props.items()]
+        self._patch_image(image_id, f"set properties of image {image_id}", patch)
+
+    def hide_image(self, image_id: str) -> None:
+        """Hide an image (``os_hidden``): listed by nobody, booted by id only."""
+        patch = [{"op": "replace", "path": "/os_hidden", "value": True}]
+        self._patch_image(image_id, f"hide image {image_id}", patch)
+
+    def show_image(self, image_id: str) -> None:
+        """Un-hide an image: a boot test's copy that passed becomes the version on its cloud."""
+        patch = [{"op": "replace", "path": "/os_hidden", "value": False}]
+        self._patch_image(image_id, f"show image {image_id}", patch)
+
+    def _patch_image(self, image_id: str, what: str, patch: list[dict[str, Any]]) -> None:
+        """One JSON patch of an image's record, through Glance (on this cloud's session)."""
         self._call(
-            f"set properties of image {image_id}",
+            what,
             "PATCH",
             f"/v2/images/{image_id}",
             self.image,
             json=patch,
-            headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
-        )
-
-    def hide_image(self, image_id: str) -> None:
-        """Hide an image (``os_hidden``): listed by nobody, booted by id only."""
-        self._call(
-            f"hide image {image_id}",
-            "PATCH",
-            f"/v2/images/{image_id}",
-            self.image,
-            json=[{"op": "replace", "path": "/os_hidden", "value": True}],
-            headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
-        )
-
-    def show_image(self, image_id: str) -> None:
-        """Un-hide an image: a boot test's copy that passed becomes the version on its cloud."""
-        self._call(
-            f"show image {image_id}",
-            "PATCH",
-            f"/v2/images/{image_id}",
-            self.image,
-            json=[{"op": "replace", "path": "/os_hidden", "value": False}],
             headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
         )
 
