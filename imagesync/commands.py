@@ -622,8 +622,8 @@ def _take_snapshot(
     timeout: float,
 ) -> SnapshotResult:
     """Take the snapshot on cloud ``cfg``, recorded in the state as made by imagesync."""
-    from imagesync.sites.glance import make_session
     from imagesync.sites.nova import NovaSnapshots
+    from imagesync.sites.openstack import make_session
     from imagesync.snapshot import take
     from imagesync.state import State
 

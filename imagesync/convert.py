@@ -30,9 +30,7 @@ the scratch files are removed whatever happens.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import shutil
@@ -40,7 +38,6 @@ import struct
 import subprocess
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,7 +45,10 @@ from typing import Any
 
 import structlog
 
-from imagesync.errors import Cancelled, ImageSyncError, SiteError
+from imagesync.convert_scratch import ConversionFailed as ConversionFailed
+from imagesync.convert_scratch import Room, size_text
+from imagesync.convert_scratch import Scratch as Scratch
+from imagesync.errors import Cancelled, SiteError
 from imagesync.model import (
     PROP_CONVERTED_FROM,
     PROP_CONVERTED_SHA512,
@@ -74,128 +74,6 @@ log = structlog.get_logger("imagesync.convert")
 QEMU_PACKAGE = "qemu-utils"
 _CHUNK = 1024 * 1024
 _QCOW2_MAGIC = b"QFI\xfb"
-
-
-class ConversionFailed(ImageSyncError):
-    """A conversion could not be done; the message says why and what to do."""
-
-
-def _size(n: int) -> str:
-    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} bytes"
-
-
-# --------------------------------------------------------------------------- scratch space
-
-
-class Scratch:
-    """A bounded scratch directory: a conversion holds room there before writing, so that the
-    conversions running at once, in every process sharing the directory (the daemon and a
-    ``push``), together stay within ``max_size`` and the disk's free space.
-
-    Each conversion works in a room (``convert-*``) that says in its ``.reserved`` file how
-    much it holds; rooms are counted, created and removed under an ``flock`` of the
-    directory's ``.budget.lock``."""
-
-    def __init__(
-        self,
-        directory: Path,
-        max_size: int,
-        free: Callable[[Path], int] | None = None,
-    ) -> None:
-        self.directory = directory
-        self.max_size = max_size
-        self._free = free or (lambda p: shutil.disk_usage(p).free)
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with (self.directory / ".budget.lock").open("a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            yield
-
-    @contextlib.contextmanager
-    def room(self, what: str) -> Iterator[_Room]:
-        """A private subdirectory holding nothing yet; it is gone on exit.
-
-        Each room holds an exclusive ``flock`` on its ``.lock`` file while in use, so the
-        rooms a killed process left behind (nobody holds their lock) are removed here, by
-        whichever process converts next, and a live one's (the daemon's while ``push`` runs)
-        never are."""
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = self.directory / f"convert-{uuid.uuid4().hex[:12]}"
-        with self._locked():
-            self._sweep()
-            path.mkdir(mode=0o700)  # the images may be private: the room is imagesync's alone
-            lock = (path / ".lock").open("w")
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        room = _Room(self, path, what)
-        try:
-            yield room
-        finally:
-            with self._locked():
-                shutil.rmtree(path, ignore_errors=True)
-            lock.close()
-
-    def _sweep(self) -> None:
-        for old in self.directory.glob("convert-*"):
-            try:
-                with (old / ".lock").open("a") as f:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    log.info("convert.leftover_removed", path=str(old))
-                    shutil.rmtree(old, ignore_errors=True)
-            except BlockingIOError:
-                continue  # another conversion is working there
-            except OSError:
-                shutil.rmtree(old, ignore_errors=True)  # no lock file: never got going
-
-    def _held_by_others(self, mine: Path) -> int:
-        total = 0
-        for other in self.directory.glob("convert-*"):
-            if other != mine:
-                with contextlib.suppress(OSError, ValueError):
-                    total += int((other / ".reserved").read_text() or 0)
-        return total
-
-    def _hold(self, room: _Room, total: int, detail: str) -> None:
-        with self._locked():
-            if total > room.held:
-                others = self._held_by_others(room.path)
-                if others + total > self.max_size:
-                    busy = f" ({_size(others)} of it held by other conversions)" if others else ""
-                    raise ConversionFailed(
-                        f"scratch space too small: it needs {_size(total)} in "
-                        f"{self.directory} ({detail}), but conversion.scratch_max_size is "
-                        f"{_size(self.max_size)}{busy}: raise scratch_max_size (and make "
-                        "room on that disk), or give this cloud a disk_formats: entry that "
-                        "takes the image as it is"
-                    )
-                free = self._free(self.directory)
-                if total - room.held > free:
-                    raise ConversionFailed(
-                        f"scratch space too small: it needs {_size(total)} in "
-                        f"{self.directory} ({detail}), but its disk has only {_size(free)} "
-                        "free: free some space there or point conversion.scratch_dir at a "
-                        "larger disk"
-                    )
-            (room.path / ".reserved").write_text(str(total))
-            room.held = total
-
-
-class _Room:
-    """One conversion's directory and how much of the scratch budget it holds."""
-
-    def __init__(self, scratch: Scratch, path: Path, what: str) -> None:
-        self.scratch = scratch
-        self.path = path
-        self.what = what
-        self.held = 0
-
-    def need(self, total: int, detail: str) -> None:
-        """Hold ``total`` bytes in all (more or less than now); raise ConversionFailed when
-        the scratch directory cannot give them."""
-        self.scratch._hold(self, total, detail)
 
 
 # --------------------------------------------------------------------------- qemu-img
@@ -257,7 +135,7 @@ def _measure(tool: str, path: Path, src: str, dst: str) -> int:
     return int(out["required"])
 
 
-def _qcow2_virtual_size(head: bytes) -> int | None:
+def _qcow2_virtualsize_text(head: bytes) -> int | None:
     """The virtual size in a qcow2 header (offset 24, big-endian), None if not qcow2."""
     if len(head) < 32 or head[:4] != _QCOW2_MAGIC:
         return None
@@ -368,24 +246,11 @@ def _convert_copy(
             required = _measure(tool, original, QEMU_FORMATS[src_fmt], QEMU_FORMATS[fmt])
             room.need(
                 result.bytes_read + required,
-                f"{_size(result.bytes_read)} for the original and {_size(required)} for "
+                f"{size_text(result.bytes_read)} for the original and {size_text(required)} for "
                 f"the {fmt} copy",
             )
             converted = room.path / f"converted.{fmt}"
-            _run(
-                [
-                    *(tool, "convert", "-f", QEMU_FORMATS[src_fmt], "-O", QEMU_FORMATS[fmt]),
-                    *(str(original), str(converted)),
-                ],
-                cancel,
-            )
-            # exit 1: the images differ; anything else: compare itself failed
-            code = _compare(tool, original, converted, src_fmt, fmt, cancel)
-            if code != 0:
-                raise ConversionFailed(
-                    f"qemu-img compare found the {fmt} copy of {image.ref} different from "
-                    "the original: nothing was uploaded"
-                )
+            _convert_and_compare(tool, image, original, converted, fmt, cancel)
             own = _sha512(converted, cancel)
             result.sha512 = own
             uploaded = _upload(image, converted, own, sha, fmt, group, kwargs)
@@ -416,6 +281,32 @@ def _convert_copy(
     return result
 
 
+def _convert_and_compare(
+    tool: str,
+    image: ImageRecord,
+    original: Path,
+    converted: Path,
+    fmt: str,
+    cancel: threading.Event | None,
+) -> None:
+    """``qemu-img convert``, then ``qemu-img compare``: the copy must hold the original's
+    guest-visible data, else nothing is uploaded (ConversionFailed)."""
+    src_fmt = image.disk_format or ""
+    _run(
+        [
+            *(tool, "convert", "-f", QEMU_FORMATS[src_fmt], "-O", QEMU_FORMATS[fmt]),
+            *(str(original), str(converted)),
+        ],
+        cancel,
+    )
+    # exit 1: the images differ; anything else: compare itself failed
+    if _compare(tool, original, converted, src_fmt, fmt, cancel) != 0:
+        raise ConversionFailed(
+            f"qemu-img compare found the {fmt} copy of {image.ref} different from "
+            "the original: nothing was uploaded"
+        )
+
+
 def _compare(tool: str, a: Path, b: Path, fa: str, fb: str, cancel: threading.Event | None) -> int:
     """0: the same guest-visible data; 1: different (a failure of compare itself raises)."""
     args = [tool, "compare", "-f", QEMU_FORMATS[fa], "-F", QEMU_FORMATS[fb], str(a), str(b)]
@@ -435,7 +326,7 @@ def _sha512(path: Path, cancel: threading.Event | None) -> str:
 def _download(
     source: Site,
     image: ImageRecord,
-    room: _Room,
+    room: Room,
     fmt: str,
     progress: Progress | None,
     cancel: threading.Event | None,
@@ -443,7 +334,7 @@ def _download(
 ) -> tuple[Path, str]:
     """The original in the scratch room, checked against the version; its sha512."""
     size = image.size or 0
-    room.need(size, f"{_size(size)} for the original")
+    room.need(size, f"{size_text(size)} for the original")
     path = room.path / "original"
     policy: RetryPolicy = kwargs.get("policy") or RetryPolicy()
     attempt = 0
@@ -462,7 +353,7 @@ def _download_once(
     source: Site,
     image: ImageRecord,
     path: Path,
-    room: _Room,
+    room: Room,
     fmt: str,
     progress: Progress | None,
     cancel: threading.Event | None,
@@ -482,11 +373,11 @@ def _download_once(
                     if len(head) >= 32:
                         # a qcow2 going to raw takes its virtual size: say now if that cannot
                         # fit, not after downloading it all
-                        virtual = _qcow2_virtual_size(head) or 0
+                        virtual = _qcow2_virtualsize_text(head) or 0
                         room.need(
                             (image.size or 0) + virtual,
-                            f"{_size(image.size or 0)} for the original and "
-                            f"{_size(virtual)} (its virtual size) for the raw copy",
+                            f"{size_text(image.size or 0)} for the original and "
+                            f"{size_text(virtual)} (its virtual size) for the raw copy",
                         )
                         checked_header = True
                 h.update(chunk)

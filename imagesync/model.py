@@ -22,6 +22,18 @@ PROP_SHA512 = "imagesync.sha512"
 #: set while imagesync is still writing an image; such an image is never a version
 PROP_STATE = "imagesync.state"
 STATE_UPLOADING = "uploading"
+
+
+def marked_uploading(properties: Mapping[str, str]) -> dict[str, str]:
+    """An upload's properties: ``properties`` with the mark every site writes at ``create``."""
+    return {**properties, PROP_STATE: STATE_UPLOADING}
+
+
+def unmarked(properties: Mapping[str, str]) -> dict[str, str]:
+    """``properties`` without the upload mark: what ``publish`` leaves."""
+    return {k: v for k, v in properties.items() if k != PROP_STATE}
+
+
 #: who owns an unpublished upload and until when (see imagesync.engine.marker)
 PROP_UPLOAD = "imagesync.upload"
 #: on a copy imagesync converted to another disk format (see imagesync.convert): the original's

@@ -20,245 +20,69 @@ Vocabulary
   retired by it); a newest version that waits for its rule's boot test is copied to the boot
   test's cloud only, hidden, and everything else for its name (copies, retention) is held
   until that copy passes (``awaiting_boot_test``, run by ``imagesync.boottest``).
+
+Beside it: ``plan_types.py`` (the rules it reads, the types it returns, versions),
+``plan_boot.py`` (the boot-test hold) and ``plan_retention.py`` (what is retired, safely).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
-from fnmatch import fnmatchcase
-from typing import Literal, Protocol, TypeVar
+from collections.abc import Callable, Mapping, Sequence
 
-from imagesync.model import PROP_BOOT_TEST, PROP_QUARANTINED, ImageRecord, SiteInventory, Version
+from imagesync.model import ImageRecord, SiteInventory, Version
+from imagesync.plan_boot import BootTestWait, awaiting_boot_test, hold_for_boot_test
+from imagesync.plan_retention import retention
+from imagesync.plan_types import (
+    BOOT_TEST_PENDING,
+    LEFT_ALONE,
+    Action,
+    Assessment,
+    BootTestRule,
+    Cell,
+    CellState,
+    Copy,
+    Ignored,
+    Plan,
+    Retire,
+    Rule,
+    Skip,
+    SkipReason,
+    TargetRule,
+    good,
+    group_versions,
+    pick,
+    quarantined_versions,
+    rule_for,
+)
 
-CellState = Literal[
-    "current", "stale", "missing", "mismatch", "unreachable", "in-flight", "not-copyable"
+# the planner's whole vocabulary, importable from here as before the split
+__all__ = [
+    "BOOT_TEST_PENDING",
+    "Action",
+    "Assessment",
+    "BootTestRule",
+    "BootTestWait",
+    "Cell",
+    "CellState",
+    "Copy",
+    "Ignored",
+    "Plan",
+    "Retire",
+    "Rule",
+    "Skip",
+    "SkipReason",
+    "TargetRule",
+    "assess",
+    "awaiting_boot_test",
+    "by_name",
+    "group_versions",
+    "names_in",
+    "plan",
+    "plan_name",
+    "quarantined_versions",
+    "rule_for",
 ]
-
-
-class BootTestRule(Protocol):
-    """What the planner needs of a rule's ``boot_test``: the cloud it boots on."""
-
-    @property
-    def cloud(self) -> str: ...
-
-
-class Rule(Protocol):
-    """What the planner needs of an image rule. ``config.ImageRule`` satisfies it."""
-
-    @property
-    def pattern(self) -> str: ...
-    @property
-    def sites(self) -> tuple[str, ...]: ...
-    @property
-    def visibility(self) -> str: ...
-    @property
-    def min_copies(self) -> int: ...
-    @property
-    def keep(self) -> int | None: ...
-    @property
-    def retire(self) -> str: ...
-    @property
-    def on_mismatch(self) -> str: ...
-    @property
-    def boot_test(self) -> BootTestRule | None: ...
-
-
-@dataclass(frozen=True)
-class TargetRule:
-    """A rule made on the spot: ``push NAME --to SITE`` for a name no configured rule matches."""
-
-    pattern: str
-    sites: tuple[str, ...]
-    visibility: str = "private"
-    min_copies: int = 0
-    keep: int | None = None
-    retire: str = "hide"
-    on_mismatch: str = "report"
-    boot_test: BootTestRule | None = None
-
-
-class SkipReason(StrEnum):
-    """Why the planner leaves a (name, site) alone. Typed, so nothing parses a message."""
-
-    NO_VERSION = "no version"  # no active version on any reachable site
-    UNREACHABLE = "site unreachable"
-    IN_FLIGHT = "in flight"
-    NOT_COPYABLE = "not copyable"
-    MISMATCH = "mismatch"
-    MIN_COPIES = "min_copies"  # not enough sites can hold a copy now
-    NOT_OURS = "not made by imagesync"  # beyond retention, but kept: imagesync did not make it
-    PROTECTED = "protected"
-    IN_USE = "in use"
-    BOOT_TEST = "awaiting boot test"  # held until the newest version boots on the rule's cloud
-
-    @property
-    def blocks(self) -> bool:
-        """Does this skip mean the name could not be brought where it is wanted?"""
-        return self in (
-            SkipReason.NO_VERSION,
-            SkipReason.UNREACHABLE,
-            SkipReason.NOT_COPYABLE,
-            SkipReason.MIN_COPIES,
-        )
-
-
-@dataclass(frozen=True)
-class Cell:
-    site: str
-    state: CellState
-    image: ImageRecord | None = None  # the image holding the newest version (current)
-    have: Version | None = None  # the newest version this site holds (stale/mismatch)
-    duplicates: tuple[str, ...] = ()  # other ids holding the same newest version
-    required: bool = True
-
-
-@dataclass(frozen=True)
-class Ignored:
-    """An image with the name that does not count: its owner is not trusted on its site."""
-
-    site: str
-    image_id: str
-    owner: str | None
-
-
-@dataclass(frozen=True)
-class Assessment:
-    name: str
-    newest: Version | None
-    source: ImageRecord | None  # a copyable record of the newest version
-    not_copyable: str | None  # why the newest version cannot be copied
-    cells: Mapping[str, Cell]
-    versions: tuple[Version, ...] = ()
-    #: images with this name owned by projects imagesync does not trust: left entirely alone
-    ignored: tuple[Ignored, ...] = ()
-    #: versions a boot test quarantined (``imagesync.quarantined``): not versions of the name
-    quarantined: tuple[Version, ...] = ()
-
-
-@dataclass(frozen=True)
-class Copy:
-    name: str
-    version: Version
-    source_site: str
-    source_id: str
-    targets: tuple[str, ...]
-    visibility: str
-    reason: str
-    kind: Literal["copy"] = "copy"
-    #: published hidden: the copy a boot test boots before the version may spread
-    hidden: bool = False
-
-
-@dataclass(frozen=True)
-class Retire:
-    name: str
-    site: str
-    image_id: str
-    mode: str  # "hide" | "delete"
-    version: Version
-    reason: str
-    kind: Literal["retire"] = "retire"
-
-
-@dataclass(frozen=True)
-class Skip:
-    name: str
-    site: str
-    why: SkipReason
-    reason: str  # for people: the sentence shown by status, --dry-run and the log
-    kind: Literal["skip"] = "skip"
-
-
-Action = Copy | Retire | Skip
-
-
-@dataclass
-class Plan:
-    actions: list[Action] = field(default_factory=list)
-    assessments: list[Assessment] = field(default_factory=list)
-
-    @property
-    def copies(self) -> list[Copy]:
-        return [a for a in self.actions if isinstance(a, Copy)]
-
-    @property
-    def retires(self) -> list[Retire]:
-        return [a for a in self.actions if isinstance(a, Retire)]
-
-    @property
-    def skips(self) -> list[Skip]:
-        return [a for a in self.actions if isinstance(a, Skip)]
-
-
-R = TypeVar("R", bound=Rule)
-
-
-def rule_for(rules: Sequence[R], name: str) -> R | None:
-    """Exact names win over globs; otherwise the first matching rule."""
-    for r in rules:
-        if r.pattern == name:
-            return r
-    for r in rules:
-        if fnmatchcase(name, r.pattern):
-            return r
-    return None
-
-
-def _visible_versions(records: Iterable[ImageRecord]) -> list[ImageRecord]:
-    return [r for r in records if r.counts and not r.hidden]
-
-
-def group_versions(records: Iterable[ImageRecord]) -> list[tuple[Version, list[ImageRecord]]]:
-    """Group records that hold the same version; newest first, deterministic."""
-    groups: list[tuple[Version, list[ImageRecord]]] = []
-    ordered = sorted(records, key=lambda r: (r.version.key(), r.site, r.id), reverse=True)
-    for rec in ordered:
-        v = rec.version
-        for i, (gv, members) in enumerate(groups):
-            if any(m.version.same_as(v) for m in members):
-                members.append(rec)
-                if v.sha512 and not gv.sha512:  # learn the digest from a verified copy
-                    groups[i] = (dataclasses.replace(gv, sha512=v.sha512), members)
-                break
-        else:
-            groups.append((v, [rec]))
-    groups.sort(key=lambda g: g[0].key(), reverse=True)
-    return groups
-
-
-def _pick(records: Sequence[ImageRecord]) -> ImageRecord:
-    """Deterministic choice among duplicates: oldest upload first, then id."""
-    return sorted(records, key=lambda r: (r.created_at, r.id))[0]
-
-
-def quarantined_versions(records: Iterable[ImageRecord]) -> list[Version]:
-    """The versions a boot test quarantined: any complete record (hidden or not) that carries
-    the mark. The mark stays on the copy that failed, so the version stays quarantined while
-    its original elsewhere is still visible (imagesync never hides what it did not make)."""
-    return [v for v, _ in group_versions(r for r in records if r.counts and _quarantined(r))]
-
-
-def _quarantined(rec: ImageRecord) -> bool:
-    return bool(rec.properties.get(PROP_QUARANTINED))
-
-
-#: ``imagesync.boot-test`` on the copy made for a boot test, from its creation until it passes
-#: (so that the copy never counts as the version having spread, even if it is briefly visible)
-BOOT_TEST_PENDING = "pending"
-
-
-def _pending(rec: ImageRecord) -> bool:
-    return rec.properties.get(PROP_BOOT_TEST) == BOOT_TEST_PENDING
-
-
-def _good(records: Iterable[ImageRecord], quarantined: Sequence[Version]) -> list[ImageRecord]:
-    """The visible versions' records, without those of a quarantined version."""
-    return [
-        r for r in _visible_versions(records) if not any(r.version.same_as(q) for q in quarantined)
-    ]
 
 
 def assess(
@@ -280,7 +104,7 @@ def assess(
         for r in sorted(inv.foreign(name), key=lambda r: r.id)
     )
     quarantined = quarantined_versions(records)
-    groups = group_versions(_good(records, quarantined))
+    groups = group_versions(good(records, quarantined))
     newest: Version | None = groups[0][0] if groups else None
     holders = groups[0][1] if groups else []
     source, not_copyable = _source(newest, holders, sites, prefer_source)
@@ -292,7 +116,7 @@ def assess(
             cells[site] = Cell(site, "unreachable", required=req)
         else:
             mine = inv.trusted(name)
-            cells[site] = _cell(site, mine, _good(mine, quarantined), newest, not_copyable, req)
+            cells[site] = _cell(site, mine, good(mine, quarantined), newest, not_copyable, req)
     return Assessment(
         name=name,
         newest=newest,
@@ -350,7 +174,7 @@ def _cell(
     """One reachable site's cell, from its trusted records (``visible``: those that count)."""
     same = [r for r in visible if newest is not None and r.version.same_as(newest)]
     if same:
-        best = _pick(same)
+        best = pick(same)
         dups = tuple(r.id for r in same if r.id != best.id)
         return Cell(site, "current", image=best, have=newest, required=req, duplicates=dups)
     if any(r.in_progress for r in mine):
@@ -363,46 +187,6 @@ def _cell(
     if have is not None:
         return Cell(site, "stale", have=have, required=req)
     return Cell(site, "missing", required=req)
-
-
-@dataclass(frozen=True)
-class BootTestWait:
-    """The newest version of a name waits for its rule's boot test on ``cloud``."""
-
-    name: str
-    version: Version
-    cloud: str
-    #: the image to boot there: the version's original on that cloud, or the hidden copy
-    #: imagesync made there for the test; None while no such image exists yet
-    image: ImageRecord | None
-
-
-def awaiting_boot_test(
-    a: Assessment, inventories: Mapping[str, SiteInventory], cloud: str
-) -> BootTestWait | None:
-    """Does the newest version still wait for its boot test on ``cloud``? Not once any of its
-    images says it passed, nor when it is visible on two sites already (it spread before the
-    rule asked for a test: testing it now would hold nothing back)."""
-    if a.newest is None:
-        return None
-    newest = a.newest
-    holders = [
-        r
-        for inv in inventories.values()
-        if inv.ok
-        for r in inv.trusted(a.name)
-        if r.counts and r.version.same_as(newest)
-    ]
-    if any(r.properties.get(PROP_BOOT_TEST, "").startswith("passed") for r in holders):
-        return None
-    if len({r.site for r in holders if not r.hidden and not _pending(r)}) > 1:
-        return None
-    on_cloud = inventories.get(cloud)
-    made = on_cloud.made if on_cloud is not None else frozenset()
-    # hidden: only the copy imagesync made for the test (another hidden image is no one's
-    # to boot: retired, or someone's own)
-    there = [r for r in holders if r.site == cloud and (not r.hidden or r.id in made)]
-    return BootTestWait(a.name, newest, cloud, _pick(there) if there else None)
 
 
 def by_name(
@@ -471,7 +255,7 @@ def _plan_name(
     if rule.boot_test is not None:
         wait = awaiting_boot_test(a, inventories, rule.boot_test.cloud)
         if wait is not None:
-            return a, _hold_for_boot_test(rule, a, wait, required)
+            return a, hold_for_boot_test(rule, a, wait, required)
     wanted, actions = _wanted(name, rule, a, required)
     if rule.min_copies and not targets:
         actions.extend(_min_copies(name, rule, a, all_sites, wanted))
@@ -492,50 +276,8 @@ def _plan_name(
                 reason="missing or stale on " + ", ".join(wanted),
             )
         )
-    actions.extend(_retention(name, rule, a, inventories))
+    actions.extend(retention(name, rule, a, inventories))
     return a, actions
-
-
-def _hold_for_boot_test(
-    rule: Rule, a: Assessment, wait: BootTestWait, required: Sequence[str]
-) -> list[Action]:
-    """The newest version waits for its boot test: copy it (hidden) to the boot test's cloud
-    if it is not there yet; hold every other copy and every retirement of this name."""
-    actions: list[Action] = []
-    cell = a.cells.get(wait.cloud)
-    if wait.image is not None:
-        why = f"booting {wait.version.short()} on {wait.cloud} ({wait.image.short_id}) first"
-    elif cell is not None and cell.state in _LEFT_ALONE:
-        why = f"{wait.cloud} must boot {wait.version.short()} first; " + _LEFT_ALONE[cell.state][1]
-    elif a.source is None:
-        why = f"{wait.cloud} must boot {wait.version.short()} first; not copyable: {a.not_copyable}"
-    else:
-        why = f"copied to {wait.cloud} first, hidden, to boot it"
-        actions.append(
-            Copy(
-                name=a.name,
-                version=wait.version,
-                source_site=a.source.site,
-                source_id=a.source.id,
-                targets=(wait.cloud,),
-                visibility=rule.visibility,
-                reason=f"boot test on {wait.cloud} before it spreads",
-                hidden=True,
-            )
-        )
-    actions.extend(
-        Skip(a.name, site, SkipReason.BOOT_TEST, why)
-        for site in required
-        if site != wait.cloud and a.cells[site].state != "current"
-    )
-    return actions
-
-
-#: cells the planner leaves alone, and why
-_LEFT_ALONE = {
-    "unreachable": (SkipReason.UNREACHABLE, "site unreachable"),
-    "in-flight": (SkipReason.IN_FLIGHT, "a copy is in flight"),
-}
 
 
 def _wanted(
@@ -555,8 +297,8 @@ def _wanted(
                 f"{a.newest.short()}; left alone (on_mismatch: report)"
             )
             actions.append(Skip(name, site, SkipReason.MISMATCH, why))
-        elif state in _LEFT_ALONE:
-            actions.append(Skip(name, site, *_LEFT_ALONE[state]))
+        elif state in LEFT_ALONE:
+            actions.append(Skip(name, site, *LEFT_ALONE[state]))
         elif state == "not-copyable":
             why = f"not copyable: {a.not_copyable}"
             actions.append(Skip(name, site, SkipReason.NOT_COPYABLE, why))
@@ -591,100 +333,6 @@ def _min_copies(
         return []
     why = f"min_copies {rule.min_copies}: only {rule.min_copies - short} sites can hold a copy now"
     return [Skip(name, "*", SkipReason.MIN_COPIES, why)]
-
-
-def _retention(
-    name: str, rule: Rule, a: Assessment, inventories: Mapping[str, SiteInventory]
-) -> list[Action]:
-    """Versions beyond the newest ``keep`` on a site that is current: retire them, safely."""
-    out: list[Action] = []
-    for site, cell in a.cells.items():
-        inv = inventories.get(site)
-        if inv is None or not inv.ok:
-            continue
-        if rule.on_mismatch == "replace" and cell.state == "current":
-            for rec in _good(inv.trusted(name), a.quarantined):
-                v = rec.version
-                if a.newest and v.time == a.newest.time and not v.same_as(a.newest):
-                    out.extend(_retire_one(name, site, rec, rule, inv, "replaced: mismatch"))
-        if rule.keep is None or cell.state != "current":
-            continue
-        groups = group_versions(_good(inv.trusted(name), a.quarantined))
-        for version, members in groups[rule.keep :]:
-            for rec in members:
-                out.extend(
-                    _retire_one(
-                        name, site, rec, rule, inv, f"beyond keep={rule.keep}: {version.short()}"
-                    )
-                )
-        if rule.retire == "delete":
-            out.extend(_delete_hidden(name, site, rule, inv, groups[: rule.keep]))
-    return out
-
-
-def _delete_hidden(
-    name: str,
-    site: str,
-    rule: Rule,
-    inv: SiteInventory,
-    kept: Sequence[tuple[Version, list[ImageRecord]]],
-) -> list[Action]:
-    """With ``retire: delete``, old versions hidden earlier (``retire: hide`` before, or a
-    previous pass) are deleted too: otherwise switching a rule to delete would leave them.
-
-    Only copies imagesync recorded making (``inv.made``), unprotected, unused, older than every
-    kept version; others are not reported each pass (they are hidden already, nobody sees
-    them)."""
-    if not kept or inv.in_use is None:
-        # a site that cannot tell which images servers use hides instead of deleting (the
-        # executor's fallback): its hidden copies stay hidden, not re-retired every pass
-        return []
-    oldest_kept = min(v.key() for v, _ in kept)
-    out: list[Action] = []
-    for rec in inv.trusted(name):
-        if not (rec.hidden and rec.counts) or rec.id not in inv.made:
-            continue
-        if rec.protected or (inv.in_use is not None and rec.id in inv.in_use):
-            continue
-        v = rec.version
-        if v.key() < oldest_kept and not any(v.same_as(k) for k, _ in kept):
-            out.append(
-                Retire(
-                    name,
-                    site,
-                    rec.id,
-                    "delete",
-                    v,
-                    f"hidden earlier, beyond keep={rule.keep}: {v.short()}",
-                )
-            )
-    return out
-
-
-def _retire_one(
-    name: str, site: str, rec: ImageRecord, rule: Rule, inv: SiteInventory, why: str
-) -> list[Action]:
-    # Only what imagesync recorded publishing: provenance marks alone prove nothing (Nova
-    # copies them into snapshots, anyone can set them). A copy another imagesync instance
-    # made is not in this instance's state, so it is never retired here: the safe default.
-    if rec.id not in inv.made:
-        return [
-            Skip(
-                name,
-                site,
-                SkipReason.NOT_OURS,
-                f"{rec.short_id} {why}, but not made by imagesync: kept",
-            )
-        ]
-    if rec.protected:
-        return [
-            Skip(name, site, SkipReason.PROTECTED, f"{rec.short_id} {why}, but protected: kept")
-        ]
-    if inv.in_use is not None and rec.id in inv.in_use:
-        return [
-            Skip(name, site, SkipReason.IN_USE, f"{rec.short_id} {why}, but a server uses it: kept")
-        ]
-    return [Retire(name, site, rec.id, rule.retire, rec.version, why)]
 
 
 def plan(

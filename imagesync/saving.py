@@ -283,8 +283,8 @@ def save_rows(
     compute and answered this listing (``inventories``), and what their metadata says
     (``state``: saving, error, saved or not saved yet); only those saved as ``name`` when it
     is given. Also a line for each cloud whose servers could not be listed."""
-    from imagesync.sites.glance import make_session
     from imagesync.sites.nova import NovaSnapshots
+    from imagesync.sites.openstack import make_session
 
     out: list[dict[str, str]] = []
     errors: list[str] = []

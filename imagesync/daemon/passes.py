@@ -370,7 +370,7 @@ def boot_test_step(
 
 def _session(eng: Engine, cloud: str) -> Any:  # a keystoneauth Session (sites only)
     """The cloud's keystoneauth session: the Glance site's (one token a cloud), else a new one."""
-    from imagesync.sites.glance import make_session
+    from imagesync.sites.openstack import make_session
 
     session = getattr(eng.site(cloud), "session", None)
     return session if session is not None else make_session(eng.config.clouds[cloud])

@@ -27,7 +27,7 @@ from imagesync.engine.recording import recorded_cells
 from imagesync.engine.recovery import Recovery
 from imagesync.engine.results import ActionResult, Observer
 from imagesync.model import SiteInventory
-from imagesync.plan import Assessment, Copy, Plan, Retire
+from imagesync.plan import Assessment, Plan, Retire
 from imagesync.retry import RetryPolicy
 from imagesync.sites.base import Site
 from imagesync.state import State
@@ -166,17 +166,6 @@ class Engine:
         )
         self.record(plan.assessments, results)
         return results
-
-    def run_copy(
-        self,
-        copy: Copy,
-        progress: ProgressFactory | None = None,
-        *,
-        cancel: threading.Event | None = None,
-        observer: Observer | None = None,
-    ) -> ActionResult:
-        """One copy on its own (the daemon's tests and status page drive single copies)."""
-        return self.executor.run_copy(copy, progress, cancel=cancel, observer=observer)
 
     def run_retire(self, retire: Retire) -> ActionResult:
         return self.executor.run_retire(retire)

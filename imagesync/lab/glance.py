@@ -18,70 +18,46 @@ from imagesync.lab.state import CloudState, write_private
 DB_FILE = "glance.sqlite"
 IMAGE_SIZE_CAP = 20 * 1024**3  # 20 GiB
 
-
-def home(cloud_dir: Path) -> Path:
-    return cloud_dir / "glance"
-
-
-def etc(cloud_dir: Path) -> Path:
-    return home(cloud_dir) / "etc"
-
-
-def conf_file(cloud_dir: Path) -> Path:
-    return etc(cloud_dir) / "glance-api.conf"
+FILES = procs.ServiceFiles("glance", "etc/glance-api.conf")
+# what lab/control.py and lab/start.py look up
+log_file = FILES.log_file
+pid_file = FILES.pid_file
 
 
 def db_file(cloud_dir: Path) -> Path:
-    return home(cloud_dir) / DB_FILE
+    return FILES.home(cloud_dir) / DB_FILE
 
 
 def images_dir(cloud_dir: Path) -> Path:
-    return home(cloud_dir) / "images"
+    return FILES.home(cloud_dir) / "images"
 
 
-def log_file(cloud_dir: Path) -> Path:
-    return procs.service_log(cloud_dir, "glance")
-
-
-def pid_file(cloud_dir: Path) -> Path:
-    return procs.service_pid_file(cloud_dir, "glance")
-
-
-def write_config(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> None:
-    """glance-api.conf (0600: it holds the glance user's password) and the paste file."""
-    g = home(cloud_dir)
-    for sub in ("etc", "images", "staging", "tasks", "locks"):
-        (g / sub).mkdir(parents=True, exist_ok=True)
-    procs.make_service_dirs(cloud_dir)
-    paste = etc(cloud_dir) / "glance-api-paste.ini"
-    shutil.copyfile(tools.glance_paste, paste)
-    write_private(
-        conf_file(cloud_dir),
-        f"""\
+#: glance-api.conf, filled in by write_config (str.format)
+_GLANCE_CONF = """\
 # Written by `imagesync lab up`; rewritten at every start.
 [DEFAULT]
 enabled_backends = file1:file
 enabled_import_methods = [glance-direct,web-download,copy-image]
 show_multiple_locations = False
-image_size_cap = {IMAGE_SIZE_CAP}
+image_size_cap = {size_cap}
 # 0: no per-project storage quota
 user_storage_quota = 0
 hashing_algorithm = sha512
 
 [database]
-connection = sqlite:///{db_file(cloud_dir)}
+connection = sqlite:///{db}
 
 [glance_store]
 default_backend = file1
 
 [file1]
-filesystem_store_datadir = {images_dir(cloud_dir)}/
+filesystem_store_datadir = {images}/
 
 [os_glance_staging_store]
-filesystem_store_datadir = {g / "staging"}
+filesystem_store_datadir = {staging}
 
 [os_glance_tasks_store]
-filesystem_store_datadir = {g / "tasks"}
+filesystem_store_datadir = {tasks}
 
 [import_filtering_opts]
 # web-download refuses loopback hosts unless allowed by address (so: use 127.0.0.1 in URLs),
@@ -94,8 +70,8 @@ flavor = keystone
 config_file = {paste}
 
 [keystone_authtoken]
-www_authenticate_uri = {cloud.keystone_root}
-auth_url = {cloud.keystone_root}
+www_authenticate_uri = {keystone}
+auth_url = {keystone}
 auth_type = password
 # without it: "internal endpoint for identity service not found"
 interface = public
@@ -103,17 +79,38 @@ project_domain_name = Default
 user_domain_name = Default
 project_name = service
 username = glance
-password = {cloud.glance_password}
+password = {password}
 
 [oslo_concurrency]
-lock_path = {g / "locks"}
-""",
+lock_path = {locks}
+"""
+
+
+def write_config(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> None:
+    """glance-api.conf (0600: it holds the glance user's password) and the paste file."""
+    g = FILES.home(cloud_dir)
+    for sub in ("etc", "images", "staging", "tasks", "locks"):
+        (g / sub).mkdir(parents=True, exist_ok=True)
+    procs.make_service_dirs(cloud_dir)
+    paste = FILES.etc(cloud_dir) / "glance-api-paste.ini"
+    shutil.copyfile(tools.glance_paste, paste)
+    conf = _GLANCE_CONF.format(
+        size_cap=IMAGE_SIZE_CAP,
+        db=db_file(cloud_dir),
+        images=images_dir(cloud_dir),
+        staging=g / "staging",
+        tasks=g / "tasks",
+        paste=paste,
+        keystone=cloud.keystone_root,
+        password=cloud.glance_password,
+        locks=g / "locks",
     )
+    write_private(FILES.conf_file(cloud_dir), conf)
 
 
 def db_sync(tools: procs.Tools, cloud_dir: Path) -> None:
     procs.run_step(
-        [tools.glance_manage, "--config-file", conf_file(cloud_dir), "db_sync"],
+        [tools.glance_manage, "--config-file", FILES.conf_file(cloud_dir), "db_sync"],
         cloud_dir / "logs" / "glance-manage-db_sync.log",
         f"{cloud_dir.name}: glance-manage db_sync",
     )
@@ -125,7 +122,7 @@ def start(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> int:
         tools.venv,
         ["--http11-socket", f"{procs.LOOPBACK}:{cloud.glance.port}"],
         tools.glance_wsgi,
-        pid_file(cloud_dir),
+        FILES.pid_file(cloud_dir),
         # glanceclient uploads chunked
         extra=[
             "--http-chunked-input",
@@ -136,7 +133,7 @@ def start(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> int:
         ],
     )
     return procs.start_service(
-        argv, log_file(cloud_dir), {"OS_GLANCE_CONFIG_DIR": str(etc(cloud_dir))}
+        argv, FILES.log_file(cloud_dir), {"OS_GLANCE_CONFIG_DIR": str(FILES.etc(cloud_dir))}
     )
 
 

@@ -22,34 +22,24 @@ from imagesync.lab.state import ADMIN, PROJECT, REGION, USERNAME, CloudState
 DB_FILE = "keystone.sqlite"
 
 
-def home(cloud_dir: Path) -> Path:
-    return cloud_dir / "keystone"
-
-
-def conf_file(cloud_dir: Path) -> Path:
-    return home(cloud_dir) / "keystone.conf"
+FILES = procs.ServiceFiles("keystone", "keystone.conf")
+# what lab/control.py and lab/start.py look up
+log_file = FILES.log_file
+pid_file = FILES.pid_file
 
 
 def db_file(cloud_dir: Path) -> Path:
-    return home(cloud_dir) / DB_FILE
-
-
-def log_file(cloud_dir: Path) -> Path:
-    return procs.service_log(cloud_dir, "keystone")
-
-
-def pid_file(cloud_dir: Path) -> Path:
-    return procs.service_pid_file(cloud_dir, "keystone")
+    return FILES.home(cloud_dir) / DB_FILE
 
 
 def write_config(cloud_dir: Path, token_expiration: int | None) -> None:
     """keystone.conf; rewritten at every start (so a new token lifetime takes effect)."""
-    k = home(cloud_dir)
+    k = FILES.home(cloud_dir)
     for sub in ("fernet-keys", "credential-keys", "locks"):
         (k / sub).mkdir(parents=True, exist_ok=True)
     procs.make_service_dirs(cloud_dir)
     token = f"expiration = {token_expiration}\n" if token_expiration is not None else ""
-    conf_file(cloud_dir).write_text(f"""\
+    FILES.conf_file(cloud_dir).write_text(f"""\
 # Written by `imagesync lab up`; rewritten at every start.
 [database]
 connection = sqlite:///{db_file(cloud_dir)}
@@ -81,7 +71,7 @@ def _manage(
 ) -> None:
     step = args[0]
     procs.run_step(
-        [tools.keystone_manage, "--config-file", conf_file(cloud_dir), *args],
+        [tools.keystone_manage, "--config-file", FILES.conf_file(cloud_dir), *args],
         cloud_dir / "logs" / f"keystone-manage-{step}.log",
         f"{cloud_dir.name}: keystone-manage {step}",
         env=env,
@@ -129,13 +119,13 @@ def start(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> int:
         tools.venv,
         ["--http11-socket", f"{procs.LOOPBACK}:{cloud.keystone.port}"],
         tools.keystone_wsgi,
-        pid_file(cloud_dir),
+        FILES.pid_file(cloud_dir),
     )
     env = {
-        "OS_KEYSTONE_CONFIG_DIR": str(home(cloud_dir)),
+        "OS_KEYSTONE_CONFIG_DIR": str(FILES.home(cloud_dir)),
         "OS_KEYSTONE_CONFIG_FILES": "keystone.conf",
     }
-    return procs.start_service(argv, log_file(cloud_dir), env)
+    return procs.start_service(argv, FILES.log_file(cloud_dir), env)
 
 
 def wait_ready(
@@ -197,7 +187,7 @@ def configure(cloud_dir: Path, cloud: CloudState) -> None:
     except (ksa_exc.ClientException, KeyError) as exc:
         raise procs.failure(
             f"{cloud.name}: setting up Keystone's projects, users and catalog failed: {exc!r}",
-            log_file(cloud_dir),
+            FILES.log_file(cloud_dir),
         ) from None
 
 

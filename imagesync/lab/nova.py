@@ -50,60 +50,32 @@ def snapshot_data(server_id: str) -> bytes:
 # --- paths ----------------------------------------------------------------------------------
 
 
-def home(cloud_dir: Path) -> Path:
-    return cloud_dir / "nova"
-
-
-def etc(cloud_dir: Path) -> Path:
-    return home(cloud_dir) / "etc"
-
-
-def conf_file(cloud_dir: Path) -> Path:
-    return etc(cloud_dir) / "nova.conf"
+FILES = procs.ServiceFiles("nova", "etc/nova.conf")
+PLACEMENT = procs.ServiceFiles("placement", "placement.conf")
+# what lab/control.py and lab/start.py look up
+log_file = FILES.log_file
+pid_file = FILES.pid_file
+placement_pid_file = PLACEMENT.pid_file
 
 
 def templates(cloud_dir: Path) -> Path:
-    return home(cloud_dir) / "templates"
+    return FILES.home(cloud_dir) / "templates"
 
 
 def fail_file(cloud_dir: Path) -> Path:
-    return home(cloud_dir) / "lab-fail"
+    return FILES.home(cloud_dir) / "lab-fail"
 
 
 def state_path(cloud_dir: Path) -> Path:
-    return home(cloud_dir) / "state"
-
-
-def log_file(cloud_dir: Path) -> Path:
-    return procs.service_log(cloud_dir, "nova")
-
-
-def pid_file(cloud_dir: Path) -> Path:
-    return procs.service_pid_file(cloud_dir, "nova")
+    return FILES.home(cloud_dir) / "state"
 
 
 def ready_file(cloud_dir: Path) -> Path:
     return cloud_dir / "run" / "nova.ready"
 
 
-def placement_home(cloud_dir: Path) -> Path:
-    return cloud_dir / "placement"
-
-
-def placement_conf(cloud_dir: Path) -> Path:
-    return placement_home(cloud_dir) / "placement.conf"
-
-
 def placement_db(cloud_dir: Path) -> Path:
-    return placement_home(cloud_dir) / "placement.sqlite"
-
-
-def placement_log(cloud_dir: Path) -> Path:
-    return procs.service_log(cloud_dir, "placement")
-
-
-def placement_pid_file(cloud_dir: Path) -> Path:
-    return procs.service_pid_file(cloud_dir, "placement")
+    return PLACEMENT.home(cloud_dir) / "placement.sqlite"
 
 
 def templates_built(cloud_dir: Path) -> bool:
@@ -250,17 +222,17 @@ connection = sqlite:///{db}
 
 def write_config(cloud_dir: Path, cloud: CloudState, paste: Path) -> None:
     """nova.conf and placement.conf (0600: they hold the service users' password)."""
-    n, p = home(cloud_dir), placement_home(cloud_dir)
+    n, p = FILES.home(cloud_dir), PLACEMENT.home(cloud_dir)
     for sub in ("etc", "state", "instances", "locks", "templates"):
         (n / sub).mkdir(parents=True, exist_ok=True)
     p.mkdir(parents=True, exist_ok=True)
     procs.make_service_dirs(cloud_dir)
-    shutil.copyfile(paste, etc(cloud_dir) / "api-paste.ini")
+    shutil.copyfile(paste, FILES.etc(cloud_dir) / "api-paste.ini")
     nova_conf = _NOVA_CONF.format(
         host=cloud.name,
         state=n / "state",
         instances=n / "instances",
-        paste=etc(cloud_dir) / "api-paste.ini",
+        paste=FILES.etc(cloud_dir) / "api-paste.ini",
         api_db=n / "nova_api.sqlite",
         cell_db=n / "nova_cell1.sqlite",
         authtoken=_authtoken(cloud, "nova"),
@@ -268,11 +240,11 @@ def write_config(cloud_dir: Path, cloud: CloudState, paste: Path) -> None:
         region=REGION,
         locks=n / "locks",
     )
-    write_private(conf_file(cloud_dir), nova_conf)
+    write_private(FILES.conf_file(cloud_dir), nova_conf)
     placement = _PLACEMENT_CONF.format(
         db=placement_db(cloud_dir), authtoken=_authtoken(cloud, "placement")
     )
-    write_private(placement_conf(cloud_dir), placement)
+    write_private(PLACEMENT.conf_file(cloud_dir), placement)
 
 
 # --- the template databases -------------------------------------------------------------------
@@ -284,18 +256,18 @@ def build_templates(nova_manage: Path, placement_manage: Path, cloud_dir: Path) 
     They are built at the paths the services use (cell mappings hold absolute paths), then
     copied aside; ``install_templates`` copies them back at every start.
     """
-    n = home(cloud_dir)
+    n = FILES.home(cloud_dir)
     logs = cloud_dir / "logs"
     for name in (*_DBS, "placement.sqlite"):
         (templates(cloud_dir) / name).unlink(missing_ok=True)
     for f in (*(n / name for name in _DBS), placement_db(cloud_dir)):
         f.unlink(missing_ok=True)
     procs.run_step(
-        [placement_manage, "--config-file", placement_conf(cloud_dir), "db", "sync"],
+        [placement_manage, "--config-file", PLACEMENT.conf_file(cloud_dir), "db", "sync"],
         logs / "placement-manage-db_sync.log",
         f"{cloud_dir.name}: placement-manage db sync",
     )
-    conf = conf_file(cloud_dir)
+    conf = FILES.conf_file(cloud_dir)
     for args in (
         ("api_db", "sync"),
         ("cell_v2", "map_cell0", "--database_connection", f"sqlite:///{n / 'nova_cell0.sqlite'}"),
@@ -322,7 +294,7 @@ def build_templates(nova_manage: Path, placement_manage: Path, cloud_dir: Path) 
 
 def install_templates(cloud_dir: Path) -> None:
     """Fresh databases for a start (servers and flavors of the last run are gone)."""
-    n = home(cloud_dir)
+    n = FILES.home(cloud_dir)
     for name in _DBS:
         shutil.copyfile(templates(cloud_dir) / name, n / name)
     shutil.copyfile(templates(cloud_dir) / "placement.sqlite", placement_db(cloud_dir))
@@ -341,10 +313,12 @@ def start_placement(tools: procs.Tools, wsgi: Path, cloud_dir: Path, cloud: Clou
         tools.venv,
         ["--http11-socket", f"{procs.LOOPBACK}:{cloud.placement.port}"],
         wsgi,
-        placement_pid_file(cloud_dir),
+        PLACEMENT.pid_file(cloud_dir),
     )
     return procs.start_service(
-        argv, placement_log(cloud_dir), {"OS_PLACEMENT_CONFIG_DIR": str(placement_home(cloud_dir))}
+        argv,
+        PLACEMENT.log_file(cloud_dir),
+        {"OS_PLACEMENT_CONFIG_DIR": str(PLACEMENT.home(cloud_dir))},
     )
 
 
@@ -357,7 +331,7 @@ def start_nova(cloud_dir: Path, cloud: CloudState) -> int:
         "-m",
         "imagesync.lab.nova_service",
         "--config-dir",
-        etc(cloud_dir),
+        FILES.etc(cloud_dir),
         "--ready-file",
         ready_file(cloud_dir),
         "--fail-file",
@@ -370,12 +344,12 @@ def start_nova(cloud_dir: Path, cloud: CloudState) -> int:
         "--wait-for",
         cloud.placement_url,
         "--pidfile",
-        pid_file(cloud_dir),
+        FILES.pid_file(cloud_dir),
     ]
     return procs.start_service(
         argv,
-        log_file(cloud_dir),
-        {"OS_NOVA_DISABLE_EVENTLET_PATCHING": "1", "OS_NOVA_CONFIG_DIR": str(etc(cloud_dir))},
+        FILES.log_file(cloud_dir),
+        {"OS_NOVA_DISABLE_EVENTLET_PATCHING": "1", "OS_NOVA_CONFIG_DIR": str(FILES.etc(cloud_dir))},
     )
 
 
@@ -391,8 +365,8 @@ def wait_ready(
     procs.wait_service(cloud_dir, "placement", cloud.placement_url, placement_pid, timeout, abort)
     nova = procs.Starting(
         nova_pid,
-        str(pid_file(cloud_dir)),
-        log_file(cloud_dir),
+        str(FILES.pid_file(cloud_dir)),
+        FILES.log_file(cloud_dir),
         f"{cloud.name}: nova",
         timeout,
         abort,
@@ -444,7 +418,7 @@ def register(cloud_dir: Path, cloud: CloudState, admin_session: Any) -> None:
     except (ksa_exc.ClientException, KeyError, StopIteration) as exc:
         raise procs.failure(
             f"{cloud.name}: registering Nova and Placement in Keystone failed: {exc!r}",
-            log_file(cloud_dir),
+            FILES.log_file(cloud_dir),
         ) from None
 
 
@@ -464,5 +438,5 @@ def create_flavors(cloud_dir: Path, cloud: CloudState, admin_session: Any) -> No
             )
     except ksa_exc.ClientException as exc:
         raise procs.failure(
-            f"{cloud.name}: creating the lab's flavors failed: {exc!r}", log_file(cloud_dir)
+            f"{cloud.name}: creating the lab's flavors failed: {exc!r}", FILES.log_file(cloud_dir)
         ) from None

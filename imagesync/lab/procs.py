@@ -212,6 +212,32 @@ def run_step(
 # --- services ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ServiceFiles:
+    """Where one of a cloud's services keeps its files: its home DIRECTORY/<cloud>/<service>/
+    (``etc/`` below it, for those configured there), its main configuration file (relative to
+    its home), its log and its pid file. One table, so that each service's module names its
+    paths instead of repeating the same small functions."""
+
+    service: str
+    conf: str
+
+    def home(self, cloud_dir: Path) -> Path:
+        return cloud_dir / self.service
+
+    def etc(self, cloud_dir: Path) -> Path:
+        return self.home(cloud_dir) / "etc"
+
+    def conf_file(self, cloud_dir: Path) -> Path:
+        return self.home(cloud_dir) / self.conf
+
+    def log_file(self, cloud_dir: Path) -> Path:
+        return service_log(cloud_dir, self.service)
+
+    def pid_file(self, cloud_dir: Path) -> Path:
+        return service_pid_file(cloud_dir, self.service)
+
+
 def service_log(cloud_dir: Path, service: str) -> Path:
     """A cloud's service writes its log to DIRECTORY/<cloud>/logs/<service>.log."""
     return cloud_dir / "logs" / f"{service}.log"

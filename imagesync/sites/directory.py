@@ -51,12 +51,12 @@ import structlog
 
 from imagesync.errors import NotFound, SiteError
 from imagesync.model import (
-    PROP_STATE,
-    STATE_UPLOADING,
     ImageRecord,
     NewImage,
     format_time,
+    marked_uploading,
     parse_time,
+    unmarked,
 )
 from imagesync.sites.base import Capabilities
 from imagesync.sites.compress import ZSTD, Compressor, decompressed
@@ -134,8 +134,7 @@ class _DirWriter:
             raise
 
     def _write_meta(self, hashes: dict[str, str] | None) -> dict[str, Any]:
-        props = dict(self.new.properties)
-        props[PROP_STATE] = STATE_UPLOADING
+        props = marked_uploading(self.new.properties)
         meta = {
             "id": self._id,
             "name": self.new.name,
@@ -366,7 +365,7 @@ class DirectorySite:
     def _as_upload(rec: ImageRecord) -> ImageRecord:
         """An upload's record: hidden and marked as uploading, whatever its metadata says
         (until the rename that publishes it, it is not published; see ``_publish``)."""
-        return rec.with_(hidden=True, properties={**rec.properties, PROP_STATE: STATE_UPLOADING})
+        return rec.with_(hidden=True, properties=marked_uploading(rec.properties))
 
     def get_image(self, image_id: str) -> ImageRecord:
         folder, published = self._find(image_id)
@@ -458,7 +457,7 @@ class DirectorySite:
         """
         hidden_meta = folder / f".{image_id}.json"
         meta = json.loads(hidden_meta.read_bytes())
-        meta["properties"].pop(PROP_STATE, None)
+        meta["properties"] = unmarked(meta["properties"])
         meta["status"] = "active"
         meta["properties"].update(properties or {})
         write_atomic(hidden_meta, json.dumps(meta, indent=1).encode())

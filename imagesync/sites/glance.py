@@ -42,22 +42,22 @@ import requests
 import structlog
 from keystoneauth1 import adapter as ks_adapter
 from keystoneauth1 import exceptions as ksexc
-from keystoneauth1 import loading as ks_loading
 from keystoneauth1 import session as ks_session
 
 from imagesync.config.types import CloudConfig
-from imagesync.errors import AuthError, Conflict, NotFound, SiteError, TransientError
+from imagesync.errors import AuthError, NotFound, SiteError, TransientError
 from imagesync.logs import redact
 from imagesync.model import (
     PROP_STATE,
-    STATE_UPLOADING,
     ImageRecord,
     NewImage,
     format_time,
+    marked_uploading,
     parse_time,
 )
 from imagesync.sites.base import Capabilities, SharedURL
 from imagesync.sites.glance_import import WebDownload
+from imagesync.sites.openstack import classify, explain, make_adapter, make_session, no_endpoint
 from imagesync.sites.upload import QueueBody, QueuedUpload
 
 log = structlog.get_logger("imagesync.glance")
@@ -104,72 +104,6 @@ def is_reserved(key: str) -> bool:
     return key in RESERVED or key.startswith(RESERVED_PREFIXES)
 
 
-def _retry_after(response: Any) -> float | None:
-    try:
-        value = response.headers.get("Retry-After")
-        return float(value) if value is not None else None
-    except (AttributeError, TypeError, ValueError):
-        return None
-
-
-def classify(exc: BaseException, site: str, what: str) -> SiteError:
-    """Turn a client library's exception into imagesync's hierarchy."""
-    if isinstance(exc, SiteError):
-        return exc
-    status: int | None = None
-    response: Any = None
-    if isinstance(exc, ksexc.HttpError):
-        status, response = exc.http_status, exc.response
-    elif type(exc).__module__.startswith("glanceclient"):
-        # glanceclient.exc, matched by module so that it need not be imported to classify
-        code = getattr(exc, "code", None)
-        status = code if isinstance(code, int) else None
-        if type(exc).__name__ in ("CommunicationError", "InvalidEndpoint"):
-            return TransientError(f"{what}: connection failed: {type(exc).__name__}", site=site)
-    text = f"{what}: {type(exc).__name__}"
-    detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-    if detail:
-        text += f": {detail}"
-    if isinstance(exc, ksexc.EndpointNotFound):
-        return SiteError(f"{what}: no image endpoint in the service catalog", site=site)
-    if isinstance(exc, (ksexc.MissingAuthPlugin, ksexc.AuthPluginException)) and status is None:
-        return AuthError(f"{what}: authentication is not configured: {detail}", site=site)
-    if status is not None:
-        return _by_status(status, response, site, what, detail) or SiteError(text, site=site)
-    if isinstance(
-        exc,
-        (
-            ksexc.ConnectionError,
-            requests.ConnectionError,
-            requests.Timeout,
-            requests.exceptions.ChunkedEncodingError,
-            ConnectionError,
-            TimeoutError,
-        ),
-    ):
-        return TransientError(f"{what}: connection failed: {type(exc).__name__}", site=site)
-    if isinstance(exc, ksexc.ClientException):
-        return SiteError(text, site=site)
-    return SiteError(text, site=site)
-
-
-def _by_status(status: int, response: Any, site: str, what: str, detail: str) -> SiteError | None:
-    """The error an HTTP status means, or None for a plain SiteError."""
-    if status in (401, 403):
-        return AuthError(f"{what}: refused ({status}): check the credentials and roles", site=site)
-    if status == 404:
-        return NotFound(f"{what}: not found", site=site)
-    if status == 409:
-        return Conflict(f"{what}: conflict (409): {detail}", site=site)
-    if status == 413:
-        return SiteError(f"{what}: too large for the cloud's quota (413)", site=site)
-    if status >= 500 or status in (408, 429):
-        return TransientError(
-            f"{what}: server error {status}", site=site, retry_after=_retry_after(response)
-        )
-    return None
-
-
 def _server_time(resp: Any) -> datetime | None:
     """The server's clock from a response's ``Date`` header, or None."""
     try:
@@ -188,88 +122,6 @@ def _after(params: Mapping[str, str]) -> datetime:
 
 def _stamp(rec: ImageRecord) -> datetime:
     return rec.updated_at or rec.created_at
-
-
-def _oneline(text: object) -> str:
-    """A library's message as one secret-free line."""
-    return redact(" ".join(str(text).split())).rstrip(".")[:300]
-
-
-def _sentence(
-    exc: BaseException, cfg: CloudConfig, url: str, what: str
-) -> tuple[type[SiteError], str]:
-    """The kind of error and the one secret-free sentence for a keystoneauth failure to
-    authenticate at, or reach, ``url`` (``what`` names it in a 404's hint)."""
-    if isinstance(exc, ksexc.Unauthorized):
-        return AuthError, (
-            "authentication refused (401): check the username/password or "
-            f"application credential (at {url})"
-        )
-    if isinstance(exc, ksexc.Forbidden):
-        return AuthError, f"forbidden (403) at {url}: the user may not use this project"
-    if isinstance(exc, ksexc.SSLError):
-        return SiteError, f"TLS verification failed for {url}: set verify: to the cloud's CA bundle"
-    if isinstance(exc, ksexc.ConnectTimeout):
-        return TransientError, f"timed out connecting to {url}"
-    if isinstance(exc, ksexc.ConnectionError):
-        return TransientError, f"cannot connect to {url}"
-    if isinstance(exc, ksexc.EmptyCatalog):
-        return SiteError, f"the token from {url} has no service catalog: scope it to a project"
-    if isinstance(exc, ksexc.EndpointNotFound):
-        return SiteError, _no_endpoint(cfg)
-    if isinstance(exc, ksexc.DiscoveryFailure):
-        return SiteError, f"no Keystone API found at {url}: check auth_url (it usually ends in /v3)"
-    if isinstance(exc, ksexc.NotFound):
-        return SiteError, f"{url} answered 404: check {what}"
-    if isinstance(exc, ksexc.HttpError):
-        status = exc.http_status or 0
-        transient = status >= 500 or status in (408, 429)
-        return (TransientError if transient else SiteError), f"HTTP {status} from {url}"
-    if isinstance(exc, ksexc.MissingRequiredOptions | ksexc.OptionError):
-        return AuthError, f"incomplete credentials: {_oneline(exc)}"
-    return SiteError, f"{type(exc).__name__}: {_oneline(exc)}"[:300]
-
-
-def explain(
-    exc: BaseException, cfg: CloudConfig, url: str | None = None, what: str = "auth_url"
-) -> SiteError:
-    """A failure to authenticate at the cloud's Keystone (or to reach ``url``, named ``what``)
-    as a SiteError whose message says what to fix, without a secret."""
-    if isinstance(exc, SiteError):
-        return exc
-    cls, message = _sentence(exc, cfg, url or str(cfg.auth.get("auth_url", "?")), what)
-    return cls(message, site=cfg.name)
-
-
-def _no_endpoint(cfg: CloudConfig) -> str:
-    return (
-        f"no image endpoint in the catalog for region {cfg.region_name or '(any)'} "
-        f"(interface {cfg.interface})"
-    )
-
-
-def make_session(cfg: CloudConfig) -> ks_session.Session:
-    """A keystoneauth1 session for a cloud's resolved auth options."""
-    try:
-        loader: Any = ks_loading.get_plugin_loader(cfg.auth_type)
-        auth = loader.load_from_options(**dict(cfg.auth))
-    except ksexc.ClientException as exc:  # the options are wrong: an AuthError, whatever it is
-        _, message = _sentence(exc, cfg, str(cfg.auth.get("auth_url", "?")), "auth_url")
-        raise AuthError(message, site=cfg.name) from exc
-    return ks_session.Session(auth=auth, verify=cfg.verify, timeout=cfg.timeout)
-
-
-def make_adapter(
-    session: ks_session.Session, cfg: CloudConfig, service_type: str, **extra: Any
-) -> ks_adapter.Adapter:
-    """An adapter for one of the cloud's services, on the cloud's interface and region."""
-    return ks_adapter.Adapter(
-        session,
-        service_type=service_type,
-        interface=cfg.interface,
-        region_name=cfg.region_name,
-        **extra,
-    )
 
 
 class GlanceWriter(QueuedUpload):
@@ -439,7 +291,7 @@ class GlanceSite:
         except Exception as exc:  # every failure becomes one sentence
             raise explain(exc, cfg) from exc
         if not endpoint:
-            raise SiteError(_no_endpoint(cfg), site=self.name)
+            raise SiteError(no_endpoint(cfg), site=self.name)
         try:
             self.adapter.get("/v2/images", params={"limit": 1})
         except Exception as exc:
@@ -592,8 +444,9 @@ class GlanceSite:
             "visibility": new.visibility,
             "os_hidden": True,
         }
-        props = {k: str(v) for k, v in new.properties.items() if not is_reserved(k)}
-        props[PROP_STATE] = STATE_UPLOADING
+        props = marked_uploading(
+            {k: str(v) for k, v in new.properties.items() if not is_reserved(k)}
+        )
         fields.update(props)
         raw = self._call(f"create image {new.name}", lambda: self.client.images.create(**fields))
         image_id = str(raw["id"])

@@ -63,7 +63,7 @@ class WebDownload:
             return False
         with self._lock:
             if self._offered is None:
-                from imagesync.sites.glance import classify
+                from imagesync.sites.openstack import classify
 
                 try:
                     info = self.site.adapter.get("/v2/info/import").json()
@@ -80,7 +80,7 @@ class WebDownload:
 
     def run(self, image_id: str, url: SharedURL, should_stop: Callable[[], bool]) -> ImageRecord:
         """Import ``url`` into the queued placeholder ``image_id`` and wait for the outcome."""
-        from imagesync.sites.glance import classify
+        from imagesync.sites.openstack import classify
 
         site = self.site
         what = f"web-download {url.shown} into {image_id}"

@@ -26,12 +26,12 @@ from datetime import UTC, datetime
 
 from imagesync.errors import NotFound, SiteError, TransientError
 from imagesync.model import (
-    PROP_STATE,
-    STATE_UPLOADING,
     ImageRecord,
     NewImage,
     format_time,
+    marked_uploading,
     parse_time,
+    unmarked,
 )
 from imagesync.sites.base import Capabilities
 
@@ -214,8 +214,7 @@ class MemorySite:
     def create(self, new: NewImage) -> MemoryWriter:
         self.fault("create")
         image_id = str(uuid.uuid4())
-        props = dict(new.properties)
-        props[PROP_STATE] = STATE_UPLOADING
+        props = marked_uploading(new.properties)
         rec = ImageRecord(
             site=self.name,
             id=image_id,
@@ -236,7 +235,7 @@ class MemorySite:
 
     def publish(self, image_id: str, properties: Mapping[str, str] | None = None) -> ImageRecord:
         self.fault("publish", image_id)
-        props = {k: v for k, v in self._stored(image_id).rec.properties.items() if k != PROP_STATE}
+        props = unmarked(self._stored(image_id).rec.properties)
         props.update(properties or {})
         rec = self._change(image_id, properties=props, hidden=False)
         self.images[image_id].published = True

@@ -1,7 +1,7 @@
 """A cloud's Nova, for snapshots: find a server, stop it, ``createImage``, watch the image.
 
-It shares the cloud's keystoneauth session (``sites.glance.make_session``): one token per
-cloud. Errors are classified at this boundary like Glance's (``sites.glance.classify``). What
+It shares the cloud's keystoneauth session (``sites.openstack.make_session``): one token per
+cloud. Errors are classified at this boundary like Glance's (``sites.openstack.classify``). What
 the answers mean, as seen on a real Nova 34 (../shared/reference/nova-recipe.md):
 
 - ``createImage`` at microversion ≥ 2.45 answers 202 with ``{"image_id": …}``; a second one
@@ -26,7 +26,7 @@ from keystoneauth1 import session as ks_session
 
 from imagesync.config.types import CloudConfig
 from imagesync.errors import NotFound, SiteError, UsageError
-from imagesync.sites.glance import classify, make_adapter, make_session
+from imagesync.sites.openstack import classify, make_adapter, make_session
 
 log = structlog.get_logger("imagesync.nova")
 
@@ -310,34 +310,26 @@ class NovaSnapshots:
     def set_image_properties(self, image_id: str, props: Mapping[str, str]) -> None:
         """Add or replace properties of an image (a JSON patch)."""
         patch = [{"op": "add", "path": f"/{k}", "value": v} for k, v in props.items()]
+        self._patch_image(image_id, f"set properties of image {image_id}", patch)
+
+    def hide_image(self, image_id: str) -> None:
+        """Hide an image (``os_hidden``): listed by nobody, booted by id only."""
+        patch = [{"op": "replace", "path": "/os_hidden", "value": True}]
+        self._patch_image(image_id, f"hide image {image_id}", patch)
+
+    def show_image(self, image_id: str) -> None:
+        """Un-hide an image: a boot test's copy that passed becomes the version on its cloud."""
+        patch = [{"op": "replace", "path": "/os_hidden", "value": False}]
+        self._patch_image(image_id, f"show image {image_id}", patch)
+
+    def _patch_image(self, image_id: str, what: str, patch: list[dict[str, Any]]) -> None:
+        """One JSON patch of an image's record, through Glance (on this cloud's session)."""
         self._call(
-            f"set properties of image {image_id}",
+            what,
             "PATCH",
             f"/v2/images/{image_id}",
             self.image,
             json=patch,
-            headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
-        )
-
-    def hide_image(self, image_id: str) -> None:
-        """Hide an image (``os_hidden``): listed by nobody, booted by id only."""
-        self._call(
-            f"hide image {image_id}",
-            "PATCH",
-            f"/v2/images/{image_id}",
-            self.image,
-            json=[{"op": "replace", "path": "/os_hidden", "value": True}],
-            headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
-        )
-
-    def show_image(self, image_id: str) -> None:
-        """Un-hide an image: a boot test's copy that passed becomes the version on its cloud."""
-        self._call(
-            f"show image {image_id}",
-            "PATCH",
-            f"/v2/images/{image_id}",
-            self.image,
-            json=[{"op": "replace", "path": "/os_hidden", "value": False}],
             headers={"Content-Type": "application/openstack-images-v2.1-json-patch"},
         )
 

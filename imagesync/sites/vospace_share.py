@@ -20,6 +20,7 @@ import structlog
 
 from imagesync.model import ImageRecord
 from imagesync.sites.base import SharedURL
+from imagesync.sites.vospace_transfer import negotiate
 
 if TYPE_CHECKING:
     from imagesync.sites.vospace import VOSpaceSite
@@ -44,7 +45,7 @@ def share(site: VOSpaceSite, image: ImageRecord, path: str, compressed: bool) ->
         log.debug("share.none", site=site.name, image_id=image.id, reason="compressed")
         return None
     what = f"share {image.id}"
-    endpoints = site._negotiate(path, "pullFromVoSpace", what)
+    endpoints = negotiate(site, path, "pullFromVoSpace", what)
     anonymous = requests.Session()
     anonymous.trust_env = False
     anonymous.verify = site.session.verify

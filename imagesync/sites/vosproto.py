@@ -12,18 +12,18 @@ import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import quote
 
 import requests
 
-from imagesync.errors import AuthError, Conflict, NotFound, SiteError, TransientError
+from imagesync.errors import AuthError, SiteError, TransientError
 from imagesync.logs import redact
 from imagesync.model import NewImage, parse_time
 from imagesync.secrets import register_secret
 from imagesync.sites.directory import check_name
+from imagesync.sites.httpstatus import status_error
 
 VOS = "http://www.ivoa.net/xml/VOSpace/v2.0"
 XSI = "http://www.w3.org/2001/XMLSchema-instance"
@@ -68,20 +68,6 @@ def digest_header(md5_hex: str) -> str:
     return "md5=" + base64.b64encode(bytes.fromhex(md5_hex)).decode()
 
 
-def _retry_after(resp: requests.Response) -> float | None:
-    value = resp.headers.get("Retry-After")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:  # an HTTP date
-        return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
-    except (TypeError, ValueError):
-        return None
-
-
 def fault_text(resp: requests.Response) -> str:
     """The first line of a VOSpace fault (``NodeNotFound …``), secret-free."""
     try:
@@ -96,24 +82,9 @@ def classify_status(resp: requests.Response, site: str, what: str) -> SiteError:
     status = resp.status_code
     fault = fault_text(resp)
     detail = f": {fault}" if fault else ""
-    if status in (401, 403):
-        return AuthError(
-            f"{what}: refused ({status}): check the token file or proxy certificate{detail}",
-            site=site,
-        )
-    if status == 404:
-        return NotFound(f"{what}: not found{detail}", site=site)
-    if status == 409:
-        return Conflict(f"{what}: conflict (409){detail}", site=site)
-    if status == 412:
-        # the service found the bytes it received did not match the digest: nothing stored,
-        # worth sending again
-        return TransientError(f"{what}: the service rejected the data's digest (412)", site=site)
-    if status >= 500 or status in (408, 429):
-        return TransientError(
-            f"{what}: server error {status}{detail}", site=site, retry_after=_retry_after(resp)
-        )
-    return SiteError(f"{what}: HTTP {status}{detail}", site=site)
+    refused = "check the token file or proxy certificate"
+    err = status_error(status, site, what, refused=refused, detail=detail, response=resp)
+    return err or SiteError(f"{what}: HTTP {status}{detail}", site=site)
 
 
 def classify(exc: BaseException, site: str, what: str) -> SiteError:
@@ -322,3 +293,8 @@ class Token:
         if not value:
             raise AuthError(f"the token file {self.path} is empty", site=site)
         return value
+
+
+def url_path(path: str) -> str:
+    """``/a/b c`` → ``/a/b%20c``: each segment of a node's path quoted."""
+    return "/" + "/".join(quote_segment(p) for p in path.strip("/").split("/"))

@@ -191,7 +191,7 @@ def test_overall_limit_is_respected(tmp_path: Path) -> None:
 
     first = plan(engine.rules, engine.inventories(), engine.site_names)
     for i, c in enumerate(first.copies):
-        engine.run_copy(
+        engine.executor.run_copy(
             dataclasses.replace(c, targets=tuple(t for t in c.targets if t != f"c{i + 2}"))
         )
 

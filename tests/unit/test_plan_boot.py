@@ -37,6 +37,11 @@ def _v1_everywhere() -> list[ImageRecord]:
     return [v1, *(img(s, digest="1", copy_of=f"a:{v1.id}") for s in ("b", "c", "store"))]
 
 
+def _copy_on_a(v2: ImageRecord, props: dict[str, str], *, hidden: bool = True) -> ImageRecord:
+    """imagesync's copy of ``v2`` on the boot test's cloud ``a``, with ``props``."""
+    return img("a", digest="2", t=LATER, copy_of=f"b:{v2.id}", hidden=hidden, props=props)
+
+
 def _plan(*records: ImageRecord) -> tuple[list[Copy], list[Retire], list[Skip]]:
     p = plan([RULE], inv(*records), SITES)
     return p.copies, p.retires, p.skips
@@ -56,14 +61,7 @@ def test_a_version_first_seen_elsewhere_goes_to_the_boot_test_cloud_only_hidden(
 
 def test_while_the_hidden_copy_waits_for_its_boot_nothing_moves() -> None:
     v2 = img("b", digest="2", t=LATER)
-    held = img(
-        "a",
-        digest="2",
-        t=LATER,
-        copy_of=f"b:{v2.id}",
-        hidden=True,
-        props={PROP_BOOT_TEST: BOOT_TEST_PENDING},
-    )
+    held = _copy_on_a(v2, {PROP_BOOT_TEST: BOOT_TEST_PENDING})
     copies, retires, skips = _plan(*_v1_everywhere(), v2, held)
     assert copies == [] and retires == []
     assert all(s.why is SkipReason.BOOT_TEST and "booting" in s.reason for s in skips)
@@ -74,9 +72,7 @@ def test_while_the_hidden_copy_waits_for_its_boot_nothing_moves() -> None:
 
 def test_a_version_that_passed_spreads_and_retention_resumes() -> None:
     v2 = img("b", digest="2", t=LATER)
-    passed = img(
-        "a", digest="2", t=LATER, copy_of=f"b:{v2.id}", props={PROP_BOOT_TEST: "passed now"}
-    )
+    passed = _copy_on_a(v2, {PROP_BOOT_TEST: "passed now"}, hidden=False)
     copies, retires, _ = _plan(*_v1_everywhere(), v2, passed)
     (copy,) = copies
     assert set(copy.targets) == {"c", "store"} and not copy.hidden
@@ -86,14 +82,7 @@ def test_a_version_that_passed_spreads_and_retention_resumes() -> None:
 def test_a_quarantined_version_is_no_version_while_its_original_stays_visible() -> None:
     old = _v1_everywhere()
     v2 = img("b", digest="2", t=LATER)
-    bad = img(
-        "a",
-        digest="2",
-        t=LATER,
-        copy_of=f"b:{v2.id}",
-        hidden=True,
-        props={PROP_QUARANTINED: "boot test on a failed"},
-    )
+    bad = _copy_on_a(v2, {PROP_QUARANTINED: "boot test on a failed"})
     p = plan([RULE], inv(*old, v2, bad), SITES)
     assert p.copies == [] and p.retires == [] and p.skips == []
     (a,) = p.assessments

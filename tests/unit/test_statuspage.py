@@ -170,7 +170,7 @@ def test_a_copy_in_flight_shows_its_progress_and_its_cells_in_flight(tmp_path: P
     assert '<progress max="100" value="50">' in page
     assert 'data-site="c2" data-state="in-flight"' in page
 
-    live.copy_finished(engine.run_copy(copy))
+    live.copy_finished(engine.executor.run_copy(copy))
     done = live.document()
     assert done["in_flight"] == []
     assert done["images"][0]["sites"]["c2"]["state"] == "missing"  # until the pass's results

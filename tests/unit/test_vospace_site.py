@@ -17,7 +17,7 @@ from imagesync.config.types import VOSpaceConfig
 from imagesync.errors import AuthError, TransientError
 from imagesync.model import PROP_ORIGIN, NewImage
 from imagesync.retry import RetryPolicy
-from imagesync.sites import vospace
+from imagesync.sites import vospace, vospace_transfer, vospace_writer
 from imagesync.sites.memory import MemorySite
 from imagesync.sites.vospace import VOSpaceSite
 from imagesync.transfer import CopyResult, ErrorKind, copy_image, new_image_for
@@ -156,7 +156,9 @@ def test_a_plain_upload_claims_the_services_md5_and_hashes_nothing_itself(
     # The transfer hashes what it reads (sha512 + md5) and compares its md5 with the one the
     # service computed of what it stored: a second sha512 here (~1.2 CPU s/GiB) checked nothing.
     counting = CountingHashlib()
-    monkeypatch.setattr(vospace, "hashlib", counting)
+    # the upload (vospace_writer) and the reads (vospace_transfer) are the site's hashing
+    monkeypatch.setattr(vospace_writer, "hashlib", counting)
+    monkeypatch.setattr(vospace_transfer, "hashlib", counting)
     site = make_site(server)
     assert site.capabilities.hashes == {"md5"}
     w = site.create(new())
