@@ -55,7 +55,13 @@ def run_in_pty(
     ``prelude``: Python run first in the child (to slow a copy down); ``interrupt_on``: send
     SIGINT (Ctrl-C) once the output shows this text.
     """
-    code = f"import sys\n{prelude}\nfrom imagesync.cli import main\nsys.exit(main(sys.argv[1:]))"
+    # A terminal's Ctrl-C reaches a program whose SIGINT is not ignored: a test run started in
+    # the background (`.ci/run &`) ignores it, and its children would inherit that (CPython
+    # then installs no KeyboardInterrupt handler), so the child restores Python's own.
+    code = (
+        "import signal, sys\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        f"{prelude}\nfrom imagesync.cli import main\nsys.exit(main(sys.argv[1:]))"
+    )
     leader, follower = pty.openpty()
     proc = subprocess.Popen(
         [sys.executable, "-c", code, *args],

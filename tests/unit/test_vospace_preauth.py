@@ -37,7 +37,8 @@ def test_a_pull_offers_a_pre_authorized_url_that_needs_no_credentials(tmp_path: 
     assert svc("GET", path.replace("/f", "/g"), token=None).status == 403
     assert svc("PUT", path, b"x", token=None).status == 405
     grant = path.split("/")[2]
-    assert svc("GET", path.replace(grant, grant[:-1] + "0"), token=None).status in (403,)
+    forged = grant[:-1] + ("1" if grant.endswith("0") else "0")  # one hex digit of the MAC changed
+    assert svc("GET", path.replace(grant, forged), token=None).status == 403
     # the corrupt fault serves other bytes of the same length
     set_faults(tmp_path, [Fault("corrupt", method="GET", path="preauth:")])
     bad = svc("GET", path, token=None).body
