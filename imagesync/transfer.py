@@ -464,27 +464,8 @@ def copy_image(
                 lease_expired,
                 tuning,
             )
-        except TransientError as exc:
-            outcome = [
-                TargetResult(
-                    site=s.name,
-                    error=str(exc),
-                    error_kind=ErrorKind.TRANSIENT,
-                    retry_after=exc.retry_after,
-                )
-                for s, _ in pending
-            ]
-        except Cancelled:
-            outcome = [
-                TargetResult(site=s.name, error="cancelled", error_kind=ErrorKind.CANCELLED)
-                for s, _ in pending
-            ]
-        except _Unexpected as exc:
-            log.error("copy.source_failed", source=image.ref, error=str(exc), exc_info=True)
-            outcome = [
-                TargetResult(site=s.name, error=str(exc), error_kind=ErrorKind.UNEXPECTED)
-                for s, _ in pending
-            ]
+        except (TransientError, Cancelled, _Unexpected) as exc:
+            outcome = _all_failed(exc, pending, image)
         retry = []
         for (site, new), res in zip(pending, outcome, strict=True):
             res.attempts = attempt
@@ -493,25 +474,62 @@ def copy_image(
                 retry.append((site, new))
         if not retry or attempt >= policy.attempts:
             break
-        hints = [final[s.name].retry_after for s, _ in retry]
-        hint = max((h for h in hints if h is not None), default=None)
-        if not policy.pause(
-            attempt,
-            hint,
-            what=f"copy {image.ref}",
-            sleep=sleep,
-            cancel=cancel,
-            targets=[s.name for s, _ in retry],
-        ):
-            for site, _ in retry:
-                final[site.name] = TargetResult(
-                    site=site.name,
-                    error="cancelled",
-                    error_kind=ErrorKind.CANCELLED,
-                    attempts=attempt,
-                )
+        if not _pause(policy, attempt, retry, final, f"copy {image.ref}", sleep, cancel):
             break
         pending = retry
     result.targets = [final[s.name] for s, _ in targets]
     result.seconds = time.monotonic() - started
     return result
+
+
+def _all_failed(
+    exc: TransientError | Cancelled | _Unexpected,
+    pending: Sequence[tuple[Site, NewImage]],
+    image: ImageRecord,
+) -> list[TargetResult]:
+    """The outcome of an attempt that failed as a whole (the first read of the source failed,
+    or the copy was cancelled): every target it was for, failed alike."""
+    if isinstance(exc, TransientError):
+        return [
+            TargetResult(
+                site=s.name,
+                error=str(exc),
+                error_kind=ErrorKind.TRANSIENT,
+                retry_after=exc.retry_after,
+            )
+            for s, _ in pending
+        ]
+    if isinstance(exc, Cancelled):
+        return [
+            TargetResult(site=s.name, error="cancelled", error_kind=ErrorKind.CANCELLED)
+            for s, _ in pending
+        ]
+    log.error("copy.source_failed", source=image.ref, error=str(exc), exc_info=True)
+    return [
+        TargetResult(site=s.name, error=str(exc), error_kind=ErrorKind.UNEXPECTED)
+        for s, _ in pending
+    ]
+
+
+def _pause(
+    policy: RetryPolicy,
+    attempt: int,
+    retry: Sequence[tuple[Site, NewImage]],
+    final: dict[str, TargetResult],
+    what: str,
+    sleep: Callable[[float], None],
+    cancel: threading.Event | None,
+) -> bool:
+    """Wait before the next attempt (the longest ``Retry-After`` the targets gave, if longer
+    than the policy's pause); False when cancelled meanwhile (``retry`` are then cancelled)."""
+    hints = [final[s.name].retry_after for s, _ in retry]
+    hint = max((h for h in hints if h is not None), default=None)
+    if policy.pause(
+        attempt, hint, what=what, sleep=sleep, cancel=cancel, targets=[s.name for s, _ in retry]
+    ):
+        return True
+    for site, _ in retry:
+        final[site.name] = TargetResult(
+            site=site.name, error="cancelled", error_kind=ErrorKind.CANCELLED, attempts=attempt
+        )
+    return False
