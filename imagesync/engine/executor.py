@@ -433,13 +433,8 @@ class Executor:
             if interrupted:
                 # after the bar has ended its line; info: the person who pressed Ctrl-C reads
                 # the bar's own sentence, a log reader (JSON, not a terminal) this
-                log.info(
-                    "copy.interrupted",
-                    image=copy.name,
-                    source=image.ref,
-                    targets=targets,
-                    bytes=counter.read,
-                    uploads="removed",
+                log.bind(image=copy.name, source=image.ref).info(
+                    "copy.interrupted", targets=targets, bytes=counter.read, uploads="removed"
                 )
 
     def _disk_formats(self, site: str) -> tuple[str, ...]:

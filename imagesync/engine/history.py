@@ -53,6 +53,7 @@ def record_copy(
     state: State, copy: Copy, image: ImageRecord, result: CopyResult, started: float
 ) -> None:
     """One history row and one log line per target of a copy that returned a result."""
+    clog = log.bind(image=copy.name, source=image.ref)  # every line names the copy
     for tr in result.targets:
         if tr.ok and tr.image is not None:
             # what retention may touch one day (already recorded when the upload began,
@@ -73,19 +74,11 @@ def record_copy(
             error=tr.error,
         )
         if tr.error_kind is ErrorKind.CANCELLED:
-            log.warning(
-                "copy.cancelled",
-                image=copy.name,
-                source=image.ref,
-                target=tr.site,
-                bytes=result.bytes_read,
-            )
+            clog.warning("copy.cancelled", target=tr.site, bytes=result.bytes_read)
             continue
-        event = log.info if tr.ok else log.error
+        event = clog.info if tr.ok else clog.error
         event(
             "copy.done" if tr.ok else "copy.failed",
-            image=copy.name,
-            source=image.ref,
             target=tr.site,
             image_id=tr.image.id if tr.image else None,
             bytes=result.bytes_read,
