@@ -36,7 +36,13 @@ import structlog
 
 from imagesync.convert import Scratch, copy_with_formats
 from imagesync.coordination import Coordinator, locked
-from imagesync.engine.history import Leases, record_copy, record_retired, record_unfinished
+from imagesync.engine.history import (
+    Leases,
+    record_copy,
+    record_retired,
+    record_unfinished,
+    retire_log,
+)
 from imagesync.engine.inventory import Inventory
 from imagesync.engine.marker import UploadMarker
 from imagesync.engine.pool import SitePool
@@ -484,13 +490,7 @@ class Executor:
                     site.delete(retire.image_id)
             self.inventory.forget(retire.site)
         except (SiteError, LockBusy) as exc:
-            log.error(
-                "retire.failed",
-                image=retire.name,
-                site=retire.site,
-                image_id=retire.image_id,
-                error=str(exc),
-            )
+            retire_log(retire).error("retire.failed", error=str(exc))
             return ActionResult(retire, False, str(exc), outcome=Outcome.FAILED)
         return record_retired(self.state, retire, mode, why)
 
@@ -498,19 +498,14 @@ class Executor:
         self, retire: Retire, why: str | None, but: str | None, kept: str | None
     ) -> ActionResult:
         """The old version stays: logged (info once per change), ``kept: ...`` in the result."""
-        self._kept_log(retire, why)(
-            "retire.kept",
-            image=retire.name,
-            site=retire.site,
-            image_id=retire.image_id,
-            reason=f"{retire.reason}, but {but}",
-        )
+        self._kept_log(retire, why)("retire.kept", reason=f"{retire.reason}, but {but}")
         return ActionResult(retire, True, f"kept: {kept}", outcome=Outcome.KEPT)
 
     def _kept_log(self, retire: Retire, why: str | None) -> Callable[..., Any]:
         """info the first time (or when why changes), debug every pass after that."""
+        rlog = retire_log(retire)
         event: Callable[..., Any] = (
-            log.info if self._said.changed(_kept_key(retire), why) else log.debug
+            rlog.info if self._said.changed(_kept_key(retire), why) else rlog.debug
         )
         return event
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import structlog
 
@@ -89,18 +90,15 @@ def record_copy(
         )
 
 
+def retire_log(retire: Retire) -> Any:
+    """The logger of one retirement: every line names the image, the site and the image's id."""
+    return log.bind(image=retire.name, site=retire.site, image_id=retire.image_id)
+
+
 def record_retired(state: State, retire: Retire, mode: str, why: str | None) -> ActionResult:
     """The old version was hidden or deleted: logged and recorded in history."""
     detail = mode if why is None else f"{mode} instead of delete: {why}"
-    log.info(
-        "retire.done",
-        image=retire.name,
-        site=retire.site,
-        image_id=retire.image_id,
-        mode=mode,
-        reason=retire.reason,
-        fallback=why,
-    )
+    retire_log(retire).info("retire.done", mode=mode, reason=retire.reason, fallback=why)
     state.record_transfer(
         started=time.time(),
         finished=time.time(),
