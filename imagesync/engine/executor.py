@@ -472,8 +472,8 @@ class Executor:
         hide = site.capabilities.hide
         if retire.mode == "hide" and hide is None:
             # Deleting is opt-in: a site that cannot hide keeps its old versions.
-            reason = "the site cannot hide images: set retire: delete on the rule to delete them"
-            return self._kept(retire, "cannot hide", reason, "the site cannot hide")
+            fix = "the site cannot hide images: set retire: delete on the rule to delete them"
+            return self._kept(retire, "cannot hide", detail="the site cannot hide", reason=fix)
         try:
             with locked(self.state, self.coordinator, retire.name, retire.site):
                 mode, why = self._retire_mode(retire, site)
@@ -482,7 +482,7 @@ class Executor:
                 ):
                     raise LockBusy(f"{retire.name} on {retire.site}: lock lost")
                 if mode == "keep":
-                    return self._kept(retire, why, why, why)
+                    return self._kept(retire, why)
                 if mode == "hide":
                     assert hide is not None
                     hide(retire.image_id)
@@ -495,11 +495,17 @@ class Executor:
         return record_retired(self.state, retire, mode, why)
 
     def _kept(
-        self, retire: Retire, why: str | None, but: str | None, kept: str | None
+        self,
+        retire: Retire,
+        why: str | None,
+        *,
+        detail: str | None = None,
+        reason: str | None = None,
     ) -> ActionResult:
-        """The old version stays: logged (info once per change), ``kept: ...`` in the result."""
-        self._kept_log(retire, why)("retire.kept", reason=f"{retire.reason}, but {but}")
-        return ActionResult(retire, True, f"kept: {kept}", outcome=Outcome.KEPT)
+        """The old version stays: logged (info when ``why`` changes, else debug) with ``reason``,
+        ``kept: detail`` in the result (both ``why`` unless given)."""
+        self._kept_log(retire, why)("retire.kept", reason=f"{retire.reason}, but {reason or why}")
+        return ActionResult(retire, True, f"kept: {detail or why}", outcome=Outcome.KEPT)
 
     def _kept_log(self, retire: Retire, why: str | None) -> Callable[..., Any]:
         """info the first time (or when why changes), debug every pass after that."""
