@@ -4,6 +4,7 @@
 - ``inventory``: listings (concurrent, incremental, cached); reads never delete;
 - ``recovery``: removing crash leftovers, only where called by name;
 - ``executor``: runs a plan's copies within limits, then its retirements;
+- ``history``: the executor's history rows, log lines and upload leases;
 - ``recording``: what ``check`` answers from, a pure function of plan + results;
 - ``report``: what ``status --json`` and the daemon's ``/status.json`` show (one function);
 - ``results``: typed outcomes and the observer hook;

@@ -36,6 +36,13 @@ import structlog
 
 from imagesync.convert import Scratch, copy_with_formats
 from imagesync.coordination import Coordinator, locked
+from imagesync.engine.history import (
+    Leases,
+    record_copy,
+    record_retired,
+    record_unfinished,
+    retire_log,
+)
 from imagesync.engine.inventory import Inventory
 from imagesync.engine.marker import UploadMarker
 from imagesync.engine.pool import SitePool
@@ -44,7 +51,7 @@ from imagesync.engine.results import ActionResult, Observer, Outcome
 from imagesync.engine.serverside import copy_image
 from imagesync.errors import LockBusy, LockDenied, SiteError
 from imagesync.logs import OncePerState
-from imagesync.model import PROP_BOOT_TEST, PROP_UPLOAD, ImageRecord, format_time
+from imagesync.model import PROP_BOOT_TEST, PROP_UPLOAD, ImageRecord, NewImage, format_time
 from imagesync.plan import BOOT_TEST_PENDING, Copy, Plan, Retire, SkipReason
 from imagesync.retry import RetryPolicy
 from imagesync.sites.base import Site
@@ -285,65 +292,23 @@ class Executor:
         observer: Observer,
     ) -> ActionResult:
         started = time.time()
+        targets, busy = self._still_ours(copy, targets, busy)
+        if not targets:
+            return ActionResult(copy, False, "busy", targets=busy, outcome=Outcome.BUSY)
+        try:
+            source = self.pool.get(copy.source_site)
+            image = source.get_image(copy.source_id)
+        except SiteError as exc:
+            return self._source_failed(copy, targets, busy, started, exc)
+        new, marker = self._upload_for(copy, image)
+        counter = _Counter(progress, observer, copy, targets, image.size)
         coord = self.coordinator
-        if coord is not None:  # before creating anything: is each lock still ours?
-            lost = [t for t in targets if not coord.holds(copy.name, t)]
-            busy = busy + [
-                TargetResult(site=t, error="lock lost", error_kind=ErrorKind.BUSY) for t in lost
-            ]
-            targets = [t for t in targets if t not in lost]
-            if not targets:
-                return ActionResult(copy, False, "busy", targets=busy, outcome=Outcome.BUSY)
 
         def lease_expired() -> bool:
             # before publishing: the marker's lease, and (coordinated) every lock still ours
             if self.clock() >= marker.expires:
                 return True
             return coord is not None and not all(coord.holds(copy.name, t) for t in targets)
-
-        try:
-            source = self.pool.get(copy.source_site)
-            image = source.get_image(copy.source_id)
-        except SiteError as exc:
-            log.error("copy.failed", image=copy.name, source=copy.source_site, error=str(exc))
-            # history shows the transfers that never got going too
-            self._record_unfinished(
-                copy,
-                f"{copy.source_site}:{copy.source_id}",
-                targets,
-                started,
-                0,
-                ErrorKind.SOURCE.value,
-                str(exc),
-            )
-            return ActionResult(
-                copy,
-                False,
-                str(exc),
-                outcome=Outcome.FAILED,
-                targets=[
-                    TargetResult(site=t, error=str(exc), error_kind=ErrorKind.SOURCE)
-                    for t in targets
-                ]
-                + busy,
-            )
-        new = new_image_for(image, copy.version, copy.visibility)
-        # Name this instance as the uploads' owner, so that another one leaves them alone
-        # until the lease expires (engine.marker); the copy never publishes after that.
-        marker = UploadMarker.new(self.state.instance_id, self.clock(), image.size)
-        extra = {PROP_BOOT_TEST: BOOT_TEST_PENDING} if copy.hidden else {}
-        new = dataclasses.replace(
-            new, properties={**new.properties, **extra, PROP_UPLOAD: marker.to_property()}
-        )
-        bar = progress(f"{copy.name} → {','.join(targets)}", image.size) if progress else None
-        read = 0
-
-        def count(n: int) -> None:
-            nonlocal read
-            read += n
-            observer.copy_progress(n)
-            if bar is not None:
-                bar(n)
 
         log.info(
             "copy.start",
@@ -354,20 +319,101 @@ class Executor:
             bytes=image.size,
         )
         observer.copy_started(dataclasses.replace(copy, targets=tuple(targets)))
+        result = self._transfer(
+            copy,
+            source,
+            image,
+            targets,
+            new,
+            started,
+            counter,
+            cancel,
+            lease_expired,
+        )
+        record_copy(self.state, copy, image, result, started)
+        if copy.hidden:
+            self._hide_published(copy, result)
+        return _copied(copy, result, busy)
+
+    def _still_ours(
+        self, copy: Copy, targets: list[str], busy: list[TargetResult]
+    ) -> tuple[list[str], list[TargetResult]]:
+        """Coordinated, before creating anything: the targets whose lock is still ours; the
+        others join ``busy`` (lock lost)."""
+        coord = self.coordinator
+        if coord is None:
+            return targets, busy
+        lost = [t for t in targets if not coord.holds(copy.name, t)]
+        busy = busy + [
+            TargetResult(site=t, error="lock lost", error_kind=ErrorKind.BUSY) for t in lost
+        ]
+        return [t for t in targets if t not in lost], busy
+
+    def _source_failed(
+        self,
+        copy: Copy,
+        targets: list[str],
+        busy: list[TargetResult],
+        started: float,
+        exc: SiteError,
+    ) -> ActionResult:
+        """The source image could not be read: every target fails as ``source``."""
+        log.error("copy.failed", image=copy.name, source=copy.source_site, error=str(exc))
+        # history shows the transfers that never got going too
+        record_unfinished(
+            self.state,
+            copy,
+            f"{copy.source_site}:{copy.source_id}",
+            targets,
+            started,
+            0,
+            ErrorKind.SOURCE.value,
+            str(exc),
+        )
+        failed = [
+            TargetResult(site=t, error=str(exc), error_kind=ErrorKind.SOURCE) for t in targets
+        ]
+        return ActionResult(copy, False, str(exc), outcome=Outcome.FAILED, targets=failed + busy)
+
+    def _upload_for(self, copy: Copy, image: ImageRecord) -> tuple[NewImage, UploadMarker]:
+        """What each target's upload is created as, and the lease marker it carries."""
+        new = new_image_for(image, copy.version, copy.visibility)
+        # Name this instance as the uploads' owner, so that another one leaves them alone
+        # until the lease expires (engine.marker); the copy never publishes after that.
+        marker = UploadMarker.new(self.state.instance_id, self.clock(), image.size)
+        extra = {PROP_BOOT_TEST: BOOT_TEST_PENDING} if copy.hidden else {}
+        new = dataclasses.replace(
+            new, properties={**new.properties, **extra, PROP_UPLOAD: marker.to_property()}
+        )
+        return new, marker
+
+    def _transfer(
+        self,
+        copy: Copy,
+        source: Site,
+        image: ImageRecord,
+        targets: list[str],
+        new: NewImage,
+        started: float,
+        counter: _Counter,
+        cancel: threading.Event | None,
+        lease_expired: Callable[[], bool],
+    ) -> CopyResult:
+        """The copy itself; history records it even when Ctrl-C interrupts it."""
         interrupted = False
         try:
             # converted where a target wants another format (imagesync.convert); the rest
             # server-side where the sites allow it (engine.serverside), else relayed
-            result = copy_with_formats(
+            return copy_with_formats(
                 source,
                 image,
                 [(self.pool.get(t), new) for t in targets],
                 accepted=self._disk_formats,
                 scratch=self._scratch(),
                 policy=self.policy,
-                progress=count,
+                progress=counter,
                 cancel=cancel,
-                watcher=_Leases(self.state, copy.name, coord),
+                watcher=Leases(self.state, copy.name, self.coordinator),
                 lease_expired=lease_expired,
                 plain_copy=copy_image,
             )
@@ -375,12 +421,13 @@ class Executor:
             # Ctrl-C (SIGTERM for the CLI) in push or sync: copy_image aborted every upload
             # before this; history must still show the transfer (`history` lists it)
             interrupted = True
-            self._record_unfinished(
+            record_unfinished(
+                self.state,
                 copy,
                 image.ref,
                 targets,
                 started,
-                read,
+                counter.read,
                 "interrupted",
                 "interrupted (Ctrl-C or SIGTERM): the upload was removed",
             )
@@ -388,40 +435,13 @@ class Executor:
         finally:
             for t in targets:  # imagesync changed these sites: list them fully next time
                 self.inventory.forget(t)
-            close = getattr(bar, "close", None)
-            if close is not None:
-                close(interrupted=interrupted)
+            counter.close(interrupted)
             if interrupted:
                 # after the bar has ended its line; info: the person who pressed Ctrl-C reads
                 # the bar's own sentence, a log reader (JSON, not a terminal) this
-                log.info(
-                    "copy.interrupted",
-                    image=copy.name,
-                    source=image.ref,
-                    targets=targets,
-                    bytes=read,
-                    uploads="removed",
+                log.bind(image=copy.name, source=image.ref).info(
+                    "copy.interrupted", targets=targets, bytes=counter.read, uploads="removed"
                 )
-        self._report(copy, image, result, started)
-        if copy.hidden:
-            self._hide_published(copy, result)
-        outcome = (
-            Outcome.CANCELLED
-            if result.cancelled
-            else Outcome.DONE
-            if result.ok and not busy
-            else Outcome.BUSY
-            if result.ok and not _failed(busy)
-            else Outcome.FAILED
-        )
-        return ActionResult(
-            copy,
-            result.ok and not busy,
-            "cancelled" if result.cancelled else "",
-            copy=result,
-            targets=result.targets + busy,
-            outcome=outcome,
-        )
 
     def _disk_formats(self, site: str) -> tuple[str, ...]:
         """The formats ``site`` accepts, preferred first; () takes any as it is."""
@@ -446,90 +466,14 @@ class Executor:
             except SiteError as exc:
                 log.warning("copy.hide_failed", image=copy.name, site=t.site, error=str(exc))
 
-    def _record_unfinished(
-        self,
-        copy: Copy,
-        source: str,
-        targets: Sequence[str],
-        started: float,
-        nbytes: int,
-        result: str,
-        error: str,
-    ) -> None:
-        """One history row per target of a copy that ended without a CopyResult."""
-        now = time.time()
-        for t in targets:
-            self.state.record_transfer(
-                started=started,
-                finished=now,
-                name=copy.name,
-                source=source,
-                target=t,
-                version=format_time(copy.version.time),
-                bytes=nbytes,
-                seconds=round(now - started, 3),
-                result=result,
-                error=error,
-            )
-
-    def _report(self, copy: Copy, image: ImageRecord, result: CopyResult, started: float) -> None:
-        for tr in result.targets:
-            if tr.ok and tr.image is not None:
-                # what retention may touch one day (already recorded when the upload began,
-                # by _Leases.started; idempotent)
-                self.state.record_made(tr.site, tr.image.id, copy.name)
-            self.state.record_transfer(
-                started=started,
-                finished=time.time(),
-                name=copy.name,
-                source=image.ref,
-                target=tr.site,
-                version=format_time(copy.version.time),
-                sha512=result.sha512,
-                bytes=result.bytes_read,
-                seconds=round(result.seconds, 3),
-                result="ok" if tr.ok else (tr.error_kind.value if tr.error_kind else "failed"),
-                image_id=tr.image.id if tr.image else None,
-                error=tr.error,
-            )
-            if tr.error_kind is ErrorKind.CANCELLED:
-                log.warning(
-                    "copy.cancelled",
-                    image=copy.name,
-                    source=image.ref,
-                    target=tr.site,
-                    bytes=result.bytes_read,
-                )
-                continue
-            event = log.info if tr.ok else log.error
-            event(
-                "copy.done" if tr.ok else "copy.failed",
-                image=copy.name,
-                source=image.ref,
-                target=tr.site,
-                image_id=tr.image.id if tr.image else None,
-                bytes=result.bytes_read,
-                seconds=round(result.seconds, 3),
-                error=tr.error,
-                kind=tr.error_kind.value if tr.error_kind else None,
-                attempts=tr.attempts,
-            )
-
     # -- one retirement ------------------------------------------------------------------------
     def run_retire(self, retire: Retire) -> ActionResult:
         site = self.pool.get(retire.site)
         hide = site.capabilities.hide
         if retire.mode == "hide" and hide is None:
             # Deleting is opt-in: a site that cannot hide keeps its old versions.
-            self._kept_log(retire, "cannot hide")(
-                "retire.kept",
-                image=retire.name,
-                site=retire.site,
-                image_id=retire.image_id,
-                reason=f"{retire.reason}, but the site cannot "
-                "hide images: set retire: delete on the rule to delete them",
-            )
-            return ActionResult(retire, True, "kept: the site cannot hide", outcome=Outcome.KEPT)
+            fix = "the site cannot hide images: set retire: delete on the rule to delete them"
+            return self._kept(retire, "cannot hide", detail="the site cannot hide", reason=fix)
         try:
             with locked(self.state, self.coordinator, retire.name, retire.site):
                 mode, why = self._retire_mode(retire, site)
@@ -538,14 +482,7 @@ class Executor:
                 ):
                     raise LockBusy(f"{retire.name} on {retire.site}: lock lost")
                 if mode == "keep":
-                    self._kept_log(retire, why)(
-                        "retire.kept",
-                        image=retire.name,
-                        site=retire.site,
-                        image_id=retire.image_id,
-                        reason=f"{retire.reason}, but {why}",
-                    )
-                    return ActionResult(retire, True, f"kept: {why}", outcome=Outcome.KEPT)
+                    return self._kept(retire, why)
                 if mode == "hide":
                     assert hide is not None
                     hide(retire.image_id)
@@ -553,41 +490,28 @@ class Executor:
                     site.delete(retire.image_id)
             self.inventory.forget(retire.site)
         except (SiteError, LockBusy) as exc:
-            log.error(
-                "retire.failed",
-                image=retire.name,
-                site=retire.site,
-                image_id=retire.image_id,
-                error=str(exc),
-            )
+            retire_log(retire).error("retire.failed", error=str(exc))
             return ActionResult(retire, False, str(exc), outcome=Outcome.FAILED)
-        detail = mode if why is None else f"{mode} instead of delete: {why}"
-        log.info(
-            "retire.done",
-            image=retire.name,
-            site=retire.site,
-            image_id=retire.image_id,
-            mode=mode,
-            reason=retire.reason,
-            fallback=why,
-        )
-        self.state.record_transfer(
-            started=time.time(),
-            finished=time.time(),
-            name=retire.name,
-            source=f"{retire.site}:{retire.image_id}",
-            target=retire.site,
-            version=format_time(retire.version.time),
-            result=f"retired:{mode}",
-            image_id=retire.image_id,
-            error=None if why is None else f"hidden instead of deleted: {why}",
-        )
-        return ActionResult(retire, True, detail)
+        return record_retired(self.state, retire, mode, why)
+
+    def _kept(
+        self,
+        retire: Retire,
+        why: str | None,
+        *,
+        detail: str | None = None,
+        reason: str | None = None,
+    ) -> ActionResult:
+        """The old version stays: logged (info when ``why`` changes, else debug) with ``reason``,
+        ``kept: detail`` in the result (both ``why`` unless given)."""
+        self._kept_log(retire, why)("retire.kept", reason=f"{retire.reason}, but {reason or why}")
+        return ActionResult(retire, True, f"kept: {detail or why}", outcome=Outcome.KEPT)
 
     def _kept_log(self, retire: Retire, why: str | None) -> Callable[..., Any]:
         """info the first time (or when why changes), debug every pass after that."""
+        rlog = retire_log(retire)
         event: Callable[..., Any] = (
-            log.info if self._said.changed(_kept_key(retire), why) else log.debug
+            rlog.info if self._said.changed(_kept_key(retire), why) else rlog.debug
         )
         return event
 
@@ -618,31 +542,54 @@ def _kept_key(retire: Retire) -> tuple[str, ...]:
     return ("retire.kept", retire.site, retire.image_id)
 
 
+def _copied(copy: Copy, result: CopyResult, busy: list[TargetResult]) -> ActionResult:
+    """The action's result from the copy's and the targets that were busy."""
+    outcome = (
+        Outcome.CANCELLED
+        if result.cancelled
+        else Outcome.DONE
+        if result.ok and not busy
+        else Outcome.BUSY
+        if result.ok and not _failed(busy)
+        else Outcome.FAILED
+    )
+    return ActionResult(
+        copy,
+        result.ok and not busy,
+        "cancelled" if result.cancelled else "",
+        copy=result,
+        targets=result.targets + busy,
+        outcome=outcome,
+    )
+
+
+class _Counter:
+    """The copy's progress: bytes read, told to the observer and the progress bar."""
+
+    def __init__(
+        self,
+        progress: ProgressFactory | None,
+        observer: Observer,
+        copy: Copy,
+        targets: Sequence[str],
+        size: int | None,
+    ) -> None:
+        self.read = 0
+        self.observer = observer
+        self.bar = progress(f"{copy.name} → {','.join(targets)}", size) if progress else None
+
+    def __call__(self, n: int) -> None:
+        self.read += n
+        self.observer.copy_progress(n)
+        if self.bar is not None:
+            self.bar(n)
+
+    def close(self, interrupted: bool) -> None:
+        close = getattr(self.bar, "close", None)
+        if close is not None:
+            close(interrupted=interrupted)
+
+
 def _failed(blocked: list[TargetResult]) -> list[TargetResult]:
     """The targets whose lock could not be taken for a reason that counts as a failure."""
     return [t for t in blocked if t.error_kind is not None and t.error_kind.counts_as_failure]
-
-
-class _Leases:
-    """Records each upload of one image name as a lease while it is half-made."""
-
-    def __init__(self, state: State, name: str, coordinator: Coordinator | None = None) -> None:
-        self.state = state
-        self.name = name
-        self.coordinator = coordinator
-
-    def started(self, site: str, image_id: str) -> None:
-        # Made by imagesync from its creation, not from the end of the copy: a kill -9 after
-        # publish() but before the copy returns (a fan-out still writing its other targets)
-        # would otherwise leave a published copy that retention never retires. Retention
-        # only looks at published images, so the id of an upload that never publishes is
-        # harmless here (found by the fault suite, tests/faults.py).
-        self.state.record_made(site, image_id, self.name)
-        self.state.add_lease(site, image_id, self.name)
-        if self.coordinator is not None:  # who makes what where, for every member to see
-            self.coordinator.record_upload(self.name, site, image_id)
-
-    def ended(self, site: str, image_id: str) -> None:
-        self.state.drop_lease(site, image_id)
-        if self.coordinator is not None:
-            self.coordinator.drop_upload(site, image_id)

@@ -31,15 +31,9 @@ import structlog
 from imagesync.errors import Cancelled, IntegrityError, NotFound, SiteError
 from imagesync.model import PROP_SHA512, ImageRecord, NewImage, Version
 from imagesync.sites.base import Capabilities, SharedURL, Site, URLImporting
-from imagesync.transfer import (
-    CopyResult,
-    ErrorKind,
-    TargetResult,
-    UploadWatcher,
-)
-from imagesync.transfer import (
-    copy_image as relay_copy,
-)
+from imagesync.transfer import CopyResult, ErrorKind, TargetResult, UploadWatcher
+from imagesync.transfer import copy_image as relay_copy
+from imagesync.uploads import NoWatcher
 
 log = structlog.get_logger("imagesync.serverside")
 
@@ -100,14 +94,6 @@ def verify_import(stored: ImageRecord, sha512: str, size: int) -> list[str]:
     return problems
 
 
-class _NoWatcher:
-    def started(self, site: str, image_id: str) -> None:
-        pass
-
-    def ended(self, site: str, image_id: str) -> None:
-        pass
-
-
 def copy_image(
     source: Site,
     image: ImageRecord,
@@ -124,7 +110,40 @@ def copy_image(
     started = time.monotonic()
     version = image.version
     sha512 = expected_sha512(image, version)
-    watch: UploadWatcher = watcher or _NoWatcher()
+    done, rest = _server_side(
+        source, image, targets, sha512, cancel, watcher or NoWatcher(), lease_expired
+    )
+    if rest:
+        result = relay_copy(
+            source,
+            image,
+            rest,
+            cancel=cancel,
+            watcher=watcher,
+            lease_expired=lease_expired,
+            **relay,
+        )
+    else:
+        result = CopyResult(source=image, version=version)
+    relayed = {t.site: t for t in result.targets}
+    result.targets = [done.get(s.name) or relayed[s.name] for s, _ in targets]
+    if result.sha512 is None and any(t.ok for t in done.values()):
+        result.sha512 = sha512
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _server_side(
+    source: Site,
+    image: ImageRecord,
+    targets: Sequence[tuple[Site, NewImage]],
+    sha512: str | None,
+    cancel: threading.Event | None,
+    watch: UploadWatcher,
+    lease_expired: Callable[[], bool] | None,
+) -> tuple[dict[str, TargetResult], list[tuple[Site, NewImage]]]:
+    """Copy server-side to every target that allows it: the results of those that got their
+    copy (or were cancelled), and the targets left for the relay."""
     done: dict[str, TargetResult] = {}
     rest: list[tuple[Site, NewImage]] = []
     url: SharedURL | None = None
@@ -155,24 +174,7 @@ def copy_image(
             )
         log.debug("copy.relay", image=image.name, target=site.name, reason=why)
         rest.append((site, new))
-    if rest:
-        result = relay_copy(
-            source,
-            image,
-            rest,
-            cancel=cancel,
-            watcher=watcher,
-            lease_expired=lease_expired,
-            **relay,
-        )
-    else:
-        result = CopyResult(source=image, version=version)
-    relayed = {t.site: t for t in result.targets}
-    result.targets = [done.get(s.name) or relayed[s.name] for s, _ in targets]
-    if result.sha512 is None and any(t.ok for t in done.values()):
-        result.sha512 = sha512
-    result.seconds = time.monotonic() - started
-    return result
+    return done, rest
 
 
 def _offers(site: Site, importer: URLImporting) -> bool:

@@ -1,0 +1,339 @@
+"""The fan-out of one copy: one read of the source handed to N targets, each through a bounded
+queue of its own written by a thread of its own (``Feed``), so a slow target blocks only its
+queue. A target that falls behind (its queue full for ``Tuning.detach_after`` while another
+waits for data) is *detached* onto a second read (``SecondRead``) from the offset it reached,
+shared by every target detached later: the source is read at most twice per copy.
+``imagesync.transfer`` drives it (hashing, verifying, publishing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import structlog
+
+from imagesync.errors import Cancelled, SiteError, TransientError
+from imagesync.model import ImageRecord
+from imagesync.reading import read_from
+from imagesync.sites.base import Site
+from imagesync.uploads import (
+    CopyResult,
+    ErrorKind,
+    Live,
+    Progress,
+    Tuning,
+    cancel_rest,
+    check_cancel,
+    fail,
+    kind_of,
+)
+
+# the copy's events keep the logger they always had
+log = structlog.get_logger("imagesync.transfer")
+
+
+class Stopped(Exception):
+    """A read was told to stop (the copy is being given up)."""
+
+
+class Feed:
+    """One target's bounded queue of chunks and the thread that writes them to its upload, so
+    that a slow target blocks only its own queue, and how far behind it is can be seen."""
+
+    def __init__(self, live: Live, tuning: Tuning, cancel: threading.Event | None) -> None:
+        self.live = live
+        self.cancel = cancel
+        self.tick = tuning.tick
+        self.q: queue.Queue[bytes | None] = queue.Queue(maxsize=tuning.queue_chunks)
+        self.sent = 0  # bytes queued for this target: where a second read takes it up
+        self.written = 0  # bytes its upload took: signs of life (see FanOut.pulse)
+        #: since when every hand-over to it found its queue full (None: it had room), and
+        #: what it had written then
+        self.full_since: float | None = None
+        self.written_then = 0
+        self.error: Exception | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"feed-{live.site.name}")
+        self.thread.start()
+
+    def rate(self, now: float) -> float:
+        """Bytes per second its upload has taken since it fell behind."""
+        if self.full_since is None:
+            return float("inf")
+        return (self.written - self.written_then) / max(now - self.full_since, 1e-3)
+
+    def _run(self) -> None:
+        while (chunk := self.q.get()) is not None:
+            if self.cancel is not None and self.cancel.is_set():
+                return  # not one more chunk: whoever reads sees the cancel and aborts
+            try:
+                self.live.writer.write(chunk)
+            except Exception as exc:
+                self.error = exc
+                return
+            self.written += len(chunk)
+
+    def end(self, cancel: threading.Event | None, pulse: Callable[[], None]) -> Exception | None:
+        """No more chunks: wait until every queued one is written; the write's failure."""
+        while self.thread.is_alive():
+            try:
+                self.q.put(None, timeout=self.tick)
+                break
+            except queue.Full:
+                check_cancel(cancel)
+                pulse()
+        while self.thread.is_alive():
+            self.thread.join(timeout=self.tick)
+            check_cancel(cancel)
+            pulse()
+        check_cancel(cancel)  # the thread may have stopped for it, with chunks left unwritten
+        return self.error
+
+    def stop(self) -> None:
+        """Write no more (what is queued is dropped). Not waited for: the caller aborts the
+        upload, which also ends a write blocked in a stuck one (whose failure is ignored)."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.q.get_nowait()
+        with contextlib.suppress(queue.Full):
+            self.q.put_nowait(None)
+
+
+class Read:
+    """One read of the source and the feeds it hands each chunk to, at ``pos``."""
+
+    def __init__(self, tuning: Tuning, cancel: threading.Event | None, start: int = 0) -> None:
+        self.tuning = tuning
+        self.cancel = cancel
+        self.pos = start  # offset of the next chunk
+        self.feeds: list[Feed] = []
+        self.lock = threading.Lock()  # feeds may join from another thread (the first read)
+        self.stopped = threading.Event()
+
+    def hand(
+        self,
+        chunk: bytes,
+        detach: Callable[[Feed], bool] | None = None,
+        pulse: Callable[[], None] = lambda: None,
+    ) -> None:
+        with self.lock:
+            start, feeds = self.pos, list(self.feeds)
+            self.pos += len(chunk)
+        for feed in feeds:
+            if feed.sent >= start + len(chunk):
+                continue  # joined ahead of this read: it has these bytes already
+            data = chunk[feed.sent - start :] if feed.sent > start else chunk
+            if not self._put(feed, data, detach, pulse):
+                with self.lock:
+                    self.feeds.remove(feed)
+
+    def _put(
+        self,
+        feed: Feed,
+        data: bytes,
+        detach: Callable[[Feed], bool] | None,
+        pulse: Callable[[], None],
+    ) -> bool:
+        """Queue ``data`` for one target, waiting while its queue is full; False when the
+        target left this read (its upload failed, or ``detach`` took it)."""
+        waited = False
+        while True:
+            if feed.error is not None:
+                feed.stop()
+                fail(feed.live, feed.error, kind_of(feed.error))
+                return False
+            try:
+                feed.q.put(data, timeout=self.tuning.tick)
+                feed.sent += len(data)
+                if not waited:
+                    feed.full_since = None  # it had room: not behind
+                return True
+            except queue.Full:
+                waited = True
+            check_cancel(self.cancel)
+            pulse()
+            if self.stopped.is_set():
+                raise Stopped
+            if detach is None:
+                continue
+            # Behind: its queue was full at every hand-over for a while (a throttled link takes
+            # a chunk now and then, so one wait alone is short), and it holds another back.
+            now = time.monotonic()
+            if feed.full_since is None:
+                feed.full_since, feed.written_then = now, feed.written
+            starved = any(f.q.empty() for f in self.feeds if f is not feed)
+            if now - feed.full_since >= self.tuning.detach_after and starved and detach(feed):
+                return False
+
+    def drain(self, pulse: Callable[[], None]) -> list[Live]:
+        """The read is over: every target still on it writes what is queued; those whose
+        upload failed fail. Returns the others."""
+        with self.lock:
+            feeds = list(self.feeds)
+        for feed in feeds:
+            err = feed.end(self.cancel, pulse)  # Cancelled: stop_feeds() still finds the rest
+            if err is not None:
+                with self.lock:
+                    self.feeds.remove(feed)
+                fail(feed.live, err, kind_of(err))
+        return self.stop_feeds()  # every thread has ended: only takes them off this read
+
+    def stop_feeds(self) -> list[Live]:
+        """Stop every target's writing (not aborted yet): their uploads."""
+        with self.lock:
+            feeds, self.feeds = self.feeds, []
+        for feed in feeds:
+            feed.stop()
+        return [f.live for f in feeds]
+
+
+class SecondRead(Read):
+    """The read serving the targets that fell behind, in a thread of its own, from the offset
+    the first of them reached; others join it if it has not passed their offset yet."""
+
+    def __init__(self, source: Site, image: ImageRecord, fan: FanOut, first: Feed) -> None:
+        super().__init__(fan.tuning, fan.cancel, start=first.sent)
+        self.start, self.t0 = first.sent, time.monotonic()
+        self.source, self.image = source, image
+        self.feeds.append(first)
+        self.closed = False  # takes no more targets
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(
+            target=self._run, args=(fan.count,), daemon=True, name=f"read-{source.name}"
+        )
+        self.thread.start()
+
+    def take(self, feed: Feed) -> bool:
+        """Serve ``feed`` too, if this read has not passed its offset and goes about as fast
+        (a target twice as fast as the slow ones here is better off held a little on the
+        first read than held to their pace)."""
+        now = time.monotonic()
+        with self.lock:
+            rate = (self.pos - self.start) / max(now - self.t0, 1e-3)
+            if self.closed or self.pos > feed.sent or feed.rate(now) > 2 * rate:
+                return False
+            self.feeds.append(feed)
+            return True
+
+    def _run(self, count: Callable[[bool], None]) -> None:
+        stream = read_from(self.source, self.image, self.pos, self.tuning, count)
+        try:
+            for chunk in stream:
+                check_cancel(self.cancel)
+                if self.stopped.is_set():
+                    return
+                self.hand(chunk)
+                with self.lock:
+                    if not self.feeds:  # every target on it failed
+                        self.closed = True
+                        return
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            with self.lock:
+                self.closed = True
+            stream.close()
+
+    def wait(self, pulse: Callable[[], None]) -> list[Live]:
+        """The targets this read gave every byte to, once it is over (those it failed are
+        failed: a source that failed them fails them as ``source``, retried alone)."""
+        while self.thread.is_alive():
+            self.thread.join(timeout=self.tuning.tick)
+            pulse()
+        if self.error is None:
+            return self.drain(pulse)
+        live = self.stop_feeds()
+        if isinstance(self.error, Cancelled):
+            cancel_rest(live)
+        elif isinstance(self.error, SiteError):
+            err = TransientError(
+                f"reading {self.image.ref} from offset {self.pos}: {self.error}",
+                site=self.source.name,
+            )
+            for lv in live:
+                fail(lv, err, ErrorKind.SOURCE)
+        else:
+            log.error("copy.source_failed", source=self.image.ref, exc_info=self.error)
+            for lv in live:
+                fail(lv, self.error, ErrorKind.UNEXPECTED)
+        return []
+
+    def stop(self) -> list[Live]:
+        self.stopped.set()
+        self.thread.join()
+        return self.stop_feeds()
+
+
+class FanOut:
+    """The targets of one attempt: those on the first read of the source, and the second read
+    that those which fell behind were detached onto (at most one: two reads per copy)."""
+
+    def __init__(
+        self,
+        source: Site,
+        image: ImageRecord,
+        live: Sequence[Live],
+        tuning: Tuning,
+        cancel: threading.Event | None,
+        result: CopyResult,
+        progress: Progress | None = None,
+    ) -> None:
+        self.source, self.image, self.tuning, self.cancel = source, image, tuning, cancel
+        self.result = result
+        self.first = Read(tuning, cancel)
+        self.first.feeds = [Feed(lv, tuning, cancel) for lv in live]
+        self.second: SecondRead | None = None
+        self.ready: list[Live] = []  # set by end(): every byte written, from the first read
+        self._count_lock = threading.Lock()
+        self.progress = progress
+        self._feeds = list(self.first.feeds)  # detached ones too: the same objects
+        self._written = 0
+
+    def pulse(self) -> None:
+        """A sign of life while the reader waits for its targets: ``progress(0)`` when an upload
+        took bytes since the last call. Only from the copy's own thread (the daemon's health
+        and status page follow the thread that reads the source)."""
+        written = sum(f.written for f in self._feeds)
+        if written != self._written and self.progress is not None:
+            self._written = written
+            self.progress(0)
+
+    def count(self, resumed: bool) -> None:
+        with self._count_lock:
+            self.result.reads += not resumed
+            self.result.resumes += resumed
+
+    @property
+    def busy(self) -> bool:
+        """Is any target still being served (the first read must go on, to hash for them)?"""
+        return bool(self.first.feeds) or (self.second is not None and not self.second.closed)
+
+    def hand(self, chunk: bytes) -> None:
+        self.first.hand(chunk, self._detach, self.pulse)
+
+    def _detach(self, feed: Feed) -> bool:
+        if self.second is None:
+            self.second = SecondRead(self.source, self.image, self, feed)
+        elif not self.second.take(feed):
+            return False  # the second read is past it: it stays on the first
+        self.result.detached.append(feed.live.site.name)
+        log.info("copy.detached", site=feed.live.site.name, offset=feed.sent)
+        return True
+
+    def end(self) -> None:
+        self.ready = self.first.drain(self.pulse)
+
+    def stop_second(self) -> list[Live]:
+        """Stop the second read; the uploads it was writing (not aborted yet)."""
+        return self.second.stop() if self.second is not None else []
+
+    def abort_all(self) -> list[Live]:
+        """Give up: abort every upload still being written or waiting to be settled."""
+        live = self.first.stop_feeds() + self.ready + self.stop_second()
+        self.ready = []
+        for lv in live:
+            lv.abort()
+        return live

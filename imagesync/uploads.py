@@ -1,0 +1,204 @@
+"""The results of a copy and its uploads in flight: what ``imagesync.transfer`` (and the
+fan-out under it) report per target, how a copy is tuned, and one target's upload (``Live``)
+with the rules for failing it alone: a failing target is aborted or deleted and its error
+recorded with its kind, while the others carry on.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+import structlog
+
+from imagesync.errors import Cancelled, IntegrityError, SiteError, TransientError
+from imagesync.model import ImageRecord, Version
+from imagesync.sites.base import Site, Writer
+
+# the copy's events keep the logger they always had
+log = structlog.get_logger("imagesync.transfer")
+
+Progress = Callable[[int], None]
+
+
+class ErrorKind(StrEnum):
+    """Why a target did not get its copy. The values are what history records."""
+
+    INTEGRITY = "integrity"  # bytes did not match: the copy was removed
+    TRANSIENT = "transient"  # worth retrying (network, 5xx)
+    SITE = "site"  # the target refused (auth, quota, bad request)
+    SOURCE = "source"  # reading the source failed
+    CANCELLED = "cancelled"  # the daemon is stopping: the upload was removed
+    BUSY = "busy"  # another imagesync holds the (name, site) lock
+    CONVERSION = "conversion"  # the disk format conversion failed (imagesync.convert)
+    UNEXPECTED = "unexpected"  # a bug: logged with its traceback
+
+    @property
+    def counts_as_failure(self) -> bool:
+        """Busy (someone else is on it) and cancelled (we are stopping) are not failures."""
+        return self not in (ErrorKind.BUSY, ErrorKind.CANCELLED)
+
+    @property
+    def retryable(self) -> bool:
+        return self in (ErrorKind.TRANSIENT, ErrorKind.SOURCE)
+
+
+class UploadWatcher(Protocol):
+    """Told when an upload starts on a site and when it is published or removed."""
+
+    def started(self, site: str, image_id: str) -> None: ...
+
+    def ended(self, site: str, image_id: str) -> None: ...
+
+
+class NoWatcher:
+    """Hears nothing: a copy started without a watcher."""
+
+    def started(self, site: str, image_id: str) -> None:
+        pass
+
+    def ended(self, site: str, image_id: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """How a copy streams: passed in (tests make it quick), the defaults suit real links."""
+
+    #: chunks (1 MiB as the sites read them) queued per target, in front of the site's own
+    #: upload queue; a chunk is one bytes object shared by every queue of a read
+    queue_chunks: int = 2
+    #: seconds a target's queue may stay full, while another target waits for data, before
+    #: that target is detached onto the second read (the others wait that long for it)
+    detach_after: float = 0.5
+    #: how many times one read of the source may be resumed after a cut
+    resumes: int = 3
+    #: how often a blocked hand-over looks at failures, cancellation and lag (seconds)
+    tick: float = 0.05
+
+
+@dataclass
+class TargetResult:
+    """What happened on one target."""
+
+    site: str
+    ok: bool = False
+    image: ImageRecord | None = None
+    error: str | None = None
+    error_kind: ErrorKind | None = None
+    attempts: int = 0
+    retry_after: float | None = None  # the site's hint, when it gave one
+    #: how the bytes got there: "relay" (through imagesync) or a server-side import's method
+    #: (engine.serverside: "web-download")
+    via: str = "relay"
+
+
+@dataclass
+class CopyResult:
+    """What one copy of one image version did, target by target."""
+
+    source: ImageRecord
+    version: Version
+    bytes_read: int = 0
+    seconds: float = 0.0
+    sha512: str | None = None
+    targets: list[TargetResult] = field(default_factory=list)
+    #: reads of the source started (a second one serves detached targets) and cuts resumed
+    reads: int = 0
+    resumes: int = 0
+    detached: list[str] = field(default_factory=list)  # targets served by a second read
+
+    @property
+    def ok(self) -> bool:
+        return all(t.ok for t in self.targets)
+
+    @property
+    def cancelled(self) -> bool:
+        return any(t.error_kind is ErrorKind.CANCELLED for t in self.targets)
+
+
+class Live:
+    def __init__(
+        self, site: Site, writer: Writer, result: TargetResult, watcher: UploadWatcher
+    ) -> None:
+        self.site = site
+        self.writer = writer
+        self.result = result
+        self.watcher = watcher
+        watcher.started(site.name, writer.image_id)
+
+    def abort(self) -> None:
+        """Abort the upload; never raises (one target's cleanup must not stop the others')."""
+        try:
+            self.writer.abort()
+        except Exception as exc:
+            # Still marked as uploading and hidden, and still leased: recovery removes it.
+            log.warning(
+                "cleanup.abort_failed",
+                site=self.site.name,
+                image_id=self.writer.image_id,
+                error=str(exc),
+                exc_info=not isinstance(exc, SiteError),
+            )
+            return
+        self.watcher.ended(self.site.name, self.writer.image_id)
+
+    def remove(self, image_id: str) -> None:
+        """Delete a finished but unpublished upload (it failed verification, or we stop)."""
+        try:
+            self.site.delete(image_id)
+        except Exception as exc:
+            # Still marked as uploading and hidden: the next run's recovery removes it.
+            log.warning(
+                "cleanup.delete_failed",
+                site=self.site.name,
+                image_id=image_id,
+                error=str(exc),
+                exc_info=not isinstance(exc, SiteError),
+            )
+            return
+        self.watcher.ended(self.site.name, image_id)
+
+
+def fail(live: Live, exc: BaseException, kind: ErrorKind) -> None:
+    live.result.ok = False
+    set_error(live.result, exc)
+    live.result.error_kind = kind
+    live.abort()
+    log_failed(live.site.name, exc, kind)
+
+
+def log_failed(site: str, exc: BaseException, kind: ErrorKind) -> None:
+    # a bug (outside the SiteError hierarchy) is logged with its traceback
+    unexpected = kind is ErrorKind.UNEXPECTED
+    log.warning("copy.target_failed", site=site, error=str(exc), kind=kind, exc_info=unexpected)
+
+
+def check_cancel(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("cancelled")
+
+
+def cancel_rest(live: Sequence[Live]) -> None:
+    for lv in live:
+        lv.result.error, lv.result.error_kind = "cancelled", ErrorKind.CANCELLED
+        lv.abort()
+
+
+def kind_of(exc: BaseException) -> ErrorKind:
+    if isinstance(exc, IntegrityError):
+        return ErrorKind.INTEGRITY
+    if isinstance(exc, TransientError):
+        return ErrorKind.TRANSIENT
+    if isinstance(exc, SiteError):
+        return ErrorKind.SITE
+    return ErrorKind.UNEXPECTED  # a bug in a site: that target fails, the others go on
+
+
+def set_error(res: TargetResult, exc: BaseException, prefix: str = "") -> None:
+    res.error, res.error_kind = f"{prefix}{exc}", kind_of(exc)
+    if isinstance(exc, TransientError):
+        res.retry_after = exc.retry_after
