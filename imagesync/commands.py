@@ -373,17 +373,7 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
     engine = Engine(config)
     try:
         inventories = engine.inventories(name=name)
-        if name is not None and (missing := _no_such_image(engine, name, inventories)):
-            raise missing
-        rules = engine.rules
-        if name is not None:
-            from imagesync.plan import assess, rule_for
-
-            rule = rule_for(rules, name)
-            required = rule.sites if rule else ()
-            assessments = [assess(name, inventories, config.site_names, required=required)]
-        else:
-            assessments = plan(rules, inventories, config.site_names).assessments
+        assessments = _assessments(engine, config, name, inventories)
         # what status saw is what check answers from: a cell found stale here is never
         # handed out as current afterwards (issue 11)
         engine.record(assessments)
@@ -398,23 +388,7 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
         extra = {"coordination": group} if group is not None else {}
         print(json.dumps({**doc, "saves": saves, "save_errors": save_errors, **extra}, indent=2))
         return 0
-    sites = list(config.site_names)
-    if not assessments:
-        print("no managed images found" + (f" named {name!r}" if name else ""))
-    rows = [[printable(a.name)] + [_cell_text(a, s) for s in sites] for a in assessments]
-    if assessments:
-        for line in _aligned([["NAME", *sites], *rows]):
-            print(line)
-        for a in assessments:
-            if a.newest:
-                print(
-                    printable(
-                        f"  {a.name}: newest {a.newest.short()} from {a.newest.origin}"
-                        + (f" — NOT COPYABLE: {a.not_copyable}" if a.not_copyable else "")
-                    )
-                )
-            for line in ignored_lines(a):
-                print(line)
+    _print_table(list(config.site_names), name, assessments)
     for s, inv in inventories.items():
         if not inv.ok:
             print(printable(f"  {s}: unreachable: {inv.error}"), file=sys.stderr)
@@ -435,6 +409,41 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
     ]:
         print(printable(line))
     return 0
+
+
+def _assessments(
+    engine: Engine, config: Config, name: str | None, inventories: Mapping[str, SiteInventory]
+) -> list[Assessment]:
+    """Every managed name's assessment, or only ``name``'s (NoSuchImage when nothing has it)."""
+    if name is None:
+        return plan(engine.rules, inventories, config.site_names).assessments
+    if missing := _no_such_image(engine, name, inventories):
+        raise missing
+    from imagesync.plan import assess
+
+    rule = rule_for(engine.rules, name)
+    required = rule.sites if rule else ()
+    return [assess(name, inventories, config.site_names, required=required)]
+
+
+def _print_table(sites: list[str], name: str | None, assessments: Sequence[Assessment]) -> None:
+    """status's table: names x sites, then each name's newest version and what is ignored."""
+    if not assessments:
+        print("no managed images found" + (f" named {name!r}" if name else ""))
+        return
+    rows = [[printable(a.name)] + [_cell_text(a, s) for s in sites] for a in assessments]
+    for line in _aligned([["NAME", *sites], *rows]):
+        print(line)
+    for a in assessments:
+        if a.newest:
+            print(
+                printable(
+                    f"  {a.name}: newest {a.newest.short()} from {a.newest.origin}"
+                    + (f" — NOT COPYABLE: {a.not_copyable}" if a.not_copyable else "")
+                )
+            )
+        for line in ignored_lines(a):
+            print(line)
 
 
 def _group(config: Config, names: list[str]) -> dict[str, Any] | None:
