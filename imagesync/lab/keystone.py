@@ -129,12 +129,10 @@ def start(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> int:
 
 
 def wait_ready(
-    cloud_dir: Path,
-    cloud: CloudState,
-    pid: int,
-    timeout: float = 60.0,
-    abort: Callable[[], None] | None = None,
+    cloud_dir: Path, cloud: CloudState, *, timeout: float, abort: Callable[[], None] | None
 ) -> None:
+    """Wait until the keystone started for ``cloud`` (its pid in the state) answers."""
+    pid = cloud.keystone.pid or 0
     procs.wait_service(cloud_dir, "keystone", cloud.keystone_url, pid, timeout, abort)
 
 
