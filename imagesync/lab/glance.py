@@ -117,10 +117,9 @@ def db_sync(tools: procs.Tools, cloud_dir: Path) -> None:
 
 
 def start(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> int:
-    argv = procs.uwsgi_argv(
-        tools.uwsgi,
-        tools.venv,
-        ["--http11-socket", f"{procs.LOOPBACK}:{cloud.glance.port}"],
+    argv = procs.service_argv(
+        tools,
+        cloud.glance.port,
         tools.glance_wsgi,
         FILES.pid_file(cloud_dir),
         # glanceclient uploads chunked

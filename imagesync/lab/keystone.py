@@ -114,12 +114,8 @@ def bootstrap(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> None:
 
 
 def start(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> int:
-    argv = procs.uwsgi_argv(
-        tools.uwsgi,
-        tools.venv,
-        ["--http11-socket", f"{procs.LOOPBACK}:{cloud.keystone.port}"],
-        tools.keystone_wsgi,
-        FILES.pid_file(cloud_dir),
+    argv = procs.service_argv(
+        tools, cloud.keystone.port, tools.keystone_wsgi, FILES.pid_file(cloud_dir)
     )
     env = {
         "OS_KEYSTONE_CONFIG_DIR": str(FILES.home(cloud_dir)),

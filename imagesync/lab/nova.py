@@ -308,13 +308,7 @@ def install_templates(cloud_dir: Path) -> None:
 
 def start_placement(tools: procs.Tools, wsgi: Path, cloud_dir: Path, cloud: CloudState) -> int:
     assert cloud.placement is not None
-    argv = procs.uwsgi_argv(
-        tools.uwsgi,
-        tools.venv,
-        ["--http11-socket", f"{procs.LOOPBACK}:{cloud.placement.port}"],
-        wsgi,
-        PLACEMENT.pid_file(cloud_dir),
-    )
+    argv = procs.service_argv(tools, cloud.placement.port, wsgi, PLACEMENT.pid_file(cloud_dir))
     return procs.start_service(
         argv,
         PLACEMENT.log_file(cloud_dir),
