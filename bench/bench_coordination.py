@@ -60,14 +60,7 @@ def free_port() -> int:
 def cloud(lab: LabInfo, name: str) -> dict[str, Any]:
     c = lab.cloud(name)
     return {
-        "auth": {
-            "auth_url": c.keystone_url,
-            "username": c.username,
-            "password": c.password,
-            "project_name": c.project,
-            "user_domain_name": "Default",
-            "project_domain_name": "Default",
-        },
+        "auth": c.password_auth(),
         "region_name": c.region,
         "max_transfers": 1,
     }

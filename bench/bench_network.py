@@ -130,14 +130,7 @@ class Bench:
         for n in clouds:
             c = self.info.cloud(n)
             entry: dict[str, Any] = {
-                "auth": {
-                    "auth_url": c.keystone_url,
-                    "username": c.username,
-                    "password": c.password,
-                    "project_name": c.project,
-                    "user_domain_name": "Default",
-                    "project_domain_name": "Default",
-                },
+                "auth": c.password_auth(),
                 "region_name": c.region,
             }
             if n in proxied:

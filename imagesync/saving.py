@@ -132,6 +132,13 @@ def _set_error(nova: SaveNova, server: Server, reason: str, tried: datetime | No
     nova.set_metadata(server.id, meta)
 
 
+def _set_saved(nova: SaveNova, server: Server, image_id: str, started: datetime) -> None:
+    """Mark the server saved by ``image_id``; an error from an earlier try no longer holds."""
+    nova.set_metadata(server.id, {SAVED: f"{image_id} {_stamp(started)}"})
+    if SAVE_ERROR in server.metadata:
+        nova.delete_metadata(server.id, SAVE_ERROR)
+
+
 def _not_due(
     nova: SaveNova, server: Server, rules: Sequence[ImageRule], name: str
 ) -> tuple[SaveState, str | None] | None:
@@ -199,9 +206,7 @@ def save_server(
     finally:
         with contextlib.suppress(ImageSyncError):
             nova.delete_metadata(server.id, SAVING)
-    nova.set_metadata(server.id, {SAVED: f"{result.image_id} {_stamp(started)}"})
-    if SAVE_ERROR in server.metadata:
-        nova.delete_metadata(server.id, SAVE_ERROR)
+    _set_saved(nova, server, result.image_id, started)
     log.info(
         "save.saved",
         cloud=nova.name,

@@ -130,7 +130,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
-    from imagesync.commands import snapshot
+    from imagesync.commands.snapshot import snapshot
 
     config = _config(args)
     return snapshot(

@@ -22,7 +22,7 @@ from typing import Any
 import structlog
 
 from imagesync.boottest import BootOutcome, run_boot_tests
-from imagesync.coordination import CLOUD_STEPS_KEY, CoordinationStatus, Health
+from imagesync.coordination import CLOUD_STEPS_KEY, CoordinationStatus, Coordinator, Health
 from imagesync.daemon.live import LiveStatus
 from imagesync.engine import ActionResult, Engine, Observer, Outcome
 from imagesync.errors import ImageSyncError
@@ -204,15 +204,8 @@ def run_one_pass(
     try:
         eng = engine()
         coord = eng.coordinator
-        acting, why_not = True, None
-        if coord is not None:  # several members: this pass drives only the names it owns
-            health = coord.refresh()
-            acting = health is Health.OK
-            why_not = None if acting else f"coordination: {health.value}; not changing anything"
-            watch.coordination = coord.status()
-            watch.metrics.observe_coordination(watch.coordination)
-            if not acting:
-                log.warning("pass.not_acting", reason=health.value)
+        why_not = _why_not_acting(coord, watch)
+        acting = why_not is None
         inventories = eng.inventories(incremental=True)
         if acting:
             inventories = eng.recover(inventories)
@@ -258,6 +251,20 @@ def run_one_pass(
         return PassReport(
             started=started, seconds=time.monotonic() - t0, error=f"{type(exc).__name__}: {exc}"
         )
+
+
+def _why_not_acting(coord: Coordinator | None, watch: PassWatch) -> str | None:
+    """Why this pass must not change anything (the coordination is not healthy), or None.
+    With several members (``coord``), the pass then drives only the names it owns."""
+    if coord is None:
+        return None
+    health = coord.refresh()
+    watch.coordination = coord.status()
+    watch.metrics.observe_coordination(watch.coordination)
+    if health is Health.OK:
+        return None
+    log.warning("pass.not_acting", reason=health.value)
+    return f"coordination: {health.value}; not changing anything"
 
 
 def _relist(eng: Engine, changed: set[str]) -> dict[str, SiteInventory]:

@@ -117,10 +117,9 @@ def db_sync(tools: procs.Tools, cloud_dir: Path) -> None:
 
 
 def start(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> int:
-    argv = procs.uwsgi_argv(
-        tools.uwsgi,
-        tools.venv,
-        ["--http11-socket", f"{procs.LOOPBACK}:{cloud.glance.port}"],
+    argv = procs.service_argv(
+        tools,
+        cloud.glance.port,
         tools.glance_wsgi,
         FILES.pid_file(cloud_dir),
         # glanceclient uploads chunked
@@ -138,12 +137,10 @@ def start(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> int:
 
 
 def wait_ready(
-    cloud_dir: Path,
-    cloud: CloudState,
-    pid: int,
-    timeout: float = 60.0,
-    abort: Callable[[], None] | None = None,
+    cloud_dir: Path, cloud: CloudState, *, timeout: float, abort: Callable[[], None] | None
 ) -> None:
+    """Wait until the glance started for ``cloud`` (its pid in the state) answers."""
+    pid = cloud.glance.pid or 0
     procs.wait_service(cloud_dir, "glance", f"{cloud.glance_url}/versions", pid, timeout, abort)
 
 

@@ -114,12 +114,8 @@ def bootstrap(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> None:
 
 
 def start(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> int:
-    argv = procs.uwsgi_argv(
-        tools.uwsgi,
-        tools.venv,
-        ["--http11-socket", f"{procs.LOOPBACK}:{cloud.keystone.port}"],
-        tools.keystone_wsgi,
-        FILES.pid_file(cloud_dir),
+    argv = procs.service_argv(
+        tools, cloud.keystone.port, tools.keystone_wsgi, FILES.pid_file(cloud_dir)
     )
     env = {
         "OS_KEYSTONE_CONFIG_DIR": str(FILES.home(cloud_dir)),
@@ -129,12 +125,10 @@ def start(tools: procs.Tools, cloud_dir: Path, cloud: CloudState) -> int:
 
 
 def wait_ready(
-    cloud_dir: Path,
-    cloud: CloudState,
-    pid: int,
-    timeout: float = 60.0,
-    abort: Callable[[], None] | None = None,
+    cloud_dir: Path, cloud: CloudState, *, timeout: float, abort: Callable[[], None] | None
 ) -> None:
+    """Wait until the keystone started for ``cloud`` (its pid in the state) answers."""
+    pid = cloud.keystone.pid or 0
     procs.wait_service(cloud_dir, "keystone", cloud.keystone_url, pid, timeout, abort)
 
 

@@ -308,13 +308,7 @@ def install_templates(cloud_dir: Path) -> None:
 
 def start_placement(tools: procs.Tools, wsgi: Path, cloud_dir: Path, cloud: CloudState) -> int:
     assert cloud.placement is not None
-    argv = procs.uwsgi_argv(
-        tools.uwsgi,
-        tools.venv,
-        ["--http11-socket", f"{procs.LOOPBACK}:{cloud.placement.port}"],
-        wsgi,
-        PLACEMENT.pid_file(cloud_dir),
-    )
+    argv = procs.service_argv(tools, cloud.placement.port, wsgi, PLACEMENT.pid_file(cloud_dir))
     return procs.start_service(
         argv,
         PLACEMENT.log_file(cloud_dir),
@@ -354,14 +348,11 @@ def start_nova(cloud_dir: Path, cloud: CloudState) -> int:
 
 
 def wait_ready(
-    cloud_dir: Path,
-    cloud: CloudState,
-    placement_pid: int,
-    nova_pid: int,
-    timeout: float = 90.0,
-    abort: Callable[[], None] | None = None,
+    cloud_dir: Path, cloud: CloudState, *, timeout: float, abort: Callable[[], None] | None
 ) -> None:
-    """Placement answers, then the Nova process says all its services are up."""
+    """Placement answers, then the Nova process says all its services are up (pids: the state)."""
+    assert cloud.nova is not None and cloud.placement is not None  # a cloud with Nova
+    placement_pid, nova_pid = cloud.placement.pid or 0, cloud.nova.pid or 0
     procs.wait_service(cloud_dir, "placement", cloud.placement_url, placement_pid, timeout, abort)
     nova = procs.Starting(
         nova_pid,

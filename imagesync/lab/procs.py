@@ -263,6 +263,15 @@ def require_free_port(what: str, port: int) -> None:
         )
 
 
+def service_argv(
+    tools: Tools, port: int, wsgi_file: Path, pid_file: Path, *, extra: Sequence[str] = ()
+) -> list[str | Path]:
+    """uwsgi serving one of a cloud's OpenStack services (from the lab's venv) over HTTP/1.1
+    on loopback ``port``."""
+    socket = ["--http11-socket", f"{LOOPBACK}:{port}"]
+    return uwsgi_argv(tools.uwsgi, tools.venv, socket, wsgi_file, pid_file, extra=extra)
+
+
 def uwsgi_argv(
     uwsgi: Path,
     venv: Path,

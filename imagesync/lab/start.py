@@ -282,14 +282,7 @@ class Start:
         if not started_here and not (self._nova_running(cloud) and cloud.nova_built):
             self._launch_nova(cloud)
             started_here = True
-        nova.wait_ready(
-            d,
-            cloud,
-            cloud.placement.pid or 0,
-            cloud.nova.pid or 0,
-            timeout=READY_TIMEOUT,
-            abort=self._check,
-        )
+        nova.wait_ready(d, cloud, timeout=READY_TIMEOUT, abort=self._check)
         if started_here:
             nova.create_flavors(d, cloud, keystone.admin_session(cloud))
             cloud.nova_built = True
@@ -312,10 +305,8 @@ class Start:
     def _wait_running(self, cloud: CloudState) -> None:
         """A cloud an earlier ``up`` left running: wait until it answers (and its Nova)."""
         d = cloud_dir(self.state, cloud)
-        keystone.wait_ready(
-            d, cloud, cloud.keystone.pid or 0, timeout=READY_TIMEOUT, abort=self._check
-        )
-        glance.wait_ready(d, cloud, cloud.glance.pid or 0, timeout=READY_TIMEOUT, abort=self._check)
+        keystone.wait_ready(d, cloud, timeout=READY_TIMEOUT, abort=self._check)
+        glance.wait_ready(d, cloud, timeout=READY_TIMEOUT, abort=self._check)
         self.kinds[cloud.name] = "running"
         self._bring_up_nova(cloud)
 
@@ -379,12 +370,12 @@ class Start:
             self._record(cloud.keystone, keystone.start(self.tools, d, cloud), k_marker)
         if jobs is None:
             self._launch_nova_early(cloud)
-        keystone.wait_ready(d, cloud, cloud.keystone.pid or 0, timeout=READY_TIMEOUT, abort=check)
+        keystone.wait_ready(d, cloud, timeout=READY_TIMEOUT, abort=check)
         if jobs is not None:
             check()
             keystone.configure(d, cloud)
             cloud.built = True
-        glance.wait_ready(d, cloud, cloud.glance.pid or 0, timeout=READY_TIMEOUT, abort=self._check)
+        glance.wait_ready(d, cloud, timeout=READY_TIMEOUT, abort=self._check)
         self._bring_up_nova(cloud)
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, TypedDict, runtime_checkable
 
 from imagesync.model import ImageRecord, NewImage
 
@@ -222,3 +222,27 @@ class Site(Protocol):
 
     def close(self) -> None:
         """Release connections."""
+
+
+class GlanceFields(TypedDict):
+    """The plain fields of an :class:`ImageRecord` that Glance and a directory store's metadata
+    file name and read alike (the directory store copies Glance's names on purpose)."""
+
+    size: int | None
+    disk_format: str | None
+    container_format: str | None
+    min_disk: int
+    min_ram: int
+    visibility: str
+
+
+def glance_fields(raw: Mapping[str, Any]) -> GlanceFields:
+    """:class:`GlanceFields` read from a Glance image document (or a directory store's copy)."""
+    return GlanceFields(
+        size=int(raw["size"]) if raw.get("size") is not None else None,
+        disk_format=raw.get("disk_format"),
+        container_format=raw.get("container_format"),
+        min_disk=int(raw.get("min_disk") or 0),
+        min_ram=int(raw.get("min_ram") or 0),
+        visibility=str(raw.get("visibility") or "private"),
+    )

@@ -58,7 +58,7 @@ from imagesync.model import (
     parse_time,
     unmarked,
 )
-from imagesync.sites.base import Capabilities
+from imagesync.sites.base import Capabilities, glance_fields
 from imagesync.sites.compress import ZSTD, Compressor, decompressed
 from imagesync.sites.files import (
     CHUNK,
@@ -262,15 +262,10 @@ class DirectorySite:
             name=str(meta["name"]),
             status=str(meta.get("status") or "active"),
             created_at=created,
-            size=int(meta["size"]) if meta.get("size") is not None else None,
             hashes={str(k): str(v) for k, v in (meta.get("hashes") or {}).items()},
-            disk_format=meta.get("disk_format"),
-            container_format=meta.get("container_format"),
-            min_disk=int(meta.get("min_disk") or 0),
-            min_ram=int(meta.get("min_ram") or 0),
             properties=props,
-            visibility=str(meta.get("visibility") or "private"),
             hidden=bool(meta.get("hidden", False)),
+            **glance_fields(meta),
         )
 
     def _read(self, meta_path: Path) -> ImageRecord:

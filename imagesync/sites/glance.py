@@ -55,7 +55,7 @@ from imagesync.model import (
     marked_uploading,
     parse_time,
 )
-from imagesync.sites.base import Capabilities, SharedURL
+from imagesync.sites.base import Capabilities, SharedURL, glance_fields
 from imagesync.sites.glance_import import WebDownload
 from imagesync.sites.openstack import classify, explain, make_adapter, make_session, no_endpoint
 from imagesync.sites.upload import QueueBody, QueuedUpload
@@ -246,17 +246,12 @@ class GlanceSite:
             status=str(raw.get("status") or "unknown"),
             created_at=created,
             updated_at=parse_time(raw.get("updated_at")),
-            size=int(raw["size"]) if raw.get("size") is not None else None,
             hashes=hashes,
-            disk_format=raw.get("disk_format"),
-            container_format=raw.get("container_format"),
-            min_disk=int(raw.get("min_disk") or 0),
-            min_ram=int(raw.get("min_ram") or 0),
             properties=props,
-            visibility=str(raw.get("visibility") or "private"),
             protected=bool(raw.get("protected")),
             hidden=bool(raw.get("os_hidden")),
             owner=str(raw["owner"]) if raw.get("owner") else None,
+            **glance_fields(raw),
         )
 
     # -- owners ---------------------------------------------------------------------------

@@ -154,6 +154,14 @@ def copying(members: Members, name: str) -> Callable[[], bool]:
     return lambda: members.copier(name) is not None
 
 
+@pytest.fixture
+def slow_lab1(proxies: Callable[[str], FaultProxy]) -> FaultProxy:
+    """A proxy in front of lab1 at 1 MB/s: a 3 MB copy takes ~3 s, time to act in its middle."""
+    proxy = proxies("lab1")
+    proxy.plan.download_rate = 1.0 * MB
+    return proxy
+
+
 def converged(lab: LabInfo, name: str, data: bytes) -> bool:
     """The version ``data`` is published on every target (older ones may stay: retention)."""
     want = sha(data)
@@ -202,13 +210,11 @@ def test_three_members_converge_with_no_version_copied_twice(
 
 
 def test_kill_9_of_the_copying_member_another_completes_after_the_lease(
-    lab: LabInfo, members: Members, proxies: Callable[[str], FaultProxy]
+    lab: LabInfo, members: Members, slow_lab1: FaultProxy
 ) -> None:
-    proxy = proxies("lab1")
-    proxy.plan.download_rate = 1.0 * MB  # a 3 MB copy takes ~3 s: kill it in the middle
     names = [uid("k9") for _ in range(ROUNDS)]
     for m in ("m1", "m2", "m3"):
-        members.start(m, names, proxy.url)
+        members.start(m, names, slow_lab1.url)
     members.wait_members({"m1", "m2", "m3"})
     took = []
     for i, name in enumerate(names):
@@ -245,19 +251,17 @@ def test_kill_9_of_the_copying_member_another_completes_after_the_lease(
             when -= time.timezone
             assert when >= t_kill + LEASE / 2 - 1, (i, e)
         # as if the host came back: the member restarts on its own state dir
-        members.start(victim, names, proxy.url)
+        members.start(victim, names, slow_lab1.url)
         members.wait_members({"m1", "m2", "m3"})
     print(f"\n{ROUNDS} rounds of kill -9: converged after {[round(t, 1) for t in took]} s")
 
 
 def test_a_member_frozen_past_its_lease_does_not_act_on_what_it_lost(
-    lab: LabInfo, members: Members, proxies: Callable[[str], FaultProxy]
+    lab: LabInfo, members: Members, slow_lab1: FaultProxy
 ) -> None:
-    proxy = proxies("lab1")
-    proxy.plan.download_rate = 1.0 * MB
     name = uid("stop")
     for m in ("m1", "m2"):
-        members.start(m, [name], proxy.url)
+        members.start(m, [name], slow_lab1.url)
     members.wait_members({"m1", "m2"})
     data = random_bytes(4 * MB)
     upload(lab, "lab1", name, data)
@@ -345,22 +349,20 @@ def test_etcd_away_no_changes_check_answers_then_converges(
 
 
 def test_a_joining_member_takes_some_names_without_interrupting_copies(
-    lab: LabInfo, members: Members, proxies: Callable[[str], FaultProxy]
+    lab: LabInfo, members: Members, slow_lab1: FaultProxy
 ) -> None:
-    proxy = proxies("lab1")
-    proxy.plan.download_rate = 1.0 * MB
     slow = uid("slow")
     names = [slow, *(uid("join") for _ in range(8))]
     for m in ("m1", "m2"):
-        members.start(m, names, proxy.url)
+        members.start(m, names, slow_lab1.url)
     members.wait_members({"m1", "m2"})
     data = random_bytes(5 * MB)
     upload(lab, "lab1", slow, data)
     wait_until(lambda: members.copier(slow) is not None, 60, "the slow copy started")
     busy = members.copier(slow)
-    members.start("m3", names, proxy.url)
+    members.start("m3", names, slow_lab1.url)
     members.wait_members({"m1", "m2", "m3"})
-    proxy.plan.download_rate = 0
+    slow_lab1.plan.download_rate = 0
     blobs = {n: random_bytes(256 * 1024) for n in names[1:]}
     for n, b in blobs.items():
         upload(lab, "lab1", n, b)

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from imagesync.boottest import QUARANTINED, TESTED, run_boot_tests
 from imagesync.config.types import BootTest, ImageRule
 from imagesync.sites.nova import Server
+from tests.fakeclock import FakeClock
 from tests.unit.test_plan import img, inv
-from tests.unit.test_snapshot import FakeClock, _clock
+from tests.unit.test_snapshot import _clock
 
 RULE = ImageRule(pattern="img*", clouds=("a", "b"), boot_test=BootTest("a", "tiny", 30))
 

@@ -439,6 +439,14 @@ def _assert_one_error(err: str, path: Path, key: str, fix: str) -> None:
     assert fix in err, err
 
 
+def _config_check_fails(path: Path, capsys: pytest.CaptureFixture[str], key: str, fix: str) -> None:
+    """``config check`` of ``path`` exits 2 with one clear error line and prints nothing else."""
+    assert main(["-c", str(path), "config", "check"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    _assert_one_error(err, path, key, fix)
+
+
 @pytest.mark.parametrize(("text", "key", "fix"), [c[1:] for c in BAD], ids=[c[0] for c in BAD])
 def test_bad_config_is_one_clear_error(
     tmp_path: Path,
@@ -449,10 +457,7 @@ def test_bad_config_is_one_clear_error(
     fix: str,
 ) -> None:
     path = _write(tmp_path, text, clouds_yaml)
-    assert main(["-c", str(path), "config", "check"]) == 2
-    out, err = capsys.readouterr()
-    assert out == ""
-    _assert_one_error(err, path, key, fix)
+    _config_check_fails(path, capsys, key, fix)
 
 
 def test_there_are_enough_distinct_bad_configurations() -> None:
@@ -481,10 +486,7 @@ def test_unusable_file(
         path.write_bytes(b"clouds: {}\nstores: {a: {type: directory, path: /\xff}}\n")
     elif setup == "bad-yaml":
         path.write_text("clouds:\n  a:\n    auth: x: y\n")
-    assert main(["-c", str(path), "config", "check"]) == 2
-    out, err = capsys.readouterr()
-    assert out == ""
-    _assert_one_error(err, path, "", fix)
+    _config_check_fails(path, capsys, "", fix)
 
 
 @pytest.mark.skipif(
@@ -494,8 +496,7 @@ def test_unreadable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     path = tmp_path / "imagesync.yaml"
     path.write_text("stores: {}\n")
     path.chmod(0)
-    assert main(["-c", str(path), "config", "check"]) == 2
-    _assert_one_error(capsys.readouterr().err, path, "", "permission denied")
+    _config_check_fails(path, capsys, "", "permission denied")
 
 
 def test_error_names_the_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

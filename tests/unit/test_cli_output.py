@@ -35,6 +35,7 @@ from imagesync.plan import SkipReason, plan
 from imagesync.progress import ProgressBar, clock_time, human_rate
 from imagesync.sites.directory import DirectorySite
 from imagesync.sites.memory import MemorySite
+from tests.fakeclock import FakeClock
 
 ROOT = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
@@ -333,16 +334,8 @@ def test_off_a_terminal_the_info_log_stays(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- progress bar (6)
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_the_bar_shows_rate_and_eta_in_the_summary_units() -> None:
-    clock, out = _Clock(), io.StringIO()
+    clock, out = FakeClock(100.0), io.StringIO()
     bar = ProgressBar("img → c2", 4 * MiB, stream=out, clock=clock)
     clock.now += 2.0
     bar(1 * MiB)  # 1 MiB in 2 s: 3 MiB left at 512 KiB/s is 6 s
@@ -357,7 +350,7 @@ def test_the_bar_shows_rate_and_eta_in_the_summary_units() -> None:
 
 
 def test_a_shorter_line_covers_the_longer_one_before_it() -> None:
-    clock, out = _Clock(), io.StringIO()
+    clock, out = FakeClock(100.0), io.StringIO()
     bar = ProgressBar("x", None, stream=out, clock=clock)
     clock.now += 1
     bar(5 * MiB)
@@ -368,7 +361,7 @@ def test_a_shorter_line_covers_the_longer_one_before_it() -> None:
 
 
 def test_after_ctrl_c_the_bar_ends_its_line_and_says_the_uploads_were_removed() -> None:
-    clock, out = _Clock(), io.StringIO()
+    clock, out = FakeClock(100.0), io.StringIO()
     bar = ProgressBar("img → c2", 100, stream=out, clock=clock)
     clock.now += 1
     bar(10)

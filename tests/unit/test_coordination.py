@@ -24,6 +24,7 @@ from imagesync.errors import ConfigError, LockBusy
 from imagesync.model import PROP_STATE, PROP_UPLOAD, STATE_UPLOADING
 from imagesync.plan import plan
 from imagesync.sites.memory import MemorySite, MemoryWriter
+from tests.fakeclock import FakeClock
 
 # --------------------------------------------------------------------------- a tooz stand-in
 
@@ -167,14 +168,6 @@ class FakeDriver:
         return FakeLock(self.backend, name)
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 CFG = CoordinationConfig(url="etcd3+http://127.0.0.1:2379", lease_timeout=30.0)
 
 
@@ -225,7 +218,7 @@ def test_owned_only_keeps_every_assessment_and_the_owned_actions(tmp_path: Path)
 
 
 def test_a_member_whose_service_went_quiet_takes_no_lock_and_owns_nothing() -> None:
-    backend, clock = Backend(), Clock()
+    backend, clock = Backend(), FakeClock(1000.0)
     c = member(backend, "m1", clock)
     with c.lock("img-a", "c2"):
         assert c.holds("img-a", "c2")
@@ -243,7 +236,7 @@ def test_a_member_whose_service_went_quiet_takes_no_lock_and_owns_nothing() -> N
 
 
 def test_an_expelled_member_rejoins() -> None:
-    backend, clock = Backend(), Clock()
+    backend, clock = Backend(), FakeClock(1000.0)
     c = member(backend, "m1", clock)
     backend.members.discard(b"m1")  # frozen past its TTL: the service dropped it
     assert c.health() is Health.EXPELLED
@@ -253,7 +246,7 @@ def test_an_expelled_member_rejoins() -> None:
 
 
 def test_a_lock_taken_over_by_another_is_not_held() -> None:
-    backend, clock = Backend(), Clock()
+    backend, clock = Backend(), FakeClock(1000.0)
     c = member(backend, "m1", clock)
     other = member(backend, "m2", clock)
     with c.lock("img-a", "c2"):
@@ -287,7 +280,7 @@ def mem_config(tmp_path: Path, state: str = "state") -> Config:
 
 
 def test_a_copy_whose_lock_was_lost_midway_is_not_published(tmp_path: Path) -> None:
-    backend, clock = Backend(), Clock()
+    backend, clock = Backend(), FakeClock(1000.0)
     coord = member(backend, "m1", clock)
 
     class Stolen(MemorySite):
@@ -310,7 +303,7 @@ def test_a_copy_whose_lock_was_lost_midway_is_not_published(tmp_path: Path) -> N
 
 
 def test_a_dead_members_upload_is_removed_only_after_its_lease_expired(tmp_path: Path) -> None:
-    backend, clock = Backend(), Clock()
+    backend, clock = Backend(), FakeClock(1000.0)
     src, dst = MemorySite("c1"), MemorySite("c2")
     src.add("img-a", b"x" * 3000)
 
@@ -364,7 +357,7 @@ def test_a_foreign_upload_is_kept_while_its_lease_lives_or_when_not_of_this_grou
 ) -> None:
     """The upload lease, not the lock alone, decides (its key outlives a released lock only
     while the owner's lease runs)."""
-    backend, clock = Backend(), Clock()
+    backend, clock = Backend(), FakeClock(1000.0)
     c = member(backend, "m1", clock)
     src, dst = MemorySite("c1"), MemorySite("c2")
     src.add("img-a", b"x" * 3000)
@@ -398,7 +391,7 @@ def test_a_member_that_may_not_act_copies_nothing(tmp_path: Path) -> None:
     from imagesync.daemon.passes import PassWatch, run_one_pass
     from imagesync.metrics import Metrics
 
-    backend, clock = Backend(), Clock()
+    backend, clock = Backend(), FakeClock(1000.0)
     c = member(backend, "m1", clock)
     src, dst = MemorySite("c1"), MemorySite("c2")
     src.add("img-a", b"x" * 3000)

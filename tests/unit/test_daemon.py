@@ -27,6 +27,7 @@ from imagesync.sites.directory import DirectorySite
 from imagesync.sites.memory import Faults, MemorySite, MemoryWriter
 from imagesync.state import State
 from imagesync.transfer import ErrorKind, copy_image, new_image_for
+from tests.fakeclock import FakeClock
 from tests.unit.memconfig import memory_config
 
 KB = 1000
@@ -415,21 +416,8 @@ def test_a_reloaded_config_is_used_by_the_next_pass(tmp_path: Path) -> None:
     assert len(built) == 2 and built[1].poll_interval == 9.0
 
 
-class FakeClock:
-    """A monotonic clock that moves only when the test says so."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 def test_health_follows_the_signs_of_life() -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     health = Health(stall_seconds=5, clock=clock)
 
     def healthy(*, running: bool, scheduler: bool = True, poll: float = 60) -> bool:
@@ -471,7 +459,7 @@ class Held:
 
 
 def test_the_running_daemon_is_healthy_only_while_its_pass_shows_life(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(1000.0)
     held = Held()
     sites: dict[str, MemorySite] = {"c1": MemorySite("c1"), "c2": HookSite("c2", held)}
     sites["c1"].add("img-a", os.urandom(5 * KB))

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from imagesync.cli import main
 from imagesync.config.formats import parse_size
 from imagesync.config.load import load_config
 from imagesync.config.render import render_config
@@ -25,7 +24,7 @@ from imagesync.model import (
     format_time,
 )
 from imagesync.plan import TargetRule, assess, plan_name
-from tests.unit.test_cli_config import GOOD_CLOUD, _assert_one_error
+from tests.unit.test_cli_config import GOOD_CLOUD, _config_check_fails
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 ORIG, CONV = "a" * 128, "b" * 128
@@ -112,8 +111,7 @@ def test_bad_format_settings_are_one_clear_error(
     fix: str,
 ) -> None:
     path = _config(tmp_path, extra, cloud_extra)
-    assert main(["-c", str(path), "config", "check"]) == 2
-    _assert_one_error(capsys.readouterr().err, path, key, fix)
+    _config_check_fails(path, capsys, key, fix)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ from imagesync.errors import Cancelled, SiteError, TransientError
 from imagesync.sites.base import SharedURL
 from imagesync.sites.glance import GlanceSite
 from imagesync.sites.glance_import import WebDownload
+from tests.fakeclock import FakeClock
 
 URL = SharedURL("http://s/data/preauth:GRANT/img", "http://s/data/preauth:…/img", 10, "GRANT")
 ACTIVE = {"id": "i1", "status": "active", "size": 10, "os_hash_algo": "sha512"}
@@ -68,20 +69,7 @@ def _site(adapter: FakeAdapter, server_side: bool = True) -> GlanceSite:
     return site
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-        self.sleeps = 0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, s: float) -> None:
-        self.sleeps += 1
-        self.now += s
-
-
-def _importer(adapter: FakeAdapter, clock: Clock, server_side: bool = True) -> WebDownload:
+def _importer(adapter: FakeAdapter, clock: FakeClock, server_side: bool = True) -> WebDownload:
     return WebDownload(_site(adapter, server_side), clock=clock, sleep=clock.sleep)
 
 
@@ -90,11 +78,11 @@ NEVER: Callable[[], bool] = lambda: False  # noqa: E731
 
 def test_the_probe_is_asked_once_and_never_when_server_side_is_off() -> None:
     adapter = FakeAdapter([ACTIVE])
-    wd = _importer(adapter, Clock())
+    wd = _importer(adapter, FakeClock())
     assert wd.available() and wd.available()
     assert adapter.gets.count("/v2/info/import") == 1
     off = FakeAdapter([ACTIVE])
-    assert not _importer(off, Clock(), server_side=False).available() and off.gets == []
+    assert not _importer(off, FakeClock(), server_side=False).available() and off.gets == []
 
 
 def test_an_import_waits_for_active_and_the_lock_to_go() -> None:
@@ -102,7 +90,7 @@ def test_an_import_waits_for_active_and_the_lock_to_go() -> None:
     importing = {**ACTIVE, "status": "importing", "os_glance_import_task": "t"}
     locked = {**ACTIVE, "os_glance_import_task": "t", "os_hash_value": "ab"}
     adapter = FakeAdapter([queued, importing, locked, {**ACTIVE, "os_hash_value": "ab"}])
-    rec = _importer(adapter, Clock()).run("i1", URL, NEVER)
+    rec = _importer(adapter, FakeClock()).run("i1", URL, NEVER)
     assert rec.status == "active" and rec.hashes["sha512"] == "ab"
     (post,) = adapter.posts
     assert post == ("/v2/images/i1/import", {"method": {"name": "web-download", "uri": URL.url}})
@@ -112,21 +100,21 @@ def test_an_import_waits_for_active_and_the_lock_to_go() -> None:
 def test_a_failed_import_says_so_without_the_grant() -> None:
     failed = {**ACTIVE, "status": "queued", "os_glance_failed_import": "file1"}
     with pytest.raises(SiteError) as err:
-        _importer(FakeAdapter([failed]), Clock()).run("i1", URL, NEVER)
+        _importer(FakeAdapter([failed]), FakeClock()).run("i1", URL, NEVER)
     assert "failed" in str(err.value) and "GRANT" not in str(err.value)
     assert "preauth:…" in str(err.value)
 
 
 def test_a_refused_url_is_an_error_without_the_grant() -> None:
     with pytest.raises(SiteError) as err:
-        _importer(FakeAdapter([ACTIVE], post_status=400), Clock()).run("i1", URL, NEVER)
+        _importer(FakeAdapter([ACTIVE], post_status=400), FakeClock()).run("i1", URL, NEVER)
     # Glance echoes the URL it refused: shown masked, and the site named once
     assert str(err.value).startswith("c1: web-download http://s/data/preauth:…/img into i1")
     assert "GRANT" not in str(err.value) and err.value.__cause__ is None
 
 
 def test_an_import_that_never_ends_times_out_by_the_injected_clock() -> None:
-    clock = Clock()
+    clock = FakeClock()
     importing = {**ACTIVE, "status": "importing"}
     with pytest.raises(TransientError, match="timed out"):
         _importer(FakeAdapter([importing]), clock).run("i1", URL, NEVER)
@@ -136,4 +124,4 @@ def test_an_import_that_never_ends_times_out_by_the_injected_clock() -> None:
 def test_a_cancelled_import_stops_polling() -> None:
     importing = {**ACTIVE, "status": "importing"}
     with pytest.raises(Cancelled):
-        _importer(FakeAdapter([importing]), Clock()).run("i1", URL, lambda: True)
+        _importer(FakeAdapter([importing]), FakeClock()).run("i1", URL, lambda: True)

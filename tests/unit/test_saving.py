@@ -12,7 +12,8 @@ from datetime import UTC, datetime
 from imagesync.config.types import ImageRule
 from imagesync.saving import SAVE_AS, SAVE_ERROR, SAVED, TRIED, SaveOutcome, SaveState, save_marked
 from imagesync.sites.nova import Server
-from tests.unit.test_snapshot import FakeClock, FakeNova, _clock
+from tests.fakeclock import FakeClock
+from tests.unit.test_snapshot import FakeNova, _clock
 
 RULES = (ImageRule(pattern="web-*", clouds=("c1",)),)
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)

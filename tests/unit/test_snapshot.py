@@ -12,6 +12,7 @@ import pytest
 from imagesync.errors import UsageError
 from imagesync.sites.nova import Server, SnapshotImage
 from imagesync.snapshot import POLL, Clock, SnapshotFailed, take
+from tests.fakeclock import FakeClock
 
 
 @dataclass
@@ -76,21 +77,8 @@ class FakeNova:
         return "the upload failed"
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.t = 0.0
-        self.sleeps = 0
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps += 1
-        self.t += seconds
-
-
 def _clock(fc: FakeClock) -> Clock:
-    return Clock(now=fc.now, sleep=fc.sleep)
+    return Clock(now=fc, sleep=fc.sleep)
 
 
 def test_waits_until_active_and_names_it_after_the_base_image() -> None:

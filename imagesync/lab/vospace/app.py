@@ -52,6 +52,8 @@ from imagesync.lab.vospace.wsgiio import (
 
 CONFIG_ENV = "IMAGESYNC_VOSPACE_CONFIG"
 CONFIG_FILE = "service.json"
+#: the faults ``faultmod.take`` found for one request, which the handlers act on
+_Faults = dict[faultmod.Kind, faultmod.Fault]
 
 
 @dataclass(frozen=True)
@@ -120,12 +122,7 @@ class VOSpaceApp:
             return self._text(start_response, 400, f"InvalidArgument {exc}", [], method)
 
     def _route(
-        self,
-        environ: dict[str, Any],
-        start: StartResponse,
-        method: str,
-        path: str,
-        found: dict[faultmod.Kind, faultmod.Fault],
+        self, environ: dict[str, Any], start: StartResponse, method: str, path: str, found: _Faults
     ) -> Iterable[bytes]:
         head, _, rest = path.lstrip("/").partition("/")
         if head == "capabilities" and method == "GET":
@@ -134,7 +131,7 @@ class VOSpaceApp:
         if head == "availability" and method == "GET":
             return self._xml(start, 200, xmldoc.availability())
         if head in ("data", "files") and rest.startswith(preauth.PREFIX):
-            return self._preauth_read(environ, start, method, rest, found)
+            return self._read(environ, start, method, self._preauth_path(method, rest), found)
         self._authenticate(environ)
         if head == "nodes":
             return self._nodes(environ, start, method, storage.normalize(rest))
@@ -170,22 +167,15 @@ class VOSpaceApp:
         if self.config.auth_required:
             raise HTTPError(401, "NotAuthenticated credentials required", _CHALLENGE)
 
-    def _preauth_read(
-        self,
-        environ: dict[str, Any],
-        start: StartResponse,
-        method: str,
-        rest: str,
-        found: dict[faultmod.Kind, faultmod.Fault],
-    ) -> Iterable[bytes]:
-        """A read through a pre-authorized URL (lab/vospace/preauth.py): no credentials."""
+    def _preauth_path(self, method: str, rest: str) -> str:
+        """The node a pre-authorized URL (lab/vospace/preauth.py) may read: no credentials."""
         grant, _, node = rest.partition("/")
         path = storage.normalize(node)
         if method not in ("GET", "HEAD"):
             raise HTTPError(405, f"method {method} not allowed on a pre-authorized URL")
         if not preauth.valid(self.config.directory, unquote(grant), path):
             raise HTTPError(403, "PermissionDenied the pre-authorized URL is invalid or expired")
-        return self._read(environ, start, method, path, found)
+        return path
 
     # ---- URIs
 
@@ -361,12 +351,7 @@ class VOSpaceApp:
     # ---- data
 
     def _read(
-        self,
-        environ: dict[str, Any],
-        start: StartResponse,
-        method: str,
-        path: str,
-        found: dict[faultmod.Kind, faultmod.Fault],
+        self, environ: dict[str, Any], start: StartResponse, method: str, path: str, found: _Faults
     ) -> Iterable[bytes]:
         node = self.store.require(path)
         blob = self.store.blob_path(node)

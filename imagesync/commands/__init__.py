@@ -1,4 +1,5 @@
-"""What ``push``, ``status``, ``sync`` and ``history`` do, in terms of the engine and the planner.
+"""What ``push``, ``status``, ``sync`` and ``history`` do, in terms of the engine and the planner
+(``snapshot``: :mod:`imagesync.commands.snapshot`).
 
 Each function returns the process exit code and prints its result (a table, or JSON with
 ``--json``); it holds no logic of its own beyond choosing what to plan and how to show it.
@@ -13,11 +14,11 @@ import os
 import sys
 from collections.abc import Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import structlog
 
-from imagesync.config.types import CloudConfig, Config
+from imagesync.config.types import Config
 from imagesync.coordination import Coordinator
 from imagesync.engine import ActionResult, Engine, Outcome, summarize
 from imagesync.engine.report import action_dict, quarantine_rows, result_dict, status_document
@@ -43,9 +44,6 @@ from imagesync.progress import (
     human_seconds,
     wants_progress,
 )
-
-if TYPE_CHECKING:
-    from imagesync.snapshot import SnapshotResult
 
 log = structlog.get_logger("imagesync.commands")
 
@@ -373,17 +371,7 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
     engine = Engine(config)
     try:
         inventories = engine.inventories(name=name)
-        if name is not None and (missing := _no_such_image(engine, name, inventories)):
-            raise missing
-        rules = engine.rules
-        if name is not None:
-            from imagesync.plan import assess, rule_for
-
-            rule = rule_for(rules, name)
-            required = rule.sites if rule else ()
-            assessments = [assess(name, inventories, config.site_names, required=required)]
-        else:
-            assessments = plan(rules, inventories, config.site_names).assessments
+        assessments = _assessments(engine, config, name, inventories)
         # what status saw is what check answers from: a cell found stale here is never
         # handed out as current afterwards (issue 11)
         engine.record(assessments)
@@ -398,23 +386,7 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
         extra = {"coordination": group} if group is not None else {}
         print(json.dumps({**doc, "saves": saves, "save_errors": save_errors, **extra}, indent=2))
         return 0
-    sites = list(config.site_names)
-    if not assessments:
-        print("no managed images found" + (f" named {name!r}" if name else ""))
-    rows = [[printable(a.name)] + [_cell_text(a, s) for s in sites] for a in assessments]
-    if assessments:
-        for line in _aligned([["NAME", *sites], *rows]):
-            print(line)
-        for a in assessments:
-            if a.newest:
-                print(
-                    printable(
-                        f"  {a.name}: newest {a.newest.short()} from {a.newest.origin}"
-                        + (f" — NOT COPYABLE: {a.not_copyable}" if a.not_copyable else "")
-                    )
-                )
-            for line in ignored_lines(a):
-                print(line)
+    _print_table(list(config.site_names), name, assessments)
     for s, inv in inventories.items():
         if not inv.ok:
             print(printable(f"  {s}: unreachable: {inv.error}"), file=sys.stderr)
@@ -435,6 +407,41 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
     ]:
         print(printable(line))
     return 0
+
+
+def _assessments(
+    engine: Engine, config: Config, name: str | None, inventories: Mapping[str, SiteInventory]
+) -> list[Assessment]:
+    """Every managed name's assessment, or only ``name``'s (NoSuchImage when nothing has it)."""
+    if name is None:
+        return plan(engine.rules, inventories, config.site_names).assessments
+    if missing := _no_such_image(engine, name, inventories):
+        raise missing
+    from imagesync.plan import assess
+
+    rule = rule_for(engine.rules, name)
+    required = rule.sites if rule else ()
+    return [assess(name, inventories, config.site_names, required=required)]
+
+
+def _print_table(sites: list[str], name: str | None, assessments: Sequence[Assessment]) -> None:
+    """status's table: names x sites, then each name's newest version and what is ignored."""
+    if not assessments:
+        print("no managed images found" + (f" named {name!r}" if name else ""))
+        return
+    rows = [[printable(a.name)] + [_cell_text(a, s) for s in sites] for a in assessments]
+    for line in _aligned([["NAME", *sites], *rows]):
+        print(line)
+    for a in assessments:
+        if a.newest:
+            print(
+                printable(
+                    f"  {a.name}: newest {a.newest.short()} from {a.newest.origin}"
+                    + (f" — NOT COPYABLE: {a.not_copyable}" if a.not_copyable else "")
+                )
+            )
+        for line in ignored_lines(a):
+            print(line)
 
 
 def _group(config: Config, names: list[str]) -> dict[str, Any] | None:
@@ -548,92 +555,3 @@ def _aligned(table: Sequence[Sequence[str]], right: Collection[int] = ()) -> lis
         )
         for row in table
     ]
-
-
-def snapshot(
-    config: Config,
-    server: str,
-    *,
-    cloud: str,
-    name: str | None = None,
-    stop: bool = False,
-    wait: bool = False,
-    timeout: float = 600.0,
-    push_after: bool = False,
-    as_json: bool = False,
-) -> int:
-    """Snapshot a server as the newest version of ``name`` (default: its base image's name),
-    recorded as made by imagesync; with ``push_after``, propagate it as ``push`` does."""
-    import contextlib
-    import io
-
-    from imagesync.snapshot import SnapshotFailed
-
-    cfg = config.clouds.get(cloud)
-    if cfg is None:
-        known = ", ".join(config.clouds) or "none"
-        raise UsageError(f"--cloud: no cloud called {cloud!r} (known: {known})")
-    if name is not None and push_after and rule_for(config.images, name) is None:
-        raise UsageError(f"--push: no image rule in {config.path} matches {name!r}")
-    try:
-        result = _take_snapshot(
-            config, cfg, server, name=name, stop=stop, wait=wait or push_after, timeout=timeout
-        )
-    except SnapshotFailed as exc:
-        if as_json:
-            print(json.dumps({"ok": False, "error": str(exc)}, indent=2))
-        else:
-            print(printable(f"FAILED snapshot: {exc}"), file=sys.stderr)
-        return 1
-    for w in result.warnings:
-        print(printable(f"warning: {w}"), file=sys.stderr)
-    out = result.as_dict()
-    code = 0
-    if push_after:
-        # the same path as `push`; its JSON becomes part of this command's one JSON answer
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf) if as_json else contextlib.nullcontext():
-            code = push(config, result.name, as_json=as_json)
-        if as_json:
-            out["push"] = json.loads(buf.getvalue())
-            out["push"]["exit"] = code
-    if as_json:
-        print(json.dumps(out, indent=2))
-    else:
-        print(
-            printable(
-                f"snapshot {result.image_id} of server {result.server_name or result.server_id} "
-                f"on {result.cloud}: {result.name}, {result.status} "
-                f"({result.seconds:.1f} s)"
-            ),
-            file=sys.stderr if push_after else sys.stdout,
-        )
-    return code
-
-
-def _take_snapshot(
-    config: Config,
-    cfg: CloudConfig,
-    server: str,
-    *,
-    name: str | None,
-    stop: bool,
-    wait: bool,
-    timeout: float,
-) -> SnapshotResult:
-    """Take the snapshot on cloud ``cfg``, recorded in the state as made by imagesync."""
-    from imagesync.sites.nova import NovaSnapshots
-    from imagesync.sites.openstack import make_session
-    from imagesync.snapshot import take
-    from imagesync.state import State
-
-    state = State(config.state_dir)
-    try:
-        nova = NovaSnapshots(cfg, make_session(cfg))
-
-        def record(image_id: str, image_name: str) -> None:
-            state.record_made(cfg.name, image_id, image_name)
-
-        return take(nova, server, name=name, stop=stop, wait=wait, timeout=timeout, record=record)
-    finally:
-        state.close()
