@@ -19,6 +19,7 @@ its marker (``engine.marker``): it is removed only once its lease has expired.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import os
@@ -123,6 +124,10 @@ class Recovery:
         try:
             rec = site.get_image(image_id)
         except NotFound:
+            # no record, but an upload killed before its record was written may have left
+            # data behind (a directory store's partial file): deleting a missing id is no
+            # error on any site, and removes such leftovers
+            site.delete(image_id)
             return Verdict.GONE, None
         if not rec.in_progress:
             log.info("cleanup.kept_published", site=site_name, image=name, image_id=image_id)
@@ -183,6 +188,8 @@ class Recovery:
                     site.delete(lease.image_id)
             except NotFound:
                 rec = None
+                with contextlib.suppress(ImageSyncError):
+                    site.delete(lease.image_id)  # leftovers of an upload with no record yet
             except ImageSyncError as exc:
                 log.warning(
                     "cleanup.failed", site=lease.site, image_id=lease.image_id, error=str(exc)

@@ -63,6 +63,25 @@ def test_abort_leaves_nothing_on_disk(tmp_path: Path) -> None:
     assert list(tmp_path.rglob("*")) == []
 
 
+def test_deleting_an_upload_killed_before_its_record_removes_its_leftovers(
+    tmp_path: Path,
+) -> None:
+    # Found by the fault suite: a kill inside finish() (its metadata half-written) left the
+    # data and a temporary file and no record; recovery's delete by id left them forever.
+    site = DirectorySite("s", tmp_path)
+    w = site.create(NewImage("img", "raw", "bare", 0, 0, {}, 3))
+    w.write(b"abc")
+    image_id = w.image_id
+    folder = tmp_path / "img"
+    for meta in folder.glob(f".{image_id}.json"):
+        meta.rename(folder / f"..{image_id}.json.01af3138.tmp")  # as a kill mid-write leaves it
+    (folder / f"..{image_id}.json.01af3138.tmp").touch()
+    with pytest.raises(NotFound):
+        site.get_image(image_id)
+    site.delete(image_id)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == []
+
+
 def test_an_id_that_could_escape_the_folder_is_not_found(tmp_path: Path) -> None:
     site = DirectorySite("s", tmp_path)
     with pytest.raises(NotFound):
