@@ -15,6 +15,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TypedDict
 
 PROP_ORIGIN = "imagesync.origin"
 PROP_VERSION = "imagesync.version"
@@ -305,6 +306,27 @@ class NewImage:
     properties: Mapping[str, str]  # user properties + provenance (not reserved Glance keys)
     size: int | None
     visibility: str = "private"
+
+
+class Layout(TypedDict):
+    """What a copy keeps of its original besides bytes, name and properties: the formats and
+    the minimums a server needs to boot it. One list, so that a field added here reaches
+    every place that copies it (``transfer.new_image_for``, each site's ``create``)."""
+
+    disk_format: str | None
+    container_format: str | None
+    min_disk: int
+    min_ram: int
+
+
+def layout_of(image: ImageRecord | NewImage) -> Layout:
+    """``image``'s :class:`Layout`, as keyword arguments for the next record or request."""
+    return Layout(
+        disk_format=image.disk_format,
+        container_format=image.container_format,
+        min_disk=image.min_disk,
+        min_ram=image.min_ram,
+    )
 
 
 @dataclass(frozen=True)

@@ -59,6 +59,7 @@ from imagesync.model import (
     Version,
     format_time,
     hashes_agree,
+    layout_of,
 )
 from imagesync.reading import read_back, read_from
 from imagesync.retry import RetryPolicy
@@ -103,10 +104,7 @@ def new_image_for(source: ImageRecord, version: Version, visibility: str) -> New
     props[PROP_VERSION] = format_time(version.time)
     return NewImage(
         name=source.name,
-        disk_format=source.disk_format,
-        container_format=source.container_format,
-        min_disk=source.min_disk,
-        min_ram=source.min_ram,
+        **layout_of(source),
         properties=props,
         size=source.size,
         visibility=visibility,

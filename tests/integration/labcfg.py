@@ -19,6 +19,8 @@ from imagesync.config.types import CloudConfig, Config, ImageRule, StoreConfig
 from imagesync.lab import LabCompute, LabInfo, compute_client, glance_client
 from tests.faultproxy import FaultProxy
 
+MB = 1 << 20
+
 
 def cloud_auth(lab: LabInfo, name: str, *, auth_url: str | None = None) -> dict[str, str]:
     """The password auth of the lab's ordinary user on cloud ``name`` (a config's ``auth``)."""
@@ -98,12 +100,29 @@ def upload(lab: LabInfo, cloud: str, name: str, data: bytes, **props: str) -> di
     return dict(gc.images.get(img["id"]))
 
 
+def random_image(
+    lab: LabInfo, prefix: str, size: int, cloud: str = "lab1", **props: str
+) -> tuple[str, bytes, dict[str, Any]]:
+    """A name never used before, ``size`` random bytes, and the image of them uploaded under
+    that name (Glance's record): what a test copies and then compares the copies with."""
+    name = uid(prefix)
+    data = random_bytes(size)
+    return name, data, upload(lab, cloud, name, data, **props)
+
+
 def fresh_image(
     lab: LabInfo, prefix: str, size: int = 8192, cloud: str = "lab1"
 ) -> tuple[str, dict[str, Any]]:
     """A name never used before, and an image of ``size`` random bytes uploaded under it."""
-    name = uid(prefix)
-    return name, upload(lab, cloud, name, random_bytes(size))
+    name, _, record = random_image(lab, prefix, size, cloud)
+    return name, record
+
+
+def stored_bytes(store: Path, name: str) -> bytes:
+    """The bytes of the one copy of ``name`` in a directory store (a test's ``make_config``
+    puts it at ``tmp_path / "store"``)."""
+    (stored,) = (store / name).glob("*.img")
+    return stored.read_bytes()
 
 
 @contextmanager

@@ -13,26 +13,29 @@ from imagesync.lab import LabInfo, glance_client
 from imagesync.model import PROP_ORIGIN, PROP_SHA512, PROP_STATE, PROP_VERSION
 from imagesync.state import State
 from tests.integration.labcfg import (
+    MB,
     cloud_config,
+    fresh_image,
     images_named,
     make_config,
     proxied,
     random_bytes,
+    random_image,
     sha512,
+    stored_bytes,
     uid,
     upload,
 )
 
 pytestmark = pytest.mark.integration
-MB = 1 << 20
 
 
 def test_push_across_two_clouds_with_provenance_and_idempotence(
     lab: LabInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    name = uid("push")
-    data = random_bytes(3 * MB + 123)
-    orig = upload(lab, "lab1", name, data, os_distro="ubuntu", hw_disk_bus="virtio")
+    name, data, orig = random_image(
+        lab, "push", 3 * MB + 123, os_distro="ubuntu", hw_disk_bus="virtio"
+    )
     config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"])
     assert push(config, name) == 0
     copies = images_named(lab, "lab2", name)
@@ -48,8 +51,7 @@ def test_push_across_two_clouds_with_provenance_and_idempotence(
     assert copy["visibility"] == "private"
     assert copy["disk_format"] == "raw" and copy["container_format"] == "bare"
     # the directory store has it too, byte for byte
-    (stored,) = (tmp_path / "store" / name).glob("*.img")
-    assert sha512(stored.read_bytes()) == sha512(data)
+    assert sha512(stored_bytes(tmp_path / "store", name)) == sha512(data)
 
     history = len(State(config.state_dir).history(name))
     capsys.readouterr()
@@ -74,9 +76,7 @@ def test_newer_version_on_b_reaches_a(lab: LabInfo, tmp_path: Path) -> None:
 
 
 def test_byte_flipped_on_upload_is_caught_and_removed(lab: LabInfo, tmp_path: Path) -> None:
-    name = uid("flipup")
-    data = random_bytes(2 * MB)
-    upload(lab, "lab1", name, data)
+    name, _ = fresh_image(lab, "flipup", 2 * MB)
     with proxied(lab, "lab2") as (proxy, lab2):
         proxy.plan.flip_upload_at = 1_234_567
         config = make_config(
@@ -92,9 +92,7 @@ def test_byte_flipped_on_upload_is_caught_and_removed(lab: LabInfo, tmp_path: Pa
 def test_byte_flipped_on_download_is_caught_and_nothing_is_left(
     lab: LabInfo, tmp_path: Path
 ) -> None:
-    name = uid("flipdown")
-    data = random_bytes(2 * MB)
-    upload(lab, "lab1", name, data)
+    name, _ = fresh_image(lab, "flipdown", 2 * MB)
     with proxied(lab, "lab1") as (proxy, lab1):
         proxy.plan.flip_download_at = 777_777
         config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"], overrides={"lab1": lab1})
@@ -107,9 +105,7 @@ def test_byte_flipped_on_download_is_caught_and_nothing_is_left(
 
 
 def test_connection_cut_mid_upload_is_retried(lab: LabInfo, tmp_path: Path) -> None:
-    name = uid("cut")
-    data = random_bytes(3 * MB)
-    upload(lab, "lab1", name, data)
+    name, data, _ = random_image(lab, "cut", 3 * MB)
     with proxied(lab, "lab2") as (proxy, lab2):
         proxy.plan.cut_upload_after = MB
         proxy.plan.cut_times = 1
@@ -124,8 +120,7 @@ def test_connection_cut_mid_upload_is_retried(lab: LabInfo, tmp_path: Path) -> N
 
 
 def test_connection_cut_every_time_fails_cleanly(lab: LabInfo, tmp_path: Path) -> None:
-    name = uid("cutall")
-    upload(lab, "lab1", name, random_bytes(2 * MB))
+    name, _ = fresh_image(lab, "cutall", 2 * MB)
     with proxied(lab, "lab2") as (proxy, lab2):
         proxy.plan.cut_upload_after = 100_000
         proxy.plan.cut_times = 99
@@ -140,8 +135,7 @@ def test_connection_cut_every_time_fails_cleanly(lab: LabInfo, tmp_path: Path) -
 def test_dry_run_changes_nothing(
     lab: LabInfo, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    name = uid("dry")
-    upload(lab, "lab1", name, random_bytes(1000))
+    name, _ = fresh_image(lab, "dry", 1000)
     config = make_config(lab, tmp_path, name, clouds=["lab1", "lab2"])
     assert push(config, name, dry_run=True, as_json=True) == 0
     plan = json.loads(capsys.readouterr().out)

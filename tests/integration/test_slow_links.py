@@ -20,17 +20,16 @@ from imagesync.sites import open_site
 from imagesync.sites.base import Site
 from imagesync.transfer import CopyResult, Tuning, copy_image, new_image_for
 from tests.integration.labcfg import (
+    MB,
     images_named,
     make_config,
     proxied,
-    random_bytes,
+    random_image,
     sha512,
-    uid,
-    upload,
+    stored_bytes,
 )
 
 pytestmark = pytest.mark.integration
-MB = 1 << 20
 
 
 class _Published:
@@ -62,9 +61,7 @@ def _copy(
 
 
 def test_a_throttled_cloud_holds_no_fast_target_back(lab: LabInfo, tmp_path: Path) -> None:
-    name = uid("slow")
-    data = random_bytes(64 * MB)
-    upload(lab, "lab1", name, data)
+    name, data, _ = random_image(lab, "slow", 64 * MB)
     with proxied(lab, "lab2") as (proxy, lab2):
         proxy.plan.upload_rate = 2.5 * MB  # ~25 s for lab2, a few for the others
         config = make_config(lab, tmp_path, name, overrides={"lab2": lab2})
@@ -83,18 +80,15 @@ def test_a_throttled_cloud_holds_no_fast_target_back(lab: LabInfo, tmp_path: Pat
     for cloud in ("lab2", "lab3"):
         (copy,) = images_named(lab, cloud, name)
         assert copy["os_hash_value"] == sha512(data) and not copy["os_hidden"]
-    (stored,) = (tmp_path / "store" / name).glob("*.img")
-    assert sha512(stored.read_bytes()) == sha512(data)
+    assert sha512(stored_bytes(tmp_path / "store", name)) == sha512(data)
 
 
 @pytest.mark.parametrize("cuts", [(0.5,), (0.5, 0.9)], ids=["cut-50", "cut-50-90"])
 def test_a_cut_source_read_resumes_with_range(
     lab: LabInfo, tmp_path: Path, cuts: tuple[float, ...]
 ) -> None:
-    name = uid("cut")
     size = 12 * MB + 7
-    data = random_bytes(size)
-    upload(lab, "lab1", name, data)
+    name, data, _ = random_image(lab, "cut", size)
     with proxied(lab, "lab1") as (proxy, lab1):
         proxy.plan.cut_download_at = [int(size * c) for c in cuts]
         config = make_config(lab, tmp_path, name, overrides={"lab1": lab1})
@@ -112,5 +106,4 @@ def test_a_cut_source_read_resumes_with_range(
     assert size <= proxy.plan.downloaded <= size + len(cuts) * MB
     (copy,) = images_named(lab, "lab2", name)
     assert copy["os_hash_value"] == sha512(data)
-    (stored,) = (tmp_path / "store" / name).glob("*.img")
-    assert sha512(stored.read_bytes()) == sha512(data)
+    assert sha512(stored_bytes(tmp_path / "store", name)) == sha512(data)
