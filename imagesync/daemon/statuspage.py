@@ -253,29 +253,37 @@ def _table(table_id: str, head: str, rows: Iterable[str]) -> str:
     )
 
 
+def _table_of(
+    table_id: str,
+    labels: tuple[str, ...],
+    entries: Iterable[Mapping[str, Any]],
+    row: Callable[[Mapping[str, Any]], str],
+    empty: str,
+) -> str:
+    """A table of ``entries``, a ``row`` each under the heads ``labels``; ``empty`` (a line
+    saying there is nothing) when there are none."""
+    rows = [row(entry) for entry in entries]
+    return _table(table_id, _th(*labels), rows) if rows else empty
+
+
+def _flight_row(f: Mapping[str, Any]) -> str:
+    size, done = f.get("size"), int(f.get("bytes") or 0)
+    pct = min(100.0, 100.0 * done / size) if size else None
+    # <progress>, not a div with a style attribute: the CSP allows no inline style
+    bar = f'<progress max="100" value="{pct:.0f}"></progress> {pct:.0f}%' if pct is not None else ""
+    return (
+        f'<tr data-name="{e(f["name"])}"><td>{e(f["name"])}</td>'
+        f'<td class="mono">{e(short_time(f["version"]))}</td>'
+        f"<td>{e(f['source'])} → {e(', '.join(f['targets']))}</td>"
+        f"<td>{bar}</td><td>{e(human_size(done))} of {e(human_size(size))}</td>"
+        f"<td>{e(_duration(float(f.get('seconds') or 0)))}</td></tr>"
+    )
+
+
 def _in_flight(doc: Mapping[str, Any]) -> str:
-    flights = doc.get("in_flight", [])
-    if not flights:
-        return '<p class="muted" id="no-transfers">no transfer running</p>'
-    rows = []
-    for f in flights:
-        size, done = f.get("size"), int(f.get("bytes") or 0)
-        pct = min(100.0, 100.0 * done / size) if size else None
-        # <progress>, not a div with a style attribute: the CSP allows no inline style
-        bar = (
-            f'<progress max="100" value="{pct:.0f}"></progress> {pct:.0f}%'
-            if pct is not None
-            else ""
-        )
-        rows.append(
-            f'<tr data-name="{e(f["name"])}"><td>{e(f["name"])}</td>'
-            f'<td class="mono">{e(short_time(f["version"]))}</td>'
-            f"<td>{e(f['source'])} → {e(', '.join(f['targets']))}</td>"
-            f"<td>{bar}</td><td>{e(human_size(done))} of {e(human_size(size))}</td>"
-            f"<td>{e(_duration(float(f.get('seconds') or 0)))}</td></tr>"
-        )
-    head = _th("name", "version", "from → to", "progress", "read", "running")
-    return _table("in-flight", head, rows)
+    labels = ("name", "version", "from → to", "progress", "read", "running")
+    empty = '<p class="muted" id="no-transfers">no transfer running</p>'
+    return _table_of("in-flight", labels, doc.get("in_flight", []), _flight_row, empty)
 
 
 def _held(doc: Mapping[str, Any]) -> str:
@@ -344,25 +352,25 @@ def _last_pass(doc: Mapping[str, Any], now: datetime | None) -> str:
     )
 
 
+def _history_row(r: Mapping[str, Any]) -> str:
+    ok = r.get("result") == "ok"
+    result = f'<span class="{"ok" if ok else "bad"}">{e(r.get("result"))}</span>'
+    if r.get("error"):
+        result += f" {e(r['error'])}"
+    size = human_size(r["bytes"]) if r.get("bytes") is not None else ""
+    secs = f"{r['seconds']:.1f}s" if isinstance(r.get("seconds"), int | float) else ""
+    return (
+        f'<tr><td class="mono">{e(short_time(r.get("started")))}</td>'
+        f"<td>{e(r.get('name'))}</td>"
+        f"<td>{e(_ref(r.get('source')))} → {e(r.get('target'))}</td><td>{result}</td>"
+        f"<td>{e(size)}</td><td>{e(secs)}</td></tr>"
+    )
+
+
 def _history(doc: Mapping[str, Any]) -> str:
-    rows = doc.get("history", [])
-    if not rows:
-        return '<p class="muted">no transfers recorded</p>'
-    out = []
-    for r in rows:
-        ok = r.get("result") == "ok"
-        result = f'<span class="{"ok" if ok else "bad"}">{e(r.get("result"))}</span>'
-        if r.get("error"):
-            result += f" {e(r['error'])}"
-        size = human_size(r["bytes"]) if r.get("bytes") is not None else ""
-        secs = f"{r['seconds']:.1f}s" if isinstance(r.get("seconds"), int | float) else ""
-        out.append(
-            f'<tr><td class="mono">{e(short_time(r.get("started")))}</td>'
-            f"<td>{e(r.get('name'))}</td>"
-            f"<td>{e(_ref(r.get('source')))} → {e(r.get('target'))}</td><td>{result}</td>"
-            f"<td>{e(size)}</td><td>{e(secs)}</td></tr>"
-        )
-    return _table("history", _th("started", "name", "from → to", "result", "size", "took"), out)
+    labels = ("started", "name", "from → to", "result", "size", "took")
+    empty = '<p class="muted">no transfers recorded</p>'
+    return _table_of("history", labels, doc.get("history", []), _history_row, empty)
 
 
 def render(doc: Mapping[str, Any]) -> str:

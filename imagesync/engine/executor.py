@@ -63,30 +63,23 @@ log = structlog.get_logger("imagesync.execute")
 ProgressFactory = Callable[[str, int | None], Callable[[int], None] | None]
 
 
+@dataclasses.dataclass(eq=False)  # eq=False: one executor is one executor (identity, hashable)
 class Executor:
     """Runs plans against the pool's sites, recording history and leases in ``state``."""
 
-    def __init__(
-        self,
-        pool: SitePool,
-        inventory: Inventory,
-        recovery: Recovery,
-        state: State,
-        policy: RetryPolicy,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.pool = pool
-        self.inventory = inventory
-        self.recovery = recovery
-        self.state = state
-        self.policy = policy
-        self.clock = clock  # the wall clock upload markers are written in
-        #: several daemons sharing the work: locks in the service, ownership checked before
-        #: each side effect (None: this host alone, local locks)
-        self.coordinator: Coordinator | None = None
-        # the daemon meets the same skips and kept retirements every pass: info once per
-        # change, debug otherwise
-        self._said = OncePerState()
+    pool: SitePool
+    inventory: Inventory
+    recovery: Recovery
+    state: State
+    policy: RetryPolicy
+    #: the wall clock upload markers are written in
+    clock: Callable[[], float] = time.time
+    #: several daemons sharing the work: locks in the service, ownership checked before
+    #: each side effect (None: this host alone, local locks)
+    coordinator: Coordinator | None = dataclasses.field(default=None, init=False)
+    # the daemon meets the same skips and kept retirements every pass: info once per
+    # change, debug otherwise
+    _said: OncePerState = dataclasses.field(default_factory=OncePerState, init=False, repr=False)
 
     def run(
         self,

@@ -53,23 +53,18 @@ class Verdict(enum.Enum):
         return self is not Verdict.FOREIGN
 
 
+@dataclasses.dataclass(eq=False)  # eq=False: compared by identity, hashable
 class Recovery:
     """Finds and removes crash leftovers and orphaned leases."""
 
-    def __init__(
-        self,
-        pool: SitePool,
-        state: State,
-        inventory: Inventory,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.pool = pool
-        self.state = state
-        self.inventory = inventory
-        self.clock = clock  # compared with other instances' lease expiries (wall clock)
-        #: several daemons: another member's upload is kept while its lease (in the service)
-        #: lives, and nothing is deleted unless the lock is still ours
-        self.coordinator: Coordinator | None = None
+    pool: SitePool
+    state: State
+    inventory: Inventory
+    #: compared with other instances' lease expiries (wall clock)
+    clock: Callable[[], float] = time.time
+    #: several daemons: another member's upload is kept while its lease (in the service)
+    #: lives, and nothing is deleted unless the lock is still ours
+    coordinator: Coordinator | None = dataclasses.field(default=None, init=False)
 
     def recover(self, inventories: Mapping[str, SiteInventory]) -> dict[str, SiteInventory]:
         """Remove uploads a crashed run left half-made; return the inventories without them.

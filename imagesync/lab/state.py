@@ -110,7 +110,8 @@ class LabInfo:
 
 @dataclass
 class ServiceState:
-    """One uwsgi service: its port and, while it runs, its master's pid (= its pgid)."""
+    """One service of the lab: its port and, while it runs, its process's pid (= its pgid;
+    for a uwsgi service, its master's)."""
 
     port: int
     pid: int | None = None
@@ -184,13 +185,10 @@ class CloudState:
 
 
 @dataclass
-class VOSpaceState:
-    """The lab's VOSpace service, as persisted (its port, token and process)."""
+class VOSpaceState(ServiceState):
+    """The lab's VOSpace service, as persisted: a service with a bearer token."""
 
-    port: int
-    token: str
-    pid: int | None = None
-    pgid: int | None = None
+    token: str = field(kw_only=True)
 
     @property
     def url(self) -> str:
@@ -198,14 +196,11 @@ class VOSpaceState:
 
 
 @dataclass
-class EtcdState:
-    """The lab's etcd (``lab up --etcd``): its client and peer ports and, while it runs, its
-    pid (= its pgid)."""
+class EtcdState(ServiceState):
+    """The lab's etcd (``lab up --etcd``): a service (``port`` the client port) with a peer
+    port too."""
 
-    port: int
-    peer_port: int
-    pid: int | None = None
-    pgid: int | None = None
+    peer_port: int = field(kw_only=True)
 
 
 VOSPACE_DIR = "vospace"
@@ -360,21 +355,11 @@ def save_state(state: LabState) -> None:
         ],
         "vospace": None
         if state.vospace is None
-        else {
-            "port": state.vospace.port,
-            "token": state.vospace.token,
-            "pid": state.vospace.pid,
-            "pgid": state.vospace.pgid,
-        },
+        else {**service(state.vospace), "token": state.vospace.token},
         "vospace_store": state.vospace_store,
         "etcd": None
         if state.etcd is None
-        else {
-            "port": state.etcd.port,
-            "peer_port": state.etcd.peer_port,
-            "pid": state.etcd.pid,
-            "pgid": state.etcd.pgid,
-        },
+        else {**service(state.etcd), "peer_port": state.etcd.peer_port},
     }
     write_private(state.directory / STATE_FILE, json.dumps(raw, indent=2) + "\n")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import itertools
 import os
 import re
@@ -165,25 +166,17 @@ def request_body(environ: dict[str, Any], length: int | None, chunked: bool) -> 
         yield chunk
 
 
+@dataclasses.dataclass(eq=False)
 class FileBody:
     """A data response's body: ``count`` bytes of ``f`` from ``first``, a chunk at a time,
     slowed down or cut short when a fault says so."""
 
-    def __init__(
-        self,
-        f: Any,
-        first: int,
-        count: int,
-        slow: faultmod.Fault | None,
-        cut: faultmod.Fault | None,
-        environ: dict[str, Any],
-    ) -> None:
-        self.f = f
-        self.first = first
-        self.count = count
-        self.slow = slow
-        self.cut = cut
-        self.environ = environ
+    f: Any
+    first: int
+    count: int
+    slow: faultmod.Fault | None
+    cut: faultmod.Fault | None
+    environ: dict[str, Any]
 
     def __iter__(self) -> Iterator[bytes]:
         self.f.seek(self.first)
