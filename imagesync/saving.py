@@ -39,7 +39,7 @@ from imagesync.errors import ImageSyncError
 from imagesync.model import SiteInventory
 from imagesync.plan import rule_for
 from imagesync.sites.nova import Server
-from imagesync.snapshot import Clock, Nova, take
+from imagesync.snapshot import Clock, Nova, SnapshotRequest, take
 
 log = structlog.get_logger("imagesync.saving")
 
@@ -197,7 +197,8 @@ def save_server(
             nova.set_metadata(server.id, {SAVING: what})
 
     try:
-        result = take(nova, server.id, name=name, timeout=timeout, clock=clock, record=made)
+        request = SnapshotRequest(server.id, name=name, timeout=timeout)
+        result = take(nova, request, clock=clock, record=made)
     except ImageSyncError as exc:
         reason = f"snapshot failed: {exc}"
         log.warning("save.failed", cloud=nova.name, server=server.id, name=name, error=str(exc))

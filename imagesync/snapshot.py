@@ -121,31 +121,41 @@ def default_name(nova: Nova, server: Server) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class SnapshotRequest:
+    """Which server to snapshot as a version of which name, and how: what ``snapshot`` on the
+    command line asks for, handed unchanged to :func:`take` (the daemon's save, too)."""
+
+    #: the server's id or unique name
+    server: str
+    #: the image name the snapshot is a version of (None: its base image's name)
+    name: str | None = None
+    #: stop a running server first and leave it stopped. Without it, a server that is not
+    #: SHUTOFF is snapshotted anyway, with a warning (its disk may be inconsistent)
+    stop: bool = False
+    #: watch until active (else return once Nova accepted the request)
+    wait: bool = True
+    #: seconds for stopping and becoming active together
+    timeout: float = 600.0
+
+
 def take(
     nova: Nova,
-    server_ref: str,
+    request: SnapshotRequest,
     *,
-    name: str | None = None,
-    stop: bool = False,
-    wait: bool = True,
-    timeout: float = 600.0,
     clock: Clock | None = None,
     record: Callable[[str, str], None] | None = None,
 ) -> SnapshotResult:
-    """Snapshot ``server_ref`` (id or unique name) as a version of ``name``.
-
-    ``stop``: stop a running server first and leave it stopped. Without it, a server that is
-    not SHUTOFF is snapshotted anyway, with a warning (its disk may be inconsistent).
-    ``wait``: watch until active (else return once Nova accepted the request). ``record``
-    is called with (image id, name) once Nova has made the image: imagesync made it.
-    Raises SnapshotFailed (after removing what the snapshot left) or SiteError.
+    """Snapshot the server ``request`` names, as it says. ``record`` is called with (image
+    id, name) once Nova has made the image: imagesync made it. Raises SnapshotFailed (after
+    removing what the snapshot left) or SiteError.
     """
     clock = clock or Clock()
     start = clock.now()
-    deadline = start + timeout
-    server = nova.find_server(server_ref)
-    target = name or default_name(nova, server)
-    server, stopped, warnings = _quiesce(nova, server, stop, deadline, clock)
+    deadline = start + request.timeout
+    server = nova.find_server(request.server)
+    target = request.name or default_name(nova, server)
+    server, stopped, warnings = _quiesce(nova, server, request.stop, deadline, clock)
     image_id = nova.create_image(server.id, target, {})
     log.info("snapshot.created", cloud=nova.name, server=server.id, image_id=image_id, name=target)
     if record is not None:
@@ -160,10 +170,10 @@ def take(
         warnings=warnings,
         stopped=stopped,
     )
-    if not wait:
+    if not request.wait:
         result.seconds = clock.now() - start
         return result
-    image = _watch(nova, server.id, image_id, deadline, timeout, clock)
+    image = _watch(nova, server.id, image_id, deadline, request.timeout, clock)
     result.status, result.sha512, result.size = image.status, image.sha512, image.size
     result.seconds = clock.now() - start
     log.info("snapshot.active", cloud=nova.name, image_id=image_id, seconds=result.seconds)

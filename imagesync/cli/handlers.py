@@ -131,18 +131,13 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     from imagesync.commands.snapshot import snapshot
+    from imagesync.snapshot import SnapshotRequest
 
-    config = _config(args)
+    request = SnapshotRequest(
+        args.server, name=args.as_name, stop=args.stop, wait=args.wait, timeout=args.timeout
+    )
     return snapshot(
-        config,
-        args.server,
-        cloud=args.cloud,
-        name=args.as_name,
-        stop=args.stop,
-        wait=args.wait,
-        timeout=args.timeout,
-        push_after=args.push,
-        as_json=args.json,
+        _config(args), request, cloud=args.cloud, push_after=args.push, as_json=args.json
     )
 
 

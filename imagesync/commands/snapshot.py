@@ -4,6 +4,7 @@ name, recorded as made by imagesync, and with ``--push`` spread it as ``push`` d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import sys
@@ -16,35 +17,33 @@ from imagesync.model import printable
 from imagesync.plan import rule_for
 
 if TYPE_CHECKING:
-    from imagesync.snapshot import SnapshotResult
+    from imagesync.snapshot import SnapshotRequest, SnapshotResult
 
 
 def snapshot(
     config: Config,
-    server: str,
+    request: SnapshotRequest,
     *,
     cloud: str,
-    name: str | None = None,
-    stop: bool = False,
-    wait: bool = False,
-    timeout: float = 600.0,
     push_after: bool = False,
     as_json: bool = False,
 ) -> int:
-    """Snapshot a server as the newest version of ``name`` (default: its base image's name),
-    recorded as made by imagesync; with ``push_after``, propagate it as ``push`` does."""
+    """Snapshot a server as the newest version of ``request.name`` (default: its base
+    image's name), recorded as made by imagesync; with ``push_after``, propagate it as
+    ``push`` does (waiting for the snapshot to be active first, whatever ``request.wait``)."""
     from imagesync.snapshot import SnapshotFailed
 
     cfg = config.clouds.get(cloud)
     if cfg is None:
         known = ", ".join(config.clouds) or "none"
         raise UsageError(f"--cloud: no cloud called {cloud!r} (known: {known})")
+    name = request.name
     if name is not None and push_after and rule_for(config.images, name) is None:
         raise UsageError(f"--push: no image rule in {config.path} matches {name!r}")
+    if push_after:
+        request = dataclasses.replace(request, wait=True)
     try:
-        result = _take_snapshot(
-            config, cfg, server, name=name, stop=stop, wait=wait or push_after, timeout=timeout
-        )
+        result = _take_snapshot(config, cfg, request)
     except SnapshotFailed as exc:
         if as_json:
             print(json.dumps({"ok": False, "error": str(exc)}, indent=2))
@@ -77,16 +76,7 @@ def snapshot(
     return code
 
 
-def _take_snapshot(
-    config: Config,
-    cfg: CloudConfig,
-    server: str,
-    *,
-    name: str | None,
-    stop: bool,
-    wait: bool,
-    timeout: float,
-) -> SnapshotResult:
+def _take_snapshot(config: Config, cfg: CloudConfig, request: SnapshotRequest) -> SnapshotResult:
     """Take the snapshot on cloud ``cfg``, recorded in the state as made by imagesync."""
     from imagesync.sites.nova import NovaSnapshots
     from imagesync.sites.openstack import make_session
@@ -100,6 +90,6 @@ def _take_snapshot(
         def record(image_id: str, image_name: str) -> None:
             state.record_made(cfg.name, image_id, image_name)
 
-        return take(nova, server, name=name, stop=stop, wait=wait, timeout=timeout, record=record)
+        return take(nova, request, record=record)
     finally:
         state.close()

@@ -11,7 +11,7 @@ import pytest
 
 from imagesync.errors import UsageError
 from imagesync.sites.nova import Server, SnapshotImage
-from imagesync.snapshot import POLL, Clock, SnapshotFailed, take
+from imagesync.snapshot import POLL, Clock, SnapshotFailed, SnapshotRequest, take
 from tests.fakeclock import FakeClock
 
 
@@ -84,7 +84,9 @@ def _clock(fc: FakeClock) -> Clock:
 def test_waits_until_active_and_names_it_after_the_base_image() -> None:
     nova, fc = FakeNova(), FakeClock()
     made: list[tuple[str, str]] = []
-    r = take(nova, "srv", clock=_clock(fc), record=lambda i, n: made.append((i, n)))
+    r = take(
+        nova, SnapshotRequest("srv"), clock=_clock(fc), record=lambda i, n: made.append((i, n))
+    )
     assert (r.status, r.name, r.image_id, r.warnings) == ("active", "base", "snap1", [])
     assert made == [("snap1", "base")]
     assert "delete" not in nova.calls and "stop" not in nova.calls
@@ -92,7 +94,7 @@ def test_waits_until_active_and_names_it_after_the_base_image() -> None:
 
 def test_without_wait_it_returns_once_nova_accepted() -> None:
     nova = FakeNova()
-    r = take(nova, "srv", name="n", wait=False, clock=_clock(FakeClock()))
+    r = take(nova, SnapshotRequest("srv", name="n", wait=False), clock=_clock(FakeClock()))
     assert r.status == "queued" and nova.calls.count("get_image") == 0
 
 
@@ -100,7 +102,7 @@ def test_without_wait_it_returns_once_nova_accepted() -> None:
 def test_an_image_that_fails_or_vanishes_is_a_failure(final: str) -> None:
     nova = FakeNova(image_states=["queued", final], task_states=["image_uploading"])
     with pytest.raises(SnapshotFailed, match=f"image is {final}.*the upload failed"):
-        take(nova, "srv", name="n", clock=_clock(FakeClock()))
+        take(nova, SnapshotRequest("srv", name="n"), clock=_clock(FakeClock()))
     # a killed/deleted image is removed; a gone one needs nothing
     assert nova.calls.count("delete") == (0 if final == "gone" else 1)
 
@@ -108,7 +110,7 @@ def test_an_image_that_fails_or_vanishes_is_a_failure(final: str) -> None:
 def test_task_over_without_an_active_image_is_a_failure_and_is_cleaned_up() -> None:
     nova = FakeNova(image_states=["queued"], task_states=[None])
     with pytest.raises(SnapshotFailed, match="task is over but the image is queued"):
-        take(nova, "srv", name="n", clock=_clock(FakeClock()))
+        take(nova, SnapshotRequest("srv", name="n"), clock=_clock(FakeClock()))
     assert nova.deleted == ["snap1"]
 
 
@@ -116,17 +118,17 @@ def test_a_timeout_removes_the_snapshot() -> None:
     nova = FakeNova(image_states=["saving"], task_states=["image_uploading"] * 1000)
     fc = FakeClock()
     with pytest.raises(SnapshotFailed, match="not active within 5 s"):
-        take(nova, "srv", name="n", timeout=5, clock=_clock(fc))
+        take(nova, SnapshotRequest("srv", name="n", timeout=5), clock=_clock(fc))
     assert nova.deleted == ["snap1"]
     assert fc.sleeps == int(5 / POLL) + 1
 
 
 def test_a_running_server_gets_a_warning_or_is_stopped() -> None:
     nova = FakeNova(status="ACTIVE")
-    r = take(nova, "srv", name="n", clock=_clock(FakeClock()))
+    r = take(nova, SnapshotRequest("srv", name="n"), clock=_clock(FakeClock()))
     assert "not SHUTOFF" in r.warnings[0] and "stop" not in nova.calls and not r.stopped
     nova = FakeNova(status="ACTIVE")
-    r = take(nova, "srv", name="n", stop=True, clock=_clock(FakeClock()))
+    r = take(nova, SnapshotRequest("srv", name="n", stop=True), clock=_clock(FakeClock()))
     assert (
         r.warnings == [] and r.stopped and nova.calls.index("stop") < nova.calls.index("create n")
     )
@@ -135,10 +137,10 @@ def test_a_running_server_gets_a_warning_or_is_stopped() -> None:
 def test_a_busy_server_is_refused_before_anything_is_made() -> None:
     nova = FakeNova(task_state="image_uploading")
     with pytest.raises(SnapshotFailed, match="busy"):
-        take(nova, "srv", name="n", clock=_clock(FakeClock()))
+        take(nova, SnapshotRequest("srv", name="n"), clock=_clock(FakeClock()))
     assert not any(c.startswith("create") for c in nova.calls)
 
 
 def test_no_base_image_name_asks_for_as() -> None:
     with pytest.raises(UsageError, match="--as NAME"):
-        take(FakeNova(base_name=None), "srv", clock=_clock(FakeClock()))
+        take(FakeNova(base_name=None), SnapshotRequest("srv"), clock=_clock(FakeClock()))
