@@ -36,11 +36,12 @@ class LabCloud:
     name: str
     keystone_url: str
     glance_url: str
-    region: str
-    project: str
-    username: str
     password: str
     admin_password: str
+    #: every lab cloud has the one region, project and member user
+    region: str = REGION
+    project: str = PROJECT
+    username: str = USERNAME
     #: Nova's API (``…/v2.1``) when the cloud has compute (``lab up --nova``), else None
     compute_url: str | None = None
     placement_url: str | None = None
@@ -174,9 +175,6 @@ class CloudState:
             name=self.name,
             keystone_url=self.keystone_url,
             glance_url=self.glance_url,
-            region=REGION,
-            project=PROJECT,
-            username=USERNAME,
             password=self.password,
             admin_password=self.admin_password,
             compute_url=self.compute_url if self.nova is not None else None,
