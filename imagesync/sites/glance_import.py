@@ -20,19 +20,21 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import structlog
 
+from imagesync.config.types import CloudConfig
 from imagesync.errors import Cancelled, SiteError, TransientError
 from imagesync.model import ImageRecord
 from imagesync.sites.base import SharedURL
 
 if TYPE_CHECKING:
-    from imagesync.sites.glance import GlanceSite
+    from keystoneauth1 import adapter as ks_adapter
 
 log = structlog.get_logger("imagesync.glance")
+T = TypeVar("T")
 
 METHOD = "web-download"
 #: the slowest fetch an import is given time for (bytes per second), on top of the timeout
@@ -41,12 +43,25 @@ MIN_RATE = 5 * 1024 * 1024
 LOCK_GRACE = 5.0
 
 
+class ImportSite(Protocol):
+    """What a web-download needs of its site; ``GlanceSite`` is one (``_call`` and ``_record``
+    are its own helpers: this module is a part of it, split off). A protocol, so that this
+    module, which ``glance`` imports, does not import ``glance`` back."""
+
+    name: str
+    cfg: CloudConfig
+    adapter: ks_adapter.Adapter
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T: ...
+    def _record(self, raw: Mapping[str, Any]) -> ImageRecord: ...
+
+
 class WebDownload:
     """One cloud's web-download: the lazy probe and the import, with an injectable clock."""
 
     def __init__(
         self,
-        site: GlanceSite,
+        site: ImportSite,
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,

@@ -13,19 +13,23 @@ relayed). A compressed node is never shared: the target would import the zstd fr
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import requests
 import structlog
 
 from imagesync.model import ImageRecord
 from imagesync.sites.base import SharedURL
-from imagesync.sites.vospace_transfer import negotiate
-
-if TYPE_CHECKING:
-    from imagesync.sites.vospace import VOSpaceSite
+from imagesync.sites.vospace_transfer import ServiceSite, negotiate
 
 log = structlog.get_logger("imagesync.vospace")
+
+
+class _ShareSite(ServiceSite, Protocol):
+    """What sharing needs of its site beyond a negotiation: its session's TLS settings."""
+
+    session: requests.Session
+
 
 _GRANT = re.compile(r"(preauth:)([^/?#]+)")
 
@@ -39,7 +43,7 @@ def mask(url: str) -> SharedURL:
     return SharedURL(url, base + ("?…" if sep else ""), -1, query if sep else "")
 
 
-def share(site: VOSpaceSite, image: ImageRecord, path: str, compressed: bool) -> SharedURL | None:
+def share(site: _ShareSite, image: ImageRecord, path: str, compressed: bool) -> SharedURL | None:
     """A URL serving ``image``'s bytes (node ``path``) without credentials, or None."""
     if compressed:
         log.debug("share.none", site=site.name, image_id=image.id, reason="compressed")

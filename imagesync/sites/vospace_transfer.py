@@ -13,17 +13,19 @@ import contextlib
 import hashlib
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 from urllib.parse import urljoin
 
 import requests
 import structlog
 
+from imagesync.config.types import VOSpaceConfig
 from imagesync.errors import NotFound, SiteError, TransientError
 from imagesync.model import ImageRecord
 from imagesync.sites.vosproto import (
     CORE,
+    Service,
     classify,
     fault_text,
     md5_from_digest,
@@ -32,16 +34,38 @@ from imagesync.sites.vosproto import (
     url_path,
 )
 
-if TYPE_CHECKING:
-    from imagesync.sites.vospace import VOSpaceSite
-
 log = structlog.get_logger("imagesync.vospace")
+
+
+class ServiceSite(Protocol):
+    """What a transfer (and a share) needs of its site; ``VOSpaceSite`` is one. A protocol,
+    so that this module, which ``vospace`` imports, does not import ``vospace`` back."""
+
+    name: str
+    cfg: VOSpaceConfig
+    #: the securityMethod a negotiation asks for ("" for none)
+    security: str
+    sleep: Callable[[float], None]
+
+    def service(self) -> Service: ...
+    def vos_uri(self, path: str) -> str: ...
+    def call(
+        self,
+        method: str,
+        url: str,
+        what: str,
+        *,
+        ok: tuple[int, ...] = (200,),
+        retry: bool = True,
+        **kw: Any,
+    ) -> requests.Response: ...
+
 
 CHUNK = 1 << 20
 _RESUMES = 3  # a cut read is resumed this many times in a row without progress
 
 
-def negotiate(site: VOSpaceSite, path: str, direction: str, what: str) -> list[str]:
+def negotiate(site: ServiceSite, path: str, direction: str, what: str) -> list[str]:
     """A ``sync`` transfer: POST the document, follow the service's redirects (CADC: 303
     to ``…/results/transferDetails``), return the endpoints in order."""
     svc = site.service()
@@ -73,7 +97,7 @@ def negotiate(site: VOSpaceSite, path: str, direction: str, what: str) -> list[s
 
 
 def open_raw(
-    site: VOSpaceSite, path: str, image: ImageRecord, offset: int, what: str
+    site: ServiceSite, path: str, image: ImageRecord, offset: int, what: str
 ) -> Iterator[bytes]:
     """The stored bytes from ``offset``, as the service holds them."""
     urls = _read_urls(site, path, what)
@@ -94,7 +118,7 @@ def open_raw(
     raise last
 
 
-def _read_urls(site: VOSpaceSite, path: str, what: str) -> list[str]:
+def _read_urls(site: ServiceSite, path: str, what: str) -> list[str]:
     svc = site.service()
     if svc.files is not None:
         return [svc.files + url_path(path)]
@@ -102,7 +126,7 @@ def _read_urls(site: VOSpaceSite, path: str, what: str) -> list[str]:
 
 
 def _iter(
-    site: VOSpaceSite, resp: requests.Response, image: ImageRecord, offset: int, what: str
+    site: ServiceSite, resp: requests.Response, image: ImageRecord, offset: int, what: str
 ) -> Iterator[bytes]:
     """The bytes from ``offset``; a read cut part-way is resumed with Range. A whole
     read is checked against the Digest the service sent when the record carries no hash
@@ -156,7 +180,7 @@ def _iter(
         )
 
 
-def move(site: VOSpaceSite, src: str, dst: str, what: str) -> None:
+def move(site: ServiceSite, src: str, dst: str, what: str) -> None:
     """MoveNode: an asynchronous transfer job (UWS), run and waited for."""
     svc = site.service()
     assert svc.transfers is not None

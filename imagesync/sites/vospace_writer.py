@@ -14,23 +14,39 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import requests
 import structlog
 
+from imagesync.config.types import VOSpaceConfig
 from imagesync.errors import SiteError, TransientError
 from imagesync.hashing import MultiHasher
 from imagesync.model import ImageRecord
 from imagesync.sites.compress import Compressor
 from imagesync.sites.upload import QueueBody, QueuedUpload
 from imagesync.sites.vospace_records import md5_of, record
-from imagesync.sites.vosproto import IMAGE, classify, classify_status, md5_from_digest
-
-if TYPE_CHECKING:
-    from imagesync.sites.vospace import VOSpaceSite
+from imagesync.sites.vosproto import IMAGE, Node, classify, classify_status, md5_from_digest
 
 log = structlog.get_logger("imagesync.vospace")
+
+
+class WriterSite(Protocol):
+    """What an upload needs of its site; ``VOSpaceSite`` is one. A protocol, so that this
+    module, which ``vospace`` imports, does not import ``vospace`` back."""
+
+    name: str
+    cfg: VOSpaceConfig
+
+    def http(
+        self, method: str, url: str, *, data_url: bool = False, **kw: Any
+    ) -> requests.Response: ...
+    def node(
+        self, path: str, what: str, *, limit: int | None = 0, start: str | None = None
+    ) -> Node: ...
+    def set_properties(self, path: str, props: Mapping[str, str | None], what: str) -> Node: ...
+    def delete_quietly(self, path: str) -> None: ...
 
 
 class _Body(QueueBody):
@@ -74,7 +90,7 @@ class VOSpaceWriter(QueuedUpload):
 
     def __init__(
         self,
-        site: VOSpaceSite,
+        site: WriterSite,
         name: str,
         leaf: str,
         path: str,
