@@ -49,16 +49,9 @@ class ServiceSite(Protocol):
 
     def service(self) -> Service: ...
     def vos_uri(self, path: str) -> str: ...
-    def call(
-        self,
-        method: str,
-        url: str,
-        what: str,
-        *,
-        ok: tuple[int, ...] = (200,),
-        retry: bool = True,
-        **kw: Any,
-    ) -> requests.Response: ...
+    def call(self, method: str, url: str, what: str, **kw: Any) -> requests.Response:
+        """A request whose answer must be one of ``ok`` (a keyword), else classified."""
+        ...
 
 
 CHUNK = 1 << 20
