@@ -19,14 +19,7 @@ from imagesync.config.types import BootTest
 from imagesync.daemon import Daemon
 from imagesync.lab import LabInfo, glance_client
 from imagesync.lab.nova import fail_file
-from tests.integration.labcfg import (
-    fresh_image,
-    images_named,
-    make_config,
-    random_bytes,
-    uid,
-    upload,
-)
+from tests.integration.labcfg import fresh_image, images_named, make_config, random_bytes, upload
 
 pytestmark = pytest.mark.integration
 
@@ -84,8 +77,7 @@ def test_a_version_from_another_cloud_is_booted_on_the_test_cloud_before_it_spre
     then spreads to lab3 and the store. A failing one is quarantined on lab1 and never reaches
     lab3 or the store, while check keeps the previous version everywhere, on lab2 (where the
     user's failing upload stays visible: imagesync hides only what it made) too."""
-    name = uid("boot2")
-    v1 = upload(nova_lab, "lab2", name, random_bytes(8192))
+    name, v1 = fresh_image(nova_lab, "boot2", cloud="lab2")
     cfg = make_config(
         nova_lab,
         tmp_path,
