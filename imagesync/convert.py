@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import structlog
 
@@ -145,6 +145,18 @@ def _qcow2_virtualsize_text(head: bytes) -> int | None:
 # --------------------------------------------------------------------------- the copy
 
 
+class CopyOptions(TypedDict, total=False):
+    """``copy_image``'s options that ``copy_with_formats`` hands on unchanged to every copy it
+    makes (the download before a conversion heeds ``policy``, ``sleep`` and ``cancel`` too);
+    one left out takes ``copy_image``'s default."""
+
+    policy: RetryPolicy | None
+    sleep: Callable[[float], None]
+    cancel: threading.Event | None
+    watcher: UploadWatcher | None
+    lease_expired: Callable[[], bool] | None
+
+
 def copy_with_formats(
     source: Site,
     image: ImageRecord,
@@ -152,13 +164,9 @@ def copy_with_formats(
     *,
     accepted: Callable[[str], tuple[str, ...]],
     scratch: Scratch,
-    policy: RetryPolicy | None = None,
     progress: Progress | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-    cancel: threading.Event | None = None,
-    watcher: UploadWatcher | None = None,
-    lease_expired: Callable[[], bool] | None = None,
     plain_copy: Callable[..., CopyResult] = copy_image,
+    **options: Unpack[CopyOptions],
 ) -> CopyResult:
     """``copy_image`` for the targets that take ``image`` as it is, a conversion for each
     format the others need; one result with the targets in the order given. ``plain_copy``
@@ -179,19 +187,16 @@ def copy_with_formats(
             converting.setdefault(choice.convert_to, []).append((site, new))
         else:
             plain.append((site, new))
-    kwargs: dict[str, Any] = dict(
-        policy=policy, sleep=sleep, cancel=cancel, watcher=watcher, lease_expired=lease_expired
-    )
     started = time.monotonic()
     if plain or not converting:
         view, plain = _as_is(image, plain)
-        result = plain_copy(source, view, plain, progress=progress, **kwargs)
+        result = plain_copy(source, view, plain, progress=progress, **options)
         result.source, result.version = image, image.version
     else:
         result = CopyResult(source=image, version=image.version)
     done = {t.site: t for t in result.targets} | refused
     for fmt, group in converting.items():
-        converted = _convert_copy(source, image, fmt, group, scratch, progress, kwargs)
+        converted = _convert_copy(source, image, fmt, group, scratch, progress, options)
         done.update((t.site, t) for t in converted.targets)
         result.bytes_read = max(result.bytes_read, converted.bytes_read)
         result.sha512 = result.sha512 or converted.sha512
@@ -228,19 +233,19 @@ def _convert_copy(
     group: Sequence[tuple[Site, NewImage]],
     scratch: Scratch,
     progress: Progress | None,
-    kwargs: Mapping[str, Any],
+    options: CopyOptions,
 ) -> CopyResult:
     """Download, convert, compare, then upload to every target in ``group``."""
     src_fmt = image.disk_format or ""
     names = [s.name for s, _ in group]
     what = f"converting {image.name} ({src_fmt} → {fmt})"
     result = CopyResult(source=image, version=image.version)
-    cancel: threading.Event | None = kwargs.get("cancel")
+    cancel = options.get("cancel")
     try:
         tool = qemu_img()
         with scratch.room(what) as room:
             log.info("convert.start", image=image.name, source=image.ref, to=fmt, targets=names)
-            original, sha = _download(source, image, room, fmt, progress, cancel, kwargs)
+            original, sha = _download(source, image, room, fmt, progress, cancel, options)
             result.bytes_read = original.stat().st_size
             _info(tool, original, QEMU_FORMATS[src_fmt])
             required = _measure(tool, original, QEMU_FORMATS[src_fmt], QEMU_FORMATS[fmt])
@@ -253,7 +258,7 @@ def _convert_copy(
             _convert_and_compare(tool, image, original, converted, fmt, cancel)
             own = _sha512(converted, cancel)
             result.sha512 = own
-            uploaded = _upload(image, converted, own, sha, fmt, group, kwargs)
+            uploaded = _upload(image, converted, own, sha, fmt, group, options)
             result.targets = uploaded.targets
             log.info(
                 "convert.done",
@@ -330,13 +335,13 @@ def _download(
     fmt: str,
     progress: Progress | None,
     cancel: threading.Event | None,
-    kwargs: Mapping[str, Any],
+    options: CopyOptions,
 ) -> tuple[Path, str]:
     """The original in the scratch room, checked against the version; its sha512."""
     size = image.size or 0
     room.need(size, f"{size_text(size)} for the original")
     path = room.path / "original"
-    policy: RetryPolicy = kwargs.get("policy") or RetryPolicy()
+    policy = options.get("policy") or RetryPolicy()
     attempt = 0
     while True:
         attempt += 1
@@ -344,7 +349,11 @@ def _download(
             return path, _download_once(source, image, path, room, fmt, progress, cancel)
         except SiteError:
             if attempt >= policy.attempts or not policy.pause(
-                attempt, None, what=f"download {image.ref}", sleep=kwargs["sleep"], cancel=cancel
+                attempt,
+                None,
+                what=f"download {image.ref}",
+                sleep=options.get("sleep", time.sleep),
+                cancel=cancel,
             ):
                 raise
 
@@ -413,7 +422,7 @@ def _upload(
     original_sha: str,
     fmt: str,
     group: Sequence[tuple[Site, NewImage]],
-    kwargs: Mapping[str, Any],
+    options: CopyOptions,
 ) -> CopyResult:
     """Stream the converted file to every target with the usual verify-then-publish."""
     size = converted.stat().st_size
@@ -441,7 +450,7 @@ def _upload(
                 dataclasses.replace(new, disk_format=fmt, size=size, properties=props),
             )
         )
-    return copy_image(_ScratchFile(converted, record), record, targets, **kwargs)
+    return copy_image(_ScratchFile(converted, record), record, targets, **options)
 
 
 class _ScratchFile:
