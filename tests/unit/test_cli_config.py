@@ -23,6 +23,10 @@ GOOD_CLOUD = (
     "project_name: p}}"
 )
 CLOUDS_YAML = cybera_clouds_yaml("clouds-yaml-Secret-42")
+# starts of configurations for the sections added later (disk formats, coordination, VOSpace)
+CEPH = "clouds:\n  ceph:\n    auth: " + GOOD_CLOUD.removeprefix("{auth: ")[:-1] + "\n"
+COORDINATED = f"clouds: {{a: {GOOD_CLOUD}}}\ncoordination:\n"
+VAULT = "stores:\n  vault:\n    type: vospace\n"
 
 # (id, config text, key path the message must name, a fragment of the fix)
 # {clouds_yaml} is replaced by the path of a valid clouds.yaml defining the entry `cybera`.
@@ -406,6 +410,104 @@ BAD = [
         "stores:\n  archive: {type: directory, path: /srv}\nvisibility: public\n",
         "visibility",
         "move it under images:",
+    ),
+    # the sections issues 9, 12 and 13 added, through the same `config check`
+    (
+        "disk-formats-misspelt",
+        CEPH + "    disk_formats: [qcow]\n",
+        "clouds.ceph.disk_formats[0]",
+        "did you mean 'qcow2'",
+    ),
+    (
+        "disk-formats-twice",
+        CEPH + "    disk_formats: [raw, raw]\n",
+        "clouds.ceph.disk_formats[1]",
+        "remove one",
+    ),
+    (
+        "disk-formats-empty",
+        CEPH + "    disk_formats: []\n",
+        "clouds.ceph.disk_formats",
+        "write a list like [raw]",
+    ),
+    (
+        "disk-formats-mapping",
+        CEPH + "    disk_formats: {raw: 1}\n",
+        "clouds.ceph.disk_formats",
+        "write a list like [raw]",
+    ),
+    (
+        "scratch-size-words",
+        CEPH + "conversion: {scratch_max_size: lots}\n",
+        "conversion.scratch_max_size",
+        "20G",
+    ),
+    (
+        "scratch-size-tiny",
+        CEPH + "conversion: {scratch_max_size: 10}\n",
+        "conversion.scratch_max_size",
+        "at least 1M",
+    ),
+    (
+        "scratch-misspelt",
+        CEPH + "conversion: {scratch: /x}\n",
+        "conversion.scratch",
+        "did you mean 'scratch_dir'",
+    ),
+    ("coordination-no-url", COORDINATED + "  lease_timeout: 5s\n", "coordination", "has no url"),
+    (
+        "coordination-url-scheme",
+        COORDINATED + "  url: etcd://x:1\n",
+        "coordination.url",
+        "etcd3+http",
+    ),
+    (
+        "coordination-lease-short",
+        COORDINATED + "  url: etcd3+http://h:1\n  lease_timeout: 1s\n",
+        "coordination.lease_timeout",
+        "range",
+    ),
+    (
+        "coordination-member-id",
+        COORDINATED + "  url: etcd3+http://h:1\n  member_id: 'a b'\n",
+        "coordination.member_id",
+        "member id",
+    ),
+    (
+        "coordination-unknown-key",
+        COORDINATED + "  url: etcd3+http://h:1\n  ttl: 3\n",
+        "coordination.ttl",
+        "unknown key",
+    ),
+    (
+        "vospace-container-path",
+        VAULT + "    container: /canfar/images\n",
+        "stores.vault.container",
+        "vos://AUTHORITY~SERVICE",
+    ),
+    (
+        "vospace-container-bare",
+        VAULT + "    container: vos://a~b\n",
+        "stores.vault.container",
+        "a path under",
+    ),
+    (
+        "vospace-token-missing",
+        VAULT + "    container: vos://a~b/c\n    token_file: /nonexistent/t\n",
+        "stores.vault.token_file",
+        "is not a file",
+    ),
+    (
+        "vospace-resource-id",
+        VAULT + "    container: vos://a~b/c\n    resource_id: cadc/vault\n",
+        "stores.vault.resource_id",
+        "ivo://AUTHORITY/SERVICE",
+    ),
+    (
+        "vospace-url-and-id",
+        VAULT + "    container: vos://a~b/c\n    url: https://x/v\n    resource_id: ivo://a/b\n",
+        "stores.vault.resource_id",
+        "not both",
     ),
 ]
 

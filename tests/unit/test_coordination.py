@@ -439,31 +439,6 @@ def test_coordination_config(tmp_path: Path) -> None:
     assert load_config(_cfg(tmp_path, "")).coordination is None
 
 
-@pytest.mark.parametrize(
-    ("section", "key", "words"),
-    [
-        ("coordination:\n  lease_timeout: 5s\n", "coordination", "has no url"),
-        ("coordination:\n  url: etcd://x:1\n", "coordination.url", "etcd3+http"),
-        (
-            "coordination:\n  url: etcd3+http://h:1\n  lease_timeout: 1s\n",
-            "coordination.lease_timeout",
-            "range",
-        ),
-        (
-            "coordination:\n  url: etcd3+http://h:1\n  member_id: 'a b'\n",
-            "coordination.member_id",
-            "member id",
-        ),
-        ("coordination:\n  url: etcd3+http://h:1\n  ttl: 3\n", "coordination.ttl", "unknown key"),
-    ],
-)
-def test_coordination_config_errors(tmp_path: Path, section: str, key: str, words: str) -> None:
-    with pytest.raises(ConfigError) as exc:
-        load_config(_cfg(tmp_path, section))
-    assert exc.value.key == key and words in str(exc.value)
-    assert str(tmp_path / "imagesync.yaml") in str(exc.value)
-
-
 def test_the_coordination_url_never_shows_its_credentials(tmp_path: Path) -> None:
     url = "redis://admin:s3cretpw@10.0.0.1:6379?password=otherpw&db=0"
     assert (

@@ -24,7 +24,7 @@ from imagesync.model import (
     format_time,
 )
 from imagesync.plan import TargetRule, assess, plan_name
-from tests.unit.test_cli_config import GOOD_CLOUD, _config_check_fails
+from tests.unit.test_cli_config import GOOD_CLOUD
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 ORIG, CONV = "a" * 128, "b" * 128
@@ -88,30 +88,6 @@ def test_absent_disk_formats_accept_anything(tmp_path: Path) -> None:
     config = load_config(_config(tmp_path, ""))
     assert config.clouds["ceph"].disk_formats == ()
     assert config.conversion.directory(config.state_dir) == config.state_dir / "scratch"
-
-
-@pytest.mark.parametrize(
-    ("extra", "cloud_extra", "key", "fix"),
-    [
-        ("", "disk_formats: [qcow]", "clouds.ceph.disk_formats[0]", "did you mean 'qcow2'"),
-        ("", "disk_formats: [raw, raw]", "clouds.ceph.disk_formats[1]", "remove one"),
-        ("", "disk_formats: []", "clouds.ceph.disk_formats", "write a list like [raw]"),
-        ("", "disk_formats: {raw: 1}", "clouds.ceph.disk_formats", "write a list like [raw]"),
-        ("conversion: {scratch_max_size: lots}\n", "", "conversion.scratch_max_size", "20G"),
-        ("conversion: {scratch_max_size: 10}\n", "", "conversion.scratch_max_size", "at least 1M"),
-        ("conversion: {scratch: /x}\n", "", "conversion.scratch", "did you mean 'scratch_dir'"),
-    ],
-)
-def test_bad_format_settings_are_one_clear_error(
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    extra: str,
-    cloud_extra: str,
-    key: str,
-    fix: str,
-) -> None:
-    path = _config(tmp_path, extra, cloud_extra)
-    _config_check_fails(path, capsys, key, fix)
 
 
 @pytest.mark.parametrize(

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from imagesync.config.load import load_config
 from imagesync.config.render import render_config
 from imagesync.config.types import CADC_REGISTRY
-from imagesync.errors import ConfigError
 
 
 def _load(tmp_path: Path, store: str) -> Path:
@@ -42,34 +39,6 @@ def test_a_base_url_gets_capabilities_added(tmp_path: Path) -> None:
     )
     vo = cfg.stores["vault"].vospace
     assert vo is not None and vo.capabilities_url == "https://vo.example/vault/capabilities"
-
-
-@pytest.mark.parametrize(
-    ("store", "key", "fix"),
-    [
-        ("    container: /canfar/images\n", "stores.vault.container", "vos://AUTHORITY~SERVICE"),
-        ("    container: vos://a~b\n", "stores.vault.container", "a path under"),
-        (
-            "    container: vos://a~b/c\n    token_file: /nonexistent/t\n",
-            "stores.vault.token_file",
-            "is not a file",
-        ),
-        (
-            "    container: vos://a~b/c\n    resource_id: cadc/vault\n",
-            "stores.vault.resource_id",
-            "ivo://AUTHORITY/SERVICE",
-        ),
-        (
-            "    container: vos://a~b/c\n    url: https://x/v\n    resource_id: ivo://a/b\n",
-            "stores.vault.resource_id",
-            "not both",
-        ),
-    ],
-)
-def test_mistakes_name_the_key_and_the_fix(tmp_path: Path, store: str, key: str, fix: str) -> None:
-    with pytest.raises(ConfigError) as caught:
-        load_config(_load(tmp_path, store))
-    assert key in str(caught.value) and fix in str(caught.value)
 
 
 def test_show_never_prints_the_token_and_reads_back(tmp_path: Path) -> None:
