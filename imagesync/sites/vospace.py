@@ -437,7 +437,10 @@ class VOSpaceSite:
                 if self.compress == ZSTD
                 else None
             )
-            return VOSpaceWriter(self, name, leaf, path, endpoints, new.size, compressor)
+            # the md5 the bytes will have, where the copy holds it (Glance's own): sent as the
+            # upload's Digest for the service to check (a frame's md5 is not the image's)
+            md5 = new.md5 if compressor is None else None
+            return VOSpaceWriter(self, name, leaf, path, endpoints, new.size, compressor, md5)
         except BaseException:
             self.delete_quietly(path)
             raise
