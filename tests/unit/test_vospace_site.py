@@ -188,6 +188,16 @@ def test_a_source_md5_unlike_its_bytes_is_refused_by_the_service_and_leaves_noth
     assert data_nodes(service) == []
 
 
+def test_a_compressed_upload_sends_no_digest_of_the_image(
+    service: StubVOSpace, server: StubServer
+) -> None:
+    # the node holds a zstd frame: the service's md5 is the frame's, never the image's
+    site = make_site(server)
+    site.compress = "zstd"
+    assert copy_in(site).ok
+    assert service.put_digests == [None]
+
+
 def test_without_the_sources_own_sha512_and_md5_the_copy_computes_md5(
     service: StubVOSpace, server: StubServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
