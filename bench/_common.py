@@ -342,22 +342,25 @@ def imagesync_config(
 
 # -- running imagesync from another source tree (``--also LABEL=TREE``), side by side ---------
 def imagesync_command(
-    env: Mapping[str, str], imagesync: str, tree: Path | None
+    env: Mapping[str, str], imagesync: str, tree: Path | None, python: str = sys.executable
 ) -> tuple[list[str], dict[str, str]]:
-    """The command line and environment that run imagesync (from ``tree``, run in it)."""
+    """The command line and environment that run imagesync (from ``tree``, run in it, by
+    ``python``)."""
     out = dict(env)
     if tree is None:
         return [imagesync], out
     out["PYTHONPATH"] = str(tree)
-    return [sys.executable, "-m", "imagesync.cli"], out
+    return [python, "-m", "imagesync.cli"], out
 
 
-def check_trees(also: Sequence[tuple[str, Path]], env: Mapping[str, str]) -> None:
+def check_trees(
+    also: Sequence[tuple[str, Path]], env: Mapping[str, str], python: str = sys.executable
+) -> None:
     """Make sure each ``--also`` tree really runs its own imagesync, not the installed one."""
     for label, tree in also:
         _, tree_env = imagesync_command(env, "", tree)
         t = run_timed(
-            [sys.executable, "-c", "import imagesync; print(imagesync.__file__)"],
+            [python, "-c", "import imagesync; print(imagesync.__file__)"],
             tree_env,
             cwd=tree,
         ).check(f"import imagesync from {tree}")

@@ -306,6 +306,10 @@ class NewImage:
     properties: Mapping[str, str]  # user properties + provenance (not reserved Glance keys)
     size: int | None
     visibility: str = "private"
+    #: the md5 (hex) the bytes to be sent have, when the copy holds it without computing it
+    #: (the source's own, ``transfer.py``): a target whose service checks an upload's digest
+    #: sends it (VOSpace: ``Digest: md5=``, refused with 412 when the bytes differ)
+    md5: str | None = None
 
 
 class Layout(TypedDict):

@@ -1,6 +1,7 @@
 """Streaming copy: one reader, N writers, hashing on the fly, verify, publish or clean up.
 
-The source is read once; each chunk is hashed (sha512; md5 too when a side lacks sha512)
+The source is read once; each chunk is hashed (sha512; md5 too when a side lacks sha512 and
+the source's own md5 cannot stand for it, see ``_vouched_md5``)
 and handed to every live target through a bounded queue of its own (a thread per target writes
 from it), so memory does not grow with image size. A target that falls behind (its queue full
 for ``Tuning.detach_after`` while another target waits for data) is *detached*: it is served
@@ -41,6 +42,8 @@ target's upload and how it fails alone).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import re
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -95,6 +98,7 @@ __all__ = [
 ]
 
 log = structlog.get_logger("imagesync.transfer")
+_HEX32 = re.compile(r"[0-9a-f]{32}")
 
 
 def new_image_for(source: ImageRecord, version: Version, visibility: str) -> NewImage:
@@ -122,6 +126,25 @@ def _expected(source: ImageRecord, version: Version) -> dict[str, str]:
     return exp
 
 
+def _vouched_md5(source: Site, image: ImageRecord) -> str | None:
+    """The source's own md5 of ``image``, when it stands for the md5 of the bytes a copy
+    reads, so that the copy need not compute it; else None.
+
+    It does when the source computed its md5 and sha512 together over the bytes it stores
+    (``capabilities.joint_hashes``: Glance) and the copy checks every byte it reads against
+    that sha512 (``_source_problems``): the bytes read are then the ones the md5 is of. A
+    target lacking sha512 (a plain VOSpace node) is still checked end to end: its service's
+    md5 of what it stored must equal this md5 (sent as the upload's ``Digest``, and compared
+    in ``_settle``). A source without sha512 (a legacy image) gets its md5 computed, and so
+    does one whose hashes are not all its own (a VOSpace node: its sha512 is a property, so
+    its reads verify both).
+    """
+    if not source.capabilities.joint_hashes or not image.hashes.get("sha512"):
+        return None
+    md5 = image.hashes.get("md5", "").lower()
+    return md5 if _HEX32.fullmatch(md5) else None
+
+
 def _attempt(
     source: Site,
     image: ImageRecord,
@@ -138,14 +161,19 @@ def _attempt(
     TransientError when the first read failed, Cancelled (after removing every upload it
     started) when ``cancel`` was set."""
     results = [TargetResult(site=site.name) for site, _ in targets]
+    vouched = _vouched_md5(source, image)
+    if vouched is not None:  # a target whose service checks an upload's digest sends it
+        targets = [(site, dataclasses.replace(new, md5=vouched)) for site, new in targets]
     live = _open_targets(targets, results, cancel, watcher or NoWatcher())
     if not live:
         return results
     # md5 decides nothing when the source and every target report sha512 (the strongest
-    # shared algorithm decides, see model.hashes_agree), and it costs ~2.3 CPU s per GB that
-    # the Glance servers on the same cores need: compute it only when it can decide.
-    need_md5 = "sha512" not in _expected(image, version) or any(
-        "sha512" not in lv.site.capabilities.hashes for lv in live
+    # shared algorithm decides, see model.hashes_agree), and it costs ~1.3 CPU s per GiB on
+    # the cores the sites' servers need: compute it only when it can decide, and the source
+    # does not already vouch for it.
+    need_md5 = vouched is None and (
+        "sha512" not in _expected(image, version)
+        or any("sha512" not in lv.site.capabilities.hashes for lv in live)
     )
     fan = FanOut(source, image, live, tuning or Tuning(), cancel, result, progress)
     nbytes, got = _stream(source, image, fan, progress, cancel, need_md5)
@@ -161,6 +189,9 @@ def _attempt(
             for lv in fan.ready + fan.stop_second():
                 fail(lv, err, ErrorKind.INTEGRITY)
             return results
+        if vouched is not None:
+            # the bytes read are the source's (their sha512 is its own): so is its md5
+            got = {**got, "md5": vouched}
         # 2. Did each target store exactly these bytes? Then publish it: those that got every
         # byte from the first read now, those detached once the second read has served them.
         if not _settle_all(fan.ready, got, nbytes, cancel, lease_expired):

@@ -70,6 +70,8 @@ class StubVOSpace:
         self.faults = StubFaults()
         self.nodes: dict[str, StubNode] = {"": StubNode("ContainerNode", date=_now())}
         self.requests: list[tuple[str, str]] = []
+        #: each data PUT's ``Digest`` header (None: sent without one)
+        self.put_digests: list[str | None] = []
         self.jobs: dict[str, tuple[str, str]] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -331,6 +333,11 @@ class StubVOSpace:
                 left -= len(piece)
             if self.faults.flip_upload and data:
                 data[len(data) // 2] ^= 1
+            claimed = environ.get("HTTP_DIGEST", "")
+            self.put_digests.append(claimed or None)
+            if claimed.startswith("md5=") and claimed != _digest(data):
+                # RFC 3230, as CADC's services: other bytes than the Digest says are refused
+                return self._answer(start, "412 Precondition Failed", b"PreconditionFailed")
             digest = _digest(data + b"x" if self.faults.wrong_digest else data)
             node.data = data
             node.date = _now()

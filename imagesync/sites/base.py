@@ -154,6 +154,11 @@ class Capabilities:
 
     #: hash algorithms the site computes for what it stores (``Writer.finish`` reports them)
     hashes: frozenset[str] = frozenset()
+    #: the hashes an image's record carries were all computed by the site itself, in one pass
+    #: over the bytes it stores (Glance's ``checksum`` and ``os_hash_value``): once the bytes
+    #: read match its sha512, its md5 is the md5 of those bytes too, and a copy need not compute
+    #: it (``transfer.py``). False where a hash is a claim (a VOSpace node's sha512 property)
+    joint_hashes: bool = False
     hide: Callable[[str], None] | None = None
     list_changed: Callable[[str], tuple[list[ImageRecord], str]] | None = None
     images_in_use: Callable[[], set[str] | None] | None = None
@@ -165,7 +170,9 @@ class Capabilities:
     url_import: URLImporting | None = None
 
     @classmethod
-    def fill(cls, site: object, *, hashes: Iterable[str] = ()) -> Capabilities:
+    def fill(
+        cls, site: object, *, hashes: Iterable[str] = (), joint_hashes: bool = False
+    ) -> Capabilities:
         """The capabilities of ``site``, from the optional protocols it implements.
 
         The one place that asks which protocols a site implements. No I/O: call it when the
@@ -173,6 +180,7 @@ class Capabilities:
         """
         return cls(
             hashes=frozenset(hashes),
+            joint_hashes=joint_hashes,
             hide=site.hide if isinstance(site, Hiding) else None,
             list_changed=site.list_changed if isinstance(site, ChangeListing) else None,
             images_in_use=site.images_in_use if isinstance(site, InUseReporting) else None,

@@ -201,7 +201,8 @@ class GlanceSite:
         self._no_in_use: str | None = None
         self._in_use_lock = threading.Lock()
         self._importer = WebDownload(self)
-        self.capabilities = Capabilities.fill(self, hashes={"md5", "sha512"})
+        # Glance computes checksum (md5) and os_hash_value in one pass as it stores the data
+        self.capabilities = Capabilities.fill(self, hashes={"md5", "sha512"}, joint_hashes=True)
 
     @property
     def client(self) -> Any:

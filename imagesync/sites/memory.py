@@ -136,7 +136,8 @@ class MemorySite:
         self.images: dict[str, Stored] = {}
         self.reads = 0  # how many times ``open`` was called: tests count source reads
         self._lock = threading.Lock()
-        self.capabilities = Capabilities.fill(self, hashes=HASHES)
+        # both hashes computed on store, over the same bytes, as Glance does
+        self.capabilities = Capabilities.fill(self, hashes=HASHES, joint_hashes=True)
 
     # -- for tests ---------------------------------------------------------------------------
     def add(

@@ -32,9 +32,11 @@ publish, a server-side MoveNode); the bytes go to the endpoint a ``sync`` negoti
 site hashes nothing itself: ``finish()`` reports the md5 the service computed of what it
 stored (the ``Digest: md5=`` it answers, else the node's ``core#MD5``), which the transfer
 compares with the md5 of the bytes it read from the source, an end-to-end check of the stored
-bytes; so ``capabilities.hashes`` is ``{"md5"}``. The sha512 (the image's identity) is the
-transfer's, stored as a node property at publish. (Computing a second sha512 here, only to
-report it, cost ~1.2 CPU s/GiB and checked nothing the service's md5 does not: see
+bytes; so ``capabilities.hashes`` is ``{"md5"}``. When the copy holds that md5 without
+computing it (Glance's own, see ``transfer._vouched_md5``), the PUT carries it as ``Digest:
+md5=``: the service refuses other bytes (412, an integrity failure). The sha512 (the image's
+identity) is the transfer's, stored as a node property at publish. (Computing a second sha512
+here, only to report it, cost ~1.2 CPU s/GiB and checked nothing the service's md5 does not: see
 bench/README.md.) Publishing moves the node and removes the mark; every failure deletes the
 node, and a crash leftover still carries the mark, so recovery removes it.
 
@@ -437,7 +439,10 @@ class VOSpaceSite:
                 if self.compress == ZSTD
                 else None
             )
-            return VOSpaceWriter(self, name, leaf, path, endpoints, new.size, compressor)
+            # the md5 the bytes will have, where the copy holds it (Glance's own): sent as the
+            # upload's Digest for the service to check (a frame's md5 is not the image's)
+            md5 = new.md5 if compressor is None else None
+            return VOSpaceWriter(self, name, leaf, path, endpoints, new.size, compressor, md5)
         except BaseException:
             self.delete_quietly(path)
             raise

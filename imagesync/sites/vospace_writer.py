@@ -2,12 +2,13 @@
 transfer's chunks through a queue, to the endpoints a ``pushToVoSpace`` negotiation named,
 tried in turn until one takes the body.
 
-``finish()`` reports what the service says it stored: for a plain node the md5 it computed
-(its ``Digest``, else the node's ``core#MD5``), which the transfer compares with the md5 of
-what it read; for a compressed one (``compress: zstd``) the md5 of the frame sent is checked
-against the service's, and only then the sha512 of the image fed to the compressor is
-claimed (and kept on the node). ``abort()`` deletes the node: a crash leaves the upload mark,
-which recovery finds.
+``finish()`` reports what the service says it stored: for a plain node the md5 it computed (its
+``Digest``, else the node's ``core#MD5``), which the transfer compares with the md5 of what it read
+(when the copy holds that md5 already, the source's own, it is sent as the PUT's ``Digest: md5=``
+too, and a 412 is an integrity failure); for a compressed one (``compress: zstd``) the md5 of the
+frame sent is checked against the service's, and only then the sha512 of the image fed to the
+compressor is claimed (and kept on the node). ``abort()`` deletes the node: a crash leaves the
+upload mark, which recovery finds.
 """
 
 from __future__ import annotations
@@ -21,13 +22,20 @@ import requests
 import structlog
 
 from imagesync.config.types import VOSpaceConfig
-from imagesync.errors import SiteError, TransientError
+from imagesync.errors import IntegrityError, SiteError, TransientError
 from imagesync.hashing import MultiHasher
 from imagesync.model import ImageRecord
 from imagesync.sites.compress import Compressor
 from imagesync.sites.upload import QueueBody, QueuedUpload
 from imagesync.sites.vospace_records import md5_of, record
-from imagesync.sites.vosproto import IMAGE, Node, classify, classify_status, md5_from_digest
+from imagesync.sites.vosproto import (
+    IMAGE,
+    Node,
+    classify,
+    classify_status,
+    digest_header,
+    md5_from_digest,
+)
 
 log = structlog.get_logger("imagesync.vospace")
 
@@ -97,8 +105,11 @@ class VOSpaceWriter(QueuedUpload):
         endpoints: list[str],
         size: int | None,
         compressor: Compressor | None = None,
+        md5: str | None = None,
     ) -> None:
         self.site = site
+        #: the md5 the bytes sent must have (plain uploads): sent as ``Digest: md5=``
+        self.md5 = md5
         self.name = name
         self.leaf = leaf
         self.path = path  # where the node is while uploading
@@ -123,6 +134,8 @@ class VOSpaceWriter(QueuedUpload):
 
     def _run(self) -> None:
         headers = {"Content-Type": "application/octet-stream"}
+        if self.md5 is not None:  # RFC 3230: the service refuses other bytes (412)
+            headers["Digest"] = digest_header(self.md5)
         for i, url in enumerate(self.endpoints):
             try:
                 resp = self.site.http("PUT", url, data=self.body, headers=headers, data_url=True)
@@ -162,6 +175,14 @@ class VOSpaceWriter(QueuedUpload):
         resp = self.response
         assert resp is not None
         what = f"upload {self.image_id}"
+        if resp.status_code == 412 and self.md5 is not None:
+            # The service's md5 of what it received is not the md5 the bytes read have: damaged
+            # on the way, or the source's md5 is not of the bytes it served. Not stored; the
+            # transfer deletes the node.
+            raise IntegrityError(
+                f"{self.site.name}: {what}: the service refused the bytes (412): their md5 "
+                f"is not the source's {self.md5}",
+            )
         if resp.status_code >= 300:
             raise classify_status(resp, self.site.name, what)
         theirs = md5_from_digest(resp.headers.get("Digest"))

@@ -5,21 +5,26 @@ crash leftovers). The real checks run against the lab's service (tests/integrati
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from imagesync import transfer
 from imagesync.config.types import VOSpaceConfig
 from imagesync.errors import AuthError, TransientError
+from imagesync.hashing import MultiHasher, new_hash
 from imagesync.model import PROP_ORIGIN, NewImage
 from imagesync.retry import RetryPolicy
 from imagesync.sites import vospace, vospace_transfer, vospace_writer
 from imagesync.sites.memory import MemorySite
 from imagesync.sites.vospace import VOSpaceSite
+from imagesync.sites.vosproto import digest_header
 from imagesync.transfer import CopyResult, ErrorKind, copy_image, new_image_for
 from tests.vospacestub import StubNode, StubServer, StubVOSpace
 
@@ -68,10 +73,11 @@ def upload(site: VOSpaceSite, data: bytes = DATA, name: str = "sl6") -> str:
     return w.finish().id
 
 
-def copy_in(site: VOSpaceSite) -> CopyResult:
-    """``DATA`` copied as ``sl6`` from a memory site into ``site`` (imagesync's own copy)."""
+def copy_in(site: VOSpaceSite, hashes: dict[str, str] | None = None) -> CopyResult:
+    """``DATA`` copied as ``sl6`` from a memory site into ``site`` (imagesync's own copy);
+    ``hashes``: what the source says of it (default: its own sha512 and md5, as Glance's)."""
     source = MemorySite("src")
-    image = source.add("sl6", DATA)
+    image = source.add("sl6", DATA, hashes=hashes)
     target = new_image_for(image, image.version, "private")
     return copy_image(source, image, [(site, target)], sleep=Sleeps())
 
@@ -133,6 +139,89 @@ def test_a_digest_unlike_the_bytes_sent_is_an_integrity_failure_that_leaves_noth
     (target,) = copy_in(make_site(server)).targets
     assert not target.ok and target.error_kind is ErrorKind.INTEGRITY
     assert data_nodes(service) == []
+
+
+def count_transfer_hashing(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """How many chunks the transfer's own hasher took, per algorithm (the sites hash apart)."""
+    updates: Counter[str] = Counter()
+
+    class Counting:
+        def __init__(self, algo: str) -> None:
+            self.algo, self.h = algo, new_hash(algo)
+
+        def update(self, data: bytes, /) -> None:
+            updates[self.algo] += 1
+            self.h.update(data)
+
+        def hexdigest(self) -> str:
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(transfer, "MultiHasher", functools.partial(MultiHasher, new=Counting))
+    return updates
+
+
+def test_glances_own_md5_is_sent_as_the_digest_and_the_copy_computes_no_md5(
+    service: StubVOSpace, server: StubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The source computed md5 and sha512 together (Glance: checksum and os_hash_value; the
+    # memory site alike). The copy checks every byte read against that sha512, so the source's
+    # md5 is the md5 of the bytes read: sent as the upload's Digest, which the service checks
+    # against what it received (412 otherwise), and compared with the md5 it answers.
+    updates = count_transfer_hashing(monkeypatch)
+    result = copy_in(make_site(server))
+    assert result.ok
+    assert updates["md5"] == 0 and updates["sha512"] > 0
+    assert service.put_digests == [digest_header(hashlib.md5(DATA).hexdigest())]
+
+
+def test_a_source_md5_unlike_its_bytes_is_refused_by_the_service_and_leaves_nothing(
+    service: StubVOSpace, server: StubServer
+) -> None:
+    # sha512 right (the bytes read are the source's), md5 of other bytes: the service refuses
+    # the upload (412), an integrity failure (not retried), and the node is deleted
+    sha = hashlib.sha512(DATA).hexdigest()
+    (target,) = copy_in(
+        make_site(server), hashes={"sha512": sha, "md5": hashlib.md5(b"other").hexdigest()}
+    ).targets
+    assert not target.ok and target.error_kind is ErrorKind.INTEGRITY and target.attempts == 1
+    assert "412" in (target.error or "")
+    assert data_nodes(service) == []
+
+
+def test_a_compressed_upload_sends_no_digest_of_the_image(
+    service: StubVOSpace, server: StubServer
+) -> None:
+    # the node holds a zstd frame: the service's md5 is the frame's, never the image's
+    site = make_site(server)
+    site.compress = "zstd"
+    assert copy_in(site).ok
+    assert service.put_digests == [None]
+
+
+def test_without_the_sources_own_sha512_and_md5_the_copy_computes_md5(
+    service: StubVOSpace, server: StubServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a legacy image (md5 only): the copy computes sha512 and md5 and sends no Digest
+    updates = count_transfer_hashing(monkeypatch)
+    assert copy_in(make_site(server), hashes={"md5": hashlib.md5(DATA).hexdigest()}).ok
+    assert updates["md5"] == updates["sha512"] > 0 and service.put_digests == [None]
+    # a VOSpace node as the source (its sha512 is a property, not the service's): reads verify
+    # both, so copying it to another store computes md5 again
+    service.nodes["other"] = StubNode("ContainerNode", date="2024-01-01T00:00:00.000")
+    source = make_site(server)
+    (image,) = source.list_images("sl6")
+    assert set(image.hashes) == {"md5", "sha512"} and not source.capabilities.joint_hashes
+    other = VOSpaceSite(
+        "vo2",
+        VOSpaceConfig(
+            container="vos://example.org~store/other", capabilities_url=server.capabilities_url
+        ),
+        sleep=Sleeps(),
+    )
+    updates.clear()
+    new = new_image_for(image, image.version, "private")
+    assert copy_image(source, image, [(other, new)], sleep=Sleeps()).ok
+    assert updates["md5"] == updates["sha512"] > 0
 
 
 class CountingHashlib:
