@@ -65,6 +65,7 @@ from imagesync.transfer import (
     ErrorKind,
     Progress,
     TargetResult,
+    Tuning,
     UploadWatcher,
     copy_image,
 )
@@ -158,6 +159,7 @@ def copy_with_formats(
     cancel: threading.Event | None = None,
     watcher: UploadWatcher | None = None,
     lease_expired: Callable[[], bool] | None = None,
+    tuning: Tuning | None = None,
     plain_copy: Callable[..., CopyResult] = copy_image,
 ) -> CopyResult:
     """``copy_image`` for the targets that take ``image`` as it is, a conversion for each
@@ -180,7 +182,12 @@ def copy_with_formats(
         else:
             plain.append((site, new))
     kwargs: dict[str, Any] = dict(
-        policy=policy, sleep=sleep, cancel=cancel, watcher=watcher, lease_expired=lease_expired
+        policy=policy,
+        sleep=sleep,
+        cancel=cancel,
+        watcher=watcher,
+        lease_expired=lease_expired,
+        tuning=tuning,
     )
     started = time.monotonic()
     if plain or not converting:

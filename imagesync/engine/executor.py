@@ -57,6 +57,7 @@ from imagesync.retry import RetryPolicy
 from imagesync.sites.base import Site
 from imagesync.state import State
 from imagesync.transfer import CopyResult, ErrorKind, TargetResult, new_image_for
+from imagesync.uploads import Paces, Tuning
 
 log = structlog.get_logger("imagesync.execute")
 
@@ -87,6 +88,9 @@ class Executor:
         # the daemon meets the same skips and kept retirements every pass: info once per
         # change, debug otherwise
         self._said = OncePerState()
+        # each target's speed as this process's copies saw it: one known to be much slower
+        # than the others gets its own read of the source from the start (imagesync.fanout)
+        self.tuning = Tuning(paces=Paces())
 
     def run(
         self,
@@ -415,6 +419,7 @@ class Executor:
                 cancel=cancel,
                 watcher=Leases(self.state, copy.name, self.coordinator),
                 lease_expired=lease_expired,
+                tuning=self.tuning,
                 plain_copy=copy_image,
             )
         except KeyboardInterrupt:
