@@ -13,12 +13,12 @@ import threading
 from collections.abc import Iterator
 
 from imagesync.errors import TransientError
-from imagesync.fanout import Lag
+from imagesync.fanout import FanOut, Lag
 from imagesync.model import ImageRecord
 from imagesync.retry import RetryPolicy
 from imagesync.sites.memory import Faults, MemorySite
 from imagesync.transfer import CopyResult, Tuning, copy_image, new_image_for
-from imagesync.uploads import Paces
+from imagesync.uploads import Live, NoWatcher, Paces, TargetResult
 
 DATA = os.urandom(250_000)  # 250 chunks of the memory site's 1000 bytes
 FAST = RetryPolicy(attempts=3, base=0.0, cap=0.0)
@@ -331,3 +331,23 @@ def test_a_copy_teaches_paces_each_target_s_speed_but_a_small_one_does_not() -> 
     learn = Tuning(queue_chunks=2, tick=0.002, paces=paces, pace_min_bytes=len(DATA))
     _, result = _copy(_Source("src"), targets, tuning=learn)
     assert result.ok and all((paces.rate(t.name) or 0) > 0 for t in targets)
+
+
+def test_the_first_target_detached_is_the_one_furthest_behind() -> None:
+    """Of two targets holding the read back, the one merely slower than the fastest must not
+    take the second read: the slowest would join it there and hold it to its pace."""
+    src = MemorySite("src")
+    rec = src.add("img", DATA)
+    new = new_image_for(rec, rec.version, "private")
+    sites = [MemorySite("mid"), MemorySite("slow"), MemorySite("fast")]
+    live = [Live(t, t.create(new), TargetResult(site=t.name), NoWatcher()) for t in sites]
+    fan = FanOut(src, rec, live, QUICK, None, CopyResult(source=rec, version=rec.version))
+    mid, slow, fast = fan.first.feeds
+    try:
+        mid.written, slow.written, fast.written = 40_000, 10_000, 90_000
+        assert not fan._detach(mid)  # slow is further behind: mid stays on the first read
+        assert fan.second is None
+        assert fan._detach(slow) and fan.second is not None
+        assert fan.result.detached == ["slow"]
+    finally:
+        fan.abort_all()
