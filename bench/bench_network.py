@@ -34,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -73,6 +74,23 @@ class Push:
     source_bytes: int = 0  # passed by the proxy in front of the source, when there is one
     cpu_s: float | None = None  # imagesync's user + system CPU seconds
     lab_cpu_s: float | None = None  # the lab's servers' (Glance, Keystone) during the push
+    #: targets detached onto a second read: seconds from the push's start, and the offset (MiB)
+    detached: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def detached(stderr: str, wall0: float) -> dict[str, tuple[float, float]]:
+    """The ``copy.detached`` events of a push's JSON log: when (from ``wall0``) and where."""
+    out = {}
+    for line in stderr.splitlines():
+        if '"copy.detached"' not in line:
+            continue
+        try:
+            ev = json.loads(line)
+            when = datetime.fromisoformat(ev["timestamp"].replace("Z", "+00:00")).timestamp()
+        except (ValueError, KeyError):
+            continue
+        out[str(ev.get("site"))] = (round(when - wall0, 2), round(ev.get("offset", 0) / MiB, 1))
+    return out
 
 
 def lab_cpu(lab_dir: Path) -> float:
@@ -181,7 +199,7 @@ class Bench:
         before = self.proxies["lab1"].plan.downloaded
         watch = Watch(self, name, targets, run_dir / "store")
         watch.start()
-        cpu0 = lab_cpu(self.info.directory)
+        cpu0, wall0 = lab_cpu(self.info.directory), time.time()
         t = run_timed(cmd, env, cwd=tree)
         lab_cpu_s = lab_cpu(self.info.directory) - cpu0
         watch.done.set()
@@ -204,6 +222,7 @@ class Bench:
             self.proxies["lab1"].plan.downloaded - before,
             t.cpu,
             lab_cpu_s,
+            detached(t.stderr, wall0),
         )
 
 
@@ -224,7 +243,8 @@ def rounds(
             published = {t: round(s, 1) for t, s in p.published.items()}
             say(
                 f"  round {r + 1} {label:8s} {k:12s} {p.seconds:6.1f}s {published} "
-                f"rss {p.rss_mb} cpu {p.cpu_s} lab cpu {p.lab_cpu_s:.1f} load {load()}"
+                f"rss {p.rss_mb} cpu {p.cpu_s} lab cpu {p.lab_cpu_s:.1f} load {load()} "
+                f"detached (s, MiB) {p.detached}"
             )
     return out
 
