@@ -8,7 +8,9 @@ tree's imagesync and by every ``--also LABEL=TREE`` one, side by side in every r
   speed. Each target's time until its copy is published (polled from outside: Glance's
   listing, the store's directory) is set against the same target's time as the only target,
   in the same round and tree (paired ratios). Goals: fast targets ≤ 1.2× solo, the slow one
-  ≤ 1.1× solo, peak RSS ≤ 100 MB.
+  ≤ 1.1× solo, peak RSS ≤ 100 MB. Also {store, lab2} without the slow cloud ("pair": what the
+  two fast targets cost each other on these cores), and the CPU seconds of each push:
+  imagesync's own, and the lab's servers' (every process whose command line names the lab).
 * **cut source read**: lab1 (behind a proxy) → lab2, the download cut at 50% and again at 90%
   of the image, against an uncut copy through the same proxy. Goal ≤ 1.1×. The bytes the
   proxy passed from the source count how often the source was read.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -31,6 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -68,6 +72,44 @@ class Push:
     rss_mb: float | None
     published: dict[str, float] = field(default_factory=dict)
     source_bytes: int = 0  # passed by the proxy in front of the source, when there is one
+    cpu_s: float | None = None  # imagesync's user + system CPU seconds
+    lab_cpu_s: float | None = None  # the lab's servers' (Glance, Keystone) during the push
+    #: targets detached onto a second read: seconds from the push's start, and the offset (MiB)
+    detached: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+def detached(stderr: str, wall0: float) -> dict[str, tuple[float, float]]:
+    """The ``copy.detached`` events of a push's JSON log: when (from ``wall0``) and where."""
+    out = {}
+    for line in stderr.splitlines():
+        if '"copy.detached"' not in line:
+            continue
+        try:
+            ev = json.loads(line)
+            when = datetime.fromisoformat(ev["timestamp"].replace("Z", "+00:00")).timestamp()
+        except (ValueError, KeyError):
+            continue
+        out[str(ev.get("site"))] = (round(when - wall0, 2), round(ev.get("offset", 0) / MiB, 1))
+    return out
+
+
+def lab_cpu(lab_dir: Path) -> float:
+    """CPU seconds (user + system, and their reaped children's) of every process whose
+    command line names ``lab_dir``: the lab's uWSGI servers."""
+    tick = os.sysconf("SC_CLK_TCK")
+    marker = str(lab_dir).encode()
+    total = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if marker not in (proc / "cmdline").read_bytes():
+                continue
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile
+        total += sum(int(f) for f in fields[11:15])  # utime stime cutime cstime
+    return total / tick
 
 
 class Watch(threading.Thread):
@@ -157,7 +199,9 @@ class Bench:
         before = self.proxies["lab1"].plan.downloaded
         watch = Watch(self, name, targets, run_dir / "store")
         watch.start()
+        cpu0, wall0 = lab_cpu(self.info.directory), time.time()
         t = run_timed(cmd, env, cwd=tree)
+        lab_cpu_s = lab_cpu(self.info.directory) - cpu0
         watch.done.set()
         watch.join()
         if t.returncode != 0:
@@ -171,7 +215,15 @@ class Bench:
                 self.glance[c].delete_named(name)
         shutil.rmtree(run_dir, ignore_errors=True)
         rss = t.rss_kb / 1024 if t.rss_kb else None
-        return Push(t.seconds, rss, watch.seen, self.proxies["lab1"].plan.downloaded - before)
+        return Push(
+            t.seconds,
+            rss,
+            watch.seen,
+            self.proxies["lab1"].plan.downloaded - before,
+            t.cpu,
+            lab_cpu_s,
+            detached(t.stderr, wall0),
+        )
 
 
 def rounds(
@@ -188,10 +240,17 @@ def rounds(
         for label, tree, k in order:
             p = runs[k](tree)
             out[label][k].append(p)
+            published = {t: round(s, 1) for t, s in p.published.items()}
             say(
-                f"  round {r + 1} {label:8s} {k:10s} {p.seconds:6.1f}s {p.published} rss {p.rss_mb}"
+                f"  round {r + 1} {label:8s} {k:12s} {p.seconds:6.1f}s {published} "
+                f"rss {p.rss_mb} cpu {p.cpu_s} lab cpu {p.lab_cpu_s:.1f} load {load()} "
+                f"detached (s, MiB) {p.detached}"
             )
     return out
+
+
+def load() -> str:
+    return Path("/proc/loadavg").read_text().split()[0]
 
 
 def fanout(bench: Bench, src: dict[str, Any], contenders: Any, n: int) -> dict[str, Any]:
@@ -207,6 +266,7 @@ def fanout(bench: Bench, src: dict[str, Any], contenders: Any, n: int) -> dict[s
         "solo-lab2": lambda tree: bench.push(src, ["lab2"], tree, slow),
         "solo-lab3": lambda tree: bench.push(src, ["lab3"], tree, slow),
         "fan-out": lambda tree: bench.push(src, [STORE, "lab2", "lab3"], tree, slow),
+        "pair": lambda tree: bench.push(src, [STORE, "lab2"], tree, slow),
     }
     res = rounds(n, contenders, runs)
     summary: dict[str, Any] = {"cap_mib_s": rate / MiB}
@@ -229,7 +289,21 @@ def fanout(bench: Bench, src: dict[str, Any], contenders: Any, n: int) -> dict[s
             "fan-out seconds (median)": {
                 t: median([p.published[t] for p in by["fan-out"]]) for t in (STORE, "lab2", "lab3")
             },
+            "pair / solo (paired median)": {
+                t: median(
+                    [
+                        f.published[t] / s.published[t]
+                        for f, s in zip(by["pair"], by[f"solo-{t}"], strict=True)
+                    ]
+                )
+                for t in (STORE, "lab2")
+            },
             "fan-out peak RSS MB (max)": max(p.rss_mb or 0 for p in by["fan-out"]),
+            "peak RSS MB (max)": {k: max(p.rss_mb or 0 for p in v) for k, v in by.items()},
+            "imagesync CPU s (median)": {
+                k: median([p.cpu_s or 0 for p in v]) for k, v in by.items()
+            },
+            "lab CPU s (median)": {k: median([p.lab_cpu_s or 0 for p in v]) for k, v in by.items()},
             "runs": {k: [asdict(p) for p in v] for k, v in by.items()},
         }
     return summary

@@ -65,6 +65,7 @@ from imagesync.transfer import (
     ErrorKind,
     Progress,
     TargetResult,
+    Tuning,
     UploadWatcher,
     copy_image,
 )
@@ -155,6 +156,7 @@ class CopyOptions(TypedDict, total=False):
     cancel: threading.Event | None
     watcher: UploadWatcher | None
     lease_expired: Callable[[], bool] | None
+    tuning: Tuning | None
 
 
 def copy_with_formats(

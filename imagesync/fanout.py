@@ -1,8 +1,10 @@
 """The fan-out of one copy: one read of the source handed to N targets, each through a bounded
 queue of its own written by a thread of its own (``Feed``), so a slow target blocks only its
-queue. A target that falls behind (its queue full for ``Tuning.detach_after`` while another
-waits for data) is *detached* onto a second read (``SecondRead``) from the offset it reached,
-shared by every target detached later: the source is read at most twice per copy.
+queue. A target that falls behind (it held the reader back, its queue full while another
+target had nothing left to write, for ``Tuning.detach_after``: see ``Lag``) is *detached* onto
+a second read (``SecondRead``) from the offset it reached, shared by every target detached
+later: the source is read at most twice per copy. A target that ``Tuning.paces`` knows to be
+much slower than the others starts on the second read, from offset 0.
 ``imagesync.transfer`` drives it (hashing, verifying, publishing).
 """
 
@@ -11,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-import time
 from collections.abc import Callable, Sequence
 
 import structlog
@@ -48,6 +49,7 @@ class Feed:
         self.live = live
         self.cancel = cancel
         self.tick = tuning.tick
+        self.clock = tuning.clock
         self.q: queue.Queue[bytes | None] = queue.Queue(maxsize=tuning.queue_chunks)
         self.sent = 0  # bytes queued for this target: where a second read takes it up
         self.written = 0  # bytes its upload took: signs of life (see FanOut.pulse)
@@ -56,6 +58,9 @@ class Feed:
         self.full_since: float | None = None
         self.written_then = 0
         self.error: Exception | None = None
+        #: when it started, and when it had written its last byte (None: not yet): its pace
+        self.began = tuning.clock()
+        self.done_at: float | None = None
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"feed-{live.site.name}")
         self.thread.start()
 
@@ -75,6 +80,7 @@ class Feed:
                 self.error = exc
                 return
             self.written += len(chunk)
+        self.done_at = self.clock()
 
     def end(self, cancel: threading.Event | None, pulse: Callable[[], None]) -> Exception | None:
         """No more chunks: wait until every queued one is written; the write's failure."""
@@ -102,6 +108,34 @@ class Feed:
             self.q.put_nowait(None)
 
 
+class Lag:
+    """Which target holds a read back, and for how long: the reader waited on its full queue
+    while another target on the read had nothing left to write. Only that time counts, summed
+    over the waits since it last had room: while every target is busy (the source or the
+    machine is the slow part) nobody is held back, and a throttled link that takes a chunk now
+    and then (each wait short) still adds up. The clock is injected (tests count)."""
+
+    def __init__(self, grace: float, clock: Callable[[], float]) -> None:
+        self.grace, self.clock = grace, clock
+        self._held: dict[int, float] = {}  # per feed: seconds it held the others back
+        self._last: dict[int, float] = {}  # per feed: when the reader last looked at it
+
+    def waited(self, feed: object, starved: bool) -> bool:
+        """The reader waited once more on ``feed``'s full queue (``starved``: another target
+        had nothing left meanwhile). True when it has held the others back for the grace."""
+        key, now = id(feed), self.clock()
+        last = self._last.get(key)
+        self._last[key] = now
+        if last is not None and starved:
+            self._held[key] = self._held.get(key, 0.0) + (now - last)
+        return self._held.get(key, 0.0) >= self.grace
+
+    def room(self, feed: object) -> None:
+        """It had room for a chunk without the reader waiting: not behind (any more)."""
+        self._held.pop(id(feed), None)
+        self._last.pop(id(feed), None)
+
+
 class Read:
     """One read of the source and the feeds it hands each chunk to, at ``pos``."""
 
@@ -112,6 +146,7 @@ class Read:
         self.feeds: list[Feed] = []
         self.lock = threading.Lock()  # feeds may join from another thread (the first read)
         self.stopped = threading.Event()
+        self.lag = Lag(tuning.detach_after, tuning.clock)
 
     def hand(
         self,
@@ -150,6 +185,7 @@ class Read:
                 feed.sent += len(data)
                 if not waited:
                     feed.full_since = None  # it had room: not behind
+                    self.lag.room(feed)
                 return True
             except queue.Full:
                 waited = True
@@ -159,13 +195,10 @@ class Read:
                 raise Stopped
             if detach is None:
                 continue
-            # Behind: its queue was full at every hand-over for a while (a throttled link takes
-            # a chunk now and then, so one wait alone is short), and it holds another back.
-            now = time.monotonic()
-            if feed.full_since is None:
-                feed.full_since, feed.written_then = now, feed.written
+            if feed.full_since is None:  # its rate from here on (SecondRead.take)
+                feed.full_since, feed.written_then = self.tuning.clock(), feed.written
             starved = any(f.q.empty() for f in self.feeds if f is not feed)
-            if now - feed.full_since >= self.tuning.detach_after and starved and detach(feed):
+            if self.lag.waited(feed, starved) and detach(feed):
                 return False
 
     def drain(self, pulse: Callable[[], None]) -> list[Live]:
@@ -192,13 +225,17 @@ class Read:
 
 class SecondRead(Read):
     """The read serving the targets that fell behind, in a thread of its own, from the offset
-    the first of them reached; others join it if it has not passed their offset yet."""
+    the first of them reached (0 for those known to be slow); others join it if it has not
+    passed their offset yet."""
 
-    def __init__(self, source: Site, image: ImageRecord, fan: FanOut, first: Feed) -> None:
-        super().__init__(fan.tuning, fan.cancel, start=first.sent)
-        self.start, self.t0 = first.sent, time.monotonic()
+    def __init__(
+        self, source: Site, image: ImageRecord, fan: FanOut, first: Sequence[Feed]
+    ) -> None:
+        super().__init__(fan.tuning, fan.cancel, start=first[0].sent)
+        self.start, self.t0 = first[0].sent, fan.tuning.clock()
         self.source, self.image = source, image
-        self.feeds.append(first)
+        self.feeds.extend(first)
+        self.note_paces = fan.note_paces
         self.closed = False  # takes no more targets
         self.error: BaseException | None = None
         self.thread = threading.Thread(
@@ -210,7 +247,7 @@ class SecondRead(Read):
         """Serve ``feed`` too, if this read has not passed its offset and goes about as fast
         (a target twice as fast as the slow ones here is better off held a little on the
         first read than held to their pace)."""
-        now = time.monotonic()
+        now = self.tuning.clock()
         with self.lock:
             rate = (self.pos - self.start) / max(now - self.t0, 1e-3)
             if self.closed or self.pos > feed.sent or feed.rate(now) > 2 * rate:
@@ -244,7 +281,9 @@ class SecondRead(Read):
             self.thread.join(timeout=self.tuning.tick)
             pulse()
         if self.error is None:
-            return self.drain(pulse)
+            done = self.drain(pulse)
+            self.note_paces()
+            return done
         live = self.stop_feeds()
         if isinstance(self.error, Cancelled):
             cancel_rest(live)
@@ -284,13 +323,27 @@ class FanOut:
         self.source, self.image, self.tuning, self.cancel = source, image, tuning, cancel
         self.result = result
         self.first = Read(tuning, cancel)
-        self.first.feeds = [Feed(lv, tuning, cancel) for lv in live]
+        self._feeds = [Feed(lv, tuning, cancel) for lv in live]  # detached ones too
         self.second: SecondRead | None = None
         self.ready: list[Live] = []  # set by end(): every byte written, from the first read
         self._count_lock = threading.Lock()
         self.progress = progress
-        self._feeds = list(self.first.feeds)  # detached ones too: the same objects
         self._written = 0
+        self._noted: set[Feed] = set()  # whose pace was told
+        # Known to be much slower than the others: on the second read from the start, so the
+        # others never wait for it (not even the grace it takes to see it fall behind).
+        slow = set(
+            tuning.paces.slower([lv.site.name for lv in live], tuning.slower_than)
+            if tuning.paces is not None and len(live) > 1
+            else []
+        )
+        self.first.feeds = [f for f in self._feeds if f.live.site.name not in slow]
+        if slow:
+            late = [f for f in self._feeds if f.live.site.name in slow]
+            self.second = SecondRead(source, image, self, late)
+            for f in late:
+                result.detached.append(f.live.site.name)
+                log.info("copy.detached", site=f.live.site.name, offset=0, known_slow=True)
 
     def pulse(self) -> None:
         """A sign of life while the reader waits for its targets: ``progress(0)`` when an upload
@@ -316,7 +369,12 @@ class FanOut:
 
     def _detach(self, feed: Feed) -> bool:
         if self.second is None:
-            self.second = SecondRead(self.source, self.image, self, feed)
+            if any(f.written < feed.written for f in self.first.feeds):
+                # another is further behind: it is the one to move (a target merely slower
+                # than the fastest would take the second read and be held to the slowest's
+                # pace there when that one joins it)
+                return False
+            self.second = SecondRead(self.source, self.image, self, [feed])
         elif not self.second.take(feed):
             return False  # the second read is past it: it stays on the first
         self.result.detached.append(feed.live.site.name)
@@ -325,6 +383,20 @@ class FanOut:
 
     def end(self) -> None:
         self.ready = self.first.drain(self.pulse)
+        self.note_paces()
+
+    def note_paces(self) -> None:
+        """Tell ``Tuning.paces`` how fast each target that has taken every byte took them
+        (once each: called when the first read and when the second read is over)."""
+        paces = self.tuning.paces
+        if paces is None:
+            return
+        for f in self._feeds:
+            if f.done_at is None or f.error is not None or f in self._noted:
+                continue
+            self._noted.add(f)
+            if f.written >= self.tuning.pace_min_bytes:
+                paces.note(f.live.site.name, f.written, f.done_at - f.began)
 
     def stop_second(self) -> list[Live]:
         """Stop the second read; the uploads it was writing (not aborted yet)."""

@@ -3,8 +3,9 @@
 The source is read once; each chunk is hashed (sha512; md5 too when a side lacks sha512 and
 the source's own md5 cannot stand for it, see ``_vouched_md5``)
 and handed to every live target through a bounded queue of its own (a thread per target writes
-from it), so memory does not grow with image size. A target that falls behind (its queue full
-for ``Tuning.detach_after`` while another target waits for data) is *detached*: it is served
+from it), so memory does not grow with image size. A target that falls behind (it held the
+reader back, its queue full while another target had nothing to write, for
+``Tuning.detach_after``; or ``Tuning.paces`` knows it to be much slower) is *detached*: it is served
 from then on by a second read of the source from the offset it reached (``Site.open(image,
 offset)``: Range), shared by every target detached later, so fast targets finish and publish at
 their own speed; the source is read at most twice per copy. A read that is cut mid-stream

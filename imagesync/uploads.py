@@ -7,6 +7,7 @@ recorded with its kind, while the others carry on.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -64,6 +65,41 @@ class NoWatcher:
         pass
 
 
+class Paces:
+    """How fast each target site took a copy's bytes, as this process last saw it (bytes/s of
+    its writes from the copy's start to its last byte), so that a target known to be much
+    slower than the others is given the second read of the source from the start, instead of
+    holding the others back until it is detached. In memory: one per process (the executor's),
+    shared by its copies; a push process starts with none and detaches as it goes."""
+
+    def __init__(self) -> None:
+        self._rates: dict[str, float] = {}
+        self._lock = threading.Lock()  # the daemon's copies run in parallel
+
+    def note(self, site: str, nbytes: int, seconds: float) -> None:
+        """One copy's bytes to ``site`` took ``seconds``; the average of the last two
+        copies' rates is kept (a link's speed drifts; one odd copy moves it half-way)."""
+        rate = nbytes / max(seconds, 1e-3)
+        with self._lock:
+            before = self._rates.get(site)
+            self._rates[site] = rate if before is None else (before + rate) / 2
+
+    def rate(self, site: str) -> float | None:
+        with self._lock:
+            return self._rates.get(site)
+
+    def slower(self, sites: Sequence[str], factor: float) -> list[str]:
+        """The ``sites`` known to take bytes ``factor`` times slower than the fastest known
+        of the others (never every one of them: the fastest is not)."""
+        with self._lock:
+            known = {s: self._rates[s] for s in sites if s in self._rates}
+        return [
+            s
+            for s, r in known.items()
+            if r * factor < max((o for t, o in known.items() if t != s), default=0.0)
+        ]
+
+
 @dataclass(frozen=True)
 class Tuning:
     """How a copy streams: passed in (tests make it quick), the defaults suit real links."""
@@ -71,9 +107,18 @@ class Tuning:
     #: chunks (1 MiB as the sites read them) queued per target, in front of the site's own
     #: upload queue; a chunk is one bytes object shared by every queue of a read
     queue_chunks: int = 2
-    #: seconds a target's queue may stay full, while another target waits for data, before
-    #: that target is detached onto the second read (the others wait that long for it)
-    detach_after: float = 0.5
+    #: seconds a target may hold the reader back (the reader waiting on its full queue while
+    #: another target has nothing left to write), counted only while it does, before it is
+    #: detached onto the second read: the others wait about that long for it
+    detach_after: float = 0.2
+    #: what the copy remembers of each target's speed (None: nothing): a target known to be
+    #: ``slower_than`` times slower than the fastest other one starts on the second read
+    paces: Paces | None = None
+    slower_than: float = 3.0
+    #: copies smaller than this teach ``paces`` nothing (their speed is mostly latency)
+    pace_min_bytes: int = 16 << 20
+    #: the clock the detaching and the paces go by (injected by tests)
+    clock: Callable[[], float] = time.monotonic
     #: how many times one read of the source may be resumed after a cut
     resumes: int = 3
     #: how often a blocked hand-over looks at failures, cancellation and lag (seconds)

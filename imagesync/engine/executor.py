@@ -57,6 +57,7 @@ from imagesync.retry import RetryPolicy
 from imagesync.sites.base import Site
 from imagesync.state import State
 from imagesync.transfer import CopyResult, ErrorKind, TargetResult, new_image_for
+from imagesync.uploads import Paces, Tuning
 
 log = structlog.get_logger("imagesync.execute")
 
@@ -80,6 +81,11 @@ class Executor:
     # the daemon meets the same skips and kept retirements every pass: info once per
     # change, debug otherwise
     _said: OncePerState = dataclasses.field(default_factory=OncePerState, init=False, repr=False)
+    # each target's speed as this process's copies saw it: one known to be much slower
+    # than the others gets its own read of the source from the start (imagesync.fanout)
+    tuning: Tuning = dataclasses.field(
+        default_factory=lambda: Tuning(paces=Paces()), init=False, repr=False
+    )
 
     def run(
         self,
@@ -408,6 +414,7 @@ class Executor:
                 cancel=cancel,
                 watcher=Leases(self.state, copy.name, self.coordinator),
                 lease_expired=lease_expired,
+                tuning=self.tuning,
                 plain_copy=copy_image,
             )
         except KeyboardInterrupt:

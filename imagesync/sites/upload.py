@@ -20,9 +20,10 @@ from imagesync.errors import SiteError
 # targets. It was 16 so that one target could fall behind the others for a moment without
 # stalling them (a 1→3 fan-out: 0.82 → 0.88 of the curl relays' speed, peak RSS 78 → 85 MB);
 # transfer.py now gives each target a queue of its own in front of this one and detaches one
-# that stays behind onto a second read, whose queues hold other chunks: 8 keeps a fan-out with
-# a slow cloud under 100 MB (bench/README.md, bench_network.py: 111 → 94 MB).
-QUEUE_CHUNKS = 8
+# that stays behind onto a second read, whose queues hold other chunks: each Glance upload on
+# its own read holds this many MiB more (bench/README.md, bench_network.py, 200 MiB fan-out
+# with a slow cloud: 111 MB at 16, 96 MB at 8, 88 MB at 4; one cloud alone 80 → 76 MB).
+QUEUE_CHUNKS = 4
 _END = None
 _ABORT = object()
 

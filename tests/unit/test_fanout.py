@@ -13,10 +13,12 @@ import threading
 from collections.abc import Iterator
 
 from imagesync.errors import TransientError
+from imagesync.fanout import FanOut, Lag
 from imagesync.model import ImageRecord
 from imagesync.retry import RetryPolicy
 from imagesync.sites.memory import Faults, MemorySite
 from imagesync.transfer import CopyResult, Tuning, copy_image, new_image_for
+from imagesync.uploads import Live, NoWatcher, Paces, TargetResult
 
 DATA = os.urandom(250_000)  # 250 chunks of the memory site's 1000 bytes
 FAST = RetryPolicy(attempts=3, base=0.0, cap=0.0)
@@ -83,7 +85,11 @@ def _held(name: str, after_chunks: int, gate: threading.Event) -> MemorySite:
 
 
 def _copy(
-    src: MemorySite, targets: list[MemorySite], watcher: _Order | None = None, **kw: object
+    src: MemorySite,
+    targets: list[MemorySite],
+    watcher: _Order | None = None,
+    tuning: Tuning = QUICK,
+    **kw: object,
 ) -> tuple[ImageRecord, CopyResult]:
     rec = src.add("img", DATA)
     new = new_image_for(rec, rec.version, "private")
@@ -94,7 +100,7 @@ def _copy(
         policy=kw.pop("policy", FAST),  # type: ignore[arg-type]
         sleep=lambda s: None,
         watcher=watcher,
-        tuning=QUICK,
+        tuning=tuning,
     )
     return rec, result
 
@@ -247,3 +253,101 @@ def test_a_write_stuck_at_cancel_is_aborted_and_the_copy_returns() -> None:
     stuck_gate.set()
     assert returned_while_stuck
     assert result.cancelled and stuck.images == {}
+
+
+class _Ticks:
+    """A clock that moves only when told to."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_only_the_time_a_target_holds_another_back_counts_towards_detaching_it() -> None:
+    clock = _Ticks()
+    lag, slow = Lag(grace=0.2, clock=clock), object()
+    assert not lag.waited(slow, starved=False)
+    for _ in range(10):  # a second of waiting while every target was busy: nobody held back
+        clock.now += 0.1
+        assert not lag.waited(slow, starved=False)
+    clock.now += 0.1
+    assert not lag.waited(slow, starved=True)  # 0.1 s of holding another back
+    clock.now += 0.1
+    assert lag.waited(slow, starved=True)  # 0.2 s: behind
+
+
+def test_a_target_that_had_room_starts_its_grace_again() -> None:
+    clock = _Ticks()
+    lag, feed, other = Lag(grace=0.2, clock=clock), object(), object()
+    lag.waited(feed, starved=True)
+    clock.now += 0.15
+    assert not lag.waited(feed, starved=True)
+    lag.room(feed)  # took a chunk without the reader waiting
+    clock.now += 0.15
+    assert not lag.waited(feed, starved=True)  # counted afresh from here
+    assert not lag.waited(other, starved=True)  # and each target apart
+    clock.now += 0.2
+    assert lag.waited(feed, starved=True) and not lag.waited(other, starved=False)
+
+
+def test_paces_name_the_targets_known_to_be_much_slower_than_the_others() -> None:
+    paces = Paces()
+    paces.note("store", 400 * 2**20, 2.0)  # 200 MiB/s
+    paces.note("cloud", 200 * 2**20, 4.0)  # 50 MiB/s: slower, not much slower than the store?
+    paces.note("far", 200 * 2**20, 20.0)  # 10 MiB/s
+    assert paces.slower(["store", "cloud", "far"], factor=3.0) == ["cloud", "far"]
+    assert paces.slower(["cloud", "far"], factor=3.0) == ["far"]
+    assert paces.slower(["cloud", "far", "unknown"], factor=6.0) == []
+    assert paces.slower(["far"], factor=3.0) == []  # alone: slower than no one
+    paces.note("far", 200 * 2**20, 2.0)  # one fast copy moves it half-way: 55 MiB/s
+    assert paces.slower(["cloud", "far"], factor=3.0) == []
+
+
+def test_a_target_known_to_be_slow_gets_its_own_read_from_the_start() -> None:
+    paces = Paces()
+    paces.note("slow", 1_000_000, 10.0)
+    paces.note("fast1", 1_000_000, 1.0)
+    order = _Order({"fast1", "fast2"})
+    slow = _held("slow", 5, order.gate)  # it would hold the reader from its 5th chunk on
+    src = _Source("src")
+    fast = [MemorySite("fast1"), MemorySite("fast2")]
+    # the fast ones must publish without the slow one ever being seen to fall behind
+    never = Tuning(queue_chunks=2, detach_after=HOLD * 10, tick=0.002, paces=paces)
+    _, result = _copy(src, [slow, *fast], order, tuning=never)
+    assert result.ok and order.order[-1] == "slow"
+    assert result.detached == ["slow"]
+    assert sorted(src.offsets) == [0, 0] and result.reads == 2  # both reads from the start
+    assert src.served == 2 * len(DATA)
+    assert all(_holds(t) == DATA for t in [slow, *fast])
+
+
+def test_a_copy_teaches_paces_each_target_s_speed_but_a_small_one_does_not() -> None:
+    paces = Paces()
+    targets = [MemorySite("t1"), MemorySite("t2")]
+    _copy(_Source("src"), targets, tuning=Tuning(paces=paces))  # 250 kB: mostly latency
+    assert paces.rate("t1") is None
+    learn = Tuning(queue_chunks=2, tick=0.002, paces=paces, pace_min_bytes=len(DATA))
+    _, result = _copy(_Source("src"), targets, tuning=learn)
+    assert result.ok and all((paces.rate(t.name) or 0) > 0 for t in targets)
+
+
+def test_the_first_target_detached_is_the_one_furthest_behind() -> None:
+    """Of two targets holding the read back, the one merely slower than the fastest must not
+    take the second read: the slowest would join it there and hold it to its pace."""
+    src = MemorySite("src")
+    rec = src.add("img", DATA)
+    new = new_image_for(rec, rec.version, "private")
+    sites = [MemorySite("mid"), MemorySite("slow"), MemorySite("fast")]
+    live = [Live(t, t.create(new), TargetResult(site=t.name), NoWatcher()) for t in sites]
+    fan = FanOut(src, rec, live, QUICK, None, CopyResult(source=rec, version=rec.version))
+    mid, slow, fast = fan.first.feeds
+    try:
+        mid.written, slow.written, fast.written = 40_000, 10_000, 90_000
+        assert not fan._detach(mid)  # slow is further behind: mid stays on the first read
+        assert fan.second is None
+        assert fan._detach(slow) and fan.second is not None
+        assert fan.result.detached == ["slow"]
+    finally:
+        fan.abort_all()
