@@ -39,12 +39,14 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import yaml
 
+from imagesync.coordination import assign
 from imagesync.lab import LabInfo, glance_client, procs
 from imagesync.lab import etcd as lab_etcd
 from imagesync.lab.control import info as lab_info
@@ -213,6 +215,9 @@ def converge(
                 key = (str(ev.get("image")), str(ev.get("target")))
                 copied[key] = copied.get(key, 0) + 1
     cleanup(lab, prefix)
+    # what a 4th member joining would move (the same pure function every member runs)
+    three = assign(names, [f"m{m}" for m in range(3)])
+    four = assign(names, [f"m{m}" for m in range(4)])
     if len(copied) != 2 * len(names):
         print(f"warning: {len(copied)} (name, target) copies logged, not {2 * len(names)}")
     return {
@@ -220,6 +225,8 @@ def converge(
         "seconds": round(seconds, 1),
         "reveal_s": round(revealed, 2),
         "copies_by_member": copiers,
+        "names_by_member": dict(Counter(three.values())) if members == 3 else None,
+        "moved_if_a_4th_joins": sum(three[n] != four[n] for n in names),
         "copied_twice": sorted(f"{n}@{t}" for (n, t), c in copied.items() if c > 1),
     }
 
