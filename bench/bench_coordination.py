@@ -111,13 +111,18 @@ def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def stop(p: subprocess.Popen[bytes]) -> None:
-    p.terminate()
-    try:
-        p.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
+def stop(ps: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every member at once; kill one still there after 20 s (a coordinated daemon
+    can hang at exit after logging ``daemon.stopped``: see bench/README.md)."""
+    for p in ps:
+        p.terminate()
+    deadline = time.monotonic() + 20
+    for p in ps:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def upload_all(lab: LabInfo, prefix: str, count: int, size: int) -> dict[str, str]:
@@ -201,8 +206,7 @@ def converge(
             time.sleep(1.0)
         seconds = time.monotonic() - t0
     finally:
-        for p in procs_:
-            stop(p)
+        stop(procs_)
         for px in proxies:
             px.close()
     copiers: dict[str, int] = {}
@@ -267,7 +271,7 @@ def idle(lab: LabInfo, work: Path, etcd_url: str | None, passes: int) -> dict[st
         b = scrape(port)
         wall = time.monotonic() - t0
     finally:
-        stop(p)
+        stop([p])
     times = [
         json.loads(line)["seconds"]
         for line in log.read_text().splitlines()
