@@ -134,6 +134,16 @@ def assign(names: Iterable[str], members: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def import_tooz() -> None:
+    """Import tooz now, from the calling thread: call it from the main thread before any
+    other thread may. tooz imports futurist, which imports eventlet when installed, and
+    eventlet imported from a worker thread leaves that thread impossible to join: the daemon
+    (whose passes run in a pool thread) then hung at exit after ``daemon.stopped``."""
+    with warnings.catch_warnings():  # futurist warns about eventlet
+        warnings.simplefilter("ignore")
+        import tooz.coordination  # noqa: F401
+
+
 def default_member_id(instance_id: str) -> str:
     """host + instance: stable across restarts (the instance id lives in ``state_dir``)."""
     return f"{socket.gethostname()[:60]}:{instance_id[:8]}"
@@ -232,9 +242,8 @@ class Coordinator:
     def start(self, *, join: bool = True) -> None:
         """Connect (and, for a daemon, join the partitioned group). Raises ConfigError when
         the service cannot be reached at all: a daemon must not start alone by mistake."""
-        with warnings.catch_warnings():  # futurist (under tooz) warns about eventlet
-            warnings.simplefilter("ignore")
-            from tooz import coordination as tc
+        import_tooz()  # a no-op when the daemon's main thread did it first
+        from tooz import coordination as tc
 
         if self._driver is None:
             try:
