@@ -112,8 +112,8 @@ def start_daemon(config: Path, log: Path) -> subprocess.Popen[bytes]:
 
 
 def stop(ps: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM every member at once; kill one still there after 20 s (a coordinated daemon
-    can hang at exit after logging ``daemon.stopped``: see bench/README.md)."""
+    """SIGTERM every member at once; kill one still there after 20 s (before 373b380 a
+    coordinated daemon hung at exit after logging ``daemon.stopped``)."""
     for p in ps:
         p.terminate()
     deadline = time.monotonic() + 20
