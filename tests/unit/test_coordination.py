@@ -124,10 +124,6 @@ class FakePartitioner:
         self.driver = driver
         self.ring = FakeRing(driver.backend.members)
 
-    def belongs_to_self(self, name: str) -> bool:
-        members = sorted(m.decode() for m in self.driver.backend.members)
-        return owner_of(name, members) == self.driver.me
-
 
 class Backend:
     """What several members share: the key space and the group."""
@@ -259,6 +255,16 @@ def test_thirty_names_over_three_members_then_four() -> None:
     four = assign(names, ["m0", "m1", "m2", "m3"])
     assert sorted(Counter(four.values()).values()) == [7, 7, 8, 8]
     assert sum(three[x] != four[x] for x in names) <= 12
+
+
+def test_a_single_key_changes_hands_only_to_a_newcomer() -> None:
+    """owner_of (plain rendezvous, for the cloud steps' key): a join moves a key only to the
+    member that joined."""
+    keys = [f"key-{i}" for i in range(100)]
+    three = {k: owner_of(k, ["a", "b", "c"]) for k in keys}
+    four = {k: owner_of(k, ["c", "d", "a", "b"]) for k in keys}
+    assert all(four[k] in (three[k], "d") for k in keys)
+    assert owner_of("x", []) is None
 
 
 def test_members_split_the_names_between_them_through_the_service() -> None:
