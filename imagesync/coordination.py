@@ -1,9 +1,12 @@
 """Several daemons sharing the work through tooz (etcd is the reference backend).
 
 When ``coordination:`` is configured, every daemon joins one tooz group with a stable member
-id (host name + the instance id of its ``state_dir``) and a partitioner (tooz's consistent
-hash ring, 128 partitions) decides which member drives each image name: a pass handles only
-the names its member owns. Partitioning spreads the load; it is the per-``(name, site)`` upload
+id (host name + the instance id of its ``state_dir``); tooz's partitioned group keeps the
+membership (its ring is only a second opinion on "am I still in the group"). Which member
+drives each image name is :func:`assign`: rendezvous hashing with bounded loads over the
+sorted live members and the sorted set of managed names, which every member computes alike
+from the same config and listings, balanced to within one name. A pass handles only the
+names its member drives. Partitioning spreads the load; it is the per-``(name, site)`` upload
 locks, held in the coordination service, that guarantee one writer, and the upload leases
 (one key per half-made upload, attached to its lock's etcd lease) that say who is making what
 where. A dead member's half-made upload is removed by whoever next takes its lock, and only
@@ -31,12 +34,13 @@ from __future__ import annotations
 import base64
 import contextlib
 import enum
+import hashlib
 import json
 import socket
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -47,7 +51,7 @@ from imagesync.errors import ConfigError, LockBusy
 
 log = structlog.get_logger("imagesync.coordination")
 
-#: the hash ring's partitions: 128 spreads 300 names as 80–125 per member of 3 (32: 55–144)
+#: tooz's partitioned group's ring (membership only: names are spread by :func:`assign`)
 PARTITIONS = 128
 #: the key under which save-on-shutdown and boot tests run: one member drives them
 CLOUD_STEPS_KEY = "imagesync:cloud-steps"
@@ -79,16 +83,65 @@ def may_act(
     return Health.OK
 
 
-def owner_of(name: str, members: list[str], partitions: int = PARTITIONS) -> str | None:
-    """Which member drives ``name`` with these members: what tooz's partitioner decides on
-    every member (same ring, same hash), computed here for ``status`` in another process."""
-    from tooz import hashring
+def _score(member: str, key: str) -> int:
+    """Rendezvous weight of ``member`` for ``key``: the same on every host and every Python
+    (a digest, not ``hash()``, which is salted per process)."""
+    digest = hashlib.blake2b(f"{member}\0{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
 
-    if not members:
-        return None
-    ring = hashring.HashRing([m.encode() for m in members], partitions=partitions)
-    nodes = ring.get_nodes(name.encode("utf8"))
-    return next(iter(nodes)).decode() if nodes else None
+
+def owner_of(key: str, members: Iterable[str]) -> str | None:
+    """PURE: the member that ranks highest for ``key`` (plain rendezvous hashing, no
+    capacity): for a single key such as :data:`CLOUD_STEPS_KEY`."""
+    return max(sorted(set(members)), key=lambda m: _score(m, key), default=None)
+
+
+def assign(names: Iterable[str], members: Iterable[str]) -> dict[str, str]:
+    """PURE: which member drives each name: **rendezvous hashing with bounded loads**.
+
+    Every member computes it from the same inputs, the sorted live members and the set of
+    managed names the pass saw (one shared config, the same sites listed), so they agree
+    without talking. With ``n`` names and ``m`` members, ``n mod m`` members drive
+    ``ceil(n/m)`` names and the others ``floor(n/m)``: balanced to within one name (tooz's
+    hash ring left a member of three with 5 of 30 names and another with 14).
+
+    The names are taken in the order of their own digest; each goes to the member that ranks
+    it highest (:func:`_score`) among those with room left. Room: ``floor(n/m)``, plus one
+    for the first ``n mod m`` members to reach it. A joining member takes the names that rank
+    it first (about ``n/(m+1)``), and the capacities shrinking by a few names each push a few
+    more along (measured in tests/unit/test_coordination.py: 30 names, 3 → 4 members, at most
+    half the names move). When two members see different sets (a name appeared or a site was
+    unreachable for one of them) or different members (a join not yet seen), they may
+    disagree for a pass: the ``(name, site)`` locks in the service and the ownership check
+    before every side effect are what keep one writer, not this function.
+    """
+    ms = sorted(set(members))
+    if not ms:
+        return {}
+    ns = sorted(set(names), key=lambda n: (_score("", n), n))
+    floor, extra = divmod(len(ns), len(ms))
+    load = dict.fromkeys(ms, 0)
+    at_ceiling = 0
+    out: dict[str, str] = {}
+    for name in ns:
+        for m in sorted(ms, key=lambda m: (-_score(m, name), m)):
+            room = floor + 1 if at_ceiling < extra else floor
+            if load[m] < room:
+                load[m] += 1
+                at_ceiling += load[m] == floor + 1
+                out[name] = m
+                break
+    return out
+
+
+def import_tooz() -> None:
+    """Import tooz now, from the calling thread: call it from the main thread before any
+    other thread may. tooz imports futurist, which imports eventlet when installed, and
+    eventlet imported from a worker thread leaves that thread impossible to join: the daemon
+    (whose passes run in a pool thread) then hung at exit after ``daemon.stopped``."""
+    with warnings.catch_warnings():  # futurist warns about eventlet
+        warnings.simplefilter("ignore")
+        import tooz.coordination  # noqa: F401
 
 
 def default_member_id(instance_id: str) -> str:
@@ -132,6 +185,10 @@ class CoordinationStatus:
     last_ok_age: float | None = None
     calls: int = 0  # calls to the service since start
     held_locks: list[str] = field(default_factory=list)
+    #: how many names each member drives (the last pass's assignment)
+    drives: dict[str, int] = field(default_factory=dict)
+    #: every upload lease alive in the group (who is making what where)
+    uploads: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -143,6 +200,8 @@ class CoordinationStatus:
             "last_ok_seconds_ago": None if self.last_ok_age is None else round(self.last_ok_age, 3),
             "calls": self.calls,
             "held_locks": self.held_locks,
+            "drives": self.drives,
+            "uploads": self.uploads,
         }
 
 
@@ -169,6 +228,8 @@ class Coordinator:
         self._started = False
         self._last_ok: float | None = None
         self._members: list[str] = []
+        #: how many names each member drives, as the last :meth:`drives` computed
+        self._shares: dict[str, int] = {}
         self._held: dict[tuple[str, str], Any] = {}
         self._mutex = threading.Lock()
         self._stop = threading.Event()
@@ -181,9 +242,8 @@ class Coordinator:
     def start(self, *, join: bool = True) -> None:
         """Connect (and, for a daemon, join the partitioned group). Raises ConfigError when
         the service cannot be reached at all: a daemon must not start alone by mistake."""
-        with warnings.catch_warnings():  # futurist (under tooz) warns about eventlet
-            warnings.simplefilter("ignore")
-            from tooz import coordination as tc
+        import_tooz()  # a no-op when the daemon's main thread did it first
+        from tooz import coordination as tc
 
         if self._driver is None:
             try:
@@ -293,13 +353,31 @@ class Coordinator:
     def can_act(self) -> bool:
         return self.health() is Health.OK
 
-    def owns(self, name: str) -> bool:
-        """Does this member drive ``name`` now? No backend call (the ring is local)."""
+    def owns(self, key: str) -> bool:
+        """Does this member drive ``key`` (one key alone, such as :data:`CLOUD_STEPS_KEY`)
+        now? No backend call: plain rendezvous over the members the last refresh saw."""
         if not self.can_act():
             return False
-        if self._partitioner is None:
+        if not self._joined:
             return True
-        return bool(self._partitioner.belongs_to_self(name))
+        return owner_of(key, self._members) == self.member_id
+
+    def drives(self, names: Iterable[str]) -> set[str]:
+        """Which of ``names`` (every managed name the pass saw) this member drives now:
+        :func:`assign` over the members the last refresh saw. No backend call. The whole
+        assignment is kept for ``status`` (who drives how many), even when this member may
+        not act (it then drives none)."""
+        names = list(names)
+        if not self._joined:
+            return set(names) if self.can_act() else set()
+        assignment = assign(names, self._members)
+        with self._mutex:
+            self._shares = {m: 0 for m in self._members}
+            for m in assignment.values():
+                self._shares[m] += 1
+        if not self.can_act():
+            return set()
+        return {n for n, m in assignment.items() if m == self.member_id}
 
     # -- locks -------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -440,10 +518,13 @@ class Coordinator:
         return out
 
     # -- what it looks like ------------------------------------------------------------------
-    def status(self) -> CoordinationStatus:
+    def status(self, *, uploads: list[dict[str, Any]] | None = None) -> CoordinationStatus:
+        """This member's view; ``uploads`` as :meth:`uploads` read them (a call to the
+        service, left to the caller)."""
         with self._mutex:
             last = self._last_ok
             held = [f"{n}@{s}" for n, s in sorted(self._held)]
+            shares = dict(self._shares)
         return CoordinationStatus(
             url=self.cfg.display_url,
             member_id=self.member_id,
@@ -452,6 +533,8 @@ class Coordinator:
             last_ok_age=None if last is None else self.clock() - last,
             calls=self.calls,
             held_locks=held,
+            drives=shares,
+            uploads=list(uploads or []),
         )
 
 
@@ -471,7 +554,8 @@ def describe_group(cfg: CoordinationConfig, names: list[str]) -> dict[str, Any]:
         out["health"] = f"unreachable ({type(exc).__name__})"
         members = []
     out["members"] = members
-    out["owners"] = {n: owner_of(n, members) for n in names}
+    owners = assign(names, members)
+    out["owners"] = {n: owners.get(n) for n in names}
     out["uploads"] = viewer.uploads() if members else []
     viewer.stop()
     return out

@@ -375,12 +375,19 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
         # what status saw is what check answers from: a cell found stale here is never
         # handed out as current afterwards (issue 11)
         engine.record(assessments)
+        managed = [a.name for a in assessments]
+        if name is not None and config.coordination is not None:
+            # who drives a name depends on every managed name (coordination.assign): list all
+            everything = engine.inventories()
+            managed = [
+                a.name for a in plan(engine.rules, everything, config.site_names).assessments
+            ]
     finally:
         engine.close()
     from imagesync.saving import save_rows  # imports Nova's client: only here
 
     saves, save_errors = save_rows(config, name, inventories)
-    group = _group(config, [a.name for a in assessments])
+    group = _group(config, managed)
     if as_json:
         doc = status_document(assessments, inventories)
         extra = {"coordination": group} if group is not None else {}
@@ -403,7 +410,7 @@ def status(config: Config, name: str | None = None, *, as_json: bool = False) ->
         *quarantined,
         *saved,
         *save_errors,
-        *(_group_lines(group) if group is not None else []),
+        *(_group_lines(group, name) if group is not None else []),
     ]:
         print(printable(line))
     return 0
@@ -453,13 +460,15 @@ def _group(config: Config, names: list[str]) -> dict[str, Any] | None:
     return describe_group(config.coordination, names)
 
 
-def _group_lines(group: Mapping[str, Any]) -> list[str]:
-    """The coordination lines of ``status``: health, members and how many names each drives,
-    the uploads in flight."""
+def _group_lines(group: Mapping[str, Any], name: str | None = None) -> list[str]:
+    """The coordination lines of ``status``: health, members and how many names each drives
+    (and which drives ``name``), the uploads in flight."""
     lines = [f"coordination: {group['url']} group {group['group']}: {group['health']}"]
     owners = list(group["owners"].values())
     for m in group["members"]:
         lines.append(f"  member {m}: drives {owners.count(m)} of {len(owners)} names")
+    if name is not None and group["owners"].get(name):
+        lines.append(printable(f"  {name} is driven by {group['owners'][name]}"))
     if not group["members"]:
         lines.append("  no live member: no daemon is driving any name")
     for u in group["uploads"]:

@@ -71,6 +71,7 @@ class LiveStatus(Observer):
         self._flights: dict[int, _Flight] = {}
         self._report: dict[str, Any] | None = None
         self._saves: list[dict[str, Any]] = []
+        self._coordination: dict[str, Any] | None = None  # None: this host alone
         self._history: HistoryReader | None = None
         self._history_rows: list[dict[str, Any]] = []  # the last read, kept when a read fails
 
@@ -99,6 +100,13 @@ class LiveStatus(Observer):
         (:meth:`imagesync.saving.SaveOutcome.as_dict`)."""
         with self._lock:
             self._saves = [dict(s) for s in saves]
+
+    def observe_coordination(self, coordination: Mapping[str, Any] | None) -> None:
+        """Several daemons (``coordination:``): the members, who drives how many names, this
+        member's health, the uploads in flight in the group
+        (:meth:`imagesync.coordination.CoordinationStatus.as_dict`)."""
+        with self._lock:
+            self._coordination = None if coordination is None else dict(coordination)
 
     def observe_saving(self, save: Mapping[str, Any]) -> None:
         """A save on shutdown is under way (``state`` saving, ``saving`` says how far): its
@@ -180,6 +188,7 @@ class LiveStatus(Observer):
             flights = [replace(f) for f in self._flights.values()]
             report = dict(self._report) if self._report is not None else None
             saves = [dict(s) for s in self._saves]
+            coordination = None if self._coordination is None else dict(self._coordination)
             reader = self._history
         now = self.clock()
         flying = {(f.name, t) for f in flights for t in f.targets}
@@ -223,6 +232,7 @@ class LiveStatus(Observer):
             ],
             "last_pass": report,
             "saves": saves,
+            "coordination": coordination,
         }
         # its own lock: a read waiting on a busy database must not hold up the transfers
         with self._history_lock:

@@ -229,8 +229,10 @@ def run_one_pass(
                 inventories = _relist(eng, {t.cloud for t in tested})
             watch.metrics.observe_inventories(inventories)
             p = plan(eng.rules, inventories, eng.site_names)
-            if coord is not None:  # the names other members own are theirs to change
-                p = owned_only(p, coord.owns if acting else lambda _name: False)
+            if coord is not None:  # the names other members drive are theirs to change
+                mine = coord.drives(a.name for a in p.assessments)
+                p = owned_only(p, mine.__contains__ if acting else lambda _name: False)
+                _observe_coordination(coord, watch, uploads=acting)
             watch.ignored.observe(p.assessments)
             watch.live.observe_plan(_site_kinds(eng), inventories, p.assessments)
             done = eng.execute_concurrently(p, cancel=cancel, observer=watch)
@@ -265,6 +267,15 @@ def _why_not_acting(coord: Coordinator | None, watch: PassWatch) -> str | None:
         return None
     log.warning("pass.not_acting", reason=health.value)
     return f"coordination: {health.value}; not changing anything"
+
+
+def _observe_coordination(coord: Coordinator, watch: PassWatch, *, uploads: bool) -> None:
+    """The coordination as this pass ended up seeing it (who drives how many names, the
+    uploads in flight in the whole group: one read, not tried while the service is away),
+    for the status page and the metrics."""
+    watch.coordination = coord.status(uploads=coord.uploads() if uploads else [])
+    watch.metrics.observe_coordination(watch.coordination)
+    watch.live.observe_coordination(watch.coordination.as_dict())
 
 
 def _relist(eng: Engine, changed: set[str]) -> dict[str, SiteInventory]:

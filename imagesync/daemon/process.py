@@ -36,7 +36,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from imagesync.config.load import load_config
 from imagesync.config.types import Config
-from imagesync.coordination import Coordinator, default_member_id
+from imagesync.coordination import Coordinator, default_member_id, import_tooz
 from imagesync.daemon.health import STALL_SECONDS, Clock, Health, feed_watchdog
 from imagesync.daemon.live import LiveStatus
 from imagesync.daemon.passes import PassReport, PassWatch, log_report, run_one_pass
@@ -196,6 +196,8 @@ class Daemon:
             )
             self.notifier.ready(status="reload failed, running configuration kept")
             return False
+        if new.coordination is not None:  # reload runs in the main thread: see import_tooz
+            import_tooz()
         with self._lock:
             old, self.config = self.config, new
         if new.metrics_listen != old.metrics_listen:
@@ -257,6 +259,8 @@ class Daemon:
             log.info("metrics.listening", address=f"{host}:{port}")
         if install_signals:
             self.install_signal_handlers()
+        if config.coordination is not None:  # here, not in the pass's thread: see import_tooz
+            import_tooz()
         self.scheduler = BackgroundScheduler(
             timezone=UTC, executors={"default": JobPool(max_workers=1)}
         )

@@ -337,6 +337,44 @@ def _sites(doc: Mapping[str, Any], now: datetime | None) -> str:
     return _table("sites", _th("site", "kind", "health", "last successful listing"), rows)
 
 
+def _coordination(doc: Mapping[str, Any]) -> str:
+    """Several daemons: this member's health, every live member and how many names it
+    drives, the uploads in flight in the group. Empty for a daemon alone."""
+    c = doc.get("coordination")
+    if not c:
+        return ""
+    ok = c.get("health") == "ok"
+    health = (
+        '<span class="ok">ok</span>'
+        if ok
+        else f'<span class="bad">{e(c.get("health"))}</span>: {e(c.get("health_detail"))}'
+    )
+    drives = c.get("drives") or {}
+    total = sum(drives.values())
+    me = c.get("member_id")
+    members = [
+        f'<tr data-member="{e(m)}"><td class="mono">{e(m)}{" (this daemon)" if m == me else ""}'
+        f"</td><td>{e(drives.get(m, 0))} of {e(total)} names</td></tr>"
+        for m in c.get("members") or []
+    ]
+    uploads = [
+        f'<tr data-site="{e(u.get("site"))}"><td>{e(u.get("name"))}</td><td>{e(u.get("site"))}:'
+        f'<span class="mono" title="{e(u.get("image_id"))}">{e(short_id(u.get("image_id")))}'
+        f'</span></td><td class="mono">{e(u.get("member"))}</td></tr>'
+        for u in c.get("uploads") or []
+    ]
+    out = (
+        f'<p id="coordination-health">{e(c.get("url"))} · this daemon {e(me)}: {health} · '
+        f"last answer {e(c.get('last_ok_seconds_ago'))}s ago · {e(c.get('calls'))} calls</p>"
+        + _table("members", _th("member", "drives"), members)
+    )
+    if uploads:
+        out += _table("group-uploads", _th("uploading", "to", "by member"), uploads)
+    else:
+        out += '<p class="muted" id="no-group-uploads">no upload in flight in the group</p>'
+    return f"<section><h2>Coordination</h2>{out}</section>"
+
+
 def _last_pass(doc: Mapping[str, Any], now: datetime | None) -> str:
     p = doc.get("last_pass")
     if not p:
@@ -398,6 +436,7 @@ def render(doc: Mapping[str, Any]) -> str:
         f"<section><h2>Transfers in flight</h2>{_in_flight(doc)}</section>"
         f"<section><h2>Boot tests and saves</h2>{_held(doc)}</section>"
         f"<section><h2>Sites</h2>{_sites(doc, now)}</section>"
+        f"{_coordination(doc)}"
         f"<section><h2>Last pass</h2>{_last_pass(doc, now)}</section>"
         f"<section><h2>Recent transfers</h2>{_history(doc)}</section>"
         f"</main><script>{SCRIPT}</script></body></html>\n"

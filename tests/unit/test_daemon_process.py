@@ -115,3 +115,25 @@ def test_an_unbindable_metrics_address_fails_the_start(tmp_path: Path) -> None:
     assert r.returncode == 1
     (line,) = [json.loads(x) for x in r.stdout.splitlines() if '"metrics.listen_failed"' in x]
     assert line["listen"] == f"127.0.0.1:{port}"
+
+
+def test_a_coordinated_daemon_exits_on_sigterm(tmp_path: Path) -> None:
+    """tooz imports eventlet (through futurist); imported from the pass's thread, eventlet
+    leaves that thread impossible to join, and the process hung at exit after logging
+    ``daemon.stopped`` until killed. The service is unreachable here (a closed port): each
+    pass fails to join, which imports tooz just the same."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: nothing answers there
+    config = tmp_path / "imagesync.yaml"
+    config.write_text(
+        _config(tmp_path)
+        + f"coordination:\n  url: etcd3+http://127.0.0.1:{port}\n  lease_timeout: 4s\n"
+    )
+    with DaemonProcess(config) as d:
+        d.wait_event("pass.failed")
+        code, _ = d.terminate(timeout=30)  # a hang, not a slow exit: it never ended by itself
+        assert code == 0
+        assert d.events("daemon.stopped")
