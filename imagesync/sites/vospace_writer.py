@@ -13,7 +13,6 @@ upload mark, which recovery finds.
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -66,10 +65,11 @@ class _Body(QueueBody):
     def __init__(self, size: int | None, compressor: Compressor | None = None) -> None:
         super().__init__(size)
         self.compressor = compressor
-        #: of the frame sent (the service's Digest) and of the image fed to the compressor
-        self.md5 = hashlib.md5(usedforsecurity=False) if compressor is not None else None
-        # the image's sha512 in a thread of its own, beside zstd and the frame's md5 (ended
-        # by the writer's finish or abort)
+        # The md5 of the frame sent (the service's Digest) and the sha512 of the image fed to
+        # the compressor, each in a thread of its own beside zstd (ended by the writer's
+        # finish or abort): hashed in the thread that compresses and sends, the frame's md5
+        # alone held a 1 GB compressed push to 0.86-0.88x a plain one (bench_vospace).
+        self.md5 = MultiHasher(["md5"]) if compressor is not None else None
         self.sha512 = MultiHasher(["sha512"]) if compressor is not None else None
 
     def __len__(self) -> int:
@@ -165,13 +165,15 @@ class VOSpaceWriter(QueuedUpload):
         self._put(chunk)
 
     def finish(self) -> ImageRecord:
-        hasher = self.body.sha512
+        hasher, frame_hasher = self.body.sha512, self.body.md5
         try:
             self._end()
             image_sha512 = hasher.hexdigests()["sha512"] if hasher is not None else None
+            ours = frame_hasher.hexdigests()["md5"] if frame_hasher is not None else None
         finally:
-            if hasher is not None:  # whatever finish answers, no hashing thread outlives it
-                hasher.close()
+            for h in (hasher, frame_hasher):  # whatever finish answers, no thread outlives it
+                if h is not None:
+                    h.close()
         resp = self.response
         assert resp is not None
         what = f"upload {self.image_id}"
@@ -189,14 +191,13 @@ class VOSpaceWriter(QueuedUpload):
         node = self.site.node(self.path, what)
         if theirs is None:  # no Digest answered: the node's own md5 is the service's word
             theirs = md5_of(node)
-        if self.body.md5 is None:
+        if ours is None:
             # A plain node: the service's md5 of what it stored is the claim, compared by the
             # transfer with the md5 of what it read (none answered: nothing is claimed, so
             # the transfer reads the copy back).
             rec = record(self.site.name, self.name, node)
             return rec.with_(hashes={"md5": theirs} if theirs else {})
         assert image_sha512 is not None
-        ours = self.body.md5.hexdigest()
         if theirs == ours:
             # The service holds exactly the frame made here of these bytes: their sha512 is
             # the image's. Kept on the node, so that a listing reports it before publish (and
@@ -220,6 +221,7 @@ class VOSpaceWriter(QueuedUpload):
 
     def abort(self) -> None:
         self._wake(timeout=max(self.site.cfg.timeout, 5.0))
-        if self.body.sha512 is not None:
-            self.body.sha512.close()
+        for h in (self.body.sha512, self.body.md5):
+            if h is not None:
+                h.close()
         self.site.delete_quietly(self.path)

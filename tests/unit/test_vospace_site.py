@@ -15,13 +15,13 @@ from typing import Any
 
 import pytest
 
-from imagesync import transfer
+from imagesync import hashing, transfer
 from imagesync.config.types import VOSpaceConfig
 from imagesync.errors import AuthError, TransientError
 from imagesync.hashing import MultiHasher, new_hash
 from imagesync.model import PROP_ORIGIN, NewImage
 from imagesync.retry import RetryPolicy
-from imagesync.sites import vospace, vospace_transfer, vospace_writer
+from imagesync.sites import vospace, vospace_transfer
 from imagesync.sites.memory import MemorySite
 from imagesync.sites.vospace import VOSpaceSite
 from imagesync.sites.vosproto import digest_header
@@ -238,6 +238,10 @@ class CountingHashlib:
         self.started.append("sha512")
         return hashlib.sha512(*args, **kw)
 
+    def new(self, name: str, *args: Any, **kw: Any) -> Any:
+        self.started.append(name)
+        return hashlib.new(name, *args, **kw)
+
 
 def test_a_plain_upload_claims_the_services_md5_and_hashes_nothing_itself(
     service: StubVOSpace, server: StubServer, monkeypatch: pytest.MonkeyPatch
@@ -245,8 +249,9 @@ def test_a_plain_upload_claims_the_services_md5_and_hashes_nothing_itself(
     # The transfer hashes what it reads (sha512 + md5) and compares its md5 with the one the
     # service computed of what it stored: a second sha512 here (~1.2 CPU s/GiB) checked nothing.
     counting = CountingHashlib()
-    # the upload (vospace_writer) and the reads (vospace_transfer) are the site's hashing
-    monkeypatch.setattr(vospace_writer, "hashlib", counting)
+    # the upload hashes through imagesync.hashing (its worker threads), the reads
+    # (vospace_transfer) with hashlib itself
+    monkeypatch.setattr(hashing, "hashlib", counting)
     monkeypatch.setattr(vospace_transfer, "hashlib", counting)
     site = make_site(server)
     assert site.capabilities.hashes == {"md5"}
