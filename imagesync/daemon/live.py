@@ -53,6 +53,23 @@ def _iso(epoch: float | None) -> str | None:
     return None if epoch is None else format_time(datetime.fromtimestamp(epoch, UTC))
 
 
+def _marked_in_flight(assessments: list[Assessment], flights: list[_Flight]) -> list[Assessment]:
+    """The assessments with each cell that a running copy targets shown ``in-flight``."""
+    flying = {(f.name, t) for f in flights for t in f.targets}
+    if not flying:
+        return assessments
+    return [
+        replace(
+            a,
+            cells={
+                s: replace(c, state="in-flight") if (a.name, s) in flying else c
+                for s, c in a.cells.items()
+            },
+        )
+        for a in assessments
+    ]
+
+
 class LiveStatus(Observer):
     """The daemon's current state, fed by the pass and the executor, read by the listener."""
 
@@ -191,18 +208,7 @@ class LiveStatus(Observer):
             coordination = None if self._coordination is None else dict(self._coordination)
             reader = self._history
         now = self.clock()
-        flying = {(f.name, t) for f in flights for t in f.targets}
-        if flying:
-            assessments = [
-                replace(
-                    a,
-                    cells={
-                        s: replace(c, state="in-flight") if (a.name, s) in flying else c
-                        for s, c in a.cells.items()
-                    },
-                )
-                for a in assessments
-            ]
+        assessments = _marked_in_flight(assessments, flights)
         doc: dict[str, Any] = {
             "generated": _iso(now),
             "as_of": _iso(as_of),

@@ -228,11 +228,7 @@ def run_one_pass(
             if tested:  # list again: a version marked tested, shown or hidden
                 inventories = _relist(eng, {t.cloud for t in tested})
             watch.metrics.observe_inventories(inventories)
-            p = plan(eng.rules, inventories, eng.site_names)
-            if coord is not None:  # the names other members drive are theirs to change
-                mine = coord.drives(a.name for a in p.assessments)
-                p = owned_only(p, mine.__contains__ if acting else lambda _name: False)
-                _observe_coordination(coord, watch, uploads=acting)
+            p = _only_mine(plan(eng.rules, inventories, eng.site_names), coord, watch, acting)
             watch.ignored.observe(p.assessments)
             watch.live.observe_plan(_site_kinds(eng), inventories, p.assessments)
             done = eng.execute_concurrently(p, cancel=cancel, observer=watch)
@@ -253,6 +249,16 @@ def run_one_pass(
         return PassReport(
             started=started, seconds=time.monotonic() - t0, error=f"{type(exc).__name__}: {exc}"
         )
+
+
+def _only_mine(p: Plan, coord: Coordinator | None, watch: PassWatch, acting: bool) -> Plan:
+    """The plan cut to the names this member drives (all of them when it runs alone): the
+    names other members drive are theirs to change; none while it may not act."""
+    if coord is None:
+        return p
+    mine = coord.drives(a.name for a in p.assessments)
+    _observe_coordination(coord, watch, uploads=acting)
+    return owned_only(p, mine.__contains__ if acting else lambda _name: False)
 
 
 def _why_not_acting(coord: Coordinator | None, watch: PassWatch) -> str | None:
