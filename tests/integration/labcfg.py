@@ -142,12 +142,17 @@ def nova_server(
 
 
 def images_named(lab: LabInfo, cloud: str, name: str) -> list[dict[str, Any]]:
-    """Every image of that name on the cloud, hidden ones and every status included (admin)."""
+    """Every image of that name on the cloud, hidden ones and every status included (admin),
+    but ``deleted``: under load the lab Glance's SQLite can fail a DELETE half way (HTTP 500,
+    "database is locked") after setting the status, leaving a row that every later DELETE
+    refuses ("transition from deleted to deleted") and that no API can boot, download or
+    remove. Seen in CI (a failed upload's placeholder, deleted by imagesync); a Glance on a
+    real database server commits the delete whole."""
     gc = glance_client(lab, cloud, admin=True)
     out: list[Any] = []
     for hidden in ("false", "true"):
         filters = {"name": name, "visibility": "all", "os_hidden": hidden}
-        out.extend(dict(i) for i in gc.images.list(filters=filters))
+        out.extend(dict(i) for i in gc.images.list(filters=filters) if i["status"] != "deleted")
     return out
 
 
