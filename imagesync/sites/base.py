@@ -51,6 +51,17 @@ class Writer(Protocol):
 
 
 @runtime_checkable
+class HashesWhatItIsHanded(Protocol):
+    """A writer that hashes (sha512) every byte it is handed, in order, and whose ``finish``
+    claims that digest only when what it stored is exactly those bytes (a compressed store:
+    its service vouches for the frame, the writer for what the frame was made of). A copy
+    whose one target this is need not hash its read as well (``imagesync.transfer``)."""
+
+    @property
+    def hashes_what_it_is_handed(self) -> bool: ...
+
+
+@runtime_checkable
 class Hiding(Protocol):
     """A site that can hide an image from default listings instead of deleting it."""
 

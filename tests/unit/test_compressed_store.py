@@ -9,23 +9,27 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
 
+from imagesync import transfer
 from imagesync.config.load import load_config
 from imagesync.config.render import render_config
 from imagesync.config.types import VOSpaceConfig
 from imagesync.errors import ConfigError, SiteError
+from imagesync.hashing import MultiHasher
 from imagesync.model import PROP_ORIGIN, PROP_SHA512, ImageRecord, NewImage
 from imagesync.retry import RetryPolicy
-from imagesync.sites import open_site
+from imagesync.sites import open_site, vospace_writer
 from imagesync.sites.base import Site
 from imagesync.sites.directory import DirectorySite
-from imagesync.sites.memory import MemorySite
+from imagesync.sites.memory import Faults, MemorySite
 from imagesync.sites.vospace import VOSpaceSite
-from imagesync.transfer import copy_image, new_image_for
+from imagesync.transfer import CopyResult, ErrorKind, copy_image, new_image_for
 from tests.vospacestub import StubNode, StubServer, StubVOSpace
 
 BLOCK = 64 * 1024
@@ -251,3 +255,96 @@ def test_an_unknown_compression_names_the_file_the_key_and_the_choices(tmp_path:
     message = str(caught.value)
     assert str(path) in message and "stores.archive.compress" in message
     assert "zstd" in message and "none" in message
+
+
+# ------------------------------------------- a lone compressed target hashes for the copy
+
+
+def _transfer_hashing(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The algorithms the copy itself starts hashing its read with (transfer.MultiHasher)."""
+    started: list[str] = []
+    real = MultiHasher
+
+    def counting(algorithms: Iterable[str], *args: Any, **kw: Any) -> MultiHasher:
+        names = list(algorithms)
+        started.extend(names)
+        return real(names, *args, **kw)
+
+    monkeypatch.setattr(transfer, "MultiHasher", counting)
+    return started
+
+
+def _copy_to(src: MemorySite, image: ImageRecord, *targets: Site) -> CopyResult:
+    return copy_image(
+        src,
+        image,
+        [(t, new_image_for(image, image.version, "private")) for t in targets],
+        policy=FAST,
+    )
+
+
+def test_a_copy_whose_one_target_is_a_compressed_store_hashes_the_image_once(
+    stub: StubVOSpace, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The compressed writer hashes every byte it is handed; the copy takes that digest for
+    the read's instead of hashing the same bytes a second time (~1.2 CPU s per GiB)."""
+    started = _transfer_hashing(monkeypatch)
+    src = MemorySite("src")
+    image = src.add("centos7", DATA)
+    site = _vospace(stub, request)
+    result = _copy_to(src, image, site)
+    assert result.ok and result.sha512 == SHA512
+    assert started == []
+    (rec,) = site.list_images("centos7")
+    assert rec.properties[PROP_SHA512] == SHA512 and not rec.in_progress
+
+
+def test_with_a_second_target_the_copy_hashes_its_read_itself(
+    stub: StubVOSpace, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started = _transfer_hashing(monkeypatch)
+    src = MemorySite("src")
+    image = src.add("centos7", DATA)
+    result = _copy_to(src, image, _vospace(stub, request), MemorySite("dst"))
+    assert result.ok and started == ["sha512"]
+
+
+def _data_nodes(stub: StubVOSpace) -> list[str]:
+    return [
+        p for p, n in stub.nodes.items() if p.startswith("images/") and n.kind != "ContainerNode"
+    ]
+
+
+def test_a_source_unlike_its_version_to_a_lone_compressed_target_publishes_nothing(
+    stub: StubVOSpace, request: pytest.FixtureRequest
+) -> None:
+    src = MemorySite("src", faults=Faults(corrupt_read=True))
+    image = src.add("centos7", DATA)
+    result = _copy_to(src, image, _vospace(stub, request))
+    assert not result.ok
+    assert result.targets[0].error_kind is ErrorKind.INTEGRITY
+    assert "sha512" in (result.targets[0].error or "")
+    assert _data_nodes(stub) == []
+
+
+def test_a_byte_changed_in_the_hand_over_to_a_lone_compressed_target_publishes_nothing(
+    stub: StubVOSpace, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The read is right; what reaches the compressor is not (a bug between the two): the
+    writer's own digest, which stands for the read's, finds it."""
+    real = vospace_writer._Body.transform
+    seen = [0]
+
+    def flip_second_chunk(body: Any, chunk: bytes) -> bytes:
+        seen[0] += 1
+        if seen[0] == 2:
+            chunk = bytes([chunk[0] ^ 1]) + chunk[1:]
+        return real(body, chunk)
+
+    monkeypatch.setattr(vospace_writer._Body, "transform", flip_second_chunk)
+    src = MemorySite("src")
+    image = src.add("centos7", DATA)
+    result = _copy_to(src, image, _vospace(stub, request))
+    assert not result.ok
+    assert result.targets[0].error_kind is ErrorKind.INTEGRITY
+    assert _data_nodes(stub) == []
