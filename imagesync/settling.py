@@ -68,22 +68,13 @@ def _settle_one(
         # Targets already published stay published (and are reported so).
         cancel_rest([lv])
         return False
-    return settle(lv, got, nbytes, cancel, lease_expired)
-
-
-def settle(
-    lv: Live,
-    got: Mapping[str, str],
-    nbytes: int,
-    cancel: threading.Event | None,
-    lease_expired: Callable[[], bool] | None = None,
-) -> bool:
-    """Finish one target's upload, verify what it stored, publish it or remove it.
-    Returns False when cancelled (the caller aborts the rest)."""
+    # finish the upload, verify what it stored, publish it or remove it
     stored = finish(lv)
-    if stored is None:
-        return True
-    return verify_and_publish(lv, stored, got, nbytes, cancel, lease_expired)
+    return (
+        True
+        if stored is None
+        else verify_and_publish(lv, stored, got, nbytes, cancel, lease_expired)
+    )
 
 
 def finish(lv: Live) -> ImageRecord | None:

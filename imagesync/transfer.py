@@ -168,14 +168,7 @@ def _attempt(
     live = _open_targets(targets, results, cancel, watcher or NoWatcher())
     if not live:
         return results
-    # md5 decides nothing when the source and every target report sha512 (the strongest
-    # shared algorithm decides, see model.hashes_agree), and it costs ~1.3 CPU s per GiB on
-    # the cores the sites' servers need: compute it only when it can decide, and the source
-    # does not already vouch for it.
-    need_md5 = vouched is None and (
-        "sha512" not in _expected(image, version)
-        or any("sha512" not in lv.site.capabilities.hashes for lv in live)
-    )
+    need_md5 = vouched is None and _md5_decides(image, version, live)
     fan = FanOut(source, image, live, tuning or Tuning(), cancel, result, progress)
     lone = _hashed_by_its_target(live, image, version, need_md5)
     nbytes, got = _stream(source, image, fan, progress, cancel, need_md5, hash_read=not lone)
@@ -293,6 +286,16 @@ def _stream(
             hasher.close()
         stream.close()
     return nbytes, got
+
+
+def _md5_decides(image: ImageRecord, version: Version, live: Sequence[Live]) -> bool:
+    """md5 decides nothing when the source and every target report sha512 (the strongest
+    shared algorithm decides, see model.hashes_agree), and it costs ~1.3 CPU s per GiB on the
+    cores the sites' servers need: a copy computes it only when it can decide (and the source
+    does not already vouch for it, see ``_vouched_md5``)."""
+    return "sha512" not in _expected(image, version) or any(
+        "sha512" not in lv.site.capabilities.hashes for lv in live
+    )
 
 
 def _hashed_by_its_target(
