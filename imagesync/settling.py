@@ -69,15 +69,15 @@ def _settle_one(
         cancel_rest([lv])
         return False
     # finish the upload, verify what it stored, publish it or remove it
-    stored = finish(lv)
+    stored = _finish(lv)
     return (
         True
         if stored is None
-        else verify_and_publish(lv, stored, got, nbytes, cancel, lease_expired)
+        else _verify_and_publish(lv, stored, got, nbytes, cancel, lease_expired)
     )
 
 
-def finish(lv: Live) -> ImageRecord | None:
+def _finish(lv: Live) -> ImageRecord | None:
     """The target's unpublished record once it stored every byte; None when it failed (the
     target is failed and aborted)."""
     try:
@@ -87,7 +87,7 @@ def finish(lv: Live) -> ImageRecord | None:
         return None
 
 
-def verify_and_publish(
+def _verify_and_publish(
     lv: Live,
     stored: ImageRecord,
     got: Mapping[str, str],

@@ -66,8 +66,8 @@ from imagesync.model import (
 )
 from imagesync.reading import read_from
 from imagesync.retry import RetryPolicy
-from imagesync.settling import finish, settle_all, verify_and_publish
-from imagesync.sites.base import HashesWhatItIsHanded, Site
+from imagesync.settling import settle_all
+from imagesync.sites.base import Site
 from imagesync.uploads import (
     CopyResult,
     ErrorKind,
@@ -136,7 +136,7 @@ def _vouched_md5(source: Site, image: ImageRecord) -> str | None:
     that sha512 (``_source_problems``): the bytes read are then the ones the md5 is of. A
     target lacking sha512 (a plain VOSpace node) is still checked end to end: its service's
     md5 of what it stored must equal this md5 (sent as the upload's ``Digest``, and compared
-    in ``settling.verify_and_publish``). A source without sha512 (a legacy image) gets its
+    in ``settling``). A source without sha512 (a legacy image) gets its
     md5 computed, and so does one whose hashes are not all its own (a VOSpace node: its
     sha512 is a property, so its reads verify both).
     """
@@ -175,9 +175,8 @@ def _attempt(
     result.bytes_read = max(result.bytes_read, nbytes)
     if not fan.ready and fan.second is None:
         return results  # every target failed while the source was read
-    if lone:
-        _settle_self_hashed(fan.ready[0], image, version, nbytes, result, cancel, lease_expired)
-        return results
+    if lone:  # what the target says it was handed must be the version's bytes
+        got = {"sha512": _expected(image, version)["sha512"]}
     result.sha512 = got["sha512"]
     try:
         # 1. Did the source deliver the bytes it claims to hold?
@@ -301,46 +300,15 @@ def _md5_decides(image: ImageRecord, version: Version, live: Sequence[Live]) -> 
 def _hashed_by_its_target(
     live: Sequence[Live], image: ImageRecord, version: Version, need_md5: bool
 ) -> bool:
-    """True when the copy's one target hashes (sha512) every byte it is handed and the
-    version's sha512 is known: that target's digest then checks the source and the hand-over
-    at once, and the copy need not hash the same bytes a second time (~1.2 CPU s per GiB).
-    A compressed store is such a target (``sites.base.HashesWhatItIsHanded``): its service
-    vouches for the frame it stored, its writer for what the frame was made of."""
+    """True when the copy's one target hashes (sha512) every byte it is handed
+    (``capabilities.hashes_handed``: a compressed store, whose service vouches only for the
+    frame it stored) and the version's sha512 is known: the target's digest is then compared
+    with that sha512 where a read's digest would be (``settling``), which checks the source
+    and the hand-over at once, and the copy need not hash the same bytes a second time
+    (~1.2 CPU s per GiB)."""
     if len(live) != 1 or need_md5 or "sha512" not in _expected(image, version):
         return False
-    writer = live[0].writer
-    return isinstance(writer, HashesWhatItIsHanded) and writer.hashes_what_it_is_handed
-
-
-def _settle_self_hashed(
-    lv: Live,
-    image: ImageRecord,
-    version: Version,
-    nbytes: int,
-    result: CopyResult,
-    cancel: threading.Event | None,
-    lease_expired: Callable[[], bool] | None,
-) -> None:
-    """Settle the one target that hashed what it was handed: its digest must be the
-    version's (else nothing is published: the source or the hand-over changed a byte)."""
-    stored = finish(lv)
-    if stored is None:
-        return
-    claimed = stored.hashes.get("sha512")
-    got = {"sha512": claimed} if claimed else {}
-    problems = (
-        _source_problems(image, version, nbytes, got)
-        if claimed
-        else [f"{lv.site.name} claimed no sha512 of the bytes it was handed"]
-    )
-    if problems:
-        err = IntegrityError(f"{image.ref}: " + "; ".join(problems))
-        lv.remove(stored.id)
-        lv.result.error, lv.result.error_kind = str(err), ErrorKind.INTEGRITY
-        log_failed(lv.site.name, err, ErrorKind.INTEGRITY)
-        return
-    result.sha512 = claimed
-    verify_and_publish(lv, stored, got, nbytes, cancel, lease_expired)
+    return live[0].site.capabilities.hashes_handed
 
 
 def _source_problems(

@@ -51,17 +51,6 @@ class Writer(Protocol):
 
 
 @runtime_checkable
-class HashesWhatItIsHanded(Protocol):
-    """A writer that hashes (sha512) every byte it is handed, in order, and whose ``finish``
-    claims that digest only when what it stored is exactly those bytes (a compressed store:
-    its service vouches for the frame, the writer for what the frame was made of). A copy
-    whose one target this is need not hash its read as well (``imagesync.transfer``)."""
-
-    @property
-    def hashes_what_it_is_handed(self) -> bool: ...
-
-
-@runtime_checkable
 class Hiding(Protocol):
     """A site that can hide an image from default listings instead of deleting it."""
 
@@ -170,6 +159,11 @@ class Capabilities:
     #: read match its sha512, its md5 is the md5 of those bytes too, and a copy need not compute
     #: it (``transfer.py``). False where a hash is a claim (a VOSpace node's sha512 property)
     joint_hashes: bool = False
+    #: its writers hash (sha512) every byte they are handed, in order, and ``finish`` claims
+    #: that digest only when what the site stored is exactly those bytes (a compressed store:
+    #: its service vouches for the frame, the writer for what the frame was made of): a copy
+    #: whose one target it is need not hash its read as well (``transfer.py``)
+    hashes_handed: bool = False
     hide: Callable[[str], None] | None = None
     list_changed: Callable[[str], tuple[list[ImageRecord], str]] | None = None
     images_in_use: Callable[[], set[str] | None] | None = None
@@ -182,7 +176,12 @@ class Capabilities:
 
     @classmethod
     def fill(
-        cls, site: object, *, hashes: Iterable[str] = (), joint_hashes: bool = False
+        cls,
+        site: object,
+        *,
+        hashes: Iterable[str] = (),
+        joint_hashes: bool = False,
+        hashes_handed: bool = False,
     ) -> Capabilities:
         """The capabilities of ``site``, from the optional protocols it implements.
 
@@ -192,6 +191,7 @@ class Capabilities:
         return cls(
             hashes=frozenset(hashes),
             joint_hashes=joint_hashes,
+            hashes_handed=hashes_handed,
             hide=site.hide if isinstance(site, Hiding) else None,
             list_changed=site.list_changed if isinstance(site, ChangeListing) else None,
             images_in_use=site.images_in_use if isinstance(site, InUseReporting) else None,

@@ -155,8 +155,11 @@ class VOSpaceSite:
         )
         self._service: Service | None = None
         self._lock = threading.Lock()
+        # a compressed upload hashes the image it compresses (the service sees only the frame)
         self.capabilities = Capabilities.fill(
-            self, hashes=HASHES if compress is None else HASHES_COMPRESSED
+            self,
+            hashes=HASHES if compress is None else HASHES_COMPRESSED,
+            hashes_handed=compress is not None,
         )
 
     # -- HTTP -----------------------------------------------------------------------------

@@ -161,11 +161,6 @@ class VOSpaceWriter(QueuedUpload):
             site=self.site.name,
         )
 
-    @property
-    def hashes_what_it_is_handed(self) -> bool:
-        """A compressed upload hashes the image it is handed (sites.base.HashesWhatItIsHanded)."""
-        return self.body.sha512 is not None
-
     def write(self, chunk: bytes) -> None:
         self._put(chunk)
 
