@@ -80,6 +80,20 @@ class Scratch:
                 shutil.rmtree(path, ignore_errors=True)
             lock.close()
 
+    @contextlib.contextmanager
+    def spool(self, size: int) -> Iterator[Path | None]:
+        """A room holding ``size`` bytes for a copy's spool (``imagesync.spool``), or None
+        when the budget or the disk cannot give them: the copy then reads the source a second
+        time for the targets that fall behind, which needs no room."""
+        with self.room("a spool") as room:
+            try:
+                room.need(size, "a spool for the targets that fall behind")
+            except ConversionFailed as exc:
+                log.info("copy.no_spool", reason=str(exc), then="a second read of the source")
+                yield None
+            else:
+                yield room.path
+
     def _sweep(self) -> None:
         for old in self.directory.glob("convert-*"):
             try:

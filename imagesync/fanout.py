@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 
 import structlog
 
@@ -21,6 +21,7 @@ from imagesync.errors import Cancelled, SiteError, TransientError
 from imagesync.model import ImageRecord
 from imagesync.reading import read_from
 from imagesync.sites.base import Site
+from imagesync.spool import Spool
 from imagesync.uploads import (
     CopyResult,
     ErrorKind,
@@ -224,22 +225,22 @@ class Read:
 
 
 class SecondRead(Read):
-    """The read serving the targets that fell behind, in a thread of its own, from the offset
-    the first of them reached (0 for those known to be slow); others join it if it has not
-    passed their offset yet."""
+    """A read serving targets that fell behind, in a thread of its own: the second read of the
+    source, from the offset the first of them reached (0 for those known to be slow), which
+    others join if it has not passed their offset yet; or one target's own read of the spool
+    (``spooled``: it serves that target alone, at its pace)."""
 
-    def __init__(
-        self, source: Site, image: ImageRecord, fan: FanOut, first: Sequence[Feed]
-    ) -> None:
+    def __init__(self, fan: FanOut, first: Sequence[Feed], spooled: Spool | None = None) -> None:
         super().__init__(fan.tuning, fan.cancel, start=first[0].sent)
         self.start, self.t0 = first[0].sent, fan.tuning.clock()
-        self.source, self.image = source, image
+        self.source, self.image = fan.source, fan.image
+        self.spooled = spooled
         self.feeds.extend(first)
         self.note_paces = fan.note_paces
-        self.closed = False  # takes no more targets
+        self.closed = False  # takes no more targets (a spool's reader takes none)
         self.error: BaseException | None = None
         self.thread = threading.Thread(
-            target=self._run, args=(fan.count,), daemon=True, name=f"read-{source.name}"
+            target=self._run, args=(fan.count,), daemon=True, name=f"read-{first[0].live.site.name}"
         )
         self.thread.start()
 
@@ -250,13 +251,21 @@ class SecondRead(Read):
         now = self.tuning.clock()
         with self.lock:
             rate = (self.pos - self.start) / max(now - self.t0, 1e-3)
-            if self.closed or self.pos > feed.sent or feed.rate(now) > 2 * rate:
+            if self.spooled or self.closed or self.pos > feed.sent or feed.rate(now) > 2 * rate:
                 return False
             self.feeds.append(feed)
             return True
 
+    def _stream(self, count: Callable[[bool], None]) -> Generator[bytes, None, None]:
+        if self.spooled is None:
+            return read_from(self.source, self.image, self.pos, self.tuning, count)
+        return self.spooled.chunks(self.pos, self._stopping, self.tuning.tick)
+
+    def _stopping(self) -> bool:
+        return self.stopped.is_set() or (self.cancel is not None and self.cancel.is_set())
+
     def _run(self, count: Callable[[bool], None]) -> None:
-        stream = read_from(self.source, self.image, self.pos, self.tuning, count)
+        stream = self._stream(count)
         try:
             for chunk in stream:
                 check_cancel(self.cancel)
@@ -267,6 +276,7 @@ class SecondRead(Read):
                     if not self.feeds:  # every target on it failed
                         self.closed = True
                         return
+            check_cancel(self.cancel)  # a spool's reader returns early when cancelled
         except BaseException as exc:
             self.error = exc
         finally:
@@ -307,8 +317,10 @@ class SecondRead(Read):
 
 
 class FanOut:
-    """The targets of one attempt: those on the first read of the source, and the second read
-    that those which fell behind were detached onto (at most one: two reads per copy)."""
+    """The targets of one attempt: those on the first read of the source, and the reads that
+    those which fell behind were detached onto: each its own read of the spool when there is
+    room for one (``Tuning.spool_room``), else one second read of the source (two reads per
+    copy at most)."""
 
     def __init__(
         self,
@@ -324,26 +336,39 @@ class FanOut:
         self.result = result
         self.first = Read(tuning, cancel)
         self._feeds = [Feed(lv, tuning, cancel) for lv in live]  # detached ones too
-        self.second: SecondRead | None = None
+        self.second: SecondRead | None = None  # of the source
+        self.spooled: list[SecondRead] = []  # of the spool, one per target
+        self.spool: Spool | None = None
+        self._spool_tried = False  # a spool is opened at most once (it may get no room)
+        self._resources = contextlib.ExitStack()  # the spool's file and scratch room
+        self._at = 0  # offset of the chunk the first read is handing over
         self.ready: list[Live] = []  # set by end(): every byte written, from the first read
         self._count_lock = threading.Lock()
         self.progress = progress
         self._written = 0
         self._noted: set[Feed] = set()  # whose pace was told
-        # Known to be much slower than the others: on the second read from the start, so the
-        # others never wait for it (not even the grace it takes to see it fall behind).
+        # Known to be much slower than the others: on a read of their own from the start, so
+        # the others never wait for them (not even the grace it takes to see them fall behind).
         slow = set(
             tuning.paces.slower([lv.site.name for lv in live], tuning.slower_than)
             if tuning.paces is not None and len(live) > 1
             else []
         )
         self.first.feeds = [f for f in self._feeds if f.live.site.name not in slow]
-        if slow:
-            late = [f for f in self._feeds if f.live.site.name in slow]
-            self.second = SecondRead(source, image, self, late)
+        late = [f for f in self._feeds if f.live.site.name in slow]
+        if late and self._open_spool() is not None:
+            for f in late:
+                self._detach_to_spool(f, known_slow=True)
+        elif late:
+            self.second = SecondRead(self, late)
             for f in late:
                 result.detached.append(f.live.site.name)
                 log.info("copy.detached", site=f.live.site.name, offset=0, known_slow=True)
+
+    @property
+    def later(self) -> list[SecondRead]:
+        """The reads serving detached targets."""
+        return ([self.second] if self.second is not None else []) + self.spooled
 
     def pulse(self) -> None:
         """A sign of life while the reader waits for its targets: ``progress(0)`` when an upload
@@ -361,20 +386,58 @@ class FanOut:
 
     @property
     def busy(self) -> bool:
-        """Is any target still being served (the first read must go on, to hash for them)?"""
-        return bool(self.first.feeds) or (self.second is not None and not self.second.closed)
+        """Is any target still being served (the first read must go on, to hash for them and
+        fill the spool)?"""
+        return bool(self.first.feeds) or any(not r.closed for r in self.later)
 
     def hand(self, chunk: bytes) -> None:
+        self._at = self.first.pos
         self.first.hand(chunk, self._detach, self.pulse)
+        if self.spool is not None:  # after: a target detached meanwhile reads it from here
+            self.spool.append(chunk)
+
+    def _open_spool(self) -> Spool | None:
+        """The spool, from the chunk being handed over on (None: no room for it, see
+        ``Tuning.spool_room``; the image's size is unknown)."""
+        if self.spool is not None or self._spool_tried:
+            return self.spool
+        self._spool_tried = True
+        room = self.tuning.spool_room
+        if room is None or self.image.size is None:
+            return None
+        try:
+            where = self._resources.enter_context(room(self.image.size - self._at))
+            if where is None:
+                return None
+            self.spool = Spool(where, self._at)
+        except OSError as exc:  # the scratch directory cannot be made or written
+            log.warning("copy.no_spool", error=str(exc), then="a second read of the source")
+            return None
+        self._resources.callback(self.spool.close)
+        return self.spool
+
+    def _detach_to_spool(self, feed: Feed, known_slow: bool = False) -> None:
+        self.spooled.append(SecondRead(self, [feed], self.spool))
+        self.result.detached.append(feed.live.site.name)
+        log.info(
+            "copy.detached",
+            site=feed.live.site.name,
+            offset=feed.sent,
+            spool=True,
+            **({"known_slow": True} if known_slow else {}),
+        )
 
     def _detach(self, feed: Feed) -> bool:
+        if self._open_spool() is not None:
+            self._detach_to_spool(feed)  # its own read: every target keeps its own pace
+            return True
         if self.second is None:
             if any(f.written < feed.written for f in self.first.feeds):
                 # another is further behind: it is the one to move (a target merely slower
                 # than the fastest would take the second read and be held to the slowest's
                 # pace there when that one joins it)
                 return False
-            self.second = SecondRead(self.source, self.image, self, [feed])
+            self.second = SecondRead(self, [feed])
         elif not self.second.take(feed):
             return False  # the second read is past it: it stays on the first
         self.result.detached.append(feed.live.site.name)
@@ -382,12 +445,14 @@ class FanOut:
         return True
 
     def end(self) -> None:
+        if self.spool is not None:
+            self.spool.finish()
         self.ready = self.first.drain(self.pulse)
         self.note_paces()
 
     def note_paces(self) -> None:
         """Tell ``Tuning.paces`` how fast each target that has taken every byte took them
-        (once each: called when the first read and when the second read is over)."""
+        (once each: called when the first read and when each later read is over)."""
         paces = self.tuning.paces
         if paces is None:
             return
@@ -398,14 +463,35 @@ class FanOut:
             if f.written >= self.tuning.pace_min_bytes:
                 paces.note(f.live.site.name, f.written, f.done_at - f.began)
 
-    def stop_second(self) -> list[Live]:
-        """Stop the second read; the uploads it was writing (not aborted yet)."""
-        return self.second.stop() if self.second is not None else []
+    def finished_later(self) -> Iterator[list[Live]]:
+        """The targets each later read gave every byte to, as each read ends (a fast one's
+        need not wait for a slow one's), once the first read is over."""
+        pending = self.later
+        while pending:
+            done = next((r for r in pending if not r.thread.is_alive()), None)
+            if done is None:
+                pending[0].thread.join(timeout=self.tuning.tick)
+                self.pulse()
+                continue
+            pending.remove(done)
+            yield done.wait(self.pulse)
+
+    def stop_later(self) -> list[Live]:
+        """Stop the later reads; the uploads they were writing (not aborted yet)."""
+        return [lv for r in self.later for lv in r.stop()]
 
     def abort_all(self) -> list[Live]:
         """Give up: abort every upload still being written or waiting to be settled."""
-        live = self.first.stop_feeds() + self.ready + self.stop_second()
+        live = self.first.stop_feeds() + self.ready + self.stop_later()
         self.ready = []
         for lv in live:
             lv.abort()
         return live
+
+    def close(self) -> None:
+        """The attempt is over: stop any read still going (their targets were settled, or
+        are aborted by the caller) and remove the spool."""
+        for r in self.later:
+            r.stopped.set()
+            r.thread.join()
+        self._resources.close()

@@ -169,12 +169,31 @@ def _attempt(
     if not live:
         return results
     need_md5 = vouched is None and _md5_decides(image, version, live)
-    fan = FanOut(source, image, live, tuning or Tuning(), cancel, result, progress)
     lone = _hashed_by_its_target(live, image, version, need_md5)
-    nbytes, got = _stream(source, image, fan, progress, cancel, need_md5, hash_read=not lone)
+    fan = FanOut(source, image, live, tuning or Tuning(), cancel, result, progress)
+    try:
+        _settle_fan(fan, version, need_md5, vouched, lone, lease_expired)
+    finally:
+        fan.close()  # no read of the spool outlives the attempt
+    return results
+
+
+def _settle_fan(
+    fan: FanOut,
+    version: Version,
+    need_md5: bool,
+    vouched: str | None,
+    lone: bool,
+    lease_expired: Callable[[], bool] | None,
+) -> None:
+    """Read the source through ``fan`` (hashing it unless ``lone``: the one target hashes what
+    it is handed), then verify and publish (or remove) every target: those that got every byte
+    from the first read first, then each detached one as its read ends."""
+    source, image, result, cancel = fan.source, fan.image, fan.result, fan.cancel
+    nbytes, got = _stream(source, image, fan, fan.progress, cancel, need_md5, hash_read=not lone)
     result.bytes_read = max(result.bytes_read, nbytes)
-    if not fan.ready and fan.second is None:
-        return results  # every target failed while the source was read
+    if not fan.ready and not fan.later:
+        return  # every target failed while the source was read
     if lone:  # what the target says it was handed must be the version's bytes
         got = {"sha512": _expected(image, version)["sha512"]}
     result.sha512 = got["sha512"]
@@ -183,24 +202,24 @@ def _attempt(
         problems = _source_problems(image, version, nbytes, got)
         if problems:
             err = IntegrityError(f"{image.ref}: " + "; ".join(problems))
-            for lv in fan.ready + fan.stop_second():
+            for lv in fan.ready + fan.stop_later():
                 fail(lv, err, ErrorKind.INTEGRITY)
-            return results
+            return
         if vouched is not None:
             # the bytes read are the source's (their sha512 is its own): so is its md5
             got = {**got, "md5": vouched}
         # 2. Did each target store exactly these bytes? Then publish it: those that got every
-        # byte from the first read now, those detached once the second read has served them.
-        if not settle_all(fan.ready, got, nbytes, cancel, lease_expired):
-            cancel_rest(fan.stop_second())
-        elif fan.second is not None:
-            settle_all(fan.second.wait(fan.pulse), got, nbytes, cancel, lease_expired)
+        # byte from the first read now, each detached one once its read has served it.
+        settled = settle_all(fan.ready, got, nbytes, cancel, lease_expired)
+        for done in fan.finished_later() if settled else ():
+            if not settle_all(done, got, nbytes, cancel, lease_expired):
+                break
+        cancel_rest(fan.stop_later())  # none left, unless settling was cancelled
     except BaseException:
         # Ctrl-C (or a bug in the watcher) while settling: the detached targets still being
         # written wait for finish or abort (a Glance upload thread).
-        cancel_rest(fan.stop_second())
+        cancel_rest(fan.stop_later())
         raise
-    return results
 
 
 def _open_targets(

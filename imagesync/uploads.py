@@ -9,8 +9,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Protocol
 
 import structlog
@@ -111,6 +113,11 @@ class Tuning:
     #: another target has nothing left to write), counted only while it does, before it is
     #: detached onto the second read: the others wait about that long for it
     detach_after: float = 0.2
+    #: where a copy may keep a spool of its read (``imagesync.spool``), so that each target
+    #: that falls behind is served from local disk at its own pace: called with the bytes
+    #: needed, it gives a directory holding room for them, or None when there is none (the
+    #: copy then detaches onto one second read of the source). None: never spool.
+    spool_room: Callable[[int], AbstractContextManager[Path | None]] | None = None
     #: what the copy remembers of each target's speed (None: nothing): a target known to be
     #: ``slower_than`` times slower than the fastest other one starts on the second read
     paces: Paces | None = None

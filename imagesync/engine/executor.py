@@ -414,7 +414,8 @@ class Executor:
                 cancel=cancel,
                 watcher=Leases(self.state, copy.name, self.coordinator),
                 lease_expired=lease_expired,
-                tuning=self.tuning,
+                # a copy whose targets fall behind keeps its read in the scratch directory
+                tuning=dataclasses.replace(self.tuning, spool_room=self._scratch().spool),
                 plain_copy=copy_image,
             )
         except KeyboardInterrupt:
