@@ -1,10 +1,14 @@
 """The fan-out of one copy: one read of the source handed to N targets, each through a bounded
 queue of its own written by a thread of its own (``Feed``), so a slow target blocks only its
 queue. A target that falls behind (it held the reader back, its queue full while another
-target had nothing left to write, for ``Tuning.detach_after``: see ``Lag``) is *detached* onto
-a second read (``SecondRead``) from the offset it reached, shared by every target detached
-later: the source is read at most twice per copy. A target that ``Tuning.paces`` knows to be
-much slower than the others starts on the second read, from offset 0.
+target had nothing left to write, for ``Tuning.detach_after``: see ``Lag``) is *detached*:
+from then on the read is also written to a spool on local disk (``imagesync.spool``, in a
+room of the scratch directory, ``Tuning.spool_room``), and each detached target reads it from
+the offset it reached, at its own pace, by a reader of its own (``SecondRead`` over the
+spool): the source is read once. Without room for a spool, the detached targets share one
+second read of the source (``SecondRead`` over the source), from the offset the first of them
+reached: the source is read at most twice per copy. A target that ``Tuning.paces`` knows to
+be much slower than the others is detached from offset 0.
 ``imagesync.transfer`` drives it (hashing, verifying, publishing).
 """
 

@@ -6,9 +6,11 @@ and handed to every live target through a bounded queue of its own (a thread per
 from it), so memory does not grow with image size. A target that falls behind (it held the
 reader back, its queue full while another target had nothing to write, for
 ``Tuning.detach_after``; or ``Tuning.paces`` knows it to be much slower) is *detached*: it is served
-from then on by a second read of the source from the offset it reached (``Site.open(image,
-offset)``: Range), shared by every target detached later, so fast targets finish and publish at
-their own speed; the source is read at most twice per copy. A read that is cut mid-stream
+from then on, from the offset it reached, at its own pace, by a reader of its own of the copy's
+spool (the read kept on local disk, ``imagesync.spool``), so fast targets finish and publish at
+their own speed and the source is read once; without room for a spool, by a second read of the
+source (``Site.open(image, offset)``: Range) shared by every target detached later (two reads
+at most). A read that is cut mid-stream
 resumes from where it stopped (``Tuning.resumes`` times per read), after checking that the
 source is still the same image (size, hashes, version), while the uploads keep streaming from
 their queues. When the stream ends the digests are compared with everything the source claimed (its
@@ -19,8 +21,8 @@ verified copies are published, with the provenance marks (``imagesync.origin``,
 
 Transient failures are retried with the shared policy (``retry.py``): a failed target alone
 is re-sent from a fresh read of the source; a source read that failed beyond its resumes
-retries every target it served. The bytes a detached target got from the second read are not
-hashed again: what it stored is compared with the digests of the first, whole read.
+retries every target it served. The bytes a detached target got from the spool or the second read
+are not hashed again: what it stored is compared with the digests of the first, whole read.
 
 One target never takes the others down: any exception a target's site raises while creating,
 writing, finishing or publishing (a ``SiteError``, or a bug outside the hierarchy, which counts

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from imagesync.convert_scratch import Scratch
 from imagesync.lab import LabInfo
 from imagesync.model import ImageRecord
 from imagesync.sites import open_site
@@ -46,7 +47,11 @@ class _Published:
 
 
 def _copy(
-    sites: dict[str, Site], name: str, targets: list[str], watcher: _Published | None = None
+    sites: dict[str, Site],
+    name: str,
+    targets: list[str],
+    watcher: _Published | None = None,
+    spool: Scratch | None = None,
 ) -> tuple[ImageRecord, CopyResult]:
     (rec,) = sites["lab1"].list_images(name)
     new = new_image_for(rec, rec.version, "private")
@@ -55,7 +60,7 @@ def _copy(
         rec,
         [(sites[t], new) for t in targets],
         watcher=watcher,
-        tuning=Tuning(detach_after=0.3),
+        tuning=Tuning(detach_after=0.3, spool_room=spool.spool if spool else None),
     )
     return rec, result
 
@@ -81,6 +86,35 @@ def test_a_throttled_cloud_holds_no_fast_target_back(lab: LabInfo, tmp_path: Pat
         (copy,) = images_named(lab, cloud, name)
         assert copy["os_hash_value"] == sha512(data) and not copy["os_hidden"]
     assert sha512(stored_bytes(tmp_path / "store", name)) == sha512(data)
+
+
+def test_with_a_spool_two_throttled_clouds_keep_their_own_paces_from_one_download(
+    lab: LabInfo, tmp_path: Path
+) -> None:
+    """Two clouds behind links of different speeds: each is served from the copy's spool at
+    its own pace (the faster publishes first though listed last), and lab1 is read once."""
+    name, data, _ = random_image(lab, "spooled", 16 * MB)
+    scratch = Scratch(tmp_path / "scratch", max_size=64 * MB)
+    with proxied(lab, "lab2") as (slow, lab2), proxied(lab, "lab3") as (mid, lab3):
+        slow.plan.upload_rate = 2 * MB  # ~8 s
+        mid.plan.upload_rate = 5 * MB  # ~3 s
+        config = make_config(lab, tmp_path, name, overrides={"lab2": lab2, "lab3": lab3})
+        sites = {n: open_site(config, n) for n in ("lab1", "lab2", "lab3", "archive")}
+        watcher = _Published()
+        try:
+            _, result = _copy(sites, name, ["lab2", "lab3", "archive"], watcher, scratch)
+        finally:
+            for s in sites.values():
+                s.close()
+    assert result.ok, [t.error for t in result.targets]
+    assert watcher.order == ["archive", "lab3", "lab2"]
+    assert sorted(result.detached) == ["lab2", "lab3"]
+    assert result.reads == 1 and result.resumes == 0  # one download for three paces
+    for cloud in ("lab2", "lab3"):
+        (copy,) = images_named(lab, cloud, name)
+        assert copy["os_hash_value"] == sha512(data) and not copy["os_hidden"]
+    assert sha512(stored_bytes(tmp_path / "store", name)) == sha512(data)
+    assert [p.name for p in (tmp_path / "scratch").iterdir()] == [".budget.lock"]
 
 
 @pytest.mark.parametrize("cuts", [(0.5,), (0.5, 0.9)], ids=["cut-50", "cut-50-90"])
