@@ -41,7 +41,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, InitVar, dataclass, field
 from typing import Any, Protocol
 
 import structlog
@@ -205,38 +205,42 @@ class CoordinationStatus:
         }
 
 
+@dataclass(eq=False, repr=False)
 class Coordinator:
-    """One member's connection to the coordination service (see the module docstring)."""
+    """One member's connection to the coordination service (see the module docstring).
 
-    def __init__(
-        self,
-        cfg: CoordinationConfig,
-        member_id: str,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        driver: Any = None,
-        instance_id: str | None = None,
-    ) -> None:
-        self.cfg = cfg
-        self.member_id = member_id
-        #: the state_dir's instance id, which upload markers name (engine.marker)
-        self.instance_id = instance_id
-        self.clock = clock
-        self._driver = driver  # a tooz coordinator (tests may pass their own)
-        self._partitioner: Any = None
-        self._joined = False
-        self._started = False
-        self._last_ok: float | None = None
-        self._members: list[str] = []
-        #: how many names each member drives, as the last :meth:`drives` computed
-        self._shares: dict[str, int] = {}
-        self._held: dict[tuple[str, str], Any] = {}
-        self._mutex = threading.Lock()
-        self._stop = threading.Event()
-        self._heart: threading.Thread | None = None
-        self.calls = 0
-        self.group = cfg.group.encode()
-        self.lease = lease_of(cfg)
+    Its state is declared here, the constructor's arguments first. A service object, not a
+    value: compared by identity, and no generated repr (``cfg`` holds the service's URL,
+    credentials and all)."""
+
+    cfg: CoordinationConfig
+    member_id: str
+    _: KW_ONLY
+    clock: Callable[[], float] = time.monotonic
+    #: a tooz coordinator (tests pass their own); None: :meth:`start` makes one from ``cfg``
+    driver: InitVar[Any] = None
+    #: the state_dir's instance id, which upload markers name (engine.marker)
+    instance_id: str | None = None
+    calls: int = field(default=0, init=False)  # calls to the service since start
+    group: bytes = field(init=False)  # the tooz group, from ``cfg``
+    lease: float = field(init=False)  # the TTL that holds (:func:`lease_of`)
+    _driver: Any = field(init=False)
+    _partitioner: Any = field(default=None, init=False)
+    _joined: bool = field(default=False, init=False)
+    _started: bool = field(default=False, init=False)
+    _last_ok: float | None = field(default=None, init=False)
+    _members: list[str] = field(default_factory=list, init=False)
+    #: how many names each member drives, as the last :meth:`drives` computed
+    _shares: dict[str, int] = field(default_factory=dict, init=False)
+    _held: dict[tuple[str, str], Any] = field(default_factory=dict, init=False)
+    _mutex: threading.Lock = field(default_factory=threading.Lock, init=False)
+    _stop: threading.Event = field(default_factory=threading.Event, init=False)
+    _heart: threading.Thread | None = field(default=None, init=False)
+
+    def __post_init__(self, driver: Any) -> None:
+        self._driver = driver
+        self.group = self.cfg.group.encode()
+        self.lease = lease_of(self.cfg)
 
     # -- life --------------------------------------------------------------------------------
     def start(self, *, join: bool = True) -> None:

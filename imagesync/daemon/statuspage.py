@@ -233,7 +233,7 @@ def _matrix(doc: Mapping[str, Any]) -> str:
             _cell(name, s, cells[s], newest) if s in cells else f'<td data-site="{e(s)}"></td>'
             for s in sites
         )
-        rows.append(f'<tr data-name="{e(name)}">{first}{row}</tr>')
+        rows.append(_tr(first, row, name=name))
     legend = "".join(
         f'<span class="s-{e(state)}" title="{e(why)}">{e(label)}</span>'
         for state, label, why in STATES
@@ -243,6 +243,24 @@ def _matrix(doc: Mapping[str, Any]) -> str:
 
 def _th(*labels: str) -> str:
     return "".join(f"<th>{label}</th>" for label in labels)
+
+
+def _td(html: str, cls: str | None = None) -> str:
+    """One cell holding ``html``: markup the caller built, every outside value in it already
+    escaped (a cell is often more than one value: a span, an arrow, a unit)."""
+    return f'<td class="{cls}">{html}</td>' if cls else f"<td>{html}</td>"
+
+
+def _tr(*cells: str, **data: object) -> str:
+    """One row of ``cells``; each keyword a ``data-`` attribute (``name=x`` gives
+    ``data-name="x"``, escaped), what the script and the tests find the row by."""
+    attrs = "".join(f' data-{key}="{e(value)}"' for key, value in data.items())
+    return f"<tr{attrs}>{''.join(cells)}</tr>"
+
+
+def _id_span(image_id: object) -> str:
+    """An image id cut short, the whole of it in the title."""
+    return f'<span class="mono" title="{e(image_id)}">{e(short_id(image_id))}</span>'
 
 
 def _table(table_id: str, head: str, rows: Iterable[str]) -> str:
@@ -271,12 +289,14 @@ def _flight_row(f: Mapping[str, Any]) -> str:
     pct = min(100.0, 100.0 * done / size) if size else None
     # <progress>, not a div with a style attribute: the CSP allows no inline style
     bar = f'<progress max="100" value="{pct:.0f}"></progress> {pct:.0f}%' if pct is not None else ""
-    return (
-        f'<tr data-name="{e(f["name"])}"><td>{e(f["name"])}</td>'
-        f'<td class="mono">{e(short_time(f["version"]))}</td>'
-        f"<td>{e(f['source'])} → {e(', '.join(f['targets']))}</td>"
-        f"<td>{bar}</td><td>{e(human_size(done))} of {e(human_size(size))}</td>"
-        f"<td>{e(_duration(float(f.get('seconds') or 0)))}</td></tr>"
+    return _tr(
+        _td(e(f["name"])),
+        _td(e(short_time(f["version"])), "mono"),
+        _td(f"{e(f['source'])} → {e(', '.join(f['targets']))}"),
+        _td(bar),
+        _td(f"{e(human_size(done))} of {e(human_size(size))}"),
+        _td(e(_duration(float(f.get("seconds") or 0)))),
+        name=f["name"],
     )
 
 
@@ -286,39 +306,43 @@ def _in_flight(doc: Mapping[str, Any]) -> str:
     return _table_of("in-flight", labels, doc.get("in_flight", []), _flight_row, empty)
 
 
+def _quarantined_row(q: Mapping[str, Any]) -> str:
+    hidden = " (hidden)" if q.get("hidden") else ""
+    return _tr(
+        _td(e(q["name"])),
+        _td(f"{e(q['site'])}:{_id_span(q['image_id'])}{hidden}"),
+        _td(e(short_time(q.get("version"))), "mono"),
+        _td(e(q.get("reason")), "bad"),
+        name=q["name"],
+        site=q["site"],
+    )
+
+
+def _save_row(s: Mapping[str, Any]) -> str:
+    outcome = e(s.get("state"))
+    if s.get("image_id"):
+        outcome += " " + e(s["image_id"])
+    for part in ("saving", "error"):
+        if s.get(part):
+            outcome += ": " + e(s[part])
+    return _tr(
+        _td(e(s.get("cloud"))),
+        _td(e(s.get("server_name"))),
+        _td(e(s.get("name"))),
+        _td(outcome, "bad" if s.get("error") else "ok"),
+        server=s.get("server"),
+    )
+
+
 def _held(doc: Mapping[str, Any]) -> str:
     """The quarantined versions (a failed boot test) and what the last pass's save on
     shutdown found for each marked server."""
-    quarantined = [
-        f'<tr data-name="{e(q["name"])}" data-site="{e(q["site"])}"><td>{e(q["name"])}</td>'
-        f'<td>{e(q["site"])}:<span class="mono" title="{e(q["image_id"])}">'
-        f"{e(short_id(q['image_id']))}</span>{' (hidden)' if q.get('hidden') else ''}</td>"
-        f'<td class="mono">{e(short_time(q.get("version")))}</td>'
-        f'<td class="bad">{e(q.get("reason"))}</td></tr>'
-        for q in doc.get("quarantined", [])
-    ]
-    saves = [
-        f'<tr data-server="{e(s.get("server"))}"><td>{e(s.get("cloud"))}</td>'
-        f"<td>{e(s.get('server_name'))}</td><td>{e(s.get('name'))}</td>"
-        f'<td class="{"bad" if s.get("error") else "ok"}">{e(s.get("state"))}'
-        f"{' ' + e(s.get('image_id')) if s.get('image_id') else ''}"
-        f"{': ' + e(s.get('saving')) if s.get('saving') else ''}"
-        f"{': ' + e(s.get('error')) if s.get('error') else ''}</td></tr>"
-        for s in doc.get("saves", [])
-    ]
-    out = (
-        '<table id="quarantined"><thead><tr><th>quarantined</th><th>image</th><th>version</th>'
-        f"<th>why</th></tr></thead><tbody>{''.join(quarantined)}</tbody></table>"
-        if quarantined
-        else '<p class="muted" id="no-quarantine">no version quarantined</p>'
-    )
-    out += (
-        '<table id="saves"><thead><tr><th>cloud</th><th>server</th><th>save as</th>'
-        f"<th>last pass</th></tr></thead><tbody>{''.join(saves)}</tbody></table>"
-        if saves
-        else '<p class="muted" id="no-saves">no server marked for save on shutdown</p>'
-    )
-    return out
+    labels = ("quarantined", "image", "version", "why")
+    empty = '<p class="muted" id="no-quarantine">no version quarantined</p>'
+    out = _table_of("quarantined", labels, doc.get("quarantined", []), _quarantined_row, empty)
+    labels = ("cloud", "server", "save as", "last pass")
+    empty = '<p class="muted" id="no-saves">no server marked for save on shutdown</p>'
+    return out + _table_of("saves", labels, doc.get("saves", []), _save_row, empty)
 
 
 def _sites(doc: Mapping[str, Any], now: datetime | None) -> str:
@@ -330,10 +354,8 @@ def _sites(doc: Mapping[str, Any], now: datetime | None) -> str:
             health = f'<span class="ok">reachable</span> ({e(s.get("images"))} listed)'
         else:
             health = f'<span class="bad">unreachable</span>: {e(s.get("error"))}'
-        rows.append(
-            f'<tr data-site="{e(site)}"><td>{e(site)}</td><td>{e(s.get("kind"))}</td>'
-            f"<td>{health}</td><td>{_when(s.get('last_listed'), now)}</td></tr>"
-        )
+        when = _when(s.get("last_listed"), now)
+        rows.append(_tr(_td(e(site)), _td(e(s.get("kind"))), _td(health), _td(when), site=site))
     return _table("sites", _th("site", "kind", "health", "last successful listing"), rows)
 
 
@@ -353,26 +375,32 @@ def _coordination(doc: Mapping[str, Any]) -> str:
     total = sum(drives.values())
     me = c.get("member_id")
     members = [
-        f'<tr data-member="{e(m)}"><td class="mono">{e(m)}{" (this daemon)" if m == me else ""}'
-        f"</td><td>{e(drives.get(m, 0))} of {e(total)} names</td></tr>"
+        _tr(
+            _td(e(m) + (" (this daemon)" if m == me else ""), "mono"),
+            _td(f"{e(drives.get(m, 0))} of {e(total)} names"),
+            member=m,
+        )
         for m in c.get("members") or []
     ]
-    uploads = [
-        f'<tr data-site="{e(u.get("site"))}"><td>{e(u.get("name"))}</td><td>{e(u.get("site"))}:'
-        f'<span class="mono" title="{e(u.get("image_id"))}">{e(short_id(u.get("image_id")))}'
-        f'</span></td><td class="mono">{e(u.get("member"))}</td></tr>'
-        for u in c.get("uploads") or []
-    ]
-    out = (
+    labels = ("uploading", "to", "by member")
+    empty = '<p class="muted" id="no-group-uploads">no upload in flight in the group</p>'
+    uploads = _table_of("group-uploads", labels, c.get("uploads") or [], _upload_row, empty)
+    return (
+        "<section><h2>Coordination</h2>"
         f'<p id="coordination-health">{e(c.get("url"))} · this daemon {e(me)}: {health} · '
         f"last answer {e(c.get('last_ok_seconds_ago'))}s ago · {e(c.get('calls'))} calls</p>"
-        + _table("members", _th("member", "drives"), members)
+        f"{_table('members', _th('member', 'drives'), members)}{uploads}</section>"
     )
-    if uploads:
-        out += _table("group-uploads", _th("uploading", "to", "by member"), uploads)
-    else:
-        out += '<p class="muted" id="no-group-uploads">no upload in flight in the group</p>'
-    return f"<section><h2>Coordination</h2>{out}</section>"
+
+
+def _upload_row(u: Mapping[str, Any]) -> str:
+    """Another member's (or this one's) upload in flight, as its lease in the group says."""
+    return _tr(
+        _td(e(u.get("name"))),
+        _td(f"{e(u.get('site'))}:{_id_span(u.get('image_id'))}"),
+        _td(e(u.get("member")), "mono"),
+        site=u.get("site"),
+    )
 
 
 def _last_pass(doc: Mapping[str, Any], now: datetime | None) -> str:
@@ -397,11 +425,13 @@ def _history_row(r: Mapping[str, Any]) -> str:
         result += f" {e(r['error'])}"
     size = human_size(r["bytes"]) if r.get("bytes") is not None else ""
     secs = f"{r['seconds']:.1f}s" if isinstance(r.get("seconds"), int | float) else ""
-    return (
-        f'<tr><td class="mono">{e(short_time(r.get("started")))}</td>'
-        f"<td>{e(r.get('name'))}</td>"
-        f"<td>{e(_ref(r.get('source')))} → {e(r.get('target'))}</td><td>{result}</td>"
-        f"<td>{e(size)}</td><td>{e(secs)}</td></tr>"
+    return _tr(
+        _td(e(short_time(r.get("started"))), "mono"),
+        _td(e(r.get("name"))),
+        _td(f"{e(_ref(r.get('source')))} → {e(r.get('target'))}"),
+        _td(result),
+        _td(e(size)),
+        _td(e(secs)),
     )
 
 

@@ -93,15 +93,12 @@ class Engine:
         return self._with_state({site_name: inv})[site_name]
 
     def inventories(
-        self,
-        sites: Sequence[str] | None = None,
-        name: str | None = None,
-        *,
-        incremental: bool = False,
+        self, *, name: str | None = None, incremental: bool = False
     ) -> dict[str, SiteInventory]:
         """List every site concurrently. Never changes anything (see ``recover``); notes in
-        the state database when each version was first seen."""
-        return self._with_state(self.inventory_room.all(sites, name, incremental=incremental))
+        the state database when each version was first seen. (Only the inventory room lists a
+        subset of the sites: nothing above the engine has needed one.)"""
+        return self._with_state(self.inventory_room.all(None, name, incremental=incremental))
 
     def _with_state(self, inventories: Mapping[str, SiteInventory]) -> dict[str, SiteInventory]:
         """The inventories with what imagesync made there and when it first saw each version

@@ -247,7 +247,7 @@ def _engine(tmp_path: Path, sites: dict[str, MemorySite], **rule: Any) -> Engine
 
 
 def _pass(engine: Engine) -> None:
-    inventories = engine.recover(engine.inventories(engine.site_names))
+    inventories = engine.recover(engine.inventories())
     engine.execute(plan(engine.rules, inventories, engine.site_names))
 
 
@@ -417,7 +417,7 @@ def test_a_copy_whose_source_fails_is_in_history(tmp_path: Path) -> None:
     src, dst = MemorySite("c1"), MemorySite("c2")
     src.add("img-a", b"x" * 100)
     engine = _engine(tmp_path, {"c1": src, "c2": dst})
-    inventories = engine.inventories(engine.site_names)
+    inventories = engine.inventories()
 
     def gone(op: str, image_id: str | None) -> None:
         if op == "get_image":
@@ -434,7 +434,7 @@ def test_an_interrupted_copy_is_in_history_and_leaves_nothing(tmp_path: Path) ->
     src, dst = MemorySite("c1"), MemorySite("c2")
     src.add("img-a", os.urandom(300_000))
     engine = _engine(tmp_path, {"c1": src, "c2": dst})
-    p = plan(engine.rules, engine.inventories(engine.site_names), engine.site_names)
+    p = plan(engine.rules, engine.inventories(), engine.site_names)
     screen = io.StringIO()
 
     class CtrlC(ProgressBar):

@@ -215,7 +215,7 @@ def test_through_the_engine_a_converted_copy_is_current_and_retention_works(
     engine = Engine(config, sites=sites)
 
     def one_pass() -> None:
-        p = plan(engine.rules, engine.recover(engine.inventories(engine.site_names)), ["c1", "c2"])
+        p = plan(engine.rules, engine.recover(engine.inventories()), ["c1", "c2"])
         results = engine.execute(p)
         assert all(r.ok for r in results), results
         engine.record(p.assessments, results)

@@ -589,6 +589,7 @@ def test_the_coordination_url_never_shows_its_credentials(tmp_path: Path) -> Non
     assert "s3cretpw" not in str(exc.value)
     c = Coordinator(CoordinationConfig(url="etcd3+http://u:s3cretpw@127.0.0.1:1"), "m")
     assert "s3cretpw" not in repr(c.status().as_dict())
+    assert "s3cretpw" not in repr(c)  # a dataclass, but with no generated repr (cfg has the URL)
 
 
 def test_a_lab_with_etcd_names_it_in_its_config_and_remembers_it(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ def make(
 
 
 def one_pass(engine: Engine, names: list[str]):  # type: ignore[no-untyped-def]
-    inventories = engine.recover(engine.inventories(engine.site_names))
+    inventories = engine.recover(engine.inventories())
     p = plan(engine.rules, inventories, engine.site_names)
     return p, engine.execute(p)
 
@@ -55,7 +55,7 @@ def test_a_held_lock_prevents_a_second_copy(tmp_path: Path) -> None:
 def test_copy_found_current_under_the_lock_is_not_repeated(tmp_path: Path) -> None:
     engine, sites = make(tmp_path, n=2)
     sites["c1"].add("img-a", b"x" * 100)
-    inventories = engine.inventories(["c1", "c2"])
+    inventories = engine.inventories()
     p = plan(engine.rules, inventories, ["c1", "c2"])
     one_pass(engine, ["img-a"])  # someone else completes the copy after we planned
     results = engine.execute(p)
