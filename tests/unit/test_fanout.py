@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 from imagesync.errors import TransientError
 from imagesync.fanout import FanOut, Lag
@@ -18,7 +19,7 @@ from imagesync.model import ImageRecord
 from imagesync.retry import RetryPolicy
 from imagesync.sites.memory import Faults, MemorySite
 from imagesync.transfer import CopyResult, Tuning, copy_image, new_image_for
-from imagesync.uploads import Live, NoWatcher, Paces, TargetResult
+from imagesync.uploads import Live, NoWatcher, Paces, TargetResult, UploadWatcher
 
 DATA = os.urandom(250_000)  # 250 chunks of the memory site's 1000 bytes
 FAST = RetryPolicy(attempts=3, base=0.0, cap=0.0)
@@ -87,20 +88,23 @@ def _held(name: str, after_chunks: int, gate: threading.Event) -> MemorySite:
 def _copy(
     src: MemorySite,
     targets: list[MemorySite],
-    watcher: _Order | None = None,
+    watcher: UploadWatcher | None = None,
     tuning: Tuning = QUICK,
-    **kw: object,
+    **kw: Any,
 ) -> tuple[ImageRecord, CopyResult]:
+    """DATA as an image on ``src``, copied to ``targets``; ``kw``: copy_image's other keywords
+    (``policy`` is FAST unless given)."""
     rec = src.add("img", DATA)
     new = new_image_for(rec, rec.version, "private")
+    kw.setdefault("policy", FAST)
     result = copy_image(
         src,
         rec,
         [(t, new) for t in targets],
-        policy=kw.pop("policy", FAST),  # type: ignore[arg-type]
         sleep=lambda s: None,
         watcher=watcher,
         tuning=tuning,
+        **kw,
     )
     return rec, result
 

@@ -20,8 +20,9 @@ import pytest
 from imagesync.convert_scratch import Scratch
 from imagesync.sites.memory import Faults, MemorySite
 from imagesync.spool import Spool, SpoolFailed
-from imagesync.transfer import CopyResult, Tuning, copy_image, new_image_for
-from tests.unit.test_fanout import DATA, FAST, HOLD, _holds, _Source
+from imagesync.transfer import CopyResult, Tuning
+from tests.unit.test_fanout import DATA, HOLD, _holds, _Source
+from tests.unit.test_fanout import _copy as copy
 
 Room = Callable[[int], contextlib.AbstractContextManager[Path | None]]
 
@@ -79,18 +80,8 @@ def _copy(
     room: Room,
     cancel: threading.Event | None = None,
 ) -> CopyResult:
-    rec = src.add("img", DATA)
-    new = new_image_for(rec, rec.version, "private")
-    return copy_image(
-        src,
-        rec,
-        [(t, new) for t in targets],
-        policy=FAST,
-        sleep=lambda s: None,
-        watcher=watcher,
-        cancel=cancel,
-        tuning=Tuning(queue_chunks=2, detach_after=0.01, tick=0.002, spool_room=room),
-    )
+    tuning = Tuning(queue_chunks=2, detach_after=0.01, tick=0.002, spool_room=room)
+    return copy(src, targets, watcher, tuning, cancel=cancel)[1]
 
 
 def test_each_target_behind_keeps_its_own_pace_and_the_source_is_read_once(
