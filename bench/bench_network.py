@@ -147,7 +147,7 @@ class Bench:
         self.work = work
         self.glance = {c.name: Glance(info, c.name) for c in info.clouds}
         self.env = {"OS_CLIENT_CONFIG_FILE": str(info.clouds_yaml), "PYTHONUNBUFFERED": "1"}
-        self.proxies = {c: FaultProxy(self._port(c)) for c in ("lab1", "lab3")}
+        self.proxies = {c: FaultProxy(self._port(c)) for c in ("lab1", "lab2", "lab3")}
 
     def _port(self, cloud: str) -> int:
         port = urlparse(self.info.cloud(cloud).glance_url).port
@@ -253,14 +253,17 @@ def load() -> str:
     return Path("/proc/loadavg").read_text().split()[0]
 
 
-def fanout(bench: Bench, src: dict[str, Any], contenders: Any, n: int) -> dict[str, Any]:
-    lab3 = bench.proxies["lab3"]
-    lab3.plan.upload_rate = 0.0
-    solo = bench.push(src, ["lab2"], None, set())  # calibrate: lab2's solo speed
+def fanout(
+    bench: Bench, src: dict[str, Any], contenders: Any, n: int, fast_link: float = 0.0
+) -> dict[str, Any]:
+    """``fast_link``: lab2's uploads capped at that many bytes/s (0: loopback speed)."""
+    lab2, lab3 = bench.proxies["lab2"], bench.proxies["lab3"]
+    lab2.plan.upload_rate, lab3.plan.upload_rate = fast_link, 0.0
+    slow = {"lab2", "lab3"} if fast_link else {"lab3"}
+    solo = bench.push(src, ["lab2"], None, slow)  # calibrate: lab2's solo speed
     rate = src["size"] / solo.published["lab2"] / 5
     lab3.plan.upload_rate = rate
     say(f"  lab2 solo {solo.published['lab2']:.1f}s: lab3 capped at {rate / MiB:.1f} MiB/s")
-    slow = {"lab3"}
     runs: dict[str, Callable[..., Push]] = {
         "solo-archive": lambda tree: bench.push(src, [STORE], tree, slow),
         "solo-lab2": lambda tree: bench.push(src, ["lab2"], tree, slow),
@@ -269,7 +272,7 @@ def fanout(bench: Bench, src: dict[str, Any], contenders: Any, n: int) -> dict[s
         "pair": lambda tree: bench.push(src, [STORE, "lab2"], tree, slow),
     }
     res = rounds(n, contenders, runs)
-    summary: dict[str, Any] = {"cap_mib_s": rate / MiB}
+    summary: dict[str, Any] = {"cap_mib_s": rate / MiB, "lab2_cap_mib_s": fast_link / MiB}
     for label, by in res.items():
         ratios = {
             t: median(
@@ -344,6 +347,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--lab-dir", type=Path, help="a running lab there is reused and left running")
     p.add_argument("--fanout-mb", type=int, default=200, help="fan-out image size, MiB")
+    p.add_argument(
+        "--fast-link-mb",
+        type=float,
+        default=0.0,
+        help="cap lab2's link at this many MiB/s in the fan-out (a fast WAN link; lab3 then gets "
+        "1/5 of lab2's capped speed); default: lab2 at loopback speed",
+    )
     p.add_argument("--cut-mb", type=int, default=1024, help="cut-read image size, MiB")
     p.add_argument("--repeat", type=int, default=3, help="rounds per scenario")
     p.add_argument("--only", action="append", choices=["fanout", "cut"])
@@ -364,8 +374,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 only = args.only or ["fanout", "cut"]
                 if "fanout" in only:
                     src = ensure_source(bench.glance["lab1"], args.fanout_mb * MiB, say)
-                    say(f"fan-out {args.fanout_mb} MiB lab1 → store, lab2, lab3 (1/5 speed)")
-                    results["fanout"] = fanout(bench, src, contenders, args.repeat)
+                    link = f" (capped at {args.fast_link_mb} MiB/s)" if args.fast_link_mb else ""
+                    say(f"fan-out {args.fanout_mb} MiB lab1 → store, lab2{link}, lab3 (1/5 speed)")
+                    fast_link = args.fast_link_mb * MiB
+                    results["fanout"] = fanout(bench, src, contenders, args.repeat, fast_link)
                 if "cut" in only:
                     src = ensure_source(bench.glance["lab1"], args.cut_mb * MiB, say)
                     say(f"cut read {args.cut_mb} MiB lab1 → lab2, cut at 50% and 90%")

@@ -4,9 +4,9 @@ queue. A target that falls behind (it held the reader back, its queue full while
 target had nothing left to write, for ``Tuning.detach_after``: see ``Lag``) is *detached*:
 from then on the read is also written to a spool on local disk (``imagesync.spool``, in a
 room of the scratch directory, ``Tuning.spool_room``), and each detached target reads it from
-the offset it reached, at its own pace, by a reader of its own (``SecondRead`` over the
+the offset it reached, at its own pace, by a reader of its own (``LaterRead`` over the
 spool): the source is read once. Without room for a spool, the detached targets share one
-second read of the source (``SecondRead`` over the source), from the offset the first of them
+second read of the source (``LaterRead`` over the source), from the offset the first of them
 reached: the source is read at most twice per copy. A target that ``Tuning.paces`` knows to
 be much slower than the others is detached from offset 0.
 ``imagesync.transfer`` drives it (hashing, verifying, publishing).
@@ -200,7 +200,7 @@ class Read:
                 raise Stopped
             if detach is None:
                 continue
-            if feed.full_since is None:  # its rate from here on (SecondRead.take)
+            if feed.full_since is None:  # its rate from here on (LaterRead.take)
                 feed.full_since, feed.written_then = self.tuning.clock(), feed.written
             starved = any(f.q.empty() for f in self.feeds if f is not feed)
             if self.lag.waited(feed, starved) and detach(feed):
@@ -228,7 +228,7 @@ class Read:
         return [f.live for f in feeds]
 
 
-class SecondRead(Read):
+class LaterRead(Read):
     """A read serving targets that fell behind, in a thread of its own: the second read of the
     source, from the offset the first of them reached (0 for those known to be slow), which
     others join if it has not passed their offset yet; or one target's own read of the spool
@@ -340,8 +340,8 @@ class FanOut:
         self.result = result
         self.first = Read(tuning, cancel)
         self._feeds = [Feed(lv, tuning, cancel) for lv in live]  # detached ones too
-        self.second: SecondRead | None = None  # of the source
-        self.spooled: list[SecondRead] = []  # of the spool, one per target
+        self.second: LaterRead | None = None  # of the source
+        self.spooled: list[LaterRead] = []  # of the spool, one per target
         self.spool: Spool | None = None
         self._spool_tried = False  # a spool is opened at most once (it may get no room)
         self._resources = contextlib.ExitStack()  # the spool's file and scratch room
@@ -364,13 +364,13 @@ class FanOut:
             for f in late:
                 self._detach_to_spool(f, known_slow=True)
         elif late:
-            self.second = SecondRead(self, late)
+            self.second = LaterRead(self, late)
             for f in late:
                 result.detached.append(f.live.site.name)
                 log.info("copy.detached", site=f.live.site.name, offset=0, known_slow=True)
 
     @property
-    def later(self) -> list[SecondRead]:
+    def later(self) -> list[LaterRead]:
         """The reads serving detached targets."""
         return ([self.second] if self.second is not None else []) + self.spooled
 
@@ -421,7 +421,7 @@ class FanOut:
         return self.spool
 
     def _detach_to_spool(self, feed: Feed, known_slow: bool = False) -> None:
-        self.spooled.append(SecondRead(self, [feed], self.spool))
+        self.spooled.append(LaterRead(self, [feed], self.spool))
         self.result.detached.append(feed.live.site.name)
         log.info(
             "copy.detached",
@@ -441,7 +441,7 @@ class FanOut:
                 # than the fastest would take the second read and be held to the slowest's
                 # pace there when that one joins it)
                 return False
-            self.second = SecondRead(self, [feed])
+            self.second = LaterRead(self, [feed])
         elif not self.second.take(feed):
             return False  # the second read is past it: it stays on the first
         self.result.detached.append(feed.live.site.name)
