@@ -118,12 +118,19 @@ class Lag:
     while another target on the read had nothing left to write. Only that time counts, summed
     over the waits since it last had room: while every target is busy (the source or the
     machine is the slow part) nobody is held back, and a throttled link that takes a chunk now
-    and then (each wait short) still adds up. The clock is injected (tests count)."""
+    and then (each wait short, even shorter than ``Tuning.tick``) still adds up. A wait runs
+    from ``began`` (the first hand-over that found the queue full) to the ``waited`` that ends
+    it. The clock is injected (tests count)."""
 
     def __init__(self, grace: float, clock: Callable[[], float]) -> None:
         self.grace, self.clock = grace, clock
         self._held: dict[int, float] = {}  # per feed: seconds it held the others back
         self._last: dict[int, float] = {}  # per feed: when the reader last looked at it
+
+    def began(self, feed: object) -> None:
+        """The reader found ``feed``'s queue full: a wait starts now (what went before it,
+        handing the chunk to the others and reading the next one, is not a wait)."""
+        self._last[id(feed)] = self.clock()
 
     def waited(self, feed: object, starved: bool) -> bool:
         """The reader waited once more on ``feed``'s full queue (``starved``: another target
@@ -186,14 +193,21 @@ class Read:
                 fail(feed.live, feed.error, kind_of(feed.error))
                 return False
             try:
-                feed.q.put(data, timeout=self.tuning.tick)
+                # first without waiting, so that a wait shorter than the tick (a fast but
+                # throttled link freeing a slot every few ms) is seen as one and adds up
+                feed.q.put(data, block=waited, timeout=self.tuning.tick if waited else None)
+            except queue.Full:
+                if not waited and detach is not None:
+                    self.lag.began(feed)
+                waited = True
+            else:
                 feed.sent += len(data)
                 if not waited:
                     feed.full_since = None  # it had room: not behind
                     self.lag.room(feed)
+                elif detach is not None:  # the wait that just ended counts too
+                    self.lag.waited(feed, self._starved(feed))
                 return True
-            except queue.Full:
-                waited = True
             check_cancel(self.cancel)
             pulse()
             if self.stopped.is_set():
@@ -202,9 +216,12 @@ class Read:
                 continue
             if feed.full_since is None:  # its rate from here on (LaterRead.take)
                 feed.full_since, feed.written_then = self.tuning.clock(), feed.written
-            starved = any(f.q.empty() for f in self.feeds if f is not feed)
-            if self.lag.waited(feed, starved) and detach(feed):
+            if self.lag.waited(feed, self._starved(feed)) and detach(feed):
                 return False
+
+    def _starved(self, feed: Feed) -> bool:
+        """Has another target on this read nothing left to write (while ``feed`` is full)?"""
+        return any(f.q.empty() for f in self.feeds if f is not feed)
 
     def drain(self, pulse: Callable[[], None]) -> list[Live]:
         """The read is over: every target still on it writes what is queued; those whose
