@@ -11,6 +11,9 @@ tree's imagesync and by every ``--also LABEL=TREE`` one, side by side in every r
   ≤ 1.1× solo, peak RSS ≤ 100 MB. Also {store, lab2} without the slow cloud ("pair": what the
   two fast targets cost each other on these cores), and the CPU seconds of each push:
   imagesync's own, and the lab's servers' (every process whose command line names the lab).
+  ``--fast-link-mb N`` puts lab2 behind a proxy too, capped at N MiB/s (a fast WAN link; lab3
+  then gets 1/5 of lab2's capped speed): on loopback the fast targets' solo runs keep both
+  cores of the bench machine busy, so there their fan-out times measure the CPU they share.
 * **cut source read**: lab1 (behind a proxy) → lab2, the download cut at 50% and again at 90%
   of the image, against an uncut copy through the same proxy. Goal ≤ 1.1×. The bytes the
   proxy passed from the source count how often the source was read.
@@ -18,6 +21,7 @@ tree's imagesync and by every ``--also LABEL=TREE`` one, side by side in every r
 ::
 
     .venv/bin/python bench/bench_network.py --lab-dir /tmp/benchlab --also before=/tmp/base
+    .venv/bin/python bench/bench_network.py --lab-dir /tmp/benchlab --only fanout --fast-link-mb 40
 
 Results go to ``bench/results/network.json``; the figures are in ``bench/README.md``.
 """
