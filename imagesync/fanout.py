@@ -150,6 +150,10 @@ class Lag:
             self._held[key] = self._held.get(key, 0.0) + (now - last)
         return self._held.get(key, 0.0) >= self.grace
 
+    def held(self, feed: object) -> float:
+        """Seconds ``feed`` has held the others back since it last had room."""
+        return self._held.get(id(feed), 0.0)
+
     def room(self, feed: object) -> None:
         """It had room for a chunk without the reader waiting: not behind (any more)."""
         self._held.pop(id(feed), None)
@@ -384,6 +388,9 @@ class FanOut:
             else []
         )
         self.first.feeds = [f for f in self._feeds if f.live.site.name not in slow]
+        if tuning.spool_room is not None and image.size is not None and len(live) > 1:
+            # detaching onto the spool costs the others nothing: do it as soon as it is seen
+            self.first.lag.grace = min(tuning.spool_after, tuning.detach_after)
         late = [f for f in self._feeds if f.live.site.name in slow]
         if late and self._open_spool() is not None:
             for f in late:
@@ -460,6 +467,11 @@ class FanOut:
         if self._open_spool() is not None:
             self._detach_to_spool(feed)  # its own read: every target keeps its own pace
             return True
+        lag = self.first.lag
+        if lag.grace < self.tuning.detach_after:  # no room for the spool after all: a second
+            lag.grace = self.tuning.detach_after  # read of the source is for those that held
+            if lag.held(feed) < lag.grace:  # the others back for detach_after
+                return False
         if self.second is None:
             if any(f.written < feed.written for f in self.first.feeds):
                 # another is further behind: it is the one to move (a target merely slower

@@ -118,6 +118,11 @@ class Tuning:
     #: needed, it gives a directory holding room for them, or None when there is none (the
     #: copy then detaches onto one second read of the source). None: never spool.
     spool_room: Callable[[int], AbstractContextManager[Path | None]] | None = None
+    #: with a spool, a target is detached once it has held the others back this long instead
+    #: of ``detach_after``: onto the spool it costs them nothing, so it need not wait to be
+    #: sure (bench_network.py: in the 200 MiB fan-out the store was held ~0.3 s per target
+    #: behind at 0.2 s)
+    spool_after: float = 0.01
     #: what the copy remembers of each target's speed (None: nothing): a target known to be
     #: ``slower_than`` times slower than the fastest other one starts on the second read
     paces: Paces | None = None

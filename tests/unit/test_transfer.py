@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import BinaryIO
@@ -423,3 +424,19 @@ def test_no_hashing_thread_outlives_a_copy_whose_source_failed() -> None:
     assert result.targets[0].attempts == FAST.attempts
     assert not [t for t in threading.enumerate() if t.name.startswith("hash-")]
     assert dst.list_images() == []
+
+
+def test_the_targets_images_are_created_side_by_side() -> None:
+    """Each target's create waits until every other target's has begun: one after another,
+    the first would wait in vain (a broken barrier fails it)."""
+    barrier = threading.Barrier(3, timeout=2)
+
+    def meet(op: str, image_id: str | None) -> None:
+        if op == "create":
+            barrier.wait()
+
+    targets = [MemorySite(f"t{i}", Faults(hook=meet)) for i in range(3)]
+    _, result = _copy(MemorySite("src"), targets)
+    assert result.ok, [t.error for t in result.targets]
+    assert all(t.attempts == 1 for t in result.targets)
+    assert all(len(t.images) == 1 for t in targets)
