@@ -128,17 +128,19 @@ class Lag:
     machine is the slow part) nobody is held back, and a throttled link that takes a chunk now
     and then (each wait short, even shorter than ``Tuning.tick``) still adds up. A wait runs
     from ``began`` (the first hand-over that found the queue full) to the ``waited`` that ends
-    it. The clock is injected (tests count)."""
+    it; one shorter than ``floor`` (``Tuning.short_wait``) does not count. The clock is
+    injected (tests count)."""
 
-    def __init__(self, grace: float, clock: Callable[[], float]) -> None:
-        self.grace, self.clock = grace, clock
+    def __init__(self, grace: float, clock: Callable[[], float], floor: float = 0.0) -> None:
+        self.grace, self.clock, self.floor = grace, clock, floor
         self._held: dict[int, float] = {}  # per feed: seconds it held the others back
         self._last: dict[int, float] = {}  # per feed: when the reader last looked at it
+        self._began: dict[int, float] = {}  # per feed: when the wait under way began
 
     def began(self, feed: object) -> None:
         """The reader found ``feed``'s queue full: a wait starts now (what went before it,
         handing the chunk to the others and reading the next one, is not a wait)."""
-        self._last[id(feed)] = self.clock()
+        self._last[id(feed)] = self._began[id(feed)] = self.clock()
 
     def waited(self, feed: object, starved: bool) -> bool:
         """The reader waited once more on ``feed``'s full queue (``starved``: another target
@@ -146,18 +148,17 @@ class Lag:
         key, now = id(feed), self.clock()
         last = self._last.get(key)
         self._last[key] = now
-        if last is not None and starved:
+        # a wait shorter than the floor is the jitter of targets sharing a machine
+        long_enough = now - self._began.get(key, now) >= self.floor
+        if last is not None and starved and long_enough:
             self._held[key] = self._held.get(key, 0.0) + (now - last)
         return self._held.get(key, 0.0) >= self.grace
-
-    def held(self, feed: object) -> float:
-        """Seconds ``feed`` has held the others back since it last had room."""
-        return self._held.get(id(feed), 0.0)
 
     def room(self, feed: object) -> None:
         """It had room for a chunk without the reader waiting: not behind (any more)."""
         self._held.pop(id(feed), None)
         self._last.pop(id(feed), None)
+        self._began.pop(id(feed), None)
 
 
 class Read:
@@ -170,7 +171,7 @@ class Read:
         self.feeds: list[Feed] = []
         self.lock = threading.Lock()  # feeds may join from another thread (the first read)
         self.stopped = threading.Event()
-        self.lag = Lag(tuning.detach_after, tuning.clock)
+        self.lag = Lag(tuning.detach_after, tuning.clock, tuning.short_wait)
 
     def hand(
         self,
@@ -388,9 +389,6 @@ class FanOut:
             else []
         )
         self.first.feeds = [f for f in self._feeds if f.live.site.name not in slow]
-        if tuning.spool_room is not None and image.size is not None and len(live) > 1:
-            # detaching onto the spool costs the others nothing: do it as soon as it is seen
-            self.first.lag.grace = min(tuning.spool_after, tuning.detach_after)
         late = [f for f in self._feeds if f.live.site.name in slow]
         if late and self._open_spool() is not None:
             for f in late:
@@ -467,11 +465,6 @@ class FanOut:
         if self._open_spool() is not None:
             self._detach_to_spool(feed)  # its own read: every target keeps its own pace
             return True
-        lag = self.first.lag
-        if lag.grace < self.tuning.detach_after:  # no room for the spool after all: a second
-            lag.grace = self.tuning.detach_after  # read of the source is for those that held
-            if lag.held(feed) < lag.grace:  # the others back for detach_after
-                return False
         if self.second is None:
             if any(f.written < feed.written for f in self.first.feeds):
                 # another is further behind: it is the one to move (a target merely slower

@@ -118,11 +118,12 @@ class Tuning:
     #: needed, it gives a directory holding room for them, or None when there is none (the
     #: copy then detaches onto one second read of the source). None: never spool.
     spool_room: Callable[[int], AbstractContextManager[Path | None]] | None = None
-    #: with a spool, a target is detached once it has held the others back this long instead
-    #: of ``detach_after``: onto the spool it costs them nothing, so it need not wait to be
-    #: sure (bench_network.py: in the 200 MiB fan-out the store was held ~0.3 s per target
-    #: behind at 0.2 s)
-    spool_after: float = 0.01
+    #: a wait for one chunk shorter than this does not count towards detaching: targets of
+    #: about one speed on a busy machine keep making each other wait a few ms (1 GiB to three
+    #: lab clouds: counting those waits detached two of the three onto the spool, +2 CPU s of
+    #: page-cache copies, 12% slower); a link under ~50 MiB/s makes the reader wait 20 ms or
+    #: more for each 1 MiB chunk
+    short_wait: float = 0.02
     #: what the copy remembers of each target's speed (None: nothing): a target known to be
     #: ``slower_than`` times slower than the fastest other one starts on the second read
     paces: Paces | None = None

@@ -357,19 +357,33 @@ def test_the_first_target_detached_is_the_one_furthest_behind() -> None:
         fan.abort_all()
 
 
+def _sipping(name: str, seconds: float) -> MemorySite:
+    """A target on a link that takes a chunk every ``seconds``: slow, never stuck."""
+
+    def sip(op: str, image_id: str | None) -> None:
+        if op == "write":
+            threading.Event().wait(seconds)
+
+    return MemorySite(name, Faults(hook=sip))
+
+
 def test_a_target_that_takes_each_chunk_within_a_tick_still_holds_the_others_back() -> None:
     """A link that frees a queue slot every few milliseconds (a throttled but fast one, each
     hand-over shorter than the tick the reader looks at lag by) makes the reader wait on it
     chunk after chunk: that time adds up, and it is detached like a slower one."""
-
-    def sip(op: str, image_id: str | None) -> None:
-        if op == "write":
-            threading.Event().wait(0.005)  # its link: a chunk every 5 ms
-
-    slow, fast = MemorySite("slow", Faults(hook=sip)), MemorySite("fast")
-    src = _Source("src")
+    slow, fast = _sipping("slow", 0.005), MemorySite("fast")
     # a tick far longer than the slow target's wait per chunk: each timed put succeeds
-    patient = Tuning(queue_chunks=2, detach_after=0.05, tick=1.0)
-    _, result = _copy(src, [slow, fast], tuning=patient)
+    patient = Tuning(queue_chunks=2, detach_after=0.05, tick=1.0, short_wait=0.002)
+    _, result = _copy(_Source("src"), [slow, fast], tuning=patient)
     assert result.ok and result.detached == ["slow"]
+    assert all(_holds(t) == DATA for t in (slow, fast))
+
+
+def test_waits_shorter_than_the_floor_do_not_count() -> None:
+    """The same target, when waits of its few milliseconds are below the floor: the jitter of
+    targets sharing a machine, not a slow link. It is never detached."""
+    slow, fast = _sipping("slow", 0.005), MemorySite("fast")
+    floor = Tuning(queue_chunks=2, detach_after=0.05, tick=1.0, short_wait=0.05)
+    _, result = _copy(_Source("src"), [slow, fast], tuning=floor)
+    assert result.ok and result.detached == [] and result.reads == 1
     assert all(_holds(t) == DATA for t in (slow, fast))

@@ -241,31 +241,3 @@ def test_a_failed_spool_write_reaches_the_readers_after_the_bytes_before_it(
             next(reader)
     finally:
         spool.close()
-
-
-def _sipping(name: str) -> MemorySite:
-    """A target on a link that takes a chunk every 5 ms: slower than the others, never stuck."""
-
-    def sip(op: str, image_id: str | None) -> None:
-        if op == "write":
-            threading.Event().wait(0.005)
-
-    return MemorySite(name, Faults(hook=sip))
-
-
-@pytest.mark.parametrize("room", [True, False], ids=["spool", "no-room"])
-def test_with_room_for_a_spool_a_target_behind_is_detached_without_the_long_grace(
-    tmp_path: Path, room: bool
-) -> None:
-    slow, fast = _sipping("slow"), MemorySite("fast")
-    src = _Source("src")
-    # detach_after is never reached: only the spool's short grace can detach the slow one
-    tuning = Tuning(
-        queue_chunks=2, detach_after=HOLD * 10, spool_after=0.02, spool_room=_Rooms(tmp_path, room)
-    )
-    _, result = copy(src, [slow, fast], None, tuning)
-    assert result.ok and all(_holds(t) == DATA for t in (slow, fast))
-    if room:
-        assert result.detached == ["slow"] and result.reads == 1
-    else:  # no spool after all: a second read is for those held back for detach_after
-        assert result.detached == [] and result.reads == 1
