@@ -111,7 +111,7 @@ class Tuning:
     queue_chunks: int = 2
     #: seconds a target may hold the reader back (the reader waiting on its full queue while
     #: another target has nothing left to write), counted only while it does, before it is
-    #: detached onto the second read: the others wait about that long for it
+    #: detached (onto the spool, else the second read): the others wait about that long for it
     detach_after: float = 0.2
     #: where a copy may keep a spool of its read (``imagesync.spool``), so that each target
     #: that falls behind is served from local disk at its own pace: called with the bytes
@@ -125,7 +125,7 @@ class Tuning:
     #: more for each 1 MiB chunk
     short_wait: float = 0.02
     #: what the copy remembers of each target's speed (None: nothing): a target known to be
-    #: ``slower_than`` times slower than the fastest other one starts on the second read
+    #: ``slower_than`` times slower than the fastest other one is detached from the start
     paces: Paces | None = None
     slower_than: float = 3.0
     #: copies smaller than this teach ``paces`` nothing (their speed is mostly latency)
