@@ -377,4 +377,8 @@ def test_a_joining_member_takes_some_names_without_interrupting_copies(
     owners = {m for n in blobs for m, _ in copies_done(members, n)}
     assert "m3" in owners, owners  # the newcomer took some names
     for n in names:
-        assert len({m for m, _ in copies_done(members, n)}) == 1, n
+        # no (name, target) copied twice. The targets of one name may be copied by two
+        # members: in CI, m2 copied a name to one cloud and m3, once the group of three had
+        # settled, the same name to the other (each under its own (name, target) lock)
+        done = copies_done(members, n)
+        assert len(done) == len({t for _, t in done}), (n, done)

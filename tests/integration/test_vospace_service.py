@@ -43,7 +43,9 @@ class VOS:
     root: str  # vos:// URI of this test's own container
 
     def run(self, cmd: str, *args: str, token: bool = True) -> subprocess.CompletedProcess[str]:
-        argv = [str(BIN / cmd), *(["--token", self.service.token] if token else []), *args]
+        # --token=VALUE: a token may start with "-" (urlsafe base64), which argparse would take
+        # for an option in "--token VALUE"
+        argv = [str(BIN / cmd), *([f"--token={self.service.token}"] if token else []), *args]
         return subprocess.run(
             argv, env=self.env, capture_output=True, text=True, timeout=180, check=False
         )
